@@ -1,0 +1,97 @@
+"""All terminal output of the operator goes through this module.
+
+People get rich tables, ✓/✗ rows, progress bars and next-step hints; agents get JSON on stdout
+(`--json`), and nothing else is written to stdout in that mode. Colour is used only on a
+terminal (rich decides, and honours NO_COLOR).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Iterable, Sequence
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from megafleet.errors import MegafleetError
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+STATUS_STYLE = {
+    "pass": ("✓", "green"),
+    "ok": ("✓", "green"),
+    "warn": ("!", "yellow"),
+    "warning": ("!", "yellow"),
+    "fail": ("✗", "red"),
+    "error": ("✗", "red"),
+    "skip": ("-", "dim"),
+    "info": ("·", "cyan"),
+}
+
+
+def emit_json(obj: Any) -> None:
+    """Write one JSON document to stdout (the `--json` contract: nothing else goes there)."""
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def symbol(status: str) -> str:
+    mark, style = STATUS_STYLE.get(status, ("?", "magenta"))
+    return f"[{style}]{mark}[/{style}]"
+
+
+def styled_status(status: str) -> str:
+    mark, style = STATUS_STYLE.get(status, ("?", "magenta"))
+    return f"[{style}]{mark} {status}[/{style}]"
+
+
+def check_row(status: str, label: str, detail: str = "") -> None:
+    """One ✓/✗ line: `✓ label  detail`."""
+    console.print(f"{symbol(status)} {label}" + (f"  [dim]{detail}[/dim]" if detail else ""))
+
+
+def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
+    t = Table(title=title, title_justify="left", header_style="bold")
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(*["" if v is None else str(v) for v in r])
+    return t
+
+
+def show(renderable: Any) -> None:
+    console.print(renderable)
+
+
+def info(message: str) -> None:
+    console.print(message)
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/yellow] {message}")
+
+
+def hint(*commands: str, title: str = "Next") -> None:
+    """Next-step hints: the commands a person would most likely run now."""
+    console.print(f"[bold]{title}:[/bold]")
+    for c in commands:
+        console.print(f"  [cyan]{c}[/cyan]")
+
+
+def print_error(exc: BaseException, debug: bool = False, as_json: bool = False) -> None:
+    """Report an error: JSON on stdout in `--json` mode, else one red line and the hint."""
+    if as_json:
+        payload = exc.to_dict() if isinstance(exc, MegafleetError) else {
+            "error": type(exc).__name__, "message": str(exc), "hint": None}
+        emit_json(payload)
+        return
+    if debug:
+        err_console.print_exception()
+    message = exc.message if isinstance(exc, MegafleetError) else f"{type(exc).__name__}: {exc}"
+    err_console.print(f"[red]error:[/red] {escape(message)}")
+    hint_text = getattr(exc, "hint", None)
+    if hint_text:
+        err_console.print(f"[bold]fix:[/bold] {escape(hint_text)}")

@@ -1,0 +1,46 @@
+"""`python -m remote_runtime sft|pt|check-convert ...` (usually started by torchrun)."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: python -m remote_runtime {sft,pt} [--config job.yaml] [--option value ...]
+       python -m remote_runtime check-convert --model DIR [options]
+
+Options use Megatron-SWIFT names; `--dry_run true` validates the job from config.json alone.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command in ("sft", "pt"):
+        from remote_runtime.config import ConfigError
+
+        try:
+            from remote_runtime.args import job_from_argv
+
+            job = job_from_argv(rest, task=command)
+            if job.check.dry_run:
+                from remote_runtime.dry_run import print_dry_run
+
+                return print_dry_run(job)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        from remote_runtime.train.entry import run_training
+
+        return run_training(job)
+    if command == "check-convert":
+        from remote_runtime.check_convert import main as check_convert_main
+
+        return check_convert_main(rest)
+    print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

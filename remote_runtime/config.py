@@ -1,0 +1,439 @@
+"""The job config: one schema for the wizard, CLI flags, templates, the operator and the runtime.
+
+A job is a `JobConfig` composed of one small dataclass per component. Every leaf field is named
+after the Megatron-SWIFT (ms-swift 3.12+/4.x) argument it stands for, and leaf names are unique
+across groups, so `--tensor_model_parallel_size 2` on a command line, `tensor_model_parallel_size: 2`
+in a flat ms-swift YAML and `parallel: {tensor_model_parallel_size: 2}` in a megafleet job file all
+set `parallel.tensor_model_parallel_size`.
+
+This module imports neither torch nor megatron: the operator validates jobs with it. Building a
+config has no side effects; `validate()` raises one `ConfigError` listing every bad field by its
+dotted name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+
+class ConfigError(ValueError):
+    """Invalid job configuration. `problems` holds (dotted_field, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        prefix = f"{source}: " if source else ""
+        lines = [f"{prefix}{name}: {msg}" if name else f"{prefix}{msg}" for name, msg in problems]
+        super().__init__(lines[0] if len(lines) == 1 else "invalid job config:\n  " + "\n  ".join(lines))
+
+
+TASKS = ("sft", "pt")
+
+
+@dataclass
+class ModelConfig:
+    model: str = ""  # Hugging Face checkpoint directory (config.json + safetensors + tokenizer)
+    model_type: Optional[str] = None  # optional: must match the family detected from config.json
+    torch_dtype: str = "bfloat16"  # bfloat16 | float32 (params and compute; fp32 master weights kept)
+    transformer_impl: str = "auto"  # auto | local | transformer_engine
+    attention_backend: str = "auto"  # auto | flash | fused (cuDNN) | unfused (math) | local
+    device: str = "auto"  # auto | cuda | cpu
+    finetune: bool = True  # load weights only: iteration, optimizer and schedule start fresh
+
+
+@dataclass
+class DataConfig:
+    dataset: list[str] = field(default_factory=list)  # files, each optionally `path#N` (sample N rows)
+    max_length: int = 2048
+    truncation_strategy: str = "right"  # right | left | delete
+    packing: bool = False
+    padding_free: bool = True
+    dataset_num_proc: int = 1
+    dataset_shuffle: bool = True
+    system: Optional[str] = None  # default system prompt for rows that have none
+    data_cache_dir: Optional[str] = None  # default: <output_dir>/.data_cache
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+
+
+@dataclass
+class RecomputeConfig:
+    recompute_granularity: str = "none"  # none | selective | full
+    recompute_method: Optional[str] = None  # uniform | block (full recompute only)
+    recompute_num_layers: Optional[int] = None
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adam"
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    lr_warmup_fraction: Optional[float] = None
+    lr_warmup_iters: int = 0
+    lr_decay_style: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 1
+    global_batch_size: int = 16
+    num_train_epochs: Optional[float] = None
+    train_iters: Optional[int] = None
+    seed: int = 42
+    cross_entropy_loss_fusion: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    output_dir: str = "output"
+    save_steps: int = 500
+    save_total_limit: Optional[int] = None
+    no_save_optim: bool = False
+    no_save_rng: bool = False
+    resume: Optional[str] = None  # auto | a checkpoint-<step> directory
+
+
+@dataclass
+class LoggingConfig:
+    logging_steps: int = 5
+    tensorboard_dir: Optional[str] = None
+
+
+@dataclass
+class CheckConfig:
+    test_convert_precision: bool = False  # compare HF and Megatron logits before training
+    dry_run: bool = False  # validate from config.json alone and print the resolved config
+
+
+@dataclass
+class LaunchConfig:
+    """How the operator starts the job on the fleet. The runtime ignores this group."""
+
+    hosts: list[str] = field(default_factory=list)  # inventory names; empty = every host
+    nproc_per_node: Optional[int] = None  # default: the GPU count of the first host (1 without GPUs)
+    master_port: int = 29500
+    venv: str = "megafleet/venv"  # on each node, relative to the user's home unless absolute
+    env: list[str] = field(default_factory=list)  # local env vars forwarded to nodes (e.g. HF_TOKEN)
+    stall_timeout: int = 900  # seconds without log progress before the watcher stops the job
+    stop_grace: int = 30  # seconds between SIGTERM and SIGKILL on stop
+
+
+@dataclass
+class JobConfig:
+    task: str = "sft"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    check: CheckConfig = field(default_factory=CheckConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    # ---- field access by leaf or dotted name -------------------------------------------------
+    def get(self, dotted: str) -> Any:
+        group, name = dotted.split(".") if "." in dotted else (None, dotted)
+        return getattr(getattr(self, group), name) if group else getattr(self, name)
+
+    def set(self, dotted: str, value: Any) -> None:
+        group, name = dotted.split(".") if "." in dotted else (None, dotted)
+        setattr(getattr(self, group) if group else self, name, value)
+
+    def to_dict(self, only_changed: bool = False) -> dict:
+        """Nested plain dict; with `only_changed`, fields equal to their defaults are left out."""
+        default = JobConfig()
+        out: dict[str, Any] = {"task": self.task}
+        for gname in GROUPS:
+            group = getattr(self, gname)
+            values = dataclasses.asdict(group)
+            if only_changed:
+                base = dataclasses.asdict(getattr(default, gname))
+                values = {k: v for k, v in values.items() if v != base[k]}
+            if values or not only_changed:
+                out[gname] = values
+        return out
+
+
+GROUPS = [f.name for f in dataclasses.fields(JobConfig) if f.name != "task"]
+
+
+def _group_types() -> dict[str, type]:
+    hints = typing.get_type_hints(JobConfig)
+    return {g: hints[g] for g in GROUPS}
+
+
+def leaf_fields() -> dict[str, tuple[str, Any, Any]]:
+    """leaf name -> (dotted name, annotated type, default value), in declaration order."""
+    out: dict[str, tuple[str, Any, Any]] = {"task": ("task", str, "sft")}
+    for gname, gtype in _group_types().items():
+        hints = typing.get_type_hints(gtype)
+        instance = gtype()
+        for f in dataclasses.fields(gtype):
+            if f.name in out:
+                raise AssertionError(f"leaf name {f.name} is not unique in JobConfig")
+            out[f.name] = (f"{gname}.{f.name}", hints[f.name], getattr(instance, f.name))
+    return out
+
+
+LEAVES = leaf_fields()
+
+# Megatron-SWIFT 3.x spellings of options we implement under their 4.x names.
+ALIASES = {
+    "save": "output_dir",
+    "save_interval": "save_steps",
+    "log_interval": "logging_steps",
+    "max_epochs": "num_train_epochs",
+}
+
+# Megatron-SWIFT options that exist there but not (yet) here: an error, never silently ignored.
+NOT_IMPLEMENTED = {
+    "train_type": "LoRA and other adapters are not implemented yet; this runtime does full fine-tuning",
+    "lora_rank": "LoRA is not implemented yet",
+    "lora_alpha": "LoRA is not implemented yet",
+    "lora_dropout": "LoRA is not implemented yet",
+    "target_modules": "LoRA is not implemented yet",
+    "expert_model_parallel_size": "MoE / expert parallelism is not implemented yet",
+    "expert_tensor_parallel_size": "MoE / expert parallelism is not implemented yet",
+    "moe_grouped_gemm": "MoE is not implemented yet",
+    "moe_aux_loss_coeff": "MoE is not implemented yet",
+    "moe_permute_fusion": "MoE is not implemented yet",
+    "virtual_pipeline_model_parallel_size": "interleaved pipeline schedules are not implemented yet",
+    "decoder_first_pipeline_num_layers": "uneven pipeline stages are not implemented yet",
+    "decoder_last_pipeline_num_layers": "uneven pipeline stages are not implemented yet",
+    "rlhf_type": "DPO/RLHF is not implemented yet",
+    "beta": "DPO/RLHF is not implemented yet",
+    "fp16": "fp16 training is not implemented; use --torch_dtype bfloat16",
+    "fp8_format": "fp8 training is not implemented yet",
+    "fp8_recipe": "fp8 training is not implemented yet",
+    "streaming": "streaming datasets are not implemented yet",
+    "val_dataset": "evaluation during training is not implemented yet",
+    "eval_interval": "evaluation during training is not implemented yet",
+    "eval_iters": "evaluation during training is not implemented yet",
+    "split_dataset_ratio": "evaluation during training is not implemented yet",
+    "freeze_llm": "partial freezing is not implemented yet",
+    "freeze_parameters": "partial freezing is not implemented yet",
+    "new_special_tokens": "adding tokens is not implemented yet",
+    "loss_scale": "custom loss scales are not implemented yet; loss covers assistant tokens",
+    "load": "loading Megatron-format checkpoints is not implemented; use --model (HF) or --resume",
+    "mcore_model": "loading Megatron-format checkpoints is not implemented; use --model (HF directory)",
+    "use_precision_aware_optimizer": "the precision-aware optimizer is not implemented yet",
+    "optimizer_cpu_offload": "optimizer CPU offload is not implemented yet",
+}
+
+CHOICES = {
+    "task": TASKS,
+    "torch_dtype": ("bfloat16", "float32"),
+    "transformer_impl": ("auto", "local", "transformer_engine"),
+    "attention_backend": ("auto", "flash", "fused", "unfused", "local"),
+    "device": ("auto", "cuda", "cpu"),
+    "truncation_strategy": ("right", "left", "delete"),
+    "recompute_granularity": ("none", "selective", "full"),
+    "recompute_method": (None, "uniform", "block"),
+    "lr_decay_style": ("cosine", "linear", "constant"),
+    "optimizer": ("adam",),
+}
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "float": "float32"}
+
+
+def suggest(name: str) -> str:
+    """' (did you mean --x?)' for a misspelt option, or ''."""
+    known = list(LEAVES) + list(ALIASES) + list(NOT_IMPLEMENTED)
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f" (did you mean --{close[0]}?)" if close else ""
+
+
+def canonical_leaf(name: str) -> str:
+    """Map an option name (flag or YAML key, with - or _) to its leaf name, or raise ConfigError."""
+    key = name.lstrip("-").replace("-", "_")
+    key = ALIASES.get(key, key)
+    if key in LEAVES:
+        return key
+    if key in NOT_IMPLEMENTED:
+        raise ConfigError([(key, f"--{key} is not supported by megafleet: {NOT_IMPLEMENTED[key]}")])
+    raise ConfigError([(key, f"unknown option --{key}{suggest(key)}")])
+
+
+# ---- value coercion ------------------------------------------------------------------------
+
+_TRUE = {"true", "1", "yes", "on", "y"}
+_FALSE = {"false", "0", "no", "off", "n"}
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def coerce(leaf: str, value: Any) -> Any:
+    """Convert a raw value (string from a flag, or YAML scalar/list) to the leaf's type."""
+    dotted, tp, _ = LEAVES[leaf]
+    base, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError([(dotted, "must not be empty")])
+    try:
+        if typing.get_origin(base) is list:
+            items = value if isinstance(value, (list, tuple)) else [value]
+            return [str(v) for v in items]
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(str(value)) if isinstance(value, str) else int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if leaf == "torch_dtype":
+            return DTYPE_ALIASES.get(str(value), str(value))
+        return str(value)
+    except (TypeError, ValueError):
+        kind = {bool: "true or false", int: "an integer", float: "a number"}.get(base, "a string")
+        raise ConfigError([(dotted, f"{value!r} is not {kind}")]) from None
+
+
+# ---- building from dicts -------------------------------------------------------------------
+
+def from_dict(data: dict, source: str | None = None, base: JobConfig | None = None) -> JobConfig:
+    """Build a JobConfig from a nested megafleet job dict or a flat ms-swift style dict.
+
+    Both shapes may be mixed. Unknown keys are errors with a suggestion; nothing is ignored.
+    """
+    job = base or JobConfig()
+    problems: list[tuple[str, str]] = []
+
+    def assign(key: str, value: Any, group: str | None) -> None:
+        try:
+            leaf = canonical_leaf(key)
+            dotted = LEAVES[leaf][0]
+            if group is not None and not dotted.startswith(group + "."):
+                raise ConfigError([(f"{group}.{key}", f"belongs in group '{dotted.split('.')[0]}'")])
+            job.set(dotted, coerce(leaf, value))
+        except ConfigError as exc:
+            # Name the problem by where it is in the file (group.key), so loaders can add lines.
+            where = f"{group}.{key}" if group else key
+            problems.extend((where if name == key.replace("-", "_") else name, msg)
+                            for name, msg in exc.problems)
+
+    for key, value in (data or {}).items():
+        if key in GROUPS and not (key in LEAVES and not isinstance(value, dict)):
+            # `model: /path` (flat ms-swift style) is the leaf; `model: {...}` is the group.
+            if not isinstance(value, dict):
+                problems.append((key, "must be a mapping of options"))
+                continue
+            for sub, subval in value.items():
+                assign(sub, subval, key)
+        else:
+            assign(key, value, None)
+    if problems:
+        raise ConfigError(problems, source)
+    return job
+
+
+def validate(job: JobConfig) -> list[str]:
+    """Check what can be checked without config.json or a world size.
+
+    Returns warnings (each a resolved adjustment the user should know about); raises
+    ConfigError with every invalid field.
+    """
+    problems: list[tuple[str, str]] = []
+    warnings: list[str] = []
+    for leaf, allowed in CHOICES.items():
+        dotted = LEAVES[leaf][0]
+        value = job.get(dotted)
+        if value not in allowed:
+            shown = ", ".join(str(a) for a in allowed if a is not None)
+            problems.append((dotted, f"{value!r} is not one of: {shown}"))
+
+    def positive(leaf: str, allow_zero: bool = False) -> None:
+        dotted = LEAVES[leaf][0]
+        value = job.get(dotted)
+        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+            problems.append((dotted, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}"))
+
+    for leaf in ("max_length", "dataset_num_proc", "tensor_model_parallel_size",
+                 "pipeline_model_parallel_size", "context_parallel_size", "micro_batch_size",
+                 "global_batch_size", "save_steps", "logging_steps", "lr", "master_port",
+                 "stall_timeout", "num_train_epochs", "train_iters", "save_total_limit",
+                 "recompute_num_layers"):
+        positive(leaf)
+    for leaf in ("min_lr", "weight_decay", "clip_grad", "lr_warmup_iters", "stop_grace"):
+        positive(leaf, allow_zero=True)
+
+    if not job.model.model and not job.check.dry_run:
+        problems.append(("model.model", "is required: a Hugging Face checkpoint directory"))
+    if not job.data.dataset:
+        problems.append(("data.dataset", "is required: one or more .jsonl/.json files"))
+    for spec in job.data.dataset:
+        path, _, count = spec.partition("#")
+        if not path:
+            problems.append(("data.dataset", f"{spec!r} has no path"))
+        if count and (not count.isdigit() or int(count) <= 0):
+            problems.append(("data.dataset", f"{spec!r}: the part after # must be a row count > 0"))
+    if job.train.train_iters is None and job.train.num_train_epochs is None:
+        problems.append(("train.train_iters", "set train_iters or num_train_epochs"))
+    frac = job.optim.lr_warmup_fraction
+    if frac is not None and not 0 <= frac < 1:
+        problems.append(("optim.lr_warmup_fraction", f"must be in [0, 1), got {frac}"))
+    if frac is not None and job.optim.lr_warmup_iters:
+        problems.append(("optim.lr_warmup_fraction", "set lr_warmup_fraction or lr_warmup_iters, not both"))
+    if job.optim.min_lr > job.optim.lr:
+        problems.append(("optim.min_lr", f"{job.optim.min_lr} is larger than optim.lr={job.optim.lr}"))
+    if job.train.global_batch_size % job.train.micro_batch_size:
+        problems.append(("train.global_batch_size",
+                         f"{job.train.global_batch_size} is not a multiple of "
+                         f"train.micro_batch_size={job.train.micro_batch_size}"))
+    rc = job.recompute
+    if rc.recompute_granularity == "full" and rc.recompute_method is None:
+        problems.append(("recompute.recompute_method", "full recompute needs uniform or block"))
+    if rc.recompute_granularity != "full" and (rc.recompute_method or rc.recompute_num_layers):
+        problems.append(("recompute.recompute_method",
+                         "recompute_method/num_layers apply only to recompute_granularity=full"))
+    if job.data.packing and not job.data.padding_free:
+        problems.append(("data.padding_free", "packing needs padding_free=true"))
+    if job.parallel.overlap_param_gather and not job.parallel.use_distributed_optimizer:
+        problems.append(("parallel.overlap_param_gather", "needs use_distributed_optimizer=true"))
+    if job.parallel.sequence_parallel and job.parallel.tensor_model_parallel_size == 1:
+        warnings.append("sequence_parallel has no effect with tensor_model_parallel_size=1; disabled")
+        job.parallel.sequence_parallel = False
+    if job.parallel.context_parallel_size > 1 and job.model.transformer_impl == "local":
+        problems.append(("parallel.context_parallel_size",
+                         "context parallelism needs transformer-engine "
+                         "(model.transformer_impl=transformer_engine); the local implementation "
+                         "does not support it"))
+    if problems:
+        raise ConfigError(problems)
+    return warnings
