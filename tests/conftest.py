@@ -100,3 +100,6 @@ def megafleet_home(tmp_path, monkeypatch):
     monkeypatch.setenv("MEGAFLEET_HOME", str(home))
     monkeypatch.chdir(tmp_path)
     return home
+
+
+pytest_plugins = ["tests.fleet_fixture"]

@@ -1,0 +1,98 @@
+"""Presentation and the trust flow for `megafleet hosts` (kept apart from the option parsing)."""
+
+from __future__ import annotations
+
+from rich.markup import escape
+
+from megafleet import ui
+from megafleet.errors import UsageError
+
+COLUMNS = ["host", "ssh", "user / sudo", "os / arch", "cpus", "mem GiB", "disk free GiB",
+           "python3", "GPUs", "driver / CUDA", "shm GiB", "nofile / memlock", "private IPv4", "EFA"]
+
+
+def _gpus(row: dict) -> str:
+    if row.get("gpu_status") == "none":
+        return "none"
+    if row.get("gpu_status") == "error":
+        return "[red]nvidia-smi failed[/red]"
+    names: dict[str, int] = {}
+    for g in row.get("gpus", []):
+        names[g["name"]] = names.get(g["name"], 0) + 1
+    mem = {g.get("memory.total") for g in row.get("gpus", [])}
+    per = f" ({next(iter(mem)) // 1024} GiB)" if len(mem) == 1 and isinstance(next(iter(mem)), int) else ""
+    return ", ".join(f"{n}x {name}" for name, n in names.items()) + per
+
+
+def _cells(row: dict) -> list:
+    if not row["reachable"] or not row["ok"]:
+        return [row["name"], ui.styled_status("fail")] + [""] * (len(COLUMNS) - 2)
+    via = f" via {row['via']}" if row.get("via") else ""
+    return [
+        row["name"], f"{ui.symbol('ok')} {row.get('latency_ms', 0):.1f} ms{via}",
+        f"{row.get('user')} / {'yes' if row.get('sudo') else 'no'}",
+        f"{row.get('os')} / {row.get('arch')}", row.get("cpus"), row.get("memory_gib"),
+        row.get("disk_free_gib"), row.get("python3") or "[yellow]missing[/yellow]", _gpus(row),
+        f"{row.get('driver_version') or '-'} / {row.get('cuda_driver_version') or '-'}",
+        row.get("shm_gib"), f"{row.get('ulimit_nofile')} / {row.get('ulimit_memlock')}",
+        ", ".join(row.get("private_ipv4") or []) or "-",
+        ", ".join(row.get("efa_devices") or []) or "none",
+    ]
+
+
+def show_report(report: dict) -> None:
+    """The `hosts check` report for people: a table, then why hosts failed, then findings."""
+    s = report["summary"]
+    ui.show(ui.table(f"{s['reachable']}/{s['total']} host(s) reachable ({s['seconds']:.1f}s)",
+                     COLUMNS, [_cells(r) for r in report["hosts"]]))
+    for r in report["hosts"]:
+        if r.get("host_key_pinned_now"):
+            ui.check_row("info", f"{r['name']}: first connection, host key pinned", r["host_key"])
+    for f in report["findings"]:
+        ui.check_row({"error": "fail", "warning": "warn"}.get(f["level"], "info"), escape(f["message"]))
+        hint = next((r["error"].get("hint") for r in report["hosts"]
+                     if f["hosts"] == [r["name"]] and r.get("error")), None)
+        if hint and f["level"] == "error":
+            ui.info(f"    fix: {escape(hint)}")
+    if not report["findings"]:
+        ui.check_row("ok", "no problems found")
+
+
+def trust_host(inv, host, pool, *, replace: bool, fingerprint: str | None, as_json: bool,
+               dry_run: bool, confirm) -> None:
+    """Fetch the key `host` offers and pin it, refusing silent replacement of a pinned key."""
+    from megafleet.ssh.connection import fetch_host_key
+    from megafleet.ssh.errors import HostKeyChanged
+    from megafleet.ssh.known_hosts import KnownHosts, describe_key, host_id
+
+    jump_host = inv.jump_for(host)
+    key = fetch_host_key(host, pool.get(jump_host) if jump_host else None, pool.connect_timeout)
+    store, hid = KnownHosts(), host_id(host.address, host.port)
+    pinned = store.lookup(hid)
+    offered = describe_key(key)
+    if fingerprint and fingerprint != key.fingerprint:
+        raise HostKeyChanged(host.name, f"{host.address}:{host.port} offers {offered}, not the "
+                             f"expected {fingerprint}; nothing was trusted")
+    result = {"host": host.name, "key": offered, "known_hosts": str(store.path),
+              "previous": [describe_key(k) for k in pinned.values()], "dry_run": dry_run}
+    if pinned.get(key.get_name()) == key:
+        result["action"] = "already_trusted"
+        return _say(result, as_json, f"{host.name}: {offered} is already trusted")
+    if pinned and not replace:
+        raise UsageError(f"{host.name}: a different key is pinned ({', '.join(result['previous'])});"
+                         f" the host now offers {offered}",
+                         hint=f"megafleet hosts trust {host.name} --replace --fingerprint {key.fingerprint}")
+    result["action"] = "replace" if pinned else "pin"
+    if dry_run:
+        return _say(result, as_json, f"would pin {offered} for {host.name} in {store.path}")
+    if not fingerprint:
+        confirm(f"trust {offered} for {host.name} ({host.address}:{host.port})?")
+    store.pin(hid, key, replace=True)
+    _say(result, as_json, f"{host.name}: pinned {offered} in {store.path}")
+
+
+def _say(result: dict, as_json: bool, text: str) -> None:
+    if as_json:
+        ui.emit_json(result)
+    else:
+        ui.check_row("ok", text)

@@ -1,0 +1,138 @@
+"""File and directory copies for the runners: over SFTP for hosts, plain copies for local mode.
+
+Every file is written beside its destination as `NAME.mfpart` and renamed into place when
+complete, so a reader never sees half a file and an interrupted copy leaves no truncated
+target. File permission bits are kept. `progress(done_bytes, total_bytes)` reports the whole
+transfer (all files), for progress bars. Remote paths may start with `~/` or be relative:
+both mean the user's home directory (SFTP starts there).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import stat
+from pathlib import Path
+from typing import Callable
+
+Progress = Callable[[int, int], None]
+PART = ".mfpart"
+
+
+def remote_path(path: str) -> str:
+    """SFTP does not expand `~`: `~/x` and `x` are both home-relative."""
+    if path == "~":
+        return "."
+    return path[2:] if path.startswith("~/") else path
+
+
+class _Meter:
+    def __init__(self, total: int, progress: Progress | None):
+        self.total, self.progress, self.done = total, progress, 0
+        self._file_done = 0
+
+    def start_file(self) -> None:
+        self._file_done = 0
+
+    def callback(self, transferred: int, _size: int) -> None:
+        self.done += transferred - self._file_done
+        self._file_done = transferred
+        if self.progress:
+            self.progress(self.done, self.total)
+
+
+def _local_tree(src: Path) -> list[tuple[Path, str]]:
+    """(file, relative posix path) for a file or every file under a directory."""
+    if src.is_file():
+        return [(src, "")]
+    return sorted((p, p.relative_to(src).as_posix()) for p in src.rglob("*") if p.is_file())
+
+
+def sftp_put(sftp, local: str | Path, remote: str, progress: Progress | None = None) -> int:
+    """Upload a file or directory tree; returns the bytes sent."""
+    src, dst = Path(local).expanduser(), remote_path(remote)
+    if not src.exists():
+        raise FileNotFoundError(f"local path {src} does not exist")
+    files = _local_tree(src)
+    meter = _Meter(sum(p.stat().st_size for p, _ in files), progress)
+    if src.is_dir():
+        _sftp_makedirs(sftp, dst)
+        for d in sorted({posixpath.dirname(rel) for _, rel in files} - {""}):
+            _sftp_makedirs(sftp, posixpath.join(dst, d))
+    else:
+        _sftp_makedirs(sftp, posixpath.dirname(dst))
+    for path, rel in files:
+        target = posixpath.join(dst, rel) if rel else dst
+        meter.start_file()
+        sftp.put(str(path), target + PART, callback=meter.callback, confirm=True)
+        sftp.chmod(target + PART, stat.S_IMODE(path.stat().st_mode))
+        sftp.posix_rename(target + PART, target)
+    return meter.done
+
+
+def _sftp_makedirs(sftp, path: str) -> None:
+    if path in ("", ".", "/"):
+        return
+    try:
+        if stat.S_ISDIR(sftp.stat(path).st_mode):
+            return
+        raise NotADirectoryError(f"remote {path} exists and is not a directory")
+    except FileNotFoundError:
+        pass
+    _sftp_makedirs(sftp, posixpath.dirname(path.rstrip("/")))
+    try:
+        sftp.mkdir(path)
+    except OSError:
+        if not stat.S_ISDIR(sftp.stat(path).st_mode):  # made meanwhile by a parallel copy is fine
+            raise
+
+
+def _remote_tree(sftp, src: str) -> list[tuple[str, str, int]]:
+    """(remote file, relative path, size) for a file or every file under a directory."""
+    st = sftp.stat(src)
+    if not stat.S_ISDIR(st.st_mode):
+        return [(src, "", st.st_size)]
+    out = []
+    for entry in sftp.listdir_attr(src):
+        full = posixpath.join(src, entry.filename)
+        if stat.S_ISDIR(entry.st_mode):
+            out += [(f, posixpath.join(entry.filename, rel), size)
+                    for f, rel, size in _remote_tree(sftp, full)]
+        elif stat.S_ISREG(entry.st_mode):
+            out.append((full, entry.filename, entry.st_size))
+    return sorted(out)
+
+
+def sftp_get(sftp, remote: str, local: str | Path, progress: Progress | None = None) -> int:
+    """Download a file or directory tree; returns the bytes received."""
+    src, dst = remote_path(remote), Path(local).expanduser()
+    files = _remote_tree(sftp, src)
+    meter = _Meter(sum(size for _, _, size in files), progress)
+    for path, rel, _ in files:
+        target = dst / rel if rel else dst
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(target.name + PART)
+        meter.start_file()
+        sftp.get(path, str(part), callback=meter.callback)
+        os.chmod(part, stat.S_IMODE(sftp.stat(path).st_mode))
+        os.replace(part, target)
+    return meter.done
+
+
+def local_copy(src: Path, dst: Path, progress: Progress | None = None) -> int:
+    """The local-mode mirror of sftp_put/sftp_get."""
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist")
+    files = _local_tree(src)
+    meter = _Meter(sum(p.stat().st_size for p, _ in files), progress)
+    for path, rel in files:
+        target = dst / rel if rel else dst
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(target.name + PART)
+        shutil.copy2(path, part)
+        os.replace(part, target)
+        meter.start_file()
+        size = path.stat().st_size
+        meter.callback(size, size)
+    return meter.done
