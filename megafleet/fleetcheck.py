@@ -51,6 +51,7 @@ def check_fleet(hosts, pool=None, workdir: str = DEFAULT_WORKDIR) -> dict:
     rows = [_row(name, res, by_name.get(name)) for name, res in results.items()]
     reachable = sum(1 for r in rows if r["reachable"])
     return {
+        "workdir": workdir,
         "hosts": rows,
         "findings": [asdict(f) for f in fleet_findings(rows)],
         "summary": {"total": len(rows), "reachable": reachable, "unreachable": len(rows) - reachable,

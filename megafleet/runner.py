@@ -28,7 +28,7 @@ import subprocess
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Union
 
@@ -190,28 +190,42 @@ def wrap_command(cmd: str, with_env: bool) -> str:
 
 
 class LineSplitter:
-    """Collects a stream's bytes and hands complete lines to `on_output` as they arrive."""
+    """Collects a stream's bytes and hands complete lines to `on_output` as they arrive.
+
+    With `strip_pid`, the wrapper's pid line is taken out of the stream (lines a login
+    script printed before it pass through); `pid` is -1 if it never came (e.g. cmd did not
+    parse), None while still waiting.
+    """
+
+    HEAD_LIMIT = 65536
 
     def __init__(self, stream: str, on_output: OnOutput | None, strip_pid: bool = False):
-        self.stream, self.on_output, self.strip_pid = stream, on_output, strip_pid
+        self.stream, self.on_output = stream, on_output
         self.chunks: list[bytes] = []
-        self.pending = b""
-        self.pid: int | None = None
+        self.pending = b""  # an incomplete last line, for on_output
+        self.head = b""  # bytes held back while looking for the pid line
+        self.pid: int | None = None if strip_pid else -1
 
     def feed(self, data: bytes) -> None:
-        if self.strip_pid and self.pid is None:
-            self.pending += data
-            if b"\n" not in self.pending:
+        if self.pid is None:
+            self.head += data
+            while self.pid is None and b"\n" in self.head:
+                line, _, self.head = self.head.partition(b"\n")
+                text = line.decode(errors="replace")
+                if text.startswith(PID_MARK) and text[len(PID_MARK):].isdigit():
+                    self.pid = int(text[len(PID_MARK):])
+                else:
+                    self._emit(line + b"\n")
+            if self.pid is None and len(self.head) < self.HEAD_LIMIT:
                 return
-            first, _, rest = self.pending.partition(b"\n")
-            self.pending = b""
-            text = first.decode(errors="replace")
-            if text.startswith(PID_MARK) and text[len(PID_MARK):].isdigit():
-                self.pid = int(text[len(PID_MARK):])
-                data = rest
-            else:
-                self.pid = -1  # the wrapper did not run (e.g. a syntax error in cmd)
-                data = first + b"\n" + rest
+            if self.pid is None:
+                self.pid = -1
+            data, self.head = self.head, b""
+        self._emit(data)
+
+    def _emit(self, data: bytes) -> None:
+        if not data:
+            return
         self.chunks.append(data)
         if self.on_output is None:
             return
@@ -221,9 +235,11 @@ class LineSplitter:
             self.on_output(self.stream, line.decode(errors="replace"))
 
     def text(self) -> str:
-        if self.strip_pid and self.pid is None and self.pending:
-            self.chunks.append(self.pending)  # output ended before the first newline
-        if self.on_output and self.pending and self.pid != -1:
+        """All output so far (flushes a last line without newline to on_output)."""
+        if self.head:
+            head, self.head = self.head, b""
+            self._emit(head)
+        if self.on_output and self.pending:
             self.on_output(self.stream, self.pending.decode(errors="replace"))
             self.pending = b""
         return b"".join(self.chunks).decode(errors="replace")

@@ -331,17 +331,20 @@ SetEnv PATH={h.bin_dir}:{HOST_PATH}
 
     # -- using --------------------------------------------------------------------------------
     def ensure_up(self) -> None:
-        """Undo what tests did to hosts: links up, sshd running."""
+        """Undo what tests did to hosts: links up, sshd running, no stub nvidia-smi."""
         for h in self.all_hosts:
             if "state UP" not in h.run("ip link show eth0", as_root=True).stdout:
                 h.link_up()
             h.start_sshd()
+            h.remove_stub_nvidia_smi()
 
-    def write_inventory(self, home: Path, hosts: list[FleetHost] | None = None) -> Path:
+    def write_inventory(self, home: Path, hosts: list[FleetHost] | None = None,
+                        **changes: dict) -> Path:
+        """Write `home`/hosts.yaml for `hosts` (default: all); `node0={"port": 2}` changes fields."""
         hosts = self.all_hosts if hosts is None else hosts
         path = Path(home) / "hosts.yaml"
-        path.write_text(yaml.safe_dump({"hosts": {h.name: h.inventory_entry() for h in hosts}},
-                                       sort_keys=False))
+        entries = {h.name: {**h.inventory_entry(), **changes.get(h.name, {})} for h in hosts}
+        path.write_text(yaml.safe_dump({"hosts": entries}, sort_keys=False))
         path.chmod(0o600)
         return path
 
@@ -505,3 +508,34 @@ def fleet_home(fleet, megafleet_home):
     fleet.ensure_up()
     fleet.write_inventory(megafleet_home)
     return megafleet_home
+
+
+def main(argv: list[str]) -> int:
+    """`python -m tests.fleet_fixture check [ARGS]`: build a throwaway 3-host fleet (plus one
+    host behind a jump host), run `megafleet hosts check ARGS` against it, tear it down.
+    Needs root, sshd and iproute2 (`./dev run python -m tests.fleet_fixture check`)."""
+    import tempfile
+
+    if argv[:1] != ["check"]:
+        print(main.__doc__)
+        return 2
+    from tests.conftest import _fleet_missing
+
+    reason = _fleet_missing()
+    if reason:
+        print(f"cannot build a test fleet: {reason}", file=sys.stderr)
+        return 2
+    f = Fleet(size=3, hidden=1).build()
+    try:
+        with tempfile.TemporaryDirectory(prefix="megafleet-home-") as home:
+            f.write_inventory(Path(home))
+            env = dict(os.environ, MEGAFLEET_HOME=home,
+                       PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+            return subprocess.run([sys.executable, "-m", "megafleet", "hosts", "check", *argv[1:]],
+                                  env=env, cwd=home).returncode
+    finally:
+        f.teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -7,8 +7,9 @@ from rich.markup import escape
 from megafleet import ui
 from megafleet.errors import UsageError
 
-COLUMNS = ["host", "ssh", "user / sudo", "os / arch", "cpus", "mem GiB", "disk free GiB",
-           "python3", "GPUs", "driver / CUDA", "shm GiB", "nofile / memlock", "private IPv4", "EFA"]
+SYSTEM = ["host", "ssh", "user", "sudo", "os / arch", "cpus", "mem GiB", "GPUs", "driver / CUDA"]
+LIMITS = ["host", "disk free GiB", "/dev/shm GiB", "python3", "nofile / memlock", "private IPv4",
+          "EFA"]
 
 
 def _gpus(row: dict) -> str:
@@ -20,34 +21,43 @@ def _gpus(row: dict) -> str:
     for g in row.get("gpus", []):
         names[g["name"]] = names.get(g["name"], 0) + 1
     mem = {g.get("memory.total") for g in row.get("gpus", [])}
-    per = f" ({next(iter(mem)) // 1024} GiB)" if len(mem) == 1 and isinstance(next(iter(mem)), int) else ""
+    one = next(iter(mem)) if len(mem) == 1 else None
+    per = f" ({one // 1024} GiB)" if isinstance(one, int) else ""
     return ", ".join(f"{n}x {name}" for name, n in names.items()) + per
 
 
-def _cells(row: dict) -> list:
-    if not row["reachable"] or not row["ok"]:
-        return [row["name"], ui.styled_status("fail")] + [""] * (len(COLUMNS) - 2)
+def _system_cells(row: dict) -> list:
+    if not row["ok"]:
+        return [row["name"], ui.styled_status("fail")] + [""] * (len(SYSTEM) - 2)
     via = f" via {row['via']}" if row.get("via") else ""
-    return [
-        row["name"], f"{ui.symbol('ok')} {row.get('latency_ms', 0):.1f} ms{via}",
-        f"{row.get('user')} / {'yes' if row.get('sudo') else 'no'}",
-        f"{row.get('os')} / {row.get('arch')}", row.get("cpus"), row.get("memory_gib"),
-        row.get("disk_free_gib"), row.get("python3") or "[yellow]missing[/yellow]", _gpus(row),
-        f"{row.get('driver_version') or '-'} / {row.get('cuda_driver_version') or '-'}",
-        row.get("shm_gib"), f"{row.get('ulimit_nofile')} / {row.get('ulimit_memlock')}",
-        ", ".join(row.get("private_ipv4") or []) or "-",
-        ", ".join(row.get("efa_devices") or []) or "none",
-    ]
+    os_name = f"{row['os_id']} {row.get('os_version') or ''}".strip() if row.get("os_id") else row.get("os")
+    return [row["name"], f"{ui.symbol('ok')} {row.get('latency_ms', 0):.1f} ms{via}", row.get("user"),
+            "yes" if row.get("sudo") else "no", f"{os_name} / {row.get('arch')}", row.get("cpus"),
+            row.get("memory_gib"), _gpus(row),
+            f"{row.get('driver_version') or '-'} / {row.get('cuda_driver_version') or '-'}"]
+
+
+def _limit_cells(row: dict) -> list:
+    return [row["name"], row.get("disk_free_gib"), row.get("shm_gib"),
+            row.get("python3") or "[yellow]missing[/yellow]",
+            f"{row.get('ulimit_nofile')} / {row.get('ulimit_memlock')}",
+            ", ".join(row.get("private_ipv4") or []) or "-",
+            ", ".join(row.get("efa_devices") or []) or "none"]
 
 
 def show_report(report: dict) -> None:
     """The `hosts check` report for people: a table, then why hosts failed, then findings."""
     s = report["summary"]
     ui.show(ui.table(f"{s['reachable']}/{s['total']} host(s) reachable ({s['seconds']:.1f}s)",
-                     COLUMNS, [_cells(r) for r in report["hosts"]]))
-    for r in report["hosts"]:
-        if r.get("host_key_pinned_now"):
-            ui.check_row("info", f"{r['name']}: first connection, host key pinned", r["host_key"])
+                     SYSTEM, [_system_cells(r) for r in report["hosts"]]))
+    ok = [r for r in report["hosts"] if r["ok"]]
+    if ok:
+        ui.show(ui.table(f"free disk in {report.get('workdir', 'the work dir')}, limits, network",
+                         LIMITS, [_limit_cells(r) for r in ok]))
+    pinned = [r["name"] for r in report["hosts"] if r.get("host_key_pinned_now")]
+    if pinned:
+        ui.check_row("info", f"first connection to {', '.join(pinned)}: host keys pinned",
+                     "fingerprints: --json")
     for f in report["findings"]:
         ui.check_row({"error": "fail", "warning": "warn"}.get(f["level"], "info"), escape(f["message"]))
         hint = next((r["error"].get("hint") for r in report["hosts"]

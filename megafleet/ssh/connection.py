@@ -26,7 +26,7 @@ from megafleet.inventory import Host
 from megafleet.ssh.errors import (AuthFailed, HostKeyChanged, HostUnreachable, IdentityProblem,
                                   SSHError)
 from megafleet.ssh.keys import Identity, candidate_keys, load_identity
-from megafleet.ssh.known_hosts import KnownHosts, PinOnFirstUse, describe_key, host_id
+from megafleet.ssh.known_hosts import KnownHosts, PinOnFirstUse, describe_key
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_KEEPALIVE = 15  # seconds between keepalive packets on idle connections
@@ -256,9 +256,17 @@ class ConnectionPool:
 
 
 def _jump_from_spec(host: Host) -> Host | None:
+    """Without an inventory given: a jump host name is looked up in the current inventory
+    file; anything else is read as `user@host:port`."""
+    from megafleet.errors import MegafleetError
     from megafleet.inventory import Inventory
 
-    return Inventory([], path=None).jump_for(host) if host.jump_host else None
+    if not host.jump_host:
+        return None
+    try:
+        return Inventory.load().jump_for(host)
+    except MegafleetError:
+        return Inventory([], path=None).jump_for(host)
 
 
 _default: ConnectionPool | None = None
@@ -266,8 +274,7 @@ _default_lock = threading.Lock()
 
 
 def default_pool() -> ConnectionPool:
-    """The process-wide pool (jump hosts given as user@host:port only; runners built from an
-    inventory pass their own pool or `inventory.jump_for`)."""
+    """The process-wide pool (jump host names resolve through the current inventory file)."""
     global _default
     with _default_lock:
         if _default is None:

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from megafleet.errors import RemoteCommandError, UnreachableError
-from megafleet.runner import DryRunRunner, LocalRunner, Result, run_on_hosts
+from megafleet.runner import PID_MARK, DryRunRunner, LineSplitter, LocalRunner, Result, run_on_hosts
 from megafleet.ssh.errors import AuthFailed
 
 
@@ -103,3 +103,16 @@ def test_run_on_hosts_runs_in_parallel():
     res = run_on_hosts([LocalRunner(str(i)) for i in range(4)], "sleep 1")
     assert all(r.ok for r in res.values())
     assert time.monotonic() - start < 2.5
+
+
+def test_the_pid_line_is_taken_out_of_stderr_wherever_it_comes():
+    lines = []
+    s = LineSplitter("stderr", lambda _, line: lines.append(line), strip_pid=True)
+    for chunk in (b"motd noise\n" + PID_MARK.encode()[:5], PID_MARK.encode()[5:] + b"4242\nerr",
+                  b"or\ntail"):
+        s.feed(chunk)
+    assert s.pid == 4242 and s.text() == "motd noise\nerror\ntail"
+    assert lines == ["motd noise", "error", "tail"]
+    never = LineSplitter("stderr", None, strip_pid=True)
+    never.feed(b"sh: syntax error\n")
+    assert never.pid is None and never.text() == "sh: syntax error\n"
