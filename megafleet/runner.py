@@ -264,14 +264,29 @@ class SSHRunner(Runner):
         started = time.monotonic()
         try:
             env_bytes = _env_lines(env)
-            conn = self.connection()
-            chan = conn.transport.open_session(timeout=self.pool.connect_timeout)
+            conn, chan = self._open_channel()
             chan.exec_command(wrap_command(cmd, bool(env_bytes)))
         except Exception as exc:
-            return Result.from_exception(self.name, cmd, exc, started)
+            res = Result.from_exception(self.name, cmd, exc, started)
+            if res.error == INTERNAL and _is_io_error(exc):  # a pooled connection went stale
+                self.pool.drop(self.host)
+                res.error, res.stderr = DISCONNECTED, ""
+                res.hint = "the connection broke; the next command reconnects"
+            return res
         from megafleet.ssh.channel import pump
 
         return pump(self, conn, chan, cmd, started, timeout, env_bytes, stdin, on_output)
+
+    def _open_channel(self):
+        conn = self.connection()
+        try:
+            return conn, conn.transport.open_session(timeout=self.pool.connect_timeout)
+        except Exception as exc:
+            if not _is_io_error(exc):
+                raise
+        self.pool.drop(self.host)  # the pooled connection died unnoticed: reconnect once
+        conn = self.connection()
+        return conn, conn.transport.open_session(timeout=self.pool.connect_timeout)
 
     def put(self, local, remote, progress=None):
         return self._transfer(f"put {local} -> {remote}", sftp_put, local, remote, progress)
@@ -287,8 +302,7 @@ class SSHRunner(Runner):
                 moved = fn(conn.sftp(), src, dst, progress)
         except Exception as exc:
             res = Result.from_exception(self.name, label, exc, started)
-            if res.error == INTERNAL and (isinstance(exc, (OSError, EOFError))
-                                          or type(exc).__module__.startswith("paramiko")):
+            if res.error == INTERNAL and _is_io_error(exc):
                 res.error, res.stderr = TRANSFER, ""  # I/O trouble, not a bug: no traceback
             return res
         return Result(self.name, label, exit_code=0, duration=time.monotonic() - started,
@@ -296,6 +310,10 @@ class SSHRunner(Runner):
 
     def close(self):
         self.pool.drop(self.host)
+
+
+def _is_io_error(exc: BaseException) -> bool:
+    return isinstance(exc, (OSError, EOFError)) or type(exc).__module__.startswith("paramiko")
 
 
 class LocalRunner(Runner):

@@ -9,6 +9,8 @@ Fixtures (registered by tests/conftest.py through `pytest_plugins`):
 - `fleet_home` (per test): an empty MEGAFLEET_HOME whose hosts.yaml lists every fleet host
   (inner0 with `jump_host: node0`); every host is up again (sshd running, link up) first.
 
+Fleet helpers: `host(name)`, `write_inventory(home, hosts, node0={"identity_file": ...})`,
+`ensure_up()`, `host_python()`, `key` (the operator's private key, authorized on every host).
 FleetHost helpers: `stop_sshd()`/`start_sshd()`, `link_down()`/`link_up()` (a silent host,
 packets dropped), `run(cmd)` (a shell in the namespace as the host's user; `as_root=True` for
 root), `regenerate_host_key()`, `install_stub_nvidia_smi()` (a STUB that prints the captured
@@ -21,6 +23,9 @@ site-packages (torch, megatron-core, ...) through bind mounts that exist only in
 sshd mount namespaces (`ip netns exec` gives each its own), so nothing else on the machine
 changes. Add further paths for the hosts with `FleetHost.bind_mounts[src] = dst` before
 `start_sshd()`.
+
+Outside pytest: `python -m tests.fleet_fixture check [ARGS]` builds a throwaway fleet, runs
+`megafleet hosts check ARGS` against it and removes it (root, sshd and iproute2 needed).
 
 Everything created is recorded in /run/megafleet-test-fleet/<id>.json and removed at teardown;
 a later run also removes what a crashed run (its process gone) left behind. Names are unique per
@@ -36,7 +41,6 @@ import os
 import random
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -472,14 +476,6 @@ def clean_stale() -> None:
             continue  # its test process is still running
         remove_recorded(rec)
         path.unlink(missing_ok=True)
-
-
-def _can_connect(address: str, port: int = 22, timeout: float = 1.0) -> bool:
-    try:
-        with socket.create_connection((address, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 # -- pytest fixtures --------------------------------------------------------------------------

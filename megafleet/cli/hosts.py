@@ -45,7 +45,10 @@ def _pool(inv: Inventory, timeout: float):
 @yes_option
 def add(name, target, user, port, identity_file, private_address, jump_host, tags, replace,
         check_now, as_json, dry_run, yes) -> None:
-    """Add a host to the inventory (fields are validated; nothing is written on errors)."""
+    """Add a host to the inventory.
+
+    Fields and the identity file are validated first; nothing is written on errors.
+    """
     inv = Inventory.load()
     host = _host_from_args(name, target, user, port, identity_file, private_address, jump_host, tags)
     if identity_file:
@@ -166,8 +169,11 @@ def _confirm(yes: bool, question: str) -> None:
               help="Seconds to wait for each host to answer.")
 @json_option
 def check(names, workdir, timeout, as_json) -> None:
-    """Check every host in parallel: reachability, system, GPUs, limits, network.
+    """Check every host in parallel (reachability, system, GPUs, limits).
 
+    Reports reachability and SSH latency, user and passwordless sudo, OS and arch, CPUs,
+    memory, free disk in the work dir, python3, GPUs (nvidia-smi), CUDA driver version,
+    /dev/shm, ulimit -n/-l, private IPv4 addresses and EFA devices, then fleet-wide findings.
     Exit code 3 if a host is unreachable, 1 if another error was found, else 0.
     """
     inv = Inventory.load()
@@ -212,7 +218,11 @@ def _run_check(inv: Inventory, selected: list[Host], as_json: bool, timeout: flo
 @dry_run_option
 @yes_option
 def trust(name, replace, fingerprint, timeout, as_json, dry_run, yes) -> None:
-    """Pin the host key a host offers now (deliberately, e.g. after it was rebuilt)."""
+    """Pin the host key a host offers now.
+
+    Use it deliberately, e.g. after the machine was rebuilt: check the fingerprint out of
+    band and pass it with --fingerprint.
+    """
     from megafleet.cli.hosts_view import trust_host
 
     inv = Inventory.load()

@@ -97,6 +97,20 @@ def test_one_connection_per_host_is_reused(inv, pool):
     assert pool.get(inv.get("node0")).transport is first
 
 
+def test_a_pooled_connection_that_died_is_replaced(fleet, inv, pool):
+    node = fleet.host("node0")
+    runner = SSHRunner(inv.get("node0"), pool)
+    assert runner.run("true").ok
+    first = pool.get(inv.get("node0")).transport
+    sessions = node.run(f"pgrep -u {node.user} -f 'sshd: {node.user}'", as_root=True).stdout.split()
+    assert sessions
+    for pid in sessions:
+        node.run(f"kill -9 {pid}", as_root=True)
+    r = runner.run("echo back")
+    assert r.ok and r.stdout == "back\n", r.describe()
+    assert pool.get(inv.get("node0")).transport is not first
+
+
 def test_hosts_run_in_parallel(inv, pool):
     start = time.monotonic()
     res = run_on_hosts(inv.select(["node0", "node1", "node2"]), "sleep 1", pool=pool)
