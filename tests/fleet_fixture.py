@@ -461,6 +461,7 @@ def remove_recorded(rec: dict) -> None:
     for user in rec.get("users", []):
         sh("userdel", "--remove", user, check=False)
         shutil.rmtree(Path("/home") / user, ignore_errors=True)
+        shutil.rmtree(Path("/tmp") / f"torchinductor_{user}", ignore_errors=True)  # torch's cache
     if rec.get("workdir", "").startswith("/tmp/mft"):
         shutil.rmtree(rec["workdir"], ignore_errors=True)
 
