@@ -26,7 +26,7 @@ import numpy as np
 
 from remote_runtime.data.encode import EncodeSettings, FileTokens
 
-_ARRAYS = ("ids", "loss_mask", "offsets", "row_doc", "row_status")
+_ARRAYS = ("ids", "loss_mask", "offsets", "doc_loss", "row_doc", "row_status")
 # Modules whose code decides the tokens of a row.
 _CODE_FILES = ("formats.py", "chat.py", "encode.py", "sources.py", "cache.py")
 

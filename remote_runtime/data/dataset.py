@@ -95,9 +95,10 @@ class TokenizedDataset:
             sel = doc_file == f
             idx = doc_index[sel]
             starts[sel], ends[sel] = tokens.offsets[idx], tokens.offsets[idx + 1]
-            csum = np.concatenate([[0], np.cumsum(tokens.loss_mask, dtype=np.int64)])
-            loss[sel] = csum[ends[sel]] - csum[starts[sel] + 1]  # token 0 of a document is no target
-        self._starts, self.lengths, self.loss_counts = starts, ends - starts, loss
+            loss[sel] = tokens.doc_loss[idx]
+        self._starts = starts
+        self.lengths = ends - starts  # int64 [documents]
+        self.loss_counts = loss  # int64 [documents]: training targets (token 0 is never one)
 
     def __len__(self) -> int:
         return len(self.doc_file)

@@ -41,6 +41,7 @@ class FileTokens:
     ids: np.ndarray  # int32, every document's tokens, concatenated
     loss_mask: np.ndarray  # uint8, 1 where the token is a training target
     offsets: np.ndarray  # int64 [documents + 1]: document d is ids[offsets[d]:offsets[d+1]]
+    doc_loss: np.ndarray  # int64 [documents]: training targets per document (mask[1:].sum())
     row_doc: np.ndarray  # int64 [rows]: the document of each row, -1 if it was dropped
     row_status: np.ndarray  # int8 [rows]: ROW_OK | ROW_TRUNCATED | ROW_NO_LOSS | ROW_TOO_LONG
     format: str
@@ -88,10 +89,10 @@ def _init_worker(tokenizer, settings: EncodeSettings) -> None:
 
 
 def _encode_chunk(job: tuple[str, str, list[tuple[int, object]]]):
-    """Encode rows; returns (status int8, lengths int64, ids int32, mask uint8) arrays."""
+    """Encode rows; returns (status int8, lengths int64, loss int64, ids int32, mask uint8) arrays."""
     path, fmt, rows = job
     encoder, settings = _WORKER["encoder"], _WORKER["settings"]
-    statuses, lengths, ids_parts, mask_parts = [], [], [], []
+    statuses, lengths, losses, ids_parts, mask_parts = [], [], [], [], []
     for line, payload in rows:
         try:
             example = row_to_example(parse_json_line(payload, path, line), fmt)
@@ -103,12 +104,13 @@ def _encode_chunk(job: tuple[str, str, list[tuple[int, object]]]):
         statuses.append(status)
         kept = status in (ROW_OK, ROW_TRUNCATED)
         lengths.append(len(ids) if kept else 0)
+        losses.append(int(mask[1:].sum()) if kept else 0)
         if kept:
             ids_parts.append(ids)
             mask_parts.append(mask)
     cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
     return (np.asarray(statuses, np.int8), np.asarray(lengths, np.int64),
-            cat(ids_parts, np.int32), cat(mask_parts, np.uint8))
+            np.asarray(losses, np.int64), cat(ids_parts, np.int32), cat(mask_parts, np.uint8))
 
 
 # ---- parent side ----------------------------------------------------------------------------
@@ -159,6 +161,7 @@ def _assemble(results: list, fmt: str) -> FileTokens:
     row_doc[kept] = np.arange(int(kept.sum()))
     offsets = np.zeros(int(kept.sum()) + 1, dtype=np.int64)
     np.cumsum(lengths[kept], out=offsets[1:])
-    return FileTokens(ids=np.concatenate([r[2] for r in results]),
-                      loss_mask=np.concatenate([r[3] for r in results]),
-                      offsets=offsets, row_doc=row_doc, row_status=status, format=fmt)
+    loss = np.concatenate([r[2] for r in results])
+    return FileTokens(ids=np.concatenate([r[3] for r in results]),
+                      loss_mask=np.concatenate([r[4] for r in results]), offsets=offsets,
+                      doc_loss=loss[kept], row_doc=row_doc, row_status=status, format=fmt)

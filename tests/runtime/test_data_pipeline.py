@@ -201,3 +201,22 @@ def test_pretraining_dataset_counts_every_token(tokenizer, tmp_path):
     path = write_demo_pretrain(tmp_path / "pt.jsonl", num_rows=10)
     dataset, stats = load([path], tokenizer, tmp_path, task="pt")
     assert stats.loss_tokens == stats.tokens - len(dataset)  # all but each document's first
+
+
+def test_tokenizing_needs_neither_torch_nor_megatron(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    code = ("import sys; from remote_runtime.tiny import build_tokenizer; "
+            "from remote_runtime.data import load_dataset, EncodeSettings; "
+            "from remote_runtime.data.demo_data import write_demo_dataset; "
+            f"p = write_demo_dataset({str(tmp_path / 'd.jsonl')!r}, num_rows=10); "
+            f"tok = build_tokenizer({str(tmp_path / 'tok')!r}); "
+            f"load_dataset([str(p)], tok, EncodeSettings(), cache_dir={str(tmp_path / 'c')!r}); "
+            "print(sorted(m for m in ('torch', 'megatron') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=cli_env(), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
