@@ -21,7 +21,7 @@ _EXPORTS = {
     "build_dataset": "dataset", "load_dataset": "dataset", "default_cache_dir": "dataset",
     "TokenizedDataset": "dataset", "DataStats": "dataset", "SourceStats": "dataset",
     "EncodeSettings": "encode",
-    "ChatEncoder": "chat",
+    "ChatEncoder": "chat", "preview": "chat",
     "Samples": "packing", "pack_documents": "packing",
     "MicroBatch": "batches", "IGNORE_INDEX": "batches",
     "GlobalBatch": "sampler", "BatchIterator": "sampler", "make_batch_iterator": "sampler",

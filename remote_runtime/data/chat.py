@@ -139,3 +139,21 @@ def _end_marker(upto: str, content: str) -> str:
         if pos >= 0:
             return upto[pos + len(variant):].rstrip()
     return ""
+
+
+def preview(tokenizer, ids, mask) -> str:
+    """Two lines showing a document as the model gets it and what it is trained on, e.g.
+
+        [INPUT] <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello<|im_end|>\\n
+        [TRAINED] [8 tokens not trained]Hello<|im_end|>[1 tokens not trained]
+    """
+    ids, mask = np.asarray(ids).tolist(), np.asarray(mask).tolist()
+    parts, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or mask[i] != mask[start]:
+            if mask[start]:
+                parts.append(tokenizer.decode(ids[start:i]))
+            else:
+                parts.append(f"[{i - start} tokens not trained]")
+            start = i
+    return f"[INPUT] {tokenizer.decode(ids)!r}\n[TRAINED] {''.join(parts)!r}"

@@ -148,3 +148,20 @@ def test_python_tokenizer_fallback_tokenizes_segments(tokenizer):
     ids, mask = ChatEncoder(NoOffsets()).encode_chat(TWO_TURNS)
     ref_ids, ref_mask = ChatEncoder(tokenizer).encode_chat(TWO_TURNS)
     assert np.array_equal(ids, ref_ids) and np.array_equal(mask, ref_mask)
+
+
+def test_preview_shows_what_is_trained(tokenizer):
+    from remote_runtime.data.chat import preview
+
+    ids, mask = encode_row(tokenizer, ONE_TURN_ROWS[0])
+    text = preview(tokenizer, ids, mask)
+    assert text.startswith("[INPUT] '<|im_start|>user\\nWhat is the capital of Peru?")
+    assert "tokens not trained]The capital of Peru is Lima.<|im_end|>[1 tokens not trained]" in text
+
+
+def test_non_ascii_text_maps_to_the_right_tokens(tokenizer):
+    # Byte-level BPE splits these characters over several tokens each; offsets are per character.
+    row = {"messages": [{"role": "user", "content": "Où est Tōkyō? 東京"},
+                        {"role": "assistant", "content": "東京 est la capitale — café ☕"}]}
+    ids, mask = encode_row(tokenizer, row)
+    assert trained_runs(tokenizer, ids, mask) == ["東京 est la capitale — café ☕<|im_end|>"]
