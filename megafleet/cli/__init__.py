@@ -22,6 +22,7 @@ from megafleet.errors import EXIT_INTERRUPTED, MegafleetError
 
 # name -> (module under megafleet.cli, attribute, one-line help shown by `megafleet --help`)
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "env": ("env", "env", "Check the Megatron training environment (torch, GPUs, CUDA, TE, megatron-core)."),
 }
 
 
