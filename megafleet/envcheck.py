@@ -131,12 +131,13 @@ def parse_report(text: str, host: str = "local") -> dict:
     return doc
 
 
-def report_from_output(host: str, exit_code: int | None, stdout: str, stderr: str = "") -> HostReport:
+def report_from_output(host: str, exit_code: int | None, stdout: str,
+                       stderr: str = "") -> HostReport:
     """A HostReport from one run of the script (exit 0 or 1 both carry a full report)."""
     if exit_code not in (0, 1) or not stdout.strip():
         last = " | ".join(line.strip() for line in (stderr or stdout).strip().splitlines()[-3:])
-        return HostReport(host, error=f"the check script exited with {exit_code}: {last or 'no output'}",
-                          exit_code=exit_code)
+        why = f"the check script exited with {exit_code}: {last or 'no output'}"
+        return HostReport(host, error=why, exit_code=exit_code)
     try:
         doc = parse_report(stdout, host)
     except ValidationError as exc:
@@ -241,7 +242,8 @@ def problems(reports: Sequence[HostReport]) -> list[tuple[list[str], dict]]:
     return sorted(groups.values(), key=lambda g: rank.get((g[1]["level"], g[1]["status"]), 2))
 
 
-def render(reports: Sequence[HostReport], findings: Sequence[Finding], show_fixes: bool = True) -> None:
+def render(reports: Sequence[HostReport], findings: Sequence[Finding],
+           show_fixes: bool = True) -> None:
     from megafleet import ui
 
     ui.show_check_matrix([r.host for r in reports], matrix_rows(reports, findings),

@@ -61,7 +61,8 @@ def iter_errors(instance: Any, schema: dict, root: dict | None = None,
         yield where, f"must be {schema['const']!r}, got {instance!r}"
     if "enum" in schema and not any(_same(instance, e) for e in schema["enum"]):
         yield where, f"{instance!r} is not one of {', '.join(repr(e) for e in schema['enum'])}"
-    if isinstance(instance, str) and "pattern" in schema and not re.search(schema["pattern"], instance):
+    pattern = schema.get("pattern")
+    if isinstance(instance, str) and pattern and not re.search(pattern, instance):
         yield where, f"{instance!r} does not match {schema['pattern']}"
     if _TYPES["number"](instance) and "minimum" in schema and instance < schema["minimum"]:
         yield where, f"{instance} is below the minimum {schema['minimum']}"

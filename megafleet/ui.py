@@ -97,7 +97,8 @@ def print_error(exc: BaseException, debug: bool = False, as_json: bool = False) 
         err_console.print(f"[bold]fix:[/bold] {escape(hint_text)}")
 
 
-def show_check_matrix(hosts: Sequence[str], rows: Iterable[tuple[str, bool, Sequence[tuple[str, str]]]],
+def show_check_matrix(hosts: Sequence[str],
+                      rows: Iterable[tuple[str, bool, Sequence[tuple[str, str]]]],
                       title: str | None = None) -> None:
     """A check × host table: each cell a ✓/✗ symbol and a short value; rows whose value differs
     across hosts are marked with ≠ and shown in bold magenta."""
@@ -106,7 +107,9 @@ def show_check_matrix(hosts: Sequence[str], rows: Iterable[tuple[str, bool, Sequ
     for h in hosts:
         t.add_column(escape(h), overflow="fold")
     for check_id, differs, cells in rows:
-        label = f"[bold magenta]≠ {escape(check_id)}[/bold magenta]" if differs else escape(check_id)
+        label = escape(check_id)
+        if differs:
+            label = f"[bold magenta]≠ {label}[/bold magenta]"
         rendered = []
         for status, text in cells:
             value = escape(text)

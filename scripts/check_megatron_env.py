@@ -262,7 +262,8 @@ def cuda_driver_compat(driver: Optional[str], cuda: Optional[str],
     if have is not None and have[0] == want[0] and floor and \
             release_tuple(driver) >= release_tuple(floor):
         return "warn", ("driver %s supports CUDA %s; CUDA %s code runs through minor-version "
-                        "compatibility (kernels that need PTX JIT may fail)" % (driver, supported, cuda))
+                        "compatibility (kernels that need PTX JIT may fail)"
+                        % (driver, supported, cuda))
     return "fail", "driver %s supports CUDA %s at most, torch needs CUDA %s" % (
         driver, supported or "<11.0", cuda)
 
@@ -276,7 +277,7 @@ def min_driver_for_cuda(cuda: str) -> Optional[str]:
 
 
 def torch_index_for_cuda(max_cuda: Optional[str]) -> Optional[str]:
-    """The newest PyTorch wheel index tag (cu130, cu128, ...) a driver supporting `max_cuda` runs."""
+    """The newest PyTorch wheel index (cu130, cu128, ...) a driver supporting `max_cuda` runs."""
     have = major_minor(max_cuda)
     for cuda, tag in TORCH_CUDA_INDEXES:
         if have is not None and major_minor(cuda) <= have:
@@ -302,7 +303,7 @@ def arch_coverage(arch_list: Sequence[str], capability: Tuple[int, int]) -> Tupl
             return "pass", "sm_%d%d kernels run on %d.%d" % (ma, mi, major, minor)
     for kind, ma, mi, suffix in archs:
         if kind == "compute" and (ma, mi) <= (major, minor) and not suffix:
-            return "warn", "only PTX (compute_%d%d): JIT-compiled at first use, slow start" % (ma, mi)
+            return "warn", "only PTX (compute_%d%d): JIT-compiled at first use" % (ma, mi)
     return "fail", "no kernels for sm_%d%d in torch's arch list" % (major, minor)
 
 
@@ -490,7 +491,8 @@ def probe_package(ch: ProbeChannel, spec: dict) -> None:
     ch.step("version", lambda: _module_version(module))
     ch.step("file", lambda: getattr(module, "__file__", None))
     for ext in spec.get("extensions", []):
-        ch.step("ext:" + ext, lambda ext=ext: getattr(importlib.import_module(ext), "__file__", None))
+        ch.step("ext:" + ext,
+                lambda ext=ext: getattr(importlib.import_module(ext), "__file__", None))
 
 
 def probe_torch(ch: ProbeChannel, spec: dict) -> None:
@@ -676,7 +678,8 @@ def run_probe(python: str, kind: str, spec: dict, timeout: float,
 PACKAGE_PROBES = (
     ("torch", "torch", {}),
     ("transformer_engine", "te", {}),
-    ("megatron_core", "package", {"module": "megatron.core", "dists": ["megatron-core", "megatron_core"]}),
+    ("megatron_core", "package", {"module": "megatron.core",
+                                  "dists": ["megatron-core", "megatron_core"]}),
     ("apex", "package", {"module": "apex", "dists": ["apex"],
                          "extensions": ["amp_C", "fused_layer_norm_cuda",
                                         "fused_weight_gradient_mlp_cuda"]}),
@@ -954,8 +957,8 @@ def plan_te_build(site_dirs: Sequence[str], environ: Optional[Dict[str, str]] = 
     cuda_home, _, _ = find_cuda_home(environ)
     cudnn = find_library_headers("cudnn", site_dirs, environ, cuda_home)
     nccl = find_library_headers("nccl", site_dirs, environ, cuda_home)
-    env = te_build_env(cudnn, nccl, cuda_home, recommended_max_jobs(cpu_count(), mem_available_bytes()),
-                       environ)
+    max_jobs = recommended_max_jobs(cpu_count(), mem_available_bytes())
+    env = te_build_env(cudnn, nccl, cuda_home, max_jobs, environ)
     missing = [what for what, have in (("cudnn.h", cudnn), ("nccl.h", nccl), ("nvcc", cuda_home))
                if not have]
     return {"vars": env, "export_lines": export_lines(env), "missing": missing,
@@ -1068,7 +1071,8 @@ def query_nvidia_smi(timeout: float) -> dict:
         if q.ok:
             info["gpus"] = parse_smi_csv(q.stdout, SMI_FIELDS)
         else:
-            info["error"] = q.error or tail(q.stdout + q.stderr, 2) or describe_returncode(q.returncode)
+            info["error"] = (q.error or tail(q.stdout + q.stderr, 2)
+                             or describe_returncode(q.returncode))
         h = run_command(["nvidia-smi"], timeout)
         if h.ok:
             header = parse_smi_header(h.stdout)
@@ -1154,7 +1158,8 @@ def check_python(ctx: Context) -> List[Check]:
 def torch_install_fix(ctx: Context) -> str:
     tag = torch_index_for_cuda(ctx.smi["driver_cuda"] or driver_max_cuda(ctx.smi["driver"]))
     if tag:
-        return ctx.pip("--force-reinstall torch --index-url https://download.pytorch.org/whl/%s" % tag)
+        return ctx.pip("--force-reinstall torch --index-url "
+                       "https://download.pytorch.org/whl/%s" % tag)
     return ctx.pip("torch") + "  (pick the CUDA build your driver supports: " \
                               "https://pytorch.org/get-started/locally/)"
 
@@ -1169,7 +1174,8 @@ def check_torch(ctx: Context) -> List[Check]:
                       "torch is not installed" if missing else "import torch failed: " + why,
                       torch_install_fix(ctx)),
                 Check("torch.cuda_build", "torch CUDA build", level, "skip", "no torch"),
-                Check("torch.cuda_available", "torch.cuda.is_available()", level, "skip", "no torch")]
+                Check("torch.cuda_available", "torch.cuda.is_available()", level, "skip",
+                      "no torch")]
     version, wanted = t.values["version"], RUNTIME_REQUIREMENTS["torch"]
     ok = version_satisfies(version, wanted)
     checks = [Check("torch.import", "torch", REQUIRED, "pass" if ok else "fail",
@@ -1179,7 +1185,8 @@ def check_torch(ctx: Context) -> List[Check]:
     cuda = t.values.get("cuda_build")
     if not cuda:
         checks.append(Check("torch.cuda_build", "torch CUDA build", level, "fail",
-                            "torch %s is a CPU-only build (torch.version.cuda is None)" % t.values["version"],
+                            "torch %s is a CPU-only build (torch.version.cuda is None)"
+                            % t.values["version"],
                             torch_install_fix(ctx)))
     else:
         checks.append(Check("torch.cuda_build", "torch CUDA build", level, "pass",
@@ -1205,13 +1212,14 @@ def check_cuda_available(ctx: Context, t: ProbeResult, level: str) -> Check:
                      "False: torch is a CPU-only build" + note, torch_install_fix(ctx))
     if smi_gpus:
         return Check("torch.cuda_available", "torch.cuda.is_available()", level, "fail",
-                     "False although nvidia-smi lists %d GPU(s)%s: driver too old for torch's CUDA, "
-                     "or the devices are hidden" % (smi_gpus, note),
+                     "False although nvidia-smi lists %d GPU(s)%s: driver too old for torch's "
+                     "CUDA, or the devices are hidden" % (smi_gpus, note),
                      "compare driver.cuda_compat below; check CUDA_VISIBLE_DEVICES and "
                      "that /dev/nvidia* are accessible")
     return Check("torch.cuda_available", "torch.cuda.is_available()", level, "fail",
                  "False: no NVIDIA GPU visible on this machine" + note,
-                 None if ctx.opts.cpu_ok else "run on a GPU machine, or pass --cpu-ok for a CPU smoke run")
+                 None if ctx.opts.cpu_ok else
+                 "run on a GPU machine, or pass --cpu-ok for a CPU smoke run")
 
 
 def check_gpus(ctx: Context) -> List[Check]:
@@ -1291,15 +1299,18 @@ def check_nvcc(ctx: Context) -> List[Check]:
     if not nvcc or not version:
         tk = "%d-%d" % want if want else "13-0"
         return [Check("cuda.nvcc", "nvcc and CUDA_HOME", OPTIONAL, "warn",
-                      "nvcc not found: transformer-engine, apex and flash-attn cannot be built here",
-                      "install the CUDA toolkit matching torch (e.g. `apt install cuda-toolkit-%s`), "
-                      "then export CUDA_HOME=/usr/local/cuda-%s" % (tk, tk.replace("-", ".")), data)]
+                      "nvcc not found: transformer-engine, apex and flash-attn cannot be "
+                      "built here",
+                      "install the CUDA toolkit matching torch (e.g. `apt install "
+                      "cuda-toolkit-%s`), then export CUDA_HOME=/usr/local/cuda-%s"
+                      % (tk, tk.replace("-", ".")), data)]
     detail = "nvcc %s at %s, CUDA_HOME=%s (%s)" % (version, nvcc, home or "?", ctx.cuda_home_source)
     status, fix = "pass", None
     have = major_minor(version)
     if want and have and have[0] != want[0]:
         status = "warn"
-        detail += "; torch is built for CUDA %s: extension builds refuse a different major" % ctx.torch_cuda
+        detail += ("; torch is built for CUDA %s: extension builds refuse a different major"
+                   % ctx.torch_cuda)
         fix = "install CUDA toolkit %d.x and export CUDA_HOME to it" % want[0]
     elif set_home and home and os.path.abspath(os.path.expanduser(set_home)) != home:
         status, fix = "warn", "export CUDA_HOME=%s" % shlex.quote(home)
@@ -1329,7 +1340,8 @@ def check_cudnn_nccl_runtime(ctx: Context) -> List[Check]:
                              "torch loads %s %s" % (label, version), data={"version": version}))
         else:
             out.append(Check(cid, "%s in torch" % label, level, "fail",
-                             "torch reports no %s: %s" % (label, ctx.probe("torch").failure(lib) or "None"),
+                             "torch reports no %s: %s"
+                             % (label, ctx.probe("torch").failure(lib) or "None"),
                              ctx.pip("nvidia-%s-%s" % (lib, ctx.cuda_tag()))))
     return out
 
@@ -1351,7 +1363,8 @@ def check_headers(ctx: Context) -> List[Check]:
         runtime = (decode_cudnn_version if lib == "cudnn" else decode_nccl_version)(t.get(lib))
         status, note = "pass", ""
         if runtime and loc["version"] and runtime.split(".")[0] != loc["version"].split(".")[0]:
-            status, note = "warn", "; torch loads %s %s: a build would compile against another major" % (
+            status = "warn"
+            note = "; torch loads %s %s: a build would compile against another major" % (
                 label, runtime)
         if not loc["lib_dir"]:
             status, note = "warn", note + "; no lib%s.so* beside it" % lib
@@ -1373,7 +1386,8 @@ def te_install_fix(ctx: Context) -> str:
         lines.append("# then run this check again: it prints the exports with the new headers")
     lines.extend(plan["export_lines"])
     lines.append(ctx.pip("cmake ninja pybind11 setuptools wheel"))
-    lines.append(ctx.pip("--no-build-isolation 'transformer_engine[pytorch,core_%s]'" % ctx.cuda_tag()))
+    lines.append(ctx.pip("--no-build-isolation 'transformer_engine[pytorch,core_%s]'"
+                         % ctx.cuda_tag()))
     return "\n".join(lines)
 
 
@@ -1385,7 +1399,8 @@ def check_transformer_engine(ctx: Context) -> List[Check]:
         if "No module named" in why and not p.crash:
             status = "fail" if ctx.opts.require_te else "warn"
             first = Check("te.import", "transformer-engine", level, status,
-                          "transformer-engine is not installed (training uses the local layer spec)",
+                          "transformer-engine is not installed "
+                          "(training uses the local layer spec)",
                           te_install_fix(ctx))
         else:
             first = Check("te.import", "transformer-engine", level, "fail",
@@ -1396,14 +1411,16 @@ def check_transformer_engine(ctx: Context) -> List[Check]:
                 Check("te.fused_attention", "transformer-engine fused attention", level, "skip",
                       "no TE")]
     version = p.values.get("version") or p.values.get("dist_version")
-    checks = [Check("te.import", "transformer-engine", level, "pass", "transformer-engine %s" % version,
+    checks = [Check("te.import", "transformer-engine", level, "pass",
+                    "transformer-engine %s" % version,
                     data={"version": version, "flash_attn_limits": p.values.get("flash_limits")})]
     if not p.ok("import_pytorch") or not p.ok("extension"):
         why = p.failure("import_pytorch") or p.failure("extension") or "?"
         checks.append(Check("te.extension", "transformer-engine torch extension", level, "fail",
                             "transformer_engine.pytorch does not load: %s" % why,
                             "rebuild it against this torch:\n" + te_install_fix(ctx).replace(
-                                "--no-build-isolation", "--no-build-isolation --force-reinstall --no-cache-dir")))
+                                "--no-build-isolation",
+                                "--no-build-isolation --force-reinstall --no-cache-dir")))
         checks.append(Check("te.fused_attention", "transformer-engine fused attention", level,
                             "skip", "the torch extension does not load"))
         return checks
@@ -1448,21 +1465,24 @@ def check_megatron_core(ctx: Context) -> List[Check]:
 def check_apex(ctx: Context) -> List[Check]:
     p = ctx.probe("apex")
     src = shlex.quote(os.path.join(sys.prefix, "src", "apex"))  # pip's own place for checkouts
-    build = ("git clone https://github.com/NVIDIA/apex %s && cd %s && APEX_CPP_EXT=1 APEX_CUDA_EXT=1 %s"
-             % (src, src, ctx.pip("-v --no-build-isolation .")))
+    build = ("git clone https://github.com/NVIDIA/apex %s && cd %s && "
+             "APEX_CPP_EXT=1 APEX_CUDA_EXT=1 %s" % (src, src, ctx.pip("-v --no-build-isolation .")))
     if not p.ok("import"):
         why = p.failure("import") or p.failure("start") or "?"
         if "No module named" in why and not p.crash:
             return [Check("apex.cuda_ext", "apex", OPTIONAL, "skip",
-                          "apex is not installed (not needed: the runtime uses torch's fused optimizers)",
+                          "apex is not installed (not needed: the runtime uses torch's "
+                          "fused optimizers)",
                           build)]
-        return [Check("apex.cuda_ext", "apex", OPTIONAL, "fail", "import apex failed: %s" % why, build)]
+        return [Check("apex.cuda_ext", "apex", OPTIONAL, "fail", "import apex failed: %s" % why,
+                      build)]
     exts = PACKAGE_PROBES_BY_NAME["apex"]["extensions"]
     built = [e for e in exts if p.ok("ext:" + e)]
     missing = {e: p.failure("ext:" + e) or "?" for e in exts if e not in built}
     if not missing:
         return [Check("apex.cuda_ext", "apex", OPTIONAL, "pass",
-                      "apex with CUDA extensions (%s)" % ", ".join(built), data={"extensions": built})]
+                      "apex with CUDA extensions (%s)" % ", ".join(built),
+                      data={"extensions": built})]
     return [Check("apex.cuda_ext", "apex", OPTIONAL, "warn",
                   "apex without CUDA extensions %s: %s" % (", ".join(missing), "; ".join(
                       "%s: %s" % kv for kv in missing.items())[:300]),
@@ -1496,9 +1516,9 @@ def check_flash_attn(ctx: Context) -> List[Check]:
                       "flash-attn %s: its CUDA extension does not load: %s" % (
                           version, p.failure("ext:flash_attn_2_cuda")), install, data)]
     if not spec:
+        why = "no transformer-engine to constrain it" if not te_version else "TE states no range"
         return [Check("flash_attn.version", "flash-attn", OPTIONAL, "pass",
-                      "flash-attn %s (%s)" % (version, "no transformer-engine to constrain it"
-                                              if not te_version else "TE states no range"), data=data)]
+                      "flash-attn %s (%s)" % (version, why), data=data)]
     ok = version_satisfies(version, spec)
     return [Check("flash_attn.version", "flash-attn", OPTIONAL, "pass" if ok else "warn",
                   "flash-attn %s %s transformer-engine %s's range %s" % (
@@ -1521,14 +1541,16 @@ def check_plain_packages(ctx: Context) -> List[Check]:
             version = p.values.get("version") or p.values.get("dist_version")
             ok = not wanted or version_satisfies(version, wanted)
             out.append(Check(cid, name, level, "pass" if ok else "fail",
-                             "%s %s%s" % (name, version, "" if ok else ", the runtime needs %s" % dist),
+                             "%s %s%s" % (name, version,
+                                          "" if ok else ", the runtime needs %s" % dist),
                              None if ok else ctx.pip("'%s'" % dist), {"version": version}))
             continue
         why = p.failure("import") or p.failure("start") or "?"
         absent = "No module named" in why and not p.crash
         status = "fail" if level == REQUIRED or not absent else "skip"
         out.append(Check(cid, name, level, status,
-                         "%s is not installed" % name if absent else "import %s failed: %s" % (name, why),
+                         "%s is not installed" % name if absent
+                         else "import %s failed: %s" % (name, why),
                          ctx.pip("'%s'" % dist)))
     return out
 
@@ -1563,7 +1585,8 @@ def check_megatron_lm_path(ctx: Context) -> List[Check]:
     ok = version_satisfies(version, SUPPORTED_MEGATRON_CORE)
     return [Check("megatron_lm.path", "MEGATRON_LM_PATH", REQUIRED, "pass" if ok else "fail",
                   "Megatron-LM checkout at %s, megatron-core %s%s" % (
-                      path, version or "?", "" if ok else " (supported: %s)" % SUPPORTED_MEGATRON_CORE),
+                      path, version or "?",
+                      "" if ok else " (supported: %s)" % SUPPORTED_MEGATRON_CORE),
                   None if ok else "check out a Megatron-LM release with core %s in %s" % (
                       SUPPORTED_MEGATRON_CORE, path), {"path": path, "version": version})]
 
@@ -1614,16 +1637,18 @@ def check_efa(ctx: Context) -> List[Check]:
         return [Check("efa.ofi_nccl", "EFA and aws-ofi-nccl", OPTIONAL, "fail",
                       "%d EFA device(s) but no aws-ofi-nccl plugin: NCCL falls back to TCP sockets"
                       % len(devices),
-                      "install the AWS EFA installer (it ships aws-ofi-nccl under /opt/amazon/ofi-nccl)",
+                      "install the AWS EFA installer (it ships aws-ofi-nccl under "
+                      "/opt/amazon/ofi-nccl)",
                       data)]
-    on_path = any(os.path.dirname(p) in ld_dirs for p in plugins) or ctx.environ.get("NCCL_NET_PLUGIN")
+    on_path = (any(os.path.dirname(p) in ld_dirs for p in plugins)
+               or ctx.environ.get("NCCL_NET_PLUGIN"))
     status = "pass" if on_path and fabric else "warn"
     detail = "%d EFA device(s), plugin %s%s" % (len(devices), plugins[0],
                                                 "" if fabric else ", libfabric not found")
     fix = None
     if not on_path:
-        fix = "export LD_LIBRARY_PATH=%s:/opt/amazon/efa/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" % (
-            os.path.dirname(plugins[0]))
+        fix = ("export LD_LIBRARY_PATH=%s:/opt/amazon/efa/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+               % os.path.dirname(plugins[0]))
         detail += " (not on LD_LIBRARY_PATH: NCCL will not load it)"
     return [Check("efa.ofi_nccl", "EFA and aws-ofi-nccl", OPTIONAL, status, detail, fix, data)]
 
@@ -1631,13 +1656,15 @@ def check_efa(ctx: Context) -> List[Check]:
 def check_nccl_env(ctx: Context) -> List[Check]:
     env = reported_env(ctx.environ)
     if not env:
-        return [Check("nccl.env", "NCCL environment", OPTIONAL, "skip", "no NCCL_*/FI_* variables set")]
+        return [Check("nccl.env", "NCCL environment", OPTIONAL, "skip",
+                      "no NCCL_*/FI_* variables set")]
     disabled = [k for k, v in env.items() if k.endswith("_DISABLE") and v.strip() == "1"]
     detail = " ".join("%s=%s" % kv for kv in env.items())
     if disabled:
         return [Check("nccl.env", "NCCL environment", OPTIONAL, "warn",
                       "%s disable fast transports (%s)" % (", ".join(disabled), detail),
-                      "unset %s unless a known problem needs it" % " ".join(disabled), {"env": env})]
+                      "unset %s unless a known problem needs it" % " ".join(disabled),
+                      {"env": env})]
     return [Check("nccl.env", "NCCL environment", OPTIONAL, "pass", detail, data={"env": env})]
 
 
@@ -1670,7 +1697,8 @@ def summarize(checks: Sequence[Check]) -> dict:
 def collect_report(opts: Options) -> dict:
     """Run every check and return the JSON document (see the module docstring)."""
     start = time.time()
-    opts.workdirs = [os.path.abspath(os.path.expanduser(w)) for w in (opts.workdirs or [os.getcwd()])]
+    opts.workdirs = [os.path.abspath(os.path.expanduser(w))
+                     for w in (opts.workdirs or [os.getcwd()])]
     ctx = gather(opts)
     checks = run_checks(ctx)
     return {
@@ -1711,7 +1739,8 @@ def render_table(report: dict, color: bool) -> str:
                                        c["detail"], level if c["status"] != "pass" else ""))
         if c["fix"] and c["status"] in ("fail", "warn"):
             for i, fix_line in enumerate(c["fix"].splitlines()):
-                lines.append("  %s%s%s" % (" " * 6, " " * width, ("fix: " if i == 0 else "     ") + fix_line))
+                prefix = "fix: " if i == 0 else "     "
+                lines.append(" " * (8 + width) + prefix + fix_line)
     s = report["summary"]
     lines.append("")
     verdict = "all required checks passed" if s["ok"] else "required checks failed: %s" % ", ".join(

@@ -38,8 +38,8 @@ def env() -> None:
               help="Seconds each package probe may take.")
 @json_option
 @click.pass_context
-def check(ctx: click.Context, local: bool, pythons: tuple[str, ...], workdirs: tuple[str, ...], require_te: bool,
-          cpu_ok: bool, timeout: float, as_json: bool) -> None:
+def check(ctx: click.Context, local: bool, pythons: tuple[str, ...], workdirs: tuple[str, ...],
+          require_te: bool, cpu_ok: bool, timeout: float, as_json: bool) -> None:
     """Check torch, GPUs, driver, CUDA, cuDNN/NCCL headers, transformer-engine, megatron-core
     and friends, and show how to fix what is missing. Exit 0 when every required check passes
     (and hosts agree), 1 when one fails, 4 when a host produced no report."""

@@ -64,9 +64,9 @@ class cuda:
 '''
 
 
-def make_venv(root: Path) -> Path:
+def make_venv(root: Path, python: str | None = None) -> Path:
     """A real, empty venv (no pip: creating it takes a tenth of a second)."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    subprocess.run([python or sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
     return root
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 import pytest
 
@@ -202,8 +201,8 @@ def test_nvidia_smi_parsers_on_h200_fixtures(cme):
         ("0", "NVIDIA H200", "9.0", "143771"), ("1", "NVIDIA H200", "9.0", "143771")]
     with_header = cme.parse_smi_csv((FIXTURES / "nvidia-smi-query-header.csv").read_text())
     assert with_header == [
-        {"index": "0", "name": "NVIDIA H200", "memory.total": "143771", "driver_version": "580.159.04"},
-        {"index": "1", "name": "NVIDIA H200", "memory.total": "143771", "driver_version": "580.159.04"}]
+        {"index": str(i), "name": "NVIDIA H200", "memory.total": "143771",
+         "driver_version": "580.159.04"} for i in (0, 1)]
     header = cme.parse_smi_header((FIXTURES / "nvidia-smi.txt").read_text())
     assert header == {"driver": "580.159.04", "cuda": "13.0"}
     assert cme.driver_max_cuda(header["driver"]) == header["cuda"]  # table agrees with the driver
@@ -217,7 +216,8 @@ def test_proc_driver_version(cme):
         "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release Build  "
         "(dvs-builder@U22)  Thu Oct 2 2026\nGCC version:  gcc version 13.3.0\n") == "580.159.04"
     assert cme.parse_proc_driver_version(
-        "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.183.01  Sun May 12 2024\n") == "535.183.01"
+        "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.183.01  Sun May 12 2024\n"
+    ) == "535.183.01"
 
 
 # ------------------------------------------------------------ TE, EFA, env, megatron path
@@ -272,7 +272,8 @@ def test_probe_protocol_survives_noise_and_crashes(cme):
     out = "\n".join(["some package printed this", mark + '{"k": "stage", "v": "import"}',
                      mark + '{"k": "done", "v": {"stage": "import", "value": null}}',
                      mark + '{"k": "stage", "v": "version"}',
-                     mark + '{"k": "error", "v": {"stage": "version", "type": "E", "message": "m"}}',
+                     mark + '{"k": "error", "v": {"stage": "version", "type": "E", '
+                            '"message": "m"}}',
                      mark + '{"k": "stage", "v": "ext:amp_C"}', mark + "{broken"])
     result = cme.parse_probe_output(out)
     assert result.ok("import") and result.errors == {"version": "E: m"}

@@ -81,7 +81,8 @@ def test_report_from_output(real_report):
     good = envcheck.report_from_output("gpu1", 1, text)
     assert good.report and not good.ok and good.error is None
     crashed = envcheck.report_from_output("gpu2", 127, "", "bash: python3: command not found")
-    assert crashed.report is None and "exited with 127: bash: python3: command not found" in crashed.error
+    assert crashed.report is None
+    assert "exited with 127: bash: python3: command not found" in crashed.error
     garbled = envcheck.report_from_output("gpu3", 0, "{not json")
     assert garbled.report is None and "not JSON" in garbled.error
     assert envcheck.exit_code_for([good], []) == EXIT_FAILED
@@ -121,7 +122,8 @@ def test_matrix_marks_differing_rows(real_report):
     down = envcheck.HostReport("gpu3", error="unreachable")
     findings = envcheck.findings_for([a, b, down])
     assert [f.key for f in findings] == ["megatron_core"]
-    rows = {cid: (differs, cells) for cid, differs, cells in envcheck.matrix_rows([a, b, down], findings)}
+    rows = {cid: (differs, cells)
+            for cid, differs, cells in envcheck.matrix_rows([a, b, down], findings)}
     differs, cells = rows["megatron_core.version"]
     assert differs and cells[1] == ("fail", "0.15.0") and cells[2] == ("fail", "no report")
     assert rows["python.version"][0] is False
@@ -156,7 +158,8 @@ def test_cli_local_compares_two_venvs(tmp_path):
     table = run_cli(*args)
     assert table.returncode == EXIT_FAILED
     assert "≠ torch.import" in table.stdout and "≠ megatron_core.version" in table.stdout
-    assert "2.10.0+cu128" in table.stdout and "megatron-core not the same on all hosts" in table.stdout
+    assert "2.10.0+cu128" in table.stdout
+    assert "megatron-core not the same on all hosts" in table.stdout
     assert "fix: " in table.stdout and "'megatron-core>=0.16,<0.17'" in table.stdout
 
 
