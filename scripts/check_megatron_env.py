@@ -624,6 +624,14 @@ class ProbeResult:
     def ok(self, step: str) -> bool:
         return step in self.values
 
+    def absent(self, module: str) -> bool:
+        """Whether the import failed because `module` itself is not installed (not because
+        one of its dependencies is missing, and not because it crashed)."""
+        top = re.escape(module.split(".")[0])
+        return self.crash is None and bool(re.match(
+            r"ModuleNotFoundError: No module named '%s(\.[\w.]+)?'$" % top,
+            self.errors.get("import", "")))
+
     def failure(self, step: str) -> Optional[str]:
         """Why `step` did not succeed: its exception, or the crash that happened during it."""
         if step in self.errors:
@@ -1169,7 +1177,7 @@ def check_torch(ctx: Context) -> List[Check]:
     level = gpu_level(ctx.opts)
     if not t.ok("version"):
         why = t.failure("import") or t.failure("start") or "not importable"
-        missing = "No module named" in why
+        missing = t.absent("torch")
         return [Check("torch.import", "torch", REQUIRED, "fail",
                       "torch is not installed" if missing else "import torch failed: " + why,
                       torch_install_fix(ctx)),
@@ -1396,7 +1404,7 @@ def check_transformer_engine(ctx: Context) -> List[Check]:
     level = REQUIRED if ctx.opts.require_te else OPTIONAL
     if not p.ok("import"):
         why = p.failure("import") or p.failure("start") or p.failure("package_dir") or "?"
-        if "No module named" in why and not p.crash:
+        if p.absent("transformer_engine"):
             status = "fail" if ctx.opts.require_te else "warn"
             first = Check("te.import", "transformer-engine", level, status,
                           "transformer-engine is not installed "
@@ -1450,7 +1458,7 @@ def check_megatron_core(ctx: Context) -> List[Check]:
     fix = ctx.pip("'megatron-core%s'" % SUPPORTED_MEGATRON_CORE)
     if not p.ok("import"):
         why = p.failure("import") or p.failure("start") or "?"
-        detail = "megatron-core is not installed" if "No module named" in why and not p.crash \
+        detail = "megatron-core is not installed" if p.absent("megatron.core") \
             else "import megatron.core failed: %s" % why
         return [Check("megatron_core.version", "megatron-core", REQUIRED, "fail", detail, fix)]
     version = p.values.get("version") or p.values.get("dist_version")
@@ -1469,7 +1477,7 @@ def check_apex(ctx: Context) -> List[Check]:
              "APEX_CPP_EXT=1 APEX_CUDA_EXT=1 %s" % (src, src, ctx.pip("-v --no-build-isolation .")))
     if not p.ok("import"):
         why = p.failure("import") or p.failure("start") or "?"
-        if "No module named" in why and not p.crash:
+        if p.absent("apex"):
             return [Check("apex.cuda_ext", "apex", OPTIONAL, "skip",
                           "apex is not installed (not needed: the runtime uses torch's "
                           "fused optimizers)",
@@ -1504,7 +1512,7 @@ def check_flash_attn(ctx: Context) -> List[Check]:
     data = {"te_version": te_version, "accepted": spec or None}
     if not p.ok("import"):
         why = p.failure("import") or p.failure("start") or "?"
-        if "No module named" in why and not p.crash:
+        if p.absent("flash_attn"):
             return [Check("flash_attn.version", "flash-attn", OPTIONAL, "skip",
                           "flash-attn is not installed", install, data)]
         return [Check("flash_attn.version", "flash-attn", OPTIONAL, "fail",
@@ -1546,7 +1554,7 @@ def check_plain_packages(ctx: Context) -> List[Check]:
                              None if ok else ctx.pip("'%s'" % dist), {"version": version}))
             continue
         why = p.failure("import") or p.failure("start") or "?"
-        absent = "No module named" in why and not p.crash
+        absent = p.absent(name)
         status = "fail" if level == REQUIRED or not absent else "skip"
         out.append(Check(cid, name, level, status,
                          "%s is not installed" % name if absent

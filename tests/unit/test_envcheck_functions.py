@@ -280,3 +280,14 @@ def test_probe_protocol_survives_noise_and_crashes(cme):
     assert result.crashed_in == "ext:amp_C"
     assert cme.describe_returncode(-11) == "killed by SIGSEGV"
     assert cme.describe_returncode(3) == "exited with status 3"
+
+
+def test_absent_means_the_package_itself_is_missing(cme):
+    def result(message, crash=None):
+        return cme.ProbeResult(errors={"import": message}, crash=crash)
+
+    assert result("ModuleNotFoundError: No module named 'megatron'").absent("megatron.core")
+    assert result("ModuleNotFoundError: No module named 'megatron.core'").absent("megatron.core")
+    assert not result("ModuleNotFoundError: No module named 'einops'").absent("megatron.core")
+    assert not result("ImportError: libcudnn.so.9: cannot open").absent("transformer_engine")
+    assert not result("", crash="killed by SIGSEGV").absent("apex")

@@ -117,6 +117,7 @@ def test_crashing_imports_are_failures_and_the_report_goes_on(tmp_path):
     write_module(fakes, "apex", "import os\nos.abort()\n")  # SIGABRT
     write_module(fakes, "peft", "raise RuntimeError('peft is broken on purpose')\n")
     write_module(fakes, "flash_attn", "import time\ntime.sleep(60)\n")  # hangs
+    write_module(fakes, "tokenizers", "import a_missing_dependency\n")
     env = _clean_env(tmp_path, PYTHONPATH=str(fakes))
     proc, report = run_json(BARE_PYTHON, "--require-te", "--timeout", "3", env=env, cwd=tmp_path)
     schema_validator().validate(report)
@@ -129,6 +130,10 @@ def test_crashing_imports_are_failures_and_the_report_goes_on(tmp_path):
     assert checks["peft.import"]["status"] == "fail"
     assert "RuntimeError: peft is broken on purpose" in checks["peft.import"]["detail"]
     assert "timed out after 3s" in checks["flash_attn.version"]["detail"]
+    # installed but broken is not "not installed"
+    assert checks["tokenizers.import"]["detail"] == (
+        "import tokenizers failed: ModuleNotFoundError: No module named 'a_missing_dependency'")
+    assert checks["transformers.import"]["detail"] == "transformers is not installed"
     # every later check still ran
     assert checks["shm.size"]["status"] in ("pass", "warn", "fail")
     assert checks["nccl.env"]["id"] == "nccl.env"
