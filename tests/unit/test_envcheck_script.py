@@ -49,7 +49,7 @@ def test_dev_venv_report_is_valid_and_names_the_missing_gpu(dev_venv_run):
     assert proc.returncode == 1 and report["summary"]["exit_code"] == 1
     assert checks["python.version"]["status"] == "pass"
     torch_check = checks["torch.import"]
-    assert torch_check["status"] == "pass" and "+cpu" in torch_check["detail"]
+    assert torch_check["status"] == "pass" and report["facts"]["torch_cuda"] is None
     assert checks["torch.cuda_build"]["status"] == "fail"
     assert "CPU-only build" in checks["torch.cuda_build"]["detail"]
     assert checks["torch.cuda_available"]["status"] == "fail"
@@ -227,3 +227,40 @@ def test_print_te_env_for_another_venv(tmp_path):
     empty = make_venv(tmp_path / "empty")
     missing = run_script(BARE_PYTHON, "--print-te-env", "--venv", str(empty), env=env)
     assert missing.returncode == 1 and "missing: cudnn.h" in missing.stderr
+
+
+def test_installed_te_apex_and_flash_attn_are_cross_checked(tmp_path):
+    """Stand-ins for an installed transformer-engine (with its flash-attn range in its source),
+    a flash-attn newer than that range, and an apex built without one CUDA extension."""
+    venv = make_venv(tmp_path / "venv")
+    sp = site_packages(venv)
+    write_fake_torch(sp, gpus=())
+    write_module(sp, "transformer_engine", "__version__ = '2.9.0'\n")
+    write_module(sp, "transformer_engine.pytorch", "import transformer_engine_torch\n")
+    write_module(sp, "transformer_engine_torch", "")
+    write_module(sp, "transformer_engine.pytorch.attention.dot_product_attention", "")
+    (sp / "transformer_engine/pytorch/attention/dot_product_attention/utils.py").write_text(
+        'class FlashAttentionUtils:\n    version_required = PkgVersion("2.1.1")\n'
+        '    max_version = PkgVersion("2.8.3")\n')
+    write_fake_version_package(sp, "flash_attn", "2.8.3.post1")
+    write_module(sp, "flash_attn_2_cuda", "")
+    write_fake_version_package(sp, "apex", "0.1")
+    for ext in ("amp_C", "fused_layer_norm_cuda"):
+        write_module(sp, ext, "")
+    proc, report = run_json(venv / "bin" / "python", "--require-te", env=_clean_env(tmp_path),
+                            cwd=tmp_path)
+    schema_validator().validate(report)
+    checks = checks_by_id(report)
+    assert checks["te.import"]["status"] == "pass"
+    assert report["facts"]["transformer_engine"] == "2.9.0"
+    assert checks["te.extension"]["status"] == "pass"
+    assert checks["te.fused_attention"]["status"] == "skip"  # no GPU
+    fa = checks["flash_attn.version"]
+    assert fa["status"] == "warn"
+    assert "2.8.3.post1 is outside transformer-engine 2.9.0's range >=2.1.1,<=2.8.3" \
+        in fa["detail"]
+    assert "'flash-attn>=2.1.1,<=2.8.3'" in fa["fix"]
+    apex = checks["apex.cuda_ext"]
+    assert apex["status"] == "warn"
+    assert apex["data"]["missing"] == ["fused_weight_gradient_mlp_cuda"]
+    assert "APEX_CUDA_EXT=1" in apex["fix"] and f"{venv}/src/apex" in apex["fix"]
