@@ -44,11 +44,19 @@ JSON document (JSON Schema: check_megatron_env.schema.json beside this script):
                 data: {check-specific values}}]
   Check ids are stable; one id per check, except `disk.free:<absolute path>`, one per workdir.
 
-Reusable from other tools (node setup imports this file with importlib): the header
-discovery `find_library_headers`, `venv_site_packages`, `find_cuda_home`, `te_build_env`,
-`export_lines`, `recommended_max_jobs`; the driver table `driver_max_cuda` and
-`cuda_driver_compat`; version helpers `parse_version` and `version_satisfies`; and
-`collect_report(Options(...))`, which returns the JSON document as a dict.
+Reusable from other tools (the operator loads this file with `megafleet.envcheck.
+load_check_script()`; on a node, `--print-te-env [--venv DIR] [--json]` gives the same plan):
+  plan_te_build(site_dirs)            the whole `te_build_env` section for a venv
+  venv_site_packages(venv)            a venv's site-packages directories
+  find_library_headers(name, site_dirs, environ, cuda_home, system_prefixes)
+                                      cudnn.h / nccl.h, venv's nvidia/* wheels first
+  find_cuda_home(environ, which)      (CUDA_HOME, nvcc, how found)
+  te_build_env(cudnn, nccl, cuda_home, max_jobs, base_env), export_lines(vars)
+  recommended_max_jobs(cpus, mem_available_bytes)
+  te_flash_attn_limits(te_package_dir) the flash-attn range an installed TE accepts
+  driver_max_cuda(driver), cuda_driver_compat(driver, cuda), torch_index_for_cuda(cuda)
+  parse_version(text), version_satisfies(version, spec), SUPPORTED_MEGATRON_CORE
+  collect_report(Options(...))        the JSON document as a dict
 """
 
 from __future__ import annotations
