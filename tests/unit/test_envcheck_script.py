@@ -189,6 +189,7 @@ def test_fake_gpu_venv_finds_venv_headers_and_prints_exports(tmp_path, base):
     assert (facts["driver"], facts["driver_cuda"]) == ("580.159.04", "13.0")
     assert checks["driver.version"]["status"] == "pass"
     assert checks["driver.cuda_compat"]["status"] == "pass"
+    assert not list(sp.rglob("__pycache__"))  # imports were probed without writing bytecode
     # every required check passes, GPU ones included; only Python 3.8 is too old for the runtime
     too_old = ["python.version"] if base else []
     assert report["summary"]["failed_required"] == too_old
