@@ -17,6 +17,7 @@ _BUNDLED = _PACKAGE_DIR / "_bundled"
 # repository path -> path inside the wheel's _bundled folder
 _LAYOUT = {
     "scripts/check_megatron_env.py": "check_megatron_env.py",
+    "scripts/check_megatron_env.schema.json": "check_megatron_env.schema.json",
     "templates": "templates",
     "SKILL.md": "SKILL.md",
     "references": "references",
@@ -38,6 +39,10 @@ def resource_path(repo_relative: str) -> Path:
 
 def check_script_path() -> Path:
     return resource_path("scripts/check_megatron_env.py")
+
+
+def check_schema_path() -> Path:
+    return resource_path("scripts/check_megatron_env.schema.json")
 
 
 def templates_dir() -> Path:

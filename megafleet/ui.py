@@ -95,3 +95,36 @@ def print_error(exc: BaseException, debug: bool = False, as_json: bool = False) 
     hint_text = getattr(exc, "hint", None)
     if hint_text:
         err_console.print(f"[bold]fix:[/bold] {escape(hint_text)}")
+
+
+def show_check_matrix(hosts: Sequence[str],
+                      rows: Iterable[tuple[str, bool, Sequence[tuple[str, str]]]],
+                      title: str | None = None) -> None:
+    """A check × host table: each cell a ✓/✗ symbol and a short value; rows whose value differs
+    across hosts are marked with ≠ and shown in bold magenta."""
+    t = Table(title=title, title_justify="left", header_style="bold")
+    t.add_column("check", overflow="fold")
+    for h in hosts:
+        t.add_column(escape(h), overflow="fold")
+    for check_id, differs, cells in rows:
+        label = escape(check_id)
+        if differs:
+            label = f"[bold magenta]≠ {label}[/bold magenta]"
+        rendered = []
+        for status, text in cells:
+            value = escape(text)
+            rendered.append(f"{symbol(status)} " + (f"[bold magenta]{value}[/bold magenta]"
+                                                     if differs else value))
+        t.add_row(label, *rendered)
+    console.print(t)
+
+
+def problem(hosts: str, check_id: str, status: str, level: str, detail: str,
+            fix: str | None) -> None:
+    """One failed or warning check with the hosts it applies to and its fix, indented."""
+    tag = "" if level == "required" else " [dim](optional)[/dim]"
+    console.print(f"{symbol(status)} [bold]{escape(check_id)}[/bold]{tag} on {escape(hosts)}: "
+                  f"{escape(detail)}")
+    for i, line in enumerate((fix or "").splitlines()):
+        console.print(("    [bold]fix:[/bold] " if i == 0 else "         ") + escape(line),
+                      soft_wrap=True)

@@ -23,6 +23,7 @@ from megafleet.errors import EXIT_INTERRUPTED, MegafleetError
 # name -> (module under megafleet.cli, attribute, one-line help shown by `megafleet --help`)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "hosts": ("hosts", "hosts", "Manage and check the SSH hosts megafleet uses."),
+    "env": ("env", "env", "Check the Megatron training environment (torch, GPUs, CUDA, TE, megatron-core)."),
 }
 
 
