@@ -1,0 +1,234 @@
+"""Training checkpoints: a Hugging Face model plus what resuming needs, written atomically.
+
+Layout of `<output_dir>/checkpoint-<step>/`:
+
+    config.json, *.safetensors, model.safetensors.index.json, tokenizer files, ...  (HF, rank 0)
+    megatron_state/optimizer/      megatron-core distributed checkpoint of the optimizer
+                                   (fp32 master weights and Adam moments; every rank writes its shard)
+    megatron_state/rng/rank_<r>.pt RNG states of each rank
+    trainer_state.json             step, data position, LR schedule, layout; written LAST
+
+Everything is written into `.checkpoint-<step>.partial/` and renamed when complete, so a
+`checkpoint-<step>` directory with a `trainer_state.json` is always whole; a crash leaves only a
+`.partial` directory, removed by the next save. Without a shared filesystem each node keeps the
+optimizer shards of its own ranks in its own copy of the directory (rank 0's node has the HF
+model); resuming then needs the same nodes in the same order, which `find_resume_step` checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from remote_runtime.train.collectives import cpu_group
+
+STATE_FILE = "trainer_state.json"
+STATE_DIR = "megatron_state"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+# Deprecated-in-name-only, but the only distributed-optimizer format that needs no resharding
+# logic: each DP rank's buffer is one tensor (resume with the same parallel layout).
+OPTIM_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+class ResumeError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    step: int  # optimizer steps completed
+    train_iters: int
+    consumed_samples: int
+    data: dict  # BatchIterator.state_dict()
+    scheduler: dict  # OptimizerParamScheduler.state_dict()
+    layout: dict  # world_size, tp, pp, cp, dp
+    has_optimizer: bool
+    has_rng: bool
+    loss: float | None = None
+    version: str = ""
+    time: float = 0.0
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint, oldest first."""
+    out = Path(output_dir)
+    found = []
+    if out.is_dir():
+        for p in out.iterdir():
+            m = _CKPT.match(p.name)
+            if m and (p / STATE_FILE).is_file():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def read_state(path: str | Path) -> TrainState:
+    data = json.loads((Path(path) / STATE_FILE).read_text())
+    return TrainState(**data)
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _barrier() -> None:
+    torch.distributed.barrier()
+
+
+def _is_local_leader(dist) -> bool:
+    return dist.local_rank == 0
+
+
+def save_checkpoint(output_dir: str | Path, state: TrainState, model, optimizer, dist,
+                    source_dir: str | Path, save_optim: bool, save_rng: bool,
+                    total_limit: int | None) -> Path:
+    """Write checkpoint-<state.step> (collective: every rank calls it)."""
+    from megatron.core import dist_checkpointing
+
+    from remote_runtime.bridge import save_hf_checkpoint
+
+    out = Path(output_dir).resolve()
+    final = out / f"checkpoint-{state.step}"
+    stage = out / f".checkpoint-{state.step}.partial"
+    if _is_local_leader(dist):
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(stage, ignore_errors=True)
+    _barrier()
+    save_hf_checkpoint(model, stage, source_dir, dist)
+    if _is_local_leader(dist):
+        (stage / STATE_DIR / "rng").mkdir(parents=True, exist_ok=True)
+    _barrier()
+    if save_optim:
+        sharded = optimizer.sharded_state_dict(_model_sharded_state_dict(model), is_loading=False,
+                                               metadata=OPTIM_SHARDING)
+        dist_checkpointing.save({"optimizer": sharded}, str(stage / STATE_DIR / "optimizer"))
+    if save_rng:
+        torch.save(_rng_state(), stage / STATE_DIR / "rng" / f"rank_{dist.rank:05d}.pt")
+    _barrier()
+    state.has_optimizer, state.has_rng = save_optim, save_rng
+    state.time = time.time()
+    if dist.rank == 0:
+        tmp = stage / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(state.__dict__, indent=2))
+        os.replace(tmp, stage / STATE_FILE)
+        _publish(stage, final)
+        if total_limit:
+            prune(out, total_limit, keep=final)
+    _barrier()
+    # Other nodes publish their own copy; on a shared filesystem rank 0 already moved it.
+    if _is_local_leader(dist) and dist.rank != 0 and stage.exists():
+        _publish(stage, final)
+    _barrier()
+    return final
+
+
+def _publish(stage: Path, final: Path) -> None:
+    if final.exists():  # an earlier run's checkpoint of the same step is replaced whole
+        shutil.rmtree(final)
+    os.replace(stage, final)
+
+
+def prune(output_dir: Path, total_limit: int, keep: Path) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond total_limit (never `keep`)."""
+    removed = []
+    ckpts = complete_checkpoints(output_dir)
+    for _, path in ckpts[: max(len(ckpts) - total_limit, 0)]:
+        if path != keep:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _model_sharded_state_dict(model) -> dict:
+    sd = {}
+    for i, chunk in enumerate(model):
+        prefix = f"model{i}." if len(model) > 1 else ""
+        sd.update(chunk.sharded_state_dict(prefix=prefix))
+    return sd
+
+
+def find_resume_step(resume: str | None, output_dir: str | Path, dist) -> Path | None:
+    """The checkpoint to resume from (rank 0 decides, every rank gets the same answer).
+
+    `resume` is None (start fresh), "auto" (newest complete checkpoint in output_dir, if any) or
+    a checkpoint directory.
+    """
+    chosen = None
+    if dist.rank == 0 and resume:
+        if resume == "auto":
+            ckpts = complete_checkpoints(output_dir)
+            chosen = str(ckpts[-1][1].resolve()) if ckpts else None
+        else:
+            path = Path(resume).expanduser().resolve()
+            if not (path / STATE_FILE).is_file():
+                chosen = f"!{path} is not a complete checkpoint (no {STATE_FILE})"
+            else:
+                chosen = str(path)
+    box = [chosen]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[0] and box[0].startswith("!"):
+        raise ResumeError(f"checkpoint.resume: {box[0][1:]}")
+    return Path(box[0]) if box[0] else None
+
+
+def load_training_state(path: Path, model, optimizer, dist, layout: dict) -> TrainState:
+    """Restore optimizer, RNG and return the trainer state (model weights are loaded by the
+    caller through the bridge before the optimizer is built)."""
+    from megatron.core import dist_checkpointing
+
+    state = _broadcast_state(path, dist)
+    if state.layout != layout:
+        raise ResumeError(f"checkpoint {path} was written with layout {state.layout}; this run "
+                          f"has {layout}. Resume with the same parallel sizes and world size.")
+    optim_dir = path / STATE_DIR / "optimizer"
+    if state.has_optimizer:
+        visible = torch.tensor([1 if (optim_dir / "metadata.json").is_file() else 0])
+        torch.distributed.all_reduce(visible, op=torch.distributed.ReduceOp.MIN,
+                                     group=cpu_group())
+        if not visible.item():
+            raise ResumeError(
+                f"{optim_dir} is not visible on every node: resuming the optimizer across "
+                "nodes needs checkpoint.output_dir on a shared filesystem (or resume with "
+                "checkpoint.no_save_optim, which restarts the optimizer state)")
+        template = optimizer.sharded_state_dict(_model_sharded_state_dict(model), is_loading=True,
+                                                metadata=OPTIM_SHARDING)
+        loaded = dist_checkpointing.load({"optimizer": template}, str(optim_dir))
+        # fp32 runs keep no separate master copy: the optimizer writes into the parameters.
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+    rng_file = path / STATE_DIR / "rng" / f"rank_{dist.rank:05d}.pt"
+    if state.has_rng and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
+
+
+def _broadcast_state(path: Path, dist) -> TrainState:
+    box = [read_state(path).__dict__ if dist.rank == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return TrainState(**box[0])

@@ -1,0 +1,160 @@
+"""Training metrics: FLOPs, MFU, throughput, and the `logging.jsonl` record.
+
+FLOPs follow Megatron-LM's formula for a dense GPT (forward + backward = 3 × forward, a
+multiply-add = 2 FLOPs) with causal attention counted as half of the full score matrix, as the
+reference speeds in DESIGN.md do. Packed batches count attention per document (Σ sᵢ² rather than
+(Σ sᵢ)²), since documents in a pack never attend to each other; only real tokens are counted.
+
+`logging.jsonl` (one JSON object per logged step, appended by global rank 0) is read by
+`megafleet status` / `logs`. Its fields are part of the interface:
+
+    step, train_iters, epoch, loss, lr, grad_norm, tokens_per_s, tflops_per_gpu, mfu,
+    peak_mem_gb, elapsed_s, eta_s, time, tokens (real tokens this step), loss_tokens, skipped
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# Dense bf16 peak of the GPUs we know (TFLOP/s); unknown GPUs report MFU as null.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "H20": 148.0, "A100": 312.0,
+               "A800": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "B200": 2250.0,
+               "GB200": 2450.0}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    ffn_hidden_size: int
+    vocab_size: int
+    gated_linear_unit: bool = True
+
+    @classmethod
+    def from_transformer_config(cls, tc: dict, vocab_size: int) -> "ModelShape":
+        heads = tc["num_attention_heads"]
+        return cls(num_layers=tc["num_layers"], hidden_size=tc["hidden_size"],
+                   num_attention_heads=heads, num_query_groups=tc.get("num_query_groups") or heads,
+                   kv_channels=tc.get("kv_channels") or tc["hidden_size"] // heads,
+                   ffn_hidden_size=tc["ffn_hidden_size"], vocab_size=vocab_size,
+                   gated_linear_unit=bool(tc.get("gated_linear_unit", True)))
+
+
+def training_flops(shape: ModelShape, num_tokens: int, sum_sq_doc_lengths: int) -> float:
+    """FLOPs of one training step (forward + backward) over `num_tokens` real tokens.
+
+    Megatron-LM: 12·L·h²·tokens·[(1 + g/n)·q + (ffn/h)·glu + V/(2·L·h)] for the linear layers
+    and 12·L·h²·q·(s/h)·½ per token for causal attention, where q = n·d/h. With documents of
+    lengths sᵢ the attention term becomes 6·L·n·d·Σ sᵢ².
+    """
+    L, h = shape.num_layers, shape.hidden_size
+    q_ratio = shape.num_attention_heads * shape.kv_channels / h
+    glu = 1.5 if shape.gated_linear_unit else 1.0
+    linear = 12 * L * h * h * num_tokens * (
+        (1 + shape.num_query_groups / shape.num_attention_heads) * q_ratio
+        + (shape.ffn_hidden_size / h) * glu
+        + shape.vocab_size / (2 * L * h))
+    attention = 6 * L * shape.num_attention_heads * shape.kv_channels * sum_sq_doc_lengths
+    return float(linear + attention)
+
+
+def peak_tflops(device_name: str | None) -> float | None:
+    """The dense bf16 peak for a GPU name such as 'NVIDIA H200', or None when unknown."""
+    if not device_name:
+        return None
+    override = os.environ.get("MEGAFLEET_PEAK_TFLOPS")
+    if override:
+        return float(override)
+    name = device_name.upper()
+    # Longest key first so "GB200" is not read as "B200", "H200" not as "H20".
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if key in name:
+            return PEAK_TFLOPS[key]
+    return None
+
+
+class MetricsLog:
+    """Appends records to <output_dir>/logging.jsonl and prints a readable line (rank 0 only)."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool, tensorboard_dir: str | None = None):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "logging.jsonl"
+        self.tty = sys.stdout.isatty()
+        self.tb = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard_dir:
+                self.tb = _tensorboard_writer(tensorboard_dir)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {**record, "time": round(time.time(), 3)}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tty:
+            sys.stdout.write("\r\033[K")
+        print(format_record(record), flush=True)
+        if self.tb is not None:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+                if record.get(key) is not None:
+                    self.tb.add_scalar(f"train/{key}", record[key], record["step"])
+
+    def progress(self, step: int, total: int, elapsed: float) -> None:
+        """A one-line progress bar with ETA, only when attached to a terminal."""
+        if not (self.enabled and self.tty) or step <= 0:
+            return
+        width = 30
+        filled = int(width * step / max(total, 1))
+        eta = elapsed / step * (total - step)
+        sys.stdout.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{total} "
+                         f"ETA {format_duration(eta)}")
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _tensorboard_writer(path: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional; say so once instead of failing the run
+        print(f"warning: tensorboard is not installed; --tensorboard_dir {path} ignored "
+              "(pip install tensorboard)", file=sys.stderr)
+        return None
+    return SummaryWriter(path)
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def format_record(r: dict) -> str:
+    parts = [f"step {r['step']}/{r['train_iters']}", f"epoch {r['epoch']:.2f}",
+             f"loss {r['loss']:.4f}" if r.get("loss") is not None else "loss -",
+             f"lr {r['lr']:.3g}"]
+    if r.get("grad_norm") is not None:
+        parts.append(f"grad_norm {r['grad_norm']:.3f}")
+    parts.append(f"{r['tokens_per_s']:.0f} tok/s")
+    if r.get("tflops_per_gpu") is not None:
+        parts.append(f"{r['tflops_per_gpu']:.1f} TFLOP/s/GPU")
+    if r.get("mfu") is not None:
+        parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    if r.get("peak_mem_gb") is not None:
+        parts.append(f"mem {r['peak_mem_gb']:.1f} GB")
+    parts.append(f"ETA {format_duration(r.get('eta_s'))}")
+    return " | ".join(parts)

@@ -1,0 +1,90 @@
+"""megatron-core DistributedDataParallel, the (distributed) Adam optimizer and the LR schedule.
+
+Loss normalisation: the loss function returns (sum of token losses, number of loss tokens), and
+`calculate_per_token_loss` makes megatron divide the summed gradients by the loss tokens of the
+whole global batch (all micro-batches, all data-parallel ranks). Every token of the global batch
+therefore weighs the same, however documents are packed or split across ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from remote_runtime.config import JobConfig
+
+
+@dataclass(frozen=True)
+class Schedule:
+    train_iters: int
+    warmup_iters: int
+    decay_iters: int
+
+
+def schedule_for(job: JobConfig, train_iters: int) -> Schedule:
+    o = job.optim
+    if o.lr_warmup_fraction is not None:
+        warmup = int(math.ceil(o.lr_warmup_fraction * train_iters))
+    else:
+        warmup = o.lr_warmup_iters
+    warmup = min(warmup, max(train_iters - 1, 0))
+    return Schedule(train_iters=train_iters, warmup_iters=warmup, decay_iters=train_iters)
+
+
+def wrap_ddp(chunks: list, job: JobConfig) -> list:
+    """Wrap each model chunk in megatron's DDP (gradients reduced in fp32 buckets)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    par = job.parallel
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=par.overlap_grad_reduce,
+        overlap_param_gather=par.overlap_param_gather,
+        use_distributed_optimizer=par.use_distributed_optimizer,
+        check_for_nan_in_grad=False, average_in_collective=False)
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        chunk.config.calculate_per_token_loss = True
+        wrapped.append(DistributedDataParallel(config=chunk.config, ddp_config=ddp_config,
+                                               module=chunk,
+                                               disable_bucketing=i > 0))
+    for m in wrapped:
+        m.broadcast_params()  # identical starting weights on every DP rank
+    return wrapped
+
+
+def build_optimizer(model: list, job: JobConfig, schedule: Schedule):
+    """(optimizer, scheduler) for the wrapped chunks; installs megatron's grad hooks."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o, par = job.optim, job.parallel
+    config = model[0].config
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad, bf16=config.bf16, fp16=False, params_dtype=config.params_dtype,
+        use_distributed_optimizer=par.use_distributed_optimizer,
+        overlap_param_gather=par.overlap_param_gather)
+    optimizer = get_megatron_optimizer(opt_config, model)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if schedule.warmup_iters else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=schedule.warmup_iters, lr_decay_steps=max(schedule.decay_iters, 1),
+        lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=max(schedule.train_iters, 1), wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
+    # Hooks megatron's schedules call: loss scaling, grad sync batching and the final reduction.
+    config.grad_scale_func = optimizer.scale_loss
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    if par.overlap_grad_reduce:
+        config.grad_sync_func = ([m.start_grad_sync for m in model] if len(model) > 1
+                                 else model[0].start_grad_sync)
+    if par.overlap_param_gather and par.use_distributed_optimizer:
+        config.param_sync_func = ([m.start_param_sync for m in model] if len(model) > 1
+                                  else model[0].start_param_sync)
+    return optimizer, scheduler
+
+
+def current_lr(optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
