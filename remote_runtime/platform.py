@@ -24,6 +24,9 @@ from remote_runtime.config import ConfigError
 for _msg in ("Transformer Engine and Apex are not installed", "Apex is not installed",
              "full scope is deprecated"):
     warnings.filterwarnings("ignore", message=_msg, category=UserWarning)
+# torch >= 2.12 deprecates the collective megatron-core 0.16 uses for tensor-parallel gathers.
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor` is deprecated",
+                        category=FutureWarning)
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ def init_distributed(device: str = "auto", tensor_model_parallel_size: int = 1,
         from remote_runtime import cpu_shims
 
         cpu_shims.install()
+        # A CUDA stream-ordering hint (set CUDA_DEVICE_MAX_CONNECTIONS=1), meaningless on CPU.
+        warnings.filterwarnings("ignore", message="When using async grad allreduce")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if kind == "cuda":
         torch.cuda.set_device(local_rank)

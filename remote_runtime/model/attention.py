@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from contextlib import nullcontext
 from typing import Optional
 
@@ -37,20 +38,29 @@ BACKENDS = ("auto", "flash", "fused", "unfused")
 
 
 def _varlen_flags() -> dict:
-    """How this torch spells causal masking and GQA in varlen_attn (the API changed in 2.11)."""
+    """How this torch spells causal masking, GQA and the softmax scale in varlen_attn.
+
+    torch 2.10 has `is_causal` and nothing else; 2.11+ has `window_size=(-1, 0)` for causal and
+    keyword-only `scale` and `enable_gqa`.
+    """
     if _varlen_attn is None:
         return {}
     params = inspect.signature(_varlen_attn).parameters
     flags = {"causal": {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}}
     flags["gqa"] = "enable_gqa" in params
+    flags["scale"] = "scale" in params
     return flags
 
 
 VARLEN = _varlen_flags()
+# Which packed-sequence kernel actually ran ("varlen" / "per-document SDPA"), and why varlen was
+# dropped if it failed once (unsupported GPU or shape): reported by check-convert and benchmarks.
+PACKED_PATH = {"used": None, "varlen_error": None}
 
 
 def varlen_available(device_type: str, dtype: torch.dtype) -> bool:
-    return bool(VARLEN) and device_type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    return (bool(VARLEN) and PACKED_PATH["varlen_error"] is None and device_type == "cuda"
+            and dtype in (torch.bfloat16, torch.float16))
 
 
 def _kernel_context(backend: str, device_type: str):
@@ -123,19 +133,35 @@ class SDPAttention(MegatronModule):
         cu_k = psp.cu_seqlens_kv_padded if psp.cu_seqlens_kv_padded is not None else psp.cu_seqlens_kv
         if query.dim() == 4:  # [t, 1, h, d] when the caller kept the batch dimension
             query, key, value = (t.squeeze(1) for t in (query, key, value))
-        if dropout == 0.0 and varlen_available(query.device.type, query.dtype):
-            out = self._varlen(query, key, value, cu_q, cu_k, psp)
-        else:
+        out = None
+        default_scale = self.scale == 1.0 / math.sqrt(self.head_dim)
+        if (dropout == 0.0 and varlen_available(query.device.type, query.dtype)
+                and (VARLEN["scale"] or default_scale)):
+            try:
+                out = self._varlen(query, key, value, cu_q, cu_k, psp)
+                PACKED_PATH["used"] = "varlen"
+            except (RuntimeError, TypeError, NotImplementedError) as exc:
+                PACKED_PATH["varlen_error"] = f"{type(exc).__name__}: {exc}"[:500]
+                warnings.warn(f"varlen_attn failed, using one SDPA call per document: {exc}")
+        if out is None:
             out = self._per_document(query, key, value, cu_q, dropout)
+            PACKED_PATH["used"] = "per-document SDPA"
         return out.reshape(out.shape[0], self.heads * self.head_dim)
 
     def _varlen(self, query, key, value, cu_q, cu_k, psp):
-        if not VARLEN["gqa"] and self.heads != self.groups:
+        # value (never roped or normed) is still a strided view into the fused QKV output
+        query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+        gqa = self.heads != self.groups
+        if gqa and not VARLEN["gqa"]:
             rep = self.heads // self.groups
             key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
-        extra = {"enable_gqa": True} if VARLEN["gqa"] and self.heads != self.groups else {}
+        extra = dict(VARLEN["causal"])
+        if gqa and VARLEN["gqa"]:
+            extra["enable_gqa"] = True
+        if VARLEN["scale"]:
+            extra["scale"] = self.scale
         return _varlen_attn(query, key, value, cu_q.int(), cu_k.int(), int(psp.max_seqlen_q),
-                            int(psp.max_seqlen_kv), scale=self.scale, **VARLEN["causal"], **extra)
+                            int(psp.max_seqlen_kv), **extra)
 
     def _per_document(self, query, key, value, cu_q, dropout):
         bounds = cu_q.tolist()

@@ -14,6 +14,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import os
+import shutil
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +65,14 @@ def have_transformer_engine() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
+def torch_compile_usable() -> bool:
+    """megatron's fused SwiGLU and cross entropy are torch.compile'd (inductor + triton), and
+    triton builds its launchers with a C compiler. Without one they would fail at the first
+    forward, so fuse only when both are there."""
+    has_cc = any(shutil.which(c) for c in (os.environ.get("CC") or "cc", "gcc", "clang"))
+    return has_cc and importlib.util.find_spec("triton") is not None
+
+
 def resolve_impl(requested: str) -> str:
     if requested == "auto":
         return "transformer_engine" if have_transformer_engine() else "local"
@@ -87,6 +97,7 @@ def transformer_config(tc: dict, options: ModelOptions, dist: DistInfo):
         raise ValueError(f"not TransformerConfig fields: {', '.join(unknown)}")
     dtype = DTYPES[options.dtype]
     on_gpu = dist.device.type == "cuda"
+    fuse = on_gpu and torch_compile_usable()
     recompute = None if options.recompute_granularity in (None, "none") else options.recompute_granularity
     kw.update(
         activation_func=ACTIVATIONS[tc["activation"]],
@@ -96,8 +107,8 @@ def transformer_config(tc: dict, options: ModelOptions, dist: DistInfo):
         fp16=dtype == torch.float16, perform_initialization=options.init_weights,
         use_cpu_initialization=False, gradient_accumulation_fusion=False,
         # Fused kernels here are torch.compile'd (megatron's jit_fuser): worth it on GPU only.
-        bias_activation_fusion=on_gpu and tc.get("gated_linear_unit", False) and tc["activation"] == "silu",
-        cross_entropy_loss_fusion=on_gpu and options.cross_entropy_loss_fusion,
+        bias_activation_fusion=fuse and tc.get("gated_linear_unit", False) and tc["activation"] == "silu",
+        cross_entropy_loss_fusion=fuse and options.cross_entropy_loss_fusion,
         cross_entropy_fusion_impl="te" if have_transformer_engine() else "native",
         masked_softmax_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
         persist_layer_norm=False, attention_softmax_in_fp32=True,
