@@ -118,7 +118,8 @@ def _plan_files(entries: list[tuple[str, list[int], torch.dtype]], max_bytes: in
 def save_hf_checkpoint(chunks, out_dir: str | Path, source_dir: str | Path, dist, *,
                        max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None,
                        overwrite: bool = False) -> SaveReport:
-    """Write the model as a Hugging Face checkpoint (see module docstring). Collective."""
+    """Write the model as a Hugging Face checkpoint (see module docstring). Collective; every
+    rank returns the same report."""
     start = time.perf_counter()
     out_dir = Path(out_dir).expanduser().resolve()
     hf_config = read_hf_config(source_dir)
@@ -128,41 +129,31 @@ def save_hf_checkpoint(chunks, out_dir: str | Path, source_dir: str | Path, dist
     mine = {(family.params.index(lp.row), lp.layer): lp for lp in local_params(chunks, family, tied)}
     infos = _ranks_info(dist, sorted(mine, key=lambda u: (u[0], u[1] or 0)))
     units = _plan_units(family, infos)
-    source = HFCheckpoint(source_dir)
-    entries, unit_keys = [], []
-    for u in units:
-        keys = [fill(k, u.layer) for k in family.params[u.row_index].hf]
-        unit_keys.append(keys)
-        for key in keys:
-            if key not in source.files:
-                raise ConversionError([("not in the source checkpoint, so its shape and dtype "
-                                        "are unknown", [key])], str(source.dir))
-            shape, st_dtype = source.meta(key)
-            entries.append((key, shape, dtype or TORCH_DTYPES[st_dtype]))
-    source.close()
+    entries = _plan_entries(family, units, source_dir, dtype)
     expected = set(family.expected_hf_keys(tc["num_layers"], tied))
     if {e[0] for e in entries} != expected:
         raise ConversionError([("HF tensors no rank can write", sorted(expected - {e[0] for e in entries}))])
     files = _plan_files(entries, parse_size(max_shard_size))
+    writer = _open_writer(out_dir, files, overwrite, dist)
     lay = layout_for(hf_config, family, dist.tp, dist.tp_rank)
-    writer = _Rank0Writer(out_dir, files, overwrite) if dist.rank == 0 else None
     shapes = {e[0]: e for e in entries}
-    for u, keys in zip(units, unit_keys):
+    for u in units:
         row = family.params[u.row_index]
+        keys = [fill(k, u.layer) for k in row.hf]
         lp = mine.get((u.row_index, u.layer))
         if lp is not None and infos[dist.rank]["writer"] and dist.pp_rank == u.pp:
             tensors = _gather_unit(row, lp.param, lay, keys, dist)
-            if tensors is not None:  # TP rank 0 of the owning stage
-                for key in keys:
-                    t = tensors[key].to(shapes[key][2])
-                    if writer is not None:
-                        writer.write(key, t)
-                    else:
-                        torch.distributed.send(t.contiguous(), dst=0)
-        elif writer is not None:
+            if tensors is None:  # only TP rank 0 of the owning stage has the full tensors
+                continue
             for key in keys:
-                _, shape, kdtype = shapes[key]
-                buf = torch.empty(shape, dtype=kdtype, device=dist.device)
+                t = tensors[key].to(shapes[key][2])
+                if writer is not None:
+                    writer.write(key, t)
+                else:
+                    torch.distributed.send(t.contiguous(), dst=0)
+        elif writer is not None:  # rank 0 receives what other stages own
+            for key in keys:
+                buf = torch.empty(shapes[key][1], dtype=shapes[key][2], device=dist.device)
                 torch.distributed.recv(buf, src=u.sender)
                 writer.write(key, buf)
     report = None
@@ -170,11 +161,47 @@ def save_hf_checkpoint(chunks, out_dir: str | Path, source_dir: str | Path, dist
         written = writer.finish(Path(source_dir).expanduser(), dtype)
         report = SaveReport(str(out_dir), len(files), len(entries), written,
                             time.perf_counter() - start)
-    if dist.world_size > 1:
-        box = [report]
-        torch.distributed.broadcast_object_list(box, src=0)
-        report = box[0]
-    return report
+    return _broadcast(report, dist)
+
+
+def _plan_entries(family, units: list[_Unit], source_dir, dtype) -> list[tuple]:
+    """(HF key, shape, dtype) in writing order; shapes and dtypes from the source checkpoint."""
+    source = HFCheckpoint(source_dir)
+    entries = []
+    try:
+        for u in units:
+            for key in (fill(k, u.layer) for k in family.params[u.row_index].hf):
+                if key not in source.files:
+                    raise ConversionError([("not in the source checkpoint, so its shape and dtype "
+                                            "are unknown", [key])], str(source.dir))
+                shape, st_dtype = source.meta(key)
+                entries.append((key, shape, dtype or TORCH_DTYPES[st_dtype]))
+    finally:
+        source.close()
+    return entries
+
+
+def _broadcast(value, dist):
+    if dist.world_size == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _open_writer(out_dir: Path, files, overwrite: bool, dist):
+    """Rank 0's writer; a failure to create it (existing directory, permissions) is raised on
+    every rank, so none is left waiting in a collective."""
+    writer, problem = None, None
+    if dist.rank == 0:
+        try:
+            writer = _Rank0Writer(out_dir, files, overwrite)
+        except OSError as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+    problem = _broadcast(problem, dist)
+    if problem:
+        raise OSError(f"cannot write the checkpoint: {problem}")
+    return writer
 
 
 def _gather_unit(row, param, lay, keys: list[str], dist) -> dict | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import importlib.util
 import os
 import shutil
@@ -154,7 +155,6 @@ def layer_spec(config, impl: str, attention_backend: str):
 def build_model(family: ModelFamily, hf_config: dict, options: ModelOptions, dist: DistInfo) -> list:
     """[GPTModel] for this rank's pipeline stage (parameters on dist.device, uninitialised)."""
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
@@ -172,8 +172,8 @@ def build_model(family: ModelFamily, hf_config: dict, options: ModelOptions, dis
         final_norm = RMSNorm
     block = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
                                        layer_norm=final_norm)
-    model = GPTModel(
-        config=config, transformer_layer_spec=block,
+    model = VocabMaskedGPTModel(
+        config=config, true_vocab_size=tc["vocab_size"], transformer_layer_spec=block,
         vocab_size=padded_vocab_size(tc["vocab_size"], dist.tp),
         max_sequence_length=tc["max_position_embeddings"],
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -186,6 +186,38 @@ def build_model(family: ModelFamily, hf_config: dict, options: ModelOptions, dis
     model.megafleet_family = family.name  # what the bridge and checks report
     model.megafleet_transformer_impl = impl
     return [model]
+
+
+@functools.lru_cache(maxsize=None)
+def _gpt_model_class():
+    from megatron.core.models.gpt import GPTModel
+
+    class _VocabMaskedGPTModel(GPTModel):
+        """GPTModel whose loss ignores the padded vocabulary rows.
+
+        Megatron pads the vocabulary to a multiple of 128 × TP; those output rows are zeros, so
+        their logits are 0 and would join the softmax, making the loss differ from Hugging
+        Face's (by ~0.02 nats on a small random model) and training them. Setting them to the
+        dtype's minimum before the cross entropy removes them from the softmax and their
+        gradient: the loss is exactly the checkpoint's own.
+        """
+
+        def __init__(self, *args, true_vocab_size: int, **kwargs):
+            super().__init__(*args, **kwargs)
+            tp = self.pg_collection.tp
+            part = self.vocab_size // tp.size()
+            self.vocab_pad_start = min(max(true_vocab_size - tp.rank() * part, 0), part)
+
+        def compute_language_model_loss(self, labels, logits):
+            if self.vocab_pad_start < logits.shape[-1]:
+                logits[..., self.vocab_pad_start:].fill_(torch.finfo(logits.dtype).min)
+            return super().compute_language_model_loss(labels, logits)
+
+    return _VocabMaskedGPTModel
+
+
+def VocabMaskedGPTModel(*args, **kwargs):  # noqa: N802 (a class, built lazily: no megatron at import)
+    return _gpt_model_class()(*args, **kwargs)
 
 
 def _apply_rope_scaling(model, scaling: dict | None) -> None:

@@ -52,27 +52,42 @@ def forward_logits(chunks, batches: list[dict], vocab_size: int | None = None) -
 
     vocab_size cuts Megatron's padded vocabulary back to the checkpoint's.
     """
+    def run(model, batch):
+        return model(batch["tokens"], batch["position_ids"], None,
+                     packed_seq_params=batch.get("packed_seq_params"), runtime_gather_output=True)
+
+    def collect(output):
+        logits = output.float()
+        return (logits[..., :vocab_size] if vocab_size else logits).cpu()
+
+    return _forward_only(chunks, batches, run, collect)
+
+
+@torch.no_grad()
+def forward_losses(chunks, batches: list[dict]) -> list | None:
+    """Per-token cross entropy [b, s] (fp32, on CPU) for batches that carry "labels"; same
+    schedule and return convention as forward_logits."""
+    def run(model, batch):
+        return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                     packed_seq_params=batch.get("packed_seq_params"))
+
+    return _forward_only(chunks, batches, run, lambda output: output.float().cpu())
+
+
+def _forward_only(chunks, batches, run, collect) -> list | None:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     for chunk in chunks:
         chunk.eval()
-    data = iter(batches)
 
     def step(data_iterator, model):
-        batch = next(data_iterator)
-        out = model(batch["tokens"], batch["position_ids"], None,
-                    packed_seq_params=batch.get("packed_seq_params"), runtime_gather_output=True)
-
-        def collect(output, non_loss_data=False):
-            logits = output.float()
-            return (logits[..., :vocab_size] if vocab_size else logits).cpu()
-
-        return out, collect
+        out = run(model, next(data_iterator))
+        return out, lambda output, non_loss_data=False: collect(output)
 
     first = batches[0]["tokens"]
     collected = get_forward_backward_func()(
-        forward_step_func=step, data_iterator=data, model=chunks, num_microbatches=len(batches),
-        seq_length=first.shape[1], micro_batch_size=first.shape[0], forward_only=True,
-        collect_non_loss_data=True)
+        forward_step_func=step, data_iterator=iter(batches), model=chunks,
+        num_microbatches=len(batches), seq_length=first.shape[1], micro_batch_size=first.shape[0],
+        forward_only=True, collect_non_loss_data=True)
     return list(collected) if parallel_state.is_pipeline_last_stage() else None

@@ -26,7 +26,12 @@ from remote_runtime.check_convert import compare_with_hf
 from remote_runtime.dry_run import read_hf_config
 from remote_runtime.families import family_for_hf_config
 from remote_runtime.model.builder import ModelOptions, build_model
-from remote_runtime.model.forward import forward_logits, pack_documents, padded_batch
+from remote_runtime.model.forward import (
+    forward_logits,
+    forward_losses,
+    pack_documents,
+    padded_batch,
+)
 
 FAMILIES = ("qwen3", "qwen2", "llama")
 DOC_LENGTHS = (6, 8, 10)  # even, so sequence parallel (TP=2) can split every batch
@@ -61,6 +66,12 @@ def inputs(vocab: int):
     return padded, docs
 
 
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    flat = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             labels.reshape(-1), reduction="none")
+    return flat.view(labels.shape)
+
+
 def check_family(src: Path, out: Path, dist, tag: str, sp: bool) -> dict:
     """Load, compare with transformers (padded and packed), save and compare the files."""
     hf = read_hf_config(src)
@@ -71,6 +82,9 @@ def check_family(src: Path, out: Path, dist, tag: str, sp: bool) -> dict:
     batches = [padded_batch(padded), pack_documents(docs)]
     batches += [padded_batch(torch.tensor([d])) for d in docs]  # the same documents one by one
     logits = forward_logits(chunks, batches, hf["vocab_size"])
+    labeled = [dict(batches[0], labels=torch.roll(padded, -1, 1)),
+               dict(batches[1], labels=torch.roll(batches[1]["tokens"], -1, 1))]
+    losses = forward_losses(chunks, labeled)
     result = {}
     if logits is not None and dist.tp_rank == 0 and dist.dp_rank == 0:
         ref = hf_logits(src, [padded] + [torch.tensor([d]) for d in docs])
@@ -80,7 +94,10 @@ def check_family(src: Path, out: Path, dist, tag: str, sp: bool) -> dict:
             hf_padded=(logits[0] - ref[0]).abs().max().item(),
             hf_packed=(packed - torch.cat([r[0] for r in ref[1:]])).abs().max().item(),
             packed_vs_separate=(packed - separate).abs().max().item(),
-            logit_scale=ref[0].abs().max().item())
+            logit_scale=ref[0].abs().max().item(),
+            loss_padded=(losses[0] - _cross_entropy(ref[0], labeled[0]["labels"])).abs().max().item(),
+            loss_packed=(losses[1][0] - _cross_entropy(torch.cat([r[0] for r in ref[1:]]),
+                                                       labeled[1]["labels"][0])).abs().max().item())
     saved = out / f"saved-{tag}-{src.name}"
     report = save_hf_checkpoint(chunks, saved, src, dist, max_shard_size="150KB")
     if dist.rank == 0:
@@ -124,11 +141,35 @@ def single_extras(models: Path, out: Path, dist) -> dict:
         w = chunks[0].decoder.layers[0].mlp.linear_fc2.weight
         w.copy_(w.flip(0))
     res["compare_broken"] = compare_with_hf(chunks, models / "qwen3", dist, torch.float32, seq_length=32)
+    res["ddp_bf16"] = ddp_bf16_round_trip(models / "qwen3", out, dist)
+    try:  # the directory now exists: a second save must refuse rather than mix checkpoints
+        save_hf_checkpoint(chunks, out / "saved-ddp-bf16", models / "qwen3", dist)
+        res["existing_dir_error"] = "no error"
+    except OSError as exc:
+        res["existing_dir_error"] = str(exc)
     llama = read_hf_config(models / "llama")
     chunks = build_model(family_for_hf_config(llama), llama, ModelOptions(dtype="bfloat16"), dist)
     load_hf_checkpoint(chunks, models / "llama", dist)
     res["compare_bf16"] = compare_with_hf(chunks, models / "llama", dist, torch.bfloat16, seq_length=32)
     return res
+
+
+def ddp_bf16_round_trip(src: Path, out: Path, dist) -> dict:
+    """bf16 parameters inside megatron's DDP (distributed optimizer buffers): load and save
+    through the wrapper; the saved bf16 tensors equal the fp32 source rounded to bf16."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    hf = read_hf_config(src)
+    chunks = build_model(family_for_hf_config(hf), hf, ModelOptions(dtype="bfloat16"), dist)
+    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True)
+    wrapped = [DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c) for c in chunks]
+    load_hf_checkpoint(wrapped, src, dist)
+    saved = out / "saved-ddp-bf16"
+    save_hf_checkpoint(wrapped, saved, src, dist, dtype=torch.bfloat16)
+    a, b = tensors(src), tensors(saved)
+    return {"unequal": sorted(k for k in a if b.get(k) is None or b[k].dtype != torch.bfloat16
+                              or not torch.equal(a[k].to(torch.bfloat16), b[k])),
+            "config_dtype": read_hf_config(saved).get("dtype")}
 
 
 def reinit(dist_args) -> object:

@@ -103,6 +103,13 @@ def test_logits_match_transformers(single, parallel, layout, family):
 
 
 @pytest.mark.parametrize("layout,family", CASES)
+def test_per_token_loss_matches_transformers(single, parallel, layout, family):
+    """Megatron's loss ignores the padded vocabulary rows: it is the checkpoint's own loss."""
+    r = _result(single, parallel, layout, family)
+    assert r["loss_padded"] <= TOL and r["loss_packed"] <= TOL, r
+
+
+@pytest.mark.parametrize("layout,family", CASES)
 def test_packed_documents_do_not_see_each_other(single, parallel, layout, family):
     r = _result(single, parallel, layout, family)
     assert r["packed_vs_separate"] <= TOL, r
@@ -124,6 +131,15 @@ def test_sharded_source_round_trip(single):
     r = single["sharded"]
     assert r["hf_padded"] <= TOL and r["packed_vs_separate"] <= TOL
     assert r["unequal"] == [] and r["keys_only_in_source"] == [] and r["keys_only_in_saved"] == []
+
+
+def test_ddp_wrapped_bf16_model_round_trip(single):
+    r = single["ddp_bf16"]
+    assert r["unequal"] == [] and r["config_dtype"] == "bfloat16"
+
+
+def test_save_refuses_an_existing_directory(single):
+    assert "already exists" in single["existing_dir_error"]
 
 
 def test_missing_tensor_is_named(single):
