@@ -51,6 +51,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=2)
     p.add_argument("--max_shard_size", default="2GB")
     p.add_argument("--keep", action="store_true", help="keep the saved checkpoint")
+    p.add_argument("--no_fusions", action="store_true",
+                   help="skip the torch.compile'd SwiGLU / cross-entropy fusions")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: a smoke run of this script (use with --small)")
     p.add_argument("--small", action="store_true",
@@ -214,7 +216,8 @@ def run(args, dist) -> dict:
     total = checkpoint_bytes(model_dir)
     result["checkpoint_bytes"] = total
     hf = read_hf_config(model_dir)
-    options = ModelOptions(dtype="bfloat16")
+    options = ModelOptions(dtype="bfloat16", bias_activation_fusion=not args.no_fusions,
+                           cross_entropy_loss_fusion=not args.no_fusions)
     started = time.perf_counter()
     chunks = build_model(family_for_hf_config(hf), hf, options, dist)
     sync(dist)

@@ -43,6 +43,7 @@ class ModelOptions:
     recompute_method: str | None = None  # uniform | block (full only; default uniform)
     recompute_num_layers: int | None = None  # full only; default 1
     cross_entropy_loss_fusion: bool = True  # used on GPU; on CPU torch.compile is not worth it
+    bias_activation_fusion: bool = True  # fused SwiGLU (torch.compile), GPU only
     init_weights: bool = False  # random init; off when a checkpoint is loaded right after
     variable_seq_lengths: bool = True  # pipeline stages exchange shapes (packed batches vary)
     extra_config: dict = field(default_factory=dict)  # further TransformerConfig fields
@@ -108,7 +109,8 @@ def transformer_config(tc: dict, options: ModelOptions, dist: DistInfo):
         fp16=dtype == torch.float16, perform_initialization=options.init_weights,
         use_cpu_initialization=False, gradient_accumulation_fusion=False,
         # Fused kernels here are torch.compile'd (megatron's jit_fuser): worth it on GPU only.
-        bias_activation_fusion=fuse and tc.get("gated_linear_unit", False) and tc["activation"] == "silu",
+        bias_activation_fusion=(fuse and options.bias_activation_fusion
+                                and tc.get("gated_linear_unit", False) and tc["activation"] == "silu"),
         cross_entropy_loss_fusion=fuse and options.cross_entropy_loss_fusion,
         cross_entropy_fusion_impl="te" if have_transformer_engine() else "native",
         masked_softmax_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,

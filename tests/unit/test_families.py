@@ -155,3 +155,22 @@ def test_families_do_not_import_torch():
     code = ("import sys, remote_runtime.families, remote_runtime.bridge.mapping; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, env=cli_env(), cwd=REPO_ROOT)
+
+
+@pytest.mark.runtime  # needs safetensors
+def test_pytorch_bin_checkpoints_get_a_clear_error(tmp_path):
+    from remote_runtime.bridge.checkpoint import CheckpointError, HFCheckpoint
+
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin.*not supported.*safe_serialization"):
+        HFCheckpoint(tmp_path)
+
+
+@pytest.mark.runtime  # needs torch
+def test_shard_sizes_parse():
+    from remote_runtime.bridge.save import parse_size
+
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("500MiB") == 500 * 2**20
+    assert parse_size(1234) == 1234
+    with pytest.raises(ValueError, match="max_shard_size"):
+        parse_size("lots")
