@@ -87,6 +87,12 @@ def resolve_impl(requested: str) -> str:
     return requested
 
 
+def packed_sequences_supported(options: ModelOptions) -> bool:
+    """Megatron's own unfused attention (`attention_backend local` with the local spec) cannot
+    take packed (THD) batches; ours and Transformer Engine's can."""
+    return options.attention_backend != "local" or resolve_impl(options.transformer_impl) != "local"
+
+
 def transformer_config(tc: dict, options: ModelOptions, dist: DistInfo):
     """TransformerConfig from the family's kwargs (minus MODEL_KEYS) and the runtime options."""
     from megatron.core.transformer.enums import AttnBackend
@@ -187,6 +193,7 @@ def build_model(family: ModelFamily, hf_config: dict, options: ModelOptions, dis
     _apply_rope_scaling(model, tc["rope_scaling"])
     model.megafleet_family = family.name  # what the bridge and checks report
     model.megafleet_transformer_impl = impl
+    model.megafleet_packed_sequences = packed_sequences_supported(options)
     return [model]
 
 
