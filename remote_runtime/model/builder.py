@@ -143,7 +143,8 @@ def layer_spec(config, impl: str, attention_backend: str):
     from remote_runtime.model.norm import RMSNorm
 
     if impl == "transformer_engine":
-        spec = specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+        spec = copy.deepcopy(specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=config.qk_layernorm))
         if attention_backend == "local":
             spec.submodules.self_attention.submodules.core_attention = DotProductAttention
         return spec
