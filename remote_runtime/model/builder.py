@@ -1,0 +1,247 @@
+"""Build the megatron-core GPTModel for this rank's pipeline stage from a model family.
+
+    chunks = build_model(family, hf_config, ModelOptions(dtype="bfloat16"), dist)
+
+returns `[GPTModel]`: one chunk (this pipeline stage), as megatron's schedules and DDP expect a
+list. Settings come from `family.transformer_config_kwargs(hf_config)` (model shape, norms, rope,
+biases, tying) plus `ModelOptions` (dtype, parallelism extras, recompute, fusions, attention).
+Parameters are allocated on the current device and left uninitialised unless
+`init_weights=True`: the bridge fills every one of them from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from remote_runtime.config import ConfigError
+from remote_runtime.dry_run import padded_vocab_size
+from remote_runtime.families.base import MODEL_KEYS, ModelFamily
+from remote_runtime.platform import DistInfo
+
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class ModelOptions:
+    """Runtime choices that are not properties of the checkpoint."""
+
+    dtype: str = "bfloat16"  # parameters and compute
+    transformer_impl: str = "auto"  # auto | local | transformer_engine
+    attention_backend: str = "auto"  # auto | flash | fused | unfused | local
+    sequence_parallel: bool = False
+    recompute_granularity: str = "none"  # none | selective | full
+    recompute_method: str | None = None  # uniform | block (full only; default uniform)
+    recompute_num_layers: int | None = None  # full only; default 1
+    cross_entropy_loss_fusion: bool = True  # used on GPU; on CPU torch.compile is not worth it
+    bias_activation_fusion: bool = True  # fused SwiGLU (torch.compile), GPU only
+    init_weights: bool = False  # random init; off when a checkpoint is loaded right after
+    variable_seq_lengths: bool = True  # pipeline stages exchange shapes (packed batches vary)
+    extra_config: dict = field(default_factory=dict)  # further TransformerConfig fields
+
+    @classmethod
+    def from_job(cls, job, **overrides) -> "ModelOptions":
+        """Options from a JobConfig (remote_runtime.config)."""
+        values = dict(
+            dtype=job.model.torch_dtype, transformer_impl=job.model.transformer_impl,
+            attention_backend=job.model.attention_backend,
+            sequence_parallel=job.parallel.sequence_parallel,
+            recompute_granularity=job.recompute.recompute_granularity,
+            recompute_method=job.recompute.recompute_method,
+            recompute_num_layers=job.recompute.recompute_num_layers,
+            cross_entropy_loss_fusion=job.train.cross_entropy_loss_fusion)
+        values.update(overrides)
+        return cls(**values)
+
+
+def have_transformer_engine() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def torch_compile_usable() -> bool:
+    """megatron's fused SwiGLU and cross entropy are torch.compile'd (inductor + triton), and
+    triton builds its launchers with a C compiler. Without one they would fail at the first
+    forward, so fuse only when both are there."""
+    has_cc = any(shutil.which(c) for c in (os.environ.get("CC") or "cc", "gcc", "clang"))
+    return has_cc and importlib.util.find_spec("triton") is not None
+
+
+def resolve_impl(requested: str) -> str:
+    if requested == "auto":
+        return "transformer_engine" if have_transformer_engine() else "local"
+    if requested == "transformer_engine" and not have_transformer_engine():
+        raise ConfigError([("model.transformer_impl", "transformer_engine was asked for but is not "
+                            "installed; use --transformer_impl local (or auto)")])
+    if requested not in ("local", "transformer_engine"):
+        raise ConfigError([("model.transformer_impl", f"{requested!r} is not one of: auto, local, "
+                            "transformer_engine")])
+    return requested
+
+
+def packed_sequences_supported(options: ModelOptions) -> bool:
+    """Megatron's own unfused attention (`attention_backend local` with the local spec) cannot
+    take packed (THD) batches; ours and Transformer Engine's can."""
+    return options.attention_backend != "local" or resolve_impl(options.transformer_impl) != "local"
+
+
+def transformer_config(tc: dict, options: ModelOptions, dist: DistInfo):
+    """TransformerConfig from the family's kwargs (minus MODEL_KEYS) and the runtime options."""
+    from megatron.core.transformer.enums import AttnBackend
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    known = {f.name for f in dataclasses.fields(TransformerConfig)}
+    kw = {k: v for k, v in tc.items() if k not in MODEL_KEYS}
+    unknown = sorted(set(kw) - known) + sorted(set(options.extra_config) - known)
+    if unknown:
+        raise ValueError(f"not TransformerConfig fields: {', '.join(unknown)}")
+    dtype = DTYPES[options.dtype]
+    on_gpu = dist.device.type == "cuda"
+    fuse = on_gpu and torch_compile_usable()
+    recompute = None if options.recompute_granularity in (None, "none") else options.recompute_granularity
+    kw.update(
+        activation_func=ACTIVATIONS[tc["activation"]],
+        tensor_model_parallel_size=dist.tp, pipeline_model_parallel_size=dist.pp,
+        context_parallel_size=dist.cp, sequence_parallel=options.sequence_parallel and dist.tp > 1,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16, perform_initialization=options.init_weights,
+        use_cpu_initialization=False, gradient_accumulation_fusion=False,
+        # Fused kernels here are torch.compile'd (megatron's jit_fuser): worth it on GPU only.
+        bias_activation_fusion=(fuse and options.bias_activation_fusion
+                                and tc.get("gated_linear_unit", False) and tc["activation"] == "silu"),
+        cross_entropy_loss_fusion=fuse and options.cross_entropy_loss_fusion,
+        cross_entropy_fusion_impl="te" if have_transformer_engine() else "native",
+        masked_softmax_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+        persist_layer_norm=False, attention_softmax_in_fp32=True,
+        recompute_granularity=recompute,
+        recompute_method=(options.recompute_method or "uniform") if recompute == "full" else None,
+        recompute_num_layers=(options.recompute_num_layers or 1) if recompute == "full" else None,
+        variable_seq_lengths=options.variable_seq_lengths,
+        # Dense models have no MoE, but the config check refuses variable sequence lengths
+        # with the default (allgather) token dispatcher.
+        moe_token_dispatcher_type="alltoall",
+        attention_backend=AttnBackend[options.attention_backend],
+    )
+    kw.update(options.extra_config)
+    return TransformerConfig(**kw)
+
+
+def layer_spec(config, impl: str, attention_backend: str):
+    """The per-layer ModuleSpec: TE's, or megatron's local spec with our norm and attention."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from remote_runtime.model.attention import sdpa_core_attention
+    from remote_runtime.model.norm import RMSNorm
+
+    if impl == "transformer_engine":
+        spec = copy.deepcopy(specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=config.qk_layernorm))
+        if attention_backend == "local":
+            spec.submodules.self_attention.submodules.core_attention = DotProductAttention
+        return spec
+    spec = copy.deepcopy(specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm,
+                                                        normalization=config.normalization))
+    layer, attn = spec.submodules, spec.submodules.self_attention.submodules
+    if config.normalization != "RMSNorm":
+        raise ValueError("the local spec here implements RMSNorm only")
+    layer.input_layernorm = layer.pre_mlp_layernorm = RMSNorm
+    if config.qk_layernorm:
+        attn.q_layernorm = attn.k_layernorm = RMSNorm
+    if attention_backend != "local":
+        attn.core_attention = sdpa_core_attention(attention_backend)
+    return spec
+
+
+def build_model(family: ModelFamily, hf_config: dict, options: ModelOptions, dist: DistInfo) -> list:
+    """[GPTModel] for this rank's pipeline stage (parameters on dist.device, uninitialised)."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    from remote_runtime.model.norm import RMSNorm
+
+    tc = family.transformer_config_kwargs(hf_config)
+    config = transformer_config(tc, options, dist)
+    impl = resolve_impl(options.transformer_impl)
+    spec = layer_spec(config, impl, options.attention_backend)
+    if impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import TENorm as final_norm
+    else:
+        final_norm = RMSNorm
+    block = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
+                                       layer_norm=final_norm)
+    model = VocabMaskedGPTModel(
+        config=config, true_vocab_size=tc["vocab_size"], transformer_layer_spec=block,
+        vocab_size=padded_vocab_size(tc["vocab_size"], dist.tp),
+        max_sequence_length=tc["max_position_embeddings"],
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=tc["share_embeddings_and_output_weights"],
+        position_embedding_type=tc["position_embedding_type"], rotary_percent=1.0,
+        rotary_base=tc["rotary_base"])
+    _apply_rope_scaling(model, tc["rope_scaling"])
+    model.megafleet_family = family.name  # what the bridge and checks report
+    model.megafleet_transformer_impl = impl
+    model.megafleet_packed_sequences = packed_sequences_supported(options)
+    return [model]
+
+
+@functools.lru_cache(maxsize=None)
+def _gpt_model_class():
+    from megatron.core.models.gpt import GPTModel
+
+    class _VocabMaskedGPTModel(GPTModel):
+        """GPTModel whose loss ignores the padded vocabulary rows.
+
+        Megatron pads the vocabulary to a multiple of 128 × TP; those output rows are zeros, so
+        their logits are 0 and would join the softmax, making the loss differ from Hugging
+        Face's (by ~0.02 nats on a small random model) and training them. Setting them to the
+        dtype's minimum before the cross entropy removes them from the softmax and their
+        gradient: the loss is exactly the checkpoint's own.
+        """
+
+        def __init__(self, *args, true_vocab_size: int, **kwargs):
+            super().__init__(*args, **kwargs)
+            tp = self.pg_collection.tp
+            part = self.vocab_size // tp.size()
+            self.vocab_pad_start = min(max(true_vocab_size - tp.rank() * part, 0), part)
+
+        def compute_language_model_loss(self, labels, logits):
+            if self.vocab_pad_start < logits.shape[-1]:
+                logits[..., self.vocab_pad_start:].fill_(torch.finfo(logits.dtype).min)
+            return super().compute_language_model_loss(labels, logits)
+
+    return _VocabMaskedGPTModel
+
+
+def VocabMaskedGPTModel(*args, **kwargs):  # noqa: N802 (a class, built lazily: no megatron at import)
+    return _gpt_model_class()(*args, **kwargs)
+
+
+def _apply_rope_scaling(model, scaling: dict | None) -> None:
+    """llama3 rope scaling with the checkpoint's own parameters.
+
+    GPTModel only takes a factor and assumes Llama 3.1's other constants (8192 original context,
+    low/high frequency factors 1 and 4); the rotary module's own scaling routine takes them all.
+    """
+    if scaling is None:
+        return
+    if scaling["rope_type"] != "llama3":
+        raise ValueError(f"rope scaling {scaling['rope_type']!r} is not implemented")
+    rope = model.rotary_pos_emb
+    rope.inv_freq = rope._apply_scaling(
+        rope.inv_freq, factor=scaling["factor"], low_freq_factor=scaling["low_freq_factor"],
+        high_freq_factor=scaling["high_freq_factor"],
+        original_max_position_embeddings=scaling["original_max_position_embeddings"])
