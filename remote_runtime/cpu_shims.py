@@ -6,9 +6,10 @@ pipeline schedules on exactly the code path a GPU run takes:
 
 1. `torch.cuda.current_device()` answers "cpu": megatron allocates every parameter and buffer on
    `torch.cuda.current_device()`.
-2. Tensors asked for on "cuda" (`device="cuda"` literals in the pipeline schedules, `.cuda()` on
-   the tied output layer for its first/last-stage all-reduce) are made on the CPU instead, by a
-   torch function mode that rewrites only the device.
+2. Tensors asked for on "cuda" (`device="cuda"` literals in the pipeline schedules and the
+   optimizer, `.cuda()` on the tied output layer for its first/last-stage all-reduce) are made on
+   the CPU instead, by a torch function mode that rewrites only the device; the same mode makes
+   `tensor.type()` report CUDA type names, which the optimizer uses to group parameters.
 3. `torch.cuda.synchronize()` is a no-op (there is no stream to wait for).
 4. The model-parallel RNG tracker forks the CPU generator instead of CUDA generators, so
    dropout in tensor-parallel regions and activation recomputation replay the same random
@@ -36,12 +37,17 @@ def _is_cuda(device) -> bool:
 
 
 class _CudaMeansCpu(TorchFunctionMode):
-    """Shim 2: device="cuda" -> "cpu" in factory calls and .to(); .cuda() returns the tensor."""
+    """Shim 2: device="cuda" -> "cpu" in factory calls and .to(); .cuda() returns the tensor;
+    `tensor.type()` names CPU tensors as their CUDA twins ("torch.cuda.FloatTensor"), because
+    megatron's (distributed) optimizer sorts parameters into fp32/bf16 groups by that name."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs = {**kwargs, "device": "cpu"}
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):

@@ -122,7 +122,8 @@ def save_checkpoint(output_dir: str | Path, state: TrainState, model, optimizer,
     _barrier()
     save_hf_checkpoint(model, stage, source_dir, dist)
     if _is_local_leader(dist):
-        (stage / STATE_DIR / "rng").mkdir(parents=True, exist_ok=True)
+        for sub in ("rng", "optimizer"):
+            (stage / STATE_DIR / sub).mkdir(parents=True, exist_ok=True)
     _barrier()
     if save_optim:
         sharded = optimizer.sharded_state_dict(_model_sharded_state_dict(model), is_loading=False,
@@ -216,16 +217,46 @@ def load_training_state(path: Path, model, optimizer, dist, layout: dict) -> Tra
                 f"{optim_dir} is not visible on every node: resuming the optimizer across "
                 "nodes needs checkpoint.output_dir on a shared filesystem (or resume with "
                 "checkpoint.no_save_optim, which restarts the optimizer state)")
+        _materialize_optimizer_state(optimizer)
         template = optimizer.sharded_state_dict(_model_sharded_state_dict(model), is_loading=True,
                                                 metadata=OPTIM_SHARDING)
         loaded = dist_checkpointing.load({"optimizer": template}, str(optim_dir))
         # fp32 runs keep no separate master copy: the optimizer writes into the parameters.
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer)
     rng_file = path / STATE_DIR / "rng" / f"rank_{dist.rank:05d}.pt"
     if state.has_rng and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return state
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """torch's Adam creates its state at the first step, and megatron's distributed optimizer
+    can only describe (and so load into) state that exists. Megatron's own remedy is a dummy
+    step on zero gradients; every value it touches is then overwritten by the load."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """megatron-core 0.16's distributed optimizer assumes Adam keeps its step count in the param
+    group (as TE/Apex FusedAdam do). torch's Adam keeps one per parameter, which megatron then
+    (a) restores as ONE tensor shared by all parameters, which torch increments once per
+    parameter, and (b) overwrites from its bucket-shaped parameter state, which does not hold it.
+    The param groups do carry the right count: give every parameter its own copy of it."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for group in (inner.param_groups if inner is not None else []):
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = inner.state.get(param)
+                if state is not None and "step" in state:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
 
 
 def _broadcast_state(path: Path, dist) -> TrainState:

@@ -66,7 +66,12 @@ def build_optimizer(model: list, job: JobConfig, schedule: Schedule):
         clip_grad=o.clip_grad, bf16=config.bf16, fp16=False, params_dtype=config.params_dtype,
         use_distributed_optimizer=par.use_distributed_optimizer,
         overlap_param_gather=par.overlap_param_gather)
-    optimizer = get_megatron_optimizer(opt_config, model)
+    # On CPU the world group is gloo already and platform.init_distributed creates no extra
+    # gloo groups; on GPU it does, for megatron's host-side optimizer collectives.
+    import torch
+
+    optimizer = get_megatron_optimizer(
+        opt_config, model, use_gloo_process_groups=torch.distributed.get_backend() != "gloo")
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if schedule.warmup_iters else o.lr, max_lr=o.lr, min_lr=o.min_lr,
         lr_warmup_steps=schedule.warmup_iters, lr_decay_steps=max(schedule.decay_iters, 1),

