@@ -53,7 +53,8 @@ def list_instances(tags, ids, region, profile, as_json) -> None:
         return
     if not instances:
         ui.info(f"no instances {where}")
-        ui.hint("megafleet ec2 list --region OTHER-REGION", "megafleet ec2 list (without --tag / --ids)")
+        ui.hint("megafleet ec2 list --region OTHER-REGION",
+                "megafleet ec2 list (without --tag / --ids)")
         return
     show_instances(instances, f"{len(instances)} instance(s) {where}")
     ui.hint(f"megafleet ec2 check {_flags(tags, ids, region, profile)}".rstrip())
@@ -65,11 +66,15 @@ def list_instances(tags, ids, region, profile, as_json) -> None:
 @click.option("--key", "-i", "key", required=True, type=click.Path(),
               help="Private key to log in with (the instances' key pair).")
 @click.option("--update", is_flag=True, help="Refresh hosts already in the inventory.")
+@click.option("--ssh-address", type=click.Choice(["public", "private"]), default="public",
+              show_default=True, help="Which address SSH connects to (private: megafleet runs "
+                                      "inside the VPC or over a VPN).")
 @aws_options
 @json_option
 @dry_run_option
 @yes_option
-def import_cmd(tags, ids, user, key, update, region, profile, as_json, dry_run, yes) -> None:
+def import_cmd(tags, ids, user, key, update, ssh_address, region, profile, as_json, dry_run,
+               yes) -> None:
     """Add the running instances to the inventory.
 
     Public address for SSH, private address as `private_address` (the master address), name
@@ -91,7 +96,7 @@ def import_cmd(tags, ids, user, key, update, region, profile, as_json, dry_run, 
         raise MegafleetError(f"no instances {_where(region_of(client), tags, ids)}",
                              hint="megafleet ec2 list --region REGION shows what there is")
     inv = Inventory.load()
-    plan = plan_import(instances, inv, user, key_path, update)
+    plan = plan_import(instances, inv, user, key_path, update, connect_via=ssh_address)
     apply_plan(plan, Inventory(list(inv), path=inv.path))  # validate before asking or writing
     changes = [a for a in plan if a.action != "skip"]
     if not as_json:
@@ -113,7 +118,8 @@ def import_cmd(tags, ids, user, key, update, region, profile, as_json, dry_run, 
 
 @ec2.command("check")
 @select_options
-@click.option("--no-ssh", is_flag=True, help="Do not probe the SSH ports (reported as not checked).")
+@click.option("--no-ssh", is_flag=True,
+              help="Do not probe the SSH ports (reported as not checked).")
 @click.option("--ssh-timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
               help="Seconds to wait for each SSH server's answer.")
 @aws_options
@@ -131,12 +137,14 @@ def check(ctx, tags, ids, no_ssh, ssh_timeout, region, profile, as_json) -> None
     from megafleet.cli.ec2_view import show_check
     from megafleet.ec2.report import check_instances
 
+    def run():
+        return check_instances(region, tags, ids, profile, ssh=not no_ssh, ssh_timeout=ssh_timeout)
+
     if as_json:
-        report = check_instances(region, tags, ids, profile, ssh=not no_ssh, ssh_timeout=ssh_timeout)
+        report = run()
     else:
         with ui.err_console.status("describing instances and probing SSH..."):
-            report = check_instances(region, tags, ids, profile, ssh=not no_ssh,
-                                     ssh_timeout=ssh_timeout)
+            report = run()
     if as_json:
         ui.emit_json(report.to_dict())
     else:
@@ -167,7 +175,9 @@ def _power_command(action: str):
             return
         if not as_json:
             show_power(plan, dry_run)
-        _confirm(yes, f"{action} {len(plan.change)} instance(s)?")
+        _confirm(yes, f"{action} {len(plan.change)} instance(s)?" + (
+            " (instance-store disks are wiped; public IPs change on the next start)"
+            if action == "stop" else ""))
         say = None if as_json else (lambda m: ui.err_console.print(f"[dim]{m}[/dim]"))
         after = change_state(action, [i.id for i in plan.change + plan.already], client=client,
                              wait=not no_wait, on_progress=say)

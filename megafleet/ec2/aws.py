@@ -36,8 +36,8 @@ def ec2_client(region: str | None = None, profile: str | None = None):
 
     if region is not None and not REGION_RE.match(region):
         raise UsageError(f"--region {region!r} is not an AWS region name", hint=REGION_FIX)
-    config = botocore.config.Config(connect_timeout=10, read_timeout=60,
-                                    retries={"mode": "standard", "max_attempts": 5})
+    # retries follow the user's AWS settings (AWS_MAX_ATTEMPTS, retry_mode), like the AWS CLI
+    config = botocore.config.Config(connect_timeout=10, read_timeout=60)
     try:  # a missing profile surfaces at the first config lookup, wherever that happens
         session = boto3.Session(botocore_session=_botocore_session(), profile_name=profile,
                                 region_name=region)

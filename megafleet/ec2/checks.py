@@ -203,8 +203,9 @@ def check_efa(c: Context) -> list[Finding]:
             continue
         if inst.efa_interfaces == 0:
             out.append(Finding("warning", "efa", "efa_missing",
-                               f"{inst.label}: {inst.type} supports up to {info.max_efa_interfaces} "
-                               f"EFA interface(s) ({info.network}) but has none; NCCL falls back "
+                               f"{inst.label}: {inst.type} supports up to "
+                               f"{info.max_efa_interfaces} EFA interface(s) ({info.network}) but "
+                               "has none; NCCL falls back "
                                "to TCP sockets at a fraction of the bandwidth",
                                "stop the instance, create an EFA interface in its subnet with the "
                                "cluster security group (aws ec2 create-network-interface "
@@ -247,8 +248,9 @@ def check_ssh(c: Context) -> list[Finding]:
                                f"allow TCP 22 from this machine's address (curl "
                                f"https://checkip.amazonaws.com) in one of its groups ({groups}):",
                                [secgroups.aws_cli("authorize-security-group-ingress", c.snap.region,
-                                                  c.snap.profile, "--group-id", first, "--protocol",
-                                                  "tcp", "--port", "22", "--cidr", "YOUR.IP.ADDRESS/32")],
+                                                  c.snap.profile, "--group-id", first,
+                                                  "--protocol", "tcp", "--port", "22",
+                                                  "--cidr", "YOUR.IP.ADDRESS/32")],
                                [inst.id]))
         if not inst.public_ip:
             out.append(Finding("warning", "ssh", "no_public_address",

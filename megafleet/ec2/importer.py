@@ -8,7 +8,8 @@ and key, and the instance's EC2 tags plus `ec2_instance_id`, `ec2_region`, `ec2_
 An instance already in the inventory (same `ec2_instance_id` tag, else same address) is
 skipped, or refreshed in place with `update=True` (keeping its name, port and jump host).
 
-    plan = plan_import(instances, inventory, user="ubuntu", key="/abs/key.pem", update=False)
+    plan = plan_import(instances, inventory, user="ubuntu", key="/abs/key.pem", update=False,
+                       connect_via="public")  # "private": SSH to the private IPs (in the VPC)
     result = import_instances(instances, "ubuntu", "~/.ssh/k.pem")   # plans, validates, saves
 """
 
@@ -80,19 +81,31 @@ def host_name(inst: Instance, taken: set[str]) -> str:
     return name
 
 
-def host_for(inst: Instance, name: str, user: str, key: str | None, old: Host | None = None) -> Host:
+def ssh_address(inst: Instance, connect_via: str = "public") -> str:
+    """The address this machine connects to: the public IP (then DNS name), falling back to the
+    private IP; `connect_via="private"` when megafleet runs inside the VPC (or over a VPN)."""
+    if connect_via == "private":
+        return inst.private_ip or ""
+    return inst.public_ip or inst.public_dns or inst.private_ip or ""
+
+
+def host_for(inst: Instance, name: str, user: str, key: str | None, old: Host | None = None,
+             connect_via: str = "public") -> Host:
     tags = dict(old.tags) if old else {}
     tags.update(inst.tags)
     tags.update({ID_TAG: inst.id, REGION_TAG: inst.region, TYPE_TAG: inst.type})
-    return Host(name=name, address=inst.public_ip or inst.public_dns or inst.private_ip or "",
+    return Host(name=name, address=ssh_address(inst, connect_via),
                 user=user, port=old.port if old else 22, identity_file=key,
                 private_address=inst.private_ip, jump_host=old.jump_host if old else None,
                 tags=tags)
 
 
 def plan_import(instances: list[Instance], inventory: Inventory, user: str, key: str | None,
-                update: bool = False) -> list[ImportAction]:
-    """What importing `instances` would do to `inventory` (nothing is changed)."""
+                update: bool = False, connect_via: str = "public") -> list[ImportAction]:
+    """What importing `instances` would do to `inventory` (nothing is changed).
+    `connect_via`: the address SSH connects to, "public" (default) or "private"."""
+    if connect_via not in ("public", "private"):
+        raise UsageError(f"connect_via {connect_via!r}: use 'public' or 'private'")
     matched = match_hosts(instances, inventory)
     taken = set(inventory.names())
     out = []
@@ -104,23 +117,26 @@ def plan_import(instances: list[Instance], inventory: Inventory, user: str, key:
                                            f"--ids {inst.id})"))
             continue
         if old is not None:
-            out.append(_existing(inst, old, user, key, update))
+            out.append(_existing(inst, old, user, key, update, connect_via))
             continue
         name = host_name(inst, taken)
         taken.add(name)
-        action = ImportAction("add", inst.id, name, host_for(inst, name, user, key))
-        if not inst.public_ip:
+        action = ImportAction("add", inst.id, name,
+                              host_for(inst, name, user, key, connect_via=connect_via))
+        if not inst.public_ip and connect_via == "public":
             action.notes.append("no public IP: connecting to the private address "
                                 "(works only from inside the VPC or through a jump host)")
         out.append(action)
     return out
 
 
-def _existing(inst: Instance, old: Host, user: str, key: str | None, update: bool) -> ImportAction:
+def _existing(inst: Instance, old: Host, user: str, key: str | None, update: bool,
+              connect_via: str) -> ImportAction:
     if not update:
         return ImportAction("skip", inst.id, old.name,
-                            reason=f"already in the inventory as {old.name} (--update refreshes it)")
-    new = host_for(inst, old.name, user, key, old)
+                            reason=f"already in the inventory as {old.name} "
+                                   "(--update refreshes it)")
+    new = host_for(inst, old.name, user, key, old, connect_via)
     if new == old:
         return ImportAction("skip", inst.id, old.name, reason="already up to date")
     changed = [f for f in ("address", "user", "identity_file", "private_address", "tags")
@@ -153,11 +169,11 @@ def apply_plan(plan: list[ImportAction], inventory: Inventory) -> None:
 
 def import_instances(instances: list[Instance], user: str, key: str,
                      inventory: Inventory | None = None, update: bool = False,
-                     dry_run: bool = False) -> ImportResult:
+                     dry_run: bool = False, connect_via: str = "public") -> ImportResult:
     """Plan, validate and (unless `dry_run`) save the import of `instances`."""
     key_path, _warning = check_key(key)
     inv = inventory if inventory is not None else Inventory.load()
-    plan = plan_import(instances, inv, user, key_path, update)
+    plan = plan_import(instances, inv, user, key_path, update, connect_via)
     staged = Inventory(list(inv), path=inv.path)
     apply_plan(plan, staged)  # validates every host before anything is written
     written = False

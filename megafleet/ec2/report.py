@@ -30,8 +30,11 @@ class CheckReport:
 
     def status(self) -> dict[str, str]:
         """check name -> "pass" | "error" | "warning" | "info" | "skip"."""
-        return {name: checks.check_status(self.findings, name,
-                                          skipped=(name == "master_address" and self.inventory is None))
+        def skipped(name):
+            return (name != "instances" and not self.instances) or (
+                name == "master_address" and self.inventory is None)
+
+        return {name: checks.check_status(self.findings, name, skipped(name))
                 for name in checks.CHECKS}
 
     def counts(self) -> dict[str, int]:
@@ -50,7 +53,8 @@ class CheckReport:
 
 
 def check_instances(region: str | None = None, tags=None, ids=None, profile: str | None = None,
-                    inventory: Inventory | None = None, ssh: bool = True, ssh_timeout: float = 5.0,
+                    inventory: Inventory | bool | None = None, ssh: bool = True,
+                    ssh_timeout: float = 5.0,
                     probe: reach.Probe = reach.ssh_banner_probe, client=None) -> CheckReport:
     """Check the instances matching `tags`/`ids`. `inventory` (default: the current one; pass
     False to skip) supplies the SSH targets and private addresses; `ssh=False` skips the

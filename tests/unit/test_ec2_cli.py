@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 from click.testing import CliRunner
 
 from megafleet.cli import cli
@@ -89,6 +88,10 @@ def test_import_dry_run_confirmation_and_write(aws, megafleet_home, tmp_path):
     assert [h["name"] for h in hosts] == ["gpu-a", "gpu-b"]
     again = as_json(run(*args, "--yes", "--json"))
     assert again["skipped"] == 2 and not again["written"]
+    private = as_json(run(*args, "--update", "--ssh-address", "private", "--yes", "--json"))
+    assert private["updated"] == 2 and private["written"]
+    hosts = as_json(run("hosts", "list", "--json"))["hosts"]
+    assert all(h["address"] == h["private_address"] and h["address"].startswith("10.7.") for h in hosts)
     missing = run("ec2", "import", "--user", "ubuntu", "--key", str(key), "--tag", "team=none", "--yes")
     assert missing.exit_code == 1 and "no instances in us-east-1 with tag team=none" in missing.stderr
 

@@ -125,6 +125,8 @@ def test_region_without_instances_says_so(aws):
     report = check_instances(region="eu-west-1", inventory=False)
     assert [f.code for f in report.findings] == ["no_instances"]
     assert "eu-west-1" in report.findings[0].message and report.exit_code() == 1
+    status = report.status()
+    assert status.pop("instances") == "error" and set(status.values()) == {"skip"}
 
 
 def test_tags_ids_and_states_select_instances(aws):
@@ -164,7 +166,7 @@ def test_import_writes_the_inventory_and_reimport_skips_or_updates(aws, megaflee
 
     again = import_instances(find_instances(tags=["team=ml"]), "ubuntu", str(key))
     assert not again.written and again.count("skip") == 3
-    assert "--update" in again.actions[0].reason
+    assert all("--update" in x.reason for x in again.actions if x.instance_id != stopped)
 
     inv.hosts["gpu-node"].private_address = None  # an old entry without the master address
     inv.save()
@@ -220,6 +222,21 @@ def test_missing_region_credentials_and_profile(monkeypatch, tmp_path):
         find_instances(region="us-east-1", profile="nope")
     with pytest.raises(UsageError, match="not an AWS region"):
         find_instances(region="useast")
+
+
+def test_endpoint_variable_is_honoured_and_an_unreachable_api_is_explained(monkeypatch, tmp_path):
+    env = {}
+    isolate_aws_env(env, str(tmp_path))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(MegafleetError, match=f"cannot reach the EC2 API in us-east-1.*127.0.0.1:{port}"):
+        find_instances()
 
 
 def test_api_errors_name_the_permission():
