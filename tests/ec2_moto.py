@@ -11,6 +11,7 @@ Launcher (for pseudo-terminal tests such as the wizard's EC2 branch):
 SEED.json: {"region": "us-east-1", "self_rule": true, "instances": [{"name": "gpu-a",
 "type": "p5.48xlarge", "az": "us-east-1a", "tags": {"team": "ml"}, "spot": false,
 "state": "running"}]}. Fake credentials are set by the launcher; no real AWS is reachable.
+The moto state lives as long as that one process: each launch starts from the seed again.
 """
 
 from __future__ import annotations

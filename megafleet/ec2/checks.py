@@ -150,7 +150,13 @@ def check_placement(c: Context) -> list[Finding]:
                            "put all nodes in one cluster placement group", instances=ids(c.instances)))
     for name, members in groups.items():
         strategy = c.snap.placement_strategies.get(name)
-        if strategy and strategy != "cluster":
+        if strategy is None:
+            out.append(Finding("info", "placement", "placement_strategy_unknown",
+                               f"could not read placement group {name} (not visible to these "
+                               "credentials?): its strategy is unknown",
+                               f"aws ec2 describe-placement-groups --group-names {name}",
+                               instances=ids(members)))
+        elif strategy != "cluster":
             out.append(Finding("warning", "placement", "placement_group_not_cluster",
                                f"placement group {name} has strategy {strategy!r}, not 'cluster'",
                                "use a placement group created with --strategy cluster",

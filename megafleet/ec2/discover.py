@@ -184,7 +184,14 @@ def placement_strategies(client, instances: list[Instance]) -> dict[str, str | N
     names = sorted({i.placement_group for i in instances if i.placement_group})
     if not names:
         return {}
-    with aws_errors(client):
-        groups = client.describe_placement_groups(GroupNames=names)["PlacementGroups"]
-    found = {g["GroupName"]: g.get("Strategy") for g in groups}
-    return {n: found.get(n) for n in names}
+    import botocore.exceptions as bx
+
+    found: dict[str, str | None] = {}
+    with aws_errors(client):  # credentials and network problems still stop here
+        for name in names:  # one by one: a group of another account may be invisible
+            try:
+                groups = client.describe_placement_groups(GroupNames=[name])["PlacementGroups"]
+            except bx.ClientError:
+                groups = []  # not found or not allowed: the check reports the strategy unknown
+            found[name] = groups[0].get("Strategy") if groups else None
+    return found

@@ -33,12 +33,16 @@ def ssh_banner_probe(address: str, port: int, timeout: float) -> str | None:
     return None
 
 
-def target_for(inst: Instance, host=None) -> tuple[str | None, int]:
-    """Where megafleet would connect: the inventory's address and port when the instance is
-    there, else its public IP (then public DNS, then private IP) on port 22."""
+def target_for(inst: Instance, host=None) -> tuple[str | None, int, str]:
+    """(address, port, why not) where megafleet would connect: the inventory's address and port
+    when the instance is there, else its public IP (then public DNS, then private IP) on 22.
+    A host behind a jump host is not probed from here (address None)."""
+    if host is not None and host.jump_host:
+        return None, host.port, f"behind jump host {host.jump_host}: megafleet hosts check"
     if host is not None:
-        return host.address, host.port
-    return inst.public_ip or inst.public_dns or inst.private_ip, 22
+        return host.address, host.port, ""
+    address = inst.public_ip or inst.public_dns or inst.private_ip
+    return address, 22, "" if address else "no address"
 
 
 def probe_instances(instances: list[Instance], hosts: dict | None = None, timeout: float = 5.0,
@@ -51,10 +55,10 @@ def probe_instances(instances: list[Instance], hosts: dict | None = None, timeou
         return out
     with cf.ThreadPoolExecutor(max_workers=min(32, len(targets))) as pool:
         futures = {iid: pool.submit(probe, addr, port, timeout)
-                   for iid, (addr, port) in targets.items() if addr}
-        for iid, (addr, port) in targets.items():
+                   for iid, (addr, port, _) in targets.items() if addr}
+        for iid, (addr, port, why_not) in targets.items():
             if not addr:
-                out[iid] = Reach("not_checked", None, "no address")
+                out[iid] = Reach("not_checked", None, why_not)
                 continue
             error = futures[iid].result()
             out[iid] = Reach("unreachable" if error else "ok", f"{addr}:{port}", error or "")

@@ -44,13 +44,20 @@ def rules_of(group: dict) -> GroupRules:
                       to_self(egress), open_egress)
 
 
+def interface_groups(inst: Instance) -> set[str]:
+    """The groups on every network interface of `inst`: EFA traffic leaves through all of them,
+    so a group on the primary interface only does not cover it."""
+    sets = [set(n.groups) for n in inst.interfaces]
+    return set.intersection(*sets) if sets else set(inst.security_groups)
+
+
 def shared_groups(instances: list[Instance]) -> list[str]:
-    """Group ids every instance is in, in the first instance's order."""
+    """Group ids on every interface of every instance, in the first instance's order."""
     if not instances:
         return []
-    common = set(instances[0].security_groups)
+    common = interface_groups(instances[0])
     for inst in instances[1:]:
-        common &= set(inst.security_groups)
+        common &= interface_groups(inst)
     return [g for g in instances[0].security_groups if g in common]
 
 

@@ -203,3 +203,43 @@ def test_instance_from_api_reads_efa_groups_and_lifecycle():
     assert [g["id"] for g in d["security_groups"]] == ["sg-1", "sg-2"]
     assert d["gpus"]["gpus"] == 8 and d["gpu_summary"] == "8x H100 80 GiB"
     assert raw("i-x", type="m7i.large").to_dict()["gpus"] is None
+
+
+def test_a_group_on_the_primary_interface_only_does_not_cover_efa_traffic():
+    inst = good_pair()
+    for i in inst:
+        i.interfaces[0].groups = ["sg-1", "sg-ssh"]
+        for eni in i.interfaces[1:]:
+            eni.groups = ["sg-efa"]
+        i.security_groups = {"sg-1": "", "sg-ssh": "", "sg-efa": ""}
+    groups = {g: group(g) for g in ("sg-1", "sg-ssh", "sg-efa")}
+    (f,) = [x for x in judge(snap(inst, groups), None, reach_ok(inst)) if x.check == "security_group"]
+    assert f.code == "no_shared_security_group"
+    mods = [c for c in f.commands if "modify-network-interface-attribute" in c]
+    assert len(mods) == 64  # every interface of both instances gets the new group
+    assert mods[0].endswith('--network-interface-id eni-i-a-0 --groups sg-1 sg-ssh "$SG"')
+
+
+def test_unknown_placement_strategy_is_said_not_guessed():
+    inst = good_pair()
+    f = [x for x in judge(snap(inst, strategies={"pg": None}), None, reach_ok(inst))
+         if x.check == "placement"]
+    assert [(x.code, x.severity) for x in f] == [("placement_strategy_unknown", "info")]
+
+
+def test_probe_targets_skip_hosts_behind_a_jump_host():
+    from megafleet.ec2.reach import probe_instances
+
+    inst = good_pair() + [raw("i-c", state="stopped")]
+    asked = []
+
+    def probe(address, port, timeout):
+        asked.append((address, port))
+        return None
+
+    hosts = {"i-a": Host("a", "10.0.0.1", "ubuntu", port=2200, jump_host="bastion"),
+             "i-b": Host("b", "3.0.0.2", "ubuntu", port=2222)}
+    reach = probe_instances(inst, hosts, 1.0, probe)
+    assert asked == [("3.0.0.2", 2222)] and set(reach) == {"i-a", "i-b"}
+    assert reach["i-a"].status == "not_checked" and "jump host bastion" in reach["i-a"].detail
+    assert reach["i-b"] == Reach("ok", "3.0.0.2:2222", "")
