@@ -24,6 +24,8 @@ from megafleet.errors import EXIT_INTERRUPTED, MegafleetError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "hosts": ("hosts", "hosts", "Manage and check the SSH hosts megafleet uses."),
     "env": ("env", "env", "Check the Megatron training environment (torch, GPUs, CUDA, TE, megatron-core)."),
+    "plan": ("plan", "plan_command", "Propose parallel sizes, recompute and batch sizes that fit in GPU memory."),
+    "render": ("render", "render", "Render a job template as a job file, runtime flags or torchrun command."),
 }
 
 
