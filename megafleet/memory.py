@@ -14,8 +14,10 @@ A bottom-up count of what megatron-core and our runtime keep on the GPU, per pip
 Activations follow Korthikanti et al. ("Reducing Activation Recomputation in Large Transformer
 Models") tensor by tensor, adapted to this model and runtime: SwiGLU MLP, grouped-query
 attention, no dropout (p=0 stores no masks), SDPA/flash attention that keeps q, k, v, the output
-and a log-sum-exp instead of the s×s score matrix, RMSNorm as the runtime implements it.
-`Assumptions` names every implementation detail the numbers depend on.
+and a log-sum-exp instead of the s×s score matrix, RMSNorm as the runtime implements it, RoPE's
+cos/sin tables. `Assumptions` names every implementation detail the numbers depend on;
+tests/runtime/test_memory_saved_tensors.py checks the per-layer terms against the bytes the real
+model saves for backward (autograd's saved-tensor hooks).
 
 Units: GiB (2**30 bytes) everywhere; `--gpu-mem 80` means 80 GiB. Torch-free.
 """
@@ -63,21 +65,23 @@ class Recompute:
 
 @dataclass(frozen=True)
 class Assumptions:
-    """The runtime details the estimate depends on. Defaults describe the runtime as built."""
+    """The runtime details the estimate depends on (each checked against megatron-core 0.16 and
+    the runtime's model code; the training loop's choices are marked as expected)."""
 
     params_dtype_bytes: int = 2  # bf16 weights and activations (4 for float32 jobs)
-    # megatron-core's DDP config defaults to False (bf16 gradient buffer); Megatron-LM turns it on
-    # for bf16 training and so does our runtime: fp32 gradient buffer, 4 bytes per parameter.
+    # Expected: the training loop's DDP config sets grad_reduce_in_fp32=True as Megatron-LM does
+    # for bf16 (fp32 gradient buffer, 4 bytes per parameter); megatron-core's own default is False.
     grad_reduce_in_fp32: bool = True
-    # "fused": TE/apex FusedAdam or torch AdamW(fused=True), no temporaries. "foreach": torch's
-    # default AdamW (what megatron-core 0.16 builds without TE/apex): one fp32 temporary per
-    # parameter of the shard (sqrt of the second moment) during the step.
+    # Expected "fused": TE/apex FusedAdam or torch AdamW(fused=True), no temporaries. "foreach":
+    # torch's default AdamW, which megatron-core 0.16 builds when TE and apex are missing: one
+    # fp32 temporary per parameter of the shard (sqrt of the second moment) during the step.
     optimizer_impl: str = "fused"
     # "eager": the runtime's RMSNorm saves an fp32 copy of its input plus the bf16 normalised
     # value (6 bytes/element); "fused": a fused kernel saves only its input (2 bytes/element).
     norm_impl: str = "eager"
-    # "fused": megatron's SwiGLU kernel saves its input (2f elements); "eager": silu and multiply
-    # keep the fc1 output and the silu output alive (3f elements).
+    # "fused": megatron's SwiGLU kernel saves its input (2f elements; used on GPU when
+    # torch.compile works); "eager": the fc1 output (kept by a view), silu's output and the
+    # `x_linear + glu_linear_offset` copy (4f elements).
     swiglu_impl: str = "fused"
     # "packed": THD batches through varlen flash attention (v copied contiguous, fused QKV output
     # freed); "padded": [s, b] batches through SDPA, whose saved v view keeps the QKV output alive.
@@ -105,7 +109,18 @@ class MemoryEstimate:
     stages: list[dict] = field(default_factory=list)  # allocated GiB per stage
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain JSON values, GiB rounded to MiB precision."""
+        return _rounded(asdict(self))
+
+
+def _rounded(value):
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -132,11 +147,20 @@ def _layer_sizes(s: ModelShape, par: Parallel, asm: Assumptions) -> _Sizes:
     attn_selective = q + kv + qkv_out + q  # checkpoint keeps q, k and the v view; output kept
     qk_norm = norm * (q + kv) / e if s.qk_layernorm else 0.0
     f = s.ffn_hidden_size / t
-    mlp = (2 * e * f if asm.swiglu_impl == "fused" else 3 * e * f) + e * f  # + fc2 input
+    mlp = (2 * e * f if asm.swiglu_impl == "fused" else 4 * e * f) + e * f  # + fc2 input
     norms_and_inputs = 2 * norm * hs + 2 * e * hs  # two norms, QKV and fc1 inputs
-    base = norms_and_inputs + qk_norm + mlp
+    rope = 4 * e * s.kv_channels  # cos and sin, made per call for q and for k, [s, 1, 1, d] each
+    base = norms_and_inputs + qk_norm + mlp + rope
     return _Sizes(layer=base + attn, layer_selective=base + attn_selective, checkpoint=e * hs,
                   norm=norm, hs=hs)
+
+
+def activation_bytes_per_token(shape: ModelShape, parallel: Parallel,
+                               assumptions: Assumptions = Assumptions()) -> dict[str, float]:
+    """Bytes one layer keeps for backward per token (of one TP rank), by recompute mode:
+    `layer` (none), `layer_selective` (core attention recomputed), `checkpoint` (full)."""
+    sz = _layer_sizes(shape, parallel, assumptions)
+    return {"layer": sz.layer, "layer_selective": sz.layer_selective, "checkpoint": sz.checkpoint}
 
 
 def _stage_params(s: ModelShape, par: Parallel, stage: int) -> int:
@@ -245,9 +269,8 @@ def estimate_memory(model_config: dict | ModelShape, parallel: Parallel, seq_len
                 "nccl": assumptions.nccl_gib_per_group * groups,
                 "fragmentation": assumptions.fragmentation * churn}
     return MemoryEstimate(
-        components={k: round(v, 3) for k, v in components.items()},
-        allocated_gib=round(allocated, 3), overhead={k: round(v, 3) for k, v in overhead.items()},
-        total_gib=round(allocated + sum(overhead.values()), 3), peak_phase=phase,
-        phases={k: round(v / GIB, 3) for k, v in totals.items()}, stage=stage,
+        components=components, allocated_gib=allocated, overhead=overhead,
+        total_gib=allocated + sum(overhead.values()), peak_phase=phase,
+        phases={k: v / GIB for k, v in totals.items()}, stage=stage,
         params_per_gpu=parts["params"], tokens_per_microbatch=tokens,
-        stages=[{"stage": st, "allocated_gib": round(pk / GIB, 3)} for pk, st, _, _ in per_stage])
+        stages=[{"stage": st, "allocated_gib": pk / GIB} for pk, st, _, _ in per_stage])
