@@ -92,6 +92,17 @@ class Assumptions:
     # freed during a step (activations, transients). The static buffers are allocated once, whole.
     fragmentation: float = 0.10
 
+    def __post_init__(self):
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of: "
+                                 f"{', '.join(map(str, allowed))}")
+
+
+_CHOICES = {"params_dtype_bytes": (2, 4), "optimizer_impl": ("fused", "foreach"),
+            "norm_impl": ("eager", "fused"), "swiglu_impl": ("fused", "eager"),
+            "attention_layout": ("packed", "padded")}
+
 
 @dataclass
 class MemoryEstimate:

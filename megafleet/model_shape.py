@@ -141,12 +141,30 @@ NAMED_CONFIGS = {
 }
 
 
+_HUB_PREFIXES = (("meta-llama-3.1-", "llama3-"), ("meta-llama-3-", "llama3-"),
+                 ("llama-3.1-", "llama3-"), ("llama-3.3-", "llama3-"), ("llama-3-", "llama3-"),
+                 ("llama-3.2-", "llama3.2-"))
+
+
+def named_shape(ref: str) -> str | None:
+    """The NAMED_CONFIGS key for a shape name or a well-known hub id (`Qwen/Qwen3-8B`,
+    `meta-llama/Llama-3.1-8B-Instruct`), else None."""
+    key = ref.strip().lower().rsplit("/", 1)[-1]
+    for suffix in ("-instruct", "-base"):
+        key = key.removesuffix(suffix)
+    for prefix, replacement in _HUB_PREFIXES:
+        if key.startswith(prefix):
+            key = replacement + key[len(prefix):]
+    return key if key in NAMED_CONFIGS else None
+
+
 def load_model_config(ref: str) -> dict:
-    """config.json as a dict from a checkpoint directory, a .json file or a NAMED_CONFIGS name."""
-    key = ref.strip().lower()
-    if key in NAMED_CONFIGS:
-        return dict(NAMED_CONFIGS[key])
+    """config.json as a dict from a checkpoint directory, a .json file, or the published shape
+    of a NAMED_CONFIGS name or well-known hub id that is not a local path."""
     path = Path(ref).expanduser()
+    name = None if path.exists() else named_shape(ref)
+    if name:
+        return dict(NAMED_CONFIGS[name])
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():

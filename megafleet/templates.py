@@ -22,8 +22,10 @@ defaults and it renders with `dump_job` (its comments are not kept).
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shlex
+import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,6 +254,31 @@ def _extras(job: JobConfig, seen: set[str]) -> str:
         return ""
     title = "# Set with --set; not part of this template (flat ms-swift keys):"
     return "\n" + "\n".join([title, *lines]) + "\n"
+
+
+TASK_TEMPLATES = {"sft": "sft-full", "pt": "pt"}
+
+
+def job_file_text(job: JobConfig) -> str:
+    """A commented job file for any job: its task's template, rendered with the job's values."""
+    return render_yaml(get_template(TASK_TEMPLATES[job.task]), job)
+
+
+def write_text_file(path: Path, text: str, overwrite: bool) -> None:
+    """Write atomically (temp file + rename); an existing file only with `overwrite`."""
+    if path.exists() and not overwrite:
+        raise UsageError(f"{path} exists", hint="pass --yes to overwrite it")
+    if not path.parent.is_dir():
+        raise UsageError(f"{path.parent} is not a directory")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def torchrun_commands(job: JobConfig) -> list[dict]:

@@ -16,8 +16,8 @@ from megafleet.errors import EXIT_FAILED, MegafleetError, UsageError
 from megafleet.memory import Assumptions
 from megafleet.model_shape import NAMED_CONFIGS, load_model_config
 from megafleet.planner import Candidate, Plan, apply_plan, estimate_job, layouts, plan
-from megafleet.templates import validation_error
-from remote_runtime.args import dump_job, load_job_file
+from megafleet.templates import job_file_text, validation_error, write_text_file
+from remote_runtime.args import load_job_file
 from remote_runtime.config import TASKS, ConfigError, JobConfig
 
 SHOWN_ROWS = 8
@@ -30,7 +30,8 @@ SHOWN_ROWS = 8
                    f"({', '.join(NAMED_CONFIGS)}). Default: the job file's model.")
 @click.option("--gpus", type=int, required=True, help="Total number of GPUs.")
 @click.option("--gpu-mem", "gpu_mem", type=float, required=True, metavar="GB",
-              help="Memory of one GPU in GiB, as nvidia-smi shows it (80 for H100, 141 for H200).")
+              help="Memory of one GPU in GiB: nvidia-smi's MiB / 1024 (79.6 for an H100 80GB, "
+                   "140 for an H200).")
 @click.option("--nodes", type=int, help="Number of nodes (the GPUs are split evenly).")
 @click.option("--gpus-per-node", type=int, help="GPUs per node (default: all GPUs in one node).")
 @click.option("--seq-len", type=int,
@@ -73,9 +74,11 @@ def plan_command(ctx: click.Context, job_file, model_ref, gpus, gpu_mem, nodes, 
     current = _current(job, gpus, hf, result) if job else None
     refined = apply_plan(job or JobConfig(), result) if result.feasible else None
     if refined is not None and not job:
-        refined.model.model = ref if ref.lower() not in NAMED_CONFIGS else ""
+        # A bare shape name (qwen3-8b) is no model to train; a path or hub id is kept.
+        bare_name = ref.strip().lower() in NAMED_CONFIGS and not Path(ref).exists()
+        refined.model.model = "" if bare_name else ref
     if output and refined is not None:
-        _write_job(Path(output), refined, yes)
+        write_text_file(Path(output), job_file_text(refined), yes)
     if as_json:
         payload = result.to_dict()
         payload["model"]["source"] = ref
@@ -84,7 +87,7 @@ def plan_command(ctx: click.Context, job_file, model_ref, gpus, gpu_mem, nodes, 
         payload["output"] = output if refined is not None else None
         ui.emit_json(payload)
     else:
-        _show(result, ref, current)
+        show_plan(result, ref, current)
         if output and refined is not None:
             ui.check_row("ok", f"wrote {output}")
     if not result.feasible:
@@ -126,7 +129,10 @@ def _assumptions(items: tuple[str, ...], job: JobConfig | None) -> Assumptions:
             changes[key] = (raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw))
         except ValueError:
             raise UsageError(f"--assume {item}: {raw!r} is not a {kind.__name__}") from None
-    return dataclasses.replace(base, **changes)
+    try:
+        return dataclasses.replace(base, **changes)
+    except ValueError as exc:
+        raise UsageError(f"--assume: {exc}") from None
 
 
 def _current(job: JobConfig, gpus: int, hf: dict, result: Plan) -> dict:
@@ -142,12 +148,6 @@ def _current(job: JobConfig, gpus: int, hf: dict, result: Plan) -> dict:
     est = estimate_job(job, gpus, hf, result.assumptions)
     limit = result.request.gpu_mem_gb * (1 - result.request.margin)
     return {"valid": True, "fits": est.total_gib <= limit, "memory": est.to_dict()}
-
-
-def _write_job(path: Path, job: JobConfig, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise UsageError(f"{path} exists", hint="pass --yes to overwrite it")
-    path.write_text(dump_job(job))
 
 
 # ---- terminal view -------------------------------------------------------------------------
@@ -174,7 +174,8 @@ def _row(c: Candidate, chosen: Candidate | None, gpu_mem: float, num_layers: int
             f"{100 * c.memory.total_gib / gpu_mem:.0f}%", f"{c.relative_speed:.2f}"]
 
 
-def _show(result: Plan, ref: str, current: dict | None) -> None:
+def show_plan(result: Plan, ref: str, current: dict | None = None) -> None:
+    """The plan as a table with the reasons, the job fragment and the flags (wizard reuses it)."""
     s, r = result.model, result.request
     ui.info(f"[bold]{escape(ref)}[/bold]: {s.family}, {s.total_params() / 1e9:.2f}B parameters, "
             f"{s.num_layers} layers, hidden {s.hidden_size}, {s.num_attention_heads} heads / "

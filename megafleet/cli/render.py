@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -53,7 +51,7 @@ def render(template: str | None, sets: tuple[str, ...], fmt: str, output: str | 
         raise templates.validation_error(ConfigError(invalid))
     text = templates.render(t, job, fmt)
     if output:
-        _write(Path(output), text, yes)
+        templates.write_text_file(Path(output), text, yes)
     if as_json:
         ui.emit_json({"template": t.name, "format": fmt, "task": job.task, "text": text,
                       "output": output, "missing": missing, "job": job.to_dict(),
@@ -78,19 +76,3 @@ def _list(as_json: bool) -> None:
              f"{t.summary} — {t.reason}") for t in found]
     ui.show(ui.table("Job templates", ["template", "supported", "what it does"], rows))
     ui.hint("megafleet render sft-full --set model=DIR --set dataset=FILE -o job.yaml")
-
-
-def _write(path: Path, text: str, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise UsageError(f"{path} exists", hint="pass --yes to overwrite it")
-    if not path.parent.is_dir():
-        raise UsageError(f"{path.parent} is not a directory")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -49,6 +49,9 @@ def test_load_model_config_reads_dirs_files_and_names(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["Qwen3ForCausalLM"]}')
     assert load_model_config(str(tmp_path))["architectures"] == ["Qwen3ForCausalLM"]
     assert load_model_config("Qwen3-8B")["hidden_size"] == 4096
+    assert load_model_config("Qwen/Qwen3-8B-Base")["hidden_size"] == 4096  # hub ids too
+    assert load_model_config("meta-llama/Llama-3.1-8B-Instruct")["vocab_size"] == 128256
+    assert load_model_config("meta-llama/Llama-3.2-1B")["tie_word_embeddings"] is True
     with pytest.raises(ConfigError) as e:
         load_model_config(str(tmp_path / "nope"))
     assert "qwen3-8b" in str(e.value)  # the known shapes are offered
@@ -161,3 +164,9 @@ def test_shape_parameter_count_of_qwen2_biases_and_tied_head():
     assert untied.total_params() - tied.total_params() == tied.vocab_size * tied.hidden_size
     assert tied.qkv_bias and not tied.qk_layernorm
     assert isinstance(tied, ModelShape)
+
+
+def test_assumptions_reject_unknown_choices():
+    with pytest.raises(ValueError) as e:
+        Assumptions(optimizer_impl="sgd")
+    assert "optimizer_impl" in str(e.value) and "foreach" in str(e.value)

@@ -39,6 +39,7 @@ def test_plan_refines_a_job_file(tmp_path):
     assert out["request"]["seq_len"] == 2048 and out["request"]["global_batch_size"] == 32
     assert out["current"]["valid"] is False and "TP=4" in out["current"]["reason"]  # 4 > 2 GPUs
     planned = load_job_file(out_file)
+    assert "# " in out_file.read_text()  # written from the task's template, with comments
     assert planned.data.dataset == ["d.jsonl"] and planned.train.train_iters == 10
     assert planned.parallel.tensor_model_parallel_size == out["chosen"]["parallel"]["tp"]
     again = run_cli("plan", str(job), "--gpus", "2", "--gpu-mem", "141", "-o", str(out_file))
@@ -51,6 +52,9 @@ def test_plan_usage_errors_exit_2():
     proc, out = run_cli_json("plan", "--model", "/nonexistent", "--gpus", "1", "--gpu-mem", "80",
                              "--json")
     assert proc.returncode == 2 and "not found" in out["message"]
+    proc = run_cli("plan", "--model", "qwen3-8b", "--gpus", "2", "--gpu-mem", "80",
+                   "--assume", "optimizer_impl=sgd")
+    assert proc.returncode == 2 and "optimizer_impl" in proc.stderr
 
 
 def test_render_list_json():

@@ -154,3 +154,14 @@ def test_yaml_value_loads_back(value):
     import yaml
 
     assert yaml.safe_load(f"k: {templates.yaml_value(value)}  # comment") == {"k": value}
+
+
+@pytest.mark.parametrize("task", ["sft", "pt"])
+def test_any_job_gets_a_commented_file_from_its_tasks_template(tmp_path, task):
+    job = JobConfig(task=task)
+    job.model.model, job.data.dataset, job.train.train_iters = "/m", ["d.jsonl"], 7
+    job.optim.adam_eps = 1e-6  # not in the template: appended
+    path = tmp_path / "job.yaml"
+    path.write_text(templates.job_file_text(job))
+    assert load_job_file(path) == job
+    assert "# " in path.read_text() and "adam_eps: 1.0e-06" in path.read_text()
