@@ -11,6 +11,10 @@ relative speed: TP communication (a few % per doubling inside a node), the pipel
 m / (m + PP - 1), the extra forward of recomputed layers (+1/3 of a layer's compute each) and
 micro batches too small to fill the GPU. Ties go to the smaller model-parallel size and to TP
 over PP. Nothing fits: the plan is refused with the reason and the fewest GPUs that would do.
+
+Recompute is "none" or "full" with the block method (the first N layers of each stage), N as
+small as fits. Selective recompute is never proposed: it recomputes core attention, and with
+SDPA/flash attention there is no s×s score matrix to drop, so it saves nothing.
 """
 
 from __future__ import annotations
@@ -300,7 +304,8 @@ def explain(p: Plan) -> list[str]:
     c, req = p.chosen, p.request
     par, notes = c.parallel, []
     if par.tp == 1 and par.pp == 1:
-        notes.append("the whole model fits on one GPU: data parallel only (fastest)")
+        notes.append("no model parallelism needed: weights, gradients and optimizer states fit "
+                     "on each GPU")
     else:
         smaller = [x for x in p.candidates if x.parallel.tp * x.parallel.pp < par.tp * par.pp]
         if smaller and not any(x.fits for x in smaller):
