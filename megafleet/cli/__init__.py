@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "hosts": ("hosts", "hosts", "Manage and check the SSH hosts megafleet uses."),
     "env": ("env", "env", "Check the Megatron training environment (torch, GPUs, CUDA, TE, megatron-core)."),
     "ec2": ("ec2", "ec2", "Find, check, import, start and stop EC2 GPU instances."),
+    "plan": ("plan", "plan_command", "Propose parallel sizes, recompute and batch sizes that fit in GPU memory."),
+    "render": ("render", "render", "Render a job template as a job file, runtime flags or torchrun command."),
 }
 
 

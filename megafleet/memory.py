@@ -1,0 +1,287 @@
+"""Peak GPU memory of one training rank, from the model's shape and the job's parallel settings.
+
+A bottom-up count of what megatron-core and our runtime keep on the GPU, per pipeline stage:
+
+* static: bf16 weights, the DDP gradient buffer (fp32 with grad_reduce_in_fp32), fp32 master
+  weights and Adam moments (12 bytes per parameter, sharded over data parallel ranks by the
+  distributed optimizer), sequence-parallel all-gather buffer;
+* backward peak: the activations autograd saves for every microbatch in flight (1F1B: up to
+  PP - stage on a stage), plus the largest transient: the logits and cross-entropy buffers on
+  the last stage (logits in bf16 plus their fp32 copy, vocab × tokens × 6 bytes) or the backward
+  working set of one layer (plus the layers replayed by full recompute);
+* optimizer-step peak: static plus the optimizer's temporaries (activations are freed by then).
+
+Activations follow Korthikanti et al. ("Reducing Activation Recomputation in Large Transformer
+Models") tensor by tensor, adapted to this model and runtime: SwiGLU MLP, grouped-query
+attention, no dropout (p=0 stores no masks), SDPA/flash attention that keeps q, k, v, the output
+and a log-sum-exp instead of the s×s score matrix, RMSNorm as the runtime implements it, RoPE's
+cos/sin tables. `Assumptions` names every implementation detail the numbers depend on;
+tests/runtime/test_memory_saved_tensors.py checks the per-layer terms against the bytes the real
+model saves for backward (autograd's saved-tensor hooks).
+
+Units: GiB (2**30 bytes) everywhere; `--gpu-mem 80` means 80 GiB. Torch-free.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from megafleet.model_shape import ModelShape, as_shape
+from remote_runtime.dry_run import padded_vocab_size
+
+GIB = float(1 << 30)
+STATIC = ("weights", "gradients", "optimizer_states", "comm_buffers")
+
+
+@dataclass(frozen=True)
+class Parallel:
+    tp: int = 1  # tensor_model_parallel_size
+    pp: int = 1  # pipeline_model_parallel_size
+    dp: int = 1  # data parallel size (world / (tp·pp·cp))
+    cp: int = 1  # context_parallel_size
+    sequence_parallel: bool = False  # only meaningful with tp > 1
+    distributed_optimizer: bool = True
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp * self.cp
+
+
+@dataclass(frozen=True)
+class Recompute:
+    granularity: str = "none"  # none | selective (core attention) | full
+    method: str | None = None  # full only: uniform | block
+    num_layers: int | None = None  # full: layers per checkpoint (uniform) / recomputed (block)
+
+    def checkpointed_layers(self, stage_layers: int) -> int:
+        """How many of a stage's layers are recomputed in backward."""
+        if self.granularity != "full":
+            return 0
+        if (self.method or "uniform") == "block":
+            return min(self.num_layers or 1, stage_layers)
+        return stage_layers
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    """The runtime details the estimate depends on (each checked against megatron-core 0.16 and
+    the runtime's model code; the training loop's choices are marked as expected)."""
+
+    params_dtype_bytes: int = 2  # bf16 weights and activations (4 for float32 jobs)
+    # Expected: the training loop's DDP config sets grad_reduce_in_fp32=True as Megatron-LM does
+    # for bf16 (fp32 gradient buffer, 4 bytes per parameter); megatron-core's own default is False.
+    grad_reduce_in_fp32: bool = True
+    # Expected "fused": TE/apex FusedAdam or torch AdamW(fused=True), no temporaries. "foreach":
+    # torch's default AdamW, which megatron-core 0.16 builds when TE and apex are missing: one
+    # fp32 temporary per parameter of the shard (sqrt of the second moment) during the step.
+    optimizer_impl: str = "fused"
+    # "eager": the runtime's RMSNorm saves an fp32 copy of its input plus the bf16 normalised
+    # value (6 bytes/element); "fused": a fused kernel saves only its input (2 bytes/element).
+    norm_impl: str = "eager"
+    # "fused": megatron's SwiGLU kernel saves its input (2f elements; used on GPU when
+    # torch.compile works); "eager": the fc1 output (kept by a view), silu's output and the
+    # `x_linear + glu_linear_offset` copy (4f elements).
+    swiglu_impl: str = "fused"
+    # "packed": THD batches through varlen flash attention (v copied contiguous, fused QKV output
+    # freed); "padded": [s, b] batches through SDPA, whose saved v view keeps the QKV output alive.
+    attention_layout: str = "packed"
+    cuda_context_gib: float = 0.75  # CUDA context, kernels, cuBLAS handles: outside the allocator
+    nccl_gib_per_group: float = 0.5  # NCCL buffers per parallel dimension in use (tp, pp, dp)
+    # Caching-allocator blocks reserved but not in use, as a fraction of what is allocated and
+    # freed during a step (activations, transients). The static buffers are allocated once, whole.
+    fragmentation: float = 0.10
+
+    def __post_init__(self):
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of: "
+                                 f"{', '.join(map(str, allowed))}")
+
+
+_CHOICES = {"params_dtype_bytes": (2, 4), "optimizer_impl": ("fused", "foreach"),
+            "norm_impl": ("eager", "fused"), "swiglu_impl": ("fused", "eager"),
+            "attention_layout": ("packed", "padded")}
+
+
+@dataclass
+class MemoryEstimate:
+    """Per-GPU memory of the worst pipeline stage, in GiB."""
+
+    components: dict[str, float]  # what is allocated at the peak; sums to allocated_gib
+    allocated_gib: float  # comparable to torch.cuda.max_memory_allocated()
+    overhead: dict[str, float]  # outside the tensors: CUDA context, NCCL, fragmentation
+    total_gib: float  # allocated + overhead: compare with the GPU's memory
+    peak_phase: str  # "backward" or "optimizer step"
+    phases: dict[str, float]  # allocated GiB at the peak of each phase
+    stage: int  # the pipeline stage with the largest peak
+    params_per_gpu: int  # parameters held by that stage's rank (padded vocabulary)
+    tokens_per_microbatch: int
+    stages: list[dict] = field(default_factory=list)  # allocated GiB per stage
+
+    def to_dict(self) -> dict:
+        """Plain JSON values, GiB rounded to MiB precision."""
+        return _rounded(asdict(self))
+
+
+def _rounded(value):
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """Bytes per token of one layer's saved activations, by recompute mode."""
+
+    layer: float  # no recompute
+    layer_selective: float  # core attention recomputed
+    checkpoint: float  # full recompute: the checkpointed chunk's input
+    norm: float  # one norm's saved bytes per element
+    hs: float  # elements per token in the norm/residual region (h, or h/tp with SP)
+
+
+def _layer_sizes(s: ModelShape, par: Parallel, asm: Assumptions) -> _Sizes:
+    e, t = asm.params_dtype_bytes, par.tp
+    hs = s.hidden_size / t if (par.sequence_parallel and t > 1) else s.hidden_size
+    norm = (4 + e if e < 4 else 2 * e) if asm.norm_impl == "eager" else e
+    q = e * s.num_attention_heads * s.kv_channels / t
+    kv = e * s.num_query_groups * s.kv_channels / t  # k or v
+    lse = 4 * s.num_attention_heads / t
+    qkv_out = q + 2 * kv
+    kept_v = kv if asm.attention_layout == "packed" else qkv_out  # copy of v, or the whole QKV
+    attn = q + kv + kept_v + q + lse  # q, k (after RoPE), v, output (= linear_proj input), lse
+    attn_selective = q + kv + qkv_out + q  # checkpoint keeps q, k and the v view; output kept
+    qk_norm = norm * (q + kv) / e if s.qk_layernorm else 0.0
+    f = s.ffn_hidden_size / t
+    mlp = (2 * e * f if asm.swiglu_impl == "fused" else 4 * e * f) + e * f  # + fc2 input
+    norms_and_inputs = 2 * norm * hs + 2 * e * hs  # two norms, QKV and fc1 inputs
+    rope = 4 * e * s.kv_channels  # cos and sin, made per call for q and for k, [s, 1, 1, d] each
+    base = norms_and_inputs + qk_norm + mlp + rope
+    return _Sizes(layer=base + attn, layer_selective=base + attn_selective, checkpoint=e * hs,
+                  norm=norm, hs=hs)
+
+
+def activation_bytes_per_token(shape: ModelShape, parallel: Parallel,
+                               assumptions: Assumptions = Assumptions()) -> dict[str, float]:
+    """Bytes one layer keeps for backward per token (of one TP rank), by recompute mode:
+    `layer` (none), `layer_selective` (core attention recomputed), `checkpoint` (full)."""
+    sz = _layer_sizes(shape, parallel, assumptions)
+    return {"layer": sz.layer, "layer_selective": sz.layer_selective, "checkpoint": sz.checkpoint}
+
+
+def _stage_params(s: ModelShape, par: Parallel, stage: int) -> int:
+    t, pp = par.tp, par.pp
+    h, d = s.hidden_size, s.kv_channels
+    qkv_out = (s.num_attention_heads + 2 * s.num_query_groups) * d
+    split = h * qkv_out + s.num_attention_heads * d * h + 3 * h * s.ffn_hidden_size
+    split += qkv_out if s.qkv_bias else 0
+    layer = split // t + 2 * h + (2 * d if s.qk_layernorm else 0)
+    params = (s.num_layers // pp) * layer
+    vocab_shard = padded_vocab_size(s.vocab_size, t) * h // t
+    if stage == 0:
+        params += vocab_shard
+    if stage == pp - 1:
+        params += h  # final norm
+        if not (s.tie_word_embeddings and pp == 1):  # tied + PP: the last stage keeps a copy
+            params += vocab_shard
+    return params
+
+
+def _saved_per_token(s: ModelShape, sz: _Sizes, rc: Recompute, stage: int, pp: int,
+                     e: int) -> tuple[float, int]:
+    """(bytes saved per token of one microbatch on this stage, layers replayed at the peak)."""
+    layers = s.num_layers // pp
+    recomputed = rc.checkpointed_layers(layers)
+    if rc.granularity == "full" and (rc.method or "uniform") == "uniform":
+        # Backward replays the top chunk while every chunk's checkpoint is still held.
+        per_token = math.ceil(layers / (rc.num_layers or 1)) * sz.checkpoint
+        replay = min(rc.num_layers or 1, layers)
+    elif rc.granularity == "full":
+        # Block: the peak is at the start of backward, with the layers that are not recomputed
+        # all held; by the time the recomputed (first) layers replay, those are freed.
+        per_token = recomputed * sz.checkpoint + (layers - recomputed) * sz.layer
+        replay = 1 if recomputed == layers else 0
+    else:
+        per_token = layers * (sz.layer_selective if rc.granularity == "selective" else sz.layer)
+        replay = 0
+    if stage == pp - 1:
+        per_token += sz.norm * sz.hs + e * sz.hs  # final norm, output layer input
+    if stage > 0:
+        per_token += e * sz.hs  # the received stage input, kept by the schedule for backward
+    return per_token, replay
+
+
+def _stage_bytes(s: ModelShape, par: Parallel, rc: Recompute, asm: Assumptions, stage: int,
+                 tokens: int, microbatches: int) -> dict[str, dict[str, float]]:
+    """{"backward": {component: bytes}, "optimizer step": {...}} for one stage's rank."""
+    e, t, pp = asm.params_dtype_bytes, par.tp, par.pp
+    sz = _layer_sizes(s, par, asm)
+    params = _stage_params(s, par, stage)
+    shard = par.dp * par.cp if par.distributed_optimizer else 1
+    master = 4 if e < 4 else 0
+    grad_bytes = 4 if (asm.grad_reduce_in_fp32 or e == 4) else e
+    static = {
+        "weights": e * params,
+        "gradients": grad_bytes * params,
+        "optimizer_states": (master + 8) * params / shard,
+        "comm_buffers": e * tokens * s.hidden_size if (par.sequence_parallel and t > 1) else 0.0,
+    }
+    per_token, replay = _saved_per_token(s, sz, rc, stage, pp, e)
+    in_flight = min(pp - stage, microbatches)
+    last = stage == pp - 1
+    vocab = padded_vocab_size(s.vocab_size, t) / t
+    working = tokens * sz.layer * (1 + replay)  # one layer's gradient temporaries + replayed layers
+    if last and s.tie_word_embeddings and pp == 1:
+        working += e * vocab * s.hidden_size  # output-layer gradient held until the embedding's
+    logits = 0.0
+    if last:  # bf16 logits + fp32 copy (softmax kept for backward); then logits grad + weight grad
+        logits = max(tokens * vocab * (e + 4), e * vocab * (tokens + s.hidden_size))
+    backward = dict(static, activations=in_flight * tokens * per_token,
+                    logits_and_loss=logits if logits >= working else 0.0,
+                    backward_working_set=working if working > logits else 0.0)
+    step_temp = 0.0
+    if master and grad_bytes < 4:
+        step_temp += 4 * params / shard  # the optimizer's fp32 copy of the bf16 gradient shard
+    if asm.optimizer_impl == "foreach":
+        step_temp += 4 * params / shard
+    step = dict(static, optimizer_step_temporaries=step_temp)
+    return {"backward": backward, "optimizer step": step, "params": params}
+
+
+def estimate_memory(model_config: dict | ModelShape, parallel: Parallel, seq_len: int,
+                    micro_batch_size: int = 1, recompute: Recompute = Recompute(),
+                    num_microbatches: int | None = None,
+                    assumptions: Assumptions = Assumptions()) -> MemoryEstimate:
+    """Peak memory per GPU of a training job. `model_config` is config.json (dict) or a shape.
+
+    num_microbatches (per optimizer step and data-parallel rank) bounds how many microbatches a
+    pipeline stage holds; by default the pipeline is assumed full (PP in flight on stage 0).
+    """
+    shape = as_shape(model_config)
+    tokens = micro_batch_size * seq_len // parallel.cp
+    microbatches = num_microbatches or parallel.pp
+    per_stage = []
+    for stage in range(parallel.pp):
+        parts = _stage_bytes(shape, parallel, recompute, assumptions, stage, tokens, microbatches)
+        totals = {ph: sum(parts[ph].values()) for ph in ("backward", "optimizer step")}
+        per_stage.append((max(totals.values()), stage, parts, totals))
+    peak, stage, parts, totals = max(per_stage, key=lambda x: (x[0], -x[1]))
+    phase = max(totals, key=totals.get)
+    components = {k: v / GIB for k, v in parts[phase].items() if v}
+    allocated = peak / GIB
+    churn = allocated - sum(components.get(k, 0.0) for k in STATIC)
+    groups = sum(1 for n in (parallel.tp, parallel.pp, parallel.dp * parallel.cp) if n > 1)
+    overhead = {"cuda_context": assumptions.cuda_context_gib,
+                "nccl": assumptions.nccl_gib_per_group * groups,
+                "fragmentation": assumptions.fragmentation * churn}
+    return MemoryEstimate(
+        components=components, allocated_gib=allocated, overhead=overhead,
+        total_gib=allocated + sum(overhead.values()), peak_phase=phase,
+        phases={k: v / GIB for k, v in totals.items()}, stage=stage,
+        params_per_gpu=parts["params"], tokens_per_microbatch=tokens,
+        stages=[{"stage": st, "allocated_gib": pk / GIB} for pk, st, _, _ in per_stage])
