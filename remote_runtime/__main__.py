@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 USAGE = """usage: python -m remote_runtime {sft,pt} [--config job.yaml] [--option value ...]
@@ -28,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
                 from remote_runtime.dry_run import print_dry_run
 
                 return print_dry_run(job)
+            if job.parallel.tensor_model_parallel_size > 1:
+                # Megatron's tensor/sequence-parallel communication relies on kernels being
+                # queued in issue order; must be set before CUDA starts.
+                os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

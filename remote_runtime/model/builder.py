@@ -43,6 +43,8 @@ class ModelOptions:
     recompute_method: str | None = None  # uniform | block (full only; default uniform)
     recompute_num_layers: int | None = None  # full only; default 1
     cross_entropy_loss_fusion: bool = True  # used on GPU; on CPU torch.compile is not worth it
+    fused_norm: bool = True  # compiled RMSNorm (GPU with torch.compile only)
+    fused_rope: bool = True  # compiled RoPE through megatron's fused-RoPE hook (GPU, no TE)
     bias_activation_fusion: bool = True  # fused SwiGLU (torch.compile), GPU only
     init_weights: bool = False  # random init; off when a checkpoint is loaded right after
     variable_seq_lengths: bool = True  # pipeline stages exchange shapes (packed batches vary)
@@ -104,8 +106,12 @@ def transformer_config(tc: dict, options: ModelOptions, dist: DistInfo):
     if unknown:
         raise ValueError(f"not TransformerConfig fields: {', '.join(unknown)}")
     dtype = DTYPES[options.dtype]
-    on_gpu = dist.device.type == "cuda"
-    fuse = on_gpu and torch_compile_usable()
+    fuse = compile_fusions(dist)
+    rope_fusion = fuse and options.fused_rope
+    if rope_fusion:
+        from remote_runtime.model.fused import install_rope
+
+        install_rope()
     recompute = None if options.recompute_granularity in (None, "none") else options.recompute_granularity
     kw.update(
         activation_func=ACTIVATIONS[tc["activation"]],
@@ -119,7 +125,7 @@ def transformer_config(tc: dict, options: ModelOptions, dist: DistInfo):
                                 and tc.get("gated_linear_unit", False) and tc["activation"] == "silu"),
         cross_entropy_loss_fusion=fuse and options.cross_entropy_loss_fusion,
         cross_entropy_fusion_impl="te" if have_transformer_engine() else "native",
-        masked_softmax_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+        masked_softmax_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=rope_fusion,
         persist_layer_norm=False, attention_softmax_in_fp32=True,
         recompute_granularity=recompute,
         recompute_method=(options.recompute_method or "uniform") if recompute == "full" else None,
@@ -134,13 +140,18 @@ def transformer_config(tc: dict, options: ModelOptions, dist: DistInfo):
     return TransformerConfig(**kw)
 
 
-def layer_spec(config, impl: str, attention_backend: str):
+def compile_fusions(dist: DistInfo) -> bool:
+    """Fused kernels here are torch.compile'd (ours and megatron's jit_fuser): GPU only."""
+    return dist.device.type == "cuda" and torch_compile_usable()
+
+
+def layer_spec(config, impl: str, attention_backend: str, compiled_norm: bool = False):
     """The per-layer ModuleSpec: TE's, or megatron's local spec with our norm and attention."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from remote_runtime.model.attention import sdpa_core_attention
-    from remote_runtime.model.norm import RMSNorm
+    from remote_runtime.model.norm import rms_norm_class
 
     if impl == "transformer_engine":
         spec = copy.deepcopy(specs.get_gpt_layer_with_transformer_engine_spec(
@@ -153,9 +164,10 @@ def layer_spec(config, impl: str, attention_backend: str):
     layer, attn = spec.submodules, spec.submodules.self_attention.submodules
     if config.normalization != "RMSNorm":
         raise ValueError("the local spec here implements RMSNorm only")
-    layer.input_layernorm = layer.pre_mlp_layernorm = RMSNorm
+    norm = rms_norm_class(compiled_norm)
+    layer.input_layernorm = layer.pre_mlp_layernorm = norm
     if config.qk_layernorm:
-        attn.q_layernorm = attn.k_layernorm = RMSNorm
+        attn.q_layernorm = attn.k_layernorm = norm
     if attention_backend != "local":
         attn.core_attention = sdpa_core_attention(attention_backend)
     return spec
@@ -169,16 +181,17 @@ def build_model(family: ModelFamily, hf_config: dict, options: ModelOptions, dis
         get_num_layers_to_build,
     )
 
-    from remote_runtime.model.norm import RMSNorm
+    from remote_runtime.model.norm import rms_norm_class
 
     tc = family.transformer_config_kwargs(hf_config)
     config = transformer_config(tc, options, dist)
     impl = resolve_impl(options.transformer_impl)
-    spec = layer_spec(config, impl, options.attention_backend)
+    compiled_norm = compile_fusions(dist) and options.fused_norm
+    spec = layer_spec(config, impl, options.attention_backend, compiled_norm)
     if impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:
-        final_norm = RMSNorm
+        final_norm = rms_norm_class(compiled_norm)
     block = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
                                        layer_norm=final_norm)
     model = VocabMaskedGPTModel(

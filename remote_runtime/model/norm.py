@@ -22,8 +22,22 @@ class RMSNorm(torch.nn.Module):
         # is partial and megatron must sum it over the TP group.
         self.weight.sequence_parallel = bool(config.sequence_parallel)
 
+    compiled = False  # set by rms_norm_class: one fused kernel per direction (GPU)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled:
+            from remote_runtime.model.fused import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+
+class CompiledRMSNorm(RMSNorm):
+    compiled = True
+
+
+def rms_norm_class(compiled: bool) -> type:
+    return CompiledRMSNorm if compiled else RMSNorm

@@ -248,15 +248,18 @@ def _restore_adam_steps(optimizer) -> None:
     (a) restores as ONE tensor shared by all parameters, which torch increments once per
     parameter, and (b) overwrites from its bucket-shaped parameter state, which does not hold it.
     The param groups do carry the right count: give every parameter its own copy of it."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        for group in (inner.param_groups if inner is not None else []):
+    from remote_runtime.train.optim import inner_optimizers
+
+    for inner in inner_optimizers(optimizer):
+        for group in inner.param_groups:
             if "step" not in group:
                 continue
+            on_device = group.get("fused") or group.get("capturable")  # torch keeps step there
             for param in group["params"]:
                 state = inner.state.get(param)
                 if state is not None and "step" in state:
-                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32,
+                                                 device=param.device if on_device else "cpu")
 
 
 def _broadcast_state(path: Path, dist) -> TrainState:

@@ -72,6 +72,7 @@ def build_optimizer(model: list, job: JobConfig, schedule: Schedule):
 
     optimizer = get_megatron_optimizer(
         opt_config, model, use_gloo_process_groups=torch.distributed.get_backend() != "gloo")
+    _use_fused_adam(optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if schedule.warmup_iters else o.lr, max_lr=o.lr, min_lr=o.min_lr,
         lr_warmup_steps=schedule.warmup_iters, lr_decay_steps=max(schedule.decay_iters, 1),
@@ -89,6 +90,29 @@ def build_optimizer(model: list, job: JobConfig, schedule: Schedule):
         config.param_sync_func = ([m.start_param_sync for m in model] if len(model) > 1
                                   else model[0].start_param_sync)
     return optimizer, scheduler
+
+
+def inner_optimizers(optimizer) -> list:
+    """The torch optimizers inside megatron's (chained) optimizer."""
+    return [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+            if getattr(opt, "optimizer", None) is not None]
+
+
+def _use_fused_adam(optimizer) -> None:
+    """Without TE/Apex megatron-core builds torch's AdamW in its default (foreach) mode, which
+    keeps an fp32 temporary per parameter shard at the step. On GPU, torch's fused AdamW does the
+    same update in one kernel with no temporaries (before the first step, so state is created
+    in the fused layout)."""
+    import torch
+
+    for inner in inner_optimizers(optimizer):
+        if not isinstance(inner, torch.optim.Adam):  # AdamW is a subclass
+            continue
+        params = [p for g in inner.param_groups for p in g["params"]]
+        if params and all(p.is_cuda and p.dtype == torch.float32 for p in params):
+            inner.defaults.update(fused=True, foreach=False)
+            for group in inner.param_groups:
+                group.update(fused=True, foreach=False)
 
 
 def current_lr(optimizer) -> float:

@@ -1,0 +1,359 @@
+"""Training throughput: megafleet's runtime vs Hugging Face transformers, same shape, same GPU.
+
+    python benchmarks/train_throughput.py --shape qwen3-1.7b --seq-len 4096 --json out.json
+    torchrun --standalone --nproc_per_node 2 benchmarks/train_throughput.py --shape qwen3-8b \
+        --tp 2 --sp --json out.json
+
+Both sides do full fine-tuning in bf16 of a randomly initialised model of the named shape, on
+sequences of `--seq-len` tokens (`--docs-per-seq` documents packed per sequence for the runtime;
+Hugging Face gets one document per sequence, the same FLOPs when docs-per-seq is 1), with
+`--global-batch` sequences per optimizer step. Reported per side: tokens/s (all GPUs),
+TFLOP/s per GPU and MFU (Megatron's formula, causal attention halved, peak 989 TFLOP/s on
+H100/H200), peak memory (torch.cuda.max_memory_allocated, GiB), and the runtime/HF ratio.
+
+The runtime keeps fp32 master weights, fp32 gradient buffers and Adam states (megatron's
+mixed precision); Hugging Face trains in pure bf16 with fused AdamW (its usual bf16 setup).
+Under torchrun the runtime uses all ranks (TP × PP × DP); Hugging Face runs on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+
+def parse_args(argv=None):
+    from megafleet.model_shape import NAMED_CONFIGS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="qwen3-1.7b", choices=sorted(NAMED_CONFIGS))
+    p.add_argument("--num-layers", type=int, help="cut the model to this many layers")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--docs-per-seq", type=int, default=1)
+    p.add_argument("--global-batch", type=int, default=8, help="sequences per optimizer step")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--impl", default="runtime,hf")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--sp", action="store_true", help="sequence parallel (TP > 1)")
+    p.add_argument("--no-distributed-optimizer", action="store_true")
+    p.add_argument("--overlap", action="store_true", help="overlap grad reduce / param gather")
+    p.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
+    p.add_argument("--recompute-layers", type=int, default=1)
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--transformer-impl", default="auto")
+    p.add_argument("--option", action="append", default=[],
+                   help="extra ModelOptions field=value (e.g. fused_norm=false) for ablations")
+    p.add_argument("--profile", help="write a torch.profiler summary of 2 runtime steps here")
+    p.add_argument("--json", help="append the results to this JSON file")
+    p.add_argument("--label", default="")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cpu: a smoke run of the same code (tiny shapes only; numbers meaningless)")
+    return p.parse_args(argv)
+
+
+# ---- shared ------------------------------------------------------------------------------
+
+def hf_config(args) -> dict:
+    from megafleet.model_shape import NAMED_CONFIGS
+
+    cfg = dict(NAMED_CONFIGS[args.shape])
+    if args.num_layers:
+        cfg["num_hidden_layers"] = args.num_layers
+    return cfg
+
+
+def flops_per_step(args, cfg: dict) -> float:
+    from remote_runtime.families import family_for_hf_config
+    from remote_runtime.train.metrics import ModelShape, training_flops
+
+    tc = family_for_hf_config(cfg).transformer_config_kwargs(cfg)
+    shape = ModelShape.from_transformer_config(tc, cfg["vocab_size"])
+    doc = args.seq_len // args.docs_per_seq
+    docs = [doc] * args.docs_per_seq
+    docs[-1] += args.seq_len - sum(docs)
+    tokens = args.seq_len * args.global_batch
+    return training_flops(shape, tokens, sum(d * d for d in docs) * args.global_batch)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(step_fn, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step_fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step_fn()
+    sync()
+    return (time.perf_counter() - t0) / steps
+
+
+def memory_stats() -> tuple[float, float]:
+    if not torch.cuda.is_available():
+        return 0.0, 0.0
+    return torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
+
+
+def reset_memory_stats() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def result(args, impl: str, cfg: dict, step_time: float, world: int, extra: dict) -> dict:
+    from remote_runtime.train.metrics import peak_tflops
+
+    flops = flops_per_step(args, cfg)
+    tokens = args.seq_len * args.global_batch
+    peak = peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    allocated, reserved = memory_stats()
+    tflops = flops / step_time / world / 1e12
+    return {
+        "impl": impl, "label": args.label, "shape": args.shape, "model_config": cfg,
+        "seq_len": args.seq_len, "docs_per_seq": args.docs_per_seq,
+        "micro_batch_size": args.micro_batch, "global_batch_size": args.global_batch,
+        "world_size": world, "step_time_s": round(step_time, 4),
+        "tokens_per_s": round(tokens / step_time, 1),
+        "tokens_per_s_per_gpu": round(tokens / step_time / world, 1),
+        "tflops_per_gpu": round(tflops, 1), "mfu": round(tflops / peak, 4) if peak else None,
+        "peak_mem_gb": round(allocated, 2), "peak_mem_unit": "GiB",
+        "peak_reserved_gib": round(reserved, 2),
+        **extra,
+    }
+
+
+# ---- the runtime ---------------------------------------------------------------------------
+
+def runtime_batches(args, dist, vocab: int):
+    """This DP rank's micro-batches of one global batch: random tokens, THD packed."""
+    import numpy as np
+
+    from remote_runtime.data.batches import collate_thd
+
+    rng = np.random.default_rng(1234 + dist.dp_rank)
+    per_rank = args.global_batch // dist.dp
+    n_micro = per_rank // args.micro_batch
+    doc = args.seq_len // args.docs_per_seq
+    micro = []
+    for _ in range(n_micro):
+        docs = []
+        for _ in range(args.micro_batch):
+            for d in range(args.docs_per_seq):
+                n = doc if d < args.docs_per_seq - 1 else args.seq_len - doc * (args.docs_per_seq - 1)
+                docs.append((rng.integers(0, vocab, n).astype(np.int32), np.ones(n, np.uint8)))
+        mb = collate_thd(docs, num_samples=args.micro_batch, pad_token_id=0,
+                         pad_to_multiple_of=dist.tp if args.sp else 1)
+        micro.append(mb.to(dist.device))
+    return micro
+
+
+def run_runtime(args, cfg: dict) -> dict:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from remote_runtime.config import JobConfig
+    from remote_runtime.families import family_for_hf_config
+    from remote_runtime.model.builder import ModelOptions, build_model
+    from remote_runtime.platform import init_distributed
+    from remote_runtime.train.optim import build_optimizer, schedule_for, wrap_ddp
+    from remote_runtime.train.step import train_step
+
+    dist = init_distributed(args.device, args.tp, args.pp, seed=1234)
+    job = JobConfig()
+    job.parallel.tensor_model_parallel_size, job.parallel.pipeline_model_parallel_size = args.tp, args.pp
+    job.parallel.sequence_parallel = args.sp and args.tp > 1
+    job.parallel.use_distributed_optimizer = not args.no_distributed_optimizer
+    job.parallel.overlap_grad_reduce = job.parallel.overlap_param_gather = args.overlap
+    job.recompute.recompute_granularity = args.recompute
+    if args.recompute == "full":
+        job.recompute.recompute_method, job.recompute.recompute_num_layers = "uniform", args.recompute_layers
+    job.train.micro_batch_size, job.train.global_batch_size = args.micro_batch, args.global_batch
+    job.model.attention_backend, job.model.transformer_impl = args.attention_backend, args.transformer_impl
+    job.optim.lr = 1e-5
+    if args.device == "cpu":
+        job.model.torch_dtype = "float32"
+    overrides = {}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        overrides[key] = {"true": True, "false": False}.get(value.lower(), value)
+    options = ModelOptions.from_job(job, init_weights=True, **overrides)
+    family = family_for_hf_config(cfg)
+    model = wrap_ddp(build_model(family, cfg, options, dist), job)
+    optimizer, scheduler = build_optimizer(model, job, schedule_for(job, 10**6))
+    micro = runtime_batches(args, dist, cfg["vocab_size"])
+    fb = get_forward_backward_func()
+    losses = []
+
+    def step():
+        loss_pair, _, _ = train_step(model, optimizer, scheduler, micro, fb)
+        losses.append(loss_pair)
+
+    reset_memory_stats()
+    step_time = timed(step, args.warmup, args.steps)
+    if args.profile:
+        profile_steps(step, args.profile, dist.rank)
+    total = torch.stack(losses).sum(0)
+    torch.distributed.all_reduce(total)
+    from remote_runtime.model.attention import PACKED_PATH
+
+    extra = {"tp": dist.tp, "pp": dist.pp, "dp": dist.dp,
+             "sequence_parallel": job.parallel.sequence_parallel,
+             "use_distributed_optimizer": job.parallel.use_distributed_optimizer,
+             "recompute_granularity": args.recompute,
+             "recompute_method": job.recompute.recompute_method,
+             "recompute_num_layers": job.recompute.recompute_num_layers,
+             "attention": dict(PACKED_PATH), "options": overrides,
+             "transformer_impl": getattr(model[0].module, "megafleet_transformer_impl", None),
+             "mean_loss": round(float(total[0] / total[1]), 4) if total[1] > 0 else None}
+    res = result(args, "runtime", cfg, step_time, dist.world_size, extra)
+    # every rank's peak: report the largest
+    peak = torch.tensor([res["peak_mem_gb"]], device=dist.device)
+    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    res["peak_mem_gb"] = round(float(peak.item()), 2)
+    del model, optimizer, micro
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return res
+
+
+def profile_steps(step_fn, path: str, rank: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            step_fn()
+        sync()
+    if rank == 0:
+        key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=70)
+        cpu = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=70)
+        Path(path).write_text(f"# sorted by CUDA time\n{table}\n\n# sorted by CPU time\n{cpu}\n")
+
+
+# ---- Hugging Face ---------------------------------------------------------------------------
+
+def run_hf(args, cfg: dict) -> dict:
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    config_cls = getattr(transformers, {"qwen3": "Qwen3Config", "llama": "LlamaConfig",
+                                        "qwen2": "Qwen2Config"}[cfg["model_type"]])
+    config = config_cls(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures")})
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa")
+    model.train()
+    if args.recompute == "full":
+        model.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    n_micro = args.global_batch // args.micro_batch
+    g = torch.Generator(device="cuda").manual_seed(0)
+    batches = [torch.randint(0, cfg["vocab_size"], (args.micro_batch, args.seq_len), device="cuda",
+                             generator=g) for _ in range(n_micro)]
+
+    def step():
+        for ids in batches:
+            loss = model(input_ids=ids, labels=ids).loss / n_micro
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    torch.cuda.reset_peak_memory_stats()
+    step_time = timed(step, args.warmup, args.steps)
+    res = result(args, "hf", cfg, step_time, 1, {
+        "tp": 1, "pp": 1, "dp": 1, "transformers": transformers.__version__,
+        "attn_implementation": "sdpa", "optimizer": "torch AdamW fused, bf16 params and states"})
+    del model, optimizer, batches
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+# ---- main -----------------------------------------------------------------------------------
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    def version(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    return {"date": _dt.date.today().isoformat(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "gpus": torch.cuda.device_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "megatron_core": version("megatron-core"),
+            "transformers": version("transformers"),
+            "transformer_engine": version("transformer-engine") or version("transformer_engine"),
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+            "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+
+
+def print_table(runs: list[dict]) -> None:
+    head = f"{'impl':8} {'label':18} {'shape':11} {'layout':14} {'tok/s':>9} {'TFLOP/s/GPU':>11} {'MFU':>6} {'peak GiB':>8}"
+    print(head)
+    for r in runs:
+        layout = f"TP{r['tp']} PP{r['pp']} DP{r['dp']}" + (" SP" if r.get("sequence_parallel") else "")
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        print(f"{r['impl']:8} {r['label'][:18]:18} {r['shape']:11} {layout:14} {r['tokens_per_s']:9.0f} "
+              f"{r['tflops_per_gpu']:11.1f} {mfu:>6} {r['peak_mem_gb']:8.1f}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    cfg = hf_config(args)
+    impls = args.impl.split(",")
+    runs = []
+    rank = int(os.environ.get("RANK", "0"))
+    if "runtime" in impls:
+        runs.append(run_runtime(args, cfg))
+    if "hf" in impls and rank == 0:
+        runs.append(run_hf(args, cfg))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if rank != 0:
+        return 0
+    doc = {**environment(), "runs": runs}
+    by = {r["impl"]: r for r in runs}
+    if "runtime" in by and "hf" in by:
+        doc["ratio_tokens_per_s_per_gpu"] = round(
+            by["runtime"]["tokens_per_s_per_gpu"] / by["hf"]["tokens_per_s_per_gpu"], 3)
+        doc["ratio_peak_mem"] = round(by["runtime"]["peak_mem_gb"] / by["hf"]["peak_mem_gb"], 3)
+    print_table(runs)
+    if "ratio_tokens_per_s_per_gpu" in doc:
+        print(f"runtime / hf tokens per second per GPU: {doc['ratio_tokens_per_s_per_gpu']}x; "
+              f"peak memory ratio {doc['ratio_peak_mem']}x")
+    if args.json:
+        path = Path(args.json)
+        existing = json.loads(path.read_text()) if path.exists() else []
+        existing.append(doc)
+        path.write_text(json.dumps(existing, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
