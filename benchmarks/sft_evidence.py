@@ -70,7 +70,8 @@ def run_layout(name: str, nproc: int, flags: list[str], model: Path, data: Path,
            "--lr_warmup_fraction", "0.05", "--logging_steps", str(args.log_every),
            "--save_steps", str(args.steps), "--dataset_num_proc", "8", "--seed", "42",
            "--no_save_optim", "true", *flags, *args.extra.split()]
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     wall = time.time() - t0

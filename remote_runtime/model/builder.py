@@ -46,6 +46,9 @@ class ModelOptions:
     fused_norm: bool = True  # compiled RMSNorm (GPU with torch.compile only)
     fused_rope: bool = True  # compiled RoPE through megatron's fused-RoPE hook (GPU, no TE)
     bias_activation_fusion: bool = True  # fused SwiGLU (torch.compile), GPU only
+    # Weight gradients accumulated in the fp32 DDP buffers by the GEMM itself (GPU; needs the
+    # model wrapped in megatron DDP before any backward, as training does).
+    gradient_accumulation_fusion: bool = True
     init_weights: bool = False  # random init; off when a checkpoint is loaded right after
     variable_seq_lengths: bool = True  # pipeline stages exchange shapes (packed batches vary)
     extra_config: dict = field(default_factory=dict)  # further TransformerConfig fields
@@ -112,6 +115,11 @@ def transformer_config(tc: dict, options: ModelOptions, dist: DistInfo):
         from remote_runtime.model.fused import install_rope
 
         install_rope()
+    grad_fusion = False
+    if dist.device.type == "cuda" and options.gradient_accumulation_fusion:
+        from remote_runtime.model.wgrad import install as install_wgrad
+
+        grad_fusion = install_wgrad()
     recompute = None if options.recompute_granularity in (None, "none") else options.recompute_granularity
     kw.update(
         activation_func=ACTIVATIONS[tc["activation"]],
@@ -119,7 +127,7 @@ def transformer_config(tc: dict, options: ModelOptions, dist: DistInfo):
         context_parallel_size=dist.cp, sequence_parallel=options.sequence_parallel and dist.tp > 1,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16, perform_initialization=options.init_weights,
-        use_cpu_initialization=False, gradient_accumulation_fusion=False,
+        use_cpu_initialization=False, gradient_accumulation_fusion=grad_fusion,
         # Fused kernels here are torch.compile'd (megatron's jit_fuser): worth it on GPU only.
         bias_activation_fusion=(fuse and options.bias_activation_fusion
                                 and tc.get("gated_linear_unit", False) and tc["activation"] == "silu"),
