@@ -24,6 +24,7 @@ from megafleet.errors import EXIT_INTERRUPTED, MegafleetError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "hosts": ("hosts", "hosts", "Manage and check the SSH hosts megafleet uses."),
     "env": ("env", "env", "Check the Megatron training environment (torch, GPUs, CUDA, TE, megatron-core)."),
+    "setup": ("setup", "setup", "Install the Megatron stack on every host (venv, torch, TE, ...)."),
 }
 
 
