@@ -96,6 +96,9 @@ def decide(ctx: Ctx, marker: Marker, step: Step, upstream: List[dict]):
         return inputs, fingerprint, "forced (--force)"
     if rec is None:
         return inputs, fingerprint, "not done yet"
+    if rec.get("state") in ("running", "failed"):
+        return inputs, fingerprint, "%s during the last run (%s)" % (
+            "interrupted" if rec["state"] == "running" else "failed", rec.get("started", "?"))
     if rec.get("fingerprint") != fingerprint:
         old = rec.get("inputs", {})
         changed = sorted(k for k in set(old) | set(inputs) if old.get(k) != inputs.get(k))
@@ -210,22 +213,48 @@ def _run_locked(ctx: Ctx, sources: dict) -> int:
 
 
 def _one_step(ctx, marker, step, upstream, log, entry):
-    """Skip or run one step; returns (outcome, state) or raises Failure."""
+    """Skip or run one step; returns (outcome, state) or raises Failure. While it runs, its
+    marker entry says so: a killed setup shows up next time as "interrupted"."""
     t0 = time.monotonic()
     try:
         inputs, fingerprint, why = decide(ctx, marker, step, upstream)
-        if why is None:
-            rec = marker.record(step.id)
-            entry.update(state="skipped", detail=step.detail(rec["outcome"]), seconds=0.0)
-            log.line("--- [%d/%d] %s: skipped, done %s: %s" % (
-                entry["n"], entry["of"], step.id, rec.get("done"), entry["detail"]), keep=False)
-            emit(dict(entry, ev="step"))
-            return rec["outcome"], "skipped"
-        entry.update(state="running", reason=why)
+    except StepError as exc:
+        raise Failure(message=exc.message, fix=exc.fix)
+    if why is None:
+        rec = marker.record(step.id)
+        entry.update(state="skipped", detail=step.detail(rec["outcome"]), seconds=0.0)
+        log.line("--- [%d/%d] %s: skipped, done %s: %s" % (
+            entry["n"], entry["of"], step.id, rec.get("done"), entry["detail"]), keep=False)
         emit(dict(entry, ev="step"))
-        log.new_step()
-        log.line("==> [%d/%d] %s: %s" % (entry["n"], entry["of"], step.id, why), keep=False)
-        outcome = step.run(ctx, log, _activity(step.id))
+        return rec["outcome"], "skipped"
+    entry.update(state="running", reason=why)
+    emit(dict(entry, ev="step"))
+    started = {"state": "running", "started": utc_now(), "inputs": inputs}
+    marker.save_step(step.id, started)
+    log.new_step()
+    log.line("==> [%d/%d] %s: %s" % (entry["n"], entry["of"], step.id, why), keep=False)
+    try:
+        outcome = _run_step(ctx, step, log)
+    except Failure:
+        marker.save_step(step.id, dict(started, state="failed"))
+        raise
+    seconds = round(time.monotonic() - t0, 2)
+    entry.update(state="done", detail=step.detail(outcome), seconds=seconds)
+    if step.id != "check" or outcome.get("ok"):
+        marker.save_step(step.id, {"fingerprint": fingerprint, "inputs": inputs,
+                                   "outcome": outcome, "done": utc_now(), "seconds": seconds,
+                                   "detail": entry["detail"]})
+    else:  # a failed check is redone next time
+        marker.save_step(step.id, dict(started, state="failed"))
+    log.line("<== %s done in %.1fs: %s" % (step.id, seconds, entry["detail"]), keep=False)
+    emit(dict(entry, ev="step"))
+    return outcome, "done"
+
+
+def _run_step(ctx, step, log):
+    """step.run with its errors turned into Failure."""
+    try:
+        return step.run(ctx, log, _activity(step.id))
     except StepError as exc:
         log.line("error: %s" % exc.message)
         raise Failure(message=exc.message, fix=exc.fix, build_plan=_build_plan_or_none(ctx, step))
@@ -238,15 +267,6 @@ def _one_step(ctx, marker, step, upstream, log, entry):
         for line in traceback.format_exc().splitlines():
             log.line(line)
         raise Failure(message="internal error in step %s: %r" % (step.id, exc))
-    seconds = round(time.monotonic() - t0, 2)
-    entry.update(state="done", detail=step.detail(outcome), seconds=seconds)
-    if step.id != "check" or outcome.get("ok"):  # a failed check is redone next time
-        marker.save_step(step.id, {"fingerprint": fingerprint, "inputs": inputs,
-                                   "outcome": outcome, "done": utc_now(), "seconds": seconds,
-                                   "detail": entry["detail"]})
-    log.line("<== %s done in %.1fs: %s" % (step.id, seconds, entry["detail"]), keep=False)
-    emit(dict(entry, ev="step"))
-    return outcome, "done"
 
 
 def _build_plan_or_none(ctx: Ctx, step: Step) -> Optional[dict]:
