@@ -82,8 +82,11 @@ def prepare(wheelhouse: str | Path | None = None, build_dir: Path | None = None)
         folder = Path(wheelhouse).expanduser()
         if not folder.is_dir():
             raise UsageError(f"--wheelhouse {wheelhouse}: no such folder")
+        # The project wheel travels on its own (always this operator's build), so a changed
+        # checkout does not change the wheelhouse and re-trigger the install steps.
         files = sorted(p for p in folder.iterdir() if p.is_file() and
-                       p.name.endswith((".whl", ".tar.gz", ".zip")))
+                       p.name.endswith((".whl", ".tar.gz", ".zip")) and
+                       not p.name.startswith("megafleet-"))
         if not files:
             raise UsageError(f"--wheelhouse {wheelhouse}: no wheels in it",
                              hint=f"megafleet setup --build-wheelhouse {wheelhouse}")
