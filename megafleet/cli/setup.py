@@ -140,8 +140,8 @@ def _run(targets, pool, options, dry_run: bool, as_json: bool) -> int:
     with progress:
         results = setup_hosts(targets, options, pool=pool, artifacts=art,
                               on_event=progress.on_event)
-        for host in results:
-            progress.finish(host)
+        for host, result in results.items():
+            progress.finish(host, result)
     findings = _findings(results)
     code = _exit_code(results, findings)
     if as_json:

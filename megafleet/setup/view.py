@@ -37,9 +37,16 @@ class SetupProgress:
         if self.live:
             self.live.__exit__(*exc)
 
-    def finish(self, host: str) -> None:
+    def finish(self, host: str, result) -> None:
+        """Show how the host ended (the live table's last frame stays on screen)."""
         with self.lock:
-            self.rows[host]["ended"] = time.monotonic()
+            row = self.rows[host]
+            row["ended"] = time.monotonic()
+            if result.status != "ok":
+                row.update(state="failed", activity=result.status + (
+                    ": " + (result.failed or {}).get("step", "") if result.failed else ""))
+            else:
+                row.update(state="done", activity="set up")
 
     def on_event(self, host: str, ev: dict) -> None:
         with self.lock:

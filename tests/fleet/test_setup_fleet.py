@@ -1,8 +1,10 @@
-"""`megafleet setup` on a namespace host that cannot reach any package index: everything comes
+"""`megafleet setup` on namespace hosts that cannot reach any package index: everything comes
 from a wheelhouse built during the test (CPU torch 2.13.0, megatron-core 0.16.1, transformers,
-safetensors, tokenizers, their dependencies and the project wheel). The setup is killed (agent
-and pip, SIGKILL) while pip installs the runtime packages, resumes, and ends with the
-environment check passing; a third run skips every step in under 10 s.
+safetensors, tokenizers, their dependencies and the project wheel). Two hosts are set up at
+once: node1 with uv (its binary put on node1's PATH when the test environment has uv), node2
+with python -m venv + pip. node2's setup is killed (agent and pip, SIGKILL) while pip installs
+the runtime packages; the second run skips node1 entirely, resumes node2 and ends with the
+environment check passing on both; a third run skips every step in under 10 s.
 
 The wheelhouse is cached under /var/tmp keyed by its inputs (a clean machine builds it in
 about 15 s: ~240 MB, mostly torch's CPU wheel from the local find-links folder)."""
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,68 +90,98 @@ def _states(doc: dict, host: str) -> dict:
     return {s["id"]: s["state"] for s in doc["hosts"][host]["steps"]}
 
 
-def test_offline_setup_is_killed_resumes_passes_the_check_and_then_is_a_no_op(
-        fleet, fleet_home, wheelhouse):
-    node = fleet.host("node2")
-    fleet.write_inventory(fleet_home, [node])
-    no_net = node.run("python3 -c \"import socket; socket.create_connection(('pypi.org', 443), "
-                      "timeout=3)\"", check=False)
-    assert no_net.returncode != 0  # the host has no route to any package index
+def _uv_binary() -> str | None:
+    found = shutil.which("uv")
+    if found:
+        return found
+    try:
+        import uv
+
+        return uv.find_uv_bin()
+    except (ImportError, FileNotFoundError):
+        return None
+
+
+@pytest.fixture
+def uv_on_node1(fleet):
+    """node1 gets uv on its PATH when this environment has uv (else it also uses pip)."""
+    uv = _uv_binary()
+    target = fleet.host("node1").bin_dir / "uv"
+    if uv:
+        shutil.copy(uv, target)
+        target.chmod(0o755)
+    yield bool(uv)
+    target.unlink(missing_ok=True)
+
+
+def test_offline_setup_of_two_hosts_killed_resumed_checked_then_a_no_op(
+        fleet, fleet_home, wheelhouse, uv_on_node1):
+    node1, node2 = fleet.host("node1"), fleet.host("node2")
+    fleet.write_inventory(fleet_home, [node1, node2])
+    no_net = node2.run("python3 -c \"import socket; socket.create_connection(('pypi.org', 443), "
+                       "timeout=3)\"", check=False)
+    assert no_net.returncode != 0  # the hosts have no route to any package index
     env = {"MEGAFLEET_HOME": str(fleet_home)}
-    args = ("setup", "--hosts", "node2", "--wheelhouse", str(wheelhouse), "--base-python",
+    args = ("setup", "--hosts", "node1,node2", "--wheelhouse", str(wheelhouse), "--base-python",
             HOST_PYTHON, "--yes", "--json")
     times = {}
 
-    # 1. killed while pip installs megatron-core & co.
+    # 1. both in parallel; node2 killed while pip installs megatron-core & co.
     started = time.monotonic()
     first = subprocess.Popen([sys.executable, "-m", "megafleet", *args], env=cli_env(env),
                              cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    killed = _kill_during_package_install(node)
-    out, err = first.communicate(timeout=120)
-    times["killed run"] = time.monotonic() - started
+    killed = _kill_during_package_install(node2)
+    out, err = first.communicate(timeout=300)
+    times["run 1 (node2 killed)"] = time.monotonic() - started
     assert killed["agents"] and killed["pips"]
     doc = json.loads(out)
-    host = doc["hosts"]["node2"]
-    assert first.returncode == 4 and host["status"] == "failed", err
-    assert "the setup stopped before it finished" in host["message"]
-    assert host["uploads"]["files"] >= 30  # the whole wheelhouse and the project wheel
-    (marker_path,) = _node_file(node, "megafleet/setup/state").glob("*.json")
+    assert first.returncode == 4, err
+    one, two = doc["hosts"]["node1"], doc["hosts"]["node2"]
+    assert one["status"] == "ok" and two["status"] == "failed"
+    assert one["facts"]["installer"] == ("uv" if uv_on_node1 else "pip")
+    assert "the setup stopped before it finished" in two["message"]
+    assert two["uploads"]["files"] >= 30  # the whole wheelhouse and the project wheel
+    (marker_path,) = _node_file(node2, "megafleet/setup/state").glob("*.json")
     marker = json.loads(marker_path.read_text())["steps"]
     assert marker["venv"]["outcome"]["python"].startswith(_host_python_version())
     assert marker["torch"]["outcome"]["torch"] == "2.13.0+cpu"
     assert marker["packages"]["state"] == "running"  # killed mid-step
 
-    # 2. resumes at the interrupted step and finishes with the environment check passing
+    # 2. node1 is left alone, node2 resumes at the interrupted step; both checks pass
     started = time.monotonic()
     proc, doc = run_cli_json(*args, env=env, timeout=600)
-    times["resumed run"] = time.monotonic() - started
+    times["run 2 (resumed)"] = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr + json.dumps(doc["hosts"]["node2"].get("failed"))
+    assert set(_states(doc, "node1").values()) == {"skipped"}
     assert _states(doc, "node2") == {"venv": "skipped", "torch": "skipped", "packages": "done",
                                      "project": "done", "check": "done"}
     resumed = doc["hosts"]["node2"]
     assert resumed["uploads"]["files"] == 0
     packages = next(s for s in resumed["steps"] if s["id"] == "packages")
     assert packages["reason"].startswith("interrupted during the last run")
-    report = resumed["report"]["report"]
-    assert report["summary"]["ok"] and report["options"]["cpu_ok"]
-    facts = report["facts"]
-    assert (facts["torch"], facts["megatron_core"]) == ("2.13.0+cpu", "0.16.1")
-    assert facts["transformers"] and facts["safetensors"] and facts["tokenizers"]
-    venv_python = f"/home/{node.user}/megafleet/venv/bin/python"
-    assert report["host"]["python"]["executable"] == venv_python
-    ran = node.run(f"{venv_python} -c 'import megafleet, remote_runtime.config; "
-                   "print(megafleet.__file__)'")
+    assert doc["findings"] == []  # same torch, megatron-core, ... on both hosts
+    for name, node in (("node1", node1), ("node2", node2)):
+        report = doc["hosts"][name]["report"]["report"]
+        assert report["summary"]["ok"] and report["options"]["cpu_ok"]
+        facts = report["facts"]
+        assert (facts["torch"], facts["megatron_core"]) == ("2.13.0+cpu", "0.16.1")
+        assert facts["transformers"] and facts["safetensors"] and facts["tokenizers"]
+        venv_python = f"/home/{node.user}/megafleet/venv/bin/python"
+        assert report["host"]["python"]["executable"] == venv_python
+    ran = node2.run(f"/home/{node2.user}/megafleet/venv/bin/python -c "
+                    "'import megafleet, remote_runtime.config; print(megafleet.__file__)'")
     assert "/megafleet/venv/lib/" in ran.stdout  # this checkout, installed as a wheel
 
-    # 3. nothing to do: every step skipped, in seconds
+    # 3. nothing to do: every step skipped on both hosts, in seconds
     started = time.monotonic()
     proc, doc = run_cli_json(*args, env=env, timeout=120)
-    times["no-op run"] = time.monotonic() - started
+    times["run 3 (no-op)"] = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr
-    assert set(_states(doc, "node2").values()) == {"skipped"}
-    assert doc["hosts"]["node2"]["uploads"]["files"] == 0
-    assert doc["hosts"]["node2"]["report"]["report"]["summary"]["ok"]
-    assert times["no-op run"] < 10, times
-    log = _node_file(node, "megafleet/setup/logs/latest.log").read_text()
+    for name in ("node1", "node2"):
+        assert set(_states(doc, name).values()) == {"skipped"}
+        assert doc["hosts"][name]["uploads"]["files"] == 0
+        assert doc["hosts"][name]["report"]["report"]["summary"]["ok"]
+    assert times["run 3 (no-op)"] < 10, times
+    log = _node_file(node2, "megafleet/setup/logs/latest.log").read_text()
     assert "--- [5/5] check: skipped" in log
     print("\n" + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))

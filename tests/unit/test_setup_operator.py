@@ -18,7 +18,7 @@ from megafleet.setup import fixes, wheel
 from megafleet.setup.remote import HostSetupResult
 from megafleet.setup.request import SetupOptions, node_requirements, torch_requirement
 from megafleet.setup.view import show_failure
-from tests.conftest import REPO_ROOT, run_cli, run_cli_json
+from tests.conftest import REPO_ROOT, cli_env, run_cli, run_cli_json
 from tests.unit.setup_fakes import fake_cuda_home, fake_cuda_venv
 
 
@@ -150,27 +150,66 @@ def test_dry_run_prints_commands_and_environment_and_changes_nothing(tmp_path):
     assert doc["hosts"]["local"]["uploads"]["files"] == 2
 
 
+class _HeldLock:
+    """Another setup on the "host" (this machine with HOME=home): a process holding its lock."""
+
+    def __init__(self, home):
+        self.path = home / "megafleet" / "setup" / "setup.lock"
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True)
+        code = ("import time; from megafleet.setup.node.core import SetupLock, host_identity\n"
+                f"SetupLock({str(self.path)!r}).acquire(host_identity())\n"
+                "print('locked', flush=True); time.sleep(120)")
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                     text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        assert self.proc.stdout.readline().strip() == "locked"
+        return self.proc
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+
 def test_a_second_setup_on_a_host_is_refused_while_one_runs(tmp_path):
     home, mf = tmp_path / "home", tmp_path / "mf"
-    lock = home / "megafleet" / "setup" / "setup.lock"
-    lock.parent.mkdir(parents=True)
-    mf.mkdir()
-    code = ("import time; from megafleet.setup.node.core import SetupLock, host_identity\n"
-            f"SetupLock({str(lock)!r}).acquire(host_identity()); print('locked', flush=True)\n"
-            "time.sleep(120)")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with _HeldLock(home) as holder:
         proc, doc = run_cli_json("setup", "--local", "--yes", "--json", "--venv", "~/v",
                                  env=_env(home, mf))
-    finally:
-        holder.kill()
-        holder.wait()
     assert proc.returncode == 4, proc.stderr
     local = doc["hosts"]["local"]
     assert local["status"] == "locked" and f"(pid {holder.pid}," in local["message"]
     assert not (home / "v").exists()  # nothing ran
+
+
+def test_on_a_terminal_progress_is_live_and_results_are_a_table(tmp_path):
+    import pexpect
+
+    home, mf = tmp_path / "home", tmp_path / "mf"
+    env = {**cli_env(_env(home, mf)), "COLUMNS": "160", "LINES": "40", "TERM": "xterm"}
+    env.pop("NO_COLOR", None)
+    with _HeldLock(home):
+        child = pexpect.spawn(sys.executable, ["-m", "megafleet", "setup", "--local", "--yes",
+                                               "--venv", "~/v"], env=env, cwd=str(REPO_ROOT),
+                              encoding="utf-8", timeout=120, dimensions=(40, 160))
+        child.expect(pexpect.EOF)
+        child.close()
+    out = child.before
+    assert child.exitstatus == 4
+    assert "megafleet setup" in out and "elapsed" in out  # the live table
+    assert "Setup of 1 host(s)" in out and "locked" in out
+    assert "another megafleet setup is running on local" in out
+
+
+def test_needs_setup_lists_the_steps_a_setup_would_run(tmp_path, monkeypatch):
+    from megafleet.runner import LocalRunner
+    from megafleet.setup import needs_setup
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MEGAFLEET_HOME", str(tmp_path / "mf"))
+    todo = needs_setup(LocalRunner(), SetupOptions(venv="~/v", base_python=sys.executable))
+    assert todo == ["upload", "venv", "torch", "packages", "project", "check"]
+    assert sorted(os.listdir(tmp_path)) == ["mf"]  # the operator's wheel cache only
 
 
 def test_setup_needs_yes_without_a_terminal(tmp_path):
