@@ -21,7 +21,8 @@ STEP_CHOICES = ("venv", "torch", "packages", "project", "te", "apex", "flash_att
 @click.command("setup")
 @click.option("--hosts", "names", help="Comma-separated host names (default: every host).")
 @click.option("--local", is_flag=True, help="Set up this machine instead of the inventory's hosts.")
-@click.option("--with-te", is_flag=True, help="Also build transformer-engine (venv-local cuDNN/NCCL).")
+@click.option("--with-te", is_flag=True,
+              help="Also build transformer-engine (venv-local cuDNN/NCCL).")
 @click.option("--with-apex", is_flag=True, help="Also build apex with its CUDA extensions.")
 @click.option("--with-flash-attn", is_flag=True,
               help="Also install flash-attn (the newest transformer-engine accepts).")
@@ -35,7 +36,8 @@ STEP_CHOICES = ("venv", "torch", "packages", "project", "te", "apex", "flash_att
               help="With --build-wheelhouse: the nodes' Python (default: this Python's).")
 @click.option("--platform", "platforms", multiple=True, metavar="TAG",
               help="With --build-wheelhouse: wheel platform tags (default: manylinux x86_64).")
-@click.option("--torch", "torch_spec", metavar="SPEC", help="torch requirement (default: torch>=2.6).")
+@click.option("--torch", "torch_spec", metavar="SPEC",
+              help="torch requirement (default: torch>=2.6).")
 @click.option("--torch-index", metavar="cpu|cu130|...|URL",
               help="PyTorch wheel index (default: chosen from each host's NVIDIA driver).")
 @click.option("--base-python", default="python3", show_default=True, metavar="PATH",
@@ -151,9 +153,18 @@ def _run(targets, pool, options, dry_run: bool, as_json: bool) -> int:
     else:
         show_results(results)
         if code == EXIT_OK:
-            ui.hint("megafleet env check" + ("" if targets and _name(targets[0]) != "local"
-                                             else " --local"))
+            ui.hint(_check_hint(targets, options, results))
     return code
+
+
+def _check_hint(targets, options, results) -> str:
+    if _name(targets[0]) == "local":
+        python = next(iter(results.values())).python
+        return f"megafleet env check --local --python {python}"
+    from megafleet.setup.request import default_venv
+
+    venv = "" if options.venv == default_venv() else f" --venv {options.venv}"
+    return f"megafleet env check{venv}"
 
 
 def _findings(results):

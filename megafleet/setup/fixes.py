@@ -17,7 +17,7 @@ class KnownProblem:
     id: str
     title: str
     pattern: str
-    fix: str  # str.format fields: venv, python, pip, jobs, fewer_jobs, exports, cuda_tag, wheelhouse
+    fix: str  # str.format fields: see _Fields.DEFAULTS
 
     def matches(self, text: str) -> bool:
         return re.search(self.pattern, text, re.I | re.M) is not None

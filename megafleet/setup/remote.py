@@ -23,7 +23,7 @@ from megafleet.setup.node.core import EVENT_MARK
 from megafleet.setup.request import SetupOptions, build_request
 
 OnEvent = Callable[[str, dict], None]
-NODE_MODULES = ("core", "steps", "agent")
+NODE_MODULES = ("core", "context", "steps", "agent")
 PROBE_TIMEOUT = 180.0
 
 BOOTSTRAP = """\
@@ -170,8 +170,7 @@ def setup_host(runner: Runner, options: SetupOptions, art: Artifacts,
         return _unreached(runner.name, res, started)
     todo = missing_on_node(art, probe["facts"].get("files") or {})
     total = sum(f.size for f, _ in todo)
-    sent, failed = upload(runner, todo, lambda done, tot: tell(
-        {"ev": "upload", "done": done, "total": tot}))
+    sent, failed = upload(runner, todo, _throttled(tell))
     uploads = {"files": len(todo), "bytes": total, "sent": sent}
     if failed is not None:
         out = _unreached(runner.name, failed, started)
@@ -185,6 +184,18 @@ def setup_host(runner: Runner, options: SetupOptions, art: Artifacts,
     out.facts, out.uploads = probe["facts"], uploads
     out.seconds = round(time.monotonic() - started, 2)
     return out
+
+
+def _throttled(tell: Callable[[dict], None], every: float = 0.25):
+    """Upload progress as events, at most every `every` seconds (and at the end)."""
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done >= total or now - last[0] >= every:
+            last[0] = now
+            tell({"ev": "upload", "done": done, "total": total})
+    return progress
 
 
 def _request(options: SetupOptions, art: Artifacts, mode: str) -> dict:
@@ -212,9 +223,7 @@ def _from_result_event(host: str, res: Result, ev: dict | None,
     if ev.get("report") is not None:
         out.report = _host_report(host, ev["report"])
     if out.failed and not out.failed.get("check_failed"):
-        venv_python = next((s.get("detail", "") for s in out.steps if s["id"] == "venv"), "")
-        version = venv_python.split()[1] if venv_python.startswith("Python ") else None
-        ctx = context_for(out.failed, out.venv, version, options.wheelhouse)
+        ctx = context_for(out.failed, out.venv, ev.get("python_version"), options.wheelhouse)
         out.known_problem = match_known_problem(out.failed.get("tail") or [], ctx)
     return out
 

@@ -27,7 +27,7 @@ from megafleet.setup.request import node_requirements
 from megafleet.setup.wheelhouse import DEFAULT_PLATFORMS
 from tests.conftest import REPO_ROOT, cli_env, run_cli_json
 
-pytestmark = [pytest.mark.fleet, pytest.mark.slow]
+pytestmark = pytest.mark.fleet
 
 TORCH = "torch==2.13.0"
 HOST_PYTHON = "/usr/bin/python3"  # host users cannot read /root, where the test's python lives
@@ -114,6 +114,7 @@ def uv_on_node1(fleet):
     target.unlink(missing_ok=True)
 
 
+@pytest.mark.slow
 def test_offline_setup_of_two_hosts_killed_resumed_checked_then_a_no_op(
         fleet, fleet_home, wheelhouse, uv_on_node1):
     node1, node2 = fleet.host("node1"), fleet.host("node2")
@@ -129,7 +130,8 @@ def test_offline_setup_of_two_hosts_killed_resumed_checked_then_a_no_op(
     # 1. both in parallel; node2 killed while pip installs megatron-core & co.
     started = time.monotonic()
     first = subprocess.Popen([sys.executable, "-m", "megafleet", *args], env=cli_env(env),
-                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
     killed = _kill_during_package_install(node2)
     out, err = first.communicate(timeout=300)
     times["run 1 (node2 killed)"] = time.monotonic() - started
@@ -185,3 +187,30 @@ def test_offline_setup_of_two_hosts_killed_resumed_checked_then_a_no_op(
     log = _node_file(node2, "megafleet/setup/logs/latest.log").read_text()
     assert "--- [5/5] check: skipped" in log
     print("\n" + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
+
+
+def test_dry_run_over_ssh_picks_torch_for_the_drivers_cuda_and_changes_nothing(fleet, fleet_home):
+    """node0 reports 2 H200s through a STUB nvidia-smi (driver 580.159.04, CUDA 13.0): torch
+    must come from PyTorch's cu130 index; node1 has no GPU: CPU torch."""
+    node0, node1 = fleet.host("node0"), fleet.host("node1")
+    fleet.write_inventory(fleet_home, [node0, node1])
+    node0.install_stub_nvidia_smi()
+    node0.run("rm -rf ~/megafleet", check=False)
+    proc, doc = run_cli_json("setup", "--hosts", "node0,node1", "--dry-run", "--json",
+                             "--venv", "dry-venv", env={"MEGAFLEET_HOME": str(fleet_home)})
+    assert proc.returncode == 0, proc.stderr
+    gpu, cpu = doc["hosts"]["node0"], doc["hosts"]["node1"]
+    assert gpu["facts"]["gpus"] == ["NVIDIA H200", "NVIDIA H200"]
+    assert gpu["facts"]["driver"] == "580.159.04"
+
+    def torch_cmd(host):
+        step = next(s for s in host["plan"] if s["id"] == "torch")
+        return step["commands"][-1]["shell"]
+
+    assert "--index-url https://download.pytorch.org/whl/cu130 'torch>=2.6'" in torch_cmd(gpu)
+    assert "--index-url https://download.pytorch.org/whl/cpu 'torch>=2.6'" in torch_cmd(cpu)
+    check = next(s for s in gpu["plan"] if s["id"] == "check")["commands"][0]["argv"]
+    assert "--cpu-ok" not in check and "--cpu-ok" in next(
+        s for s in cpu["plan"] if s["id"] == "check")["commands"][0]["argv"]
+    assert gpu["uploads"]["names"] == ["megafleet-0.1.0-py3-none-any.whl"]
+    assert node0.run("ls ~/megafleet ~/dry-venv", check=False).returncode != 0  # nothing written

@@ -20,7 +20,8 @@ def fake_cuda_venv(root: Path, torch_version: str = "2.11.0+cu130", cuda: str | 
         f"__version__ = {torch_version!r}\ncuda: Optional[str] = {cuda!r}\n")
     dist = sp / f"torch-{torch_version}.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: torch\nVersion: {torch_version}\n")
+    (dist / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: torch\nVersion: {torch_version}\n")
     if headers:
         write_nvidia_headers(sp)
     return venv, sp

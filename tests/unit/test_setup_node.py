@@ -14,7 +14,8 @@ import pytest
 from megafleet.runner import LocalRunner
 from megafleet.setup.node import CHECK, core
 from megafleet.setup.node.agent import decide
-from megafleet.setup.node.steps import Ctx, Step
+from megafleet.setup.node.context import Ctx
+from megafleet.setup.node.steps import Step
 from megafleet.setup.remote import run_agent
 from megafleet.setup.request import SetupOptions, build_request
 from tests.unit.setup_fakes import fake_cuda_home, fake_cuda_venv
@@ -41,7 +42,8 @@ def test_offline_installs_see_no_pip_or_uv_configuration(tmp_path):
             "PYTHONPATH": "/somewhere/else", "HF_TOKEN": "hf_secret"}
     offline = core.child_env({"MAX_JOBS": "3"}, offline=True, base=base)
     assert offline["PIP_CONFIG_FILE"] == os.devnull and offline["UV_NO_CONFIG"] == "1"
-    assert not {"PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "UV_INDEX_URL", "PYTHONPATH"} & set(offline)
+    leaked = {"PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "UV_INDEX_URL", "PYTHONPATH"} & set(offline)
+    assert not leaked
     assert offline["MAX_JOBS"] == "3" and offline["PIP_NO_INPUT"] == "1"
     online = core.child_env({}, offline=False, base=base)  # a node's own mirror stays in use
     assert online["PIP_FIND_LINKS"] == "/opt/wheels" and "PYTHONPATH" not in online
@@ -160,7 +162,8 @@ def test_te_build_paths_are_the_venvs_real_paths_without_tilde(tmp_path, monkeyp
     assert te["build_plan"]["cudnn"]["version"] == "9.10.2"
     build = te["commands"][-1]
     assert "transformer_engine[pytorch,core_cu13]>=2.9,<2.12" in build["argv"]
-    assert "--no-build-isolation" in build["argv"] and build["env"]["CUDNN_PATH"] == env["CUDNN_PATH"]
+    assert "--no-build-isolation" in build["argv"]
+    assert build["env"]["CUDNN_PATH"] == env["CUDNN_PATH"]
     assert f"export CPLUS_INCLUDE_PATH={nvidia}/cudnn/include:" in \
         "\n".join(te["build_plan"]["export_lines"])
     assert "~" not in json.dumps(plan["steps"]) and plan["facts"]["venv"] == str(home / "fakevenv")
@@ -171,7 +174,8 @@ def test_missing_headers_block_the_te_step_with_the_wheel_to_install(tmp_path, m
     plan, _, sp = _plan(tmp_path, monkeypatch, headers=False)
     te = next(s for s in plan["steps"] if s["id"] == "te")
     assert te["blocked"]["message"] == "cannot build transformer-engine: missing cudnn.h, nccl.h"
-    assert "nvidia-cudnn-cu13" in te["blocked"]["fix"] and "nvidia-nccl-cu13" in te["blocked"]["fix"]
+    assert "nvidia-cudnn-cu13" in te["blocked"]["fix"]
+    assert "nvidia-nccl-cu13" in te["blocked"]["fix"]
     venv = next(s for s in plan["steps"] if s["id"] == "venv")
     assert venv["state"] == "run" and venv["reason"] == "not done yet"
     assert venv["commands"][0]["argv"][-3:] == ["-m", "ensurepip", "--upgrade"]  # venv lacks pip

@@ -6,9 +6,10 @@ script's) over the SSH channel's stdin to a tiny bootstrap (`python3 -c ...`) th
 as the package `megafleet_node` and calls `agent.main(request)`. So a dry run writes nothing on
 the host, and the node always runs exactly the operator's version.
 
-Modules: `core` (paths, installed packages, lock, marker, log, commands), `steps` (the setup
-steps: venv, torch, packages, project, te, apex, flash_attn, check), `agent` (probe, plan and
-run modes, progress events). `CHECK` is the check script as a module (its driver table,
+Modules: `core` (paths, installed packages, lock, marker, log, commands), `context` (one
+request's paths, installer and GPU facts; Command), `steps` (venv, torch, packages, project,
+te, apex, flash_attn, check), `agent` (probe, plan and run modes, progress events).
+`CHECK` is the check script as a module (its driver table,
 header discovery and TE build plan are reused, never copied): on the node the bootstrap sets
 it; in the operator it is loaded through `megafleet.envcheck.load_check_script()`.
 

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     from megafleet.setup.node import CHECK
     from megafleet.setup.node.agent import plan, probe
     from megafleet.setup.node.core import Redactor
-    from megafleet.setup.node.steps import Ctx
+    from megafleet.setup.node.context import Ctx
     from megafleet.setup.request import SetupOptions, build_request
     from megafleet.setup.wheel import wheel_bytes, wheel_name
     import hashlib

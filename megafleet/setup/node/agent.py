@@ -23,7 +23,8 @@ from typing import List, Optional
 from . import CHECK
 from .core import (Marker, Redactor, SetupLock, StepLog, LockBusy, digest, dir_manifest, emit,
                    host_identity, lock_is_held, torch_cuda, utc_now, write_atomic)
-from .steps import STEP_IDS, CommandFailed, Ctx, Step, StepError, selected_steps
+from .context import CommandFailed, Ctx, StepError
+from .steps import STEP_IDS, Step, selected_steps
 
 ACTIVITY_EVERY = 0.5
 
@@ -208,7 +209,7 @@ def _run_locked(ctx: Ctx, sources: dict) -> int:
     log.close()
     emit({"ev": "result", "status": status, "steps": results, "failed": failure,
           "log": log.path, "marker": ctx.marker_path, "venv": ctx.venv, "python": ctx.python,
-          "report": report, "seconds": round(time.monotonic() - started, 2)})
+          "python_version": ctx.python_version(ctx.python), "report": report, "seconds": round(time.monotonic() - started, 2)})
     return {"ok": 0, "check_failed": 1}.get(status, 4)
 
 
