@@ -167,6 +167,8 @@ def show_plan(results: dict) -> None:
 
 
 def _plan_step(step: dict) -> None:
+    if step.get("note"):
+        ui.info(f"    [dim]{escape(step['note'])}[/dim]")
     bp = step.get("build_plan")
     if bp:
         for lib in ("cudnn", "nccl"):

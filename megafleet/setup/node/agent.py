@@ -140,7 +140,10 @@ def _plan_commands(ctx: Ctx, step: Step, entry: dict) -> None:
     if step.id in ("te", "apex", "flash_attn"):
         entry["build_plan"] = ctx.build_plan()
     try:
-        entry["commands"] = [c.to_dict(ctx) for c in step.commands(ctx)]
+        commands = step.commands(ctx)
+        entry["commands"] = [c.to_dict(ctx) for c in commands]
+        if not commands:
+            entry["note"] = step.nothing_to_do(ctx)
     except StepError as exc:
         entry["blocked"] = {"message": exc.message, "fix": exc.fix}
         if entry["state"] == "run":

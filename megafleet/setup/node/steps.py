@@ -49,8 +49,15 @@ class Step:
     def outcome(self, ctx: Ctx) -> dict:
         return {}
 
+    def nothing_to_do(self, ctx: Ctx) -> str:
+        """Why running this step changes nothing (its commands are empty)."""
+        return "nothing to install"
+
     def run(self, ctx: Ctx, log: StepLog, on_line: Callable[[str], None]) -> dict:
-        for cmd in self.commands(ctx):
+        commands = self.commands(ctx)
+        if not commands:
+            log.line(self.nothing_to_do(ctx))
+        for cmd in commands:
             if cmd.write:
                 log.line("$ write %s: %s" % (cmd.write[0], cmd.write[1].strip()))
                 write_atomic(cmd.write[0], cmd.write[1])
@@ -111,6 +118,9 @@ class VenvStep(Step):
             return [Command([ctx.uv, "venv", "--python", base, ctx.venv],
                             {"UV_PYTHON_DOWNLOADS": "never"}, ctx.offline, "create venv (uv)")]
         return [Command([base, "-m", "venv", ctx.venv], title="create venv")]
+
+    def nothing_to_do(self, ctx):
+        return "uses the existing venv (Python %s)" % ctx.python_version(ctx.python)
 
     def outcome(self, ctx):
         return {"python": ctx.python_version(ctx.python), "venv": ctx.venv}
@@ -176,6 +186,11 @@ class TorchStep(Step):
         cmds.append(ctx.install([ctx.req["torch_spec"]], title="install torch", index_url=index,
                                 constraints=False))
         return cmds
+
+    def nothing_to_do(self, ctx):
+        cuda = torch_cuda(ctx.site_dirs())
+        return "keeps the installed torch %s (%s), compatible with this host" % (
+            ctx.dists().get("torch"), "CUDA " + cuda if cuda else "CPU build")
 
     def outcome(self, ctx):
         return {"torch": ctx.dists().get("torch"), "cuda": torch_cuda(ctx.site_dirs())}
