@@ -3,9 +3,10 @@
 The script runs on each node with the venv's Python and prints one JSON report. This module
 turns what came back from each host into validated reports (`report_from_output`), compares
 hosts (`cross_node_findings`: torch, CUDA, NCCL, transformer-engine and megatron-core versions,
-GPU models), and shows one host × check table (`render`). Everything here except `run_local`
-and `render` is a pure function of its inputs, so the SSH runner only has to supply
-(host, exit code, stdout, stderr) per host: see `script_argv` for the command to run there.
+GPU models), and shows one host × check table (`render`). Everything here except `run_local`,
+`check_hosts` and `render` is a pure function of its inputs. `check_hosts` uploads the script
+to every host (~/megafleet/bin/) and runs `remote_command` there: the venv's python when the
+venv exists, else the system python3.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from types import ModuleType
 from typing import Any, Iterable, Mapping, Sequence
 
 from megafleet import resources
-from megafleet.errors import EXIT_FAILED, EXIT_OK, EXIT_REMOTE, FieldProblem, ValidationError
+from megafleet.errors import (EXIT_FAILED, EXIT_OK, EXIT_REMOTE, EXIT_UNREACHABLE, FieldProblem,
+                              ValidationError)
 from megafleet.jsonschema_subset import iter_errors, unsupported_keywords
 
 # (facts key, label, the table row it marks, severity). A version difference between nodes
@@ -56,6 +58,7 @@ class HostReport:
     report: dict | None = None
     error: str | None = None
     exit_code: int | None = None
+    reached: bool = True  # False: the host could not be reached or authenticated
 
     @property
     def ok(self) -> bool:
@@ -73,7 +76,7 @@ class HostReport:
 
     def to_dict(self) -> dict:
         return {"host": self.host, "ok": self.ok, "exit_code": self.exit_code,
-                "error": self.error, "report": self.report}
+                "error": self.error, "reached": self.reached, "report": self.report}
 
 
 @dataclass
@@ -173,6 +176,8 @@ def findings_for(reports: Iterable[HostReport]) -> list[Finding]:
 
 
 def exit_code_for(reports: Sequence[HostReport], findings: Sequence[Finding]) -> int:
+    if not all(r.reached for r in reports):
+        return EXIT_UNREACHABLE
     if any(r.report is None for r in reports):
         return EXIT_REMOTE
     if not all(r.ok for r in reports) or any(f.severity == "fail" for f in findings):
@@ -306,3 +311,53 @@ def run_local(python: str, host: str = "local", workdirs: Sequence[str] = (),
     except (OSError, subprocess.TimeoutExpired) as exc:
         return HostReport(host, error=f"{shlex.join(argv)}: {exc}")
     return report_from_output(host, proc.returncode, proc.stdout, proc.stderr)
+
+
+# Where `env check` and `setup` keep the script on a node (relative to the user's home).
+NODE_SCRIPT = "megafleet/bin/check_megatron_env.py"
+
+
+def remote_command(venv: str, workdirs: Sequence[str] = (), require_te: bool = False,
+                   cpu_ok: bool = False, timeout: float | None = None) -> str:
+    """The shell command a node runs: the check with the venv's python when that venv exists
+    (before `megafleet setup`, the system python3). Relative paths are under $HOME."""
+    def home_path(path: str) -> str:
+        if path == "~" or path.startswith("~/"):
+            path = path[2:]
+        return shlex.quote(path) if path.startswith("/") else '"$HOME"/' + shlex.quote(path)
+
+    flags = shlex.join(script_argv("python", "script", workdirs, require_te, cpu_ok, timeout)[2:])
+    return (f"V={home_path(venv)}; if [ -x \"$V/bin/python\" ]; then P=\"$V/bin/python\"; "
+            f"else P=python3; fi; exec \"$P\" {home_path(NODE_SCRIPT)} {flags}")
+
+
+def check_host(runner, venv: str, workdirs: Sequence[str] = (), require_te: bool = False,
+               cpu_ok: bool = False, timeout: float = 180) -> HostReport:
+    """Upload the script to one host (a Runner) and run it there."""
+    put = runner.put(resources.check_script_path(), "~/" + NODE_SCRIPT)
+    if not put.ok:
+        return HostReport(runner.name, error=put.message or put.describe(), reached=put.reached)
+    res = runner.run(remote_command(venv, workdirs, require_te, cpu_ok, timeout),
+                     timeout=timeout * 12 + 60)
+    if not res.reached or res.error not in (None, "exit"):
+        return HostReport(runner.name, error=res.message or res.describe(lines=3),
+                          exit_code=res.exit_code, reached=res.reached)
+    return report_from_output(runner.name, res.exit_code, res.stdout, res.stderr)
+
+
+def check_hosts(hosts, pool=None, venv: str | None = None, workdirs: Sequence[str] = (),
+                require_te: bool = False, cpu_ok: bool = False,
+                timeout: float = 180) -> list[HostReport]:
+    """The check on every host at once (inventory Hosts through `pool`, or Runners), one
+    HostReport each in the order given. `venv` defaults to the job config's launch.venv."""
+    from megafleet.runner import run_on_hosts
+
+    if venv is None:
+        from remote_runtime.config import JobConfig
+
+        venv = JobConfig().launch.venv
+    results = run_on_hosts(hosts, lambda r: check_host(r, venv, workdirs, require_te, cpu_ok,
+                                                       timeout), pool=pool, timeout=None)
+    return [res.value if res.ok and isinstance(res.value, HostReport) else
+            HostReport(name, error=res.message or res.describe(lines=3), reached=res.reached)
+            for name, res in results.items()]

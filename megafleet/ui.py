@@ -128,3 +128,22 @@ def problem(hosts: str, check_id: str, status: str, level: str, detail: str,
     for i, line in enumerate((fix or "").splitlines()):
         console.print(("    [bold]fix:[/bold] " if i == 0 else "         ") + escape(line),
                       soft_wrap=True)
+
+
+def is_terminal() -> bool:
+    """Whether stdout is an interactive terminal (live displays only there)."""
+    return console.is_terminal
+
+
+def live(get_renderable, refresh_per_second: float = 4):
+    """A live-updating display on stdout (a context manager); `get_renderable()` is called at
+    each refresh, so it can show elapsed times without events."""
+    from rich.live import Live
+
+    return Live(get_renderable=get_renderable, console=console,
+                refresh_per_second=refresh_per_second, transient=False)
+
+
+def plain(text: str) -> None:
+    """Text printed as is (no markup): log tails, commands."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)

@@ -54,6 +54,7 @@ load_check_script()`; on a node, `--print-te-env [--venv DIR] [--json]` gives th
   te_build_env(cudnn, nccl, cuda_home, max_jobs, base_env), export_lines(vars)
   recommended_max_jobs(cpus, mem_available_bytes)
   te_flash_attn_limits(te_package_dir) the flash-attn range an installed TE accepts
+  flash_attn_spec(limits, capabilities) that range as a pip version specifier
   driver_max_cuda(driver), cuda_driver_compat(driver, cuda), torch_index_for_cuda(cuda)
   parse_version(text), version_satisfies(version, spec), SUPPORTED_MEGATRON_CORE
   collect_report(Options(...))        the JSON document as a dict
@@ -553,6 +554,17 @@ def te_flash_attn_limits(package_dir: str) -> Dict[str, Optional[str]]:
             limits["file"] = path
             return limits
     return {"min": None, "max": None, "min_blackwell": None, "file": None}
+
+
+def flash_attn_spec(limits: Dict[str, Optional[str]], capabilities: Sequence[str] = ()) -> str:
+    """The version specifier (">=2.1.1,<=2.8.1", "" when TE states none) for the flash-attn
+    that transformer-engine's `limits` (te_flash_attn_limits) accept on GPUs of these compute
+    capabilities ("9.0"): Blackwell (10.x and newer) needs TE's newer minimum."""
+    low, high = limits.get("min"), limits.get("max")
+    if limits.get("min_blackwell") and any((major_minor(c) or (0, 0))[0] >= 10
+                                           for c in capabilities):
+        low = limits["min_blackwell"]
+    return ",".join(s for s in (">=" + low if low else "", "<=" + high if high else "") if s)
 
 
 def _te_package_dir() -> Optional[str]:
@@ -1510,11 +1522,7 @@ def check_flash_attn(ctx: Context) -> List[Check]:
     p, te = ctx.probe("flash_attn"), ctx.probe("transformer_engine")
     limits = te.values.get("flash_limits") or {}
     te_version = te.values.get("version") or te.values.get("dist_version")
-    low, high = limits.get("min"), limits.get("max")
-    if limits.get("min_blackwell") and any((major_minor(g["capability"]) or (0, 0))[0] >= 10
-                                           for g in ctx.gpus()):
-        low = limits["min_blackwell"]  # Blackwell GPUs need a newer flash-attn
-    spec = ",".join(s for s in (">=" + low if low else "", "<=" + high if high else "") if s)
+    spec = flash_attn_spec(limits, [g["capability"] for g in ctx.gpus()])
     install = "MAX_JOBS=%s %s" % (ctx.te_plan["vars"].get("MAX_JOBS", 4),
                                   ctx.pip("--no-build-isolation 'flash-attn%s'" % spec))
     data = {"te_version": te_version, "accepted": spec or None}

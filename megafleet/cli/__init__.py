@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "ec2": ("ec2", "ec2", "Find, check, import, start and stop EC2 GPU instances."),
     "plan": ("plan", "plan_command", "Propose parallel sizes, recompute and batch sizes that fit in GPU memory."),
     "render": ("render", "render", "Render a job template as a job file, runtime flags or torchrun command."),
+    "setup": ("setup", "setup", "Install the Megatron stack on every host (venv, torch, TE, ...)."),
 }
 
 

@@ -171,9 +171,14 @@ def test_cli_single_good_venv_passes(tmp_path):
     assert list(out["hosts"]) == ["local"]
 
 
-def test_cli_usage_errors(tmp_path):
-    no_local = run_cli("env", "check")
-    assert no_local.returncode == 2 and "use --local" in no_local.stderr
+def test_cli_usage_errors(tmp_path, megafleet_home):
+    no_hosts = run_cli("env", "check", env={"MEGAFLEET_HOME": str(megafleet_home)})
+    assert no_hosts.returncode == 2 and "no hosts in" in no_hosts.stderr
+    assert "megafleet env check --local" in no_hosts.stderr
+    python_on_hosts = run_cli("env", "check", "--python", "python3")
+    assert python_on_hosts.returncode == 2 and "--python goes with --local" in python_on_hosts.stderr
+    venv_local = run_cli("env", "check", "--local", "--venv", "x")
+    assert venv_local.returncode == 2
     missing = run_cli("env", "check", "--local", "--python", str(tmp_path / "nope"), "--json")
     assert missing.returncode == 2
     assert json.loads(missing.stdout)["error"] == "UsageError"
