@@ -24,6 +24,12 @@ from megafleet.errors import EXIT_INTERRUPTED, MegafleetError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "hosts": ("hosts", "hosts", "Manage and check the SSH hosts megafleet uses."),
     "env": ("env", "env", "Check the Megatron training environment (torch, GPUs, CUDA, TE, megatron-core)."),
+    "launch": ("jobs", "launch", "Validate a job, upload its data and start it on every node."),
+    "logs": ("jobs", "logs", "Stream the logs of every node of a run."),
+    "status": ("jobs", "status", "Show a run's state on every node (or list the runs)."),
+    "runs": ("jobs", "runs", "List the recorded runs."),
+    "stop": ("jobs", "stop", "Stop a run on every node and check nothing of it is left."),
+    "fetch": ("jobs", "fetch", "Download a run's Hugging Face checkpoint."),
 }
 
 
