@@ -339,13 +339,14 @@ def _is_io_error(exc: BaseException) -> bool:
 class LocalRunner(Runner):
     """This machine, through /bin/sh, with the same contract as SSHRunner (local mode, demo)."""
 
-    def __init__(self, name: str = "local"):
+    def __init__(self, name: str = "local", env: dict[str, str] | None = None):
         self.name = name
+        self.env = dict(env or {})  # added to every command's environment (e.g. PYTHONPATH)
 
     def run(self, cmd, timeout=DEFAULT_TIMEOUT, env=None, stdin=None, on_output=None):
         started = time.monotonic()
         try:
-            full_env = {**os.environ, **{k: str(v) for k, v in (env or {}).items()}}
+            full_env = {**os.environ, **self.env, **{k: str(v) for k, v in (env or {}).items()}}
             proc = subprocess.Popen(["/bin/sh", "-c", cmd], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     env=full_env, start_new_session=True)

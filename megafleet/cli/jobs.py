@@ -58,10 +58,13 @@ def job_from_args(args: tuple[str, ...]):
               "(default: launch.hosts, else every host).")
 @click.option("--local", is_flag=True, help="Run on this machine, without SSH.")
 @click.option("--follow", "-f", is_flag=True, help="Follow the logs once started.")
+@click.option("--entry-module", default="remote_runtime", hidden=True,
+              help="The module torchrun runs (`-m MODULE TASK --config job.yaml`); for tests and "
+              "for developing the runtime.")
 @json_option
 @dry_run_option
 @yes_option
-def launch(args, hosts, local, follow, as_json, dry_run, yes) -> None:
+def launch(args, hosts, local, follow, entry_module, as_json, dry_run, yes) -> None:
     """Validate a job, upload its data, and start it on every node (node 0 is the master).
 
     The job comes from a job file and/or runtime flags after `--` (Megatron-SWIFT names, e.g.
@@ -74,7 +77,8 @@ def launch(args, hosts, local, follow, as_json, dry_run, yes) -> None:
 
     job = job_from_args(args)
     say = (lambda m: None) if as_json else (lambda m: ui.err_console.print(f"[dim]{m}[/dim]"))
-    opts = LaunchOptions(hosts=hosts.split(",") if hosts else None, local=local, say=say)
+    opts = LaunchOptions(hosts=hosts.split(",") if hosts else None, local=local, say=say,
+                         entry_module=entry_module)
     say("checking the nodes ...")
     plan = plan_launch(job, opts)
     if dry_run:

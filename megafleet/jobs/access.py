@@ -4,13 +4,29 @@ about it with `nodectl`."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import site
 from contextlib import contextmanager
+from pathlib import Path
 
 from megafleet.errors import MegafleetError
 from megafleet.inventory import Host, Inventory
 from megafleet.jobs.records import LOCAL_HOST, NodeInfo, RunRecord
 from megafleet.runner import LocalRunner, Result, Runner, SSHRunner, run_on_hosts
+
+
+def local_runner() -> LocalRunner:
+    """This machine as a node. Jobs started from a checkout (not an installed package) need the
+    checkout on PYTHONPATH to import megafleet and remote_runtime in their own processes."""
+    import megafleet
+
+    root = str(Path(megafleet.__file__).resolve().parent.parent)
+    installed = {str(Path(p).resolve()) for p in site.getsitepackages() + [site.getusersitepackages()]}
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root in installed or root in parts:
+        return LocalRunner(LOCAL_HOST)
+    return LocalRunner(LOCAL_HOST, env={"PYTHONPATH": os.pathsep.join([root] + parts)})
 
 
 @contextmanager
@@ -41,7 +57,7 @@ def runners_for(run: RunRecord, pool, nodes: list[NodeInfo] | None = None) -> di
     inventory is reached as the inventory says now; one removed since, as recorded at launch."""
     nodes = run.nodes if nodes is None else nodes
     if run.local:
-        return {n.host: LocalRunner(LOCAL_HOST) for n in nodes}
+        return {n.host: local_runner() for n in nodes}
     inv = _inventory()
     return {n.host: SSHRunner(inv.hosts.get(n.host) or Host(name=n.host, **(n.host_entry or {})), pool)
             for n in nodes}

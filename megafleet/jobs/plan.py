@@ -64,7 +64,9 @@ def select_targets(names: list[str] | None, local: bool = False, inventory: Inve
     """The nodes in order (node 0 first): `names` from --hosts or launch.hosts, all inventory
     hosts when empty, or this machine alone (`local`, or hosts == ["local"])."""
     if local or names == [LOCAL_HOST]:
-        return [Target(0, LOCAL_HOST, None, LocalRunner(LOCAL_HOST))]
+        from megafleet.jobs.access import local_runner
+
+        return [Target(0, LOCAL_HOST, None, local_runner())]
     inv = inventory or Inventory.load()
     if not names and not len(inv):
         raise UsageError(f"no hosts in the inventory ({inv.path})",

@@ -14,6 +14,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +24,7 @@ import pytest
 
 from megafleet.jobs.launch import LaunchOptions, launch_job
 from megafleet.jobs.records import RunRecord
-from tests.conftest import REPO_ROOT, run_cli, run_cli_json
+from tests.conftest import REPO_ROOT, cli_env, run_cli, run_cli_json
 
 pytestmark = pytest.mark.fleet
 
@@ -83,6 +86,19 @@ def run_procs(run_id: str) -> dict[int, str]:
     return found
 
 
+def followers(run_id: str) -> list[int]:
+    """`nodectl follow` processes of the run on any fleet host."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "nodectl follow" in cmd and run_id in cmd:
+            out.append(int(pid))
+    return out
+
+
 def wait_for(cond, timeout: float, what: str, step: float = 0.25):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -103,15 +119,24 @@ def logged_steps(host, run: RunRecord) -> int:
 
 
 def test_two_node_job_streams_both_nodes_and_the_checkpoint_loads(nodes, fleet_home, tiny_model,
-                                                                    tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", SECRET)
-    monkeypatch.setenv("STANDIN_STEP_S", "0.1")
-    job = standin_job(tiny_model, tmp_path / "demo.jsonl", 29710, train_iters=20,
-                      env=["HF_TOKEN", "STANDIN_STEP_S"])
-    run = launch_standin(job)
+                                                                    tmp_path):
+    """Launched with the `megafleet launch` command (the stand-in chosen with the hidden
+    --entry-module option), HF_TOKEN forwarded from the operator's environment."""
+    proc = run_cli("launch", "--yes", "--entry-module", "tests.standin_workload", "--",
+                   "--model", str(tiny_model), "--dataset", str(tmp_path / "demo.jsonl"),
+                   "--train_iters", "20", "--device", "cpu", "--master_port", "29710",
+                   "--save_steps", "10", "--logging_steps", "2", "--env", "HF_TOKEN", "STANDIN_STEP_S",
+                   env=env(fleet_home, HF_TOKEN=SECRET, STANDIN_STEP_S="0.1"), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_id = re.search(r"run (\S+) is running", proc.stdout).group(1)
+    assert f"megafleet logs {run_id} -f" in proc.stdout and "node 1 (node1) started" in proc.stdout
+    assert SECRET not in proc.stdout + proc.stderr
+    run = RunRecord.load(run_id)
     assert [n.host for n in run.nodes] == ["node0", "node1"] and run.world_size == 2
     assert run.master_addr == nodes[0].address  # node 0's address on the nodes' network
     assert all(n.pid and n.pgid == n.pid and n.start_time for n in run.nodes)
+    assert sorted(u["host"] for u in run.uploads) == ["node0", "node1"]  # data and model, whole
+    assert all(u["bytes_sent"] == u["bytes_total"] > 0 and u["skipped"] == 0 for u in run.uploads)
 
     proc = run_cli("logs", run.run_id, "-f", env=env(fleet_home), timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -121,10 +146,14 @@ def test_two_node_job_streams_both_nodes_and_the_checkpoint_loads(nodes, fleet_h
     assert re.search(r"^n0 r0 +│ step 20/20 loss 0.2500", out, re.M)
     assert re.search(r"^n1 +│ megafleet: node 1 torchrun exited with code 0", out, re.M)
 
+    nodes[0].install_stub_nvidia_smi()  # a STUB replaying 2xH200 captures: GPU columns, no GPU
     proc, status = run_cli_json("status", run.run_id, "--json", env=env(fleet_home))
     assert status["state"] == "succeeded" and status["exit_code"] == 0
     assert status["progress"]["step"] == 20 and status["progress"]["loss"] == 0.25
     assert [n["state"] for n in status["nodes"]] == ["exited", "exited"]
+    assert status["nodes"][0]["gpus"][1] == {"index": 1, "util": 0, "mem_used_mib": 0,
+                                             "mem_total_mib": 143771}
+    assert status["nodes"][1]["gpus"] is None
 
     # the secret is in the 0600 env file only: not in scripts, records or any log
     for rank, host in enumerate(nodes):
@@ -157,6 +186,18 @@ def test_stop_during_a_long_run_leaves_no_process_on_either_node(nodes, fleet_ho
     before = run_procs(run.run_id)
     assert {"torch.distributed.run", "tests.standin_workload", "megafleet.jobs.watcher"} <= {
         w for cmd in before.values() for w in cmd.split()}
+
+    # Ctrl-C on `logs -f` detaches: the job goes on, the log followers on the nodes go away
+    follower = subprocess.Popen([sys.executable, "-m", "megafleet", "logs", run.run_id, "-f"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=cli_env(env(fleet_home)), cwd=REPO_ROOT)
+    while "step " not in follower.stdout.readline():
+        pass
+    follower.send_signal(signal.SIGINT)
+    _, err = follower.communicate(timeout=30)
+    assert follower.returncode == 130 and f"detached: run {run.run_id} keeps running" in " ".join(err.split())
+    wait_for(lambda: not followers(run.run_id), 15, "the nodes' log followers to exit")
+    assert set(run_procs(run.run_id)) == set(before)
 
     proc, report = run_cli_json("stop", run.run_id, "--yes", "--json", env=env(fleet_home))
     assert proc.returncode == 0, proc.stdout + proc.stderr
