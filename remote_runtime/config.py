@@ -134,7 +134,8 @@ class LaunchConfig:
     watcher_port: Optional[int] = None  # node 0's fail-fast watcher; default master_port + 1
     venv: str = "megafleet/venv"  # on each node, relative to the user's home unless absolute
     env: list[str] = field(default_factory=list)  # local env vars forwarded to nodes (e.g. HF_TOKEN)
-    stall_timeout: int = 900  # seconds without log progress before the watcher stops the job
+    stall_timeout: int = 900  # no log progress on any node this long (or a node silent for
+    #   min(stall_timeout, 120) s) and the watcher stops the job on every node
     stop_grace: int = 30  # seconds between SIGTERM and SIGKILL on stop
 
 

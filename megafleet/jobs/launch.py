@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from megafleet import paths
-from megafleet.errors import FieldProblem, MegafleetError, RemoteCommandError, UsageError, ValidationError
+from megafleet.errors import FieldProblem, RemoteCommandError, UsageError, ValidationError
 from megafleet.inventory import Inventory
 from megafleet.jobs import layout as L
 from megafleet.jobs import plan as P
@@ -401,4 +401,4 @@ def launch_job(job, opts: LaunchOptions | None = None, bars=None) -> RunRecord:
             opts.pool.close()
 
 
-__all__ = ["LaunchOptions", "LaunchPlan", "MegafleetError", "launch_job", "plan_launch", "start_run"]
+__all__ = ["LaunchOptions", "LaunchPlan", "launch_job", "plan_launch", "start_run"]

@@ -143,6 +143,18 @@ def progress_marker(run_dir: Path, record: dict) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def last_output_age(run_dir: Path, record: dict) -> float | None:
+    """Seconds since any log of this node (or logging.jsonl) last grew."""
+    files = [run_dir / L.NODE_LOG, output_dir(run_dir, record) / L.LOGGING_JSONL]
+    mtimes = []
+    for p in files + [p for p, _ in rank_logs(run_dir, record)]:
+        try:
+            mtimes.append(p.stat().st_mtime)
+        except OSError:
+            pass
+    return round(time.time() - max(mtimes), 1) if mtimes else None
+
+
 def recent_lines(run_dir: Path, record: dict, n: int) -> list[str]:
     """The last `n` lines of node.log and of each worker's stderr and stdout, tagged."""
     out = tail_lines(run_dir / L.NODE_LOG, n)
@@ -294,7 +306,7 @@ def cmd_status(args) -> dict:
         "exit_code": read_exit_code(run_dir), "processes": len(procs),
         "started": read_json(run_dir / L.STARTED), "stop_requested": (run_dir / L.STOP_REQUESTED).exists(),
         "log_bytes": log.stat().st_size if log.exists() else 0,
-        "log_age_s": round(time.time() - log.stat().st_mtime, 1) if log.exists() else None,
+        "log_age_s": last_output_age(run_dir, record),
         "log_tail": recent_lines(run_dir, record, args.lines), "metrics": metrics, "metrics_lines": count,
         "watcher_alive": bool(watchers), "watcher_stop": read_json(run_dir / L.WATCHER_STOP),
         "watch": read_json(run_dir / L.WATCH_STATE), "failure": read_json(run_dir / L.FAILURE),

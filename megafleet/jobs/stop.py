@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shlex
 
-from megafleet.errors import MegafleetError, RemoteCommandError
+from megafleet.errors import RemoteCommandError
 from megafleet.jobs.access import ask_nodes, nodectl
 from megafleet.jobs.records import RunRecord
 
@@ -58,5 +58,3 @@ def stop_run(run: RunRecord, grace: float | None = None, pool=None) -> dict:
         raise err
     return out
 
-
-__all__ = ["MegafleetError", "stop_plan", "stop_run"]

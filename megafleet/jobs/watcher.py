@@ -13,12 +13,13 @@ failure in failure.json (node, reason, exit code, the node's last log lines) and
 to everyone when:
 
 - a node's job exits non-zero, or its launch shell vanishes without an exit code;
-- a node has not reported for `stall_timeout` seconds (machine down, network cut);
+- a node has not reported for min(stall_timeout, 120) seconds (machine down, network cut);
 - no running node made log progress for `stall_timeout` seconds (a hang: NCCL waits forever).
 
 On `stop` a watcher stops its own job (SIGTERM to torchrun and every worker, SIGKILL after
 `stop_grace`) and says why in watcher_stop.json. A worker that cannot reach the coordinator for
-`stall_timeout` stops its own job too (node 0 is gone, so the collectives can never finish).
+min(stall_timeout, 120) seconds stops its own job too (node 0 is gone, so the collectives can
+never finish).
 A stop asked for by the user (`stop_requested`) is not a failure. Watchers exit once every node
 has finished; the coordinator keeps answering `done` for a few seconds before it exits.
 """
@@ -40,6 +41,7 @@ from megafleet.jobs import nodectl, proctree
 
 HEARTBEAT = 1.0
 LINGER = 5.0
+SILENCE_MAX = 120.0  # a node unheard of this long (or stall_timeout, if shorter) has failed
 FINAL = ("exited", "lost")
 
 
@@ -106,6 +108,7 @@ class Coordinator:
         self.run_dir, self.record = run_dir, record
         self.nnodes = int(record["nnodes"])
         self.stall = float(record.get("stall_timeout", 900))
+        self.silence = min(self.stall, SILENCE_MAX)
         self.started = time.monotonic()
         self.nodes: dict[int, dict] = {}
         self.failure: dict | None = None
@@ -155,7 +158,7 @@ class Coordinator:
 
     def missing(self, k: int, now: float) -> bool:
         seen = self.nodes.get(k, {}).get("seen", self.started)
-        return now - seen > self.stall
+        return now - seen > self.silence
 
     def find_failure(self, now: float) -> dict | None:
         hosts = self.record.get("hosts") or []
@@ -169,7 +172,7 @@ class Coordinator:
             return self._failure(k, hosts, reason, n)
         for k in range(self.nnodes):
             if self.missing(k, now) and self.nodes.get(k, {}).get("state") not in FINAL:
-                return self._failure(k, hosts, f"sent no report for {self.stall:g}s (machine down "
+                return self._failure(k, hosts, f"sent no report for {self.silence:g}s (machine down "
                                      "or network cut?)", self.nodes.get(k, {}))
         running = [n for n in self.nodes.values() if n.get("state") == "running"]
         if len(self.nodes) == self.nnodes and running and all(
@@ -257,6 +260,7 @@ def watch(run_dir: Path) -> int:
                          daemon=True).start()
     addr = (record["master_addr"], int(record["watcher_port"]))
     stall = float(record.get("stall_timeout", 900))
+    silence = min(stall, SILENCE_MAX)
     last_contact, stopped = time.monotonic(), False
     log(f"watching node {me.rank} of run {record['run_id']} (stall timeout {stall:g}s)")
     while True:
@@ -271,10 +275,10 @@ def watch(run_dir: Path) -> int:
                 stopped = True
             if reply["action"] == "done":
                 break
-        elif now - last_contact > stall:
+        elif now - last_contact > silence:
             if report["state"] not in FINAL and not stopped:
                 me.stop_job(f"fail-fast: lost contact with the watcher on node 0 ({addr[0]}:{addr[1]}) "
-                            f"for {stall:g}s")
+                            f"for {silence:g}s")
             break
         time.sleep(HEARTBEAT)
     if coord:  # let the other watchers hear `done`

@@ -12,8 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from megafleet.jobs import nodectl, proctree
 from megafleet.jobs.nodectl import collapse_cr, split_segments
 
@@ -134,9 +132,10 @@ def test_listen_and_connect_check_ports(tmp_path):
     refused = json.loads(nodectl_cli("connect", "--host", "127.0.0.1", "--ports", str(p1)).stdout)
     assert refused == {"ok": False, "results": {str(p1): "Connection refused"}}
     with socket.socket() as busy:
-        busy.bind(("127.0.0.1", p1))
+        busy.bind(("127.0.0.1", 0))
         busy.listen()
-        taken = nodectl_cli("listen", "--host", "127.0.0.1", "--ports", str(p1), "--seconds", "0")
+        taken = nodectl_cli("listen", "--host", "127.0.0.1", "--ports", str(busy.getsockname()[1]),
+                            "--seconds", "0")
     assert taken.returncode == 3 and json.loads(taken.stdout)["error"] == "Address already in use"
 
 
