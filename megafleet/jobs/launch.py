@@ -116,6 +116,7 @@ def plan_launch(job, opts: LaunchOptions) -> LaunchPlan:
     for node, ifname in zip(run.nodes, P.interfaces_to_master(targets, master).values()):
         node.ifname = ifname
     node_jobs, copies = place_files(job, run, targets, facts, notes)
+    run.model = node_jobs[targets[0].name].model.model
     resolved = resolve_on_runtime(node_jobs[targets[0].name], run, targets[0], facts, job, notes,
                                   opts.entry_module)
     plan = LaunchPlan(run, job, node_jobs, targets, facts, copies, env_values, resolved, notes)

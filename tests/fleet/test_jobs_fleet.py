@@ -336,6 +336,23 @@ def test_dry_run_shows_the_plan_and_changes_nothing(nodes, fleet_home, tiny_mode
     assert run_cli_json("runs", "--json", env=env(fleet_home))[1]["runs"] == []
 
 
+def test_the_master_address_is_the_one_node0_reaches_a_worker_behind_it_from(nodes, fleet, fleet_home,
+                                                                             tiny_model, tmp_path):
+    """inner0 is reachable only through node0 (jump host), on a second network: the master
+    address must be node0's address on that network, not the one the operator uses."""
+    inner = fleet.host("inner0")
+    inner.run(f"mkdir -p ~/megafleet && ln -sfn {Path(fleet.host_python()).parent.parent} ~/megafleet/venv")
+    fleet.write_inventory(fleet_home, [nodes[0], inner])
+    proc, plan = run_cli_json("launch", "--dry-run", "--json", "--", "--model", str(tiny_model),
+                              "--dataset", str(tmp_path / "demo.jsonl"), "--train_iters", "5",
+                              "--device", "cpu", "--master_port", "29770", env=env(fleet_home))
+    assert proc.returncode == 0, proc.stderr
+    bridge = nodes[0].run("ip -o -4 addr show eth1").stdout.split()[3].split("/")[0]
+    assert plan["run"]["master_addr"] == bridge != nodes[0].address
+    assert plan["ports"] == {"inner0": {"29770": "ok", "29771": "ok"}}
+    assert [n["ifname"] for n in plan["run"]["nodes"]] == ["eth1", "eth0"]
+
+
 ENTRY = REPO_ROOT / "remote_runtime" / "train" / "entry.py"
 
 

@@ -159,6 +159,19 @@ def test_planning_helpers():
     assert "run `megafleet setup`" in e.value.hint and "a:" not in e.value.message
 
 
+def test_the_master_address_is_node0s_private_address_when_the_inventory_has_one():
+    from megafleet.inventory import Host
+    from megafleet.jobs.plan import Target, master_address
+    from megafleet.runner import DryRunRunner
+
+    a = Host("a", "203.0.113.7", private_address="10.0.0.7")
+    b = Host("b", "203.0.113.8")
+    r0 = DryRunRunner("a")
+    assert master_address([Target(0, "a", a, r0), Target(1, "b", b, DryRunRunner("b"))]) == "10.0.0.7"
+    assert r0.calls == []  # nothing asked: the inventory says it
+    assert master_address([Target(0, "a", a, r0)]) == "127.0.0.1"  # one node: loopback
+
+
 def test_cli_input_errors(megafleet_home, tmp_path):
     proc = run_cli("launch", "--yes", env={"MEGAFLEET_HOME": str(megafleet_home)})
     assert proc.returncode == 2 and "give a job file or runtime flags" in proc.stderr
