@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Union
 
 from megafleet.errors import MegafleetError, RemoteCommandError
-from megafleet.transfer import Progress, local_copy, sftp_get, sftp_put
+from megafleet.transfer import (Progress, local_copy, local_copy_from, sftp_get, sftp_get_from,
+                                sftp_put, sftp_put_from)
 
 DEFAULT_TIMEOUT = 300.0  # seconds; None means no limit
 OnOutput = Callable[[str, str], None]  # (stream "stdout"|"stderr", one line without newline)
@@ -146,6 +147,17 @@ class Runner:
 
     def get(self, remote: str, local: str | Path, progress: Progress | None = None) -> Result:
         """Copy a file or directory tree from the host (the mirror of put)."""
+        raise NotImplementedError
+
+    def put_from(self, local: str | Path, remote: str, offset: int = 0,
+                 progress: Progress | None = None) -> Result:
+        """Upload one file, continuing a partial `remote.mfpart` that holds its first `offset`
+        bytes (see megafleet.transfer); `Result.value` is the number of bytes sent."""
+        raise NotImplementedError
+
+    def get_from(self, remote: str, local: str | Path, offset: int = 0,
+                 progress: Progress | None = None) -> Result:
+        """Download one file, continuing a partial `local.mfpart` (the mirror of put_from)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -294,12 +306,20 @@ class SSHRunner(Runner):
     def get(self, remote, local, progress=None):
         return self._transfer(f"get {remote} -> {local}", sftp_get, remote, local, progress)
 
-    def _transfer(self, label, fn, src, dst, progress):
+    def put_from(self, local, remote, offset=0, progress=None):
+        return self._transfer(f"put {local} -> {remote} from byte {offset}", sftp_put_from, local,
+                              remote, progress, offset)
+
+    def get_from(self, remote, local, offset=0, progress=None):
+        return self._transfer(f"get {remote} -> {local} from byte {offset}", sftp_get_from, remote,
+                              local, progress, offset)
+
+    def _transfer(self, label, fn, src, dst, progress, *offset):
         started = time.monotonic()
         try:
             conn = self.connection()
             with conn.sftp_lock:
-                moved = fn(conn.sftp(), src, dst, progress)
+                moved = fn(conn.sftp(), src, dst, *offset, progress)
         except Exception as exc:
             res = Result.from_exception(self.name, label, exc, started)
             if res.error == INTERNAL and _is_io_error(exc):
@@ -319,13 +339,14 @@ def _is_io_error(exc: BaseException) -> bool:
 class LocalRunner(Runner):
     """This machine, through /bin/sh, with the same contract as SSHRunner (local mode, demo)."""
 
-    def __init__(self, name: str = "local"):
+    def __init__(self, name: str = "local", env: dict[str, str] | None = None):
         self.name = name
+        self.env = dict(env or {})  # added to every command's environment (e.g. PYTHONPATH)
 
     def run(self, cmd, timeout=DEFAULT_TIMEOUT, env=None, stdin=None, on_output=None):
         started = time.monotonic()
         try:
-            full_env = {**os.environ, **{k: str(v) for k, v in (env or {}).items()}}
+            full_env = {**os.environ, **self.env, **{k: str(v) for k, v in (env or {}).items()}}
             proc = subprocess.Popen(["/bin/sh", "-c", cmd], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     env=full_env, start_new_session=True)
@@ -359,10 +380,21 @@ class LocalRunner(Runner):
     def get(self, remote, local, progress=None):
         return self._copy(f"get {remote} -> {local}", remote, local, progress)
 
-    def _copy(self, label, src, dst, progress):
+    def put_from(self, local, remote, offset=0, progress=None):
+        return self._copy(f"put {local} -> {remote} from byte {offset}", local, remote, progress,
+                          offset)
+
+    def get_from(self, remote, local, offset=0, progress=None):
+        return self._copy(f"get {remote} -> {local} from byte {offset}", remote, local, progress,
+                          offset)
+
+    def _copy(self, label, src, dst, progress, offset=None):
         started = time.monotonic()
         try:
-            moved = local_copy(Path(src).expanduser(), Path(str(dst)).expanduser(), progress)
+            if offset is None:
+                moved = local_copy(Path(src).expanduser(), Path(str(dst)).expanduser(), progress)
+            else:
+                moved = local_copy_from(src, dst, offset, progress)
         except OSError as exc:
             return Result(self.name, label, error=TRANSFER, message=str(exc),
                           duration=time.monotonic() - started)
@@ -422,6 +454,14 @@ class DryRunRunner(Runner):
     def get(self, remote, local, progress=None):
         self.calls.append(("get", remote, str(local)))
         return Result(self.name, f"get {remote} -> {local}", exit_code=0, dry_run=True)
+
+    def put_from(self, local, remote, offset=0, progress=None):
+        self.calls.append(("put", str(local), remote))
+        return Result(self.name, f"put {local} -> {remote}", exit_code=0, value=0, dry_run=True)
+
+    def get_from(self, remote, local, offset=0, progress=None):
+        self.calls.append(("get", remote, str(local)))
+        return Result(self.name, f"get {remote} -> {local}", exit_code=0, value=0, dry_run=True)
 
     def commands(self) -> list[str]:
         return [c[1] for c in self.calls if c[0] == "run"]

@@ -5,10 +5,15 @@ complete, so a reader never sees half a file and an interrupted copy leaves no t
 target. File permission bits are kept. `progress(done_bytes, total_bytes)` reports the whole
 transfer (all files), for progress bars. Remote paths may start with `~/` or be relative:
 both mean the user's home directory (SFTP starts there).
+
+Resumable single-file copies (`*_put_from`, `*_get_from`) continue a `NAME.mfpart` left by an
+interrupted copy: the caller checks that the part is a prefix of the source (megafleet.jobs.sync
+compares sha256 of both) and passes its length as `offset`; only the rest moves.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import shutil
@@ -18,6 +23,7 @@ from typing import Callable
 
 Progress = Callable[[int, int], None]
 PART = ".mfpart"
+CHUNK = 1 << 20
 
 
 def remote_path(path: str) -> str:
@@ -136,3 +142,80 @@ def local_copy(src: Path, dst: Path, progress: Progress | None = None) -> int:
         size = path.stat().st_size
         meter.callback(size, size)
     return meter.done
+
+
+def file_sha256(path: str | Path, limit: int | None = None) -> str:
+    """sha256 of a file's first `limit` bytes (all of it when None)."""
+    h = hashlib.sha256()
+    left = limit
+    with open(path, "rb") as f:
+        while left is None or left > 0:
+            chunk = f.read(CHUNK if left is None else min(CHUNK, left))
+            if not chunk:
+                break
+            h.update(chunk)
+            if left is not None:
+                left -= len(chunk)
+    return h.hexdigest()
+
+
+def _pump(src, dst, offset: int, size: int, progress: Progress | None) -> int:
+    """Copy src (already at `offset`) to dst; report offset+moved of size; return bytes moved."""
+    moved = 0
+    for chunk in iter(lambda: src.read(CHUNK), b""):
+        dst.write(chunk)
+        moved += len(chunk)
+        if progress:
+            progress(offset + moved, size)
+    return moved
+
+
+def sftp_put_from(sftp, local: str | Path, remote: str, offset: int = 0,
+                  progress: Progress | None = None) -> int:
+    """Upload one file, continuing `remote.mfpart` from `offset` bytes; returns bytes sent."""
+    src, dst = Path(local).expanduser(), remote_path(remote)
+    size = src.stat().st_size
+    _sftp_makedirs(sftp, posixpath.dirname(dst))
+    part = dst + PART
+    with open(src, "rb") as f, sftp.open(part, "ab" if offset else "wb") as out:
+        out.set_pipelined(True)
+        f.seek(offset)
+        moved = _pump(f, out, offset, size, progress)
+    if sftp.stat(part).st_size != size:
+        raise OSError(f"{dst}: remote size {sftp.stat(part).st_size} after upload, expected {size}")
+    sftp.chmod(part, stat.S_IMODE(src.stat().st_mode))
+    sftp.posix_rename(part, dst)
+    return moved
+
+
+def sftp_get_from(sftp, remote: str, local: str | Path, offset: int = 0,
+                  progress: Progress | None = None) -> int:
+    """Download one file, continuing `local.mfpart` from `offset` bytes; returns bytes received."""
+    src, dst = remote_path(remote), Path(local).expanduser()
+    size = sftp.stat(src).st_size
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    part = dst.with_name(dst.name + PART)
+    with sftp.open(src, "rb") as f, open(part, "ab" if offset else "wb") as out:
+        f.seek(offset)
+        f.prefetch(size)
+        moved = _pump(f, out, offset, size, progress)
+    if part.stat().st_size != size:
+        raise OSError(f"{dst}: local size {part.stat().st_size} after download, expected {size}")
+    os.chmod(part, stat.S_IMODE(sftp.stat(src).st_mode))
+    os.replace(part, dst)
+    return moved
+
+
+def local_copy_from(src: str | Path, dst: str | Path, offset: int = 0,
+                    progress: Progress | None = None) -> int:
+    """The local-mode mirror of sftp_put_from/sftp_get_from."""
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    size = src.stat().st_size
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    part = dst.with_name(dst.name + PART)
+    with open(src, "rb") as f, open(part, "ab" if offset else "wb") as out:
+        f.seek(offset)
+        moved = _pump(f, out, offset, size, progress)
+    os.chmod(part, stat.S_IMODE(src.stat().st_mode))
+    os.replace(part, dst)
+    return moved

@@ -38,6 +38,12 @@ def emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+def emit_json_line(obj: Any) -> None:
+    """One compact JSON object on one line (JSON Lines, for streams such as `logs --json`)."""
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    sys.stdout.flush()
+
+
 def symbol(status: str) -> str:
     mark, style = STATUS_STYLE.get(status, ("?", "magenta"))
     return f"[{style}]{mark}[/{style}]"
@@ -147,3 +153,56 @@ def live(get_renderable, refresh_per_second: float = 4):
 def plain(text: str) -> None:
     """Text printed as is (no markup): log tails, commands."""
     console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+# -- jobs: transfers and multi-node logs ----------------------------------------------------------
+
+NODE_COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan",
+                "bright_magenta", "bright_green", "bright_yellow", "bright_blue", "red")
+
+
+def node_colour(node: int) -> str:
+    """The stable colour of a node's log lines (by node rank)."""
+    return NODE_COLOURS[node % len(NODE_COLOURS)]
+
+
+def log_line(prefix: str, colour: str, text: str, dim: bool = False) -> None:
+    """One line of a run's log: `prefix │ text`, the prefix in the node's colour."""
+    body = f"[dim]{escape(text)}[/dim]" if dim else escape(text)
+    console.print(f"[{colour}]{escape(prefix)} │[/{colour}] {body}", soft_wrap=True)
+
+
+class TransferBars:
+    """Progress bars for uploads and downloads, on stderr (stdout stays clean for --json).
+    `bar(label, total)` returns a `progress(done, total)` callback; safe from several threads."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._progress = None
+
+    def __enter__(self) -> "TransferBars":
+        if self.enabled:
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                                       TimeRemainingColumn, TransferSpeedColumn)
+
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                      DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                                      console=err_console)
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def bar(self, label: str, total: int):
+        if self._progress is None:
+            return None
+        task = self._progress.add_task(escape(label), total=max(total, 1))
+        if total == 0:
+            self._progress.update(task, completed=1)
+
+        def update(done: int, total_now: int) -> None:
+            self._progress.update(task, completed=done, total=max(total_now, 1))
+
+        return update

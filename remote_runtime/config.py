@@ -131,9 +131,11 @@ class LaunchConfig:
     hosts: list[str] = field(default_factory=list)  # inventory names; empty = every host
     nproc_per_node: Optional[int] = None  # default: the GPU count of the first host (1 without GPUs)
     master_port: int = 29500
+    watcher_port: Optional[int] = None  # node 0's fail-fast watcher; default master_port + 1
     venv: str = "megafleet/venv"  # on each node, relative to the user's home unless absolute
     env: list[str] = field(default_factory=list)  # local env vars forwarded to nodes (e.g. HF_TOKEN)
-    stall_timeout: int = 900  # seconds without log progress before the watcher stops the job
+    stall_timeout: int = 900  # no log progress on any node this long (or a node silent for
+    #   min(stall_timeout, 120) s) and the watcher stops the job on every node
     stop_grace: int = 30  # seconds between SIGTERM and SIGKILL on stop
 
 
@@ -387,12 +389,18 @@ def validate(job: JobConfig) -> list[str]:
     for leaf in ("max_length", "dataset_num_proc", "tensor_model_parallel_size",
                  "pipeline_model_parallel_size", "context_parallel_size", "micro_batch_size",
                  "global_batch_size", "save_steps", "logging_steps", "lr", "master_port",
-                 "stall_timeout", "num_train_epochs", "train_iters", "save_total_limit",
+                 "watcher_port", "stall_timeout", "num_train_epochs", "train_iters", "save_total_limit",
                  "recompute_num_layers"):
         positive(leaf)
     for leaf in ("min_lr", "weight_decay", "clip_grad", "lr_warmup_iters", "stop_grace"):
         positive(leaf, allow_zero=True)
 
+    for leaf in ("master_port", "watcher_port"):
+        port = job.get(LEAVES[leaf][0])
+        if port is not None and port > 65535:
+            problems.append((LEAVES[leaf][0], f"{port} is not a TCP port (1-65535)"))
+    if job.launch.watcher_port and job.launch.watcher_port == job.launch.master_port:
+        problems.append(("launch.watcher_port", "must differ from launch.master_port"))
     if not job.model.model and not job.check.dry_run:
         problems.append(("model.model", "is required: a Hugging Face checkpoint directory"))
     if not job.data.dataset:

@@ -28,6 +28,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "plan": ("plan", "plan_command", "Propose parallel sizes, recompute and batch sizes that fit in GPU memory."),
     "render": ("render", "render", "Render a job template as a job file, runtime flags or torchrun command."),
     "setup": ("setup", "setup", "Install the Megatron stack on every host (venv, torch, TE, ...)."),
+    "launch": ("jobs", "launch", "Validate a job, upload its data and start it on every node."),
+    "logs": ("jobs", "logs", "Stream the logs of every node of a run."),
+    "status": ("jobs", "status", "Show a run's state on every node (or list the runs)."),
+    "runs": ("jobs", "runs", "List the recorded runs."),
+    "stop": ("jobs", "stop", "Stop a run on every node and check nothing of it is left."),
+    "fetch": ("jobs", "fetch", "Download a run's Hugging Face checkpoint."),
 }
 
 

@@ -1,0 +1,248 @@
+"""`megafleet launch | logs | status | runs | stop | fetch`: a job's life on the fleet.
+
+    megafleet launch job.yaml [--hosts a,b] [-- --train_iters 100 ...]
+    megafleet launch --hosts a,b -- --model DIR --dataset data.jsonl --train_iters 100
+    megafleet launch --local -- ...                 (this machine, no SSH)
+    megafleet logs RUN -f          megafleet status RUN      megafleet stop RUN
+    megafleet fetch RUN [--checkpoint latest|N] [--to DIR]
+
+RUN is a run id, a unique prefix of one, or `last`. Exit codes: see README; `logs -f` exits
+with the run's own exit code once it has ended on every node.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from megafleet import ui
+from megafleet.cli import dry_run_option, json_option, yes_option
+from megafleet.errors import EXIT_INTERRUPTED, UsageError
+
+RUN_HELP = "A run id, a unique prefix of one, or `last`."
+
+
+def _confirm(yes: bool, question: str) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError(f"not confirmed (no terminal to ask): {question}", hint="add --yes")
+    if not click.confirm(question, default=True):
+        raise UsageError("cancelled; nothing was started")
+
+
+def job_from_args(args: tuple[str, ...]):
+    """`[JOB.yaml] [sft|pt] [--flag value ...]` -> JobConfig (flags override the file)."""
+    from remote_runtime.args import job_from_argv
+    from remote_runtime.config import TASKS, ConfigError
+
+    from megafleet.jobs.launch import config_problems
+
+    rest = list(args)
+    job_file = rest.pop(0) if rest and not rest[0].startswith("-") and rest[0] not in TASKS else None
+    task = rest.pop(0) if rest and rest[0] in TASKS else None
+    if job_file is None and not rest:
+        raise UsageError("give a job file or runtime flags",
+                         hint="megafleet launch job.yaml, or megafleet launch -- --model DIR "
+                         "--dataset data.jsonl --train_iters 100")
+    try:
+        return job_from_argv((["--config", job_file] if job_file else []) + rest, task=task)
+    except ConfigError as exc:
+        raise config_problems(exc) from None
+
+
+@click.command("launch", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[JOB.yaml] [-- RUNTIME FLAGS]")
+@click.option("--hosts", "hosts", help="Comma-separated inventory hosts, node 0 first "
+              "(default: launch.hosts, else every host).")
+@click.option("--local", is_flag=True, help="Run on this machine, without SSH.")
+@click.option("--follow", "-f", is_flag=True, help="Follow the logs once started.")
+@click.option("--entry-module", default="remote_runtime", hidden=True,
+              help="The module torchrun runs (`-m MODULE TASK --config job.yaml`); for tests and "
+              "for developing the runtime.")
+@json_option
+@dry_run_option
+@yes_option
+def launch(args, hosts, local, follow, entry_module, as_json, dry_run, yes) -> None:
+    """Validate a job, upload its data, and start it on every node (node 0 is the master).
+
+    The job comes from a job file and/or runtime flags after `--` (Megatron-SWIFT names, e.g.
+    `--model DIR --dataset a.jsonl --train_iters 100 --nproc_per_node 8`); flags win. Before
+    anything changes on a node it checks the nodes' megafleet version, the master address and
+    that every worker reaches the master port, and runs the runtime's dry run.
+    """
+    from megafleet.cli import jobs_view
+    from megafleet.jobs.launch import LaunchOptions, plan_launch, start_run
+
+    job = job_from_args(args)
+    say = (lambda m: None) if as_json else (lambda m: ui.err_console.print(f"[dim]{m}[/dim]"))
+    opts = LaunchOptions(hosts=hosts.split(",") if hosts else None, local=local, say=say,
+                         entry_module=entry_module)
+    say("checking the nodes ...")
+    plan = plan_launch(job, opts)
+    if dry_run:
+        ui.emit_json(plan.describe()) if as_json else jobs_view.show_plan(plan, dry_run=True)
+        return
+    if not as_json:
+        jobs_view.show_plan(plan)
+    _confirm(yes, f"start run {plan.run.run_id} on {len(plan.run.nodes)} node(s)?")
+    with ui.TransferBars(enabled=not as_json) as bars:
+        run = start_run(plan, bars, say)
+    if as_json:
+        ui.emit_json({"run": run.to_dict(), "notes": plan.notes})
+    else:
+        jobs_view.show_started(run)
+    if follow:
+        _follow(run, None, None, as_json)
+
+
+@click.command("logs")
+@click.argument("run_ref", metavar="RUN", default="last")
+@click.option("--follow", "-f", is_flag=True, help="Keep streaming until the run ends; exit with its exit code.")
+@click.option("--node", type=int, help="Only this node (by node rank).")
+@click.option("--lines", "-n", type=click.IntRange(min=1), help="Start with the last N lines of each node.")
+@json_option
+def logs(run_ref, follow, node, lines, as_json) -> None:
+    """Show the logs of every node at once, each line tagged `nK rR` (node, global rank).
+
+    With --json: JSON Lines, one object per log line ({node, host, rank, text, progress}),
+    the last one {"end": true, "exit_code": ...}. Ctrl-C detaches; the job keeps running."""
+    from megafleet.jobs.logs import stream_logs
+    from megafleet.jobs.records import RunRecord
+
+    run = RunRecord.load(run_ref)
+    if follow:
+        _follow(run, node, lines, as_json)
+        return
+    result = stream_logs(run, _printer(as_json), node=node, lines=lines)
+    _stream_errors(result, as_json)
+    if as_json:
+        ui.emit_json_line({"end": True, "exit_code": None, "errors": result.errors})
+
+
+def _printer(as_json: bool):
+    def show(line) -> None:
+        if as_json:
+            ui.emit_json_line(line.to_dict())
+        else:
+            ui.log_line(line.prefix.ljust(7), ui.node_colour(line.node), line.text, dim=line.progress)
+
+    return show
+
+
+def _stream_errors(result, as_json: bool) -> None:
+    if result.errors and not as_json:
+        for host, why in result.errors.items():
+            ui.err_console.print(f"[red]{host}:[/red] no log stream: {why}")
+
+
+def _follow(run, node, lines, as_json) -> None:
+    from megafleet.jobs.logs import follow_logs
+
+    try:
+        code, result = follow_logs(run, _printer(as_json), node=node, lines=lines)
+    except KeyboardInterrupt:
+        ui.err_console.print(f"[yellow]detached[/yellow]: run {run.run_id} keeps running "
+                             f"(megafleet stop {run.run_id} stops it)")
+        sys.exit(EXIT_INTERRUPTED)
+    _stream_errors(result, as_json)
+    if node is not None:
+        code = (result.ends.get(run.node(node).host) or {}).get("exit_code")
+    if as_json:
+        ui.emit_json_line({"end": True, "exit_code": code, "state": run.state, "errors": result.errors})
+    else:
+        ui.err_console.print(f"run {run.run_id}: {run.state}" + (f", exit code {code}" if code is not None else ""))
+    click.get_current_context().exit(code if code is not None else 4)
+
+
+@click.command("status")
+@click.argument("run_ref", metavar="[RUN]", required=False)
+@click.option("--lines", "-n", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Last log lines shown for a failed node.")
+@json_option
+def status(run_ref, lines, as_json) -> None:
+    """A run's state on every node: running or exit code, step, loss, tokens/s, ETA, GPU use.
+    Without RUN: the recorded runs."""
+    from megafleet.cli import jobs_view
+    from megafleet.jobs.records import RunRecord
+    from megafleet.jobs.status import run_status
+
+    if not run_ref:
+        _list_runs(as_json)
+        return
+    report = run_status(RunRecord.load(run_ref), lines=max(lines, 1))
+    ui.emit_json(report) if as_json else jobs_view.show_status(report, lines)
+
+
+@click.command("runs")
+@json_option
+def runs(as_json) -> None:
+    """List the recorded runs (last known state; `megafleet status RUN` asks the nodes)."""
+    _list_runs(as_json)
+
+
+def _list_runs(as_json: bool) -> None:
+    from megafleet.cli import jobs_view
+    from megafleet.jobs.records import list_runs
+
+    records = list_runs()
+    if as_json:
+        ui.emit_json({"runs": [r.to_dict() for r in records]})
+    else:
+        jobs_view.show_runs(records)
+
+
+@click.command("stop")
+@click.argument("run_ref", metavar="RUN")
+@click.option("--grace", type=click.FloatRange(min=0), help="Seconds between SIGTERM and SIGKILL "
+              "(default: the job's launch.stop_grace).")
+@json_option
+@dry_run_option
+@yes_option
+def stop(run_ref, grace, as_json, dry_run, yes) -> None:
+    """Stop a run on every node: SIGTERM to torchrun, every worker and the watcher, SIGKILL
+    after the grace period, then check that nothing of the run is left (nor holds GPU memory)."""
+    from megafleet.cli import jobs_view
+    from megafleet.errors import MegafleetError
+    from megafleet.jobs.records import RunRecord
+    from megafleet.jobs.stop import stop_plan, stop_run
+
+    run = RunRecord.load(run_ref)
+    if dry_run:
+        plan = stop_plan(run, run.stop_grace if grace is None else grace)
+        ui.emit_json(plan) if as_json else jobs_view.show_stop_plan(plan)
+        return
+    _confirm(yes, f"stop run {run.run_id} on {', '.join(n.host for n in run.nodes)}?")
+    try:
+        report = stop_run(run, grace)
+    except MegafleetError as exc:
+        if as_json and getattr(exc, "report", None):
+            ui.emit_json({**exc.report, "error": exc.message, "hint": exc.hint})
+            click.get_current_context().exit(exc.exit_code)
+        raise
+    ui.emit_json(report) if as_json else jobs_view.show_stopped(report)
+
+
+@click.command("fetch")
+@click.argument("run_ref", metavar="RUN")
+@click.option("--checkpoint", default="latest", show_default=True, help="`latest` or a step number.")
+@click.option("--to", "to", type=click.Path(file_okay=False), help="Destination directory "
+              "(default: ./checkpoints/RUN/checkpoint-STEP).")
+@json_option
+def fetch(run_ref, checkpoint, to, as_json) -> None:
+    """Download a Hugging Face checkpoint from the node that wrote it (resumable, sha256-checked)."""
+    from megafleet.jobs.fetch import fetch_checkpoint
+    from megafleet.jobs.records import RunRecord
+
+    if checkpoint != "latest" and not checkpoint.isdigit():
+        raise UsageError(f"--checkpoint {checkpoint!r}: give `latest` or a step number")
+    run = RunRecord.load(run_ref)
+    with ui.TransferBars(enabled=not as_json) as bars:
+        report = fetch_checkpoint(run, checkpoint, to, bars)
+    if as_json:
+        ui.emit_json(report)
+        return
+    ui.check_row("ok", f"checkpoint-{report['step']} of run {run.run_id} in {report['path']}",
+                 f"{report['files']} files, {report['bytes_sent']} bytes fetched, "
+                 f"{len(report['skipped'])} already there; sha256 verified")

@@ -1,0 +1,58 @@
+"""`megafleet fetch`: bring a run's Hugging Face checkpoint home from the node that wrote it
+(the node of global rank 0), with progress, resume and sha256 checks (megafleet.jobs.sync).
+
+A checkpoint counts only when complete: the runtime writes `trainer_state.json` last."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from megafleet.errors import UsageError
+from megafleet.jobs.access import ask_nodes, pool_for, runners_for
+from megafleet.jobs.records import RunRecord
+from megafleet.jobs.sync import RemoteFile, download
+
+
+def writer_node(run: RunRecord):
+    return next((n for n in run.nodes if 0 in n.ranks), run.nodes[0])
+
+
+def default_destination(run: RunRecord, step: int) -> Path:
+    return Path.cwd() / "checkpoints" / run.run_id / f"checkpoint-{step}"
+
+
+def find_checkpoint(run: RunRecord, which: str = "latest", pool=None) -> dict:
+    """The node's answer for checkpoint `which` (latest or a step): path and file manifest."""
+    node = writer_node(run)
+    res = ask_nodes(run, lambda n: f"checkpoints {shlex.quote(n.run_dir)} --pick {shlex.quote(str(which))}",
+                    timeout=3600, pool=pool, nodes=[node])[node.host]
+    res.check()
+    info = res.value
+    if not info.get("picked"):
+        done = [c["step"] for c in info.get("checkpoints", []) if c["complete"]]
+        partial = [c["step"] for c in info.get("checkpoints", []) if not c["complete"]]
+        what = "no complete checkpoint" if which == "latest" else f"no complete checkpoint {which}"
+        raise UsageError(f"run {run.run_id}: {what} in {node.host}:{info.get('output_dir')}"
+                         + (f" (complete: {', '.join(map(str, done))})" if done else "")
+                         + (f" (being written: {', '.join(map(str, partial))})" if partial else ""),
+                         hint="checkpoints appear every save_steps and at the end of training; "
+                         "see `megafleet status " + run.run_id + "`")
+    return info["picked"]
+
+
+def fetch_checkpoint(run: RunRecord, which: str = "latest", to: str | Path | None = None,
+                     bars=None, pool=None) -> dict:
+    """Download checkpoint `which` into `to` (default ./checkpoints/<run>/checkpoint-<step>);
+    files already there with the right sha256 are skipped, partial ones continued."""
+    picked = find_checkpoint(run, which, pool)
+    dest = Path(to).expanduser() if to else default_destination(run, picked["step"])
+    node = writer_node(run)
+    files = [RemoteFile(f"{picked['path']}/{f['rel']}", dest / f["rel"], f["size"], f["sha256"])
+             for f in picked["files"]]
+    cb = bars.bar(f"fetch checkpoint-{picked['step']} from {node.host}",
+                  sum(f.size for f in files)) if bars else None
+    with pool_for(run, pool) as p:
+        report = download(runners_for(run, p, [node])[node.host], files, cb)
+    return {"run_id": run.run_id, "host": node.host, "step": picked["step"], "path": str(dest),
+            "remote_path": picked["path"], "files": len(files), **report.to_dict()}
