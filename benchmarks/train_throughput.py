@@ -219,6 +219,7 @@ def run_runtime(args, cfg: dict) -> dict:
              "recompute_method": job.recompute.recompute_method,
              "recompute_num_layers": job.recompute.recompute_num_layers,
              "attention": dict(PACKED_PATH), "options": overrides,
+             "gradient_accumulation_fusion": bool(model[0].module.config.gradient_accumulation_fusion),
              "transformer_impl": getattr(model[0].module, "megafleet_transformer_impl", None),
              "mean_loss": round(float(total[0] / total[1]), 4) if total[1] > 0 else None}
     res = result(args, "runtime", cfg, step_time, dist.world_size, extra)

@@ -6,11 +6,13 @@ Replaces the `core_attention` submodule of megatron's local layer spec, whose
 * Padded batches ([s, b, h, d], Megatron's sbhd layout): `scaled_dot_product_attention`, causal,
   on the backend asked for (`flash`, `fused` = cuDNN, `unfused` = math; `auto` lets torch pick).
 * Packed sequences (THD: [t, h, d] with `PackedSeqParams.cu_seqlens_q`): every document attends
-  only to itself. On GPU with bf16/fp16: cuDNN's ragged attention (`fused`, and `auto` on
-  Hopper or newer), else `torch.nn.attention.varlen.varlen_attn` (flash varlen, torch >= 2.10),
-  each running the whole pack in one kernel; otherwise (CPU, fp32, older torch) a loop of causal
-  SDPA calls, one per document, which is exact and needs no mask. A kernel that fails once is
-  not tried again (recorded in PACKED_PATH, reported by check-convert and the benchmarks).
+  only to itself. On GPU with bf16/fp16, `torch.nn.attention.varlen.varlen_attn` (flash varlen,
+  torch >= 2.10) runs the whole pack in one kernel; otherwise (CPU, fp32, older torch) a loop of
+  causal SDPA calls, one per document, which is exact and needs no mask. A kernel that fails
+  once is not tried again (recorded in PACKED_PATH, reported by check-convert and benchmarks).
+  cuDNN's ragged kernels (aten._cudnn_attention_forward with cum_seq offsets) would be faster on
+  Hopper, but on torch 2.11 their backward returned inf (measured 2026-11-21, see
+  benchmarks/results/); torch's own varlen_attn keeps them disabled too.
 """
 
 from __future__ import annotations
@@ -55,25 +57,14 @@ def _varlen_flags() -> dict:
 
 
 VARLEN = _varlen_flags()
-# cuDNN's ragged (THD) attention, as torch uses it for nested tensors; differentiable. On Hopper
-# it is about twice as fast as the flash-attention-2 kernels behind varlen_attn.
-_CUDNN_THD = getattr(torch.ops.aten, "_cudnn_attention_forward", None)
 # Which packed-sequence kernel actually ran ("varlen" / "per-document SDPA"), and why varlen was
 # dropped if it failed once (unsupported GPU or shape): reported by check-convert and benchmarks.
-PACKED_PATH = {"used": None, "varlen_error": None, "cudnn_error": None}
+PACKED_PATH = {"used": None, "varlen_error": None}
 
 
 def varlen_available(device_type: str, dtype: torch.dtype) -> bool:
     return (bool(VARLEN) and PACKED_PATH["varlen_error"] is None and device_type == "cuda"
             and dtype in (torch.bfloat16, torch.float16))
-
-
-def cudnn_thd_available(backend: str, device_type: str, dtype: torch.dtype) -> bool:
-    """cuDNN ragged attention for packed batches: asked for (`fused`), or `auto` on Hopper+."""
-    if (_CUDNN_THD is None or PACKED_PATH["cudnn_error"] is not None or device_type != "cuda"
-            or dtype not in (torch.bfloat16, torch.float16) or backend not in ("auto", "fused")):
-        return False
-    return backend == "fused" or torch.cuda.get_device_capability()[0] >= 9
 
 
 def _kernel_context(backend: str, device_type: str):
@@ -147,13 +138,6 @@ class SDPAttention(MegatronModule):
         if query.dim() == 4:  # [t, 1, h, d] when the caller kept the batch dimension
             query, key, value = (t.squeeze(1) for t in (query, key, value))
         out = None
-        if dropout == 0.0 and cudnn_thd_available(self.backend, query.device.type, query.dtype):
-            try:
-                out = self._cudnn_thd(query, key, value, cu_q, cu_k, psp)
-                PACKED_PATH["used"] = "cudnn"
-            except (RuntimeError, TypeError, NotImplementedError) as exc:
-                PACKED_PATH["cudnn_error"] = f"{type(exc).__name__}: {exc}"[:500]
-                warnings.warn(f"cuDNN packed attention failed, trying flash varlen: {exc}")
         default_scale = self.scale == 1.0 / math.sqrt(self.head_dim)
         if (out is None and dropout == 0.0 and varlen_available(query.device.type, query.dtype)
                 and (VARLEN["scale"] or default_scale)):
@@ -167,17 +151,6 @@ class SDPAttention(MegatronModule):
             out = self._per_document(query, key, value, cu_q, dropout)
             PACKED_PATH["used"] = "per-document SDPA"
         return out.reshape(out.shape[0], self.heads * self.head_dim)
-
-    def _cudnn_thd(self, query, key, value, cu_q, cu_k, psp):
-        # cuDNN takes no grouped-query flag here: give every query head its own k/v head (the
-        # backward of repeat_interleave sums the group's gradients back).
-        if self.heads != self.groups:
-            rep = self.heads // self.groups
-            key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
-        query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
-        out = _CUDNN_THD(query, key, value, None, cu_q.int(), cu_k.int(), int(psp.max_seqlen_q),
-                         int(psp.max_seqlen_kv), True, 0.0, True, False, scale=self.scale)[0]
-        return out
 
     def _varlen(self, query, key, value, cu_q, cu_k, psp):
         # value (never roped or normed) is still a strided view into the fused QKV output
