@@ -111,6 +111,12 @@ def main(argv=None) -> int:
     t0 = time.time()
     model, data = build_assets(out, args.shape, args.rows)
     results = []
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    doc = {"date": _dt.date.today().isoformat(), "device": device, "torch": torch.__version__,
+           "shape": args.shape, "steps": args.steps, "global_batch": args.global_batch,
+           "max_length": args.max_length, "rows": args.rows, "runs": results}
     for spec in args.layouts.split(","):
         name, nproc, *rest = spec.split(":")
         flags = rest[0].split("+") if rest else PRESETS.get(name, [])
@@ -120,18 +126,14 @@ def main(argv=None) -> int:
               f"MFU {r.get('mfu')} peak {r.get('peak_mem_gb')} GB "
               f"loss {min(r['losses'].items(), default=(0, None))} -> {max(r['losses'].items(), default=(0, None))}",
               flush=True)
+        if args.json:  # after every layout, so a time limit loses only the run in progress
+            Path(args.json).write_text(json.dumps(doc, indent=2))
     ref = results[0]["losses"]
     for r in results[1:]:
         common = [s for s in ref if s in r["losses"] and ref[s] and r["losses"][s]]
         r["max_rel_loss_diff_vs_" + results[0]["layout"]] = round(
             max((abs(r["losses"][s] - ref[s]) / abs(ref[s]) for s in common), default=float("nan")), 5)
-    import torch
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    doc = {"date": _dt.date.today().isoformat(), "device": device,
-           "torch": torch.__version__, "shape": args.shape, "steps": args.steps,
-           "global_batch": args.global_batch, "max_length": args.max_length, "rows": args.rows,
-           "setup_s": round(time.time() - t0 - sum(r["wall_s"] for r in results), 1), "runs": results}
+    doc["setup_s"] = round(time.time() - t0 - sum(r["wall_s"] for r in results), 1)
     print(json.dumps({r["layout"]: {k: v for k, v in r.items() if k not in ("losses", "command", "error_tail")}
                       for r in results}, indent=1))
     if args.json:
