@@ -2,8 +2,8 @@
 
     python benchmarks/memory_check.py benchmarks/results/throughput-*.json [--tolerance 0.2]
 
-Reads the JSON of `benchmarks/train_throughput.py` (one run object, a list of runs, or an
-object with a "runs" list; any other JSON file is skipped) and, for every megatron run in it,
+Reads the JSON of `benchmarks/train_throughput.py` (one run object, a list of runs, an
+object with a "runs" list, or a list of such objects; any other JSON file is skipped) and, for every megatron run in it,
 prints the estimate beside the measured peak and the relative error. Exit 0 when every checked
 run is within the tolerance (and at least --min-runs were checked), 1 otherwise.
 
@@ -47,8 +47,13 @@ def runs_in(data) -> list[dict]:
     items = data if isinstance(data, list) else [data]
     runs = []
     for item in items:
+        if isinstance(item, dict) and isinstance(item.get("runs"), list):  # a list of sessions
+            runs.extend(runs_in(item))
+            continue
         if not isinstance(item, dict) or "peak_mem_gb" not in item:
             continue
+        if not any(item.get(k) for k in ("seq_len", "max_length", "seq_length")):
+            continue  # not a throughput run (e.g. an SFT evidence summary)
         framework = str(item.get("framework") or item.get("impl") or "").lower()
         if framework not in SKIPPED_FRAMEWORKS:
             runs.append(item)

@@ -19,6 +19,10 @@ FINDING_KEYS = {"severity", "check", "code", "message", "fix", "commands", "inst
 
 
 def run(*args, input=None):
+    from megafleet import ui
+
+    # rich reads COLUMNS once, when megafleet.ui is first imported (maybe by another test)
+    ui.console.width = 250
     result = CliRunner().invoke(cli, list(args), input=input, obj={}, catch_exceptions=False,
                                 env={"COLUMNS": "250", "NO_COLOR": "1"})
     return result

@@ -194,9 +194,11 @@ def test_cli_input_errors(megafleet_home, tmp_path):
 
 
 def test_local_dry_run_plans_without_starting(megafleet_home, tmp_path):
+    from megafleet.model_shape import NAMED_CONFIGS
+
     model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
+    model.mkdir()  # config.json only: the dry run resolves the job from it, reads no weights
+    (model / "config.json").write_text(json.dumps(NAMED_CONFIGS["qwen3-0.6b"]))
     data = tmp_path / "d.jsonl"
     data.write_text("{}\n")
     proc, plan = run_cli_json("launch", "--local", "--dry-run", "--json", "--", "--model", str(model),

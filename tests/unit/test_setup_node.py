@@ -171,7 +171,8 @@ def test_te_build_paths_are_the_venvs_real_paths_without_tilde(tmp_path, monkeyp
 
 
 def test_missing_headers_block_the_te_step_with_the_wheel_to_install(tmp_path, monkeypatch):
-    plan, _, sp = _plan(tmp_path, monkeypatch, headers=False)
+    # pip, not uv: whether uv is on this machine must not change what the test expects
+    plan, _, sp = _plan(tmp_path, monkeypatch, headers=False, installer="pip")
     te = next(s for s in plan["steps"] if s["id"] == "te")
     assert te["blocked"]["message"] == "cannot build transformer-engine: missing cudnn.h, nccl.h"
     assert "nvidia-cudnn-cu13" in te["blocked"]["fix"]
