@@ -24,9 +24,9 @@ from remote_runtime.config import ConfigError
 for _msg in ("Transformer Engine and Apex are not installed", "Apex is not installed",
              "full scope is deprecated"):
     warnings.filterwarnings("ignore", message=_msg, category=UserWarning)
-# torch >= 2.12 deprecates the collective megatron-core 0.16 uses for tensor-parallel gathers.
-warnings.filterwarnings("ignore", message=".*all_gather_into_tensor` is deprecated",
-                        category=FutureWarning)
+# torch >= 2.12 deprecates collectives megatron-core 0.16 uses (TP gathers, distributed optimizer).
+warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor)` is "
+                        "deprecated", category=FutureWarning)
 
 
 @dataclass(frozen=True)

@@ -151,7 +151,7 @@ def format_record(r: dict) -> str:
         parts.append(f"grad_norm {r['grad_norm']:.3f}")
     parts.append(f"{r['tokens_per_s']:.0f} tok/s")
     if r.get("tflops_per_gpu") is not None:
-        parts.append(f"{r['tflops_per_gpu']:.1f} TFLOP/s/GPU")
+        parts.append(f"{r['tflops_per_gpu']:.3g} TFLOP/s/GPU")
     if r.get("mfu") is not None:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")
     if r.get("peak_mem_gb") is not None:
