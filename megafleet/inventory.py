@@ -197,7 +197,7 @@ class Inventory:
         self.hosts[host.name] = host
 
     def remove(self, name: str) -> Host:
-        host = self.get(name)
+        self.get(name)  # an unknown name is an error naming the inventory file
         users = [h.name for h in self.hosts.values() if h.jump_host == name]
         if users:
             raise UsageError(f"host {name!r} is the jump host of {', '.join(users)}",

@@ -206,3 +206,18 @@ class TransferBars:
             self._progress.update(task, completed=done, total=max(total_now, 1))
 
         return update
+
+
+def confirm(yes: bool, question: str, default: bool = False, cancelled: str = "cancelled") -> None:
+    """Ask before changing something; `--yes` skips the question. Without a terminal to ask
+    (an agent, a pipe) the answer is no, and the error says to pass --yes."""
+    import click
+
+    from megafleet.errors import UsageError
+
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError(f"not confirmed (no terminal to ask): {question}", hint="add --yes")
+    if not click.confirm(question, default=default):
+        raise UsageError(cancelled)

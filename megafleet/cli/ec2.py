@@ -7,13 +7,12 @@ credentials exit 2. The EC2 endpoint follows botocore's AWS_ENDPOINT_URL_EC2 (te
 
 from __future__ import annotations
 
-import sys
 
 import click
 
 from megafleet import ui
 from megafleet.cli import dry_run_option, json_option, yes_option
-from megafleet.errors import MegafleetError, UsageError
+from megafleet.errors import MegafleetError
 
 
 def aws_options(f):
@@ -202,12 +201,7 @@ stop = _power_command("stop")
 
 
 def _confirm(yes: bool, question: str) -> None:
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise UsageError(f"not confirmed (no terminal to ask): {question}", hint="add --yes")
-    if not click.confirm(question, default=False):
-        raise UsageError("cancelled")
+    ui.confirm(yes, question, default=False)
 
 
 def _where(region: str, tags, ids) -> str:

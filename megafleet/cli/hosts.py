@@ -7,7 +7,6 @@ another error-level problem is found, 0 otherwise (warnings included).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -153,12 +152,7 @@ def remove(name, forget_key, dry_run, yes) -> None:
 
 
 def _confirm(yes: bool, question: str) -> None:
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise UsageError(f"not confirmed (no terminal to ask): {question}", hint="add --yes")
-    if not click.confirm(question, default=False):
-        raise UsageError("cancelled")
+    ui.confirm(yes, question, default=False)
 
 
 @hosts.command("check")

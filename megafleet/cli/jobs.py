@@ -24,12 +24,7 @@ RUN_HELP = "A run id, a unique prefix of one, or `last`."
 
 
 def _confirm(yes: bool, question: str) -> None:
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise UsageError(f"not confirmed (no terminal to ask): {question}", hint="add --yes")
-    if not click.confirm(question, default=True):
-        raise UsageError("cancelled; nothing was started")
+    ui.confirm(yes, question, default=True, cancelled="cancelled; nothing was started")
 
 
 def job_from_args(args: tuple[str, ...]):

@@ -7,7 +7,6 @@ reached; 4 a step failed on a host (or another setup held its lock).
 
 from __future__ import annotations
 
-import sys
 
 import click
 
@@ -115,12 +114,7 @@ def _targets(names, local, timeout):
 
 
 def _confirm(yes: bool, question: str) -> None:
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise UsageError(f"not confirmed (no terminal to ask): {question}", hint="add --yes")
-    if not click.confirm(question, default=True):
-        raise UsageError("cancelled")
+    ui.confirm(yes, question, default=True)
 
 
 def _run(targets, pool, options, dry_run: bool, as_json: bool) -> int:

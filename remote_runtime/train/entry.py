@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import signal
 import sys
@@ -59,8 +58,7 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
     from remote_runtime.platform import init_distributed, shutdown
     from remote_runtime.train import checkpoint as ckpt
     from remote_runtime.train.collectives import any_rank
-    from remote_runtime.train.metrics import MetricsLog, ModelShape
-    from remote_runtime.train.optim import build_optimizer, schedule_for, wrap_ddp
+    from remote_runtime.train.metrics import ModelShape
     from remote_runtime.train.step import train_step
 
     par = job.parallel

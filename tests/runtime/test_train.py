@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.runtime.train_helpers import (
-    REPO, base_args, check, free_port, losses, make_assets, read_log, run_runtime)
+    REPO, base_args, check, losses, make_assets, read_log, run_runtime)
 
 pytestmark = [pytest.mark.runtime]
 

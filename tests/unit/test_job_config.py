@@ -1,8 +1,5 @@
 """The job config schema: flags, job files, validation messages, round trips."""
 
-import json
-import subprocess
-import sys
 
 import pytest
 
