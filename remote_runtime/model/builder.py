@@ -194,6 +194,10 @@ def build_model(family: ModelFamily, hf_config: dict, options: ModelOptions, dis
     tc = family.transformer_config_kwargs(hf_config)
     config = transformer_config(tc, options, dist)
     impl = resolve_impl(options.transformer_impl)
+    if dist.cp > 1 and impl != "transformer_engine":
+        raise ConfigError([("parallel.context_parallel_size",
+                            f"{dist.cp} needs transformer-engine, which is not installed on this "
+                            "node (megafleet setup --with-te), or use context_parallel_size=1")])
     compiled_norm = compile_fusions(dist) and options.fused_norm
     spec = layer_spec(config, impl, options.attention_backend, compiled_norm)
     if impl == "transformer_engine":

@@ -199,3 +199,10 @@ def test_dry_run_prints_resolved_config_without_torch(assets):
         assert key in tc
     assert resolved["model"]["padded_vocab_size"] % 256 == 0
     assert not math.isnan(resolved["batch"]["num_microbatches"])
+
+
+def test_context_parallel_without_transformer_engine_is_a_config_error(assets, tmp_path):
+    model, data = assets
+    proc = run_runtime(base_args(model, data, tmp_path / "out", context_parallel_size=2), nproc=2)
+    assert proc.returncode != 0
+    assert "parallel.context_parallel_size: 2 needs transformer-engine" in proc.stdout + proc.stderr
