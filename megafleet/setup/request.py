@@ -20,7 +20,8 @@ from megafleet.setup.node.steps import STEP_IDS
 TE_SPEC = "transformer_engine[pytorch,core_cu{cuda_major}]>=2.9,<2.12"
 APEX_SOURCE = "git+https://github.com/NVIDIA/apex.git"
 # The runtime imports numpy and yaml itself (pyproject's runtime extra and base dependencies).
-NODE_EXTRA_REQUIREMENTS = ("numpy>=1.26", "pyyaml>=6.0")
+# psutil: megatron-core's distributed-checkpoint writer needs it but does not declare it
+NODE_EXTRA_REQUIREMENTS = ("numpy>=1.26", "pyyaml>=6.0", "psutil>=5.9")
 NODE_WHEELS = SETUP_DIR + "/wheels"
 NODE_WHEELHOUSE = SETUP_DIR + "/wheelhouse"
 INSTALLERS = ("auto", "uv", "pip")
@@ -34,7 +35,8 @@ def _check():
 
 
 def node_requirements() -> list[str]:
-    """megatron-core (the supported range), transformers, safetensors, tokenizers, numpy, pyyaml."""
+    """megatron-core (the supported range), transformers, safetensors, tokenizers, numpy, pyyaml,
+    psutil."""
     check = _check()
     reqs = ["megatron-core" + check.SUPPORTED_MEGATRON_CORE]
     reqs += [name + spec for name, spec in check.RUNTIME_REQUIREMENTS.items() if name != "torch"]

@@ -61,6 +61,7 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
     from remote_runtime.train.metrics import ModelShape
     from remote_runtime.train.step import train_step
 
+    _check_checkpoint_dependencies()
     par = job.parallel
     dist = init_distributed(job.model.device, par.tensor_model_parallel_size,
                             par.pipeline_model_parallel_size, par.context_parallel_size,
@@ -130,6 +131,17 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
     metrics.close()
     shutdown()
     return 0
+
+
+def _check_checkpoint_dependencies() -> None:
+    """megatron-core's checkpoint writer needs psutil (undeclared there); without it the first
+    save hangs in a worker process. Say so before any work is done."""
+    import importlib.util
+
+    if importlib.util.find_spec("psutil") is None:
+        raise ConfigError([("checkpoint.output_dir", "saving checkpoints needs the psutil package, "
+                            "which is not installed here: pip install psutil "
+                            "(megafleet setup installs it)")])
 
 
 def _say(rank0: bool, message: str) -> None:

@@ -105,7 +105,11 @@ def test_sigterm_mid_run_saves_a_loadable_checkpoint_and_exits_zero(assets, tmp_
         time.sleep(0.2)
     assert read_log(out), proc.communicate()[0] if proc.poll() is not None else "no progress"
     proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
+    try:
+        output, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("no exit within 120 s of SIGTERM:\n" + proc.communicate()[0][-3000:])
     assert proc.returncode == 0, output[-3000:]
     saved = sorted(out.glob("checkpoint-*"))
     assert len(saved) == 1 and (saved[0] / "trainer_state.json").is_file(), output[-2000:]
