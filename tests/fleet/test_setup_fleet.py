@@ -139,7 +139,7 @@ def test_offline_setup_of_two_hosts_killed_resumed_checked_then_a_no_op(
     doc = json.loads(out)
     assert first.returncode == 4, err
     one, two = doc["hosts"]["node1"], doc["hosts"]["node2"]
-    assert one["status"] == "ok" and two["status"] == "failed", json.dumps(doc["hosts"])[-4000:]
+    assert one["status"] == "ok" and two["status"] == "failed", json.dumps(one)[:6000]
     assert one["facts"]["installer"] == ("uv" if uv_on_node1 else "pip")
     assert "the setup stopped before it finished" in two["message"]
     assert two["uploads"]["files"] >= 30  # the whole wheelhouse and the project wheel
