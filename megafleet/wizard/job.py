@@ -270,7 +270,7 @@ def plan_layout(ask: Asker, state: WizardState, hf: dict, gpus: GpuFacts) -> str
                       job.task, global_batch_size=job.train.global_batch_size)
     except ConfigError as exc:
         raise UsageError("; ".join(f"{f}: {m}" for f, m in exc.problems)) from None
-    show_plan(result, job.model.model, hints=False)
+    show_plan(result, job.model.model, details=False)
     if result.feasible:
         state.job = apply_plan(job, result)
         return "ok"
