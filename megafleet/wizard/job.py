@@ -125,7 +125,8 @@ def first_row(path: Path) -> tuple[object, int]:
 
 def inspect_dataset(spec: str, task: str) -> tuple[str, object, int]:
     """(format, the first row as the runtime reads it, rows) of a dataset file; UsageError if
-    the file is missing, unreadable, of no known format, or of the wrong kind for the task."""
+    the file is missing, unreadable, of no known format, or plain text for SFT (pre-training
+    takes text rows, and chat rows with the loss on every token)."""
     from remote_runtime.data.errors import RowError
     from remote_runtime.data.formats import detect_format, row_to_example
 
@@ -140,8 +141,6 @@ def inspect_dataset(spec: str, task: str) -> tuple[str, object, int]:
         example = row_to_example(row, fmt)
     except RowError as exc:
         raise UsageError(f"{path}:1: {exc}") from None
-    if task == "pt" and fmt != "text":
-        raise UsageError(f"{path}: rows are {fmt} (chat); pre-training reads {{\"text\": ...}} rows")
     if task == "sft" and fmt not in CHAT_FORMATS:
         raise UsageError(f"{path}: rows are plain text; SFT needs conversations "
                          "(messages, sharegpt, alpaca or query/response rows)")
