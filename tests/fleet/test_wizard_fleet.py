@@ -10,6 +10,7 @@ The wizard starts from an empty inventory (MEGAFLEET_HOME without hosts.yaml). E
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,31 @@ def test_cancel_at_each_step_leaves_nothing(fleet, fleet_home, workspace, assets
     assert sorted(p.name for p in workspace.iterdir()) == before
     assert sorted(p.name for p in fleet_home.iterdir()) == []  # no inventory, keys or runs
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_node_without_megafleet_is_offered_setup_answers_file(fleet, fleet_home, workspace,
+                                                               assets, tmp_path):
+    """Scripted with --answers (no terminal): node2 has no ~/megafleet/venv, so the wizard shows
+    the setup plan and asks; declined, it keeps the saved job and says how to go on."""
+    fleet.hosts[2].run("rm -rf ~/megafleet")
+    h = fleet.hosts[2]
+    answers = {"where": "ssh", "new_hosts": [{"address": f"{h.user}@{h.address}",
+                                              "key": str(fleet.key), "name": "node2"}],
+               "cpu_ok": True, "task": "sft", "model": str(assets / "model"),
+               "dataset": str(workspace / "chats.jsonl"), "max_length": 128,
+               "train_length": "2 steps", "lr": "1e-3", "output_dir": "out",
+               "job_file": "job.yaml", "confirm": "launch", "setup": False}
+    (tmp_path / "answers.yaml").write_text(json.dumps(answers))
+    proc = run_cli("wizard", "--answers", str(tmp_path / "answers.yaml"), "--timeout", "5",
+                   cwd=workspace, env={"MEGAFLEET_HOME": str(fleet_home),
+                                       "TMPDIR": str(tmp_path / "tmp")}, timeout=180)
+    out = " ".join(proc.stdout.split())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "node2: not set up" in out and "no megafleet in" in out
+    assert "venv: run" in out  # the setup plan of node2
+    assert "Set up node2 now" in out and "Not set up. The job is saved in" in out
+    assert "megafleet setup --hosts node2" in out
+    assert load_job_file(workspace / "job.yaml").launch.hosts == ["node2"]
+    assert Inventory.load(fleet_home / "hosts.yaml").names() == ["node2"]
+    assert not (fleet_home / "runs").exists()
+    assert fleet.hosts[2].run("ls ~/megafleet/venv", check=False).returncode != 0  # untouched
