@@ -33,7 +33,14 @@ def wizard(ctx: click.Context, answers_file, timeout, dry_run) -> None:
     command that runs it. Nothing is written before you confirm; Ctrl-C cancels at any step.
     The saved job replays with `megafleet launch FILE`.
     """
+    import sys
+
+    from megafleet.errors import UsageError
     from megafleet.wizard import Asker, load_answers, run_wizard
 
+    if not answers_file and not sys.stdin.isatty():
+        raise UsageError("the wizard asks questions and needs a terminal",
+                         hint="run it in a terminal, pass --answers FILE, or use the commands "
+                              "(megafleet --help; agents: SKILL.md)")
     answers = load_answers(answers_file) if answers_file else None
     ctx.exit(run_wizard(Asker(answers, answers_file), timeout=timeout, dry_run=dry_run))

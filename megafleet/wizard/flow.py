@@ -68,6 +68,7 @@ def _flow(ask: Asker, state: WizardState, dry_run: bool) -> int:
     if not finish.prepare_nodes(ask, state):
         return EXIT_OK
     run = finish.launch(state)
+    state.run_id = run.run_id
     return finish.follow(ask, run)
 
 

@@ -32,6 +32,7 @@ class WizardState:
     template: str = "sft-full"
     job_file: Path | None = None
     committed: bool = False
+    run_id: str | None = None  # set once the launch has started a run
     timeout: float = 10.0
     _staging: Path | None = None
     _pool: object = None
@@ -116,6 +117,11 @@ class WizardState:
 
     def say_cancelled(self) -> None:
         ui.err_console.print("[yellow]cancelled[/yellow]")
+        if self.run_id:
+            ui.info(f"Run {self.run_id} was started and keeps running; the job is in {self.job_file}.")
+            ui.hint(f"megafleet logs {self.run_id} -f", f"megafleet status {self.run_id}",
+                    f"megafleet stop {self.run_id}", title="To follow it, or stop it")
+            return
         if not self.committed:
             ui.info("Nothing was written: no job file, no inventory change, no run.")
             ui.hint("megafleet wizard", *self.resume_commands(), title="To start again")

@@ -100,3 +100,24 @@ def test_dry_run_writes_nothing(tmp_path, megafleet_home):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "dry run: would write job.yaml" in proc.stdout
     assert not (tmp_path / "job.yaml").exists() and list(megafleet_home.iterdir()) == []
+
+
+def test_a_cancel_says_what_was_written_and_how_to_go_on(tmp_path, capsys):
+    from megafleet.inventory import Host, Inventory
+    from megafleet.wizard.state import WizardState
+
+    inv = Inventory(path=tmp_path / "hosts.yaml")
+    inv.add(Host("gpu1", "203.0.113.7", user="ubuntu", identity_file="/keys/k.pem"))
+    state = WizardState(inv, added=["gpu1"], nodes=["gpu1"])
+    state.say_cancelled()
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Nothing was written" in out
+    assert "megafleet hosts add gpu1 ubuntu@203.0.113.7 -i /keys/k.pem" in out
+    state.committed, state.job_file = True, tmp_path / "job.yaml"
+    state.say_cancelled()
+    assert f"megafleet launch {tmp_path / 'job.yaml'}" in " ".join(capsys.readouterr().out.split())
+    state.run_id = "20261121-120000-abcd"
+    state.say_cancelled()
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Run 20261121-120000-abcd was started and keeps running" in out
+    assert "megafleet logs 20261121-120000-abcd -f" in out and "megafleet launch" not in out
