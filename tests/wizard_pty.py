@@ -82,7 +82,9 @@ class WizardPty:
     def wait(self, timeout: float = 120) -> int:
         self.expect(pexpect.EOF, timeout)
         self.child.close()
-        return self.child.exitstatus if self.child.exitstatus is not None else -self.child.signalstatus
+        if self.child.exitstatus is not None:
+            return self.child.exitstatus
+        return -self.child.signalstatus
 
     def close(self) -> None:
         if self.child.isalive():

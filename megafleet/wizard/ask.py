@@ -83,7 +83,8 @@ class Asker:
         self._need_terminal(qid, message)
         import questionary
 
-        items = [questionary.Choice(title, value=v, disabled=disabled.get(v)) for v, title in choices]
+        items = [questionary.Choice(title, value=v, disabled=disabled.get(v))
+                 for v, title in choices]
         start = next((c for c in items if c.value == default and not c.disabled), None)
         answer = questionary.select(message, choices=items, default=start, use_shortcuts=True,
                                     instruction="(arrows or number, Enter)").unsafe_ask()

@@ -275,8 +275,8 @@ def plan_layout(ask: Asker, state: WizardState, hf: dict, gpus: GpuFacts) -> str
         return "ok"
     ui.check_row("fail", escape(result.reason or "the model does not fit"))
     what = ask.select("plan_failed", "Nothing fits. What now?",
-                      [("length", "Try a shorter sequence length"), ("model", "Choose another model"),
-                       ("cancel", "Cancel")], default="length")
+                      [("length", "Try a shorter sequence length"),
+                       ("model", "Choose another model"), ("cancel", "Cancel")], default="length")
     if what == "cancel":
         raise KeyboardInterrupt
     return what

@@ -84,8 +84,10 @@ def default_key() -> str:
 
 
 def default_name(address: str, taken: set[str]) -> str:
-    base = address if not re.fullmatch(r"[\d.:]+", address) else "host-" + re.sub(r"[.:]", "-", address)
-    base = re.sub(r"[^A-Za-z0-9._-]", "-", base.split(".")[0] if not base.startswith("host-") else base)
+    if re.fullmatch(r"[\d.:]+", address):  # an IP address: host-10-0-0-5
+        base = "host-" + re.sub(r"[.:]", "-", address)
+    else:  # a DNS name: its first label
+        base = re.sub(r"[^A-Za-z0-9._-]", "-", address.split(".")[0])
     name, n = base or "host", 1
     while name in taken:
         n += 1
@@ -189,8 +191,10 @@ def _add_preset(state: WizardState, entry, chosen: list[str]) -> None:
     user, address, port = parse_target(str(entry["address"]))
     key = entry.get("key")
     host = Host(name=str(entry.get("name") or default_name(address, set(state.inventory.names()))),
-                address=address, user=str(entry.get("user") or user or os.environ.get("USER", "root")),
-                port=port or 22, identity_file=str(Path(key).expanduser().absolute()) if key else None)
+                address=address,
+                user=str(entry.get("user") or user or os.environ.get("USER", "root")),
+                port=port or 22,
+                identity_file=str(Path(key).expanduser().absolute()) if key else None)
     state.inventory.add(host)
     check_hosts(state, [host])
     state.added.append(host.name)
@@ -201,7 +205,8 @@ def ssh_hosts(ask: Asker, state: WizardState) -> list[str]:
     chosen: list[str] = []
     if len(state.inventory):
         names = state.inventory.names()
-        chosen = ask.checkbox("hosts", f"Hosts from your inventory ({state.inventory.path}) to use:",
+        chosen = ask.checkbox("hosts",
+                              f"Hosts from your inventory ({state.inventory.path}) to use:",
                               [(n, f"{n}  ({state.inventory.hosts[n].target})") for n in names],
                               checked=names)
         if chosen:
@@ -221,7 +226,7 @@ def _default_region() -> str:
 def ec2_hosts(ask: Asker, state: WizardState) -> list[str]:
     """Find instances by tag, stage their import, run `ec2 check`, then check SSH."""
     from megafleet.cli.ec2_view import show_check, show_import_plan, show_instances
-    from megafleet.ec2 import check_instances, find_instances, plan_import
+    from megafleet.ec2 import check_instances, find_instances, import_instances
     from megafleet.ec2.importer import ID_TAG, TYPE_TAG, apply_plan, check_key
 
     region = ask.text("ec2_region", "AWS region:", default=_default_region(),
@@ -242,10 +247,13 @@ def ec2_hosts(ask: Asker, state: WizardState) -> list[str]:
     key = ask.text("ec2_key", "Private key of the instances' key pair:", default=default_key(),
                    validate=lambda t: _key_problem(t) if t.strip() else "give the key file",
                    path=True)
-    key_path, warning = check_key(key)
+    _, warning = check_key(key)
     if warning:
         ui.warn(warning)
-    plan = plan_import(instances, state.inventory, user.strip(), key_path)
+    # Planned and validated against the inventory, not saved: the hosts join the in-memory
+    # inventory now and are written with the job (see megafleet.wizard.state).
+    plan = import_instances(instances, user.strip(), key, inventory=state.inventory,
+                            dry_run=True).actions
     apply_plan(plan, state.inventory)
     show_import_plan(plan, state.inventory.path, dry_run=True)
     names = []
@@ -266,7 +274,8 @@ def ec2_hosts(ask: Asker, state: WizardState) -> list[str]:
     rows = check_hosts(state, state.inventory.select(names))
     if not all(r["ok"] for r in rows):
         keep = ask.confirm("keep_unreachable", "Some instances failed the SSH check. Go on anyway "
-                           "(GPU facts from the instance type; the launch needs SSH)?", default=False)
+                           "(GPU facts from the instance type; the launch needs SSH)?",
+                           default=False)
         if not keep:
             raise UsageError("stopped at the SSH check", hint="fix SSH (security group, key, user) "
                              "and run `megafleet wizard` again")

@@ -55,7 +55,8 @@ class WizardState:
         if self._pool is None:
             from megafleet.ssh.connection import ConnectionPool
 
-            self._pool = ConnectionPool(self.inventory.jump_for, known_hosts=self.staged_known_hosts,
+            self._pool = ConnectionPool(self.inventory.jump_for,
+                                        known_hosts=self.staged_known_hosts,
                                         connect_timeout=self.timeout)
         return self._pool
 
@@ -118,7 +119,8 @@ class WizardState:
     def say_cancelled(self) -> None:
         ui.err_console.print("[yellow]cancelled[/yellow]")
         if self.run_id:
-            ui.info(f"Run {self.run_id} was started and keeps running; the job is in {self.job_file}.")
+            ui.info(f"Run {self.run_id} was started and keeps running; the job is in "
+                    f"{self.job_file}.")
             ui.hint(f"megafleet logs {self.run_id} -f", f"megafleet status {self.run_id}",
                     f"megafleet stop {self.run_id}", title="To follow it, or stop it")
             return
@@ -131,7 +133,8 @@ class WizardState:
 
 
 def add_command(h: Host) -> str:
-    parts = ["megafleet hosts add", h.name, f"{h.user}@{h.address}" + (f":{h.port}" if h.port != 22 else "")]
+    target = f"{h.user}@{h.address}" + (f":{h.port}" if h.port != 22 else "")
+    parts = ["megafleet hosts add", h.name, target]
     if h.identity_file:
         parts += ["-i", shlex.quote(h.identity_file)]
     if h.private_address:

@@ -142,7 +142,8 @@ def drive_until(w: WizardPty, fleet, assets, step: str) -> None:
         ("max_length", "Tokens per training", lambda: (
             w.type("Tokens per training row", "256"), w.expect(r"Layouts \(GiB per GPU"))),
         ("train length", "How long to train", lambda: (
-            w.enter("How long to train"), w.enter("Learning rate"), w.enter("Where the nodes write"))),
+            w.enter("How long to train"), w.enter("Learning rate"),
+            w.enter("Where the nodes write"))),
         ("job file", "Save the job as", lambda: w.enter("Save the job as")),
         ("confirm (Ctrl-C)", "Go ahead", None),
     ]

@@ -110,7 +110,8 @@ def test_the_skill_has_its_frontmatter_checklist_and_references():
 
 def test_the_skill_never_disables_host_key_checking():
     forbidden = [r"StrictHostKeyChecking", r"UserKnownHostsFile\s*=?\s*/dev/null",
-                 r"AutoAddPolicy", r"ssh-keygen\s+-R", r">>?\s*\S*known_hosts", r"rm\s+\S*known_hosts",
+                 r"AutoAddPolicy", r"ssh-keygen\s+-R", r">>?\s*\S*known_hosts",
+                 r"rm\s+\S*known_hosts",
                  r"GlobalKnownHostsFile", r"CheckHostIP\s*=?\s*no"]
     for path in FILES:
         for pattern in forbidden:

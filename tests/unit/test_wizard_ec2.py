@@ -69,7 +69,8 @@ def test_ec2_branch_finds_checks_imports_and_saves_the_job(tmp_path):
     inv = Inventory.load(home / "hosts.yaml")
     assert inv.names() == ["gpu-a", "gpu-b"]
     a = inv.hosts["gpu-a"]
-    assert a.user == "ubuntu" and a.identity_file == str(key) and a.private_address.startswith("10.7.")
+    assert a.user == "ubuntu" and a.identity_file == str(key)
+    assert a.private_address.startswith("10.7.")
     assert a.tags["ec2_instance_type"] == "p5.48xlarge" and a.tags["team"] == "ml"
     assert not (home / "known_hosts").exists()  # no SSH connection ever completed
     job = load_job_file(ws / "job.yaml")

@@ -28,7 +28,8 @@ def test_dataset_format_is_detected_and_wrong_kinds_are_named(tmp_path):
     chat.write_text("\n" + json.dumps({"instruction": "Say hi", "output": "hi"}) + "\n")
     fmt, example, rows = inspect_dataset(str(chat), "sft")
     assert (fmt, rows) == ("alpaca", 1)
-    assert example == [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
+    assert example == [{"role": "user", "content": "Say hi"},
+                       {"role": "assistant", "content": "hi"}]
     assert inspect_dataset(str(chat), "pt")[0] == "alpaca"  # pt: loss on every token
     text = tmp_path / "corpus.json"
     text.write_text(json.dumps([{"text": "a b c"}, {"text": "d"}]))
