@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "stop": ("jobs", "stop", "Stop a run on every node and check nothing of it is left."),
     "fetch": ("jobs", "fetch", "Download a run's Hugging Face checkpoint."),
     "demo": ("demo", "demo", "Fine-tune a tiny model locally, end to end (no GPU or hosts needed)."),
+    "wizard": ("wizard", "wizard", "Interactive questions from your machines to a running job."),
 }
 
 

@@ -174,8 +174,9 @@ def _row(c: Candidate, chosen: Candidate | None, gpu_mem: float, num_layers: int
             f"{100 * c.memory.total_gib / gpu_mem:.0f}%", f"{c.relative_speed:.2f}"]
 
 
-def show_plan(result: Plan, ref: str, current: dict | None = None) -> None:
-    """The plan as a table with the reasons, the job fragment and the flags (wizard reuses it)."""
+def show_plan(result: Plan, ref: str, current: dict | None = None, details: bool = True) -> None:
+    """The plan as a table with the reasons, then (with `details`) the job fragment, the flags
+    and hints; the wizard shows the table and reasons, then the whole job."""
     s, r = result.model, result.request
     ui.info(f"[bold]{escape(ref)}[/bold]: {s.family}, {s.total_params() / 1e9:.2f}B parameters, "
             f"{s.num_layers} layers, hidden {s.hidden_size}, {s.num_attention_heads} heads / "
@@ -199,6 +200,8 @@ def show_plan(result: Plan, ref: str, current: dict | None = None) -> None:
         return
     for note in result.notes:
         ui.info(f"  · {escape(note)}")
+    if not details:
+        return
     ui.info("[bold]Job settings[/bold] (JobConfig fragment):")
     ui.console.print(yaml.safe_dump(result.job_fragment(), sort_keys=False).rstrip(),
                      markup=False, highlight=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import logging
 import socket
 import threading
 import time
@@ -27,6 +28,11 @@ from megafleet.ssh.errors import (AuthFailed, HostKeyChanged, HostUnreachable, I
                                   SSHError)
 from megafleet.ssh.keys import Identity, candidate_keys, load_identity
 from megafleet.ssh.known_hosts import KnownHosts, PinOnFirstUse, describe_key
+
+# paramiko logs a failed handshake (e.g. a port that accepts but never sends an SSH banner) with
+# a traceback from its transport thread; with no handler configured, Python's last-resort
+# handler prints it to the terminal. The failure reaches the caller as an SSHError anyway.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_KEEPALIVE = 15  # seconds between keepalive packets on idle connections
