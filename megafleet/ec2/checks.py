@@ -308,7 +308,7 @@ def check_spot(c: Context) -> list[Finding]:
         out.append(Finding("warning", "spot", "spot_instances",
                            f"spot instances: {labels(spot)}; AWS can reclaim each with a "
                            "two-minute notice, which stops the whole job",
-                           "save checkpoints often (checkpoint.save_interval) and resume after "
+                           "save checkpoints often (checkpoint.save_steps) and resume after "
                            "an interruption, or use on-demand instances or a capacity block",
                            instances=ids(spot)))
     block = [i for i in c.instances if i.lifecycle == "capacity-block"]
