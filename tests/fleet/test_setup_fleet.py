@@ -118,6 +118,8 @@ def uv_on_node1(fleet):
 def test_offline_setup_of_two_hosts_killed_resumed_checked_then_a_no_op(
         fleet, fleet_home, wheelhouse, uv_on_node1):
     node1, node2 = fleet.host("node1"), fleet.host("node2")
+    for node in (node1, node2):  # hosts that never had megafleet (other tests leave venvs)
+        node.run("rm -rf ~/megafleet")
     fleet.write_inventory(fleet_home, [node1, node2])
     no_net = node2.run("python3 -c \"import socket; socket.create_connection(('pypi.org', 443), "
                        "timeout=3)\"", check=False)

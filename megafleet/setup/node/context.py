@@ -142,7 +142,17 @@ class Ctx:
 
     def constraints_command(self) -> Command:
         """Pin the installed torch for every later install: nothing may swap the CUDA build."""
-        version = self.dists().get("torch") or "(the version the torch step installs)"
+        version = self.dists().get("torch")
+        if version is None and self.req.get("mode") != "plan":
+            # The torch step ran but left no torch in this venv's own site-packages: pip must
+            # have found one elsewhere on sys.path (a .pth file or PYTHONPATH into another
+            # environment). Pinning nothing would let later installs swap it silently.
+            raise StepError("torch is not installed in %s itself, though pip considered it "
+                            "installed (a .pth file or PYTHONPATH shows another environment)"
+                            % self.venv,
+                            "remove that .pth file / PYTHONPATH entry, or set up into a new venv "
+                            "with --venv PATH")
+        version = version or "(the version the torch step installs)"
         return Command([], title="pin torch", write=(self.constraints, "torch==%s\n" % version))
 
     def max_jobs(self, plan_vars: Dict[str, str]) -> str:
