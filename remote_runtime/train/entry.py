@@ -78,7 +78,7 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
         resolved["device"] = str(dist.device)
         (output_dir / "run_config.json").write_text(json.dumps(resolved, indent=2, default=str))
 
-    tokenizer, dataset, batches, train_iters = _data(job, dist, rank0)
+    dataset, batches, train_iters = _data(job, dist, rank0)
     resume_from = ckpt.find_resume_step(job.checkpoint.resume, output_dir, dist)
     model, optimizer, scheduler = _model(job, family, hf_config, dist, resume_from, train_iters)
     layout = {"world_size": dist.world_size, "tp": dist.tp, "pp": dist.pp, "cp": dist.cp,
@@ -108,7 +108,7 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
                                     total_limit=job.checkpoint.save_total_limit)
         _say(rank0, f"saved {path} ({time.perf_counter() - t0:.1f} s)")
 
-    step, last_saved = start_step, start_step if resume_from is not None else -1
+    step = start_step
     _say(rank0, f"training {family.name} for {train_iters} steps from step {start_step} on "
          f"{dist.world_size} × {dist.device.type} (TP={dist.tp} PP={dist.pp} DP={dist.dp}); "
          f"{len(dataset)} documents")
@@ -120,14 +120,12 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
         step += 1
         metrics.after_step(step, gb, loss_pair, grad_norm, optimizer)
         stopping = any_rank(stop.requested)
+        # The last step always saves, so every run ends with a checkpoint.
         if stopping or step % job.checkpoint.save_steps == 0 or step == train_iters:
             save(step, metrics.last_loss)
-            last_saved = step
         if stopping:
             _say(rank0, f"stopped by signal after step {step}; checkpoint saved")
             break
-    if last_saved != step:
-        save(step, metrics.last_loss)
     metrics.close()
     shutdown()
     return 0
@@ -156,7 +154,7 @@ def _version() -> str:
 
 
 def _data(job: JobConfig, dist, rank0: bool):
-    """(tokenizer, dataset, batch iterator, train_iters): tokenized once per node, cached."""
+    """(dataset, batch iterator, train_iters): tokenized once per node, cached."""
     from transformers import AutoTokenizer
 
     from remote_runtime.data import build_dataset, make_batch_iterator
@@ -178,7 +176,7 @@ def _data(job: JobConfig, dist, rank0: bool):
         raise ConfigError([("train.global_batch_size",
                             f"{job.train.global_batch_size} is larger than the {len(dataset)} "
                             "documents of the dataset: no full global batch per epoch")])
-    return tokenizer, dataset, batches, train_iters
+    return dataset, batches, train_iters
 
 
 def _model(job: JobConfig, family, hf_config: dict, dist, resume_from, train_iters: int):
