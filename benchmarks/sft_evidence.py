@@ -65,7 +65,7 @@ def run_layout(name: str, nproc: int, flags: list[str], model: Path, data: Path,
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "remote_runtime", "sft", "--model", str(model), "--dataset", str(data),
            "--output_dir", str(run_dir), "--max_length", str(args.max_length), "--packing", "true",
-           "--micro_batch_size", "1", "--global_batch_size", str(args.global_batch),
+           "--micro_batch_size", str(args.micro_batch), "--global_batch_size", str(args.global_batch),
            "--train_iters", str(args.steps), "--lr", "1e-4", "--min_lr", "1e-5",
            "--lr_warmup_fraction", "0.05", "--logging_steps", str(args.log_every),
            "--save_steps", str(args.steps), "--dataset_num_proc", "8", "--seed", "42",
@@ -98,6 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="qwen3-0.6b")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--micro-batch", type=int, default=1, help="packs per micro-batch")
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--rows", type=int, default=40000)
     p.add_argument("--log-every", type=int, default=10)
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     doc = {"date": _dt.date.today().isoformat(), "device": device, "torch": torch.__version__,
            "shape": args.shape, "steps": args.steps, "global_batch": args.global_batch,
-           "max_length": args.max_length, "rows": args.rows, "runs": results}
+           "micro_batch": args.micro_batch, "max_length": args.max_length, "rows": args.rows, "runs": results}
     for spec in args.layouts.split(","):
         name, nproc, *rest = spec.split(":")
         flags = rest[0].split("+") if rest else PRESETS.get(name, [])

@@ -13,6 +13,7 @@ Conventions every command follows (see README "Exit codes"):
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 import click
@@ -114,4 +115,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Ctrl-C must raise KeyboardInterrupt (logs -f detaches, setup and the wizard stop cleanly)
+    # even when the parent started us with SIGINT ignored, as a non-interactive shell does for
+    # its background commands and Python then leaves it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="megafleet")

@@ -13,6 +13,11 @@ Replaces the `core_attention` submodule of megatron's local layer spec, whose
   cuDNN's ragged kernels (aten._cudnn_attention_forward with cum_seq offsets) would be faster on
   Hopper, but on torch 2.11 their backward returned inf (measured 2026-11-21, see
   benchmarks/results/); torch's own varlen_attn keeps them disabled too.
+* Uniform packs: when every document of the pack has the same length L (pre-training chunks,
+  fixed-length benchmarks), the pack is a plain batch [n, L] of causal sequences. Known on the
+  host without a device sync (t == n·max_seqlen), it runs as one dense causal SDPA call on
+  the fastest kernel that accepts it (UNIFORM_KERNELS: cuDNN first on GPU, whose Hopper kernels
+  are faster than flash-attention-2; then flash), the same mathematics as the varlen path.
 """
 
 from __future__ import annotations
@@ -59,7 +64,16 @@ def _varlen_flags() -> dict:
 VARLEN = _varlen_flags()
 # Which packed-sequence kernel actually ran ("varlen" / "per-document SDPA"), and why varlen was
 # dropped if it failed once (unsupported GPU or shape): reported by check-convert and benchmarks.
-PACKED_PATH = {"used": None, "varlen_error": None}
+PACKED_PATH = {"used": None, "varlen_error": None, "uniform_errors": {}}
+
+# Kernels for uniform packs, in order of preference per `attention_backend`. "cudnn" passes
+# grouped K/V as they are (enable_gqa), "cudnn-expand" repeats them to all query heads first (for
+# cuDNN builds that take no GQA). "varlen" turns the uniform path off.
+UNIFORM_KERNELS = {"auto": ("cudnn", "cudnn-expand", "flash", "efficient"),
+                   "fused": ("cudnn", "cudnn-expand"), "flash": ("flash",), "unfused": ("math",)}
+UNIFORM_CHOICES = ("auto", "cudnn", "cudnn-expand", "flash", "efficient", "math", "varlen")
+_SDPA_BACKEND = {"cudnn": "CUDNN_ATTENTION", "cudnn-expand": "CUDNN_ATTENTION",
+                 "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 
 
 def varlen_available(device_type: str, dtype: torch.dtype) -> bool:
@@ -84,16 +98,21 @@ class SDPAttention(MegatronModule):
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 cp_comm_type: Optional[str] = None, pg_collection=None, backend: str = "auto"):
+                 cp_comm_type: Optional[str] = None, pg_collection=None, backend: str = "auto",
+                 uniform: str = "auto"):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
             raise ValueError("context parallelism needs Transformer Engine attention "
                              "(--transformer_impl transformer_engine)")
         if backend not in BACKENDS:
             raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
+        if uniform not in UNIFORM_CHOICES:
+            raise ValueError(f"uniform-pack attention {uniform!r} is not one of {UNIFORM_CHOICES}")
         tp = (pg_collection.tp.size() if pg_collection is not None and hasattr(pg_collection, "tp")
               else parallel_state.get_tensor_model_parallel_world_size())
         self.backend = backend
+        self.uniform_kernels = (() if uniform == "varlen" else
+                                UNIFORM_KERNELS[backend] if uniform == "auto" else (uniform,))
         self.heads = config.num_attention_heads // tp
         self.groups = config.num_query_groups // tp
         self.head_dim = config.kv_channels
@@ -138,6 +157,13 @@ class SDPAttention(MegatronModule):
         if query.dim() == 4:  # [t, 1, h, d] when the caller kept the batch dimension
             query, key, value = (t.squeeze(1) for t in (query, key, value))
         out = None
+        segments = cu_q.numel() - 1
+        if (self.uniform_kernels and segments > 0 and cu_k.numel() == cu_q.numel()
+                and query.shape[0] == segments * int(psp.max_seqlen_q) == key.shape[0]
+                and int(psp.max_seqlen_kv) == int(psp.max_seqlen_q)):
+            # every segment is exactly max_seqlen long (their sum is t, none is longer), for
+            # keys as well: a batch of equal causal sequences
+            out = self._uniform(query, key, value, segments, dropout)
         default_scale = self.scale == 1.0 / math.sqrt(self.head_dim)
         if (out is None and dropout == 0.0 and varlen_available(query.device.type, query.dtype)
                 and (VARLEN["scale"] or default_scale)):
@@ -151,6 +177,35 @@ class SDPAttention(MegatronModule):
             out = self._per_document(query, key, value, cu_q, dropout)
             PACKED_PATH["used"] = "per-document SDPA"
         return out.reshape(out.shape[0], self.heads * self.head_dim)
+
+    def _uniform(self, query, key, value, segments: int, dropout: float):
+        """[t, h, d] as [n, h, L, d], one causal SDPA call; None when no preferred kernel runs."""
+        q, k, v = (t.view(segments, t.shape[0] // segments, *t.shape[1:]).transpose(1, 2)
+                   for t in (query, key, value))
+        gqa = self.heads != self.groups
+        kernels = self.uniform_kernels if query.device.type == "cuda" else ("cpu",)
+        failed = PACKED_PATH["uniform_errors"]
+        for name in kernels:
+            key_ = f"{name}/{query.dtype}/{'gqa' if gqa else 'mha'}"
+            if key_ in failed:
+                continue
+            kk, vv, native_gqa = k, v, gqa
+            if gqa and name in ("cudnn-expand", "math"):
+                rep = self.heads // self.groups
+                kk, vv, native_gqa = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), False
+            context = (nullcontext() if name == "cpu" or sdpa_kernel is None
+                       else sdpa_kernel([getattr(SDPBackend, _SDPA_BACKEND[name])]))
+            try:
+                with context:
+                    out = F.scaled_dot_product_attention(q, kk, vv, dropout_p=dropout, is_causal=True,
+                                                         scale=self.scale, enable_gqa=native_gqa)
+            except RuntimeError as exc:  # no kernel of that kind for this shape / GPU / build
+                failed[key_] = f"{type(exc).__name__}: {exc}"[:300]
+                continue
+            PACKED_PATH["used"] = f"uniform SDPA ({name})"
+            # [n, h, L, d] -> [t, h, d]
+            return out.transpose(1, 2).reshape(query.shape[0], self.heads, self.head_dim)
+        return None
 
     def _varlen(self, query, key, value, cu_q, cu_k, psp):
         # value (never roped or normed) is still a strided view into the fused QKV output
@@ -180,12 +235,12 @@ class SDPAttention(MegatronModule):
         return out
 
 
-def sdpa_core_attention(backend: str):
+def sdpa_core_attention(backend: str, uniform: str = "auto"):
     """The `core_attention` entry for a layer spec (megatron calls it like a class)."""
 
     class _SDPAttention(SDPAttention):
         def __init__(self, *args, **kwargs):
-            super().__init__(*args, backend=backend, **kwargs)
+            super().__init__(*args, backend=backend, uniform=uniform, **kwargs)
 
     _SDPAttention.__name__ = f"SDPAttention_{backend}"
     return _SDPAttention

@@ -38,6 +38,9 @@ class ModelOptions:
     dtype: str = "bfloat16"  # parameters and compute
     transformer_impl: str = "auto"  # auto | local | transformer_engine
     attention_backend: str = "auto"  # auto | flash | fused | unfused | local
+    # packs whose documents all have one length: dense causal SDPA on this kernel (auto: by
+    # attention_backend, cuDNN first on GPU) or "varlen" to treat them like any pack
+    uniform_packs: str = "auto"
     sequence_parallel: bool = False
     recompute_granularity: str = "none"  # none | selective | full
     recompute_method: str | None = None  # uniform | block (full only; default uniform)
@@ -153,7 +156,8 @@ def compile_fusions(dist: DistInfo) -> bool:
     return dist.device.type == "cuda" and torch_compile_usable()
 
 
-def layer_spec(config, impl: str, attention_backend: str, compiled_norm: bool = False):
+def layer_spec(config, impl: str, attention_backend: str, compiled_norm: bool = False,
+               uniform_packs: str = "auto"):
     """The per-layer ModuleSpec: TE's, or megatron's local spec with our norm and attention."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
     from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -177,7 +181,7 @@ def layer_spec(config, impl: str, attention_backend: str, compiled_norm: bool = 
     if config.qk_layernorm:
         attn.q_layernorm = attn.k_layernorm = norm
     if attention_backend != "local":
-        attn.core_attention = sdpa_core_attention(attention_backend)
+        attn.core_attention = sdpa_core_attention(attention_backend, uniform_packs)
     return spec
 
 
@@ -199,7 +203,7 @@ def build_model(family: ModelFamily, hf_config: dict, options: ModelOptions, dis
                             f"{dist.cp} needs transformer-engine, which is not installed on this "
                             "node (megafleet setup --with-te), or use context_parallel_size=1")])
     compiled_norm = compile_fusions(dist) and options.fused_norm
-    spec = layer_spec(config, impl, options.attention_backend, compiled_norm)
+    spec = layer_spec(config, impl, options.attention_backend, compiled_norm, options.uniform_packs)
     if impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:

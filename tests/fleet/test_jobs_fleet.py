@@ -187,10 +187,12 @@ def test_stop_during_a_long_run_leaves_no_process_on_either_node(nodes, fleet_ho
     assert {"torch.distributed.run", "tests.standin_workload", "megafleet.jobs.watcher"} <= {
         w for cmd in before.values() for w in cmd.split()}
 
-    # Ctrl-C on `logs -f` detaches: the job goes on, the log followers on the nodes go away
+    # Ctrl-C on `logs -f` detaches: the job goes on, the log followers on the nodes go away;
+    # also when started with SIGINT ignored (a background command of a non-interactive shell)
     follower = subprocess.Popen([sys.executable, "-m", "megafleet", "logs", run.run_id, "-f"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=cli_env(env(fleet_home)), cwd=REPO_ROOT)
+                                env=cli_env(env(fleet_home)), cwd=REPO_ROOT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     while "step " not in follower.stdout.readline():
         pass
     follower.send_signal(signal.SIGINT)

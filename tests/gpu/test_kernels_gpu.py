@@ -26,33 +26,65 @@ def _packed_reference(q, k, v, lengths, scale):
     return torch.cat(outs)
 
 
-def test_packed_attention_matches_per_document_reference():
+def _qkv_pack(lengths, heads=16, groups=8, d=128):
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    from remote_runtime.model import attention as A
-
     torch.manual_seed(0)
-    heads, groups, d = 16, 8, 128
-    lengths = [1000, 37, 2059, 1000]
     total = sum(lengths)
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device="cuda")
     psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                           max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
-    q = torch.randn(total, heads, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(total, groups, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(total, groups, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    scale = 1 / math.sqrt(d)
+    q, k, v = (torch.randn(total, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for n in (heads, groups, groups))
+    return q, k, v, psp
+
+
+def _module(uniform: str, heads=16, groups=8, d=128):
+    from remote_runtime.model import attention as A
+
     module = A.SDPAttention.__new__(A.SDPAttention)
-    module.heads, module.groups, module.head_dim, module.scale = heads, groups, d, scale
-    out = module._varlen(q, k, v, cu, cu, psp)
+    module.heads, module.groups, module.head_dim, module.scale = heads, groups, d, 1 / math.sqrt(d)
+    module.dropout, module.backend = 0.0, "auto"
+    module.uniform_kernels = () if uniform == "varlen" else (uniform,)
+    return module
+
+
+def _assert_matches_reference(out, q, k, v, lengths, scale):
     ref = _packed_reference(q, k, v, lengths, scale)
+    assert torch.isfinite(out).all()
     rel = (out.float() - ref).norm() / ref.norm()
     assert rel < 1e-2, rel
     grad = torch.randn_like(out)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
     rq, rk, rv = torch.autograd.grad(ref, (q, k, v), grad.float())
     for ours, exact in ((dq, rq), (dk, rk), (dv, rv)):
+        assert torch.isfinite(ours).all()
         assert (ours.float() - exact).norm() / exact.norm() < 2e-2
+
+
+def test_packed_attention_matches_per_document_reference():
+    lengths = [1000, 37, 2059, 1000]
+    q, k, v, psp = _qkv_pack(lengths)
+    module = _module("varlen")
+    out = module._varlen(q, k, v, psp.cu_seqlens_q, psp.cu_seqlens_kv, psp)
+    _assert_matches_reference(out, q, k, v, lengths, module.scale)
+
+
+@pytest.mark.parametrize("kernel", ["cudnn", "cudnn-expand", "flash", "efficient"])
+def test_uniform_pack_kernels_match_per_document_reference(kernel):
+    """Each kernel the uniform-pack path may pick, forward and backward, or a skip saying that
+    this GPU / torch build has no such kernel for the shape (the path then tries the next)."""
+    from remote_runtime.model import attention as A
+
+    lengths = [2048, 2048, 2048]
+    q, k, v, psp = _qkv_pack(lengths)
+    module = _module(kernel)
+    A.PACKED_PATH["uniform_errors"].clear()
+    out = module._packed(q, k, v, psp, 0.0)
+    if A.PACKED_PATH["used"] != f"uniform SDPA ({kernel})":
+        pytest.skip(f"{kernel}: {A.PACKED_PATH['uniform_errors']}")
+    out = out.view(out.shape[0], module.heads, module.head_dim)
+    _assert_matches_reference(out, q, k, v, lengths, module.scale)
 
 
 def test_fused_weight_gradient_accumulates_in_fp32():

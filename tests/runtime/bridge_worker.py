@@ -25,6 +25,7 @@ from remote_runtime.bridge.save import save_hf_checkpoint
 from remote_runtime.check_convert import compare_with_hf
 from remote_runtime.dry_run import read_hf_config
 from remote_runtime.families import family_for_hf_config
+from remote_runtime.model.attention import PACKED_PATH
 from remote_runtime.model.builder import ModelOptions, build_model
 from remote_runtime.model.forward import (
     forward_logits,
@@ -35,6 +36,7 @@ from remote_runtime.model.forward import (
 
 FAMILIES = ("qwen3", "qwen2", "llama")
 DOC_LENGTHS = (6, 8, 10)  # even, so sequence parallel (TP=2) can split every batch
+UNIFORM_DOCS = 3  # a pack of three documents of one length: the dense-SDPA path for uniform packs
 LAYOUTS = {
     "single": [("tp1", 1, 1, False)],
     "parallel": [("tp2", 2, 1, False), ("pp2", 1, 2, False), ("dp2", 1, 1, False),
@@ -81,19 +83,26 @@ def check_family(src: Path, out: Path, dist, tag: str, sp: bool) -> dict:
     padded, docs = inputs(hf["vocab_size"])
     batches = [padded_batch(padded), pack_documents(docs)]
     batches += [padded_batch(torch.tensor([d])) for d in docs]  # the same documents one by one
+    uniform = [d[:DOC_LENGTHS[1]] for d in docs[1:]] + [docs[0] + docs[0][:2]]
+    batches.append(pack_documents(uniform))
     logits = forward_logits(chunks, batches, hf["vocab_size"])
+    uniform_path = PACKED_PATH["used"]
     labeled = [dict(batches[0], labels=torch.roll(padded, -1, 1)),
                dict(batches[1], labels=torch.roll(batches[1]["tokens"], -1, 1))]
     losses = forward_losses(chunks, labeled)
     result = {}
     if logits is not None and dist.tp_rank == 0 and dist.dp_rank == 0:
         ref = hf_logits(src, [padded] + [torch.tensor([d]) for d in docs])
+        uniform_ref = hf_logits(src, [torch.tensor(uniform)])[0]
         packed = logits[1][0]
-        separate = torch.cat([l[0] for l in logits[2:]])
+        separate = torch.cat([l[0] for l in logits[2:2 + len(docs)]])
         result.update(
             hf_padded=(logits[0] - ref[0]).abs().max().item(),
             hf_packed=(packed - torch.cat([r[0] for r in ref[1:]])).abs().max().item(),
             packed_vs_separate=(packed - separate).abs().max().item(),
+            hf_uniform_packed=(logits[-1][0] - uniform_ref.reshape(-1, uniform_ref.shape[-1]))
+            .abs().max().item(),
+            uniform_path=uniform_path,
             logit_scale=ref[0].abs().max().item(),
             loss_padded=(losses[0] - _cross_entropy(ref[0], labeled[0]["labels"])).abs().max().item(),
             loss_packed=(losses[1][0] - _cross_entropy(torch.cat([r[0] for r in ref[1:]]),

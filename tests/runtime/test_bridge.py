@@ -116,6 +116,14 @@ def test_packed_documents_do_not_see_each_other(single, parallel, layout, family
 
 
 @pytest.mark.parametrize("layout,family", CASES)
+def test_uniform_pack_runs_as_a_dense_batch_with_the_same_logits(single, parallel, layout, family):
+    """Documents of one length take the dense causal SDPA path; logits still match transformers."""
+    r = _result(single, parallel, layout, family)
+    assert r["uniform_path"] == "uniform SDPA (cpu)", r
+    assert r["hf_uniform_packed"] <= TOL, r
+
+
+@pytest.mark.parametrize("layout,family", CASES)
 def test_round_trip_is_bit_exact(single, parallel, layout, family):
     r = _result(single, parallel, layout, family)
     assert r["keys_only_in_source"] == [] and r["keys_only_in_saved"] == []

@@ -38,7 +38,9 @@ def test_this_machine_branch_runs_a_real_local_job(workspace, megafleet_home):
         w.expect("200 rows, format messages")
         w.expect("user: What is the capital of France")
         w.type("Tokens per training row", "128")
-        w.type("How long to train", "3 steps")
+        # long enough that the Ctrl-C below always lands while the run is going, however late
+        # the follower catches up on a loaded machine
+        w.type("How long to train", "10 steps")
         w.type("Learning rate", "1e-3")
         w.enter("Where the nodes write checkpoints")
         w.enter("Save the job as")
@@ -58,12 +60,12 @@ def test_this_machine_branch_runs_a_real_local_job(workspace, megafleet_home):
 
     job = load_job_file(workspace / "job.yaml")
     assert job.launch.hosts == ["local"] and job.model.device == "cpu"
-    assert job.model.model == str(workspace / "model") and job.train.train_iters == 3
+    assert job.model.model == str(workspace / "model") and job.train.train_iters == 10
     assert job.data.dataset == [str(workspace / "chats.jsonl")] and job.data.max_length == 128
 
     logs = run_cli("logs", run_id, "-f", env={"MEGAFLEET_HOME": str(megafleet_home)}, timeout=180)
     assert logs.returncode == 0, logs.stdout[-3000:] + logs.stderr
-    assert re.search(r"step 3/3 \| epoch \S+ \| loss", logs.stdout)
+    assert re.search(r"step 10/10 \| epoch \S+ \| loss", logs.stdout)
     status = run_cli_json("status", run_id, "--json",
                           env={"MEGAFLEET_HOME": str(megafleet_home)})[1]
-    assert status["state"] == "succeeded" and status["progress"]["step"] == 3
+    assert status["state"] == "succeeded" and status["progress"]["step"] == 10
