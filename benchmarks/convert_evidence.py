@@ -266,7 +266,8 @@ def table(r: dict) -> str:
         if m:
             rows.append(f"  logits {kind:<6} max|Δ| {m['max_abs_diff']:.4g}  mean|Δ| "
                         f"{m['mean_abs_diff']:.4g}  argmax {m['argmax_agreement']:.2%} "
-                        f"(near-ties {m['near_ties']:.1%})")
+                        f"(near-ties {m['near_ties']:.1%}; elsewhere "
+                        f"{m.get('argmax_agreement_decided') or 0:.2%})")
     if "error" in cmp:
         rows.append(f"  compare: ERROR {cmp['error'][:200]}")
     rows.append(f"  packed attention: {(cmp.get('packed_attention') or {}).get('used')}")

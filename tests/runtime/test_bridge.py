@@ -185,6 +185,13 @@ def test_check_convert_cli(tiny_models):
     result = json.loads(proc.stdout)
     assert result["ok"] and result["family"] == "qwen2" and result["dtype"] == "float32"
     assert result["padded"]["max_abs_diff"] <= TOL
+    for kind in ("padded", "packed"):  # fp32: no near-ties, so every position is decided
+        m = result[kind]
+        assert m["near_ties"] == 0.0 and m["argmax_agreement_decided"] == m["argmax_agreement"] == 1.0
+    table = subprocess.run([sys.executable, "-m", "remote_runtime", "check-convert", "--model",
+                            str(tiny_models / "qwen2"), "--device", "cpu", "--seq_length", "24"],
+                           capture_output=True, text=True, env=env, timeout=600, cwd=REPO_ROOT)
+    assert table.returncode == 0 and "decided" in table.stdout and "100.00%" in table.stdout, table.stdout
     bad = subprocess.run([sys.executable, "-m", "remote_runtime", "check-convert", "--model",
                           str(tiny_models / "qwen3-missing"), "--device", "cpu"],
                          capture_output=True, text=True, env=env, timeout=600, cwd=REPO_ROOT)
