@@ -186,7 +186,7 @@ class SDPAttention(MegatronModule):
         kernels = self.uniform_kernels if query.device.type == "cuda" else ("cpu",)
         failed = PACKED_PATH["uniform_errors"]
         for name in kernels:
-            key_ = f"{name}/{query.dtype}/{'gqa' if gqa else 'mha'}"
+            key_ = f"{name}/{query.dtype}/{'gqa' if gqa else 'mha'}/d{self.head_dim}"
             if key_ in failed:
                 continue
             kk, vv, native_gqa = k, v, gqa
