@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -25,17 +24,13 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-KERNELS = ("varlen", "cudnn", "cudnn-expand", "flash", "efficient")
+KERNELS = ("varlen", "cudnn", "cudnn-expand", "flash", "efficient")  # "varlen": the uniform path off
 
 
 def module_for(kernel: str, heads: int, groups: int, head_dim: int):
     from remote_runtime.model.attention import SDPAttention
 
-    m = SDPAttention.__new__(SDPAttention)
-    m.heads, m.groups, m.head_dim, m.scale = heads, groups, head_dim, 1 / math.sqrt(head_dim)
-    m.dropout, m.backend = 0.0, "auto"
-    m.uniform_kernels = () if kernel == "varlen" else (kernel,)
-    return m
+    return SDPAttention.bare(heads, groups, head_dim, uniform=kernel)
 
 
 def main(argv=None) -> int:

@@ -110,14 +110,27 @@ class SDPAttention(MegatronModule):
             raise ValueError(f"uniform-pack attention {uniform!r} is not one of {UNIFORM_CHOICES}")
         tp = (pg_collection.tp.size() if pg_collection is not None and hasattr(pg_collection, "tp")
               else parallel_state.get_tensor_model_parallel_world_size())
+        self._set_shape(config.num_attention_heads // tp, config.num_query_groups // tp,
+                        config.kv_channels, backend, uniform, softmax_scale)
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def _set_shape(self, heads: int, groups: int, head_dim: int, backend: str, uniform: str,
+                   softmax_scale: Optional[float] = None) -> None:
         self.backend = backend
         self.uniform_kernels = (() if uniform == "varlen" else
                                 UNIFORM_KERNELS[backend] if uniform == "auto" else (uniform,))
-        self.heads = config.num_attention_heads // tp
-        self.groups = config.num_query_groups // tp
-        self.head_dim = config.kv_channels
-        self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
-        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.heads, self.groups, self.head_dim = heads, groups, head_dim
+        self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+
+    @classmethod
+    def bare(cls, heads: int, groups: int, head_dim: int, uniform: str = "auto",
+             backend: str = "auto") -> "SDPAttention":
+        """An instance outside a megatron model (no config, no parallel state), for calling the
+        kernels directly: GPU kernel tests and benchmarks/attention_kernels.py."""
+        module = cls.__new__(cls)
+        module._set_shape(heads, groups, head_dim, backend, uniform)
+        module.dropout = 0.0
+        return module
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):

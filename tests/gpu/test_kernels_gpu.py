@@ -4,8 +4,6 @@ Run on a GPU machine: `python -m pytest tests/gpu -q`. Results are recorded in
 benchmarks/results/ with the session that ran them.
 """
 
-import math
-
 import pytest
 import torch
 
@@ -40,13 +38,9 @@ def _qkv_pack(lengths, heads=16, groups=8, d=128):
 
 
 def _module(uniform: str, heads=16, groups=8, d=128):
-    from remote_runtime.model import attention as A
+    from remote_runtime.model.attention import SDPAttention
 
-    module = A.SDPAttention.__new__(A.SDPAttention)
-    module.heads, module.groups, module.head_dim, module.scale = heads, groups, d, 1 / math.sqrt(d)
-    module.dropout, module.backend = 0.0, "auto"
-    module.uniform_kernels = () if uniform == "varlen" else (uniform,)
-    return module
+    return SDPAttention.bare(heads, groups, d, uniform=uniform)
 
 
 def _assert_matches_reference(out, q, k, v, lengths, scale):
