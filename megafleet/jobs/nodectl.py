@@ -20,7 +20,6 @@ so it notices (broken pipe) when the operator has gone and exits.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -34,6 +33,7 @@ from pathlib import Path
 
 from megafleet.jobs import layout as L
 from megafleet.jobs import proctree
+from megafleet.transfer import file_sha256  # the operator hashes with the same function
 
 END_MARK = "__megafleet_end__"
 KEEPALIVE = "__megafleet_keepalive__"
@@ -219,20 +219,6 @@ def find_run(run_dir: Path, record: dict, watchers: bool = False) -> dict:
 
 # -- commands -----------------------------------------------------------------------------------
 
-def sha256_of(path: str, limit: int | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        left = limit
-        while left is None or left > 0:
-            chunk = f.read(1 << 20 if left is None else min(1 << 20, left))
-            if not chunk:
-                break
-            h.update(chunk)
-            if left is not None:
-                left -= len(chunk)
-    return h.hexdigest()
-
-
 def cmd_manifest(_args) -> dict:
     """Size and sha256 of each file (hashed only when its size is the expected one) and of a
     partial copy beside it."""
@@ -244,12 +230,12 @@ def cmd_manifest(_args) -> dict:
         if os.path.isfile(path):
             info["size"] = os.path.getsize(path)
             if expected is None or info["size"] == expected:
-                info["sha256"] = sha256_of(path)
+                info["sha256"] = file_sha256(path)
         part = path + PART
         if os.path.isfile(part):
             info["part_size"] = os.path.getsize(part)
             if expected is None or info["part_size"] <= expected:
-                info["part_sha256"] = sha256_of(part)
+                info["part_sha256"] = file_sha256(part)
         out.append(info)
     return {"files": out}
 
@@ -462,7 +448,7 @@ def cmd_checkpoints(args) -> dict:
         if pick:
             root = Path(pick["path"])
             pick["files"] = [{"rel": p.relative_to(root).as_posix(), "size": p.stat().st_size,
-                              "sha256": sha256_of(str(p))}
+                              "sha256": file_sha256(str(p))}
                              for p in sorted(root.rglob("*")) if p.is_file()]
         result["picked"] = pick
     return result

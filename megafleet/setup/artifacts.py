@@ -13,6 +13,7 @@ from typing import Callable
 from megafleet import paths, resources
 from megafleet.errors import UsageError
 from megafleet.setup.request import NODE_WHEELHOUSE, NODE_WHEELS
+from megafleet.transfer import file_sha256
 
 _SHA_CACHE: dict[tuple, str] = {}
 
@@ -22,11 +23,7 @@ def sha256_file(path: Path) -> str:
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
     if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        _SHA_CACHE[key] = h.hexdigest()
+        _SHA_CACHE[key] = file_sha256(path)
     return _SHA_CACHE[key]
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from megafleet.jobs import nodectl, proctree
 from megafleet.jobs.nodectl import collapse_cr, split_segments
+from megafleet.transfer import file_sha256
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,7 +54,7 @@ def test_manifest_hashes_files_and_partial_copies(tmp_path):
         {"path": str(f), "size": 1000}, {"path": str(f), "size": 5},
         {"path": str(tmp_path / "b.bin"), "size": 20}]}))
     a, a_wrong_size, b = json.loads(out.stdout)["files"]
-    assert a["size"] == 1000 and a["sha256"] == nodectl.sha256_of(str(f))
+    assert a["size"] == 1000 and a["sha256"] == file_sha256(f)
     assert a_wrong_size["sha256"] is None  # not hashed: it cannot match
     assert b["size"] is None and b["part_size"] == 10 and b["part_sha256"]
 
