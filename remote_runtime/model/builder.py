@@ -46,9 +46,13 @@ class ModelOptions:
     recompute_method: str | None = None  # uniform | block (full only; default uniform)
     recompute_num_layers: int | None = None  # full only; default 1
     cross_entropy_loss_fusion: bool = True  # used on GPU; on CPU torch.compile is not worth it
-    fused_norm: bool = True  # compiled RMSNorm (GPU with torch.compile only)
-    fused_rope: bool = True  # compiled RoPE through megatron's fused-RoPE hook (GPU, no TE)
-    bias_activation_fusion: bool = True  # fused SwiGLU (torch.compile), GPU only
+    # Kernels for RMSNorm, RoPE and SwiGLU in the local spec: auto (GPU: triton), triton (ours,
+    # `kernels.py`), compile (torch.compile'd, `fused.py`), eager. The three switches below
+    # turn single fusions off for ablations.
+    kernels: str = "auto"
+    fused_norm: bool = True
+    fused_rope: bool = True  # through megatron's fused-RoPE hook (no TE)
+    bias_activation_fusion: bool = True  # SwiGLU
     # Weight gradients accumulated in the fp32 DDP buffers by the GEMM itself (GPU; needs the
     # model wrapped in megatron DDP before any backward, as training does).
     gradient_accumulation_fusion: bool = True
@@ -112,12 +116,18 @@ def transformer_config(tc: dict, options: ModelOptions, dist: DistInfo):
     if unknown:
         raise ValueError(f"not TransformerConfig fields: {', '.join(unknown)}")
     dtype = DTYPES[options.dtype]
-    fuse = compile_fusions(dist)
-    rope_fusion = fuse and options.fused_rope
+    fuse = compile_fusions(dist)  # megatron's own torch.compile'd kernels (cross entropy)
+    kernels = resolve_kernels(options.kernels, dist)
+    rope_fusion = kernels != "eager" and options.fused_rope
     if rope_fusion:
         from remote_runtime.model.fused import install_rope
 
-        install_rope()
+        install_rope(kernels)
+    local = resolve_impl(options.transformer_impl) == "local"
+    glu = tc.get("gated_linear_unit", False) and tc["activation"] == "silu"
+    # Our SwiGLU is an activation module over the whole [gate | up] output: megatron's MLP
+    # builds it from the spec when use_te_activation_func is set (layer_spec does that).
+    triton_swiglu = kernels == "triton" and local and glu and options.bias_activation_fusion
     grad_fusion = False
     if dist.device.type == "cuda" and options.gradient_accumulation_fusion:
         from remote_runtime.model.wgrad import install as install_wgrad
@@ -132,8 +142,9 @@ def transformer_config(tc: dict, options: ModelOptions, dist: DistInfo):
         fp16=dtype == torch.float16, perform_initialization=options.init_weights,
         use_cpu_initialization=False, gradient_accumulation_fusion=grad_fusion,
         # Fused kernels here are torch.compile'd (megatron's jit_fuser): worth it on GPU only.
-        bias_activation_fusion=(fuse and options.bias_activation_fusion
-                                and tc.get("gated_linear_unit", False) and tc["activation"] == "silu"),
+        bias_activation_fusion=(kernels != "eager" and fuse and options.bias_activation_fusion
+                                and glu and not triton_swiglu),
+        use_te_activation_func=triton_swiglu,
         cross_entropy_loss_fusion=fuse and options.cross_entropy_loss_fusion,
         cross_entropy_fusion_impl="te" if have_transformer_engine() else "native",
         masked_softmax_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=rope_fusion,
@@ -152,13 +163,35 @@ def transformer_config(tc: dict, options: ModelOptions, dist: DistInfo):
 
 
 def compile_fusions(dist: DistInfo) -> bool:
-    """Fused kernels here are torch.compile'd (ours and megatron's jit_fuser): GPU only."""
+    """megatron's fused kernels are torch.compile'd (its jit_fuser): worth it on GPU only."""
     return dist.device.type == "cuda" and torch_compile_usable()
 
 
-def layer_spec(config, impl: str, attention_backend: str, compiled_norm: bool = False,
+KERNELS = ("auto", "triton", "compile", "eager")
+
+
+def resolve_kernels(requested: str, dist: DistInfo) -> str:
+    """triton | compile | eager for ModelOptions.kernels. `auto` takes Triton on GPU (it needs a
+    C compiler, as torch.compile does) and eager PyTorch on CPU; `triton` on CPU runs only under
+    Triton's interpreter (TRITON_INTERPRET=1, the tests)."""
+    from remote_runtime.model import kernels as triton_kernels
+
+    if requested == "auto":
+        return "triton" if compile_fusions(dist) else "eager"
+    if requested not in KERNELS:
+        raise ConfigError([("kernels", f"{requested!r} is not one of: {', '.join(KERNELS)}")])
+    if requested == "triton" and not (triton_kernels.available() and torch_compile_usable()):
+        raise ConfigError([("kernels", "triton needs the triton package, a C compiler and a GPU "
+                            "(or TRITON_INTERPRET=1 on CPU); use kernels=auto")])
+    if requested == "compile" and not torch_compile_usable():
+        raise ConfigError([("kernels", "compile needs triton and a C compiler; use kernels=auto")])
+    return requested
+
+
+def layer_spec(config, impl: str, attention_backend: str, norm_kernel: str = "eager",
                uniform_packs: str = "auto"):
-    """The per-layer ModuleSpec: TE's, or megatron's local spec with our norm and attention."""
+    """The per-layer ModuleSpec: TE's, or megatron's local spec with our norm, attention and
+    (when config.use_te_activation_func) our Triton SwiGLU."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
@@ -176,7 +209,11 @@ def layer_spec(config, impl: str, attention_backend: str, compiled_norm: bool = 
     layer, attn = spec.submodules, spec.submodules.self_attention.submodules
     if config.normalization != "RMSNorm":
         raise ValueError("the local spec here implements RMSNorm only")
-    norm = rms_norm_class(compiled_norm)
+    norm = rms_norm_class(norm_kernel)
+    if config.use_te_activation_func:
+        from remote_runtime.model.kernels import SwiGLU
+
+        layer.mlp.submodules.activation_func = SwiGLU
     layer.input_layernorm = layer.pre_mlp_layernorm = norm
     if config.qk_layernorm:
         attn.q_layernorm = attn.k_layernorm = norm
@@ -202,12 +239,13 @@ def build_model(family: ModelFamily, hf_config: dict, options: ModelOptions, dis
         raise ConfigError([("parallel.context_parallel_size",
                             f"{dist.cp} needs transformer-engine, which is not installed on this "
                             "node (megafleet setup --with-te), or use context_parallel_size=1")])
-    compiled_norm = compile_fusions(dist) and options.fused_norm
-    spec = layer_spec(config, impl, options.attention_backend, compiled_norm, options.uniform_packs)
+    kernels = resolve_kernels(options.kernels, dist)
+    norm_kernel = kernels if options.fused_norm else "eager"
+    spec = layer_spec(config, impl, options.attention_backend, norm_kernel, options.uniform_packs)
     if impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:
-        final_norm = rms_norm_class(compiled_norm)
+        final_norm = rms_norm_class(norm_kernel)
     block = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
                                        layer_norm=final_norm)
     model = VocabMaskedGPTModel(

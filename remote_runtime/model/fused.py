@@ -12,6 +12,8 @@ when `apply_rope_fusion` is set. `install_rope()` fills them, only where TE has 
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 _compiled: dict[str, object] = {}
@@ -60,15 +62,17 @@ class _Positions:
     cu: torch.Tensor | None = None
     pos: torch.Tensor | None = None
 
-    @classmethod
-    def of(cls, cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-        if cls.cu is not cu_seqlens or cls.pos is None or cls.pos.shape[0] != total:
-            starts = cu_seqlens[:-1].long()
-            lengths = cu_seqlens[1:].long() - starts
-            cls.pos = (torch.arange(total, device=cu_seqlens.device)
-                       - torch.repeat_interleave(starts, lengths, output_size=total))
-            cls.cu = cu_seqlens
-        return cls.pos
+
+def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[total] int64: each packed token's position within its document (cached per batch)."""
+    cache = _Positions
+    if cache.cu is not cu_seqlens or cache.pos is None or cache.pos.shape[0] != total:
+        starts = cu_seqlens[:-1].long()
+        lengths = cu_seqlens[1:].long() - starts
+        cache.pos = (torch.arange(total, device=cu_seqlens.device)
+                     - torch.repeat_interleave(starts, lengths, output_size=total))
+        cache.cu = cu_seqlens
+    return cache.pos
 
 
 def rope_thd(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor, cp_size: int = 1,
@@ -77,17 +81,24 @@ def rope_thd(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor, cp_
     restarting at each cu_seqlens boundary; freqs [max_len, 1, 1, rot_dim]."""
     if cp_size != 1:
         raise NotImplementedError("context parallelism needs Transformer Engine")
-    pos = _Positions.of(cu_seqlens, t.shape[0])
+    pos = packed_positions(cu_seqlens, t.shape[0])
     per_token = freqs.reshape(freqs.shape[0], freqs.shape[-1])[pos].unsqueeze(1)  # [T, 1, rot]
     return _compile("rope", _rope)(t, per_token)
 
 
-def install_rope() -> bool:
-    """Register the compiled RoPE as megatron's fused RoPE where TE provides none."""
+def install_rope(kernels: str = "compile") -> bool:
+    """Register our RoPE (`compile`: the functions above; `triton`: `kernels.py`) as megatron's
+    fused RoPE. Transformer Engine's, when megatron found it, is left in place; ours from an
+    earlier model in this process is replaced."""
     from megatron.core.models.common.embeddings import rope_utils
 
-    if rope_utils.fused_apply_rotary_pos_emb is None:
-        rope_utils.fused_apply_rotary_pos_emb = rope_bshd
-    if rope_utils.fused_apply_rotary_pos_emb_thd is None:
-        rope_utils.fused_apply_rotary_pos_emb_thd = rope_thd
+    from remote_runtime.model import kernels as triton_impl
+
+    impl = triton_impl if kernels == "triton" else sys.modules[__name__]
+    ours = {rope_bshd, rope_thd, triton_impl.rope_bshd, triton_impl.rope_thd}
+    for name, fn in (("fused_apply_rotary_pos_emb", impl.rope_bshd),
+                     ("fused_apply_rotary_pos_emb_thd", impl.rope_thd)):
+        current = getattr(rope_utils, name)
+        if current is None or current in ours:
+            setattr(rope_utils, name, fn)
     return True

@@ -22,10 +22,14 @@ class RMSNorm(torch.nn.Module):
         # is partial and megatron must sum it over the TP group.
         self.weight.sequence_parallel = bool(config.sequence_parallel)
 
-    compiled = False  # set by rms_norm_class: one fused kernel per direction (GPU)
+    kernel = "eager"  # set by rms_norm_class: "compile" or "triton" run one kernel per direction
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.compiled:
+        if self.kernel == "triton":
+            from remote_runtime.model.kernels import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
+        if self.kernel == "compile":
             from remote_runtime.model.fused import rms_norm
 
             return rms_norm(x, self.weight, self.eps)
@@ -36,8 +40,13 @@ class RMSNorm(torch.nn.Module):
 
 
 class CompiledRMSNorm(RMSNorm):
-    compiled = True
+    kernel = "compile"
 
 
-def rms_norm_class(compiled: bool) -> type:
-    return CompiledRMSNorm if compiled else RMSNorm
+class TritonRMSNorm(RMSNorm):
+    kernel = "triton"
+
+
+def rms_norm_class(kernel: str) -> type:
+    """RMSNorm computing with `kernel`: eager | compile | triton."""
+    return {"eager": RMSNorm, "compile": CompiledRMSNorm, "triton": TritonRMSNorm}[kernel]

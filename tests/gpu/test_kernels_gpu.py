@@ -92,3 +92,50 @@ def test_fused_weight_gradient_accumulates_in_fp32():
     wgrad_gemm_accum_fp32(x, g, main)
     rel = (main - expected).norm() / expected.norm()
     assert rel < 1e-3, rel
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_triton_rms_norm_rope_swiglu_match_fp32_references_in_bf16():
+    """Our Triton kernels at Qwen3-1.7B sizes, bf16, against the same maths in fp32 (forward
+    and backward): relative error within bf16 rounding (1e-2)."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from remote_runtime.model import kernels
+
+    torch.manual_seed(0)
+    dev, bf = "cuda", torch.bfloat16
+    x = torch.randn(4096, 1, 2048, device=dev, dtype=bf, requires_grad=True)
+    w = torch.rand(2048, device=dev, dtype=bf).add_(0.5).requires_grad_(True)
+    y = kernels.rms_norm(x, w, 1e-6)
+    x32, w32 = x.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
+    ref = w32 * x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)
+    g = torch.randn_like(y)
+    assert _rel(y, ref) < 1e-2
+    dx, dw = torch.autograd.grad(y, (x, w), g)
+    rdx, rdw = torch.autograd.grad(ref, (x32, w32), g.float())
+    assert _rel(dx, rdx) < 1e-2 and _rel(dw, rdw) < 1e-2
+
+    q = torch.randn(4096, 16, 128, device=dev, dtype=bf, requires_grad=True)
+    cu = torch.tensor([0, 1000, 4096], dtype=torch.int32, device=dev)
+    inv = 1.0 / (1e6 ** (torch.arange(0, 128, 2, device=dev).float() / 128))
+    f = torch.outer(torch.arange(4096, device=dev).float(), inv)
+    freqs = torch.cat([f, f], -1)[:, None, None, :]
+    out = kernels.rope_thd(q, cu, freqs)
+    q32 = q.detach().float().requires_grad_(True)
+    ref = torch.cat([rope_utils._apply_rotary_pos_emb_bshd(q32[s:e].unsqueeze(1), freqs[: e - s])
+                     .squeeze(1) for s, e in ((0, 1000), (1000, 4096))])
+    g = torch.randn_like(out)
+    assert _rel(out, ref) < 1e-2
+    assert _rel(torch.autograd.grad(out, q, g)[0], torch.autograd.grad(ref, q32, g.float())[0]) < 1e-2
+
+    h = torch.randn(4096, 1, 2 * 6144, device=dev, dtype=bf, requires_grad=True)
+    out = kernels.swiglu(h)
+    h32 = h.detach().float().requires_grad_(True)
+    a, b = torch.chunk(h32, 2, -1)
+    ref = torch.nn.functional.silu(a) * b
+    g = torch.randn_like(out)
+    assert _rel(out, ref) < 1e-2
+    assert _rel(torch.autograd.grad(out, h, g)[0], torch.autograd.grad(ref, h32, g.float())[0]) < 1e-2

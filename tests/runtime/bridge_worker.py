@@ -37,10 +37,13 @@ from remote_runtime.model.forward import (
 FAMILIES = ("qwen3", "qwen2", "llama")
 DOC_LENGTHS = (6, 8, 10)  # even, so sequence parallel (TP=2) can split every batch
 UNIFORM_DOCS = 3  # a pack of three documents of one length: the dense-SDPA path for uniform packs
+# (tag, TP, PP, sequence parallel, kernels); "triton" layouts run our Triton RMSNorm/RoPE/SwiGLU
+# (under Triton's CPU interpreter here) for Qwen3 and Llama
 LAYOUTS = {
-    "single": [("tp1", 1, 1, False)],
-    "parallel": [("tp2", 2, 1, False), ("pp2", 1, 2, False), ("dp2", 1, 1, False),
-                 ("tp2sp", 2, 1, True)],
+    "single": [("tp1", 1, 1, False, "auto"), ("tp1triton", 1, 1, False, "triton")],
+    "parallel": [("tp2", 2, 1, False, "auto"), ("pp2", 1, 2, False, "auto"),
+                 ("dp2", 1, 1, False, "auto"), ("tp2sp", 2, 1, True, "auto"),
+                 ("tp2sptriton", 2, 1, True, "triton")],
 }
 
 
@@ -74,11 +77,12 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return flat.view(labels.shape)
 
 
-def check_family(src: Path, out: Path, dist, tag: str, sp: bool) -> dict:
+def check_family(src: Path, out: Path, dist, tag: str, sp: bool, kernels: str = "auto") -> dict:
     """Load, compare with transformers (padded and packed), save and compare the files."""
     hf = read_hf_config(src)
     family = family_for_hf_config(hf)
-    chunks = build_model(family, hf, ModelOptions(dtype="float32", sequence_parallel=sp), dist)
+    chunks = build_model(family, hf, ModelOptions(dtype="float32", sequence_parallel=sp,
+                                                  kernels=kernels), dist)
     load_hf_checkpoint(chunks, src, dist)
     padded, docs = inputs(hf["vocab_size"])
     batches = [padded_batch(padded), pack_documents(docs)]
@@ -151,6 +155,7 @@ def single_extras(models: Path, out: Path, dist) -> dict:
         w.copy_(w.flip(0))
     res["compare_broken"] = compare_with_hf(chunks, models / "qwen3", dist, torch.float32, seq_length=32)
     res["ddp_bf16"] = ddp_bf16_round_trip(models / "qwen3", out, dist)
+    res["triton_grads"] = kernel_gradients(models / "qwen3", dist)
     try:  # the directory now exists: a second save must refuse rather than mix checkpoints
         save_hf_checkpoint(chunks, out / "saved-ddp-bf16", models / "qwen3", dist)
         res["existing_dir_error"] = "no error"
@@ -161,6 +166,29 @@ def single_extras(models: Path, out: Path, dist) -> dict:
     load_hf_checkpoint(chunks, models / "llama", dist)
     res["compare_bf16"] = compare_with_hf(chunks, models / "llama", dist, torch.bfloat16, seq_length=32)
     return res
+
+
+def kernel_gradients(src: Path, dist) -> dict:
+    """One packed forward and backward with eager and with Triton kernels, the same weights:
+    the largest gradient difference over all parameters, relative to the largest gradient."""
+    hf = read_hf_config(src)
+    family = family_for_hf_config(hf)
+    docs = inputs(hf["vocab_size"])[1]
+    grads = {}
+    for kernels in ("eager", "triton"):
+        chunks = build_model(family, hf, ModelOptions(dtype="float32", kernels=kernels), dist)
+        load_hf_checkpoint(chunks, src, dist)
+        batch = pack_documents(docs)
+        losses = chunks[0](batch["tokens"], batch["position_ids"], None,
+                           labels=torch.roll(batch["tokens"], -1, 1),
+                           packed_seq_params=batch["packed_seq_params"])
+        losses.sum().backward()
+        grads[kernels] = {n: p.grad.clone() for n, p in chunks[0].named_parameters()}
+    scale = max(g.abs().max().item() for g in grads["eager"].values())
+    return {"params": len(grads["eager"]), "scale": scale,
+            "max_diff": max((grads["triton"][n] - g).abs().max().item()
+                            for n, g in grads["eager"].items()),
+            "swiglu_module": type(chunks[0].decoder.layers[0].mlp.activation_func).__name__}
 
 
 def ddp_bf16_round_trip(src: Path, out: Path, dist) -> dict:
@@ -192,12 +220,12 @@ def reinit(dist_args) -> object:
 def main(mode: str, models: Path, out: Path) -> None:
     results = {}
     dist = None
-    for tag, tp, pp, sp in LAYOUTS[mode]:
+    for tag, tp, pp, sp, kernels in LAYOUTS[mode]:
         dist = reinit((tp, pp))
-        families = ("qwen3",) if sp else FAMILIES
+        families = ("qwen3",) if sp else ("qwen3", "llama") if kernels == "triton" else FAMILIES
         for name in families:
             try:
-                results[f"{tag}/{name}"] = check_family(models / name, out, dist, tag, sp)
+                results[f"{tag}/{name}"] = check_family(models / name, out, dist, tag, sp, kernels)
             except Exception:
                 results[f"{tag}/{name}"] = {"exception": traceback.format_exc()}
                 raise

@@ -1,0 +1,162 @@
+"""RMSNorm, RoPE and SwiGLU implementations side by side: GPU time and host (launch) time per call.
+
+    python benchmarks/fused_ops.py --shape qwen3-1.7b --tokens 4096 --json out.json
+
+For each op at the named model's sizes (hidden-size RMSNorm, per-head q/k RMSNorm, packed-sequence
+RoPE on the query heads, SwiGLU on the fc1 output) and each implementation:
+- `eager`: the PyTorch chain (Hugging Face's maths),
+- `compile`: torch.compile'd (`remote_runtime/model/fused.py`; SwiGLU: megatron's compiled one),
+- `triton`: ours (`remote_runtime/model/kernels.py`),
+- `aten` (RMSNorm only): `torch.nn.functional.rms_norm`,
+it reports the GPU time of forward and of forward+backward per call (CUDA events over many calls
+at full size) and the host time of forward+backward per call (a tiny input, so the GPU waits on
+the CPU: what the Python side costs per layer, the micro-batch-1 bottleneck).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def eager_rms_norm(x, w, eps):
+    x32 = x.float()
+    return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def implementations():
+    from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
+
+    from remote_runtime.model import fused, kernels
+
+    def eager_rope(t, cu, freqs):
+        pos = fused.packed_positions(cu, t.shape[0])
+        return fused._rope(t, freqs.reshape(freqs.shape[0], freqs.shape[-1])[pos].unsqueeze(1))
+
+    def eager_swiglu(y):
+        a, b = torch.chunk(y, 2, -1)
+        return F.silu(a) * b
+
+    return {
+        "rms_norm": {"eager": eager_rms_norm, "compile": fused.rms_norm, "triton": kernels.rms_norm,
+                     "aten": lambda x, w, eps: F.rms_norm(x, (x.shape[-1],), w, eps)},
+        "rope": {"eager": eager_rope, "compile": fused.rope_thd, "triton": kernels.rope_thd},
+        "swiglu": {"eager": eager_swiglu, "compile": lambda y: bias_swiglu_impl(y, None),
+                   "triton": kernels.swiglu},
+    }
+
+
+def make_inputs(op: str, cfg: dict, tokens: int, device, width: str = "hidden"):
+    dt = torch.bfloat16
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or hidden // heads
+    if op == "rms_norm":
+        shape = (tokens, 1, hidden) if width == "hidden" else (tokens, heads, head_dim)
+        n = shape[-1]
+        x = torch.randn(shape, device=device, dtype=dt, requires_grad=True)
+        w = torch.rand(n, device=device, dtype=dt).add_(0.5).requires_grad_(True)
+        return (x, w, 1e-6), x
+    if op == "rope":
+        x = torch.randn(tokens, heads, head_dim, device=device, dtype=dt, requires_grad=True)
+        cu = torch.tensor([0, tokens], dtype=torch.int32, device=device)
+        inv = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+        f = torch.outer(torch.arange(tokens, device=device).float(), inv)
+        return (x, cu, torch.cat([f, f], -1)[:, None, None, :]), x
+    y = torch.randn(tokens, 1, 2 * cfg["intermediate_size"], device=device, dtype=dt,
+                    requires_grad=True)
+    return (y,), y
+
+
+def gpu_times(fn, args, x, iters: int) -> tuple[float, float]:
+    """(forward, forward+backward) GPU milliseconds per call."""
+    out = fn(*args)
+    g = torch.randn_like(out)
+    for _ in range(3):
+        fn(*args).backward(g)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    with torch.no_grad():
+        for _ in range(iters):
+            fn(*args)
+    end.record()
+    torch.cuda.synchronize()
+    fwd = start.elapsed_time(end) / iters
+    start.record()
+    for _ in range(iters):
+        fn(*args).backward(g)
+    end.record()
+    torch.cuda.synchronize()
+    return fwd, start.elapsed_time(end) / iters
+
+
+def host_time(fn, args, iters: int) -> float:
+    """Microseconds of CPU per forward+backward call when the GPU is never the bottleneck."""
+    out = fn(*args)
+    g = torch.ones_like(out)
+    for _ in range(5):
+        fn(*args).backward(g)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn(*args).backward(g)
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / iters * 1e6
+
+
+def main(argv=None) -> int:
+    from megafleet.model_shape import NAMED_CONFIGS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="qwen3-1.7b", choices=sorted(NAMED_CONFIGS))
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("fused_ops.py needs a GPU", file=sys.stderr)
+        return 2
+    cfg = NAMED_CONFIGS[args.shape]
+    dev = torch.device("cuda")
+    rows = []
+    cases = [("rms_norm", "hidden"), ("rms_norm", "head"), ("rope", ""), ("swiglu", "")]
+    for op, width in cases:
+        for impl, fn in implementations()[op].items():
+            full, x = make_inputs(op, cfg, args.tokens, dev, width or "hidden")
+            tiny, _ = make_inputs(op, cfg, 8, dev, width or "hidden")
+            try:
+                fwd, fwd_bwd = gpu_times(fn, full, x, args.iters)
+                host = host_time(fn, tiny, args.iters)
+                row = {"op": op + (f"[{width}]" if width else ""), "impl": impl,
+                       "gpu_fwd_us": round(fwd * 1e3, 1), "gpu_fwd_bwd_us": round(fwd_bwd * 1e3, 1),
+                       "host_fwd_bwd_us": round(host, 1)}
+            except Exception as exc:  # one implementation failing must not hide the others
+                row = {"op": op, "impl": impl, "error": f"{type(exc).__name__}: {exc}"[:300]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n{'op':<18}{'impl':<9}{'GPU fwd µs':>12}{'GPU fwd+bwd µs':>16}{'host fwd+bwd µs':>17}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['op']:<18}{r['impl']:<9}  {r['error'][:60]}")
+        else:
+            print(f"{r['op']:<18}{r['impl']:<9}{r['gpu_fwd_us']:>12}{r['gpu_fwd_bwd_us']:>16}"
+                  f"{r['host_fwd_bwd_us']:>17}")
+    if args.json:
+        meta = {"shape": args.shape, "tokens": args.tokens, "device": torch.cuda.get_device_name(),
+                "torch": torch.__version__, "command": " ".join(sys.argv)}
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Triton kernels for RMSNorm, rotary embeddings and SwiGLU, with thin autograd wrappers.
+
+Each is one kernel per direction, like the torch.compile'd versions in `fused.py`, but called
+through a plain `torch.autograd.Function` and a direct Triton launch. That matters on the host:
+at a few thousand tokens per micro-batch the GPU finishes a layer's norms and activations in
+tens of microseconds, and a compiled region's per-call cost (guards, AOTAutograd wrappers) was
+over a third of the step's CPU time in the Qwen3-1.7B profile (`benchmarks/results/README.md`).
+
+The maths is Hugging Face's, as in `fused.py`: RMSNorm normalises in fp32, rounds to the input
+dtype, then scales by the weight; RoPE is megatron's non-interleaved rotation with cos/sin
+rounded to the input dtype; SwiGLU is silu(gate) * up on megatron's [gate | up] layout. Only
+the intermediate roundings of the eager chains are skipped (one rounding at the store).
+
+The kernels are built on first use, so `TRITON_INTERPRET=1` (Triton's CPU interpreter) can run
+them on CPU tensors: that is how the CPU test suite checks them against eager PyTorch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def available() -> bool:
+    """Triton importable, and either a GPU or Triton's CPU interpreter to run on."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return torch.cuda.is_available() or interpreted()
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _programs(device: torch.device, fallback: int = 4) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count * 4
+    return fallback
+
+
+def _kernels():
+    """The kernel module, imported on first use (Triton is only needed once a kernel runs)."""
+    from remote_runtime.model import triton_kernels
+
+    return triton_kernels
+
+
+def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x as [rows, n] with unit stride along n (a view when the layout allows)."""
+    x2 = x.reshape(-1, n)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+# --- RMSNorm -----------------------------------------------------------------------------------
+
+def _norm_launch(n: int) -> tuple[int, int, int]:
+    block = _pow2(n)
+    rows = max(1, min(64, 4096 // block))
+    warps = 8 if rows * block >= 8192 else 4
+    return block, rows, warps
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        n = x.shape[-1]
+        x2 = _rows(x, n)
+        m = x2.shape[0]
+        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+        block, rows, warps = _norm_launch(n)
+        _kernels().rms_norm_fwd[(triton_cdiv(m, rows),)](
+            x2, weight, y, rstd, m, n, x2.stride(0), y.stride(0), eps,
+            ROWS=rows, BLOCK_N=block, num_warps=warps)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.shape = x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        m, n = x2.shape
+        dy2 = _rows(dy, n)
+        dx = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+        block, rows, warps = _norm_launch(n)
+        blocks = triton_cdiv(m, rows)
+        programs = max(1, min(blocks, _programs(x2.device)))
+        per_program = triton_cdiv(blocks, programs)
+        programs = triton_cdiv(blocks, per_program)
+        dw = torch.empty((programs, n), dtype=torch.float32, device=x2.device)
+        _kernels().rms_norm_bwd[(programs,)](
+            dy2, x2, weight, rstd, dx, dw, m, n, dy2.stride(0), x2.stride(0), dx.stride(0),
+            per_program, ROWS=rows, BLOCK_N=block, num_warps=warps)
+        return dx.view(ctx.shape), dw.sum(0).to(weight.dtype), None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _RMSNorm.apply(x, weight, eps)
+
+
+# --- rotary embeddings -------------------------------------------------------------------------
+
+def _rope_launch(t3: torch.Tensor, freqs2: torch.Tensor, pos: torch.Tensor, backward: bool):
+    tokens, heads, d = t3.shape
+    rot = freqs2.shape[-1]
+    if rot % 2 or rot > d:
+        raise ValueError(f"rotary dimension {rot} must be even and at most the head size {d}")
+    y = torch.empty((tokens, heads, d), dtype=t3.dtype, device=t3.device)
+    half, rest = rot // 2, d - rot
+    _kernels().rope[(tokens,)](
+        t3, freqs2, pos, y, heads, t3.stride(0), t3.stride(1), y.stride(0), y.stride(1),
+        freqs2.stride(0), HALF=half, REST=rest, BLOCK_H=_pow2(heads), BLOCK_HALF=_pow2(half),
+        BLOCK_REST=_pow2(max(rest, 1)), BACKWARD=backward, num_warps=4)
+    return y
+
+
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    """[..., h, d] as [tokens, h, d] with a unit stride along d."""
+    t3 = t.reshape(-1, t.shape[-2], t.shape[-1])
+    return t3 if t3.stride(-1) == 1 else t3.contiguous()
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, freqs2, pos):
+        ctx.save_for_backward(freqs2, pos)
+        ctx.shape = t.shape
+        return _rope_launch(_tokens(t), freqs2, pos, backward=False).view(t.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        freqs2, pos = ctx.saved_tensors
+        return _rope_launch(_tokens(dy), freqs2, pos, backward=True).view(ctx.shape), None, None
+
+
+class _BshdPositions:
+    """Row -> position for a [s, b] layout flattened to s*b rows (cached per shape and device)."""
+
+    cache: dict = {}
+
+    @classmethod
+    def of(cls, s: int, b: int, device) -> torch.Tensor:
+        key = (s, b, str(device))
+        if key not in cls.cache:
+            cls.cache = {key: torch.arange(s * b, device=device) // b}
+        return cls.cache[key]
+
+
+def rope_bshd(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """megatron's fused_apply_rotary_pos_emb: t [s, b, h, d], freqs [s, 1, 1, rot_dim]."""
+    if interleaved:
+        raise NotImplementedError("interleaved rotary embeddings need Transformer Engine")
+    s, b = t.shape[0], t.shape[1]
+    freqs2 = freqs.reshape(freqs.shape[0], freqs.shape[-1])
+    return _Rope.apply(t, freqs2, _BshdPositions.of(s, b, t.device))
+
+
+def rope_thd(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor, cp_size: int = 1,
+             cp_rank: int = 0) -> torch.Tensor:
+    """megatron's fused_apply_rotary_pos_emb_thd: t [T, h, d] packed documents, positions
+    restarting at each cu_seqlens boundary; freqs [max_len, 1, 1, rot_dim]."""
+    from remote_runtime.model.fused import packed_positions
+
+    if cp_size != 1:
+        raise NotImplementedError("context parallelism needs Transformer Engine")
+    freqs2 = freqs.reshape(freqs.shape[0], freqs.shape[-1])
+    return _Rope.apply(t, freqs2, packed_positions(cu_seqlens, t.shape[0]))
+
+
+# --- SwiGLU ------------------------------------------------------------------------------------
+
+SWIGLU_BLOCK = 1024
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y):
+        f = y.shape[-1] // 2
+        y2 = _rows(y, 2 * f)
+        m = y2.shape[0]
+        out = torch.empty((m, f), dtype=y.dtype, device=y.device)
+        _kernels().swiglu_fwd[(m, triton_cdiv(f, SWIGLU_BLOCK))](
+            y2, out, f, y2.stride(0), out.stride(0), BLOCK=SWIGLU_BLOCK, num_warps=4)
+        ctx.save_for_backward(y2)
+        ctx.shape = y.shape
+        return out.view(*y.shape[:-1], f)
+
+    @staticmethod
+    def backward(ctx, g):
+        (y2,) = ctx.saved_tensors
+        m, f = y2.shape[0], y2.shape[1] // 2
+        g2 = _rows(g, f)
+        dy = torch.empty_like(y2)
+        _kernels().swiglu_bwd[(m, triton_cdiv(f, SWIGLU_BLOCK))](
+            g2, y2, dy, f, g2.stride(0), y2.stride(0), dy.stride(0), BLOCK=SWIGLU_BLOCK, num_warps=4)
+        return dy.view(ctx.shape)
+
+
+def swiglu(y: torch.Tensor) -> torch.Tensor:
+    """silu(y[..., :F]) * y[..., F:] for y [..., 2F] (megatron's fc1 output layout)."""
+    if y.shape[-1] % 2:
+        raise ValueError(f"SwiGLU input's last dimension ({y.shape[-1]}) must be even")
+    return _SwiGLU.apply(y)
+
+
+class SwiGLU(torch.nn.Module):
+    """The MLP activation module megatron builds from `MLPSubmodules.activation_func` (with
+    `use_te_activation_func`), applied to the whole [gate | up] fc1 output."""
+
+    def __init__(self, config=None, **_unused):
+        super().__init__()
+        if config is not None and (getattr(config, "activation_func_clamp_value", None) is not None
+                                   or getattr(config, "glu_linear_offset", 0.0)):
+            raise ValueError("the Triton SwiGLU has no clamp or linear offset")
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return swiglu(y)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
