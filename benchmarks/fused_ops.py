@@ -8,6 +8,8 @@ RoPE on the query heads, SwiGLU on the fc1 output) and each implementation:
 - `compile`: torch.compile'd (`remote_runtime/model/fused.py`; SwiGLU: megatron's compiled one),
 - `triton`: ours (`remote_runtime/model/kernels.py`),
 - `aten` (RMSNorm only): `torch.nn.functional.rms_norm`,
+- `qk_norm_rope`: a layer's q/k work (split the fused QKV output, RMSNorm q and k per head, rotate
+  both) as separate compiled or Triton ops, and as our one fused kernel (`triton-fused`),
 it reports the GPU time of forward and of forward+backward per call (CUDA events over many calls
 at full size) and the host time of forward+backward per call (a tiny input, so the GPU waits on
 the CPU: what the Python side costs per layer, the micro-batch-1 bottleneck).
@@ -46,12 +48,30 @@ def implementations():
         a, b = torch.chunk(y, 2, -1)
         return F.silu(a) * b
 
+    def qk_block(norm, rope):
+        """What megatron does without our fused attention: split, two norms, two rotations."""
+        def run(qkv, wq, wk, cu, freqs, heads, groups, d):
+            q, k, v = torch.split(qkv, [heads // groups * d, d, d], dim=3)
+            q = q.reshape(q.shape[0] * q.shape[1], heads, d)
+            k = k.reshape(k.shape[0] * k.shape[1], groups, d)
+            q, k = rope(norm(q, wq, 1e-6), cu, freqs), rope(norm(k, wk, 1e-6), cu, freqs)
+            return torch.cat([q.flatten(), k.flatten(), v.flatten()])  # one output to time
+
+        return run
+
+    def qk_fused(qkv, wq, wk, cu, freqs, heads, groups, d):
+        out = kernels.qk_norm_rope(qkv, wq, wk, 1e-6, freqs, heads, groups, d, cu_seqlens=cu)
+        return torch.cat([t.flatten() for t in out])
+
     return {
         "rms_norm": {"eager": eager_rms_norm, "compile": fused.rms_norm, "triton": kernels.rms_norm,
                      "aten": lambda x, w, eps: F.rms_norm(x, (x.shape[-1],), w, eps)},
         "rope": {"eager": eager_rope, "compile": fused.rope_thd, "triton": kernels.rope_thd},
         "swiglu": {"eager": eager_swiglu, "compile": lambda y: bias_swiglu_impl(y, None),
                    "triton": kernels.swiglu},
+        "qk_norm_rope": {"compile": qk_block(fused.rms_norm, fused.rope_thd),
+                         "triton": qk_block(kernels.rms_norm, kernels.rope_thd),
+                         "triton-fused": qk_fused},
     }
 
 
@@ -71,6 +91,17 @@ def make_inputs(op: str, cfg: dict, tokens: int, device, width: str = "hidden"):
         inv = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
         f = torch.outer(torch.arange(tokens, device=device).float(), inv)
         return (x, cu, torch.cat([f, f], -1)[:, None, None, :]), x
+    if op == "qk_norm_rope":
+        groups = cfg["num_key_value_heads"]
+        qkv = torch.randn(tokens, 1, groups, (heads // groups + 2) * head_dim, device=device,
+                          dtype=dt, requires_grad=True)
+        wq, wk = (torch.rand(head_dim, device=device, dtype=dt).add_(0.5).requires_grad_(True)
+                  for _ in range(2))
+        cu = torch.tensor([0, tokens], dtype=torch.int32, device=device)
+        inv = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+        f = torch.outer(torch.arange(tokens, device=device).float(), inv)
+        freqs = torch.cat([f, f], -1)[:, None, None, :]
+        return (qkv, wq, wk, cu, freqs, heads, groups, head_dim), qkv
     y = torch.randn(tokens, 1, 2 * cfg["intermediate_size"], device=device, dtype=dt,
                     requires_grad=True)
     return (y,), y
@@ -129,7 +160,8 @@ def main(argv=None) -> int:
     cfg = NAMED_CONFIGS[args.shape]
     dev = torch.device("cuda")
     rows = []
-    cases = [("rms_norm", "hidden"), ("rms_norm", "head"), ("rope", ""), ("swiglu", "")]
+    cases = [("rms_norm", "hidden"), ("rms_norm", "head"), ("rope", ""), ("swiglu", ""),
+             ("qk_norm_rope", "")]
     for op, width in cases:
         for impl, fn in implementations()[op].items():
             full, x = make_inputs(op, cfg, args.tokens, dev, width or "hidden")

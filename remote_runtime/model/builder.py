@@ -52,6 +52,8 @@ class ModelOptions:
     kernels: str = "auto"
     fused_norm: bool = True
     fused_rope: bool = True  # through megatron's fused-RoPE hook (no TE)
+    # triton: q/k norm + RoPE + q/k/v split in one kernel (self_attention.py; Qwen3's q/k norms)
+    fused_qk_norm_rope: bool = True
     bias_activation_fusion: bool = True  # SwiGLU
     # Weight gradients accumulated in the fp32 DDP buffers by the GEMM itself (GPU; needs the
     # model wrapped in megatron DDP before any backward, as training does).
@@ -189,9 +191,10 @@ def resolve_kernels(requested: str, dist: DistInfo) -> str:
 
 
 def layer_spec(config, impl: str, attention_backend: str, norm_kernel: str = "eager",
-               uniform_packs: str = "auto"):
-    """The per-layer ModuleSpec: TE's, or megatron's local spec with our norm, attention and
-    (when config.use_te_activation_func) our Triton SwiGLU."""
+               uniform_packs: str = "auto", qk_fused: bool = False):
+    """The per-layer ModuleSpec: TE's, or megatron's local spec with our norm, attention,
+    (when config.use_te_activation_func) our Triton SwiGLU and (qk_fused, with Triton norms,
+    q/k norms and RoPE) the self-attention that fuses q/k norm and RoPE."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
@@ -217,6 +220,10 @@ def layer_spec(config, impl: str, attention_backend: str, norm_kernel: str = "ea
     layer.input_layernorm = layer.pre_mlp_layernorm = norm
     if config.qk_layernorm:
         attn.q_layernorm = attn.k_layernorm = norm
+        if qk_fused and norm_kernel == "triton" and config.apply_rope_fusion:
+            from remote_runtime.model.self_attention import qk_fused_self_attention_class
+
+            layer.self_attention.module = qk_fused_self_attention_class()
     if attention_backend != "local":
         attn.core_attention = sdpa_core_attention(attention_backend, uniform_packs)
     return spec
@@ -241,7 +248,8 @@ def build_model(family: ModelFamily, hf_config: dict, options: ModelOptions, dis
                             "node (megafleet setup --with-te), or use context_parallel_size=1")])
     kernels = resolve_kernels(options.kernels, dist)
     norm_kernel = kernels if options.fused_norm else "eager"
-    spec = layer_spec(config, impl, options.attention_backend, norm_kernel, options.uniform_packs)
+    spec = layer_spec(config, impl, options.attention_backend, norm_kernel, options.uniform_packs,
+                      qk_fused=options.fused_qk_norm_rope)
     if impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:

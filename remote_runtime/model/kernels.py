@@ -94,11 +94,32 @@ class _RMSNorm(torch.autograd.Function):
         programs = max(1, min(blocks, _programs(x2.device)))
         per_program = triton_cdiv(blocks, programs)
         programs = triton_cdiv(blocks, per_program)
-        dw = torch.empty((programs, n), dtype=torch.float32, device=x2.device)
+        target, accumulate = _weight_grad_target(weight, programs)
         _kernels().rms_norm_bwd[(programs,)](
-            dy2, x2, weight, rstd, dx, dw, m, n, dy2.stride(0), x2.stride(0), dx.stride(0),
-            per_program, ROWS=rows, BLOCK_N=block, num_warps=warps)
-        return dx.view(ctx.shape), dw.sum(0).to(weight.dtype), None
+            dy2, x2, weight, rstd, dx, target, m, n, dy2.stride(0), x2.stride(0), dx.stride(0),
+            per_program, ROWS=rows, BLOCK_N=block, ACCUMULATE=accumulate, num_warps=warps)
+        return dx.view(ctx.shape), _weight_grad(weight, target, accumulate), None
+
+
+def _weight_grad_target(weight: torch.Tensor, programs: int) -> tuple[torch.Tensor, bool]:
+    """Where a kernel puts a norm weight's gradient: straight into megatron DDP's fp32
+    `main_grad` (atomically, as the linear layers' fused weight-gradient GEMMs do), or per-program
+    partial sums to reduce here (no DDP wrapper, or a non-fp32 buffer)."""
+    main_grad = getattr(weight, "main_grad", None)
+    if (main_grad is not None and main_grad.dtype == torch.float32
+            and hasattr(weight, "grad_added_to_main_grad")):
+        return main_grad, True
+    return torch.empty((programs, weight.numel()), dtype=torch.float32, device=weight.device), False
+
+
+def _weight_grad(weight: torch.Tensor, target: torch.Tensor, accumulated: bool) -> torch.Tensor:
+    """The gradient autograd hands on: a placeholder when the kernel already added it to
+    main_grad (megatron's DDP hook then skips its own add; it still runs, which the overlapped
+    gradient reduce relies on), else the reduced partial sums."""
+    if accumulated:
+        weight.grad_added_to_main_grad = True
+        return torch.empty_like(weight)
+    return target.sum(0).to(weight.dtype).view(weight.shape)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -172,6 +193,75 @@ def rope_thd(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor, cp_
         raise NotImplementedError("context parallelism needs Transformer Engine")
     freqs2 = freqs.reshape(freqs.shape[0], freqs.shape[-1])
     return _Rope.apply(t, freqs2, packed_positions(cu_seqlens, t.shape[0]))
+
+
+# --- q/k RMSNorm + RoPE + split of the fused QKV output ---------------------------------------
+
+def qk_norm_rope_supported(head_dim: int, heads: int, groups: int) -> bool:
+    return head_dim >= 2 and head_dim & (head_dim - 1) == 0 and heads % groups == 0
+
+
+class _QKNormRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, wq, wk, freqs2, pos, eps, heads, groups, head_dim):
+        s, b = qkv.shape[0], qkv.shape[1]
+        tokens = s * b
+        rows = _rows(qkv, qkv.numel() // tokens)  # [tokens, groups * (heads/groups + 2) * d]
+        q = torch.empty((s, b, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+        k = torch.empty((s, b, groups, head_dim), dtype=qkv.dtype, device=qkv.device)
+        v = torch.empty_like(k)
+        _kernels().qk_norm_rope_fwd[(tokens,)](
+            rows, freqs2, pos, wq, wk, q, k, v, rows.stride(0), freqs2.stride(0), eps,
+            HQ=heads, HK=groups, QPG=heads // groups, D=head_dim, BLOCK_HQ=_pow2(heads),
+            BLOCK_HK=_pow2(groups), num_warps=4)
+        ctx.save_for_backward(rows, wq, wk, freqs2, pos)
+        ctx.meta = (qkv.shape, eps, heads, groups, head_dim)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        rows, wq, wk, freqs2, pos = ctx.saved_tensors
+        shape, eps, heads, groups, head_dim = ctx.meta
+        tokens = rows.shape[0]
+        dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
+        dqkv = torch.empty_like(rows)
+        programs = max(1, min(tokens, _programs(rows.device)))
+        per_program = triton_cdiv(tokens, programs)
+        programs = triton_cdiv(tokens, per_program)
+        tq, acc_q = _weight_grad_target(wq, programs)
+        tk, acc_k = _weight_grad_target(wk, programs)
+        if acc_q != acc_k:  # one kernel flag for both: fall back to partial sums for both
+            tq = torch.empty((programs, head_dim), dtype=torch.float32, device=rows.device)
+            tk, acc_q, acc_k = torch.empty_like(tq), False, False
+        _kernels().qk_norm_rope_bwd[(programs,)](
+            dq, dk, dv, rows, freqs2, pos, wq, wk, dqkv, tq, tk, tokens, rows.stride(0),
+            dqkv.stride(0), freqs2.stride(0), eps, per_program, HQ=heads, HK=groups,
+            QPG=heads // groups, D=head_dim, BLOCK_HQ=_pow2(heads), BLOCK_HK=_pow2(groups),
+            ACCUMULATE=acc_q, num_warps=4)
+        return (dqkv.view(shape), _weight_grad(wq, tq, acc_q), _weight_grad(wk, tk, acc_k),
+                None, None, None, None, None, None)
+
+
+def qk_norm_rope(qkv: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float,
+                 freqs: torch.Tensor, heads: int, groups: int, head_dim: int,
+                 cu_seqlens: torch.Tensor | None = None):
+    """(q [s, b, heads, d], k and v [s, b, groups, d]) from megatron's fused QKV projection
+    output `qkv` [s, b, groups, (heads/groups + 2) * d]: q and k RMS-normalised per head (weights
+    wq, wk) and rotated by `freqs` [max_len, 1, 1, d] at each token's position (restarting at
+    every `cu_seqlens` boundary for a packed [T, 1, ...] batch), v copied out. One kernel each way.
+    """
+    s, b = qkv.shape[0], qkv.shape[1]
+    if freqs.shape[-1] != head_dim:
+        raise ValueError(f"rotary dimension {freqs.shape[-1]} != head size {head_dim}: partial "
+                         "rotary needs the unfused path")
+    if cu_seqlens is not None:
+        from remote_runtime.model.fused import packed_positions
+
+        pos = packed_positions(cu_seqlens, s * b)
+    else:
+        pos = _BshdPositions.of(s, b, qkv.device)
+    freqs2 = freqs.reshape(freqs.shape[0], freqs.shape[-1])
+    return _QKNormRope.apply(qkv, wq, wk, freqs2, pos, eps, heads, groups, head_dim)
 
 
 # --- SwiGLU ------------------------------------------------------------------------------------

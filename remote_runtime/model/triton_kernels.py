@@ -28,7 +28,9 @@ def rms_norm_fwd(X, W, Y, RSTD, M, N, stride_x, stride_y, eps,
 
 @triton.jit
 def rms_norm_bwd(DY, X, W, RSTD, DX, DW, M, N, stride_dy, stride_x, stride_dx, blocks_per_program,
-                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """dx, and the weight gradient: per-program partial sums DW[pid] or, with ACCUMULATE, added
+    atomically into DW (megatron's fp32 main_grad)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
@@ -48,7 +50,10 @@ def rms_norm_bwd(DY, X, W, RSTD, DX, DW, M, N, stride_dy, stride_x, stride_dx, b
         g = dy * w[None, :]
         dx = rstd[:, None] * (g - xhat * (tl.sum(g * xhat, axis=1) / N)[:, None])
         tl.store(DX + r64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DW + pid * N + cols, dw, mask=cmask)
+    if ACCUMULATE:
+        tl.atomic_add(DW + cols, dw, mask=cmask)
+    else:
+        tl.store(DW + pid * N + cols, dw, mask=cmask)
 
 
 @triton.jit
@@ -110,3 +115,134 @@ def swiglu_bwd(G, Y, DY, F, stride_g, stride_y, stride_dy, BLOCK: tl.constexpr):
     tl.store(DY + row * stride_dy + c, (g * b * s * (1.0 + a * (1.0 - s))).to(DY.dtype.element_ty),
              mask=m)
     tl.store(DY + row * stride_dy + F + c, (g * a * s).to(DY.dtype.element_ty), mask=m)
+
+
+# --- q/k RMSNorm + rotary embedding + q/k/v split, straight from the fused QKV projection ------
+
+@triton.jit
+def _norm_rope_fwd(src, dst, hmask, W, c, cos1, sin1, cos2, sin2, eps,
+                   D: tl.constexpr, HALF: tl.constexpr):
+    """Heads at src[h, :] (pointer block [H, 1]): RMSNorm (HF rounding), then rotate; to dst."""
+    m = hmask[:, None]
+    dt = dst.dtype.element_ty
+    x1 = tl.load(src + c[None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF + c[None, :], mask=m, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)
+    w1 = tl.load(W + c).to(tl.float32)
+    w2 = tl.load(W + HALF + c).to(tl.float32)
+    n1 = ((x1 * rstd[:, None]).to(dt).to(tl.float32) * w1[None, :]).to(dt).to(tl.float32)
+    n2 = ((x2 * rstd[:, None]).to(dt).to(tl.float32) * w2[None, :]).to(dt).to(tl.float32)
+    tl.store(dst + c[None, :], (n1 * cos1[None, :] - n2 * sin1[None, :]).to(dt), mask=m)
+    tl.store(dst + HALF + c[None, :], (n2 * cos2[None, :] + n1 * sin2[None, :]).to(dt), mask=m)
+
+
+@triton.jit
+def _norm_rope_bwd(dsrc, src, ddst, hmask, W, c, cos1, sin1, cos2, sin2, eps,
+                   D: tl.constexpr, HALF: tl.constexpr):
+    """Backward of _norm_rope_fwd for one token's heads: writes dx to ddst, returns the weight
+    gradient halves summed over the heads."""
+    m = hmask[:, None]
+    dt = ddst.dtype.element_ty
+    dy1 = tl.load(dsrc + c[None, :], mask=m, other=0.0).to(tl.float32)
+    dy2 = tl.load(dsrc + HALF + c[None, :], mask=m, other=0.0).to(tl.float32)
+    du1 = dy1 * cos1[None, :] + dy2 * sin2[None, :]  # the rotation's transpose
+    du2 = dy2 * cos2[None, :] - dy1 * sin1[None, :]
+    x1 = tl.load(src + c[None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF + c[None, :], mask=m, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)
+    xh1, xh2 = x1 * rstd[:, None], x2 * rstd[:, None]
+    dw1 = tl.sum(du1 * xh1.to(dt).to(tl.float32), axis=0)
+    dw2 = tl.sum(du2 * xh2.to(dt).to(tl.float32), axis=0)
+    g1 = du1 * tl.load(W + c).to(tl.float32)[None, :]
+    g2 = du2 * tl.load(W + HALF + c).to(tl.float32)[None, :]
+    dot = (tl.sum(g1 * xh1, axis=1) + tl.sum(g2 * xh2, axis=1)) / D
+    tl.store(ddst + c[None, :], (rstd[:, None] * (g1 - xh1 * dot[:, None])).to(dt), mask=m)
+    tl.store(ddst + HALF + c[None, :], (rstd[:, None] * (g2 - xh2 * dot[:, None])).to(dt), mask=m)
+    return dw1, dw2
+
+
+@triton.jit
+def _angles(F, POS, t, stride_f, c, OUT, HALF: tl.constexpr):
+    """cos/sin of token t's angles (both halves), rounded to OUT's dtype as HF does."""
+    dt = OUT.dtype.element_ty
+    pos = tl.load(POS + t).to(tl.int64)
+    f1 = tl.load(F + pos * stride_f + c).to(tl.float32)
+    f2 = tl.load(F + pos * stride_f + HALF + c).to(tl.float32)
+    return (tl.cos(f1).to(dt).to(tl.float32), tl.sin(f1).to(dt).to(tl.float32),
+            tl.cos(f2).to(dt).to(tl.float32), tl.sin(f2).to(dt).to(tl.float32))
+
+
+@triton.jit
+def qk_norm_rope_fwd(QKV, F, POS, WQ, WK, Q, K, V, stride_t, stride_f, eps,
+                     HQ: tl.constexpr, HK: tl.constexpr, QPG: tl.constexpr, D: tl.constexpr,
+                     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr):
+    """One token per program. QKV row layout (megatron): per KV group g, QPG query heads, then
+    the key head, then the value head, each D wide. Q [T, HQ, D], K and V [T, HK, D] out."""
+    HALF: tl.constexpr = D // 2
+    GROUP: tl.constexpr = (QPG + 2) * D
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, HALF)
+    cos1, sin1, cos2, sin2 = _angles(F, POS, t, stride_f, c, Q, HALF)
+    row = QKV + t * stride_t
+    hq = tl.arange(0, BLOCK_HQ)
+    q_src = row + ((hq // QPG) * GROUP + (hq % QPG) * D)[:, None]
+    _norm_rope_fwd(q_src, Q + t * HQ * D + hq[:, None] * D, hq < HQ, WQ, c, cos1, sin1, cos2, sin2,
+                   eps, D, HALF)
+    hk = tl.arange(0, BLOCK_HK)
+    k_src = row + (hk * GROUP + QPG * D)[:, None]
+    _norm_rope_fwd(k_src, K + t * HK * D + hk[:, None] * D, hk < HK, WK, c, cos1, sin1, cos2, sin2,
+                   eps, D, HALF)
+    d = tl.arange(0, D)
+    vmask = (hk < HK)[:, None]
+    v = tl.load(row + (hk * GROUP + (QPG + 1) * D)[:, None] + d[None, :], mask=vmask, other=0.0)
+    tl.store(V + t * HK * D + hk[:, None] * D + d[None, :], v, mask=vmask)
+
+
+@triton.jit
+def qk_norm_rope_bwd(DQ, DK, DV, QKV, F, POS, WQ, WK, DQKV, DWQ, DWK, T, stride_t, stride_dt,
+                     stride_f, eps, tokens_per_program,
+                     HQ: tl.constexpr, HK: tl.constexpr, QPG: tl.constexpr, D: tl.constexpr,
+                     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """Gradient of the fused QKV output (all of it: q, k and v slots) and of both norm weights
+    (partial sums per program, or added atomically into the fp32 main_grad with ACCUMULATE)."""
+    HALF: tl.constexpr = D // 2
+    GROUP: tl.constexpr = (QPG + 2) * D
+    pid = tl.program_id(0)
+    c = tl.arange(0, HALF)
+    d = tl.arange(0, D)
+    hq = tl.arange(0, BLOCK_HQ)
+    hk = tl.arange(0, BLOCK_HK)
+    q_off = ((hq // QPG) * GROUP + (hq % QPG) * D)[:, None]
+    k_off = (hk * GROUP + QPG * D)[:, None]
+    v_off = (hk * GROUP + (QPG + 1) * D)[:, None]
+    dwq1 = tl.zeros([HALF], dtype=tl.float32)
+    dwq2 = tl.zeros([HALF], dtype=tl.float32)
+    dwk1 = tl.zeros([HALF], dtype=tl.float32)
+    dwk2 = tl.zeros([HALF], dtype=tl.float32)
+    for i in range(0, tokens_per_program):
+        t = (pid * tokens_per_program + i).to(tl.int64)
+        if t < T:
+            cos1, sin1, cos2, sin2 = _angles(F, POS, t, stride_f, c, DQKV, HALF)
+            a1, a2 = _norm_rope_bwd(DQ + t * HQ * D + hq[:, None] * D, QKV + t * stride_t + q_off,
+                                    DQKV + t * stride_dt + q_off, hq < HQ, WQ, c, cos1, sin1,
+                                    cos2, sin2, eps, D, HALF)
+            dwq1 += a1
+            dwq2 += a2
+            b1, b2 = _norm_rope_bwd(DK + t * HK * D + hk[:, None] * D, QKV + t * stride_t + k_off,
+                                    DQKV + t * stride_dt + k_off, hk < HK, WK, c, cos1, sin1,
+                                    cos2, sin2, eps, D, HALF)
+            dwk1 += b1
+            dwk2 += b2
+            vmask = (hk < HK)[:, None]
+            dv = tl.load(DV + t * HK * D + hk[:, None] * D + d[None, :], mask=vmask, other=0.0)
+            tl.store(DQKV + t * stride_dt + v_off + d[None, :], dv, mask=vmask)
+    if ACCUMULATE:
+        tl.atomic_add(DWQ + c, dwq1)
+        tl.atomic_add(DWQ + HALF + c, dwq2)
+        tl.atomic_add(DWK + c, dwk1)
+        tl.atomic_add(DWK + HALF + c, dwk2)
+    else:
+        tl.store(DWQ + pid * D + c, dwq1)
+        tl.store(DWQ + pid * D + HALF + c, dwq2)
+        tl.store(DWK + pid * D + c, dwk1)
+        tl.store(DWK + pid * D + HALF + c, dwk2)

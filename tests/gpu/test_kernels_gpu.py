@@ -139,3 +139,42 @@ def test_triton_rms_norm_rope_swiglu_match_fp32_references_in_bf16():
     g = torch.randn_like(out)
     assert _rel(out, ref) < 1e-2
     assert _rel(torch.autograd.grad(out, h, g)[0], torch.autograd.grad(ref, h32, g.float())[0]) < 1e-2
+
+
+def test_triton_qk_norm_rope_matches_fp32_reference_in_bf16():
+    """The fused q/k norm + RoPE + split at Qwen3-1.7B sizes (16 heads, 8 groups, d 128), packed."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from remote_runtime.model import kernels
+
+    torch.manual_seed(0)
+    heads, groups, d, total = 16, 8, 128, 4096
+    qkv = torch.randn(total, 1, groups, (heads // groups + 2) * d, device="cuda",
+                      dtype=torch.bfloat16, requires_grad=True)
+    wq, wk = (torch.rand(d, device="cuda", dtype=torch.bfloat16).add_(0.5).requires_grad_(True)
+              for _ in range(2))
+    cu = torch.tensor([0, 1000, total], dtype=torch.int32, device="cuda")
+    inv = 1.0 / (1e6 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+    f = torch.outer(torch.arange(total, device="cuda").float(), inv)
+    freqs = torch.cat([f, f], -1)[:, None, None, :]
+    out = kernels.qk_norm_rope(qkv, wq, wk, 1e-6, freqs, heads, groups, d, cu_seqlens=cu)
+
+    x32, wq32, wk32 = (t.detach().float().requires_grad_(True) for t in (qkv, wq, wk))
+    q, k, v = torch.split(x32, [heads // groups * d, d, d], dim=3)
+    q = q.reshape(total, 1, heads, d)
+
+    def norm(t, w):
+        return w * t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    def rope(t):
+        return torch.cat([rope_utils._apply_rotary_pos_emb_bshd(t[s:e], freqs[: e - s])
+                          for s, e in ((0, 1000), (1000, total))])
+
+    ref = (rope(norm(q, wq32)), rope(norm(k, wk32)), v)
+    grads = [torch.randn_like(t) for t in out]
+    for ours, exact in zip(out, ref):
+        assert _rel(ours, exact) < 1e-2
+    got = torch.autograd.grad(out, (qkv, wq, wk), grads)
+    want = torch.autograd.grad(ref, (x32, wq32, wk32), [g.float() for g in grads])
+    for ours, exact in zip(got, want):
+        assert _rel(ours, exact) < 1e-2

@@ -110,3 +110,75 @@ def test_swiglu_forward_and_backward_match_eager(kernels, f):
 def test_swiglu_rejects_an_odd_width(kernels):
     with pytest.raises(ValueError, match="must be even"):
         kernels.swiglu(torch.randn(2, 7))
+
+
+def _reference_qk_norm_rope(qkv, wq, wk, freqs, heads, groups, d, cu=None):
+    """Megatron's unfused path: split the fused QKV output, RMSNorm q and k per head, rotate."""
+    qpg = heads // groups
+    q, k, v = torch.split(qkv, [qpg * d, d, d], dim=3)
+    q = q.reshape(q.shape[0], q.shape[1], heads, d)
+    q, k = eager_rms_norm(q, wq, 1e-6), eager_rms_norm(k, wk, 1e-6)
+    if cu is None:
+        return unfused_rope_bshd(q, freqs), unfused_rope_bshd(k, freqs), v
+    spans = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    rot = [torch.cat([unfused_rope_bshd(t[s:e], freqs[: e - s]) for s, e in spans]) for t in (q, k)]
+    return rot[0], rot[1], v
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_qk_norm_rope_matches_split_norm_rope_with_gradients(kernels, packed):
+    torch.manual_seed(0)
+    heads, groups, d = 6, 2, 16
+    s, b = (30, 1) if packed else (12, 2)
+    cu = torch.tensor([0, 9, 30], dtype=torch.int32) if packed else None
+    freqs = torch.randn(s, 1, 1, d // 2).repeat(1, 1, 1, 2)
+    qkv_ref = torch.randn(s, b, groups, (heads // groups + 2) * d, requires_grad=True)
+    qkv_tri = qkv_ref.detach().clone().requires_grad_(True)
+    w_ref = [(torch.rand(d) + 0.5).requires_grad_(True) for _ in range(2)]
+    w_tri = [w.detach().clone().requires_grad_(True) for w in w_ref]
+    ref = _reference_qk_norm_rope(qkv_ref, *w_ref, freqs, heads, groups, d, cu)
+    out = kernels.qk_norm_rope(qkv_tri, *w_tri, 1e-6, freqs, heads, groups, d, cu_seqlens=cu)
+    for a, e in zip(out, ref):
+        assert a.shape == e.shape
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+    grads = [torch.randn_like(e) for e in ref]
+    torch.autograd.backward(ref, grads)
+    torch.autograd.backward(out, grads)
+    torch.testing.assert_close(qkv_tri.grad, qkv_ref.grad, atol=1e-5, rtol=1e-5)
+    for a, e in zip(w_tri, w_ref):
+        torch.testing.assert_close(a.grad, e.grad, atol=1e-4, rtol=1e-4)
+
+
+def _ddp_like(weight: torch.Tensor) -> torch.Tensor:
+    """What megatron's DDP attaches to a parameter: an fp32 main_grad and the fusion flag."""
+    weight.main_grad = torch.ones(weight.shape)
+    weight.grad_added_to_main_grad = False
+    return weight
+
+
+def test_norm_weight_gradients_go_straight_into_megatrons_main_grad(kernels):
+    """Under megatron's DDP the kernels add the norm weights' gradients into the fp32 main_grad
+    (as the fused weight-gradient GEMMs do) and flag it, so the DDP hook does not add them again."""
+    torch.manual_seed(0)
+    x = torch.randn(20, 32, requires_grad=True)
+    w_ref = (torch.rand(32) + 0.5).requires_grad_(True)
+    w = _ddp_like(w_ref.detach().clone().requires_grad_(True))
+    g = torch.randn(20, 32)
+    eager_rms_norm(x, w_ref, 1e-6).backward(g)
+    kernels.rms_norm(x.detach(), w, 1e-6).backward(g)
+    assert w.grad_added_to_main_grad
+    torch.testing.assert_close(w.main_grad, 1 + w_ref.grad, atol=1e-4, rtol=1e-4)
+
+    heads, groups, d = 4, 2, 8
+    qkv = torch.randn(10, 1, groups, (heads // groups + 2) * d)
+    freqs = torch.randn(10, 1, 1, d)
+    wq_ref, wk_ref = ((torch.rand(d) + 0.5).requires_grad_(True) for _ in range(2))
+    wq, wk = (_ddp_like(t.detach().clone().requires_grad_(True)) for t in (wq_ref, wk_ref))
+    ref = _reference_qk_norm_rope(qkv, wq_ref, wk_ref, freqs, heads, groups, d)
+    out = kernels.qk_norm_rope(qkv, wq, wk, 1e-6, freqs, heads, groups, d)
+    grads = [torch.randn_like(t) for t in ref]
+    torch.autograd.backward(ref[:2], grads[:2])
+    torch.autograd.backward(out[:2], grads[:2])
+    for ours, exact in ((wq, wq_ref), (wk, wk_ref)):
+        assert ours.grad_added_to_main_grad
+        torch.testing.assert_close(ours.main_grad, 1 + exact.grad, atol=1e-4, rtol=1e-4)
