@@ -10,6 +10,8 @@ RoPE on the query heads, SwiGLU on the fc1 output) and each implementation:
 - `aten` (RMSNorm only): `torch.nn.functional.rms_norm`,
 - `qk_norm_rope`: a layer's q/k work (split the fused QKV output, RMSNorm q and k per head, rotate
   both) as separate compiled or Triton ops, and as our one fused kernel (`triton-fused`),
+- `cross_entropy` over the vocabulary (megatron's fused one as `compile`; the Triton one times an
+  extra copy of the logits, which it overwrites with their gradient),
 it reports the GPU time of forward and of forward+backward per call (CUDA events over many calls
 at full size) and the host time of forward+backward per call (a tiny input, so the GPU waits on
 the CPU: what the Python side costs per layer, the micro-batch-1 bottleneck).
@@ -59,6 +61,20 @@ def implementations():
 
         return run
 
+    def megatron_ce(logits, labels):
+        from megatron.core import parallel_state
+        from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+
+        return fused_vocab_parallel_cross_entropy(logits, labels,
+                                                  parallel_state.get_tensor_model_parallel_group())
+
+    def eager_ce(logits, labels):  # Hugging Face's: upcast, then torch's cross entropy
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1),
+                               reduction="none")
+
+    def triton_ce(logits, labels):
+        return kernels.cross_entropy(logits * 1, labels)  # a copy: the kernel overwrites its input
+
     def qk_fused(qkv, wq, wk, cu, freqs, heads, groups, d):
         out = kernels.qk_norm_rope(qkv, wq, wk, 1e-6, freqs, heads, groups, d, cu_seqlens=cu)
         return torch.cat([t.flatten() for t in out])
@@ -72,6 +88,7 @@ def implementations():
         "qk_norm_rope": {"compile": qk_block(fused.rms_norm, fused.rope_thd),
                          "triton": qk_block(kernels.rms_norm, kernels.rope_thd),
                          "triton-fused": qk_fused},
+        "cross_entropy": {"eager": eager_ce, "compile": megatron_ce, "triton": triton_ce},
     }
 
 
@@ -91,6 +108,10 @@ def make_inputs(op: str, cfg: dict, tokens: int, device, width: str = "hidden"):
         inv = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
         f = torch.outer(torch.arange(tokens, device=device).float(), inv)
         return (x, cu, torch.cat([f, f], -1)[:, None, None, :]), x
+    if op == "cross_entropy":
+        logits = torch.randn(tokens, 1, cfg["vocab_size"], device=device, dtype=dt, requires_grad=True)
+        labels = torch.randint(0, cfg["vocab_size"], (tokens, 1), device=device)
+        return (logits, labels), logits
     if op == "qk_norm_rope":
         groups = cfg["num_key_value_heads"]
         qkv = torch.randn(tokens, 1, groups, (heads // groups + 2) * head_dim, device=device,
@@ -159,9 +180,12 @@ def main(argv=None) -> int:
         return 2
     cfg = NAMED_CONFIGS[args.shape]
     dev = torch.device("cuda")
+    from remote_runtime import platform
+
+    platform.init_distributed("cuda", 1, 1)  # megatron's cross entropy takes its TP group
     rows = []
     cases = [("rms_norm", "hidden"), ("rms_norm", "head"), ("rope", ""), ("swiglu", ""),
-             ("qk_norm_rope", "")]
+             ("qk_norm_rope", ""), ("cross_entropy", "")]
     for op, width in cases:
         for impl, fn in implementations()[op].items():
             full, x = make_inputs(op, cfg, args.tokens, dev, width or "hidden")

@@ -55,6 +55,7 @@ class ModelOptions:
     # triton: q/k norm + RoPE + q/k/v split in one kernel (self_attention.py; Qwen3's q/k norms)
     fused_qk_norm_rope: bool = True
     bias_activation_fusion: bool = True  # SwiGLU
+    triton_loss: bool = True  # triton, TP=1: our cross entropy instead of megatron's fused one
     # Weight gradients accumulated in the fp32 DDP buffers by the GEMM itself (GPU; needs the
     # model wrapped in megatron DDP before any backward, as training does).
     gradient_accumulation_fusion: bool = True
@@ -270,6 +271,10 @@ def build_model(family: ModelFamily, hf_config: dict, options: ModelOptions, dis
     model.megafleet_family = family.name  # what the bridge and checks report
     model.megafleet_transformer_impl = impl
     model.megafleet_packed_sequences = packed_sequences_supported(options)
+    # Triton cross entropy: one pass over the logits instead of megatron's fp32 copies; the
+    # vocabulary-parallel (TP > 1) loss stays megatron's
+    model.triton_loss = (kernels == "triton" and options.cross_entropy_loss_fusion
+                         and options.triton_loss and dist.tp == 1)
     return [model]
 
 
@@ -293,7 +298,15 @@ def _gpt_model_class():
             part = self.vocab_size // tp.size()
             self.vocab_pad_start = min(max(true_vocab_size - tp.rank() * part, 0), part)
 
+        triton_loss = False  # build_model: our Triton cross entropy (kernels=triton, TP=1)
+
         def compute_language_model_loss(self, labels, logits):
+            if self.triton_loss:
+                from remote_runtime.model.kernels import cross_entropy
+
+                # labels [b, s], logits [s, b, V] -> loss [b, s]; padded vocabulary left out
+                return cross_entropy(logits, labels.transpose(0, 1),
+                                     valid=self.vocab_pad_start).transpose(0, 1).contiguous()
             if self.vocab_pad_start < logits.shape[-1]:
                 logits[..., self.vocab_pad_start:].fill_(torch.finfo(logits.dtype).min)
             return super().compute_language_model_loss(labels, logits)

@@ -17,6 +17,7 @@ them on CPU tensors: that is how the CPU test suite checks them against eager Py
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -39,9 +40,17 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _programs(device: torch.device, fallback: int = 4) -> int:
+    """Programs for a backward kernel that also sums a weight gradient over its rows: enough to
+    keep every SM busy (16 each; fewer stalled on one program's serial loop), few enough that
+    the per-program partial sums or atomic adds stay cheap."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count * 4
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * 16
     return fallback
 
 
@@ -312,6 +321,46 @@ class SwiGLU(torch.nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return swiglu(y)
+
+
+# --- cross entropy -----------------------------------------------------------------------------
+
+CE_BLOCK = 4096
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, valid):
+        v = logits.shape[-1]
+        rows = _rows(logits, v)
+        flat_labels = labels.reshape(-1).contiguous()
+        n = rows.shape[0]
+        loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(loss)
+        _kernels().cross_entropy_fwd[(n,)](rows, flat_labels, loss, lse, valid, rows.stride(0),
+                                            BLOCK=CE_BLOCK, num_warps=8)
+        ctx.save_for_backward(rows, flat_labels, lse)
+        ctx.meta = (logits.shape, valid)
+        return loss.view(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, dloss):
+        rows, labels, lse = ctx.saved_tensors
+        shape, valid = ctx.meta
+        # the logits are not needed after this: their gradient overwrites them (saves a
+        # vocabulary-sized buffer, the largest activation of a small model)
+        _kernels().cross_entropy_bwd[(rows.shape[0],)](
+            rows, labels, lse, dloss.reshape(-1).contiguous(), rows.shape[1], valid,
+            rows.stride(0), BLOCK=CE_BLOCK, num_warps=8)
+        return rows.view(shape), None, None
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, valid: int | None = None) -> torch.Tensor:
+    """Per-token cross entropy (fp32) of logits [..., V] against labels [...], counting only the
+    first `valid` vocabulary columns (the rest are padding). One pass over the logits forward;
+    backward writes the gradient over the logits in place, so they must not be used afterwards
+    (the training loss is their only reader)."""
+    return _CrossEntropy.apply(logits, labels, logits.shape[-1] if valid is None else valid)
 
 
 def triton_cdiv(a: int, b: int) -> int:

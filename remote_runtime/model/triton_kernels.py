@@ -246,3 +246,48 @@ def qk_norm_rope_bwd(DQ, DK, DV, QKV, F, POS, WQ, WK, DQKV, DWQ, DWK, T, stride_
         tl.store(DWQ + pid * D + HALF + c, dwq2)
         tl.store(DWK + pid * D + c, dwk1)
         tl.store(DWK + pid * D + HALF + c, dwk2)
+
+
+# --- cross entropy over the (unsharded) vocabulary, gradient written over the logits ----------
+
+@triton.jit
+def cross_entropy_fwd(LOGITS, LABELS, LOSS, LSE, VALID, stride, BLOCK: tl.constexpr):
+    """Per row (token): log-sum-exp over the first VALID columns (megatron pads the vocabulary
+    past the checkpoint's) in one pass with a running max, and loss = lse - logit[label]
+    (a label outside [0, VALID) contributes no logit, as in megatron's cross entropy)."""
+    row = tl.program_id(0).to(tl.int64)
+    base = LOGITS + row * stride
+    cols = tl.arange(0, BLOCK)
+    m = tl.full([BLOCK], -1e30, dtype=tl.float32)
+    s = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, VALID, BLOCK):
+        mask = start + cols < VALID
+        x = tl.load(base + start + cols, mask=mask, other=-1e30).to(tl.float32)
+        new_m = tl.maximum(m, x)
+        s = s * tl.exp(m - new_m) + tl.where(mask, tl.exp(x - new_m), 0.0)
+        m = new_m
+    top = tl.max(m, axis=0)
+    lse = top + tl.log(tl.sum(s * tl.exp(m - top), axis=0))
+    label = tl.load(LABELS + row).to(tl.int64)
+    hit = (label >= 0) & (label < VALID)
+    picked = tl.load(base + tl.where(hit, label, 0)).to(tl.float32)
+    tl.store(LOSS + row, lse - tl.where(hit, picked, 0.0))
+    tl.store(LSE + row, lse)
+
+
+@triton.jit
+def cross_entropy_bwd(LOGITS, LABELS, LSE, DLOSS, V, VALID, stride, BLOCK: tl.constexpr):
+    """d loss / d logits = (softmax - onehot(label)) * dloss, written over the logits; padded
+    vocabulary columns get 0."""
+    row = tl.program_id(0).to(tl.int64)
+    base = LOGITS + row * stride
+    cols = tl.arange(0, BLOCK)
+    lse = tl.load(LSE + row)
+    g = tl.load(DLOSS + row).to(tl.float32)
+    label = tl.load(LABELS + row).to(tl.int64)
+    for start in range(0, V, BLOCK):
+        c = start + cols
+        x = tl.load(base + c, mask=c < V, other=0.0).to(tl.float32)
+        p = tl.exp(x - lse) - tl.where(c == label, 1.0, 0.0)
+        p = tl.where(c < VALID, p, 0.0)
+        tl.store(base + c, (p * g).to(LOGITS.dtype.element_ty), mask=c < V)

@@ -178,3 +178,23 @@ def test_triton_qk_norm_rope_matches_fp32_reference_in_bf16():
     want = torch.autograd.grad(ref, (x32, wq32, wk32), [g.float() for g in grads])
     for ours, exact in zip(got, want):
         assert _rel(ours, exact) < 1e-2
+
+
+def test_triton_cross_entropy_matches_fp32_reference():
+    """Per-token loss and logits gradient at Qwen3's vocabulary (151,936), bf16 logits."""
+    from remote_runtime.model import kernels
+
+    torch.manual_seed(0)
+    vocab, valid = 151936, 151669
+    logits = (torch.randn(512, 1, vocab, device="cuda") * 3).to(torch.bfloat16).requires_grad_(True)
+    labels = torch.randint(0, valid, (512, 1), device="cuda")
+    ref_in = logits.detach()[..., :valid].float().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(ref_in.view(-1, valid), labels.view(-1),
+                                            reduction="none").view(512, 1)
+    loss = kernels.cross_entropy(logits * 1, labels, valid=valid)
+    assert (loss - ref).abs().max() < 1e-3
+    g = torch.rand_like(ref)
+    (dref,) = torch.autograd.grad(ref, ref_in, g)
+    (dours,) = torch.autograd.grad(loss, logits, g)
+    assert _rel(dours[..., :valid], dref) < 1e-2
+    assert torch.count_nonzero(dours[..., valid:]) == 0

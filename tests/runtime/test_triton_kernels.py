@@ -182,3 +182,26 @@ def test_norm_weight_gradients_go_straight_into_megatrons_main_grad(kernels):
     for ours, exact in ((wq, wq_ref), (wk, wk_ref)):
         assert ours.grad_added_to_main_grad
         torch.testing.assert_close(ours.main_grad, 1 + exact.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("valid", [5000, 4700])  # whole vocabulary; megatron's padding left out
+def test_cross_entropy_matches_torch_and_writes_the_gradient_over_the_logits(kernels, valid):
+    """Two column blocks (4096 + rest); one label out of range counts as no logit (megatron)."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 2, 5000) * 4
+    labels = torch.randint(0, valid, (3, 2))
+    labels[1, 0] = -100
+    ref_in = logits[..., :valid].clone().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(ref_in.reshape(-1, valid), labels.reshape(-1).clamp(min=0),
+                                            reduction="none").view(3, 2)
+    ref = ref.clone()
+    ref[1, 0] = torch.logsumexp(ref_in[1, 0], 0)  # out of range: loss is the log-sum-exp alone
+    ours_in = logits.clone().requires_grad_(True)
+    leaf = ours_in * 1.0  # the logits are overwritten by their gradient: keep the leaf intact
+    loss = kernels.cross_entropy(leaf, labels, valid=valid)
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    g = torch.rand(3, 2)
+    ref.backward(g)
+    loss.backward(g)
+    torch.testing.assert_close(ours_in.grad[..., :valid], ref_in.grad, atol=1e-6, rtol=1e-5)
+    assert torch.count_nonzero(ours_in.grad[..., valid:]) == 0
