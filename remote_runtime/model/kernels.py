@@ -45,12 +45,14 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _programs(device: torch.device, fallback: int = 4) -> int:
-    """Programs for a backward kernel that also sums a weight gradient over its rows: enough to
-    keep every SM busy (16 each; fewer stalled on one program's serial loop), few enough that
-    the per-program partial sums or atomic adds stay cheap."""
+def _programs(device: torch.device, per_sm: int, fallback: int = 4) -> int:
+    """Programs for a backward kernel that also sums a weight gradient over its rows (each
+    program loops over its share of rows, then adds its partial sum): enough to fill the GPU,
+    few enough that the atomic adds of the partial sums stay cheap. Measured on an H200
+    (`benchmarks/results/README.md`): RMSNorm over 2,048 columns is fastest with 4 per SM
+    (more programs contend on the same 2,048 atomics), the q/k kernel (256 weights) with 16."""
     if device.type == "cuda":
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * 16
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * per_sm
     return fallback
 
 
@@ -100,7 +102,7 @@ class _RMSNorm(torch.autograd.Function):
         dx = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
         block, rows, warps = _norm_launch(n)
         blocks = triton_cdiv(m, rows)
-        programs = max(1, min(blocks, _programs(x2.device)))
+        programs = max(1, min(blocks, _programs(x2.device, per_sm=4)))
         per_program = triton_cdiv(blocks, programs)
         programs = triton_cdiv(blocks, per_program)
         target, accumulate = _weight_grad_target(weight, programs)
@@ -234,7 +236,7 @@ class _QKNormRope(torch.autograd.Function):
         tokens = rows.shape[0]
         dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
         dqkv = torch.empty_like(rows)
-        programs = max(1, min(tokens, _programs(rows.device)))
+        programs = max(1, min(tokens, _programs(rows.device, per_sm=16)))
         per_program = triton_cdiv(tokens, programs)
         programs = triton_cdiv(tokens, per_program)
         tq, acc_q = _weight_grad_target(wq, programs)
