@@ -211,6 +211,7 @@ def run_runtime(args, cfg: dict) -> dict:
     total = torch.stack(losses).sum(0)
     torch.distributed.all_reduce(total)
     from remote_runtime.model.attention import PACKED_PATH
+    from remote_runtime.model.builder import memory_assumptions
 
     extra = {"tp": dist.tp, "pp": dist.pp, "dp": dist.dp,
              "sequence_parallel": job.parallel.sequence_parallel,
@@ -221,6 +222,7 @@ def run_runtime(args, cfg: dict) -> dict:
              "attention": dict(PACKED_PATH), "options": overrides,
              "gradient_accumulation_fusion": bool(model[0].module.config.gradient_accumulation_fusion),
              "transformer_impl": getattr(model[0].module, "megafleet_transformer_impl", None),
+             "assumptions": memory_assumptions(model[0].module),  # for benchmarks/memory_check.py
              "mean_loss": round(float(total[0] / total[1]), 4) if total[1] > 0 else None}
     res = result(args, "runtime", cfg, step_time, dist.world_size, extra)
     # every rank's peak: report the largest

@@ -7,7 +7,8 @@ A bottom-up count of what megatron-core and our runtime keep on the GPU, per pip
   distributed optimizer), sequence-parallel all-gather buffer;
 * backward peak: the activations autograd saves for every microbatch in flight (1F1B: up to
   PP - stage on a stage), plus the largest transient: the logits and cross-entropy buffers on
-  the last stage (logits in bf16 plus their fp32 copy, vocab × tokens × 6 bytes) or the backward
+  the last stage (the logits: vocab × tokens × 2 bytes with the runtime's Triton loss, 10 with
+  megatron's, which keeps fp32 softmax and gradient copies) or the backward
   working set of one layer (plus the layers replayed by full recompute);
 * optimizer-step peak: static plus the optimizer's temporaries (activations are freed by then).
 
@@ -76,9 +77,16 @@ class Assumptions:
     # torch's default AdamW, which megatron-core 0.16 builds when TE and apex are missing: one
     # fp32 temporary per parameter of the shard (sqrt of the second moment) during the step.
     optimizer_impl: str = "fused"
-    # "eager": the runtime's RMSNorm saves an fp32 copy of its input plus the bf16 normalised
-    # value (6 bytes/element); "fused": a fused kernel saves only its input (2 bytes/element).
-    norm_impl: str = "eager"
+    # "fused" (GPU: the runtime's Triton or compiled RMSNorm): saves only its input (2
+    # bytes/element); "eager" (CPU): an fp32 copy of the input plus the bf16 normalised value (6).
+    norm_impl: str = "fused"
+    # q/k norms (Qwen3): "fused" = the runtime's one Triton kernel for q/k norm + RoPE + split
+    # (GPU), which saves the fused QKV output (q + 2 kv); "separate" = each norm saves its input.
+    qk_impl: str = "fused"
+    # Cross entropy: "auto" = the runtime's Triton loss where it uses it (TP = 1: bf16 logits
+    # only, their gradient written over them) and megatron's fused one elsewhere ("megatron":
+    # bf16 logits, an fp32 softmax kept for backward and an fp32 gradient, 10 bytes/element).
+    loss_impl: str = "auto"
     # "fused": megatron's SwiGLU kernel saves its input (2f elements; used on GPU when
     # torch.compile works); "eager": the fc1 output (kept by a view), silu's output and the
     # `x_linear + glu_linear_offset` copy (4f elements).
@@ -101,7 +109,8 @@ class Assumptions:
 
 _CHOICES = {"params_dtype_bytes": (2, 4), "optimizer_impl": ("fused", "foreach"),
             "norm_impl": ("eager", "fused"), "swiglu_impl": ("fused", "eager"),
-            "attention_layout": ("packed", "padded")}
+            "attention_layout": ("packed", "padded"), "qk_impl": ("fused", "separate"),
+            "loss_impl": ("auto", "triton", "megatron")}
 
 
 @dataclass
@@ -156,7 +165,9 @@ def _layer_sizes(s: ModelShape, par: Parallel, asm: Assumptions) -> _Sizes:
     kept_v = kv if asm.attention_layout == "packed" else qkv_out  # copy of v, or the whole QKV
     attn = q + kv + kept_v + q + lse  # q, k (after RoPE), v, output (= linear_proj input), lse
     attn_selective = q + kv + qkv_out + q  # checkpoint keeps q, k and the v view; output kept
-    qk_norm = norm * (q + kv) / e if s.qk_layernorm else 0.0
+    qk_norm = 0.0
+    if s.qk_layernorm:
+        qk_norm = (q + 2 * kv) if asm.qk_impl == "fused" else norm * (q + kv) / e
     f = s.ffn_hidden_size / t
     mlp = (2 * e * f if asm.swiglu_impl == "fused" else 4 * e * f) + e * f  # + fc2 input
     norms_and_inputs = 2 * norm * hs + 2 * e * hs  # two norms, QKV and fc1 inputs
@@ -239,8 +250,11 @@ def _stage_bytes(s: ModelShape, par: Parallel, rc: Recompute, asm: Assumptions, 
     if last and s.tie_word_embeddings and pp == 1:
         working += e * vocab * s.hidden_size  # output-layer gradient held until the embedding's
     logits = 0.0
-    if last:  # bf16 logits + fp32 copy (softmax kept for backward); then logits grad + weight grad
-        logits = max(tokens * vocab * (e + 4), e * vocab * (tokens + s.hidden_size))
+    triton_loss = asm.loss_impl == "triton" or (asm.loss_impl == "auto" and t == 1)
+    if last and triton_loss:  # bf16 logits; their gradient overwrites them
+        logits = e * tokens * vocab
+    elif last:  # bf16 logits, fp32 softmax and fp32 gradient; then logits grad + weight grad
+        logits = max(tokens * vocab * (e + 8), e * vocab * (tokens + s.hidden_size))
     backward = dict(static, activations=in_flight * tokens * per_token,
                     logits_and_loss=logits if logits >= working else 0.0,
                     backward_working_set=working if working > logits else 0.0)

@@ -278,6 +278,23 @@ def build_model(family: ModelFamily, hf_config: dict, options: ModelOptions, dis
     return [model]
 
 
+def memory_assumptions(model) -> dict:
+    """What this model's kernels keep for backward, in the terms of megafleet.memory.Assumptions
+    (benchmarks record it with each run so the memory model is checked against what ran)."""
+    from remote_runtime.model.norm import RMSNorm
+
+    layers = list(model.decoder.layers) if getattr(model, "decoder", None) is not None else []
+    config = model.config
+    out = {"swiglu_impl": "fused" if (config.bias_activation_fusion
+                                      or config.use_te_activation_func) else "eager",
+           "loss_impl": "triton" if getattr(model, "triton_loss", False) else "megatron"}
+    if layers:
+        norm = layers[0].input_layernorm
+        out["norm_impl"] = "eager" if isinstance(norm, RMSNorm) and norm.kernel == "eager" else "fused"
+        out["qk_impl"] = "fused" if getattr(layers[0].self_attention, "qk_fused", False) else "separate"
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def _gpt_model_class():
     from megatron.core.models.gpt import GPTModel

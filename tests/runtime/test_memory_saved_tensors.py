@@ -26,7 +26,8 @@ pytestmark = pytest.mark.runtime
 
 WORKER = Path(__file__).with_name("saved_bytes_worker.py")
 SEQ = 256  # the worker's sequence length
-CPU = Assumptions(attention_layout="padded", swiglu_impl="eager", norm_impl="eager")
+CPU = Assumptions(attention_layout="padded", swiglu_impl="eager", norm_impl="eager",
+                  qk_impl="separate")
 CONFIG = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 256,
           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
           "intermediate_size": 768, "vocab_size": 1000, "tie_word_embeddings": False,
