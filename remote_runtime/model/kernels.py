@@ -71,6 +71,9 @@ def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
 
 # --- RMSNorm -----------------------------------------------------------------------------------
 
+NORM_BWD_PROGRAMS_PER_SM = 4  # see _programs
+
+
 def _norm_launch(n: int) -> tuple[int, int, int]:
     block = _pow2(n)
     rows = max(1, min(64, 4096 // block))
@@ -102,7 +105,7 @@ class _RMSNorm(torch.autograd.Function):
         dx = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
         block, rows, warps = _norm_launch(n)
         blocks = triton_cdiv(m, rows)
-        programs = max(1, min(blocks, _programs(x2.device, per_sm=4)))
+        programs = max(1, min(blocks, _programs(x2.device, per_sm=NORM_BWD_PROGRAMS_PER_SM)))
         per_program = triton_cdiv(blocks, programs)
         programs = triton_cdiv(blocks, per_program)
         target, accumulate = _weight_grad_target(weight, programs)
@@ -208,6 +211,11 @@ def rope_thd(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor, cp_
 
 # --- q/k RMSNorm + RoPE + split of the fused QKV output ---------------------------------------
 
+# Launch settings (benchmarks/qk_kernel_sweep.py measures the alternatives on a GPU)
+QK_FWD_WARPS = 4
+QK_BWD_WARPS = 4
+QK_BWD_PROGRAMS_PER_SM = 16
+
 def qk_norm_rope_supported(head_dim: int, heads: int, groups: int) -> bool:
     return head_dim >= 2 and head_dim & (head_dim - 1) == 0 and heads % groups == 0
 
@@ -224,7 +232,7 @@ class _QKNormRope(torch.autograd.Function):
         _kernels().qk_norm_rope_fwd[(tokens,)](
             rows, freqs2, pos, wq, wk, q, k, v, rows.stride(0), freqs2.stride(0), eps,
             HQ=heads, HK=groups, QPG=heads // groups, D=head_dim, BLOCK_HQ=_pow2(heads),
-            BLOCK_HK=_pow2(groups), num_warps=4)
+            BLOCK_HK=_pow2(groups), num_warps=QK_FWD_WARPS)
         ctx.save_for_backward(rows, wq, wk, freqs2, pos)
         ctx.meta = (qkv.shape, eps, heads, groups, head_dim)
         return q, k, v
@@ -236,7 +244,7 @@ class _QKNormRope(torch.autograd.Function):
         tokens = rows.shape[0]
         dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
         dqkv = torch.empty_like(rows)
-        programs = max(1, min(tokens, _programs(rows.device, per_sm=16)))
+        programs = max(1, min(tokens, _programs(rows.device, per_sm=QK_BWD_PROGRAMS_PER_SM)))
         per_program = triton_cdiv(tokens, programs)
         programs = triton_cdiv(tokens, per_program)
         tq, acc_q = _weight_grad_target(wq, programs)
@@ -248,7 +256,7 @@ class _QKNormRope(torch.autograd.Function):
             dq, dk, dv, rows, freqs2, pos, wq, wk, dqkv, tq, tk, tokens, rows.stride(0),
             dqkv.stride(0), freqs2.stride(0), eps, per_program, HQ=heads, HK=groups,
             QPG=heads // groups, D=head_dim, BLOCK_HQ=_pow2(heads), BLOCK_HK=_pow2(groups),
-            ACCUMULATE=acc_q, num_warps=4)
+            ACCUMULATE=acc_q, num_warps=QK_BWD_WARPS)
         return (dqkv.view(shape), _weight_grad(wq, tq, acc_q), _weight_grad(wk, tk, acc_k),
                 None, None, None, None, None, None)
 

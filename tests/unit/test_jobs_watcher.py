@@ -75,7 +75,8 @@ def test_heartbeats_are_authenticated_over_tcp(tmp_path, monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    threading.Thread(target=c.serve, args=("127.0.0.1", port, "key"), daemon=True).start()
+    server = threading.Thread(target=c.serve, args=("127.0.0.1", port, "key"), daemon=True)
+    server.start()
     deadline = time.monotonic() + 5
     reply = None
     while reply is None and time.monotonic() < deadline:
@@ -87,3 +88,9 @@ def test_heartbeats_are_authenticated_over_tcp(tmp_path, monkeypatch):
     assert c.failure is None  # neither forged report counted
     assert verify("key", sign("key", {"a": 1})) == {"a": 1}
     assert verify("key", sign("key", {"a": 1}).replace('\\"a\\": 1', '\\"a\\": 2')) is None
+    # the run ends: the server stops (LINGER later) instead of outliving the test and, 30 s on,
+    # reporting the silent nodes as failed into the terminal
+    for rank in (0, 1):
+        c.report(hb(rank, "exited", 0))
+    server.join(5)
+    assert not server.is_alive()
