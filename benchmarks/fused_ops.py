@@ -92,7 +92,16 @@ def implementations():
     }
 
 
+def one_document(tokens: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cu_seqlens, rotary angles [tokens, 1, 1, head_dim]) of one packed document (Qwen3's base)."""
+    cu = torch.tensor([0, tokens], dtype=torch.int32, device=device)
+    inv = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    f = torch.outer(torch.arange(tokens, device=device).float(), inv)
+    return cu, torch.cat([f, f], -1)[:, None, None, :]
+
+
 def make_inputs(op: str, cfg: dict, tokens: int, device, width: str = "hidden"):
+    """(arguments of the op's implementations, the input to take gradients of)."""
     dt = torch.bfloat16
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or hidden // heads
@@ -104,10 +113,7 @@ def make_inputs(op: str, cfg: dict, tokens: int, device, width: str = "hidden"):
         return (x, w, 1e-6), x
     if op == "rope":
         x = torch.randn(tokens, heads, head_dim, device=device, dtype=dt, requires_grad=True)
-        cu = torch.tensor([0, tokens], dtype=torch.int32, device=device)
-        inv = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
-        f = torch.outer(torch.arange(tokens, device=device).float(), inv)
-        return (x, cu, torch.cat([f, f], -1)[:, None, None, :]), x
+        return (x, *one_document(tokens, head_dim, device)), x
     if op == "cross_entropy":
         logits = torch.randn(tokens, 1, cfg["vocab_size"], device=device, dtype=dt, requires_grad=True)
         labels = torch.randint(0, cfg["vocab_size"], (tokens, 1), device=device)
@@ -118,10 +124,7 @@ def make_inputs(op: str, cfg: dict, tokens: int, device, width: str = "hidden"):
                           dtype=dt, requires_grad=True)
         wq, wk = (torch.rand(head_dim, device=device, dtype=dt).add_(0.5).requires_grad_(True)
                   for _ in range(2))
-        cu = torch.tensor([0, tokens], dtype=torch.int32, device=device)
-        inv = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
-        f = torch.outer(torch.arange(tokens, device=device).float(), inv)
-        freqs = torch.cat([f, f], -1)[:, None, None, :]
+        cu, freqs = one_document(tokens, head_dim, device)
         return (qkv, wq, wk, cu, freqs, heads, groups, head_dim), qkv
     y = torch.randn(tokens, 1, 2 * cfg["intermediate_size"], device=device, dtype=dt,
                     requires_grad=True)

@@ -41,6 +41,8 @@ def kernel_us(fn, names: tuple[str, ...], iters: int = 20) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
+    from fused_ops import make_inputs  # the same inputs as the per-op benchmark
+
     from megafleet.model_shape import NAMED_CONFIGS
     from remote_runtime.model import kernels
 
@@ -50,19 +52,12 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     args = p.parse_args(argv)
     cfg = NAMED_CONFIGS[args.shape]
-    heads, groups = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    d, hidden = cfg.get("head_dim") or cfg["hidden_size"] // heads, cfg["hidden_size"]
-    dev, bf = "cuda", torch.bfloat16
-    qkv = torch.randn(args.tokens, 1, groups, (heads // groups + 2) * d, device=dev, dtype=bf,
-                      requires_grad=True)
-    wq, wk = (torch.rand(d, device=dev, dtype=bf).add_(0.5).requires_grad_(True) for _ in range(2))
+    dev = torch.device("cuda")
+    qk_args, qkv = make_inputs("qk_norm_rope", cfg, args.tokens, dev)
+    _, wq, wk, cu, freqs, heads, groups, d = qk_args
     for weight in (wq, wk):  # as under megatron's DDP: gradients added into main_grad
         weight.main_grad = torch.zeros(d, device=dev)
         weight.grad_added_to_main_grad = False
-    cu = torch.tensor([0, args.tokens], dtype=torch.int32, device=dev)
-    inv = 1.0 / (1e6 ** (torch.arange(0, d, 2, device=dev).float() / d))
-    f = torch.outer(torch.arange(args.tokens, device=dev).float(), inv)
-    freqs = torch.cat([f, f], -1)[:, None, None, :]
     grads = None
 
     def qk_step():
@@ -71,10 +66,10 @@ def main(argv=None) -> int:
         grads = grads or [torch.randn_like(t) for t in out]
         torch.autograd.backward(out, grads)
 
-    x = torch.randn(args.tokens, 1, hidden, device=dev, dtype=bf, requires_grad=True)
-    w = torch.rand(hidden, device=dev, dtype=bf).add_(0.5).requires_grad_(True)
-    w.main_grad, w.grad_added_to_main_grad = torch.zeros(hidden, device=dev), False
+    (x, w, _), _ = make_inputs("rms_norm", cfg, args.tokens, dev)
+    w.main_grad, w.grad_added_to_main_grad = torch.zeros(w.numel(), device=dev), False
     gx = torch.randn_like(x)
+    hidden = x.shape[-1]
 
     def norm_step():
         kernels.rms_norm(x, w, 1e-6).backward(gx)

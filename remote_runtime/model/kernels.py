@@ -45,14 +45,18 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _programs(device: torch.device, per_sm: int, fallback: int = 4) -> int:
-    """Programs for a backward kernel that also sums a weight gradient over its rows (each
-    program loops over its share of rows, then adds its partial sum): enough to fill the GPU,
-    few enough that the atomic adds of the partial sums stay cheap (benchmarks/qk_kernel_sweep.py:
-    on an H200 both kernels are fastest with 2-4 per SM)."""
+def _split(work: int, device: torch.device, per_sm: int, fallback: int = 4) -> tuple[int, int]:
+    """(programs, items per program) for a backward kernel that also sums a weight gradient over
+    its rows: each program loops over its share of the `work` items, then adds its partial sum.
+    Enough programs to fill the GPU, few enough that the atomic adds of the partial sums stay
+    cheap (benchmarks/qk_kernel_sweep.py: on an H200 both kernels are fastest with 2-4 per SM)."""
     if device.type == "cuda":
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * per_sm
-    return fallback
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        wanted = _sm_count(index) * per_sm
+    else:
+        wanted = fallback
+    per_program = triton_cdiv(work, max(1, min(work, wanted)))
+    return triton_cdiv(work, per_program), per_program
 
 
 def _kernels():
@@ -70,7 +74,7 @@ def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
 
 # --- RMSNorm -----------------------------------------------------------------------------------
 
-NORM_BWD_PROGRAMS_PER_SM = 4  # see _programs (2-4 best: 23-24 µs at 2,048 columns; 16: 45)
+NORM_BWD_PROGRAMS_PER_SM = 4  # see _split (2-4 best: 23-24 µs at 2,048 columns; 16: 45)
 
 
 def _norm_launch(n: int) -> tuple[int, int, int]:
@@ -103,10 +107,7 @@ class _RMSNorm(torch.autograd.Function):
         dy2 = _rows(dy, n)
         dx = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
         block, rows, warps = _norm_launch(n)
-        blocks = triton_cdiv(m, rows)
-        programs = max(1, min(blocks, _programs(x2.device, per_sm=NORM_BWD_PROGRAMS_PER_SM)))
-        per_program = triton_cdiv(blocks, programs)
-        programs = triton_cdiv(blocks, per_program)
+        programs, per_program = _split(triton_cdiv(m, rows), x2.device, NORM_BWD_PROGRAMS_PER_SM)
         target, accumulate = _weight_grad_target(weight, programs)
         _kernels().rms_norm_bwd[(programs,)](
             dy2, x2, weight, rstd, dx, target, m, n, dy2.stride(0), x2.stride(0), dx.stride(0),
@@ -174,6 +175,19 @@ class _Rope(torch.autograd.Function):
         return _rope_launch(_tokens(dy), freqs2, pos, backward=True).view(ctx.shape), None, None
 
 
+def _angles_at(freqs: torch.Tensor, s: int, b: int, device,
+              cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(angles [positions, rot_dim], each row's position) for s × b rows: positions restart at
+    every cu_seqlens boundary of a packed batch (b = 1), else a row's position is its s index."""
+    if cu_seqlens is not None:
+        from remote_runtime.model.fused import packed_positions
+
+        pos = packed_positions(cu_seqlens, s * b)
+    else:
+        pos = _BshdPositions.of(s, b, device)
+    return freqs.reshape(freqs.shape[0], freqs.shape[-1]), pos
+
+
 class _BshdPositions:
     """Row -> position for a [s, b] layout flattened to s*b rows (cached per shape and device)."""
 
@@ -191,21 +205,16 @@ def rope_bshd(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) -
     """megatron's fused_apply_rotary_pos_emb: t [s, b, h, d], freqs [s, 1, 1, rot_dim]."""
     if interleaved:
         raise NotImplementedError("interleaved rotary embeddings need Transformer Engine")
-    s, b = t.shape[0], t.shape[1]
-    freqs2 = freqs.reshape(freqs.shape[0], freqs.shape[-1])
-    return _Rope.apply(t, freqs2, _BshdPositions.of(s, b, t.device))
+    return _Rope.apply(t, *_angles_at(freqs, t.shape[0], t.shape[1], t.device, None))
 
 
 def rope_thd(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor, cp_size: int = 1,
              cp_rank: int = 0) -> torch.Tensor:
     """megatron's fused_apply_rotary_pos_emb_thd: t [T, h, d] packed documents, positions
     restarting at each cu_seqlens boundary; freqs [max_len, 1, 1, rot_dim]."""
-    from remote_runtime.model.fused import packed_positions
-
     if cp_size != 1:
         raise NotImplementedError("context parallelism needs Transformer Engine")
-    freqs2 = freqs.reshape(freqs.shape[0], freqs.shape[-1])
-    return _Rope.apply(t, freqs2, packed_positions(cu_seqlens, t.shape[0]))
+    return _Rope.apply(t, *_angles_at(freqs, t.shape[0], 1, t.device, cu_seqlens))
 
 
 # --- q/k RMSNorm + RoPE + split of the fused QKV output ---------------------------------------
@@ -216,6 +225,7 @@ def rope_thd(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor, cp_
 QK_FWD_WARPS = 2
 QK_BWD_WARPS = 2
 QK_BWD_PROGRAMS_PER_SM = 4
+
 
 def qk_norm_rope_supported(head_dim: int, heads: int, groups: int) -> bool:
     return head_dim >= 2 and head_dim & (head_dim - 1) == 0 and heads % groups == 0
@@ -245,9 +255,7 @@ class _QKNormRope(torch.autograd.Function):
         tokens = rows.shape[0]
         dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
         dqkv = torch.empty_like(rows)
-        programs = max(1, min(tokens, _programs(rows.device, per_sm=QK_BWD_PROGRAMS_PER_SM)))
-        per_program = triton_cdiv(tokens, programs)
-        programs = triton_cdiv(tokens, per_program)
+        programs, per_program = _split(tokens, rows.device, QK_BWD_PROGRAMS_PER_SM)
         tq, acc_q = _weight_grad_target(wq, programs)
         tk, acc_k = _weight_grad_target(wk, programs)
         if acc_q != acc_k:  # one kernel flag for both: fall back to partial sums for both
@@ -270,17 +278,10 @@ def qk_norm_rope(qkv: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: flo
     wq, wk) and rotated by `freqs` [max_len, 1, 1, d] at each token's position (restarting at
     every `cu_seqlens` boundary for a packed [T, 1, ...] batch), v copied out. One kernel each way.
     """
-    s, b = qkv.shape[0], qkv.shape[1]
     if freqs.shape[-1] != head_dim:
         raise ValueError(f"rotary dimension {freqs.shape[-1]} != head size {head_dim}: partial "
                          "rotary needs the unfused path")
-    if cu_seqlens is not None:
-        from remote_runtime.model.fused import packed_positions
-
-        pos = packed_positions(cu_seqlens, s * b)
-    else:
-        pos = _BshdPositions.of(s, b, qkv.device)
-    freqs2 = freqs.reshape(freqs.shape[0], freqs.shape[-1])
+    freqs2, pos = _angles_at(freqs, qkv.shape[0], qkv.shape[1], qkv.device, cu_seqlens)
     return _QKNormRope.apply(qkv, wq, wk, freqs2, pos, eps, heads, groups, head_dim)
 
 

@@ -24,6 +24,21 @@ def kernels():
     return k
 
 
+def assert_same_values_and_gradients(out, ref, inputs=(), weights=()):
+    """Our output(s) equal the reference (1e-5), and the same upstream gradient gives each
+    (ours, reference) leaf the same gradient: 1e-5 for `inputs`, 1e-4 for `weights` (summed over
+    rows in another order)."""
+    outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+    for a, e in zip(outs, refs, strict=True):
+        assert a.shape == e.shape
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+    grads = [torch.randn_like(e) for e in refs]
+    torch.autograd.backward(refs, grads)
+    torch.autograd.backward(outs, grads)
+    for (ours, theirs), tol in [(p, 1e-5) for p in inputs] + [(p, 1e-4) for p in weights]:
+        torch.testing.assert_close(ours.grad, theirs.grad, atol=tol, rtol=tol)
+
+
 def eager_rms_norm(x, w, eps):
     x32 = x.float()
     return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
@@ -37,13 +52,9 @@ def test_rms_norm_forward_and_backward_match_eager(kernels, shape, n):
     x_tri = base[..., 8:8 + n].detach().requires_grad_(True)
     w_ref = (torch.rand(n) + 0.5).requires_grad_(True)
     w_tri = w_ref.detach().clone().requires_grad_(True)
-    y_ref, y_tri = eager_rms_norm(x_ref, w_ref, 1e-6), kernels.rms_norm(x_tri, w_tri, 1e-6)
-    torch.testing.assert_close(y_tri, y_ref, atol=1e-5, rtol=1e-5)
-    g = torch.randn_like(y_ref)
-    y_ref.backward(g)
-    y_tri.backward(g)
-    torch.testing.assert_close(x_tri.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(w_tri.grad, w_ref.grad, atol=1e-4, rtol=1e-4)
+    assert_same_values_and_gradients(kernels.rms_norm(x_tri, w_tri, 1e-6),
+                                     eager_rms_norm(x_ref, w_ref, 1e-6),
+                                     inputs=[(x_tri, x_ref)], weights=[(w_tri, w_ref)])
 
 
 def test_rms_norm_bf16_matches_the_eager_bf16_chain(kernels):
@@ -67,24 +78,16 @@ def test_rope_bshd_and_thd_match_megatron_unfused_with_gradients(kernels, rot):
     qkv = torch.randn(40, 2, heads, 3 * d)
     t_ref = qkv[..., :d].clone().requires_grad_(True)
     t_tri = qkv[..., :d].detach().requires_grad_(True)  # a non-contiguous view
-    ref, out = unfused_rope_bshd(t_ref, freqs), kernels.rope_bshd(t_tri, freqs)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    g = torch.randn_like(ref)
-    ref.backward(g)
-    out.backward(g)
-    torch.testing.assert_close(t_tri.grad, t_ref.grad, atol=1e-5, rtol=1e-5)
+    assert_same_values_and_gradients(kernels.rope_bshd(t_tri, freqs), unfused_rope_bshd(t_ref, freqs),
+                                     inputs=[(t_tri, t_ref)])
 
     cu = torch.tensor([0, 7, 27, 40], dtype=torch.int32)
     packed = torch.randn(40, heads, d, requires_grad=True)
     docs = [packed[s:e].unsqueeze(1) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())]
     expected = torch.cat([unfused_rope_bshd(doc, freqs[: doc.shape[0]]).squeeze(1) for doc in docs])
     packed_tri = packed.detach().clone().requires_grad_(True)
-    got = kernels.rope_thd(packed_tri, cu, freqs)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    g = torch.randn_like(expected)
-    expected.backward(g)
-    got.backward(g)
-    torch.testing.assert_close(packed_tri.grad, packed.grad, atol=1e-5, rtol=1e-5)
+    assert_same_values_and_gradients(kernels.rope_thd(packed_tri, cu, freqs), expected,
+                                     inputs=[(packed_tri, packed)])
 
 
 def test_rope_rejects_an_odd_rotary_dimension(kernels):
@@ -98,13 +101,8 @@ def test_swiglu_forward_and_backward_match_eager(kernels, f):
     y_ref = torch.randn(6, 2, 2 * f, requires_grad=True)
     y_tri = y_ref.detach().clone().requires_grad_(True)
     gate, up = torch.chunk(y_ref, 2, dim=-1)
-    ref = torch.nn.functional.silu(gate) * up
-    out = kernels.SwiGLU()(y_tri)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    g = torch.randn_like(ref)
-    ref.backward(g)
-    out.backward(g)
-    torch.testing.assert_close(y_tri.grad, y_ref.grad, atol=1e-5, rtol=1e-5)
+    assert_same_values_and_gradients(kernels.SwiGLU()(y_tri), torch.nn.functional.silu(gate) * up,
+                                     inputs=[(y_tri, y_ref)])
 
 
 def test_swiglu_rejects_an_odd_width(kernels):
@@ -136,17 +134,10 @@ def test_qk_norm_rope_matches_split_norm_rope_with_gradients(kernels, packed):
     qkv_tri = qkv_ref.detach().clone().requires_grad_(True)
     w_ref = [(torch.rand(d) + 0.5).requires_grad_(True) for _ in range(2)]
     w_tri = [w.detach().clone().requires_grad_(True) for w in w_ref]
-    ref = _reference_qk_norm_rope(qkv_ref, *w_ref, freqs, heads, groups, d, cu)
-    out = kernels.qk_norm_rope(qkv_tri, *w_tri, 1e-6, freqs, heads, groups, d, cu_seqlens=cu)
-    for a, e in zip(out, ref):
-        assert a.shape == e.shape
-        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
-    grads = [torch.randn_like(e) for e in ref]
-    torch.autograd.backward(ref, grads)
-    torch.autograd.backward(out, grads)
-    torch.testing.assert_close(qkv_tri.grad, qkv_ref.grad, atol=1e-5, rtol=1e-5)
-    for a, e in zip(w_tri, w_ref):
-        torch.testing.assert_close(a.grad, e.grad, atol=1e-4, rtol=1e-4)
+    assert_same_values_and_gradients(
+        kernels.qk_norm_rope(qkv_tri, *w_tri, 1e-6, freqs, heads, groups, d, cu_seqlens=cu),
+        _reference_qk_norm_rope(qkv_ref, *w_ref, freqs, heads, groups, d, cu),
+        inputs=[(qkv_tri, qkv_ref)], weights=list(zip(w_tri, w_ref)))
 
 
 def _ddp_like(weight: torch.Tensor) -> torch.Tensor:
