@@ -98,53 +98,72 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def _assert_bf16_matches_fp32(out, ref, inputs, ref_inputs):
+    """Our bf16 output(s) and their gradients w.r.t. `inputs` against the fp32 reference's
+    w.r.t. `ref_inputs`, under the same upstream gradients: relative error below 1e-2."""
+    outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+    grads = [torch.randn_like(t) for t in outs]
+    for ours, exact in zip(outs, refs, strict=True):
+        assert _rel(ours, exact) < 1e-2
+    got = torch.autograd.grad(outs, inputs, grads)
+    want = torch.autograd.grad(refs, ref_inputs, [g.float() for g in grads])
+    for ours, exact in zip(got, want, strict=True):
+        assert _rel(ours, exact) < 1e-2
+
+
+# two packed documents of 1000 and 3096 tokens, with Qwen3's rotary angles for head size 128
+SPANS = ((0, 1000), (1000, 4096))
+
+
+def _angles(head_dim: int = 128):
+    cu = torch.tensor([0, 1000, 4096], dtype=torch.int32, device="cuda")
+    inv = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, device="cuda").float() / head_dim))
+    f = torch.outer(torch.arange(4096, device="cuda").float(), inv)
+    return cu, torch.cat([f, f], -1)[:, None, None, :]
+
+
+def _rms_norm32(t, w):
+    return w * t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def _rope32(t, freqs):
+    """Each document rotated from position 0 (megatron's unfused RoPE); t [T, 1 or h, ...]."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    return torch.cat([rope_utils._apply_rotary_pos_emb_bshd(t[s:e], freqs[: e - s])
+                      for s, e in SPANS])
+
+
+def _fp32(*tensors):
+    return tuple(t.detach().float().requires_grad_(True) for t in tensors)
+
+
 def test_triton_rms_norm_rope_swiglu_match_fp32_references_in_bf16():
     """Our Triton kernels at Qwen3-1.7B sizes, bf16, against the same maths in fp32 (forward
     and backward): relative error within bf16 rounding (1e-2)."""
-    from megatron.core.models.common.embeddings import rope_utils
-
     from remote_runtime.model import kernels
 
     torch.manual_seed(0)
     dev, bf = "cuda", torch.bfloat16
     x = torch.randn(4096, 1, 2048, device=dev, dtype=bf, requires_grad=True)
     w = torch.rand(2048, device=dev, dtype=bf).add_(0.5).requires_grad_(True)
-    y = kernels.rms_norm(x, w, 1e-6)
-    x32, w32 = x.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
-    ref = w32 * x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)
-    g = torch.randn_like(y)
-    assert _rel(y, ref) < 1e-2
-    dx, dw = torch.autograd.grad(y, (x, w), g)
-    rdx, rdw = torch.autograd.grad(ref, (x32, w32), g.float())
-    assert _rel(dx, rdx) < 1e-2 and _rel(dw, rdw) < 1e-2
+    x32, w32 = _fp32(x, w)
+    _assert_bf16_matches_fp32(kernels.rms_norm(x, w, 1e-6), _rms_norm32(x32, w32), (x, w), (x32, w32))
 
     q = torch.randn(4096, 16, 128, device=dev, dtype=bf, requires_grad=True)
-    cu = torch.tensor([0, 1000, 4096], dtype=torch.int32, device=dev)
-    inv = 1.0 / (1e6 ** (torch.arange(0, 128, 2, device=dev).float() / 128))
-    f = torch.outer(torch.arange(4096, device=dev).float(), inv)
-    freqs = torch.cat([f, f], -1)[:, None, None, :]
-    out = kernels.rope_thd(q, cu, freqs)
-    q32 = q.detach().float().requires_grad_(True)
-    ref = torch.cat([rope_utils._apply_rotary_pos_emb_bshd(q32[s:e].unsqueeze(1), freqs[: e - s])
-                     .squeeze(1) for s, e in ((0, 1000), (1000, 4096))])
-    g = torch.randn_like(out)
-    assert _rel(out, ref) < 1e-2
-    assert _rel(torch.autograd.grad(out, q, g)[0], torch.autograd.grad(ref, q32, g.float())[0]) < 1e-2
+    cu, freqs = _angles()
+    (q32,) = _fp32(q)
+    _assert_bf16_matches_fp32(kernels.rope_thd(q, cu, freqs),
+                              _rope32(q32.unsqueeze(1), freqs).squeeze(1), (q,), (q32,))
 
     h = torch.randn(4096, 1, 2 * 6144, device=dev, dtype=bf, requires_grad=True)
-    out = kernels.swiglu(h)
-    h32 = h.detach().float().requires_grad_(True)
+    (h32,) = _fp32(h)
     a, b = torch.chunk(h32, 2, -1)
-    ref = torch.nn.functional.silu(a) * b
-    g = torch.randn_like(out)
-    assert _rel(out, ref) < 1e-2
-    assert _rel(torch.autograd.grad(out, h, g)[0], torch.autograd.grad(ref, h32, g.float())[0]) < 1e-2
+    _assert_bf16_matches_fp32(kernels.swiglu(h), torch.nn.functional.silu(a) * b, (h,), (h32,))
 
 
 def test_triton_qk_norm_rope_matches_fp32_reference_in_bf16():
     """The fused q/k norm + RoPE + split at Qwen3-1.7B sizes (16 heads, 8 groups, d 128), packed."""
-    from megatron.core.models.common.embeddings import rope_utils
-
     from remote_runtime.model import kernels
 
     torch.manual_seed(0)
@@ -153,31 +172,13 @@ def test_triton_qk_norm_rope_matches_fp32_reference_in_bf16():
                       dtype=torch.bfloat16, requires_grad=True)
     wq, wk = (torch.rand(d, device="cuda", dtype=torch.bfloat16).add_(0.5).requires_grad_(True)
               for _ in range(2))
-    cu = torch.tensor([0, 1000, total], dtype=torch.int32, device="cuda")
-    inv = 1.0 / (1e6 ** (torch.arange(0, d, 2, device="cuda").float() / d))
-    f = torch.outer(torch.arange(total, device="cuda").float(), inv)
-    freqs = torch.cat([f, f], -1)[:, None, None, :]
+    cu, freqs = _angles(d)
     out = kernels.qk_norm_rope(qkv, wq, wk, 1e-6, freqs, heads, groups, d, cu_seqlens=cu)
-
-    x32, wq32, wk32 = (t.detach().float().requires_grad_(True) for t in (qkv, wq, wk))
+    x32, wq32, wk32 = _fp32(qkv, wq, wk)
     q, k, v = torch.split(x32, [heads // groups * d, d, d], dim=3)
     q = q.reshape(total, 1, heads, d)
-
-    def norm(t, w):
-        return w * t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6)
-
-    def rope(t):
-        return torch.cat([rope_utils._apply_rotary_pos_emb_bshd(t[s:e], freqs[: e - s])
-                          for s, e in ((0, 1000), (1000, total))])
-
-    ref = (rope(norm(q, wq32)), rope(norm(k, wk32)), v)
-    grads = [torch.randn_like(t) for t in out]
-    for ours, exact in zip(out, ref):
-        assert _rel(ours, exact) < 1e-2
-    got = torch.autograd.grad(out, (qkv, wq, wk), grads)
-    want = torch.autograd.grad(ref, (x32, wq32, wk32), [g.float() for g in grads])
-    for ours, exact in zip(got, want):
-        assert _rel(ours, exact) < 1e-2
+    ref = (_rope32(_rms_norm32(q, wq32), freqs), _rope32(_rms_norm32(k, wk32), freqs), v)
+    _assert_bf16_matches_fp32(out, ref, (qkv, wq, wk), (x32, wq32, wk32))
 
 
 def test_triton_cross_entropy_matches_fp32_reference():
