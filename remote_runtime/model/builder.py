@@ -108,8 +108,9 @@ def packed_sequences_supported(options: ModelOptions) -> bool:
     return options.attention_backend != "local" or resolve_impl(options.transformer_impl) != "local"
 
 
-def transformer_config(tc: dict, options: ModelOptions, dist: DistInfo):
-    """TransformerConfig from the family's kwargs (minus MODEL_KEYS) and the runtime options."""
+def transformer_config(tc: dict, options: ModelOptions, dist: DistInfo, kernels: str):
+    """TransformerConfig from the family's kwargs (minus MODEL_KEYS), the runtime options and
+    the resolved kernel family (`resolve_kernels`)."""
     from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -120,7 +121,6 @@ def transformer_config(tc: dict, options: ModelOptions, dist: DistInfo):
         raise ValueError(f"not TransformerConfig fields: {', '.join(unknown)}")
     dtype = DTYPES[options.dtype]
     fuse = compile_fusions(dist)  # megatron's own torch.compile'd kernels (cross entropy)
-    kernels = resolve_kernels(options.kernels, dist)
     rope_fusion = kernels != "eager" and options.fused_rope
     if rope_fusion:
         from remote_runtime.model.fused import install_rope
@@ -241,13 +241,13 @@ def build_model(family: ModelFamily, hf_config: dict, options: ModelOptions, dis
     from remote_runtime.model.norm import rms_norm_class
 
     tc = family.transformer_config_kwargs(hf_config)
-    config = transformer_config(tc, options, dist)
+    kernels = resolve_kernels(options.kernels, dist)
+    config = transformer_config(tc, options, dist, kernels)
     impl = resolve_impl(options.transformer_impl)
     if dist.cp > 1 and impl != "transformer_engine":
         raise ConfigError([("parallel.context_parallel_size",
                             f"{dist.cp} needs transformer-engine, which is not installed on this "
                             "node (megafleet setup --with-te), or use context_parallel_size=1")])
-    kernels = resolve_kernels(options.kernels, dist)
     norm_kernel = kernels if options.fused_norm else "eager"
     spec = layer_spec(config, impl, options.attention_backend, norm_kernel, options.uniform_packs,
                       qk_fused=options.fused_qk_norm_rope)
