@@ -196,8 +196,8 @@ def environment(dist) -> dict:
 
 
 def run(args, dist) -> dict:
-    from remote_runtime.dry_run import read_hf_config
-    from remote_runtime.families import family_for_hf_config
+    from remote_runtime.spec.resolve import read_hf_config
+    from remote_runtime.spec.families import family_for_hf_config
     from remote_runtime.model.builder import ModelOptions, build_model
 
     shape = dict(QWEN3_1_7B, **SMALL) if args.small else QWEN3_1_7B

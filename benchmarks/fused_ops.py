@@ -5,8 +5,8 @@
 For each op at the named model's sizes (hidden-size RMSNorm, per-head q/k RMSNorm, packed-sequence
 RoPE on the query heads, SwiGLU on the fc1 output) and each implementation:
 - `eager`: the PyTorch chain (Hugging Face's maths),
-- `compile`: torch.compile'd (`remote_runtime/model/fused.py`; SwiGLU: megatron's compiled one),
-- `triton`: ours (`remote_runtime/model/kernels.py`),
+- `compile`: torch.compile'd (`remote_runtime/model/compiled.py`; SwiGLU: megatron's compiled one),
+- `triton`: ours (`remote_runtime/model/ops.py`),
 - `aten` (RMSNorm only): `torch.nn.functional.rms_norm`,
 - `qk_norm_rope`: a layer's q/k work (split the fused QKV output, RMSNorm q and k per head, rotate
   both) as separate compiled or Triton ops, and as our one fused kernel (`triton-fused`),
@@ -40,11 +40,11 @@ def eager_rms_norm(x, w, eps):
 def implementations():
     from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
 
-    from remote_runtime.model import fused, kernels
+    from remote_runtime.model import compiled, ops
 
     def eager_rope(t, cu, freqs):
-        pos = fused.packed_positions(cu, t.shape[0])
-        return fused._rope(t, freqs.reshape(freqs.shape[0], freqs.shape[-1])[pos].unsqueeze(1))
+        pos = compiled.packed_positions(cu, t.shape[0])
+        return compiled._rope(t, freqs.reshape(freqs.shape[0], freqs.shape[-1])[pos].unsqueeze(1))
 
     def eager_swiglu(y):
         a, b = torch.chunk(y, 2, -1)
@@ -73,20 +73,20 @@ def implementations():
                                reduction="none")
 
     def triton_ce(logits, labels):
-        return kernels.cross_entropy(logits * 1, labels)  # a copy: the kernel overwrites its input
+        return ops.cross_entropy(logits * 1, labels)  # a copy: the kernel overwrites its input
 
     def qk_fused(qkv, wq, wk, cu, freqs, heads, groups, d):
-        out = kernels.qk_norm_rope(qkv, wq, wk, 1e-6, freqs, heads, groups, d, cu_seqlens=cu)
+        out = ops.qk_norm_rope(qkv, wq, wk, 1e-6, freqs, heads, groups, d, cu_seqlens=cu)
         return torch.cat([t.flatten() for t in out])
 
     return {
-        "rms_norm": {"eager": eager_rms_norm, "compile": fused.rms_norm, "triton": kernels.rms_norm,
+        "rms_norm": {"eager": eager_rms_norm, "compile": compiled.rms_norm, "triton": ops.rms_norm,
                      "aten": lambda x, w, eps: F.rms_norm(x, (x.shape[-1],), w, eps)},
-        "rope": {"eager": eager_rope, "compile": fused.rope_thd, "triton": kernels.rope_thd},
+        "rope": {"eager": eager_rope, "compile": compiled.rope_thd, "triton": ops.rope_thd},
         "swiglu": {"eager": eager_swiglu, "compile": lambda y: bias_swiglu_impl(y, None),
-                   "triton": kernels.swiglu},
-        "qk_norm_rope": {"compile": qk_block(fused.rms_norm, fused.rope_thd),
-                         "triton": qk_block(kernels.rms_norm, kernels.rope_thd),
+                   "triton": ops.swiglu},
+        "qk_norm_rope": {"compile": qk_block(compiled.rms_norm, compiled.rope_thd),
+                         "triton": qk_block(ops.rms_norm, ops.rope_thd),
                          "triton-fused": qk_fused},
         "cross_entropy": {"eager": eager_ce, "compile": megatron_ce, "triton": triton_ce},
     }

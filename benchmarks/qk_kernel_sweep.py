@@ -2,7 +2,7 @@
 
     python benchmarks/qk_kernel_sweep.py --shape qwen3-1.7b --json out.json
 
-Each setting of `remote_runtime/model/kernels.py`'s launch constants (warps of the q/k forward
+Each setting of `remote_runtime/model/ops.py`'s launch constants (warps of the q/k forward
 and backward, programs per SM of the q/k and RMSNorm backward) runs 20 forward+backward calls at
 4096 tokens under torch.profiler, and the table gives the GPU time per call of each kernel (not
 wall time: at these sizes the host is slower than the kernels).
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     from fused_ops import make_inputs  # the same inputs as the per-op benchmark
 
     from megafleet.model_shape import NAMED_CONFIGS
-    from remote_runtime.model import kernels
+    from remote_runtime.model import ops as kernels
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="qwen3-1.7b", choices=sorted(NAMED_CONFIGS))

@@ -78,7 +78,7 @@ def hf_config(args) -> dict:
 
 
 def flops_per_step(args, cfg: dict) -> float:
-    from remote_runtime.families import family_for_hf_config
+    from remote_runtime.spec.families import family_for_hf_config
     from remote_runtime.train.metrics import ModelShape, training_flops
 
     tc = family_for_hf_config(cfg).transformer_config_kwargs(cfg)
@@ -167,8 +167,8 @@ def runtime_batches(args, dist, vocab: int):
 def run_runtime(args, cfg: dict) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from remote_runtime.config import JobConfig
-    from remote_runtime.families import family_for_hf_config
+    from remote_runtime.spec.config import JobConfig
+    from remote_runtime.spec.families import family_for_hf_config
     from remote_runtime.model.builder import ModelOptions, build_model
     from remote_runtime.platform import init_distributed
     from remote_runtime.train.optim import build_optimizer, schedule_for, wrap_ddp

@@ -78,7 +78,7 @@ def build_assets(workspace: Path) -> tuple[Path, Path]:
 
 def demo_job(model: Path, data: Path, steps: int, device: str):
     """The SFT job: ms-swift flags, exactly what a user could pass to `megafleet launch`."""
-    from remote_runtime.args import job_from_argv
+    from remote_runtime.spec.flags import job_from_argv
 
     flags = ["--model", str(model), "--dataset", str(data), "--device", device,
              "--max_length", "256", "--micro_batch_size", "2",

@@ -353,7 +353,7 @@ def check_hosts(hosts, pool=None, venv: str | None = None, workdirs: Sequence[st
     from megafleet.runner import run_on_hosts
 
     if venv is None:
-        from remote_runtime.config import JobConfig
+        from remote_runtime.spec.config import JobConfig
 
         venv = JobConfig().launch.venv
     results = run_on_hosts(hosts, lambda r: check_host(r, venv, workdirs, require_te, cpu_ok,

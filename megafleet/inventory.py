@@ -130,7 +130,7 @@ class Inventory:
     @classmethod
     def load(cls, path: str | Path | None = None) -> "Inventory":
         """Read and validate the inventory; a missing file is an empty inventory."""
-        from remote_runtime.yamlio import YamlSyntaxError, load_with_lines
+        from remote_runtime.spec.yamlio import YamlSyntaxError, load_with_lines
 
         p = Path(path) if path else paths.inventory_path()
         if not p.exists():

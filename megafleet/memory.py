@@ -29,7 +29,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from megafleet.model_shape import ModelShape, as_shape
-from remote_runtime.dry_run import padded_vocab_size
+from remote_runtime.spec.resolve import padded_vocab_size
 
 GIB = float(1 << 30)
 STATIC = ("weights", "gradients", "optimizer_states", "comm_buffers")

@@ -1,7 +1,7 @@
 """The shape of a model, from its config.json, for planning and memory estimates (torch-free).
 
 `shape_from_hf_config(hf)` asks the runtime's model families
-(`remote_runtime.families.family_for_hf_config(hf).transformer_config_kwargs(hf)`), so the
+(`remote_runtime.spec.families.family_for_hf_config(hf).transformer_config_kwargs(hf)`), so the
 planner sees exactly the numbers the runtime builds the model from and refuses the same
 checkpoints. Where that package is not importable (an operator install without the runtime
 files), it reads the few config.json fields of the dense Llama/Qwen layouts itself.
@@ -16,7 +16,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from remote_runtime.config import ConfigError
+from remote_runtime.spec.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -61,9 +61,9 @@ def as_shape(model_config: dict | ModelShape) -> ModelShape:
 def shape_from_hf_config(hf: dict) -> ModelShape:
     """The model's shape; raises ConfigError for architectures the runtime cannot train."""
     try:
-        from remote_runtime.families import family_for_hf_config
+        from remote_runtime.spec.families import family_for_hf_config
     except ModuleNotFoundError as exc:
-        if exc.name not in ("remote_runtime.families", "remote_runtime"):
+        if exc.name not in ("remote_runtime.spec.families", "remote_runtime"):
             raise
         return _shape_without_families(hf)
     family = family_for_hf_config(hf)
@@ -80,7 +80,7 @@ def shape_from_hf_config(hf: dict) -> ModelShape:
         qk_layernorm=bool(tc.get("qk_layernorm", False)))
 
 
-# The direct reading, for when remote_runtime.families is not importable: dense decoders only.
+# The direct reading, for when remote_runtime.spec.families is not importable: dense decoders only.
 _DIRECT = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 
 

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 from megafleet.memory import Assumptions, MemoryEstimate, Parallel, Recompute, estimate_memory
 from megafleet.model_shape import ModelShape, as_shape
-from remote_runtime.config import TASKS, ConfigError, JobConfig
+from remote_runtime.spec.config import TASKS, ConfigError, JobConfig
 
 FULL_TOKENS = 4096  # tokens per micro batch from which a GPU is busy (bigger barely helps)
 DEFAULT_GLOBAL_BATCH = 16  # sequences per optimizer step when neither job nor caller says

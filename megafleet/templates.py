@@ -34,8 +34,8 @@ import yaml
 
 from megafleet.errors import FieldProblem, UsageError, ValidationError
 from megafleet.resources import templates_dir
-from remote_runtime.args import dump_job, load_job_file, to_flags
-from remote_runtime.config import (
+from remote_runtime.spec.flags import dump_job, load_job_file, to_flags
+from remote_runtime.spec.config import (
     GROUPS,
     LEAVES,
     ConfigError,

@@ -1,8 +1,8 @@
 """The megafleet training runtime: Hugging Face checkpoints in and out, megatron-core inside.
 
 Runs on GPU nodes (`torchrun -m remote_runtime sft ...`) and on CPU for validation and tests.
-Only `config`, `args`, `yamlio`, `dry_run` and `families` are torch-free; the operator imports
-those to validate jobs.
+The operator imports only `remote_runtime.spec` (torch-free: the job schema, families, job
+resolution, model shape, output layout, dataset formats); everything else here needs torch.
 """
 
 from megafleet import __version__

@@ -19,14 +19,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command in ("sft", "pt"):
-        from remote_runtime.config import ConfigError
+        from remote_runtime.spec.config import ConfigError
 
         try:
-            from remote_runtime.args import job_from_argv
+            from remote_runtime.spec.flags import job_from_argv
 
             job = job_from_argv(rest, task=command)
             if job.check.dry_run:
-                from remote_runtime.dry_run import print_dry_run
+                from remote_runtime.spec.resolve import print_dry_run
 
                 return print_dry_run(job)
             if job.parallel.tensor_model_parallel_size > 1:

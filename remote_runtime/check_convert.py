@@ -168,8 +168,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     from remote_runtime import platform
     from remote_runtime.bridge.load import load_hf_checkpoint
-    from remote_runtime.dry_run import read_hf_config
-    from remote_runtime.families import family_for_hf_config
+    from remote_runtime.spec.resolve import read_hf_config
+    from remote_runtime.spec.families import family_for_hf_config
     from remote_runtime.model.builder import DTYPES, ModelOptions, build_model
 
     hf = read_hf_config(args.model)
@@ -224,7 +224,7 @@ def format_table(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from remote_runtime.bridge.checkpoint import CheckpointError
     from remote_runtime.bridge.mapping import ConversionError
-    from remote_runtime.config import ConfigError
+    from remote_runtime.spec.config import ConfigError
 
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     rank0 = os.environ.get("RANK", "0") == "0"  # print once under torchrun

@@ -17,7 +17,7 @@ from datetime import timedelta
 
 import torch
 
-from remote_runtime.config import ConfigError
+from remote_runtime.spec.config import ConfigError
 
 # megatron-core announces at import that Apex / Transformer Engine are missing and that it falls
 # back to torch implementations. That is this runtime's normal configuration, not news.

@@ -4,7 +4,7 @@ NOT the runtime. The job-lifecycle tests launch it through torchrun with `-m
 tests.standin_workload sft --config job.yaml` while the real train loop is written elsewhere;
 it behaves like the runtime as far as the operator can see, in a second instead of minutes:
 
-- reads the job with the runtime's own parser (remote_runtime.args.job_from_argv);
+- reads the job with the runtime's own parser (remote_runtime.spec.flags.job_from_argv);
 - `--dry_run true` prints a JSON document and exits 0 (2 with errors), as the runtime does;
 - joins a torch.distributed gloo group (torchrun's env), and each step all-reduces a tensor
   that also carries a stop flag, so every rank stops at the same step after a SIGTERM;
@@ -53,8 +53,8 @@ def metrics(step: int, iters: int, loss: float, started: float) -> dict:
 
 
 def dry_run(job) -> int:
-    from remote_runtime.config import ConfigError, validate
-    from remote_runtime.dry_run import world_size_from_env
+    from remote_runtime.spec.config import ConfigError, validate
+    from remote_runtime.spec.resolve import world_size_from_env
 
     try:
         validate(job)
@@ -118,7 +118,7 @@ def _report(job, out: Path, step: int, iters: int, loss: float, started: float, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from remote_runtime.args import job_from_argv
+    from remote_runtime.spec.flags import job_from_argv
 
     argv = sys.argv[1:] if argv is None else argv
     job = job_from_argv(argv[1:], task=argv[0])

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU session 4a (nvidia-h200): the Triton RMSNorm/RoPE/SwiGLU (`remote_runtime/model/kernels.py`)
+# GPU session 4a (nvidia-h200): the Triton RMSNorm/RoPE/SwiGLU (`remote_runtime/model/ops.py`)
 # against the torch.compile'd ones: kernel tests, per-op GPU and host time, and Qwen3-1.7B
 # throughput with each kernel family against Hugging Face, then a profile of the Triton run.
 source benchmarks/sessions/prelude.sh

@@ -29,8 +29,8 @@ def _confirm(yes: bool, question: str) -> None:
 
 def job_from_args(args: tuple[str, ...]):
     """`[JOB.yaml] [sft|pt] [--flag value ...]` -> JobConfig (flags override the file)."""
-    from remote_runtime.args import job_from_argv
-    from remote_runtime.config import TASKS, ConfigError
+    from remote_runtime.spec.flags import job_from_argv
+    from remote_runtime.spec.config import TASKS, ConfigError
 
     from megafleet.jobs.launch import config_problems
 

@@ -58,7 +58,7 @@ def show_plan(plan, dry_run: bool = False) -> None:
                      " ".join(f"{k}={v}" for k, v in par.items() if k.endswith("_size")))
     if dry_run:
         node = run.nodes[0]
-        from megafleet.jobs.render import launch_script
+        from megafleet.jobs.node_scripts import launch_script
 
         ui.info(f"[bold]launch.sh on {escape(node.host)}:[/bold]")
         ui.info(escape(launch_script(run, node)))

@@ -17,8 +17,8 @@ from megafleet.memory import Assumptions
 from megafleet.model_shape import NAMED_CONFIGS, load_model_config
 from megafleet.planner import Candidate, Plan, apply_plan, estimate_job, layouts, plan
 from megafleet.templates import job_file_text, validation_error, write_text_file
-from remote_runtime.args import load_job_file
-from remote_runtime.config import TASKS, ConfigError, JobConfig
+from remote_runtime.spec.flags import load_job_file
+from remote_runtime.spec.config import TASKS, ConfigError, JobConfig
 
 SHOWN_ROWS = 8
 

@@ -10,8 +10,8 @@ import click
 from megafleet import templates, ui
 from megafleet.cli import json_option, yes_option
 from megafleet.errors import UsageError
-from remote_runtime.args import to_flags
-from remote_runtime.config import ConfigError
+from remote_runtime.spec.flags import to_flags
+from remote_runtime.spec.config import ConfigError
 
 
 @click.command("render")

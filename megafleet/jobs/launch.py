@@ -5,10 +5,10 @@
     run = launch_job(job, LaunchOptions(...))                         # both
 
 Planning, in order (any failure stops before anything is changed on a node):
-1. the job validates with the runtime's schema (remote_runtime.config.validate);
+1. the job validates with the runtime's schema (remote_runtime.spec.config.validate);
 2. forwarded variables (launch.env) are set here;
 3. every node answers: home, venv python, megafleet version (must equal ours), GPU count;
-4. node 0 is the master; its address is found (megafleet.jobs.plan.master_address);
+4. node 0 is the master; its address is found (megafleet.jobs.preflight.master_address);
 5. where data and model go on each node: local dataset files are uploaded to
    ~/megafleet/uploads/<key>/ and the job's paths rewritten; a local model directory that a node
    lacks is uploaded to ~/megafleet/models/<name>-<key>/;
@@ -38,8 +38,8 @@ from megafleet import paths
 from megafleet.errors import FieldProblem, RemoteCommandError, UsageError, ValidationError
 from megafleet.inventory import Inventory
 from megafleet.jobs import layout as L
-from megafleet.jobs import plan as P
-from megafleet.jobs import render
+from megafleet.jobs import preflight as P
+from megafleet.jobs import node_scripts as render
 from megafleet.jobs.records import NodeInfo, RunRecord, new_run_id
 from megafleet.jobs.sync import FileCopy, plan_tree, upload
 from megafleet.runner import run_on_hosts
@@ -73,7 +73,7 @@ class LaunchPlan:
 
     def describe(self) -> dict:
         """What would happen, for --dry-run (no secret values)."""
-        from remote_runtime.args import dump_job
+        from remote_runtime.spec.flags import dump_job
 
         out = {"run": self.run.to_dict(), "notes": self.notes, "ports": self.ports, "nodes": []}
         for node in self.run.nodes:
@@ -95,7 +95,7 @@ def config_problems(exc) -> ValidationError:
 
 
 def plan_launch(job, opts: LaunchOptions) -> LaunchPlan:
-    from remote_runtime.config import ConfigError, validate
+    from remote_runtime.spec.config import ConfigError, validate
 
     try:
         validate(job)
@@ -231,11 +231,11 @@ def _require_on_nodes(targets, path: str, field_name: str, why_here: str) -> Non
 
 def resolve_on_runtime(node_job, run: RunRecord, node0, facts, job, notes, entry_module) -> dict | None:
     """The runtime's own dry run for the real world size (see the module docstring, step 6)."""
-    from remote_runtime.config import ConfigError
+    from remote_runtime.spec.config import ConfigError
 
     if Path(job.model.model).expanduser().is_dir():
         try:
-            from remote_runtime.dry_run import resolve_job
+            from remote_runtime.spec.resolve import resolve_job
         except ImportError:
             notes.append("the runtime's dry-run is not installed here; validated the schema only")
             return None
@@ -252,7 +252,7 @@ def resolve_on_runtime(node_job, run: RunRecord, node0, facts, job, notes, entry
 
 
 def _node_dry_run(node_job, run, node0, facts, entry_module) -> dict:
-    from remote_runtime.args import dump_job
+    from remote_runtime.spec.flags import dump_job
 
     py = shlex.quote(facts[node0.name].python)
     r = node0.runner.run(f"WORLD_SIZE={run.world_size} {py} -m {entry_module} {node_job.task} "
@@ -275,7 +275,7 @@ def _node_dry_run(node_job, run, node0, facts, entry_module) -> dict:
 def start_run(plan: LaunchPlan, bars=None, say: Say = lambda m: None) -> RunRecord:
     """Upload, write each node's run directory, start node 0 then the others; return the saved
     record (state "running"). On failure the record says "failed" and the error names the node."""
-    from remote_runtime.args import dump_job
+    from remote_runtime.spec.flags import dump_job
 
     run = plan.run
     plan.run.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -334,7 +334,7 @@ def _upload_all(plan: LaunchPlan, bars, say: Say) -> None:
 
 
 def _write_run_dirs(plan: LaunchPlan, token: str) -> None:
-    from remote_runtime.args import dump_job
+    from remote_runtime.spec.flags import dump_job
 
     run = plan.run
     env_text = render.env_file(run, plan.env_values, token)

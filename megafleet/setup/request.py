@@ -48,7 +48,7 @@ def torch_requirement() -> str:
 
 
 def default_venv() -> str:
-    from remote_runtime.config import JobConfig  # torch-free
+    from remote_runtime.spec.config import JobConfig  # torch-free
 
     return JobConfig().launch.venv
 

@@ -77,7 +77,7 @@ def prepare_nodes(ask: Asker, state: WizardState) -> bool:
         check_runtime_installed()
         ui.check_row("ok", "this machine has the training runtime (torch, megatron-core, ...)")
         return True
-    from megafleet.jobs import plan as P
+    from megafleet.jobs import preflight as P
 
     venv = state.job.launch.venv
     targets = P.select_targets(state.nodes, inventory=state.inventory, pool=state.pool)

@@ -42,7 +42,7 @@ def describe_model(ref: str) -> tuple[dict, str]:
     """(config.json, one-line summary) for a model directory, config.json, hub id or shape name;
     raises UsageError naming the problem (unsupported family, not found, bad JSON)."""
     from megafleet.model_shape import load_model_config, shape_from_hf_config
-    from remote_runtime.config import ConfigError
+    from remote_runtime.spec.config import ConfigError
 
     try:
         hf = load_model_config(ref.strip())
@@ -127,8 +127,8 @@ def inspect_dataset(spec: str, task: str) -> tuple[str, object, int]:
     """(format, the first row as the runtime reads it, rows) of a dataset file; UsageError if
     the file is missing, unreadable, of no known format, or plain text for SFT (pre-training
     takes text rows, and chat rows with the loss on every token)."""
-    from remote_runtime.data.errors import RowError
-    from remote_runtime.data.formats import detect_format, row_to_example
+    from remote_runtime.spec.errors import RowError
+    from remote_runtime.spec.formats import detect_format, row_to_example
 
     path = Path(spec.rpartition("#")[0] if re.search(r"#\d+$", spec) else spec).expanduser()
     if not path.is_file():
@@ -259,7 +259,7 @@ def plan_layout(ask: Asker, state: WizardState, hf: dict, gpus: GpuFacts) -> str
     answer to change ("length" or "model"), or a cancel."""
     from megafleet.cli.plan import show_plan
     from megafleet.planner import apply_plan, plan
-    from remote_runtime.config import ConfigError
+    from remote_runtime.spec.config import ConfigError
 
     job, nodes = state.job, len(state.nodes)
     ui.info(f"[bold]Planning[/bold] for {nodes} node(s) × {gpus.per_node} {escape(gpus.name)} "

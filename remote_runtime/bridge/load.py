@@ -21,9 +21,9 @@ import torch
 from remote_runtime.bridge.checkpoint import FLOAT_DTYPES, HFCheckpoint
 from remote_runtime.bridge.mapping import ConversionError, check_checkpoint_keys, local_params
 from remote_runtime.bridge.transforms import Layout, ShapeError, shard
-from remote_runtime.dry_run import padded_vocab_size, read_hf_config
-from remote_runtime.families import family_for_hf_config
-from remote_runtime.families.base import fill
+from remote_runtime.spec.resolve import padded_vocab_size, read_hf_config
+from remote_runtime.spec.families import family_for_hf_config
+from remote_runtime.spec.families.base import fill
 
 
 @dataclass

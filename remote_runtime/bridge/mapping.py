@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from remote_runtime.families.base import ModelFamily, Param
+from remote_runtime.spec.families.base import ModelFamily, Param
 
 _LAYER = re.compile(r"\.(\d+)\.")
 

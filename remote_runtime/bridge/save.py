@@ -27,12 +27,12 @@ import torch
 
 from remote_runtime.bridge.checkpoint import INDEX, HFCheckpoint
 from remote_runtime.bridge.load import layout_for
-from remote_runtime.dry_run import read_hf_config
+from remote_runtime.spec.resolve import read_hf_config
 from remote_runtime.bridge.mapping import ConversionError, local_params
 from remote_runtime.bridge.safetensors_stream import TORCH_DTYPES, StreamingWriter, nbytes
 from remote_runtime.bridge.transforms import unshard
-from remote_runtime.families import family_for_hf_config
-from remote_runtime.families.base import fill
+from remote_runtime.spec.families import family_for_hf_config
+from remote_runtime.spec.families.base import fill
 
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf)$|.*\.index\.json$")
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from remote_runtime.data.errors import RowError
+from remote_runtime.spec.errors import RowError
 
 
 class ChatEncoder:

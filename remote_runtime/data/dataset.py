@@ -21,7 +21,7 @@ from remote_runtime.data.cache import (cache_key, load_entry, save_entry,
                                        tokenizer_fingerprint)
 from remote_runtime.data.encode import (ROW_NO_LOSS, ROW_TOO_LONG, ROW_TRUNCATED, EncodeSettings,
                                         FileTokens, tokenize_file)
-from remote_runtime.data.errors import DataError
+from remote_runtime.spec.errors import DataError
 from remote_runtime.data.sources import file_digest, parse_dataset_specs, sample_rows
 
 log = logging.getLogger("remote_runtime.data")

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from remote_runtime.data.chat import ChatEncoder
-from remote_runtime.data.errors import DataError, RowError
-from remote_runtime.data.formats import detect_format, row_to_example
+from remote_runtime.spec.errors import DataError, RowError
+from remote_runtime.spec.formats import detect_format, row_to_example
 from remote_runtime.data.sources import parse_json_line, read_rows
 
 # Row status codes, stored in the cache.

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from remote_runtime.data.batches import MicroBatch, collate_padded, collate_thd
-from remote_runtime.data.errors import DataError
+from remote_runtime.spec.errors import DataError
 from remote_runtime.data.packing import Samples, one_document_per_sample, pack_documents
 
 STATE_VERSION = 1

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from remote_runtime.data.errors import DataError
+from remote_runtime.spec.errors import DataError
 
 EXTENSIONS = (".jsonl", ".json")
 

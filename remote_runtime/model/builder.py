@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from remote_runtime.config import ConfigError
-from remote_runtime.dry_run import padded_vocab_size
-from remote_runtime.families.base import MODEL_KEYS, ModelFamily
+from remote_runtime.spec.config import ConfigError
+from remote_runtime.spec.resolve import padded_vocab_size
+from remote_runtime.spec.families.base import MODEL_KEYS, ModelFamily
 from remote_runtime.platform import DistInfo
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
@@ -47,7 +47,7 @@ class ModelOptions:
     recompute_num_layers: int | None = None  # full only; default 1
     cross_entropy_loss_fusion: bool = True  # used on GPU; on CPU torch.compile is not worth it
     # Kernels for RMSNorm, RoPE and SwiGLU in the local spec: auto (GPU: triton), triton (ours,
-    # `kernels.py`), compile (torch.compile'd, `fused.py`), eager. The three switches below
+    # `ops.py`), compile (torch.compile'd, `compiled.py`), eager. The three switches below
     # turn single fusions off for ablations.
     kernels: str = "auto"
     fused_norm: bool = True
@@ -65,7 +65,7 @@ class ModelOptions:
 
     @classmethod
     def from_job(cls, job, **overrides) -> "ModelOptions":
-        """Options from a JobConfig (remote_runtime.config)."""
+        """Options from a JobConfig (remote_runtime.spec.config)."""
         values = dict(
             dtype=job.model.torch_dtype, transformer_impl=job.model.transformer_impl,
             attention_backend=job.model.attention_backend,
@@ -123,7 +123,7 @@ def transformer_config(tc: dict, options: ModelOptions, dist: DistInfo, kernels:
     fuse = compile_fusions(dist)  # megatron's own torch.compile'd kernels (cross entropy)
     rope_fusion = kernels != "eager" and options.fused_rope
     if rope_fusion:
-        from remote_runtime.model.fused import install_rope
+        from remote_runtime.model.compiled import install_rope
 
         install_rope(kernels)
     local = resolve_impl(options.transformer_impl) == "local"
@@ -177,13 +177,13 @@ def resolve_kernels(requested: str, dist: DistInfo) -> str:
     """triton | compile | eager for ModelOptions.kernels. `auto` takes Triton on GPU (it needs a
     C compiler, as torch.compile does) and eager PyTorch on CPU; `triton` on CPU runs only under
     Triton's interpreter (TRITON_INTERPRET=1, the tests)."""
-    from remote_runtime.model import kernels as triton_kernels
+    from remote_runtime.model import ops as triton_ops
 
     if requested == "auto":
         return "triton" if compile_fusions(dist) else "eager"
     if requested not in KERNELS:
         raise ConfigError([("kernels", f"{requested!r} is not one of: {', '.join(KERNELS)}")])
-    if requested == "triton" and not (triton_kernels.available() and torch_compile_usable()):
+    if requested == "triton" and not (triton_ops.available() and torch_compile_usable()):
         raise ConfigError([("kernels", "triton needs the triton package, a C compiler and a GPU "
                             "(or TRITON_INTERPRET=1 on CPU); use kernels=auto")])
     if requested == "compile" and not torch_compile_usable():
@@ -215,7 +215,7 @@ def layer_spec(config, impl: str, attention_backend: str, norm_kernel: str = "ea
         raise ValueError("the local spec here implements RMSNorm only")
     norm = rms_norm_class(norm_kernel)
     if config.use_te_activation_func:
-        from remote_runtime.model.kernels import SwiGLU
+        from remote_runtime.model.ops import SwiGLU
 
         layer.mlp.submodules.activation_func = SwiGLU
     layer.input_layernorm = layer.pre_mlp_layernorm = norm
@@ -319,7 +319,7 @@ def _gpt_model_class():
 
         def compute_language_model_loss(self, labels, logits):
             if self.triton_loss:
-                from remote_runtime.model.kernels import cross_entropy
+                from remote_runtime.model.ops import cross_entropy
 
                 # labels [b, s], logits [s, b, V] -> loss [b, s]; padded vocabulary left out
                 return cross_entropy(logits, labels.transpose(0, 1),

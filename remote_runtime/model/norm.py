@@ -26,11 +26,11 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "triton":
-            from remote_runtime.model.kernels import rms_norm
+            from remote_runtime.model.ops import rms_norm
 
             return rms_norm(x, self.weight, self.eps)
         if self.kernel == "compile":
-            from remote_runtime.model.fused import rms_norm
+            from remote_runtime.model.compiled import rms_norm
 
             return rms_norm(x, self.weight, self.eps)
         dtype = x.dtype

@@ -23,7 +23,7 @@ import functools
 def qk_fused_self_attention_class():
     from megatron.core.transformer.attention import SelfAttention
 
-    from remote_runtime.model import kernels
+    from remote_runtime.model import ops as kernels
     from remote_runtime.model.norm import RMSNorm
 
     class QKFusedSelfAttention(SelfAttention):

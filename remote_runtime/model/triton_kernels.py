@@ -1,4 +1,4 @@
-"""The Triton kernels behind `kernels.py` (imported on first use; see there).
+"""The Triton kernels behind `ops.py` (imported on first use; see there).
 
 They live at module level because Triton's CPU interpreter (TRITON_INTERPRET=1, read when this
 module is imported) swaps `triton.language` in the kernels' module globals.

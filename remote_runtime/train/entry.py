@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from remote_runtime.config import ConfigError, JobConfig
+from remote_runtime.spec.config import ConfigError, JobConfig
 
 log = logging.getLogger("remote_runtime.train")
 
@@ -53,8 +53,8 @@ def run_training(job: JobConfig) -> int:
 def _train(job: JobConfig, stop: _StopRequest) -> int:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from remote_runtime.dry_run import read_hf_config, resolve_job
-    from remote_runtime.families import family_for_hf_config
+    from remote_runtime.spec.resolve import read_hf_config, resolve_job
+    from remote_runtime.spec.families import family_for_hf_config
     from remote_runtime.platform import init_distributed, shutdown
     from remote_runtime.train import checkpoint as ckpt
     from remote_runtime.train.collectives import any_rank

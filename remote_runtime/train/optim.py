@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from remote_runtime.config import JobConfig
+from remote_runtime.spec.config import JobConfig
 
 
 @dataclass(frozen=True)

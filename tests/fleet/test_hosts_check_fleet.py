@@ -152,8 +152,8 @@ def test_host_python_runs_for_the_hosts_user_with_this_checkout(fleet, fleet_hom
     pool = ConnectionPool(Inventory.load().jump_for)
     try:
         r = SSHRunner(Inventory.load().get("node1"), pool).run(
-            f"{py} -c 'import yaml, remote_runtime.config as c, megafleet; print(c.__file__)'")
+            f"{py} -c 'import yaml, remote_runtime.spec.config as c, megafleet; print(c.__file__)'")
     finally:
         pool.close()
     assert r.ok, r.describe()
-    assert r.stdout.strip().endswith("remote_runtime/config.py")
+    assert r.stdout.strip().endswith("remote_runtime/spec/config.py")

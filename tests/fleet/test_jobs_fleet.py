@@ -54,7 +54,7 @@ def nodes(fleet, fleet_home, tmp_path):
 
 
 def standin_job(model, data, port, **flags):
-    from remote_runtime.args import job_from_argv
+    from remote_runtime.spec.flags import job_from_argv
 
     argv = ["--model", str(model), "--dataset", str(data), "--device", "cpu", "--master_port", str(port),
             "--save_steps", "10", "--logging_steps", "2", "--stop_grace", "5"]
@@ -253,7 +253,7 @@ def _owner(pid: int) -> str:
 
 def test_an_interrupted_upload_resumes_and_sends_only_the_rest(nodes, fleet_home, tmp_path):
     from megafleet.inventory import Inventory
-    from megafleet.jobs.plan import select_targets, probe_nodes
+    from megafleet.jobs.preflight import select_targets, probe_nodes
     from megafleet.jobs.sync import plan_tree, upload
 
     big = tmp_path / "big.bin"

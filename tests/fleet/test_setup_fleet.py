@@ -173,7 +173,7 @@ def test_offline_setup_of_two_hosts_killed_resumed_checked_then_a_no_op(
         venv_python = f"/home/{node.user}/megafleet/venv/bin/python"
         assert report["host"]["python"]["executable"] == venv_python
     ran = node2.run(f"/home/{node2.user}/megafleet/venv/bin/python -c "
-                    "'import megafleet, remote_runtime.config; print(megafleet.__file__)'")
+                    "'import megafleet, remote_runtime.spec.config; print(megafleet.__file__)'")
     assert "/megafleet/venv/lib/" in ran.stdout  # this checkout, installed as a wheel
 
     # 3. nothing to do: every step skipped on both hosts, in seconds

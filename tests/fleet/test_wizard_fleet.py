@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from megafleet.inventory import Inventory
-from remote_runtime.args import load_job_file
+from remote_runtime.spec.flags import load_job_file
 from tests.conftest import run_cli, run_cli_json
 from tests.wizard_pty import WizardPty
 

@@ -141,7 +141,7 @@ def _fp32(*tensors):
 def test_triton_rms_norm_rope_swiglu_match_fp32_references_in_bf16():
     """Our Triton kernels at Qwen3-1.7B sizes, bf16, against the same maths in fp32 (forward
     and backward): relative error within bf16 rounding (1e-2)."""
-    from remote_runtime.model import kernels
+    from remote_runtime.model import ops as kernels
 
     torch.manual_seed(0)
     dev, bf = "cuda", torch.bfloat16
@@ -164,7 +164,7 @@ def test_triton_rms_norm_rope_swiglu_match_fp32_references_in_bf16():
 
 def test_triton_qk_norm_rope_matches_fp32_reference_in_bf16():
     """The fused q/k norm + RoPE + split at Qwen3-1.7B sizes (16 heads, 8 groups, d 128), packed."""
-    from remote_runtime.model import kernels
+    from remote_runtime.model import ops as kernels
 
     torch.manual_seed(0)
     heads, groups, d, total = 16, 8, 128, 4096
@@ -183,7 +183,7 @@ def test_triton_qk_norm_rope_matches_fp32_reference_in_bf16():
 
 def test_triton_cross_entropy_matches_fp32_reference():
     """Per-token loss and logits gradient at Qwen3's vocabulary (151,936), bf16 logits."""
-    from remote_runtime.model import kernels
+    from remote_runtime.model import ops as kernels
 
     torch.manual_seed(0)
     vocab, valid = 151936, 151669

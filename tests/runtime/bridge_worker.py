@@ -23,8 +23,8 @@ from remote_runtime.bridge.load import load_hf_checkpoint
 from remote_runtime.bridge.mapping import ConversionError
 from remote_runtime.bridge.save import save_hf_checkpoint
 from remote_runtime.check_convert import compare_with_hf
-from remote_runtime.dry_run import read_hf_config
-from remote_runtime.families import family_for_hf_config
+from remote_runtime.spec.resolve import read_hf_config
+from remote_runtime.spec.families import family_for_hf_config
 from remote_runtime.model.attention import PACKED_PATH
 from remote_runtime.model.builder import ModelOptions, build_model
 from remote_runtime.model.forward import (

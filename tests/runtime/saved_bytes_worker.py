@@ -17,7 +17,7 @@ import sys
 import torch
 
 from remote_runtime import platform
-from remote_runtime.families import family_for_hf_config
+from remote_runtime.spec.families import family_for_hf_config
 from remote_runtime.model.builder import ModelOptions, build_model
 from remote_runtime.model.forward import padded_batch
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from data_fixtures import tokenizer  # noqa: F401
-from remote_runtime.config import JobConfig
+from remote_runtime.spec.config import JobConfig
 from remote_runtime.data.batches import IGNORE_INDEX, collate_thd, shifted_labels
 from remote_runtime.data.dataset import load_dataset
 from remote_runtime.data.demo_data import write_demo_dataset
 from remote_runtime.data.encode import EncodeSettings
-from remote_runtime.data.errors import DataError
+from remote_runtime.spec.errors import DataError
 from remote_runtime.data.packing import pack_documents, sample_lengths
 from remote_runtime.data.sampler import BatchIterator, make_batch_iterator
 

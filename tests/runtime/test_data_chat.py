@@ -9,8 +9,8 @@ from data_fixtures import (LLAMA3_TEMPLATE, QWEN3_TEMPLATE, QWEN25_TEMPLATE, tok
                            trained_runs, with_template)
 from remote_runtime.data.chat import ChatEncoder
 from remote_runtime.data.encode import EncodeSettings, encode_example
-from remote_runtime.data.errors import RowError
-from remote_runtime.data.formats import detect_format, row_to_example
+from remote_runtime.spec.errors import RowError
+from remote_runtime.spec.formats import detect_format, row_to_example
 
 pytestmark = pytest.mark.runtime
 

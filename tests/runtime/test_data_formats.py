@@ -8,9 +8,9 @@ import pickle
 import numpy as np
 import pytest
 
-from remote_runtime.config import ConfigError
-from remote_runtime.data.errors import DataError, RowError
-from remote_runtime.data.formats import detect_format, row_to_example
+from remote_runtime.spec.config import ConfigError
+from remote_runtime.spec.errors import DataError, RowError
+from remote_runtime.spec.formats import detect_format, row_to_example
 from remote_runtime.data.sources import parse_dataset_specs, read_rows, sample_rows
 
 CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from data_fixtures import QWEN25_TEMPLATE, tokenizer, with_template, write_jsonl  # noqa: F401
-from remote_runtime.config import JobConfig
+from remote_runtime.spec.config import JobConfig
 from remote_runtime.data import cache as cache_mod
 from remote_runtime.data.dataset import build_dataset, load_dataset
 from remote_runtime.data.demo_data import write_demo_dataset
 from remote_runtime.data.encode import EncodeSettings
-from remote_runtime.data.errors import DataError
+from remote_runtime.spec.errors import DataError
 
 pytestmark = pytest.mark.runtime
 

@@ -18,7 +18,7 @@ def megatron_config():
 def test_compiled_rope_matches_megatron_unfused_bshd_and_thd(megatron_config):
     from megatron.core.models.common.embeddings import rope_utils
 
-    from remote_runtime.model.fused import rope_bshd, rope_thd
+    from remote_runtime.model.compiled import rope_bshd, rope_thd
 
     torch.manual_seed(0)
     d, heads = 32, 4

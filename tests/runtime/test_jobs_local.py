@@ -31,7 +31,7 @@ def model_and_data(tmp_path):
 
 
 def job(model, data, port, **flags):
-    from remote_runtime.args import job_from_argv
+    from remote_runtime.spec.flags import job_from_argv
 
     argv = ["--model", str(model), "--dataset", str(data), "--device", "cpu",
             "--master_port", str(port), "--logging_steps", "2", "--save_steps", "5"]

@@ -19,7 +19,7 @@ import pytest
 
 from megafleet.memory import GIB, Assumptions, Parallel, activation_bytes_per_token, estimate_memory
 from megafleet.model_shape import shape_from_hf_config
-from remote_runtime.dry_run import padded_vocab_size
+from remote_runtime.spec.resolve import padded_vocab_size
 from tests.conftest import REPO_ROOT, cli_env
 
 pytestmark = pytest.mark.runtime

@@ -1,4 +1,4 @@
-"""The Triton RMSNorm, RoPE and SwiGLU (`remote_runtime/model/kernels.py`) compute what the eager
+"""The Triton RMSNorm, RoPE and SwiGLU (`remote_runtime/model/ops.py`) compute what the eager
 PyTorch versions compute, forward and backward. On CPU they run under Triton's interpreter
 (TRITON_INTERPRET=1), which executes the same kernel code on CPU tensors; on GPU machines
 `tests/gpu` runs them for real.
@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 @pytest.fixture()
 def kernels():
-    from remote_runtime.model import kernels as k
+    from remote_runtime.model import ops as k
 
     if not k.interpreted():
         pytest.skip("CPU tensors need TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)")

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from remote_runtime.args import load_job_file
+from remote_runtime.spec.flags import load_job_file
 from tests.conftest import run_cli, run_cli_json
 from tests.wizard_pty import WizardPty
 

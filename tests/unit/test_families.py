@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from remote_runtime.args import job_from_argv
+from remote_runtime.spec.flags import job_from_argv
 from remote_runtime.bridge.mapping import ConversionError, check_checkpoint_keys, summarize
-from remote_runtime.config import ConfigError
-from remote_runtime.dry_run import resolve_job
-from remote_runtime.families import FAMILIES, family_for_hf_config
+from remote_runtime.spec.config import ConfigError
+from remote_runtime.spec.resolve import resolve_job
+from remote_runtime.spec.families import FAMILIES, family_for_hf_config
 from tests.conftest import REPO_ROOT, cli_env
 
 # Real config.json contents (abridged) as the Hub ships them: older transformers layout with
@@ -152,7 +152,7 @@ def test_dry_run_resolves_with_the_family():
 
 
 def test_families_do_not_import_torch():
-    code = ("import sys, remote_runtime.families, remote_runtime.bridge.mapping; "
+    code = ("import sys, remote_runtime.spec.families, remote_runtime.bridge.mapping; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, env=cli_env(), cwd=REPO_ROOT)
 

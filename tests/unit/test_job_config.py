@@ -3,8 +3,8 @@
 
 import pytest
 
-from remote_runtime.args import dump_job, job_from_argv, load_job_file, to_flags
-from remote_runtime.config import LEAVES, ConfigError, JobConfig, from_dict, validate
+from remote_runtime.spec.flags import dump_job, job_from_argv, load_job_file, to_flags
+from remote_runtime.spec.config import LEAVES, ConfigError, JobConfig, from_dict, validate
 
 BASE = ["--model", "/m", "--dataset", "d.jsonl", "--train_iters", "10"]
 

@@ -12,9 +12,9 @@ import pytest
 
 from megafleet import __version__
 from megafleet.errors import UsageError, ValidationError
-from megafleet.jobs import render
+from megafleet.jobs import node_scripts as render
 from megafleet.jobs.logs import parse_line
-from megafleet.jobs.plan import NodeFacts, check_versions, nproc_per_node, venv_python
+from megafleet.jobs.preflight import NodeFacts, check_versions, nproc_per_node, venv_python
 from megafleet.jobs.records import NodeInfo, RunRecord, list_runs, resolve_run_id
 from megafleet.jobs.status import derive_state
 from megafleet.jobs.sync import RemoteFile, download, plan_tree, upload
@@ -161,7 +161,7 @@ def test_planning_helpers():
 
 def test_the_master_address_is_node0s_private_address_when_the_inventory_has_one():
     from megafleet.inventory import Host
-    from megafleet.jobs.plan import Target, master_address
+    from megafleet.jobs.preflight import Target, master_address
     from megafleet.runner import DryRunRunner
 
     a = Host("a", "203.0.113.7", private_address="10.0.0.7")

@@ -12,8 +12,8 @@ from megafleet.model_shape import (
     load_model_config,
     shape_from_hf_config,
 )
-from remote_runtime.config import ConfigError
-from remote_runtime.dry_run import padded_vocab_size
+from remote_runtime.spec.config import ConfigError
+from remote_runtime.spec.resolve import padded_vocab_size
 
 Q17 = NAMED_CONFIGS["qwen3-1.7b"]
 Q8 = NAMED_CONFIGS["qwen3-8b"]
@@ -33,8 +33,8 @@ def test_named_shapes_have_the_published_sizes():
 
 
 def test_families_and_direct_reading_agree():
-    """The fallback parser must describe models exactly as remote_runtime.families does."""
-    pytest.importorskip("remote_runtime.families")
+    """The fallback parser must describe models exactly as remote_runtime.spec.families does."""
+    pytest.importorskip("remote_runtime.spec.families")
     for cfg in NAMED_CONFIGS.values():
         assert shape_from_hf_config(cfg) == _shape_without_families(cfg)
 

@@ -1,6 +1,6 @@
 """`megafleet plan` and `megafleet render` as a user or an agent runs them (separate processes)."""
 
-from remote_runtime.args import job_from_argv, load_job_file
+from remote_runtime.spec.flags import job_from_argv, load_job_file
 from tests.conftest import run_cli, run_cli_json
 
 

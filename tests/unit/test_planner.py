@@ -5,8 +5,8 @@ import pytest
 from megafleet.memory import Parallel, Recompute, estimate_memory
 from megafleet.model_shape import NAMED_CONFIGS, shape_from_hf_config
 from megafleet.planner import apply_plan, estimate_job, layouts, plan
-from remote_runtime.args import job_from_argv
-from remote_runtime.config import ConfigError, JobConfig, from_dict, validate
+from remote_runtime.spec.flags import job_from_argv
+from remote_runtime.spec.config import ConfigError, JobConfig, from_dict, validate
 
 Q17, Q8, L70 = NAMED_CONFIGS["qwen3-1.7b"], NAMED_CONFIGS["qwen3-8b"], NAMED_CONFIGS["llama3-70b"]
 
@@ -110,8 +110,8 @@ def test_fragment_and_flags_are_a_valid_job():
     flagged.launch = job.launch
     assert flagged == job
     try:
-        from remote_runtime.dry_run import resolve_job
-        import remote_runtime.families  # noqa: F401
+        from remote_runtime.spec.resolve import resolve_job
+        import remote_runtime.spec.families  # noqa: F401
     except ImportError:
         return
     resolved = resolve_job(job, world_size=16, hf_config=Q8)

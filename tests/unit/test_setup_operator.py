@@ -27,7 +27,7 @@ def test_project_wheel_is_reproducible_complete_and_installable(tmp_path, monkey
     assert one == two  # same code, same sha256: nodes skip the reinstall
     names = zipfile.ZipFile(io.BytesIO(one)).namelist()
     assert "megafleet/_bundled/check_megatron_env.py" in names
-    assert "remote_runtime/config.py" in names and "megafleet/setup/node/agent.py" in names
+    assert "remote_runtime/spec/config.py" in names and "megafleet/setup/node/agent.py" in names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     path, sha = wheel.build_project_wheel(tmp_path)
     assert path.name == "megafleet-0.1.0-py3-none-any.whl"

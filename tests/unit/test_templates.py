@@ -6,8 +6,8 @@ import pytest
 
 from megafleet import templates
 from megafleet.errors import UsageError
-from remote_runtime.args import job_from_argv, load_job_file
-from remote_runtime.config import ConfigError, JobConfig
+from remote_runtime.spec.flags import job_from_argv, load_job_file
+from remote_runtime.spec.config import ConfigError, JobConfig
 
 SUPPORTED = [t.name for t in templates.list_templates() if t.supported]
 UNSUPPORTED = [t.name for t in templates.list_templates() if not t.supported]

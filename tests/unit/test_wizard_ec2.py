@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from megafleet.inventory import Inventory
-from remote_runtime.args import load_job_file
+from remote_runtime.spec.flags import load_job_file
 from tests.ec2_moto import make_key
 from tests.wizard_pty import WizardPty
 

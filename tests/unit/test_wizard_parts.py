@@ -10,7 +10,7 @@ import pytest
 from megafleet.errors import UsageError
 from megafleet.wizard.ask import Asker
 from megafleet.wizard.job import describe_model, inspect_dataset, parse_length
-from remote_runtime.args import load_job_file
+from remote_runtime.spec.flags import load_job_file
 from tests.conftest import run_cli
 
 

@@ -4,7 +4,7 @@ Llama 3.2 1B/3B tie the output layer to the embeddings; 3.0/3.1 do not. Checkpoi
 attention or MLP biases (a few Llama derivatives) are refused rather than loaded wrongly.
 """
 
-from remote_runtime.families.base import (
+from remote_runtime.spec.families.base import (
     DENSE_CONSTANTS,
     DENSE_IGNORE,
     DENSE_PARAMS,

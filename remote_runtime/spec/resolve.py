@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from remote_runtime.config import ConfigError, JobConfig, validate
+from remote_runtime.spec.config import ConfigError, JobConfig, validate
 
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
 
@@ -51,7 +51,7 @@ def resolve_job(job: JobConfig, world_size: int, hf_config: dict | None = None) 
 
     Raises ConfigError naming every bad field.
     """
-    from remote_runtime.families import family_for_hf_config
+    from remote_runtime.spec.families import family_for_hf_config
 
     warnings = validate(job)
     hf = hf_config if hf_config is not None else read_hf_config(job.model.model)

@@ -1,12 +1,12 @@
 """Triton kernels for RMSNorm, rotary embeddings and SwiGLU, with thin autograd wrappers.
 
-Each is one kernel per direction, like the torch.compile'd versions in `fused.py`, but called
+Each is one kernel per direction, like the torch.compile'd versions in `compiled.py`, but called
 through a plain `torch.autograd.Function` and a direct Triton launch. That matters on the host:
 at a few thousand tokens per micro-batch the GPU finishes a layer's norms and activations in
 tens of microseconds, and a compiled region's per-call cost (guards, AOTAutograd wrappers) was
 over a third of the step's CPU time in the Qwen3-1.7B profile (`benchmarks/results/README.md`).
 
-The maths is Hugging Face's, as in `fused.py`: RMSNorm normalises in fp32, rounds to the input
+The maths is Hugging Face's, as in `compiled.py`: RMSNorm normalises in fp32, rounds to the input
 dtype, then scales by the weight; RoPE is megatron's non-interleaved rotation with cos/sin
 rounded to the input dtype; SwiGLU is silu(gate) * up on megatron's [gate | up] layout. Only
 the intermediate roundings of the eager chains are skipped (one rounding at the store).
@@ -180,7 +180,7 @@ def _angles_at(freqs: torch.Tensor, s: int, b: int, device,
     """(angles [positions, rot_dim], each row's position) for s × b rows: positions restart at
     every cu_seqlens boundary of a packed batch (b = 1), else a row's position is its s index."""
     if cu_seqlens is not None:
-        from remote_runtime.model.fused import packed_positions
+        from remote_runtime.model.compiled import packed_positions
 
         pos = packed_positions(cu_seqlens, s * b)
     else:

@@ -87,12 +87,12 @@ def rope_thd(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor, cp_
 
 
 def install_rope(kernels: str = "compile") -> bool:
-    """Register our RoPE (`compile`: the functions above; `triton`: `kernels.py`) as megatron's
+    """Register our RoPE (`compile`: the functions above; `triton`: `ops.py`) as megatron's
     fused RoPE. Transformer Engine's, when megatron found it, is left in place; ours from an
     earlier model in this process is replaced."""
     from megatron.core.models.common.embeddings import rope_utils
 
-    from remote_runtime.model import kernels as triton_impl
+    from remote_runtime.model import ops as triton_impl
 
     impl = triton_impl if kernels == "triton" else sys.modules[__name__]
     ours = {rope_bshd, rope_thd, triton_impl.rope_bshd, triton_impl.rope_thd}

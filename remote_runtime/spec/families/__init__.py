@@ -7,9 +7,9 @@ with it.
 
 from __future__ import annotations
 
-from remote_runtime.config import ConfigError
-from remote_runtime.families import llama, qwen2, qwen3
-from remote_runtime.families.base import ModelFamily
+from remote_runtime.spec.config import ConfigError
+from remote_runtime.spec.families import llama, qwen2, qwen3
+from remote_runtime.spec.families.base import ModelFamily
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY)}
 

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from remote_runtime.config import ConfigError
+from remote_runtime.spec.config import ConfigError
 
 # Shared tensor transforms (torch code in remote_runtime/bridge/transforms.py):
 #   replicated  one HF tensor, the same on every tensor-parallel rank (norm weights)

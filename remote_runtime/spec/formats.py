@@ -15,7 +15,7 @@ RowError with a message naming the field (callers add file and line).
 
 from __future__ import annotations
 
-from remote_runtime.data.errors import RowError
+from remote_runtime.spec.errors import RowError
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

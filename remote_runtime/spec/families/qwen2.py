@@ -4,7 +4,7 @@ The q/k/v biases are interleaved per query group exactly like the weights (`qkv`
 The smaller Qwen2.5 models (0.5B-3B) tie the output layer to the embeddings.
 """
 
-from remote_runtime.families.base import (
+from remote_runtime.spec.families.base import (
     DENSE_CONSTANTS,
     DENSE_IGNORE,
     DENSE_PARAMS,

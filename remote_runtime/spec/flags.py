@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from remote_runtime.config import (
+from remote_runtime.spec.config import (
     LEAVES,
     ConfigError,
     JobConfig,
@@ -22,7 +22,7 @@ from remote_runtime.config import (
     coerce,
     from_dict,
 )
-from remote_runtime.yamlio import YamlSyntaxError, load_with_lines
+from remote_runtime.spec.yamlio import YamlSyntaxError, load_with_lines
 
 _BOOL_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off"}
 

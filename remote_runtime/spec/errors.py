@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from remote_runtime.config import ConfigError
+from remote_runtime.spec.config import ConfigError
 
 
 class DataError(ConfigError):

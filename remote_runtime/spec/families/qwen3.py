@@ -4,7 +4,7 @@ Qwen3's head_dim is set explicitly and is not hidden_size / num_attention_heads 
 hidden 2048, 16 heads, head_dim 128), so kv_channels comes from config.json `head_dim`.
 """
 
-from remote_runtime.families.base import (
+from remote_runtime.spec.families.base import (
     DENSE_CONSTANTS,
     DENSE_IGNORE,
     DENSE_PARAMS,
