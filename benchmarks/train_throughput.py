@@ -78,16 +78,14 @@ def hf_config(args) -> dict:
 
 
 def flops_per_step(args, cfg: dict) -> float:
-    from remote_runtime.spec.families import family_for_hf_config
-    from remote_runtime.train.metrics import ModelShape, training_flops
+    from remote_runtime.spec.shape import ModelShape
 
-    tc = family_for_hf_config(cfg).transformer_config_kwargs(cfg)
-    shape = ModelShape.from_transformer_config(tc, cfg["vocab_size"])
+    shape = ModelShape.from_hf_config(cfg)
     doc = args.seq_len // args.docs_per_seq
     docs = [doc] * args.docs_per_seq
     docs[-1] += args.seq_len - sum(docs)
     tokens = args.seq_len * args.global_batch
-    return training_flops(shape, tokens, sum(d * d for d in docs) * args.global_batch)
+    return shape.training_flops(tokens, sum(d * d for d in docs) * args.global_batch)
 
 
 def sync() -> None:

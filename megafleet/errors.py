@@ -57,6 +57,7 @@ class FieldProblem:
     message: str
     source: str | None = None  # a file path
     line: int | None = None
+    hint: str | None = None  # what to do about this field
 
     def __str__(self) -> str:
         where = ""

@@ -186,19 +186,16 @@ def activation_bytes_per_token(shape: ModelShape, parallel: Parallel,
 
 
 def _stage_params(s: ModelShape, par: Parallel, stage: int) -> int:
-    t, pp = par.tp, par.pp
-    h, d = s.hidden_size, s.kv_channels
-    qkv_out = (s.num_attention_heads + 2 * s.num_query_groups) * d
-    split = h * qkv_out + s.num_attention_heads * d * h + 3 * h * s.ffn_hidden_size
-    split += qkv_out if s.qkv_bias else 0
-    layer = split // t + 2 * h + (2 * d if s.qk_layernorm else 0)
-    params = (s.num_layers // pp) * layer
-    vocab_shard = padded_vocab_size(s.vocab_size, t) * h // t
+    groups = s.layer_param_groups()
+    layer = groups["tp_split"] // par.tp + groups["experts"] + groups["replicated"]
+    params = (s.num_layers // par.pp) * layer
+    h = s.hidden_size
+    vocab_shard = padded_vocab_size(s.vocab_size, par.tp) * h // par.tp
     if stage == 0:
         params += vocab_shard
-    if stage == pp - 1:
+    if stage == par.pp - 1:
         params += h  # final norm
-        if not (s.tie_word_embeddings and pp == 1):  # tied + PP: the last stage keeps a copy
+        if not (s.tie_word_embeddings and par.pp == 1):  # tied + PP: the last stage keeps a copy
             params += vocab_shard
     return params
 

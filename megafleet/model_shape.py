@@ -1,10 +1,8 @@
-"""The shape of a model, from its config.json, for planning and memory estimates (torch-free).
+"""Model shapes for planning: from a checkpoint's config.json or a well-known name (torch-free).
 
-`shape_from_hf_config(hf)` asks the runtime's model families
-(`remote_runtime.spec.families.family_for_hf_config(hf).transformer_config_kwargs(hf)`), so the
-planner sees exactly the numbers the runtime builds the model from and refuses the same
-checkpoints. Where that package is not importable (an operator install without the runtime
-files), it reads the few config.json fields of the dense Llama/Qwen layouts itself.
+The shape itself is `remote_runtime.spec.shape.ModelShape` (the one the runtime counts FLOPs
+with); `shape_from_hf_config(hf)` goes through the runtime's model families, so the planner sees
+exactly the numbers the runtime builds the model from and refuses the same checkpoints.
 
 `load_model_config(ref)` accepts a checkpoint directory, a config.json path, or the name of a
 well-known shape (`qwen3-8b`), so a plan can be made before the weights are downloaded.
@@ -13,98 +11,25 @@ well-known shape (`qwen3-8b`), so a plan can be made before the weights are down
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from remote_runtime.spec.config import ConfigError
+from remote_runtime.spec.errors import ConfigError
+from remote_runtime.spec.shape import ModelShape
 
-
-@dataclass(frozen=True)
-class ModelShape:
-    family: str
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    kv_channels: int  # head dim
-    ffn_hidden_size: int
-    vocab_size: int
-    tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-    qk_layernorm: bool = False
-
-    def layer_params(self) -> int:
-        h, d = self.hidden_size, self.kv_channels
-        qkv_out = (self.num_attention_heads + 2 * self.num_query_groups) * d
-        attn = h * qkv_out + (qkv_out if self.qkv_bias else 0) + self.num_attention_heads * d * h
-        mlp = 3 * h * self.ffn_hidden_size  # SwiGLU: gate, up, down
-        norms = 2 * h + (2 * d if self.qk_layernorm else 0)
-        return attn + mlp + norms
-
-    def total_params(self) -> int:
-        """Parameters of the Hugging Face checkpoint (unpadded vocabulary)."""
-        embed = self.vocab_size * self.hidden_size
-        head = 0 if self.tie_word_embeddings else embed
-        return self.num_layers * self.layer_params() + embed + head + self.hidden_size
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "params": self.total_params()}
+__all__ = ["ModelShape", "NAMED_CONFIGS", "as_shape", "load_model_config", "named_shape",
+           "shape_from_hf_config"]
 
 
 def as_shape(model_config: dict | ModelShape) -> ModelShape:
     """A shape, from a config.json dict or as given."""
     if isinstance(model_config, ModelShape):
         return model_config
-    return shape_from_hf_config(model_config)
+    return ModelShape.from_hf_config(model_config)
 
 
 def shape_from_hf_config(hf: dict) -> ModelShape:
     """The model's shape; raises ConfigError for architectures the runtime cannot train."""
-    try:
-        from remote_runtime.spec.families import family_for_hf_config
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("remote_runtime.spec.families", "remote_runtime"):
-            raise
-        return _shape_without_families(hf)
-    family = family_for_hf_config(hf)
-    tc = family.transformer_config_kwargs(hf)
-    heads = tc["num_attention_heads"]
-    return ModelShape(
-        family=family.name, num_layers=tc["num_layers"], hidden_size=tc["hidden_size"],
-        num_attention_heads=heads, num_query_groups=tc.get("num_query_groups") or heads,
-        kv_channels=tc.get("kv_channels") or tc["hidden_size"] // heads,
-        ffn_hidden_size=tc["ffn_hidden_size"],
-        vocab_size=int(tc.get("vocab_size", hf["vocab_size"])),
-        tie_word_embeddings=bool(tc.get("share_embeddings_and_output_weights", False)),
-        qkv_bias=bool(tc.get("add_qkv_bias", False)),
-        qk_layernorm=bool(tc.get("qk_layernorm", False)))
-
-
-# The direct reading, for when remote_runtime.spec.families is not importable: dense decoders only.
-_DIRECT = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
-
-
-def _shape_without_families(hf: dict) -> ModelShape:
-    archs = hf.get("architectures") or []
-    family = next((_DIRECT[a] for a in archs if a in _DIRECT), None)
-    if family is None and not archs:
-        family = hf.get("model_type") if hf.get("model_type") in _DIRECT.values() else None
-    if family is None:
-        shown = archs[0] if archs else f"model_type {hf.get('model_type')!r}"
-        raise ConfigError([("model.model", f"architecture {shown} is not supported; supported: "
-                            f"{', '.join(_DIRECT)}")])
-    missing = [k for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
-                           "num_attention_heads", "vocab_size") if hf.get(k) is None]
-    if missing:
-        raise ConfigError([("model.model", f"config.json has no {missing[0]!r}")])
-    heads = int(hf["num_attention_heads"])
-    return ModelShape(
-        family=family, num_layers=int(hf["num_hidden_layers"]), hidden_size=int(hf["hidden_size"]),
-        num_attention_heads=heads, num_query_groups=int(hf.get("num_key_value_heads") or heads),
-        kv_channels=int(hf.get("head_dim") or hf["hidden_size"] // heads),
-        ffn_hidden_size=int(hf["intermediate_size"]), vocab_size=int(hf["vocab_size"]),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=family == "qwen2", qk_layernorm=family == "qwen3")
+    return ModelShape.from_hf_config(hf)
 
 
 def _qwen3(hidden, layers, heads, ffn, tied, kv=8):

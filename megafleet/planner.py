@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from megafleet.memory import Assumptions, MemoryEstimate, Parallel, Recompute, estimate_memory
 from megafleet.model_shape import ModelShape, as_shape
 from remote_runtime.spec.config import TASKS, ConfigError, JobConfig
+from remote_runtime.spec.resolve import layout_problems
 
 FULL_TOKENS = 4096  # tokens per micro batch from which a GPU is busy (bigger barely helps)
 DEFAULT_GLOBAL_BATCH = 16  # sequences per optimizer step when neither job nor caller says
@@ -136,13 +137,12 @@ def _divisors(n: int) -> list[int]:
 
 
 def layouts(shape: ModelShape, gpus: int, gpus_per_node: int) -> list[Parallel]:
-    """Every TP × PP × DP layout the runtime can run on this many GPUs."""
+    """Every TP × PP × DP layout the runtime can run on this many GPUs (the runtime's own
+    `layout_problems` decides), with TP inside one node."""
     out = []
-    for tp in _divisors(gpus):
-        if tp > gpus_per_node or shape.num_attention_heads % tp or shape.num_query_groups % tp:
-            continue
+    for tp in (d for d in _divisors(gpus) if d <= gpus_per_node):
         for pp in _divisors(gpus // tp):
-            if shape.num_layers % pp:
+            if layout_problems(shape, gpus, tp, pp):
                 continue
             out.append(Parallel(tp=tp, pp=pp, dp=gpus // (tp * pp), sequence_parallel=tp > 1,
                                 distributed_optimizer=True))

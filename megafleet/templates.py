@@ -48,8 +48,6 @@ from remote_runtime.spec.config import (
 
 FORMATS = ("yaml", "flags", "command")
 _HEADER = re.compile(r"\A\{#-?\s*template\s*\n(.*?)\n\s*-?#\}", re.S)
-# validate() problems that only mean "fill this in": a template may leave them open.
-_REQUIRED_HINTS = ("is required", "set train_iters or num_train_epochs")
 
 
 class TemplateNotSupported(UsageError):
@@ -58,7 +56,8 @@ class TemplateNotSupported(UsageError):
 
 def validation_error(exc: ConfigError, source: str | None = None) -> ValidationError:
     """A job ConfigError as the CLI's ValidationError (exit 2, problems by field)."""
-    return ValidationError([FieldProblem(name or "job", msg, source) for name, msg in exc.problems])
+    return ValidationError([FieldProblem(p.field or "job", p.message, source, hint=p.hint)
+                            for p in exc.problems])
 
 
 @dataclass
@@ -140,7 +139,7 @@ def parse_sets(items: list[str]) -> dict:
     Raises ConfigError naming each bad item (unknown keys get a suggestion).
     """
     nested: dict = {}
-    problems: list[tuple[str, str]] = []
+    problems: list[tuple] = []
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip()
@@ -190,12 +189,13 @@ def job_from_template(t: Template, sets: list[str] | None = None) -> JobConfig:
 
 
 def check_job(job: JobConfig) -> tuple[list[str], list[tuple[str, str]]]:
-    """(missing, invalid): fields still to fill in, and fields with bad values."""
+    """(missing, invalid): fields still to fill in (a template may leave them open), and fields
+    with bad values."""
     try:
-        validate(copy.deepcopy(job))
+        validate(job)
     except ConfigError as exc:
-        missing = [n for n, m in exc.problems if m.startswith(_REQUIRED_HINTS)]
-        invalid = [(n, m) for n, m in exc.problems if not m.startswith(_REQUIRED_HINTS)]
+        missing = [p.field for p in exc.problems if p.kind == "missing"]
+        invalid = [(p.field, p.message) for p in exc.problems if p.kind != "missing"]
         return missing, invalid
     return [], []
 

@@ -12,6 +12,7 @@ from megafleet.errors import UsageError
 from megafleet.jobs.access import ask_nodes, pool_for, runners_for
 from megafleet.jobs.records import RunRecord
 from megafleet.jobs.sync import RemoteFile, download
+from remote_runtime.spec.layout import checkpoint_name
 
 
 def writer_node(run: RunRecord):
@@ -19,7 +20,7 @@ def writer_node(run: RunRecord):
 
 
 def default_destination(run: RunRecord, step: int) -> Path:
-    return Path.cwd() / "checkpoints" / run.run_id / f"checkpoint-{step}"
+    return Path.cwd() / "checkpoints" / run.run_id / checkpoint_name(step)
 
 
 def find_checkpoint(run: RunRecord, which: str = "latest", pool=None) -> dict:

@@ -88,10 +88,13 @@ class LaunchPlan:
         return out
 
 
-def config_problems(exc) -> ValidationError:
-    return ValidationError([FieldProblem(f or "job", m) for f, m in exc.problems],
-                           hint="fix the job file or flags; `python -m remote_runtime sft --help` "
-                           "lists the options")
+def config_problems(exc, where: str | None = None) -> ValidationError:
+    """A runtime ConfigError as the CLI's ValidationError, fields and hints kept."""
+    problems = [FieldProblem(p.field or "job", p.message, source=where, hint=p.hint)
+                for p in exc.problems]
+    hints = [p.hint for p in exc.problems if p.hint]
+    return ValidationError(problems, hint="; ".join(dict.fromkeys(hints)) or (
+        "fix the job file or flags; `python -m remote_runtime sft --help` lists the options"))
 
 
 def plan_launch(job, opts: LaunchOptions) -> LaunchPlan:
@@ -232,35 +235,33 @@ def _require_on_nodes(targets, path: str, field_name: str, why_here: str) -> Non
 def resolve_on_runtime(node_job, run: RunRecord, node0, facts, job, notes, entry_module) -> dict | None:
     """The runtime's own dry run for the real world size (see the module docstring, step 6)."""
     from remote_runtime.spec.config import ConfigError
+    from remote_runtime.spec.resolve import resolve_job
 
     if Path(job.model.model).expanduser().is_dir():
+        local_job = copy.deepcopy(job)
+        local_job.model.model = str(Path(job.model.model).expanduser())
         try:
-            from remote_runtime.spec.resolve import resolve_job
-        except ImportError:
-            notes.append("the runtime's dry-run is not installed here; validated the schema only")
-            return None
-        try:
-            local_job = copy.deepcopy(job)
-            local_job.model.model = str(Path(job.model.model).expanduser())
             return resolve_job(local_job, run.world_size)
-        except ImportError as exc:
-            notes.append(f"the runtime's dry-run could not run here ({exc}); validated the schema only")
-            return None
         except ConfigError as exc:
             raise config_problems(exc) from None
     return _node_dry_run(node_job, run, node0, facts, entry_module)
 
 
 def _node_dry_run(node_job, run, node0, facts, entry_module) -> dict:
+    """The runtime's dry run on node 0 (the model lives there); its problems come back as JSON."""
+    from remote_runtime.spec.config import ConfigError
     from remote_runtime.spec.flags import dump_job
 
     py = shlex.quote(facts[node0.name].python)
     r = node0.runner.run(f"WORLD_SIZE={run.world_size} {py} -m {entry_module} {node_job.task} "
                          "--config /dev/stdin --dry_run true", stdin=dump_job(node_job), timeout=300)
     if r.exit_code == 2:
-        lines = [x.removeprefix("error: ") for x in r.stderr.strip().splitlines() if x.strip()]
-        raise ValidationError([FieldProblem(f"{node0.name} dry run", x) for x in lines[-20:]],
-                              hint="fix the job; the runtime checked it on node 0 against the model there")
+        try:
+            exc = ConfigError.from_dict(json.loads(r.stdout))
+        except (ValueError, TypeError, KeyError):  # not the runtime's JSON: show what it printed
+            lines = [x.removeprefix("error: ") for x in r.stderr.strip().splitlines() if x.strip()]
+            exc = ConfigError([(f"{node0.name} dry run", x) for x in lines[-20:]])
+        raise config_problems(exc, where=f"{node0.name} dry run") from None
     if not r.ok:
         raise RemoteCommandError(f"{node0.name}: the runtime's dry run failed",
                                  hint=r.describe())

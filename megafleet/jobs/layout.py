@@ -1,5 +1,5 @@
 """Where a run's files live on a node. Shared by the operator and the node-side helpers
-(stdlib only).
+(stdlib only; the output directory's own layout is `remote_runtime.spec.layout`).
 
     ~/megafleet/                      WORKDIR (local mode: $MEGAFLEET_HOME/runs/<id>/node0)
       runs/<run-id>/                  the run directory, one per run and node
@@ -25,6 +25,9 @@
 
 from __future__ import annotations
 
+# What the runtime writes into output/ is the contract's: re-exported for the node helpers.
+from remote_runtime.spec.layout import METRICS_FILE, TRAINER_STATE  # noqa: F401
+
 WORKDIR = "megafleet"  # relative to the node user's home
 RUNS = "runs"
 UPLOADS = "uploads"
@@ -45,8 +48,6 @@ WATCHER_LOG = "watcher.log"
 WATCHER_STOP = "watcher_stop.json"
 WATCH_STATE = "watch.json"
 FAILURE = "failure.json"
-LOGGING_JSONL = "logging.jsonl"
-TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence = complete
 
 RANK_PREFIX = "[rank{rank}]:"  # how `nodectl follow` tags a worker's lines (by global rank)
 WATCH_TOKEN_VAR = "MEGAFLEET_WATCH_TOKEN"

@@ -34,6 +34,7 @@ from pathlib import Path
 from megafleet.jobs import layout as L
 from megafleet.jobs import proctree
 from megafleet.transfer import file_sha256  # the operator hashes with the same function
+from remote_runtime.spec.layout import CHECKPOINT_PREFIX, checkpoint_step
 
 END_MARK = "__megafleet_end__"
 KEEPALIVE = "__megafleet_keepalive__"
@@ -132,7 +133,7 @@ def rank_logs(run_dir: Path, record: dict) -> list[tuple[Path, int | None]]:
 
 def progress_marker(run_dir: Path, record: dict) -> tuple[int, ...]:
     """Sizes of node.log, every worker log and logging.jsonl: any growth is progress."""
-    files = [run_dir / L.NODE_LOG, output_dir(run_dir, record) / L.LOGGING_JSONL]
+    files = [run_dir / L.NODE_LOG, output_dir(run_dir, record) / L.METRICS_FILE]
     files += [p for p, _ in rank_logs(run_dir, record)]
     sizes = []
     for p in files:
@@ -145,7 +146,7 @@ def progress_marker(run_dir: Path, record: dict) -> tuple[int, ...]:
 
 def last_output_age(run_dir: Path, record: dict) -> float | None:
     """Seconds since any log of this node (or logging.jsonl) last grew."""
-    files = [run_dir / L.NODE_LOG, output_dir(run_dir, record) / L.LOGGING_JSONL]
+    files = [run_dir / L.NODE_LOG, output_dir(run_dir, record) / L.METRICS_FILE]
     mtimes = []
     for p in files + [p for p, _ in rank_logs(run_dir, record)]:
         try:
@@ -284,7 +285,7 @@ def cmd_status(args) -> dict:
     if record is None:
         return {"ok": False, "error": f"no run record at {run_dir / L.RUN_JSON}"}
     procs = find_run(run_dir, record)
-    metrics, count = last_metrics(output_dir(run_dir, record) / L.LOGGING_JSONL)
+    metrics, count = last_metrics(output_dir(run_dir, record) / L.METRICS_FILE)
     log = run_dir / L.NODE_LOG
     watchers = proctree.run_processes(record["run_id"], tags=(proctree.WATCH_TAG,))
     return {
@@ -434,10 +435,10 @@ def cmd_checkpoints(args) -> dict:
     record = read_json(run_dir / L.RUN_JSON) or {}
     out_dir = output_dir(run_dir, record)
     found = []
-    for d in out_dir.glob("checkpoint-*") if out_dir.is_dir() else []:
-        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
-        if m and d.is_dir():
-            found.append({"step": int(m.group(1)), "path": str(d),
+    for d in out_dir.glob(f"{CHECKPOINT_PREFIX}*") if out_dir.is_dir() else []:
+        step = checkpoint_step(d.name)
+        if step is not None and d.is_dir():
+            found.append({"step": step, "path": str(d),
                           "complete": (d / L.TRAINER_STATE).is_file()})
     found.sort(key=lambda c: c["step"])
     result = {"ok": True, "output_dir": str(out_dir), "checkpoints": found, "picked": None}

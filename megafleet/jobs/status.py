@@ -7,6 +7,7 @@ import shlex
 
 from megafleet.jobs.access import ask_nodes
 from megafleet.jobs.records import RunRecord
+from remote_runtime.spec.layout import PROGRESS_FIELDS
 
 
 def run_status(run: RunRecord, lines: int = 20, pool=None) -> dict:
@@ -61,6 +62,4 @@ def progress(metrics: dict | None) -> dict | None:
     """The run's progress from the last logging.jsonl line (fields documented by the runtime)."""
     if not metrics:
         return None
-    keys = ("step", "train_iters", "epoch", "loss", "lr", "grad_norm", "tokens_per_s",
-            "tflops_per_gpu", "mfu", "peak_mem_gb", "elapsed_s", "eta_s", "time")
-    return {k: metrics.get(k) for k in keys}
+    return {k: metrics.get(k) for k in PROGRESS_FIELDS}

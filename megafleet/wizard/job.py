@@ -48,7 +48,7 @@ def describe_model(ref: str) -> tuple[dict, str]:
         hf = load_model_config(ref.strip())
         shape = shape_from_hf_config(hf)
     except ConfigError as exc:
-        raise UsageError("; ".join(m for _, m in exc.problems)) from None
+        raise UsageError("; ".join(p.message for p in exc.problems)) from None
     return hf, (f"{shape.family}, {shape.total_params() / 1e9:.2f}B parameters, "
                 f"{shape.num_layers} layers, hidden {shape.hidden_size}")
 
@@ -268,7 +268,7 @@ def plan_layout(ask: Asker, state: WizardState, hf: dict, gpus: GpuFacts) -> str
         result = plan(hf, gpus.per_node * nodes, gpus.mem_gib, gpus.per_node, job.data.max_length,
                       job.task, global_batch_size=job.train.global_batch_size)
     except ConfigError as exc:
-        raise UsageError("; ".join(f"{f}: {m}" for f, m in exc.problems)) from None
+        raise UsageError("; ".join(f"{p.field}: {p.message}" for p in exc.problems)) from None
     show_plan(result, job.model.model, details=False)
     if result.feasible:
         state.job = apply_plan(job, result)

@@ -27,8 +27,8 @@ import numpy as np
 from remote_runtime.data.encode import EncodeSettings, FileTokens
 
 _ARRAYS = ("ids", "loss_mask", "offsets", "doc_loss", "row_doc", "row_status")
-# Modules whose code decides the tokens of a row.
-_CODE_FILES = ("formats.py", "chat.py", "encode.py", "sources.py", "cache.py")
+# Modules whose code decides the tokens of a row (relative to remote_runtime/).
+_CODE_FILES = ("spec/formats.py", "data/chat.py", "data/encode.py", "data/sources.py", "data/cache.py")
 
 
 def _sha(*parts: str | bytes) -> str:
@@ -40,8 +40,8 @@ def _sha(*parts: str | bytes) -> str:
 
 
 def code_fingerprint() -> str:
-    here = Path(__file__).parent
-    return _sha(*[(here / name).read_bytes() for name in _CODE_FILES])
+    runtime = Path(__file__).parent.parent
+    return _sha(*[(runtime / name).read_bytes() for name in _CODE_FILES])
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

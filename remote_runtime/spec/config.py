@@ -8,11 +8,13 @@ set `parallel.tensor_model_parallel_size`.
 
 This module imports neither torch nor megatron: the operator validates jobs with it. Building a
 config has no side effects; `validate()` raises one `ConfigError` listing every bad field by its
-dotted name.
+dotted name and never changes the job; `normalize()` returns the copy the runtime trains with
+(the adjustments validation reports as warnings applied).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -20,16 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-
-class ConfigError(ValueError):
-    """Invalid job configuration. `problems` holds (dotted_field, message) pairs."""
-
-    def __init__(self, problems: list[tuple[str, str]], source: str | None = None):
-        self.problems = problems
-        self.source = source
-        prefix = f"{source}: " if source else ""
-        lines = [f"{prefix}{name}: {msg}" if name else f"{prefix}{msg}" for name, msg in problems]
-        super().__init__(lines[0] if len(lines) == 1 else "invalid job config:\n  " + "\n  ".join(lines))
+from remote_runtime.spec.errors import ConfigError
 
 
 TASKS = ("sft", "pt")
@@ -347,8 +340,8 @@ def from_dict(data: dict, source: str | None = None, base: JobConfig | None = No
         except ConfigError as exc:
             # Name the problem by where it is in the file (group.key), so loaders can add lines.
             where = f"{group}.{key}" if group else key
-            problems.extend((where if name == key.replace("-", "_") else name, msg)
-                            for name, msg in exc.problems)
+            problems.extend(p._replace(field=where) if p.field == key.replace("-", "_") else p
+                            for p in exc.problems)
 
     for key, value in (data or {}).items():
         if key in GROUPS and not (key in LEAVES and not isinstance(value, dict)):
@@ -366,13 +359,12 @@ def from_dict(data: dict, source: str | None = None, base: JobConfig | None = No
 
 
 def validate(job: JobConfig) -> list[str]:
-    """Check what can be checked without config.json or a world size.
+    """Check what can be checked without config.json or a world size; `job` is not changed.
 
-    Returns warnings (each a resolved adjustment the user should know about); raises
-    ConfigError with every invalid field.
+    Returns warnings (the adjustments `normalize` makes, which the user should know about);
+    raises ConfigError with every invalid field. Fields that are only unset have kind "missing".
     """
-    problems: list[tuple[str, str]] = []
-    warnings: list[str] = []
+    problems: list[tuple] = []
     for leaf, allowed in CHOICES.items():
         dotted = LEAVES[leaf][0]
         value = job.get(dotted)
@@ -402,9 +394,11 @@ def validate(job: JobConfig) -> list[str]:
     if job.launch.watcher_port and job.launch.watcher_port == job.launch.master_port:
         problems.append(("launch.watcher_port", "must differ from launch.master_port"))
     if not job.model.model and not job.check.dry_run:
-        problems.append(("model.model", "is required: a Hugging Face checkpoint directory"))
+        problems.append(("model.model", "is required: a Hugging Face checkpoint directory",
+                         "set --model to a Hugging Face checkpoint directory", "missing"))
     if not job.data.dataset:
-        problems.append(("data.dataset", "is required: one or more .jsonl/.json files"))
+        problems.append(("data.dataset", "is required: one or more .jsonl/.json files",
+                         "set --dataset to one or more .jsonl/.json files", "missing"))
     for spec in job.data.dataset:
         path, _, count = spec.partition("#")
         if not path:
@@ -412,7 +406,8 @@ def validate(job: JobConfig) -> list[str]:
         if count and (not count.isdigit() or int(count) <= 0):
             problems.append(("data.dataset", f"{spec!r}: the part after # must be a row count > 0"))
     if job.train.train_iters is None and job.train.num_train_epochs is None:
-        problems.append(("train.train_iters", "set train_iters or num_train_epochs"))
+        problems.append(("train.train_iters", "set train_iters or num_train_epochs",
+                         "e.g. --num_train_epochs 1", "missing"))
     frac = job.optim.lr_warmup_fraction
     if frac is not None and not 0 <= frac < 1:
         problems.append(("optim.lr_warmup_fraction", f"must be in [0, 1), got {frac}"))
@@ -434,9 +429,6 @@ def validate(job: JobConfig) -> list[str]:
         problems.append(("data.padding_free", "packing needs padding_free=true"))
     if job.parallel.overlap_param_gather and not job.parallel.use_distributed_optimizer:
         problems.append(("parallel.overlap_param_gather", "needs use_distributed_optimizer=true"))
-    if job.parallel.sequence_parallel and job.parallel.tensor_model_parallel_size == 1:
-        warnings.append("sequence_parallel has no effect with tensor_model_parallel_size=1; disabled")
-        job.parallel.sequence_parallel = False
     if job.parallel.context_parallel_size > 1 and job.model.transformer_impl == "local":
         problems.append(("parallel.context_parallel_size",
                          "context parallelism needs transformer-engine "
@@ -444,4 +436,21 @@ def validate(job: JobConfig) -> list[str]:
                          "does not support it"))
     if problems:
         raise ConfigError(problems)
-    return warnings
+    return [warning for _, _, warning in _adjustments(job)]
+
+
+def _adjustments(job: JobConfig) -> list[tuple[str, Any, str]]:
+    """(dotted field, value it takes, warning): settings that have no effect and are turned off."""
+    out = []
+    if job.parallel.sequence_parallel and job.parallel.tensor_model_parallel_size == 1:
+        out.append(("parallel.sequence_parallel", False,
+                    "sequence_parallel has no effect with tensor_model_parallel_size=1; disabled"))
+    return out
+
+
+def normalize(job: JobConfig) -> JobConfig:
+    """A copy of `job` with the adjustments `validate` warns about applied."""
+    out = copy.deepcopy(job)
+    for dotted, value, _ in _adjustments(job):
+        out.set(dotted, value)
+    return out

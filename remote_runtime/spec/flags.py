@@ -110,10 +110,10 @@ def load_job_file(path: str | Path) -> JobConfig:
         return from_dict(data)
     except ConfigError as exc:
         located = []
-        for dotted, msg in exc.problems:
-            line = lines.get(dotted) or lines.get(dotted.split(".")[-1])
+        for p in exc.problems:
+            line = lines.get(p.field) or lines.get(p.field.split(".")[-1])
             where = f"{path}:{line}" if line else str(path)
-            located.append((dotted, f"{msg} ({where})"))
+            located.append(p._replace(message=f"{p.message} ({where})"))
         raise ConfigError(located) from None
 
 

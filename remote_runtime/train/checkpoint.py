@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,9 +30,8 @@ import torch
 
 from remote_runtime.train.collectives import cpu_group
 
-STATE_FILE = "trainer_state.json"
-STATE_DIR = "megatron_state"
-_CKPT = re.compile(r"^checkpoint-(\d+)$")
+from remote_runtime.spec.layout import STATE_DIR, checkpoint_name, checkpoint_step, partial_checkpoint_name
+from remote_runtime.spec.layout import TRAINER_STATE as STATE_FILE
 # Deprecated-in-name-only, but the only distributed-optimizer format that needs no resharding
 # logic: each DP rank's buffer is one tensor (resume with the same parallel layout).
 OPTIM_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -64,9 +62,9 @@ def complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     found = []
     if out.is_dir():
         for p in out.iterdir():
-            m = _CKPT.match(p.name)
-            if m and (p / STATE_FILE).is_file():
-                found.append((int(m.group(1)), p))
+            step = checkpoint_step(p.name)
+            if step is not None and (p / STATE_FILE).is_file():
+                found.append((step, p))
     return sorted(found)
 
 
@@ -114,8 +112,8 @@ def save_checkpoint(output_dir: str | Path, state: TrainState, model, optimizer,
     from remote_runtime.bridge import save_hf_checkpoint
 
     out = Path(output_dir).resolve()
-    final = out / f"checkpoint-{state.step}"
-    stage = out / f".checkpoint-{state.step}.partial"
+    final = out / checkpoint_name(state.step)
+    stage = out / partial_checkpoint_name(state.step)
     if _is_local_leader(dist):
         out.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(stage, ignore_errors=True)

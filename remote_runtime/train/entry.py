@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from remote_runtime.spec.config import ConfigError, JobConfig
+from remote_runtime.spec.config import ConfigError, JobConfig, normalize
+from remote_runtime.spec.layout import RUN_CONFIG
 
 log = logging.getLogger("remote_runtime.train")
 
@@ -58,7 +59,7 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
     from remote_runtime.platform import init_distributed, shutdown
     from remote_runtime.train import checkpoint as ckpt
     from remote_runtime.train.collectives import any_rank
-    from remote_runtime.train.metrics import ModelShape
+    from remote_runtime.spec.shape import ModelShape
     from remote_runtime.train.step import train_step
 
     _check_checkpoint_dependencies()
@@ -69,6 +70,7 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
     rank0 = dist.rank == 0
     hf_config = read_hf_config(job.model.model)
     resolved = resolve_job(job, dist.world_size, hf_config)
+    job = normalize(job)  # what resolve_job reported: the adjustments of its warnings applied
     for warning in resolved["warnings"]:
         _say(rank0, f"warning: {warning}")
     family = family_for_hf_config(hf_config)
@@ -76,7 +78,7 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
     if rank0:
         output_dir.mkdir(parents=True, exist_ok=True)
         resolved["device"] = str(dist.device)
-        (output_dir / "run_config.json").write_text(json.dumps(resolved, indent=2, default=str))
+        (output_dir / RUN_CONFIG).write_text(json.dumps(resolved, indent=2, default=str))
 
     dataset, batches, train_iters = _data(job, dist, rank0)
     resume_from = ckpt.find_resume_step(job.checkpoint.resume, output_dir, dist)
@@ -91,8 +93,7 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
         start_step = state.step
         _say(rank0, f"resumed from {resume_from} at step {start_step}")
 
-    shape = ModelShape.from_transformer_config(resolved["transformer_config"],
-                                               resolved["model"]["vocab_size"])
+    shape = ModelShape.from_transformer_config(resolved["transformer_config"], family.name)
     metrics = _Metrics(job, dist, shape, output_dir, train_iters, rank0)
     forward_backward = get_forward_backward_func()
 
@@ -233,7 +234,6 @@ class _Metrics:
         self._reset()
 
     def after_step(self, step: int, gb, loss_pair, grad_norm, optimizer) -> None:
-        from remote_runtime.train.metrics import training_flops
         from remote_runtime.train.optim import current_lr
 
         if self.step0 is None:
@@ -241,7 +241,7 @@ class _Metrics:
         self.loss_pair += loss_pair
         self.tokens += gb.num_tokens
         self.loss_tokens += gb.num_loss_tokens
-        self.flops += training_flops(self.shape, gb.num_tokens, gb.sum_sq_doc_lengths)
+        self.flops += self.shape.training_flops(gb.num_tokens, gb.sum_sq_doc_lengths)
         self.steps += 1
         if step % self.job.logging.logging_steps and step != self.train_iters and step != 1:
             self.log.progress(step, self.train_iters, time.perf_counter() - self.t_start)

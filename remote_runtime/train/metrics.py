@@ -1,15 +1,12 @@
-"""Training metrics: FLOPs, MFU, throughput, and the `logging.jsonl` record.
+"""Training metrics: MFU, throughput, and the `logging.jsonl` record.
 
-FLOPs follow Megatron-LM's formula for a dense GPT (forward + backward = 3 × forward, a
-multiply-add = 2 FLOPs) with causal attention counted as half of the full score matrix, as the
-reference speeds in DESIGN.md do. Packed batches count attention per document (Σ sᵢ² rather than
-(Σ sᵢ)²), since documents in a pack never attend to each other; only real tokens are counted.
+FLOPs are `remote_runtime.spec.shape.ModelShape.training_flops` (Megatron-LM's formula, causal
+attention halved). Packed batches count attention per document (Σ sᵢ² rather than (Σ sᵢ)²),
+since documents in a pack never attend to each other; only real tokens are counted.
 
 `logging.jsonl` (one JSON object per logged step, appended by global rank 0) is read by
-`megafleet status` / `logs`. Its fields are part of the interface:
-
-    step, train_iters, epoch, loss, lr, grad_norm, tokens_per_s, tflops_per_gpu, mfu,
-    peak_mem_gb, elapsed_s, eta_s, time, tokens (real tokens this step), loss_tokens, skipped
+`megafleet status` / `logs`; its name and fields are part of the contract
+(`remote_runtime.spec.layout.METRICS_FILE` / `METRICS_FIELDS`).
 """
 
 from __future__ import annotations
@@ -18,52 +15,14 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+
+from remote_runtime.spec.layout import METRICS_FILE
 
 # Dense bf16 peak of the GPUs we know (TFLOP/s); unknown GPUs report MFU as null.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "H20": 148.0, "A100": 312.0,
                "A800": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "B200": 2250.0,
                "GB200": 2450.0}
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    kv_channels: int
-    ffn_hidden_size: int
-    vocab_size: int
-    gated_linear_unit: bool = True
-
-    @classmethod
-    def from_transformer_config(cls, tc: dict, vocab_size: int) -> "ModelShape":
-        heads = tc["num_attention_heads"]
-        return cls(num_layers=tc["num_layers"], hidden_size=tc["hidden_size"],
-                   num_attention_heads=heads, num_query_groups=tc.get("num_query_groups") or heads,
-                   kv_channels=tc.get("kv_channels") or tc["hidden_size"] // heads,
-                   ffn_hidden_size=tc["ffn_hidden_size"], vocab_size=vocab_size,
-                   gated_linear_unit=bool(tc.get("gated_linear_unit", True)))
-
-
-def training_flops(shape: ModelShape, num_tokens: int, sum_sq_doc_lengths: int) -> float:
-    """FLOPs of one training step (forward + backward) over `num_tokens` real tokens.
-
-    Megatron-LM: 12·L·h²·tokens·[(1 + g/n)·q + (ffn/h)·glu + V/(2·L·h)] for the linear layers
-    and 12·L·h²·q·(s/h)·½ per token for causal attention, where q = n·d/h. With documents of
-    lengths sᵢ the attention term becomes 6·L·n·d·Σ sᵢ².
-    """
-    L, h = shape.num_layers, shape.hidden_size
-    q_ratio = shape.num_attention_heads * shape.kv_channels / h
-    glu = 1.5 if shape.gated_linear_unit else 1.0
-    linear = 12 * L * h * h * num_tokens * (
-        (1 + shape.num_query_groups / shape.num_attention_heads) * q_ratio
-        + (shape.ffn_hidden_size / h) * glu
-        + shape.vocab_size / (2 * L * h))
-    attention = 6 * L * shape.num_attention_heads * shape.kv_channels * sum_sq_doc_lengths
-    return float(linear + attention)
 
 
 def peak_tflops(device_name: str | None) -> float | None:
@@ -82,11 +41,11 @@ def peak_tflops(device_name: str | None) -> float | None:
 
 
 class MetricsLog:
-    """Appends records to <output_dir>/logging.jsonl and prints a readable line (rank 0 only)."""
+    """Appends records to <output_dir>/logging.jsonl (METRICS_FILE) and prints a readable line (rank 0 only)."""
 
     def __init__(self, output_dir: str | Path, enabled: bool, tensorboard_dir: str | None = None):
         self.enabled = enabled
-        self.path = Path(output_dir) / "logging.jsonl"
+        self.path = Path(output_dir) / METRICS_FILE
         self.tty = sys.stdout.isatty()
         self.tb = None
         if enabled:

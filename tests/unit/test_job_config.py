@@ -4,13 +4,13 @@
 import pytest
 
 from remote_runtime.spec.flags import dump_job, job_from_argv, load_job_file, to_flags
-from remote_runtime.spec.config import LEAVES, ConfigError, JobConfig, from_dict, validate
+from remote_runtime.spec.config import LEAVES, ConfigError, JobConfig, from_dict, normalize, validate
 
 BASE = ["--model", "/m", "--dataset", "d.jsonl", "--train_iters", "10"]
 
 
 def problems(exc: ConfigError) -> dict:
-    return dict(exc.problems)
+    return {p.field: p.message for p in exc.problems}
 
 
 def test_leaf_names_are_unique_and_dotted():
@@ -83,7 +83,9 @@ def test_validate_requires_model_dataset_and_length():
 def test_sequence_parallel_without_tp_is_disabled_with_a_warning():
     job = job_from_argv(BASE + ["--sequence_parallel", "true"])
     warnings = validate(job)
-    assert job.parallel.sequence_parallel is False and "sequence_parallel" in warnings[0]
+    assert "sequence_parallel" in warnings[0]
+    assert job.parallel.sequence_parallel is True, "validate must not change the job"
+    assert normalize(job).parallel.sequence_parallel is False
 
 
 def test_job_file_round_trip_and_flat_ms_swift_keys(tmp_path):

@@ -70,7 +70,7 @@ def test_set_accepts_leaf_and_dotted_names_and_lists():
 def test_bad_set_items_name_the_field(item, field, needle):
     with pytest.raises(ConfigError) as e:
         templates.job_from_template(templates.get_template("sft-full"), [item])
-    problems = dict(e.value.problems)
+    problems = {p.field: p.message for p in e.value.problems}
     assert field in problems and needle in problems[field]
 
 
