@@ -26,7 +26,6 @@ import os
 import re
 import shlex
 import tempfile
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,9 +39,9 @@ from remote_runtime.spec.config import (
     LEAVES,
     ConfigError,
     JobConfig,
-    _unwrap_optional,
     canonical_leaf,
     from_dict,
+    leaf_kind,
     validate,
 )
 
@@ -127,11 +126,6 @@ def check_supported(t: Template) -> None:
 
 # ---- building the job ------------------------------------------------------------------------
 
-def _list_leaf(leaf: str) -> bool:
-    base, _ = _unwrap_optional(LEAVES[leaf][1])
-    return typing.get_origin(base) is list
-
-
 def parse_sets(items: list[str]) -> dict:
     """`key=value` items (leaf names like `lr`, or dotted like `optim.lr`) -> a nested job dict.
 
@@ -157,7 +151,7 @@ def parse_sets(items: list[str]) -> dict:
             problems.append((key, f"there is no {key}; {leaf} is {dotted}"))
             continue
         value: object = raw
-        if _list_leaf(leaf):
+        if leaf_kind(leaf) == "list":
             value = yaml.safe_load(raw) if raw.strip().startswith("[") else [
                 v.strip() for v in raw.split(",") if v.strip()]
         if "." in dotted:

@@ -1,12 +1,13 @@
 """`megafleet logs`: every node's log at once, each line tagged with its node and global rank.
 
-Each node streams its node.log through `nodectl follow` over its own SSH channel; lines reach
-the caller from one thread, in arrival order. torchrun prefixes each worker line with
-`[rankN]:` (launch.sh sets the template); lines without it come from torchrun or the launch
-script itself. A `\\r` progress update (a bar redrawn in place) arrives as its own line and is
-passed on at most every PROGRESS_EVERY seconds per node, so bars stay readable when several
-nodes draw at once. Ctrl-C raises KeyboardInterrupt in the caller; the job keeps running (the
-followers notice the closed channel and exit).
+Each node streams its logs through `nodectl follow` over its own SSH channel: node.log (the
+launch script's and torchrun's own lines) and every worker's stdout/stderr file (torchrun
+`--redirects 3`), each worker line tagged `[rankN]:` with its global rank by `nodectl`
+(`layout.RANK_PREFIX`). Lines reach the caller from one thread, in arrival order; lines without
+a tag come from torchrun or the launch script. A `\\r` progress update (a bar redrawn in place)
+arrives as its own line and is passed on at most every PROGRESS_EVERY seconds per node, so bars
+stay readable when several nodes draw at once. Ctrl-C raises KeyboardInterrupt in the caller;
+the job keeps running (the followers notice the closed channel and exit).
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from megafleet.jobs import layout as L
+from megafleet.hostinfo import parse_gpus
 from megafleet.jobs import proctree
 from megafleet.transfer import file_sha256  # the operator hashes with the same function
 from remote_runtime.spec.layout import CHECKPOINT_PREFIX, checkpoint_step
@@ -164,37 +165,40 @@ def recent_lines(run_dir: Path, record: dict, n: int) -> list[str]:
     return out
 
 
-def gpu_usage() -> list[dict] | None:
-    """Per-GPU utilisation and memory from nvidia-smi; None where there is none (or it fails)."""
+def _nvidia_smi(*args: str) -> str | None:
+    """What `nvidia-smi ARGS` prints; None where there is no nvidia-smi or it fails."""
     if not shutil.which("nvidia-smi"):
         return None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index,utilization.gpu,memory.used,memory.total",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20)
+        out = subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if out.returncode != 0:
+    return out.stdout if out.returncode == 0 else None
+
+
+_USAGE_FIELDS = ("index", "utilization.gpu", "memory.used", "memory.total")
+
+
+def gpu_usage() -> list[dict] | None:
+    """Per-GPU utilisation and memory from nvidia-smi; None where there is none (or it fails)."""
+    text = _nvidia_smi(f"--query-gpu={','.join(_USAGE_FIELDS)}", "--format=csv,noheader,nounits")
+    try:
+        rows = parse_gpus(text, _USAGE_FIELDS) if text is not None else None
+    except ValueError:
         return None
-    gpus = []
-    for line in out.stdout.strip().splitlines():
-        cells = [c.strip() for c in line.split(",")]
-        if len(cells) == 4 and all(c.isdigit() for c in cells):
-            gpus.append(dict(zip(("index", "util", "mem_used_mib", "mem_total_mib"), map(int, cells))))
-    return gpus
+    if rows is None:
+        return None
+    keys = ("index", "util", "mem_used_mib", "mem_total_mib")
+    return [{k: row[f] for k, f in zip(keys, _USAGE_FIELDS)} for row in rows
+            if all(isinstance(row[f], int) for f in _USAGE_FIELDS)]
 
 
 def gpu_holders(pids: set[int]) -> list[int] | None:
     """Which of `pids` nvidia-smi lists as holding GPU memory (None: no nvidia-smi answer)."""
-    if not shutil.which("nvidia-smi"):
+    text = _nvidia_smi("--query-compute-apps=pid", "--format=csv,noheader")
+    if text is None:
         return None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        return None
-    listed = {int(x) for x in out.stdout.split() if x.strip().isdigit()}
+    listed = {int(x) for x in text.split() if x.strip().isdigit()}
     return sorted(listed & pids)
 
 

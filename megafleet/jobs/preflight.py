@@ -86,9 +86,12 @@ def venv_python(venv: str, home: str) -> str:
     return f"{base.rstrip('/')}/bin/python"
 
 
-PROBE = """echo "home=$HOME"
-n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); echo "gpus=${n:-0}"
-"""
+GPU_COUNT = """n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); echo "gpus=${n:-0}"\n"""
+PROBE = 'echo "home=$HOME"\n' + GPU_COUNT
+
+
+def _values(stdout: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in stdout.splitlines() if "=" in line)
 
 
 def probe_nodes(targets: list[Target], venv: str) -> dict[str, NodeFacts]:
@@ -98,7 +101,7 @@ def probe_nodes(targets: list[Target], venv: str) -> dict[str, NodeFacts]:
         if isinstance(runner, LocalRunner):
             return NodeFacts(str(paths.home()), sys.executable, __version__, _gpu_count(runner))
         r = runner.run(PROBE, timeout=60).check()
-        vals = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+        vals = _values(r.stdout)
         python = venv_python(venv, vals["home"])
         v = runner.run(f"{shlex.quote(python)} -c 'import megafleet; print(megafleet.__version__)'",
                        timeout=60)
@@ -113,8 +116,8 @@ def probe_nodes(targets: list[Target], venv: str) -> dict[str, NodeFacts]:
 
 
 def _gpu_count(runner: Runner) -> int:
-    r = runner.run("nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true", timeout=30)
-    return int(r.stdout.strip() or 0) if r.ok else 0
+    r = runner.run(GPU_COUNT, timeout=30)
+    return int(_values(r.stdout).get("gpus") or 0) if r.ok else 0
 
 
 def check_versions(facts: dict[str, NodeFacts], venv: str) -> None:

@@ -13,19 +13,7 @@ from typing import Callable
 from megafleet import paths, resources
 from megafleet.errors import UsageError
 from megafleet.setup.request import NODE_WHEELHOUSE, NODE_WHEELS
-from megafleet.transfer import file_sha256
-
-_SHA_CACHE: dict[tuple, str] = {}
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file, remembered per (path, size, mtime) for this process."""
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = file_sha256(path)
-    return _SHA_CACHE[key]
-
+from megafleet.jobs.sync import local_sha256
 
 @dataclass
 class LocalFile:
@@ -65,7 +53,7 @@ class Artifacts:
 
 
 def _local(path: Path) -> LocalFile:
-    return LocalFile(path.name, path, path.stat().st_size, sha256_file(path))
+    return LocalFile(path.name, path, path.stat().st_size, local_sha256(path))
 
 
 def prepare(wheelhouse: str | Path | None = None, build_dir: Path | None = None) -> Artifacts:
@@ -73,7 +61,7 @@ def prepare(wheelhouse: str | Path | None = None, build_dir: Path | None = None)
     from megafleet.setup.wheel import build_project_wheel
 
     wheel, _ = build_project_wheel(build_dir or paths.home() / "cache" / "node-wheel")
-    check_sha = hashlib.sha256(resources.check_script_path().read_bytes()).hexdigest()
+    check_sha = local_sha256(resources.check_script_path())
     art = Artifacts(_local(wheel), check_sha)
     if wheelhouse is not None:
         folder = Path(wheelhouse).expanduser()

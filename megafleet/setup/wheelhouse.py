@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from megafleet.errors import MegafleetError
-from megafleet.setup.artifacts import sha256_file
+from megafleet.jobs.sync import local_sha256
 from megafleet.setup.request import node_requirements, torch_requirement
 from megafleet.setup.wheel import build_project_wheel
 
@@ -82,7 +82,7 @@ def build_wheelhouse(dest: str | Path, python_version: str | None = None,
         else:
             _pip(download_argv(dest, python_version, platforms, [inputs["torch"]] + reqs))
     build_project_wheel(dest)
-    files = {p.name: [p.stat().st_size, sha256_file(p)] for p in sorted(dest.iterdir())
+    files = {p.name: [p.stat().st_size, local_sha256(p)] for p in sorted(dest.iterdir())
              if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")}
     (dest / MANIFEST).write_text(json.dumps({"format": 1, "inputs": inputs, "files": files,
                                              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",

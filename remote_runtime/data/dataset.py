@@ -22,7 +22,8 @@ from remote_runtime.data.cache import (cache_key, load_entry, save_entry,
 from remote_runtime.data.encode import (ROW_NO_LOSS, ROW_TOO_LONG, ROW_TRUNCATED, EncodeSettings,
                                         FileTokens, tokenize_file)
 from remote_runtime.spec.errors import DataError
-from remote_runtime.data.sources import file_digest, parse_dataset_specs, sample_rows
+from megafleet.transfer import file_sha256  # the hash the operator checks uploads with
+from remote_runtime.data.sources import parse_dataset_specs, sample_rows
 
 log = logging.getLogger("remote_runtime.data")
 
@@ -139,7 +140,7 @@ def load_dataset(specs: list[str], tokenizer, settings: EncodeSettings, *, cache
     keys = {}
     for spec in parsed:
         if spec.path not in keys:
-            keys[spec.path] = cache_key(file_digest(spec.path), tok_fp, settings)
+            keys[spec.path] = cache_key(file_sha256(spec.path), tok_fp, settings)
     built: set[str] = set()
     failure: BaseException | None = None
     if should_build:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,15 +40,6 @@ def parse_dataset_specs(specs: list[str]) -> list[DatasetSpec]:
                             "data.dataset")
         out.append(DatasetSpec(spec=spec, path=p, sample=int(count) if count else None))
     return out
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of the file's bytes: the cache key follows the content, not the name or mtime."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_text(path: Path) -> str:

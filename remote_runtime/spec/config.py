@@ -283,6 +283,14 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def leaf_kind(leaf: str) -> str:
+    """How an option takes its value: "list" (one or more), "bool" (a flag) or "scalar"."""
+    base, _ = _unwrap_optional(LEAVES[leaf][1])
+    if typing.get_origin(base) is list:
+        return "list"
+    return "bool" if base is bool else "scalar"
+
+
 def coerce(leaf: str, value: Any) -> Any:
     """Convert a raw value (string from a flag, or YAML scalar/list) to the leaf's type."""
     dotted, tp, _ = LEAVES[leaf]

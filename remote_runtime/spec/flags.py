@@ -7,7 +7,6 @@ override it. Torch-free: the operator uses this to validate and render jobs.
 
 from __future__ import annotations
 
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +16,14 @@ from remote_runtime.spec.config import (
     LEAVES,
     ConfigError,
     JobConfig,
-    _unwrap_optional,
     canonical_leaf,
     coerce,
     from_dict,
+    leaf_kind,
 )
 from remote_runtime.spec.yamlio import YamlSyntaxError, load_with_lines
 
 _BOOL_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off"}
-
-
-def _kind(leaf: str) -> str:
-    base, _ = _unwrap_optional(LEAVES[leaf][1])
-    if typing.get_origin(base) is list:
-        return "list"
-    return "bool" if base is bool else "scalar"
 
 
 def parse_flags(argv: list[str]) -> tuple[dict[str, Any], str | None]:
@@ -65,7 +57,7 @@ def parse_flags(argv: list[str]) -> tuple[dict[str, Any], str | None]:
             while i < len(argv) and not argv[i].startswith("--"):
                 i += 1
             continue
-        kind = _kind(leaf)
+        kind = leaf_kind(leaf)
         if eq:
             values[leaf] = inline.split(",") if kind == "list" else inline
             i += 1

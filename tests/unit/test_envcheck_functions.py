@@ -193,6 +193,22 @@ def test_runtime_version_decoding(cme):
 
 # ----------------------------------------------------------- parsers on real H200 output
 
+def test_check_script_and_operator_parse_nvidia_smi_alike(cme):
+    """The stdlib-only node script keeps its own nvidia-smi parsers; they must read the real
+    captures exactly as megafleet.hostinfo does (the operator's, used by nodectl and hosts check)."""
+    from megafleet import hostinfo
+
+    fields = ("index", "name", "uuid", "memory.total", "memory.used", "driver_version",
+              "compute_cap", "pci.bus_id", "temperature.gpu", "utilization.gpu")
+    text = (FIXTURES / "nvidia-smi-query.csv").read_text()
+    ours = hostinfo.parse_gpus(text, fields)
+    theirs = cme.parse_smi_csv(text, fields)
+    assert len(ours) == len(theirs) == 2
+    assert [{k: str(v) for k, v in row.items()} for row in ours] == theirs
+    smi = (FIXTURES / "nvidia-smi.txt").read_text()
+    assert hostinfo.parse_cuda_version(smi) == cme.parse_smi_header(smi)["cuda"] == "13.0"
+
+
 def test_nvidia_smi_parsers_on_h200_fixtures(cme):
     fields = ("index", "name", "uuid", "memory.total", "memory.used", "driver_version",
               "compute_cap", "pci.bus_id", "temperature.gpu", "utilization.gpu")

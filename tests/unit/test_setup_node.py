@@ -180,3 +180,13 @@ def test_missing_headers_block_the_te_step_with_the_wheel_to_install(tmp_path, m
     venv = next(s for s in plan["steps"] if s["id"] == "venv")
     assert venv["state"] == "run" and venv["reason"] == "not done yet"
     assert venv["commands"][0]["argv"][-3:] == ["-m", "ensurepip", "--upgrade"]  # venv lacks pip
+
+
+def test_node_agent_hashes_files_as_the_operator_does(tmp_path):
+    """The stdlib-only node agent keeps its own sha256 helper; the operator compares its
+    manifests against megafleet.transfer.file_sha256, so the two must agree (also past one block)."""
+    from megafleet.transfer import file_sha256
+
+    f = tmp_path / "wheel.whl"
+    f.write_bytes(os.urandom(3 * (1 << 20) + 17))
+    assert core.sha256_file(str(f)) == file_sha256(f)
