@@ -5,7 +5,8 @@ tests.standin_workload sft --config job.yaml` while the real train loop is writt
 it behaves like the runtime as far as the operator can see, in a second instead of minutes:
 
 - reads the job with the runtime's own parser (remote_runtime.spec.flags.job_from_argv);
-- `--dry_run true` prints a JSON document and exits 0 (2 with errors), as the runtime does;
+- `--dry_run true` prints a JSON document and exits 0 (2 with the problems as JSON), as the
+  runtime does;
 - joins a torch.distributed gloo group (torchrun's env), and each step all-reduces a tensor
   that also carries a stop flag, so every rank stops at the same step after a SIGTERM;
 - rank 0 prints `step N/M loss L`, draws a `\\r` progress bar on stderr, appends logging.jsonl
@@ -58,7 +59,8 @@ def dry_run(job) -> int:
 
     try:
         validate(job)
-    except ConfigError as exc:
+    except ConfigError as exc:  # as the runtime: the problems as JSON, a line on stderr
+        print(json.dumps(exc.to_dict()))
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({"standin": True, "world_size": world_size_from_env(), "job": job.to_dict()}))
