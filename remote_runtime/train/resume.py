@@ -17,17 +17,17 @@ A changed layout (world size, TP/PP/CP/DP) is refused later, by load_training_st
 from __future__ import annotations
 
 import os
-import re
 import socket
 from pathlib import Path
 
 import torch
 
-from remote_runtime.train.checkpoint import STATE_DIR, STATE_FILE, ResumeError, complete_checkpoints
+from remote_runtime.spec.layout import STATE_DIR, checkpoint_step
+from remote_runtime.spec.layout import TRAINER_STATE as STATE_FILE
+from remote_runtime.train.checkpoint import ResumeError, complete_checkpoints
 from remote_runtime.train.collectives import cpu_group
 
 CHUNK = 64 << 20
-_STEP = re.compile(r"checkpoint-(\d+)$")
 
 
 def _gather(obj) -> list:
@@ -78,9 +78,9 @@ def _auto(output_dir: Path, dist) -> Path | None:
 
 
 def _named(path: Path, output_dir: Path, dist) -> Path:
-    m = _STEP.search(path.name)
+    named = checkpoint_step(path.name) is not None
     local = path if (path / STATE_FILE).is_file() else (
-        output_dir / path.name if m and (output_dir / path.name / STATE_FILE).is_file() else None)
+        output_dir / path.name if named and (output_dir / path.name / STATE_FILE).is_file() else None)
     everyone = _gather((socket.gethostname(), dist.rank, None if local is None else str(local)))
     missing = [f"{host} (rank {rank})" for host, rank, found in everyone if found is None]
     if missing:
