@@ -239,8 +239,10 @@ def _list_runs(as_json: bool) -> None:
 @dry_run_option
 @yes_option
 def stop(run_ref, grace, as_json, dry_run, yes) -> None:
-    """Stop a run on every node: SIGTERM to torchrun, every worker and the watcher, SIGKILL
-    after the grace period, then check that nothing of the run is left (nor holds GPU memory)."""
+    """Stop a run on every node: SIGTERM to every worker and the watcher (the workers save a
+    checkpoint, torchrun then ends), SIGKILL to what is left after the grace period, then check
+    that nothing of the run is left (nor holds GPU memory). A node that cannot be reached is
+    named and the run stays `stopping` until `stop` reaches it."""
     from megafleet.cli import jobs_view
     from megafleet.errors import MegafleetError
     from megafleet.jobs.records import RunRecord

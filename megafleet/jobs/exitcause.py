@@ -20,8 +20,9 @@ import signal
 import subprocess
 from pathlib import Path
 
-_ROOT = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)", re.S)
-_ANY = re.compile(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)", re.S)
+_WORKER = r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)"
+_ROOT = re.compile(r"Root Cause.*?" + _WORKER, re.DOTALL)
+_ANY = re.compile(_WORKER, re.DOTALL)
 
 
 def signal_name(num: int) -> str:
@@ -34,7 +35,7 @@ def signal_name(num: int) -> str:
 def oom_killed(pid: int) -> bool | None:
     """True when the kernel log says the OOM killer took `pid`; None when it cannot be read."""
     try:
-        out = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:
@@ -69,9 +70,9 @@ def describe(cause: dict) -> str:
         if cause.get("oom"):
             text += " (killed by the kernel's out-of-memory killer)"
         elif sig == signal.SIGKILL:
-            text += (" (the kernel's out-of-memory killer sends this signal; "
-                     "the kernel log was " + ("not readable)" if cause.get("oom") is None
-                                              else "silent about it)"))
+            text += (" (the kernel's out-of-memory killer sends this signal; " +
+                     ("check the kernel log: dmesg)" if cause.get("oom") is None
+                      else "the kernel log does not say so)"))
     elif rank is not None:
         text += f": rank {rank} failed first"
     return text

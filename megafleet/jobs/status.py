@@ -56,7 +56,8 @@ def _finish_stop(run: RunRecord, nodes: list[dict], pool) -> bool:
 
 
 def derive_state(run: RunRecord, nodes: list[dict]) -> None:
-    """The run's state from its nodes' (see README "Run states")."""
+    """The run's state from its nodes' (SKILL.md, "Monitor"). With a node unreachable, only
+    what the reachable ones know (node 0's watcher verdict) changes it."""
     reachable = [n for n in nodes if n.get("reachable", True) and not n.get("error")]
     watch = next((n.get("watch") for n in reachable if n.get("node_rank") == 0), None) or {}
     failure = next((n.get("failure") for n in reachable if n.get("failure")), None) or watch.get("failure")

@@ -1,9 +1,10 @@
 """`megafleet stop`: stop a run on every node and prove nothing of it is left.
 
 Two rounds, both on all nodes at once: first every node's run is marked `stop_requested` (so no
-watcher takes the stop for a failure), then each node SIGTERMs torchrun, every worker (found by
-process tree and by the run's environment tag, see megafleet.jobs.proctree) and its watcher,
-SIGKILLs what is left after the grace period, and checks that no process of the run remains and
+watcher takes the stop for a failure), then each node SIGTERMs every worker (found by process
+tree and by the run's environment tag, see megafleet.jobs.proctree) and its watcher, but not
+torchrun nor the workers' helper processes (nodectl.spared), SIGKILLs what is left after the
+grace period, and checks that no process of the run remains and
 that none of them holds GPU memory (where nvidia-smi exists).
 """
 
