@@ -497,10 +497,19 @@ def run_on_hosts(hosts: Iterable, task: Task, *, pool=None, timeout: float | Non
 
     if not runners:
         return {}
-    with cf.ThreadPoolExecutor(max_workers=min(max_workers, len(runners)),
-                               thread_name_prefix="megafleet-host") as ex:
+    ex = cf.ThreadPoolExecutor(max_workers=min(max_workers, len(runners)),
+                               thread_name_prefix="megafleet-host")
+    try:
         futures = [ex.submit(one, r) for r in runners]
         return {r.name: f.result() for r, f in zip(runners, futures)}
+    except BaseException:  # Ctrl-C: stop the copies now instead of waiting for them to finish
+        from megafleet.transfer import cancel_transfers
+
+        cancel_transfers()
+        ex.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        ex.shutdown(wait=False)
 
 
 def quote(value: str) -> str:

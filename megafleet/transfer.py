@@ -24,6 +24,17 @@ from typing import Callable
 Progress = Callable[[int, int], None]
 PART = ".mfpart"
 CHUNK = 1 << 20
+_generation = [0]  # bumped by cancel_transfers(); a copy started before it stops
+
+
+class TransferCancelled(Exception):
+    """The operator interrupted (Ctrl-C) while a copy ran in a worker thread."""
+
+
+def cancel_transfers() -> None:
+    """Stop every resumable copy running now (in any thread) at its next chunk; each leaves its
+    `.mfpart`, which the next copy continues. Called on Ctrl-C by megafleet.runner.run_on_hosts."""
+    _generation[0] += 1
 
 
 def remote_path(path: str) -> str:
@@ -161,8 +172,10 @@ def file_sha256(path: str | Path, limit: int | None = None) -> str:
 
 def _pump(src, dst, offset: int, size: int, progress: Progress | None) -> int:
     """Copy src (already at `offset`) to dst; report offset+moved of size; return bytes moved."""
-    moved = 0
+    moved, generation = 0, _generation[0]
     for chunk in iter(lambda: src.read(CHUNK), b""):
+        if _generation[0] != generation:
+            raise TransferCancelled(f"interrupted after {offset + moved} of {size} bytes")
         dst.write(chunk)
         moved += len(chunk)
         if progress:

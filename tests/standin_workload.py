@@ -13,9 +13,11 @@ it behaves like the runtime as far as the operator can see, in a second instead 
   lines with the runtime's documented fields, and saves `checkpoint-<step>/` atomically (the
   model directory's Hugging Face files, then trainer_state.json last) every save_steps, at the
   end and after SIGTERM, then exits 0;
-- env knobs (forwarded with launch.env): STANDIN_STEP_S (seconds per step), and
+- env knobs (forwarded with launch.env): STANDIN_STEP_S (seconds per step),
   STANDIN_HANG_ON_PEER_FAILURE=1: when a collective fails because a peer died, hang like NCCL
-  would (until SIGTERM) instead of exiting, so only the watcher can end it.
+  would (until SIGTERM) instead of exiting, so only the watcher can end it, and
+  STANDIN_SPAWN_HELPERS=1: each rank starts what the real runtime's libraries start (a
+  multiprocessing `spawn` child and the `resource_tracker`), which outlive a SIGKILLed worker.
 """
 
 from __future__ import annotations
@@ -67,6 +69,23 @@ def dry_run(job) -> int:
     return 0
 
 
+def _sleep_forever() -> None:
+    while True:
+        time.sleep(60)
+
+
+def spawn_helpers() -> list:
+    """A spawn-context child and the resource_tracker (started by the semaphore), as
+    torch's and megatron's multiprocessing use leaves beside a worker."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    lock = ctx.Lock()  # a named semaphore: starts the resource_tracker
+    child = ctx.Process(target=_sleep_forever, daemon=False)
+    child.start()
+    return [lock, child]
+
+
 def train(job) -> int:
     import torch
     import torch.distributed as dist
@@ -79,6 +98,7 @@ def train(job) -> int:
     print(f"stand-in rank {rank}/{world} ready on {socket.gethostname()} (HF_TOKEN {token})", flush=True)
     step_s = float(os.environ.get("STANDIN_STEP_S", "0.05"))
     hang = os.environ.get("STANDIN_HANG_ON_PEER_FAILURE") == "1"
+    helpers = spawn_helpers() if os.environ.get("STANDIN_SPAWN_HELPERS") == "1" else []
     out, model_dir = Path(job.checkpoint.output_dir), Path(job.model.model)
     iters, started, loss, step = job.train.train_iters or 10, time.time(), 0.0, 0
     for step in range(1, iters + 1):
@@ -102,6 +122,9 @@ def train(job) -> int:
     if rank == 0 and step > 0:
         path = save_checkpoint(model_dir, out, step, loss)
         print(f"saved {path}", flush=True)
+    for h in helpers:
+        if hasattr(h, "terminate"):
+            h.terminate()
     return 0
 
 

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "render": ("render", "render", "Render a job template as a job file, runtime flags or torchrun command."),
     "setup": ("setup", "setup", "Install the Megatron stack on every host (venv, torch, TE, ...)."),
     "launch": ("jobs", "launch", "Validate a job, upload its data and start it on every node."),
+    "resume": ("jobs", "resume", "Continue a run from its newest checkpoint on the same nodes."),
     "logs": ("jobs", "logs", "Stream the logs of every node of a run."),
     "status": ("jobs", "status", "Show a run's state on every node (or list the runs)."),
     "runs": ("jobs", "runs", "List the recorded runs."),

@@ -3,6 +3,7 @@
     megafleet launch job.yaml [--hosts a,b] [-- --train_iters 100 ...]
     megafleet launch --hosts a,b -- --model DIR --dataset data.jsonl --train_iters 100
     megafleet launch --local -- ...                 (this machine, no SSH)
+    megafleet resume RUN [-- --train_iters 2000]    (same nodes, from the newest checkpoint)
     megafleet logs RUN -f          megafleet status RUN      megafleet stop RUN
     megafleet fetch RUN [--checkpoint latest|N] [--to DIR]
 
@@ -92,6 +93,44 @@ def launch(args, hosts, local, follow, entry_module, as_json, dry_run, yes) -> N
         _follow(run, None, None, as_json)
 
 
+@click.command("resume", context_settings={"ignore_unknown_options": True})
+@click.argument("run_ref", metavar="RUN")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[-- RUNTIME FLAGS]")
+@click.option("--follow", "-f", is_flag=True, help="Follow the logs once started.")
+@json_option
+@yes_option
+def resume(run_ref, args, follow, as_json, yes) -> None:
+    """Continue a stopped, failed or finished run from its newest complete checkpoint.
+
+    Same run id, same hosts in the same order, same run directories; the job recorded at its
+    launch, with runtime flags after `--` on top (e.g. a larger --train_iters) and
+    checkpoint.resume=auto. A changed layout (hosts, processes per node, parallel sizes) is
+    refused. The log says "resumed from ... at step N" (or that there was nothing to resume)."""
+    from megafleet.cli import jobs_view
+    from megafleet.jobs.launch import plan_launch, start_run
+    from megafleet.jobs.records import RunRecord
+    from megafleet.jobs.resume import check_not_running, resume_job, resume_options
+
+    previous = RunRecord.load(run_ref)
+    job = resume_job(previous, list(args))
+    say = (lambda m: None) if as_json else (lambda m: ui.err_console.print(f"[dim]{m}[/dim]"))
+    check_not_running(previous)
+    say(f"resuming run {previous.run_id} (launch {previous.attempt + 1}) on "
+        f"{', '.join(n.host for n in previous.nodes)} ...")
+    plan = plan_launch(job, resume_options(previous, say))
+    if not as_json:
+        jobs_view.show_plan(plan)
+    _confirm(yes, f"resume run {plan.run.run_id} on {len(plan.run.nodes)} node(s)?")
+    with ui.TransferBars(enabled=not as_json) as bars:
+        run = start_run(plan, bars, say)
+    if as_json:
+        ui.emit_json({"run": run.to_dict(), "notes": plan.notes})
+    else:
+        jobs_view.show_started(run)
+    if follow:
+        _follow(run, None, None, as_json)
+
+
 @click.command("logs")
 @click.argument("run_ref", metavar="RUN", default="last")
 @click.option("--follow", "-f", is_flag=True, help="Keep streaming until the run ends; exit with its exit code.")
@@ -113,7 +152,11 @@ def logs(run_ref, follow, node, lines, as_json) -> None:
     result = stream_logs(run, _printer(as_json), node=node, lines=lines)
     _stream_errors(result, as_json)
     if as_json:
-        ui.emit_json_line({"end": True, "exit_code": None, "errors": result.errors})
+        from megafleet.jobs.status import run_status
+
+        state = run_status(run) if not result.errors else {"state": run.state, "exit_code": None}
+        ui.emit_json_line({"end": True, "exit_code": state["exit_code"], "state": state["state"],
+                           "errors": result.errors})
 
 
 def _printer(as_json: bool):
@@ -196,8 +239,10 @@ def _list_runs(as_json: bool) -> None:
 @dry_run_option
 @yes_option
 def stop(run_ref, grace, as_json, dry_run, yes) -> None:
-    """Stop a run on every node: SIGTERM to torchrun, every worker and the watcher, SIGKILL
-    after the grace period, then check that nothing of the run is left (nor holds GPU memory)."""
+    """Stop a run on every node: SIGTERM to every worker and the watcher (the workers save a
+    checkpoint, torchrun then ends), SIGKILL to what is left after the grace period, then check
+    that nothing of the run is left (nor holds GPU memory). A node that cannot be reached is
+    named and the run stays `stopping` until `stop` reaches it."""
     from megafleet.cli import jobs_view
     from megafleet.errors import MegafleetError
     from megafleet.jobs.records import RunRecord

@@ -85,7 +85,15 @@ def show_runs(records) -> None:
                      ["run", "started", "task", "hosts", "world", "state", "exit"], rows))
 
 
+def _contact(n: dict) -> str:
+    t = n.get("last_contact")
+    return "last contact " + (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "never")
+
+
 def _node_row(n: dict) -> tuple:
+    if not n.get("reachable", True):
+        return (n["node_rank"], n["host"], _ranks(n["ranks"]),
+                f"[red]unreachable[/red] ({_contact(n)})", "", "", "", "", "", "")
     if n.get("error"):
         return (n["node_rank"], n["host"], _ranks(n["ranks"]), f"[red]{escape(str(n['error']))}[/red]",
                 "", "", "", "", "", "")
@@ -98,6 +106,8 @@ def _node_row(n: dict) -> tuple:
     state = n.get("state", "?")
     if state == "exited":
         state = "exited 0" if n.get("exit_code") == 0 else f"[red]exited {n.get('exit_code')}[/red]"
+        if (n.get("cause") or {}).get("signal"):
+            state += f" [red]({escape(n['cause']['text'].split(': ', 1)[-1])})[/red]"
     elif state == "running":
         state = "[green]running[/green]"
     return (n["node_rank"], n["host"], _ranks(n["ranks"]), state, step, loss, tps,
@@ -124,6 +134,13 @@ def show_status(report: dict, lines: int) -> None:
     stops = [(n["host"], n["watcher_stop"]) for n in report["nodes"] if n.get("watcher_stop")]
     for host, ws in stops:
         ui.check_row("warn", f"{host} was stopped by the watcher", ws.get("reason", ""))
+    for n in report["nodes"]:
+        if not n.get("reachable", True):
+            ui.check_row("warn", f"{n['host']} is unreachable ({_contact(n)})",
+                         "its own watcher stops its job after losing contact with node 0")
+    if report["state"] == "stopping":
+        ui.hint(f"megafleet stop {run['run_id']}  (again, once "
+                f"{', '.join(run.get('stop_pending') or ['every node'])} answer)")
     if report["state"] == "running":
         ui.hint(f"megafleet logs {run['run_id']} -f", f"megafleet stop {run['run_id']}")
     elif report["state"] in ("succeeded", "stopped"):
@@ -144,6 +161,7 @@ def show_stop_plan(plan: dict) -> None:
 
 
 def show_stopped(report: dict) -> None:
+    ui.info(f"run {report['run_id']}: {report.get('state', 'stopped')}")
     for host, r in report["nodes"].items():
         detail = (f"{len(r.get('terminated', []))} terminated, {len(r.get('killed', []))} killed"
                   + ("" if r.get("gpu_checked") else "; no GPUs to check"))

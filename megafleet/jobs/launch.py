@@ -56,6 +56,7 @@ class LaunchOptions:
     inventory: Inventory | None = None
     pool: object = None  # a ConnectionPool to share (default: a new one)
     say: Say = lambda msg: None  # progress notes for people ("uploading the model ...")
+    resume_of: RunRecord | None = None  # continue this run: same id and run directories
 
 
 @dataclass
@@ -115,7 +116,7 @@ def plan_launch(job, opts: LaunchOptions) -> LaunchPlan:
     if P.is_public(master):
         notes.append(f"master address {master} is a public address; set private_address for "
                      f"{targets[0].name} if the nodes share a private network")
-    run = _record(job, targets, facts, nproc, master, opts.entry_module)
+    run = _record(job, targets, facts, nproc, master, opts.entry_module, opts.resume_of)
     for node, ifname in zip(run.nodes, P.interfaces_to_master(targets, master).values()):
         node.ifname = ifname
     node_jobs, copies = place_files(job, run, targets, facts, notes)
@@ -136,16 +137,18 @@ def forwarded_env(names: list[str]) -> dict[str, str]:
     return {n: os.environ[n] for n in names}
 
 
-def _record(job, targets, facts, nproc, master, entry_module) -> RunRecord:
-    run_id = new_run_id()
+def _record(job, targets, facts, nproc, master, entry_module, previous=None) -> RunRecord:
+    run_id = previous.run_id if previous else new_run_id()
     nodes = []
     for t in targets:
         run_dir = (str(paths.runs_dir() / run_id / "node0") if t.local else
                    f"{facts[t.name].home.rstrip('/')}/{L.WORKDIR}/{L.RUNS}/{run_id}")
+        if previous:
+            run_dir = _same_node(previous, t, run_dir)
         nodes.append(NodeInfo(rank=t.rank, host=t.name, run_dir=run_dir, python=facts[t.name].python,
                               ranks=list(range(t.rank * nproc, (t.rank + 1) * nproc)),
                               host_entry=t.host.to_dict() if t.host else None))
-    return RunRecord(
+    run = RunRecord(
         run_id=run_id, created=time.time(), task=job.task, nodes=nodes, master_addr=master,
         master_port=job.launch.master_port,
         watcher_port=job.launch.watcher_port or job.launch.master_port + 1,
@@ -154,6 +157,26 @@ def _record(job, targets, facts, nproc, master, entry_module) -> RunRecord:
         output_dir=job.checkpoint.output_dir, stall_timeout=job.launch.stall_timeout,
         stop_grace=job.launch.stop_grace, local=targets[0].local, env_names=list(job.launch.env),
         model=job.model.model)
+    if previous:
+        if nproc != previous.nproc_per_node or len(targets) != len(previous.nodes):
+            raise UsageError(f"resume {run_id}: the run had {len(previous.nodes)} node(s) × "
+                             f"{previous.nproc_per_node} process(es); these nodes give "
+                             f"{len(targets)} × {nproc}. Its checkpoint's optimizer shards and RNG "
+                             "states belong to the old ranks", hint="resume on the same nodes with "
+                             "the same launch.nproc_per_node, or start a new run from its weights")
+        run.created, run.attempt = previous.created, previous.attempt + 1
+    return run
+
+
+def _same_node(previous: RunRecord, t, run_dir: str) -> str:
+    """A resumed run keeps each node's run directory: same host at the same node rank."""
+    if t.rank >= len(previous.nodes) or previous.node(t.rank).host != t.name:
+        raise UsageError(f"resume {previous.run_id}: node {t.rank} was "
+                         f"{previous.node(t.rank).host if t.rank < len(previous.nodes) else 'absent'}, "
+                         f"not {t.name}: each node holds the checkpoint shards of its own ranks",
+                         hint="resume on the run's hosts in their order: "
+                         + ",".join(n.host for n in previous.nodes))
+    return previous.node(t.rank).run_dir
 
 
 def upload_key(path: Path) -> str:
@@ -282,6 +305,7 @@ def start_run(plan: LaunchPlan, bars=None, say: Say = lambda m: None) -> RunReco
     plan.run.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     (run.dir / "job.yaml").write_text(dump_job(plan.job))
     (run.dir / "node-job.yaml").write_text(dump_job(plan.node_jobs[run.nodes[0].host]))
+    run.mark_launcher()
     run.save()
     try:
         _upload_all(plan, bars, say)
@@ -349,7 +373,8 @@ def _write_run_dirs(plan: LaunchPlan, token: str) -> None:
                  {"name": L.ENV_FILE, "text": env_text, "mode": 0o600}]
         py = shlex.quote(node.python)
         return runner.run(f"{py} -m megafleet.jobs.nodectl write {shlex.quote(node.run_dir)}",
-                          stdin=json.dumps({"files": files}), timeout=120)
+                          stdin=json.dumps({"files": files, "new_attempt": run.attempt > 1}),
+                          timeout=120)
 
     results = run_on_hosts([t.runner for t in plan.targets], write)
     for res in results.values():

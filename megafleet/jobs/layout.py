@@ -12,11 +12,14 @@
         torchrun-logs/*/attempt_*/<local rank>/{stdout,stderr}.log
                                       each worker's output (torchrun --redirects 3)
         pid, started.json             the launch shell: pid, pgid, session, start time
-        exit_code                     torchrun's exit code, written when it exits
+        exit_code                     torchrun's exit code, written when it exits (after
+                                      every process it left behind has been ended)
+        exit_cause.json               why it exited non-zero: rank, signal, out-of-memory kill
         stop_requested                written by `megafleet stop` before it signals anything
         watcher.log                   the watcher's own log
         watcher_stop.json             why this node's watcher stopped its job (fail-fast)
         watch.json, failure.json      node 0 only: every node's state; the first failure
+        attempts/<n>/                 these per-launch files of earlier launches (`megafleet resume`)
         output/                       the job's output_dir when relative: logging.jsonl,
                                       checkpoint-<step>/ (rank 0's node)
       uploads/<key>/<file>            dataset copies, reused by later runs (key: the operator's path)
@@ -43,11 +46,16 @@ TORCHRUN_LOGS = "torchrun-logs"
 PID = "pid"
 STARTED = "started.json"
 EXIT_CODE = "exit_code"
+EXIT_CAUSE = "exit_cause.json"
 STOP_REQUESTED = "stop_requested"
 WATCHER_LOG = "watcher.log"
 WATCHER_STOP = "watcher_stop.json"
 WATCH_STATE = "watch.json"
 FAILURE = "failure.json"
+ATTEMPTS = "attempts"
 
 RANK_PREFIX = "[rank{rank}]:"  # how `nodectl follow` tags a worker's lines (by global rank)
 WATCH_TOKEN_VAR = "MEGAFLEET_WATCH_TOKEN"
+
+# What one launch of a run leaves in the run directory; `megafleet resume` moves them aside.
+PER_ATTEMPT = (PID, STARTED, EXIT_CODE, EXIT_CAUSE, STOP_REQUESTED, WATCHER_STOP, WATCH_STATE, FAILURE)

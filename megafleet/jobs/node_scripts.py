@@ -45,6 +45,7 @@ export MEGAFLEET_RUN_ID={q(run.run_id)} MEGAFLEET_NODE_RANK={node.rank} PYTHONUN
 {_ifname_lines(node)}echo "megafleet: node {node.rank}/{n} ({node.host}) starting torchrun at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 {" ".join(q(a) for a in torchrun_argv(run, node))}
 rc=$?
+{q(node.python)} -m megafleet.jobs.nodectl reap . --exit-code "$rc" > /dev/null
 echo "$rc" > {L.EXIT_CODE}.tmp && mv {L.EXIT_CODE}.tmp {L.EXIT_CODE}
 echo "megafleet: node {node.rank} torchrun exited with code $rc at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 exit "$rc"

@@ -1,10 +1,12 @@
 """Node-side helpers of a run, run with the node's venv python (stdlib only):
 
     python -m megafleet.jobs.nodectl manifest            < {"files": [{"path", "size"}]}
-    python -m megafleet.jobs.nodectl write RUN_DIR       < {"files": [{"name", "text", "mode"}]}
+    python -m megafleet.jobs.nodectl write RUN_DIR       < {"files": [{"name", "text", "mode"}],
+                                                            "new_attempt": bool}
     python -m megafleet.jobs.nodectl started RUN_DIR     (wait for the launch shell, record it)
     python -m megafleet.jobs.nodectl status RUN_DIR [--lines N]
     python -m megafleet.jobs.nodectl stop RUN_DIR [--grace S] [--mark-only]
+    python -m megafleet.jobs.nodectl reap RUN_DIR --exit-code RC   (launch.sh, after torchrun)
     python -m megafleet.jobs.nodectl follow RUN_DIR [--follow] [--lines N]
     python -m megafleet.jobs.nodectl checkpoints RUN_DIR [--pick latest|STEP]
     python -m megafleet.jobs.nodectl listen --host A --ports P,Q [--seconds S] [--expect N]
@@ -203,17 +205,34 @@ def gpu_holders(pids: set[int]) -> list[int] | None:
 
 
 def node_state(run_dir: Path, record: dict, procs: dict | None = None) -> str:
-    """running | exited | stopped | lost (no process, no exit code) | starting."""
+    """running | exited | stopped | lost (no process, no exit code) | starting. Processes left
+    after the launch shell has ended (being reaped) do not make a node `running`."""
     code = read_exit_code(run_dir)
     if procs is None:
         procs = find_run(run_dir, record)
-    if procs:
+    if procs and (code is None or shell_alive(run_dir)):
         return "running"
     if code is not None:
         return "exited"
     if (run_dir / L.STOP_REQUESTED).exists():
         return "stopped"
     return "lost" if launch_shell(run_dir)[0] else "starting"
+
+
+def spared(run_dir: Path) -> set[int]:
+    """Processes a stop does not SIGTERM (SIGKILL after the grace period still reaches them):
+    the launch shell (it writes the exit code); torchrun, which ends by itself, with the workers'
+    exit code, once they have saved and exited (a SIGTERMed torchrun exits 1 and SIGTERMs the
+    workers' process groups in turn); and the workers' own children (the helper processes of a
+    checkpoint being saved: the launch shell ends what is left of them after torchrun)."""
+    pid, ticks = launch_shell(run_dir)
+    if proctree.live_root(pid, ticks) is None:
+        return {pid} if pid else set()
+    procs = proctree.all_procs(os.getuid())
+    runners = {p.pid for p in procs.values() if p.ppid == pid and "torch.distributed.run" in p.cmdline}
+    workers = {p.pid for p in procs.values() if p.ppid in runners}
+    helpers = set().union(*(proctree.descendants(w, procs) for w in workers)) if workers else set()
+    return {pid} | runners | helpers
 
 
 def find_run(run_dir: Path, record: dict, watchers: bool = False) -> dict:
@@ -245,13 +264,32 @@ def cmd_manifest(_args) -> dict:
     return {"files": out}
 
 
+def new_attempt(run_dir: Path) -> str | None:
+    """Move the previous launch's state files to attempts/<n>/ (a resumed run starts clean)."""
+    present = [n for n in L.PER_ATTEMPT if (run_dir / n).exists()]
+    if not present:
+        return None
+    n = 1
+    while (run_dir / L.ATTEMPTS / str(n)).exists():
+        n += 1
+    dest = run_dir / L.ATTEMPTS / str(n)
+    dest.mkdir(parents=True)
+    for name in present:
+        os.replace(run_dir / name, dest / name)
+    return str(dest)
+
+
 def cmd_write(args) -> dict:
     """Write the run directory's files, each atomically and with its mode from the start (the
     env file is 0600 before a byte of it is written)."""
     run_dir = Path(os.path.expanduser(args.run_dir))
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    request = json.load(sys.stdin)
+    if request.get("new_attempt") and find_run(run_dir, read_json(run_dir / L.RUN_JSON) or {"run_id": "?"}):
+        return {"ok": False, "error": "the run's processes are still running here"}
+    archived = new_attempt(run_dir) if request.get("new_attempt") else None
     written = []
-    for f in json.load(sys.stdin)["files"]:
+    for f in request["files"]:
         target = run_dir / f["name"]
         tmp = target.with_name(target.name + ".tmp")
         tmp.unlink(missing_ok=True)
@@ -261,7 +299,7 @@ def cmd_write(args) -> dict:
         os.chmod(tmp, int(f.get("mode", 0o644)))
         os.replace(tmp, target)
         written.append(f["name"])
-    return {"ok": True, "written": written}
+    return {"ok": True, "written": written, "archived": archived}
 
 
 def cmd_started(args) -> dict:
@@ -287,7 +325,7 @@ def cmd_status(args) -> dict:
     run_dir = Path(args.run_dir)
     record = read_json(run_dir / L.RUN_JSON)
     if record is None:
-        return {"ok": False, "error": f"no run record at {run_dir / L.RUN_JSON}"}
+        return not_started(run_dir)
     procs = find_run(run_dir, record)
     metrics, count = last_metrics(output_dir(run_dir, record) / L.METRICS_FILE)
     log = run_dir / L.NODE_LOG
@@ -295,6 +333,7 @@ def cmd_status(args) -> dict:
     return {
         "ok": True, "node_rank": record.get("node_rank"), "state": node_state(run_dir, record, procs),
         "exit_code": read_exit_code(run_dir), "processes": len(procs),
+        "cause": read_json(run_dir / L.EXIT_CAUSE),
         "started": read_json(run_dir / L.STARTED), "stop_requested": (run_dir / L.STOP_REQUESTED).exists(),
         "log_bytes": log.stat().st_size if log.exists() else 0,
         "log_age_s": last_output_age(run_dir, record),
@@ -311,7 +350,7 @@ def cmd_stop(args) -> dict:
     run_dir = Path(args.run_dir)
     record = read_json(run_dir / L.RUN_JSON)
     if record is None:
-        return {"ok": False, "error": f"no run record at {run_dir / L.RUN_JSON}"}
+        return {**not_started(run_dir), "terminated": [], "killed": [], "left": []}
     if not (run_dir / L.STOP_REQUESTED).exists():
         (run_dir / L.STOP_REQUESTED).write_text(f"{time.time()}\n")
     if args.mark_only:
@@ -323,11 +362,32 @@ def cmd_stop(args) -> dict:
         seen.update(found)
         return found
 
-    pid, _ = launch_shell(run_dir)
-    result = proctree.terminate(find, args.grace, spare={pid} if pid else set())
+    result = proctree.terminate(find, args.grace, spare=spared(run_dir))
     holders = gpu_holders(seen)
     return {"ok": not result["left"] and not holders, **result, "gpu_holders": holders,
             "gpu_checked": holders is not None, "exit_code": read_exit_code(run_dir)}
+
+
+def not_started(run_dir: Path) -> dict:
+    """A node the launch never reached (it died or was cut off before writing run.json)."""
+    return {"ok": True, "state": "not started", "exit_code": None, "processes": 0,
+            "note": f"no run record at {run_dir / L.RUN_JSON}: the launch never started the job here"}
+
+
+def cmd_reap(args) -> dict:
+    """Run by launch.sh once torchrun has ended: end every process of the run it left behind
+    (orphaned workers, multiprocessing helpers, dataloader workers), then record why it ended."""
+    from megafleet.jobs import exitcause
+
+    run_dir = Path(args.run_dir)
+    record = read_json(run_dir / L.RUN_JSON) or {"run_id": "?"}
+    result = proctree.terminate(lambda: find_run(run_dir, record), args.grace)
+    if result["terminated"] or result["killed"]:
+        print(f"megafleet: ended {len(result['terminated']) + len(result['killed'])} process(es) "
+              f"torchrun left behind", file=sys.stderr, flush=True)
+    if args.exit_code != 0:
+        write_json(run_dir / L.EXIT_CAUSE, exitcause.from_log(args.exit_code, run_dir / L.NODE_LOG))
+    return {"ok": not result["left"], **result}
 
 
 def split_segments(data: bytes) -> tuple[list[bytes], bytes]:
@@ -512,6 +572,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--grace", type=float, default=30)
     p.add_argument("--mark-only", action="store_true")
+    p = sub.add_parser("reap")
+    p.add_argument("run_dir")
+    p.add_argument("--exit-code", type=int, required=True)
+    p.add_argument("--grace", type=float, default=5)
     p = sub.add_parser("follow")
     p.add_argument("run_dir")
     p.add_argument("--follow", action="store_true")
@@ -534,7 +598,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"manifest": cmd_manifest, "write": cmd_write, "started": cmd_started, "status": cmd_status,
-            "stop": cmd_stop, "follow": cmd_follow, "checkpoints": cmd_checkpoints,
+            "stop": cmd_stop, "reap": cmd_reap, "follow": cmd_follow, "checkpoints": cmd_checkpoints,
             "listen": cmd_listen, "connect": cmd_connect}
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 from megafleet import paths
 from megafleet.errors import UsageError
 
-STATES = ("launching", "running", "succeeded", "failed", "stopped", "lost")
+STATES = ("launching", "running", "stopping", "succeeded", "failed", "stopped", "lost")
 LOCAL_HOST = "local"
 
 
@@ -37,6 +38,7 @@ class NodeInfo:
     pgid: int | None = None
     start_time: float | None = None  # unix seconds
     start_ticks: int | None = None  # /proc start time, to tell a reused pid apart
+    last_contact: float | None = None  # when `status`/`stop` last reached the node (unix s)
 
 
 @dataclass
@@ -62,6 +64,9 @@ class RunRecord:
     exit_code: int | None = None
     failure: dict | None = None  # the first failure the watcher recorded
     updated: float = 0.0
+    attempt: int = 1  # launches of this run: 1 + each `megafleet resume`
+    launcher: dict | None = None  # {"host", "pid", "start_ticks"} of the launching process
+    stop_pending: list[str] = field(default_factory=list)  # hosts `stop` could not reach yet
 
     # -- files --------------------------------------------------------------------------------
     @property
@@ -97,6 +102,18 @@ class RunRecord:
         except (OSError, ValueError, TypeError) as exc:
             raise UsageError(f"run {run_id}: cannot read {path} ({exc})") from None
 
+    def mark_launcher(self) -> None:
+        """Remember this process as the one launching the run (a launch killed half-way is
+        then recognised: its process is gone while the record still says `launching`)."""
+        self.launcher = {"host": socket.gethostname(), "pid": os.getpid(),
+                         "start_ticks": _start_ticks(os.getpid())}
+
+    def launcher_gone(self) -> bool:
+        """True when the process that launched the run has ended (on this machine)."""
+        if not self.launcher or self.launcher.get("host") != socket.gethostname():
+            return bool(self.launcher) and time.time() - self.updated > 3600
+        return _start_ticks(self.launcher["pid"]) != self.launcher.get("start_ticks")
+
     @property
     def finished(self) -> bool:
         return self.state in ("succeeded", "failed", "stopped", "lost")
@@ -106,6 +123,14 @@ class RunRecord:
             if n.rank == rank:
                 return n
         raise UsageError(f"run {self.run_id} has no node {rank} (nodes 0-{len(self.nodes) - 1})")
+
+
+def _start_ticks(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().decode(errors="replace").rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def new_run_id(now: float | None = None) -> str:

@@ -4,7 +4,9 @@ after a fail-fast stop, which node failed first with its last log lines."""
 from __future__ import annotations
 
 import shlex
+import time
 
+from megafleet.errors import MegafleetError
 from megafleet.jobs.access import ask_nodes
 from megafleet.jobs.records import RunRecord
 from remote_runtime.spec.layout import PROGRESS_FIELDS
@@ -14,15 +16,9 @@ def run_status(run: RunRecord, lines: int = 20, pool=None) -> dict:
     """Ask every node (in parallel); update and save the record's state. Returns
     {"run": record dict, "state", "exit_code", "failure", "nodes": [per node], "progress"}."""
     results = ask_nodes(run, lambda n: f"status {shlex.quote(n.run_dir)} --lines {lines}", pool=pool)
-    nodes = []
-    for node in run.nodes:
-        res = results[node.host]
-        info = dict(res.value) if res.ok and isinstance(res.value, dict) else {}
-        info.update({"host": node.host, "node_rank": node.rank, "ranks": node.ranks,
-                     "reachable": res.reached, "error": None if res.ok else (res.message or res.describe())})
-        if not info.get("ok", False) and res.ok:
-            info["error"] = info.get("error") or "no status"
-        nodes.append(info)
+    nodes = [_node_info(node, results[node.host]) for node in run.nodes]
+    if run.state == "stopping" and _finish_stop(run, nodes, pool):
+        return run_status(run, lines, pool)
     derive_state(run, nodes)
     run.save()
     head = next((n for n in nodes if n["node_rank"] == 0), {})
@@ -30,26 +26,68 @@ def run_status(run: RunRecord, lines: int = 20, pool=None) -> dict:
             "failure": run.failure, "nodes": nodes, "progress": progress(head.get("metrics"))}
 
 
+def _node_info(node, res) -> dict:
+    info = dict(res.value) if res.ok and isinstance(res.value, dict) else {}
+    if res.reached:
+        node.last_contact = time.time()
+    else:
+        info["state"] = "unreachable"
+    info.update({"host": node.host, "node_rank": node.rank, "ranks": node.ranks,
+                 "reachable": res.reached, "last_contact": node.last_contact,
+                 "error": None if res.ok else (res.message or res.describe())})
+    if not info.get("ok", False) and res.ok:
+        info["error"] = info.get("error") or "no status"
+    return info
+
+
+def _finish_stop(run: RunRecord, nodes: list[dict], pool) -> bool:
+    """A `stop` that could not reach every node left the run `stopping`: once those nodes
+    answer again, stop what still runs there. True when that stop finished."""
+    back = [n["host"] for n in nodes if n["reachable"] and n["host"] in run.stop_pending]
+    if not back:
+        return False
+    from megafleet.jobs.stop import stop_run
+
+    try:
+        stop_run(run, pool=pool, nodes=[n for n in run.nodes if n.host in back])
+    except MegafleetError:
+        return False  # still not everywhere: the run stays `stopping`
+    return True
+
+
 def derive_state(run: RunRecord, nodes: list[dict]) -> None:
-    """The run's state from its nodes' (see README "Run states")."""
-    if any(not n.get("reachable", True) or n.get("error") for n in nodes):
-        return  # keep the last known state
-    states = [n.get("state") for n in nodes]
-    codes = [n.get("exit_code") for n in nodes]
-    watch = next((n.get("watch") for n in nodes if n.get("node_rank") == 0), None) or {}
-    failure = next((n.get("failure") for n in nodes if n.get("failure")), None) or watch.get("failure")
+    """The run's state from its nodes' (SKILL.md, "Monitor"). With a node unreachable, only
+    what the reachable ones know (node 0's watcher verdict) changes it."""
+    reachable = [n for n in nodes if n.get("reachable", True) and not n.get("error")]
+    watch = next((n.get("watch") for n in reachable if n.get("node_rank") == 0), None) or {}
+    failure = next((n.get("failure") for n in reachable if n.get("failure")), None) or watch.get("failure")
     if failure:
         run.failure = failure
-    if any(s in ("running", "starting") for s in states):
-        run.state = "running"
+    states = [n.get("state") for n in reachable]
+    if len(reachable) < len(nodes):
+        # Unreachable nodes: say what the reachable ones know (the watcher's verdict), no more.
+        if run.state != "stopping" and run.failure and not any(s in ("running", "starting") for s in states):
+            run.state, run.exit_code = "failed", run.failure.get("exit_code") or 1
         return
-    stopped = any(n.get("stop_requested") for n in nodes)
+    if states and all(s == "not started" for s in states):
+        if run.state == "launching" and run.launcher_gone():
+            run.state, run.exit_code = "failed", 1
+            run.failure = {"node": None, "host": None, "time": run.updated, "exit_code": None, "tail": [],
+                           "reason": "the launch was interrupted before the job started on any node"}
+        elif run.state == "stopping":
+            run.state, run.exit_code = "stopped", 0
+        return
+    if any(s in ("running", "starting") for s in states):
+        run.state = "stopping" if run.state == "stopping" else "running"
+        return
+    codes = [n.get("exit_code") for n in reachable if n.get("state") != "not started"]
+    stopped = run.state == "stopping" or any(n.get("stop_requested") for n in reachable)
     bad = [c for c in codes if c != 0]
     if run.failure and not stopped:
         run.state, run.exit_code = "failed", run.failure.get("exit_code") or next(
             (c for c in bad if c), 1)
-    elif stopped:
-        run.state, run.exit_code = "stopped", next((c for c in bad if c), 0 if not bad else 1)
+    elif stopped:  # stopped by the user: the run's exit code is 0 (what it did until then stays)
+        run.state, run.exit_code = "stopped", 0
     elif not bad:
         run.state, run.exit_code = "succeeded", 0
     elif all(c is None for c in bad):

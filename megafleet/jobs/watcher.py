@@ -88,14 +88,24 @@ class NodeWatch:
                   "user_stop": (self.run_dir / L.STOP_REQUESTED).exists()}
         if state in FINAL and code != 0:
             report["tail"] = nodectl.recent_lines(self.run_dir, self.record, 15)
+            report["cause"] = nodectl.read_json(self.run_dir / L.EXIT_CAUSE)
+        if state in FINAL:
+            self.end_stragglers()
         return report
+
+    def end_stragglers(self) -> None:
+        """Processes of the run still alive after its launch shell ended (the shell was killed
+        before it could end them itself): nothing may outlive the run."""
+        left = nodectl.find_run(self.run_dir, self.record)
+        if left:
+            log(f"ending {len(left)} process(es) left after the job ended: {sorted(left)}")
+            proctree.terminate(lambda: nodectl.find_run(self.run_dir, self.record), 5)
 
     def stop_job(self, reason: str) -> dict:
         log(f"stopping this node's job: {reason}")
-        pid, _ = nodectl.launch_shell(self.run_dir)
         result = proctree.terminate(lambda: nodectl.find_run(self.run_dir, self.record),
                                     float(self.record.get("stop_grace", 30)),
-                                    spare={pid} if pid else set())
+                                    spare=nodectl.spared(self.run_dir))
         nodectl.write_json(self.run_dir / L.WATCHER_STOP, {"reason": reason, "time": time.time(), **result})
         log(f"stopped: {result}")
         return result
@@ -167,7 +177,8 @@ class Coordinator:
         if exits:
             k = exits[0][1]
             n = self.nodes[k]
-            reason = (f"exited with code {n['exit_code']}" if n.get("exit_code") is not None
+            reason = ((n.get("cause") or {}).get("text") or f"exited with code {n['exit_code']}"
+                      if n.get("exit_code") is not None
                       else "lost its launch process without an exit code (killed?)")
             return self._failure(k, hosts, reason, n)
         for k in range(self.nnodes):
@@ -185,7 +196,7 @@ class Coordinator:
     def _failure(k: int, hosts: list, reason: str, n: dict) -> dict:
         return {"node": k, "host": hosts[k] if k < len(hosts) else None, "reason": reason,
                 "exit_code": n.get("exit_code"), "time": n.get("time", time.time()),
-                "tail": n.get("tail", [])}
+                "tail": n.get("tail", []), "cause": n.get("cause")}
 
     def save(self) -> None:
         nodes = {str(k): {key: v for key, v in n.items() if key not in ("seen", "tail")}

@@ -12,7 +12,8 @@ Everything is written into `.checkpoint-<step>.partial/` and renamed when comple
 `checkpoint-<step>` directory with a `trainer_state.json` is always whole; a crash leaves only a
 `.partial` directory, removed by the next save. Without a shared filesystem each node keeps the
 optimizer shards of its own ranks in its own copy of the directory (rank 0's node has the HF
-model); resuming then needs the same nodes in the same order, which `find_resume_step` checks.
+model), and every node's local leader writes trainer_state.json and prunes its own copy;
+resuming needs the same nodes in the same order (remote_runtime.train.resume).
 """
 
 from __future__ import annotations
@@ -133,18 +134,24 @@ def save_checkpoint(output_dir: str | Path, state: TrainState, model, optimizer,
     state.has_optimizer, state.has_rng = save_optim, save_rng
     state.time = time.time()
     if dist.rank == 0:
-        tmp = stage / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(state.__dict__, indent=2))
-        os.replace(tmp, stage / STATE_FILE)
-        _publish(stage, final)
-        if total_limit:
-            prune(out, total_limit, keep=final)
+        _finish(stage, final, state, out, total_limit)
     _barrier()
-    # Other nodes publish their own copy; on a shared filesystem rank 0 already moved it.
+    # Other nodes finish their own copy; on a shared filesystem rank 0 already moved it.
     if _is_local_leader(dist) and dist.rank != 0 and stage.exists():
-        _publish(stage, final)
+        _finish(stage, final, state, out, total_limit)
     _barrier()
     return final
+
+
+def _finish(stage: Path, final: Path, state: TrainState, out: Path, total_limit: int | None) -> None:
+    """trainer_state.json last (it marks the copy complete), publish, prune: on every node,
+    so each node's copy resumes and no node keeps more than total_limit checkpoints."""
+    tmp = stage / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state.__dict__, indent=2))
+    os.replace(tmp, stage / STATE_FILE)
+    _publish(stage, final)
+    if total_limit:
+        prune(out, total_limit, keep=final)
 
 
 def _publish(stage: Path, final: Path) -> None:
@@ -170,30 +177,6 @@ def _model_sharded_state_dict(model) -> dict:
         prefix = f"model{i}." if len(model) > 1 else ""
         sd.update(chunk.sharded_state_dict(prefix=prefix))
     return sd
-
-
-def find_resume_step(resume: str | None, output_dir: str | Path, dist) -> Path | None:
-    """The checkpoint to resume from (rank 0 decides, every rank gets the same answer).
-
-    `resume` is None (start fresh), "auto" (newest complete checkpoint in output_dir, if any) or
-    a checkpoint directory.
-    """
-    chosen = None
-    if dist.rank == 0 and resume:
-        if resume == "auto":
-            ckpts = complete_checkpoints(output_dir)
-            chosen = str(ckpts[-1][1].resolve()) if ckpts else None
-        else:
-            path = Path(resume).expanduser().resolve()
-            if not (path / STATE_FILE).is_file():
-                chosen = f"!{path} is not a complete checkpoint (no {STATE_FILE})"
-            else:
-                chosen = str(path)
-    box = [chosen]
-    torch.distributed.broadcast_object_list(box, src=0)
-    if box[0] and box[0].startswith("!"):
-        raise ResumeError(f"checkpoint.resume: {box[0][1:]}")
-    return Path(box[0]) if box[0] else None
 
 
 def load_training_state(path: Path, model, optimizer, dist, layout: dict) -> TrainState:

@@ -60,6 +60,7 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
     from remote_runtime.train import checkpoint as ckpt
     from remote_runtime.train.collectives import any_rank
     from remote_runtime.spec.shape import ModelShape
+    from remote_runtime.train.resume import find_resume_step
     from remote_runtime.train.step import train_step
 
     _check_checkpoint_dependencies()
@@ -81,7 +82,7 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
         (output_dir / RUN_CONFIG).write_text(json.dumps(resolved, indent=2, default=str))
 
     dataset, batches, train_iters = _data(job, dist, rank0)
-    resume_from = ckpt.find_resume_step(job.checkpoint.resume, output_dir, dist)
+    resume_from = find_resume_step(job.checkpoint.resume, output_dir, dist)
     model, optimizer, scheduler = _model(job, family, hf_config, dist, resume_from, train_iters)
     layout = {"world_size": dist.world_size, "tp": dist.tp, "pp": dist.pp, "cp": dist.cp,
               "dp": dist.dp}

@@ -176,3 +176,37 @@ def test_live_root_tells_a_reused_pid_apart():
         p.send_signal(signal.SIGKILL)
         p.wait()
     assert proctree.live_root(p.pid, None) is None
+
+
+TORCHRUN_SUMMARY = """\
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+remote_runtime FAILED
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-04_18:45:41
+  host      : gpu2
+  rank      : 9 (local_rank: 1)
+  exitcode  : -9 (pid: 4242)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 4242
+============================================================
+"""
+
+
+def test_the_exit_cause_names_the_rank_and_the_signal_from_torchruns_summary(monkeypatch):
+    from megafleet.jobs import exitcause
+
+    monkeypatch.setattr(exitcause, "oom_killed", lambda pid: pid == 4242)
+    cause = exitcause.exit_cause(1, TORCHRUN_SUMMARY)
+    assert (cause["rank"], cause["signal"], cause["oom"]) == (9, 9, True)
+    assert cause["text"] == ("exited with code 1: rank 9 was killed by SIGKILL "
+                             "(killed by the kernel's out-of-memory killer)")
+    monkeypatch.setattr(exitcause, "oom_killed", lambda pid: None)  # dmesg not readable
+    assert "sends this signal; check the kernel log: dmesg" in exitcause.exit_cause(
+        1, TORCHRUN_SUMMARY)["text"]
+    plain = exitcause.exit_cause(1, TORCHRUN_SUMMARY.replace("-9 (pid", "1 (pid"))
+    assert plain["text"] == "exited with code 1: rank 9 failed first" and plain["signal"] is None
+    assert exitcause.exit_cause(137, "")["text"].startswith(
+        "exited with code 137: torchrun was killed by SIGKILL (the kernel's out-of-memory killer")

@@ -130,8 +130,14 @@ def test_log_lines_are_tagged_by_rank_and_progress_updates_marked():
     ([{"state": "exited", "exit_code": 0}, {"state": "running", "exit_code": None}], "running", None),
     ([{"state": "exited", "exit_code": 1, "failure": {"node": 1, "exit_code": 1}},
       {"state": "exited", "exit_code": 143}], "failed", 1),
+    # a stop by the user is a clean end: exit code 0 even where torchrun reported the SIGTERM
     ([{"state": "exited", "exit_code": 1, "stop_requested": True},
-      {"state": "stopped", "exit_code": None, "stop_requested": True}], "stopped", 1),
+      {"state": "stopped", "exit_code": None, "stop_requested": True}], "stopped", 0),
+    # node 1 unreachable: node 0's watcher has declared the failure and node 0 has ended
+    ([{"state": "exited", "exit_code": 143, "watch": {"failure": {"node": 1, "exit_code": None}}},
+      {"state": "unreachable", "reachable": False, "error": "timed out"}], "failed", 1),
+    ([{"state": "running", "exit_code": None},
+      {"state": "unreachable", "reachable": False, "error": "timed out"}], "launching", None),
     ([{"state": "lost", "exit_code": None}, {"state": "exited", "exit_code": 0}], "lost", 1),
 ])
 def test_run_state_from_the_nodes(nodes, state, code):
