@@ -224,9 +224,12 @@ def stop(run_ref, grace, as_json, dry_run, yes) -> None:
 @click.option("--checkpoint", default="latest", show_default=True, help="`latest` or a step number.")
 @click.option("--to", "to", type=click.Path(file_okay=False), help="Destination directory "
               "(default: ./checkpoints/RUN/checkpoint-STEP).")
+@click.option("--with-state", is_flag=True, help="Also bring the optimizer and RNG state "
+              "(megatron_state/: large; node 0's shards only), e.g. to resume elsewhere.")
 @json_option
-def fetch(run_ref, checkpoint, to, as_json) -> None:
-    """Download a Hugging Face checkpoint from the node that wrote it (resumable, sha256-checked)."""
+def fetch(run_ref, checkpoint, to, with_state, as_json) -> None:
+    """Download a Hugging Face checkpoint (the model, or the adapter) from the node that wrote it
+    (resumable, sha256-checked). The optimizer state stays on the node unless --with-state."""
     from megafleet.jobs.fetch import fetch_checkpoint
     from megafleet.jobs.records import RunRecord
 
@@ -234,10 +237,14 @@ def fetch(run_ref, checkpoint, to, as_json) -> None:
         raise UsageError(f"--checkpoint {checkpoint!r}: give `latest` or a step number")
     run = RunRecord.load(run_ref)
     with ui.TransferBars(enabled=not as_json) as bars:
-        report = fetch_checkpoint(run, checkpoint, to, bars)
+        report = fetch_checkpoint(run, checkpoint, to, bars, with_state=with_state)
     if as_json:
         ui.emit_json(report)
         return
     ui.check_row("ok", f"checkpoint-{report['step']} of run {run.run_id} in {report['path']}",
                  f"{report['files']} files, {report['bytes_sent']} bytes fetched, "
                  f"{len(report['skipped'])} already there; sha256 verified")
+    left = report["state_left_on_node"]
+    if left["files"]:
+        ui.info(f"optimizer state ({left['files']} files, {left['bytes'] / 2**20:.1f} MiB) left on "
+                f"{report['host']}; add --with-state to bring it too")

@@ -325,6 +325,7 @@ def cmd_stop(args) -> dict:
 
     pid, _ = launch_shell(run_dir)
     result = proctree.terminate(find, args.grace, spare={pid} if pid else set())
+    (run_dir / L.ENV_FILE).unlink(missing_ok=True)  # forwarded secrets end with the run
     holders = gpu_holders(seen)
     return {"ok": not result["left"] and not holders, **result, "gpu_holders": holders,
             "gpu_checked": holders is not None, "exit_code": read_exit_code(run_dir)}
