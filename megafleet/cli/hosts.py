@@ -59,8 +59,16 @@ def add(name, target, user, port, identity_file, private_address, jump_host, tag
                 as_json, f"would add {name} ({host.target}) to {inv.path}")
         return
     if check_now:  # check before writing: a host that fails its check is not added
+        from megafleet.ssh.known_hosts import KnownHosts
+
+        pins = KnownHosts().path
+        pinned_before = pins.read_bytes() if pins.exists() else None
         code = _run_check(inv, [host], as_json, timeout=10.0, exit_on_failure=False)
-        if code:
+        if code:  # nor is the host key it offered kept
+            if pinned_before is None:
+                pins.unlink(missing_ok=True)
+            else:
+                pins.write_bytes(pinned_before)
             ui.err_console.print(f"[red]not added[/red]: {name} failed its check; {inv.path} is "
                                  "unchanged (fix the problem above and run the same command again)")
             click.get_current_context().exit(code)

@@ -121,7 +121,9 @@ def logged_steps(host, run: RunRecord) -> int:
 def test_two_node_job_streams_both_nodes_and_the_checkpoint_loads(nodes, fleet_home, tiny_model,
                                                                     tmp_path):
     """Launched with the `megafleet launch` command (the stand-in chosen with the hidden
-    --entry-module option), HF_TOKEN forwarded from the operator's environment."""
+    --entry-module option), HF_TOKEN forwarded from the operator's environment. node0's sshd has
+    no SFTP subsystem: the upload to it and the fetch from it stream over the exec channel."""
+    nodes[0].set_sftp(False)
     proc = run_cli("launch", "--yes", "--entry-module", "tests.standin_workload", "--",
                    "--model", str(tiny_model), "--dataset", str(tmp_path / "demo.jsonl"),
                    "--train_iters", "20", "--device", "cpu", "--master_port", "29710",
@@ -155,19 +157,20 @@ def test_two_node_job_streams_both_nodes_and_the_checkpoint_loads(nodes, fleet_h
                                              "mem_total_mib": 143771}
     assert status["nodes"][1]["gpus"] is None
 
-    # the secret is in the 0600 env file only: not in scripts, records or any log
+    # the secret lived in the 0600 env file only, which is gone now that the run has ended:
+    # not in scripts, records or any log
     for rank, host in enumerate(nodes):
-        mode = host.run(f"stat -c %a {run.node(rank).run_dir}/env").stdout.strip()
-        assert mode == "600"
-        assert SECRET in node_file(host, run, rank, "env")
+        assert host.run(f"test -e {run.node(rank).run_dir}/env", check=False).returncode == 1
         leaked = host.run(f"grep -rl -- {SECRET} {run.node(rank).run_dir} || true").stdout.split()
-        assert leaked == [f"{run.node(rank).run_dir}/env"], leaked
+        assert leaked == [], leaked
     assert SECRET not in out and SECRET not in (run.dir / "run.json").read_text()
 
     proc, fetched = run_cli_json("fetch", run.run_id, "--json", "--to", str(tmp_path / "ckpt"),
                                  env=env(fleet_home))
     assert proc.returncode == 0, proc.stderr
     assert fetched["step"] == 20 and fetched["host"] == "node0" and fetched["skipped"] == []
+    assert fetched["state_left_on_node"] == {"files": 1, "bytes": 4096}  # optimizer state stays
+    assert not (tmp_path / "ckpt" / "megatron_state").exists()
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
@@ -175,6 +178,10 @@ def test_two_node_job_streams_both_nodes_and_the_checkpoint_loads(nodes, fleet_h
     again = run_cli_json("fetch", run.run_id, "--json", "--to", str(tmp_path / "ckpt"),
                          env=env(fleet_home))[1]
     assert again["bytes_sent"] == 0 and len(again["skipped"]) == fetched["files"]
+    state = run_cli_json("fetch", run.run_id, "--json", "--with-state", "--to",
+                         str(tmp_path / "ckpt"), env=env(fleet_home))[1]
+    assert state["bytes_sent"] == 4096 and state["state_left_on_node"]["files"] == 0
+    assert (tmp_path / "ckpt" / "megatron_state" / "optimizer" / "shard_0.bin").stat().st_size == 4096
 
 
 def test_stop_during_a_long_run_leaves_no_process_on_either_node(nodes, fleet_home, tiny_model, tmp_path,
@@ -206,6 +213,8 @@ def test_stop_during_a_long_run_leaves_no_process_on_either_node(nodes, fleet_ho
     assert report["ok"] and set(report["nodes"]) == {"node0", "node1"}
     assert all(r["left"] == [] and r["terminated"] for r in report["nodes"].values())
     assert run_procs(run.run_id) == {}
+    for rank, host in enumerate(nodes):  # the env file (forwarded variables) went with the run
+        assert host.run(f"test -e {run.node(rank).run_dir}/env", check=False).returncode == 1
     status = run_cli_json("status", run.run_id, "--json", env=env(fleet_home))[1]
     assert status["state"] == "stopped" and status["failure"] is None
     assert "SIGTERM: stopping at step" in run_cli("logs", run.run_id, env=env(fleet_home)).stdout
