@@ -303,18 +303,20 @@ class SSHRunner(Runner):
         return conn, conn.transport.open_session(timeout=self.pool.connect_timeout)
 
     def put(self, local, remote, progress=None):
-        return self._transfer(f"put {local} -> {remote}", (sftp_put, "exec_put"), local, remote, progress)
+        return self._transfer(f"put {local} -> {remote}", (sftp_put, "exec_put"), local, remote,
+                              progress)
 
     def get(self, remote, local, progress=None):
-        return self._transfer(f"get {remote} -> {local}", (sftp_get, "exec_get"), remote, local, progress)
+        return self._transfer(f"get {remote} -> {local}", (sftp_get, "exec_get"), remote, local,
+                              progress)
 
     def put_from(self, local, remote, offset=0, progress=None):
-        return self._transfer(f"put {local} -> {remote} from byte {offset}", (sftp_put_from, "exec_put_from"), local,
-                              remote, progress, offset)
+        return self._transfer(f"put {local} -> {remote} from byte {offset}",
+                              (sftp_put_from, "exec_put_from"), local, remote, progress, offset)
 
     def get_from(self, remote, local, offset=0, progress=None):
-        return self._transfer(f"get {remote} -> {local} from byte {offset}", (sftp_get_from, "exec_get_from"), remote,
-                              local, progress, offset)
+        return self._transfer(f"get {remote} -> {local} from byte {offset}",
+                              (sftp_get_from, "exec_get_from"), remote, local, progress, offset)
 
     def _transfer(self, label, fns, src, dst, progress, *offset):
         """`fns`: the SFTP function, and the name of its megafleet.ssh.streamcopy mirror for

@@ -110,13 +110,14 @@ def _confirm_replacement(host, offered: str, fingerprint: str) -> None:
     import click
 
     if not sys.stdin.isatty():
-        raise UsageError(f"{host.name}: replacing a pinned host key needs --fingerprint (--yes alone "
-                         f"does not replace one); the host now offers {offered}",
+        raise UsageError(f"{host.name}: replacing a pinned host key needs --fingerprint (--yes "
+                         f"alone does not replace one); the host now offers {offered}",
                          hint=f"check the fingerprint out of band (e.g. `ssh-keygen -lf "
-                         f"/etc/ssh/ssh_host_*_key.pub` on the console), then: megafleet hosts trust "
-                         f"{host.name} --replace --fingerprint {fingerprint}")
-    if not click.confirm(f"{host.name} ({host.address}:{host.port}) now offers {offered}.\n"
-                         f"Does this fingerprint match the one you checked out of band?", default=False):
+                         f"/etc/ssh/ssh_host_*_key.pub` on the console), then: megafleet hosts "
+                         f"trust {host.name} --replace --fingerprint {fingerprint}")
+    question = (f"{host.name} ({host.address}:{host.port}) now offers {offered}.\n"
+                "Does this fingerprint match the one you checked out of band?")
+    if not click.confirm(question, default=False):
         raise UsageError("cancelled; the pinned key was kept")
 
 

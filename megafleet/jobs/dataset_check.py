@@ -40,7 +40,8 @@ class DatasetReport:
     def to_dict(self) -> dict:
         return {"rows": self.rows, "trainable_tokens": sum(f.trainable_tokens for f in self.files),
                 "total_tokens": sum(f.total_tokens for f in self.files),
-                "tokens": "exact" if self.tokens_exact else f"estimated (characters / {CHARS_PER_TOKEN})",
+                "tokens": ("exact" if self.tokens_exact
+                           else f"estimated (characters / {CHARS_PER_TOKEN})"),
                 "files": [vars(f) for f in self.files]}
 
 
@@ -163,8 +164,8 @@ def samples_per_epoch(report: DatasetReport, job) -> int:
     """About how many training sequences an epoch holds: rows, or packs of max_length tokens
     (rounded up, so an estimate errs on the side of more)."""
     rows = 0
-    for spec, f in zip([s for s in job.data.dataset if Path(s.partition("#")[0]).expanduser().is_file()],
-                       report.files):
+    local = [s for s in job.data.dataset if Path(s.partition("#")[0]).expanduser().is_file()]
+    for spec, f in zip(local, report.files):
         n = spec.partition("#")[2]
         rows += int(n) if n.isdigit() else f.rows
     if not job.data.packing:

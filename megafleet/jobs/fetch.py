@@ -14,9 +14,9 @@ from megafleet.errors import UsageError
 from megafleet.jobs.access import ask_nodes, pool_for, runners_for
 from megafleet.jobs.records import RunRecord
 from megafleet.jobs.sync import RemoteFile, download
+from remote_runtime.spec.layout import STATE_DIR
 from remote_runtime.spec.layout import checkpoint_name
 
-STATE_DIR = "megatron_state"  # remote_runtime.train.checkpoint.STATE_DIR: resume state, not the model
 
 
 def writer_node(run: RunRecord):

@@ -47,8 +47,9 @@ def record_transfers(checks: Checks, targets) -> None:
             detail[t.name] = "local copy"
             continue
         has = t.runner.connection().has_sftp()
-        detail[t.name] = "sftp" if has else ("exec channel (sshd has no SFTP subsystem; add "
-                                              "`Subsystem sftp internal-sftp` to sshd_config for SFTP)")
+        detail[t.name] = "sftp" if has else (
+            "exec channel (sshd has no SFTP subsystem; add `Subsystem sftp internal-sftp` to "
+            "sshd_config for SFTP)")
     status = OK if all(v in ("sftp", "local copy") for v in detail.values()) else NOTE
     checks.add("file_transfer", status, detail)
 
@@ -111,8 +112,8 @@ def check_node_model(checks: Checks, model: str, targets) -> None:
     from megafleet.runner import run_on_hosts
 
     q = shlex.quote(model)
-    res = run_on_hosts([t.runner for t in targets],
-                       f"find {q} -maxdepth 2 -type f ! -readable 2>/dev/null | head -5", timeout=60)
+    find = f"find {q} -maxdepth 2 -type f ! -readable 2>/dev/null | head -5"
+    res = run_on_hosts([t.runner for t in targets], find, timeout=60)
     bad = [FieldProblem("model.model", f"{name}: {line} cannot be read")
            for name, r in res.items() if r.ok for line in r.stdout.split()]
     if bad:
@@ -141,13 +142,15 @@ def check_batches(checks: Checks, job, report, world_size: int) -> None:
     fit = samples // unit * unit
     fix = (f"set --global_batch_size {fit}" if fit else
            f"the data holds fewer sequences than one step needs (micro_batch_size × data parallel "
-           f"= {unit}): add data, or lower --max_length" + (" / turn off --packing" if job.data.packing else ""))
+           f"= {unit}): add data, or lower --max_length"
+           + (" / turn off --packing" if job.data.packing else ""))
     if not exact:
         checks.add("batches", NOTE, f"{what}, fewer than global_batch_size={tr.global_batch_size} "
                    f"(an estimate): {fix} if the run stops for lack of data")
         return
-    checks.refuse("batches", [FieldProblem("train.global_batch_size", f"{tr.global_batch_size}, but "
-                  f"the dataset gives {what}: not one full global batch")], hint=fix)
+    checks.refuse("batches", [FieldProblem("train.global_batch_size",
+                                           f"{tr.global_batch_size}, but the dataset gives {what}: "
+                                           "not one full global batch")], hint=fix)
 
 
 def _user() -> str:

@@ -91,6 +91,8 @@ class Connection:
         try:
             if self._sftp is not None:
                 self._sftp.close()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass  # its channel went first (e.g. with the jump host's connection)
         finally:
             self.client.close()
 

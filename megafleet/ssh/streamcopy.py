@@ -44,7 +44,8 @@ def _finish(chan, what: str) -> bytes:
         err += chan.recv_stderr(65536)
     chan.close()
     if code != 0:
-        raise StreamCopyError(f"{what}: {err.decode(errors='replace').strip() or f'exit code {code}'}")
+        said = err.decode(errors="replace").strip()
+        raise StreamCopyError(f"{what}: {said or f'exit code {code}'}")
     return err
 
 
@@ -101,7 +102,8 @@ def exec_get_from(conn, remote: str, local: str | Path, offset: int = 0,
                 progress(offset + moved, size)
     _finish(chan, f"download of {src}")
     if part.stat().st_size != size:
-        raise StreamCopyError(f"{dst}: local size {part.stat().st_size} after download, expected {size}")
+        raise StreamCopyError(f"{dst}: local size {part.stat().st_size} after download, "
+                              f"expected {size}")
     os.chmod(part, mode)
     os.replace(part, dst)
     return moved

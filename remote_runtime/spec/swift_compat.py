@@ -76,7 +76,8 @@ def compat_warnings(compat: SwiftCompatConfig) -> list[str]:
     default = SwiftCompatConfig()
     return [f"--{f.name} {_shown(getattr(compat, f.name))}: accepted for Megatron-SWIFT "
             f"compatibility, changes nothing here ({NO_OP_REASONS[f.name]})"
-            for f in fields(SwiftCompatConfig) if getattr(compat, f.name) != getattr(default, f.name)]
+            for f in fields(SwiftCompatConfig)
+            if getattr(compat, f.name) != getattr(default, f.name)]
 
 
 def _shown(value) -> str:

@@ -181,7 +181,8 @@ def test_two_node_job_streams_both_nodes_and_the_checkpoint_loads(nodes, fleet_h
     state = run_cli_json("fetch", run.run_id, "--json", "--with-state", "--to",
                          str(tmp_path / "ckpt"), env=env(fleet_home))[1]
     assert state["bytes_sent"] == 4096 and state["state_left_on_node"]["files"] == 0
-    assert (tmp_path / "ckpt" / "megatron_state" / "optimizer" / "shard_0.bin").stat().st_size == 4096
+    shard = tmp_path / "ckpt" / "megatron_state" / "optimizer" / "shard_0.bin"
+    assert shard.stat().st_size == 4096
 
 
 def test_stop_during_a_long_run_leaves_no_process_on_either_node(nodes, fleet_home, tiny_model, tmp_path,

@@ -125,5 +125,6 @@ def test_replacing_a_host_key_needs_its_fingerprint_not_just_yes(fleet, fleet_ho
     assert proc.returncode == 2 and "needs --fingerprint" in proc.stderr
     assert f"--fingerprint {new}" in " ".join(proc.stderr.split())
     assert run_cli("hosts", "check", "--json", env=env(fleet_home)).returncode == 3  # still refused
-    proc = run_cli("hosts", "trust", "node1", "--replace", "--fingerprint", new, env=env(fleet_home))
+    proc = run_cli("hosts", "trust", "node1", "--replace", "--fingerprint", new,
+                   env=env(fleet_home))
     assert proc.returncode == 0, proc.stderr

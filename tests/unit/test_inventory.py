@@ -85,7 +85,8 @@ def test_a_host_name_given_twice_is_an_error_with_both_lines(megafleet_home):
         Inventory.load()
     (problem,) = e.value.problems
     assert (problem.field, problem.source, problem.line) == ("hosts.gpu1", str(path), 6)
-    assert "defined 2 times (lines 2, 6)" in problem.message and "one entry per name" in e.value.hint
+    assert "defined 2 times (lines 2, 6)" in problem.message
+    assert "one entry per name" in e.value.hint
 
 
 def test_top_level_and_type_errors(megafleet_home):

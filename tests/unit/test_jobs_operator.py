@@ -213,7 +213,8 @@ def test_local_dry_run_plans_without_starting(megafleet_home, tmp_path):
         "job_schema": "ok", "dataset": "ok", "model_files": "ok", "nodes_reachable": "ok",
         "megafleet_version": "note", "file_transfer": "ok", "devices": "ok", "batches": "ok",
         "runtime_dry_run": "ok", "master_ports": "ok"}
-    assert checks["megafleet_version"]["detail"]["operator"] and checks["dataset"]["detail"]["rows"] == 1
+    assert checks["megafleet_version"]["detail"]["operator"]
+    assert checks["dataset"]["detail"]["rows"] == 1
     assert "5 sequence(s) per epoch" in checks["batches"]["detail"]
     node = plan["nodes"][0]
     assert node["host"] == "local" and node["uploads"] == []

@@ -58,7 +58,8 @@ def test_text_rows_are_for_pt_and_counts_come_back(tmp_path):
     (tmp_path / "t.jsonl").write_text('{"text": "abcdefgh"}\n' * 3)
     job = job_from_argv(["--model", "m", "--dataset", str(tmp_path / "t.jsonl")], task="pt")
     report = check_datasets(job, None).to_dict()
-    assert report["rows"] == 3 and report["trainable_tokens"] == 6 and "estimated" in report["tokens"]
+    assert report["rows"] == 3 and report["trainable_tokens"] == 6
+    assert "estimated" in report["tokens"]
 
 
 def test_many_bad_rows_stop_at_ten_problems(tmp_path):
@@ -110,7 +111,8 @@ def test_env_with_a_value_is_refused_without_echoing_it(tmp_path, model):
 # ---- Megatron-SWIFT commands as pasted ------------------------------------------------------
 
 SWIFT_COMMANDS = {
-    "sft": (2, "sft", """--tensor_model_parallel_size 2 --sequence_parallel true --micro_batch_size 4
+    "sft": (2, "sft", """--tensor_model_parallel_size 2 --sequence_parallel true
+        --micro_batch_size 4
         --global_batch_size 16 --recompute_granularity full --recompute_method uniform
         --recompute_num_layers 1 --finetune true --cross_entropy_loss_fusion true --lr 1e-5
         --lr_warmup_fraction 0.05 --min_lr 1e-6 --save megatron_output/Qwen3 --save_interval 100
@@ -124,14 +126,16 @@ SWIFT_COMMANDS = {
         --global_batch_size 64 --micro_batch_size 1 --num_train_epochs 2 --save_steps 500
         --logging_steps 1 --check_model false --lazy_tokenize false"""),
     "long context": (8, "sft", """--max_length 32768 --packing true --context_parallel_size 2
-        --transformer_impl transformer_engine --attention_backend flash --tensor_model_parallel_size 2
+        --transformer_impl transformer_engine --attention_backend flash
+        --tensor_model_parallel_size 2
         --sequence_parallel true --recompute_granularity full --recompute_method uniform
         --recompute_num_layers 1 --log_throughput true --attention_softmax_in_fp32 true"""),
 }
 
 
 @pytest.mark.parametrize("name", SWIFT_COMMANDS)
-def test_megatron_swift_commands_run_as_pasted_through_the_dry_run(name, model, capsys, monkeypatch):
+def test_megatron_swift_commands_run_as_pasted_through_the_dry_run(name, model, capsys,
+                                                                   monkeypatch):
     from remote_runtime.__main__ import main
 
     world, task, flags = SWIFT_COMMANDS[name]
