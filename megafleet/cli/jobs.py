@@ -155,10 +155,12 @@ def _follow(run, node, lines, as_json) -> None:
 @click.argument("run_ref", metavar="[RUN]", required=False)
 @click.option("--lines", "-n", type=click.IntRange(min=0), default=10, show_default=True,
               help="Last log lines shown for a failed node.")
+@click.option("--plot", "plot", type=click.Path(dir_okay=False), metavar="FILE.png",
+              help="Also draw the loss curve into a PNG (needs matplotlib).")
 @json_option
-def status(run_ref, lines, as_json) -> None:
-    """A run's state on every node: running or exit code, step, loss, tokens/s, ETA, GPU use.
-    Without RUN: the recorded runs."""
+def status(run_ref, lines, plot, as_json) -> None:
+    """A run's state on every node: running or exit code, step, first and last loss with a
+    loss curve, tokens/s, ETA, GPU use. Without RUN: the recorded runs."""
     from megafleet.cli import jobs_view
     from megafleet.jobs.records import RunRecord
     from megafleet.jobs.status import run_status
@@ -167,7 +169,26 @@ def status(run_ref, lines, as_json) -> None:
         _list_runs(as_json)
         return
     report = run_status(RunRecord.load(run_ref), lines=max(lines, 1))
+    if plot:
+        report["plot"] = _plot(report, plot)
     ui.emit_json(report) if as_json else jobs_view.show_status(report, lines)
+    if plot and not as_json:
+        ui.info(report["plot"]["message"])
+
+
+def _plot(report: dict, path: str) -> dict:
+    """The loss curve as a PNG, or why not (no matplotlib here, no loss logged yet)."""
+    from megafleet.jobs.status import plot_loss
+
+    curve = (report.get("progress") or {}).get("loss_curve") or []
+    if not curve:
+        return {"path": None, "message": "no PNG written: the run has logged no loss yet"}
+    try:
+        plot_loss(curve, path, f"run {report['run']['run_id']}")
+    except ImportError:
+        return {"path": None, "message": "no PNG written: matplotlib is not installed here "
+                "(pip install matplotlib); the sparkline above shows the same curve"}
+    return {"path": path, "message": f"loss curve written to {path}"}
 
 
 @click.command("runs")

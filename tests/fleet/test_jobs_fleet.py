@@ -152,6 +152,11 @@ def test_two_node_job_streams_both_nodes_and_the_checkpoint_loads(nodes, fleet_h
     proc, status = run_cli_json("status", run.run_id, "--json", env=env(fleet_home))
     assert status["state"] == "succeeded" and status["exit_code"] == 0
     assert status["progress"]["step"] == 20 and status["progress"]["loss"] == 0.25
+    curve = status["progress"]["loss_curve"]
+    assert curve[0] == [1, status["progress"]["first_loss"]] and curve[-1] == [20, 0.25]
+    shown = run_cli("status", run.run_id, "--plot", str(tmp_path / "loss.png"), env=env(fleet_home))
+    assert re.search(r"loss \S+ \(step 1\) → 0\.25 \(step 20\)  [▁▂▃▄▅▆▇█]+", shown.stdout)
+    assert ("matplotlib is not installed" in shown.stdout) != (tmp_path / "loss.png").exists()
     assert [n["state"] for n in status["nodes"]] == ["exited", "exited"]
     assert status["nodes"][0]["gpus"][1] == {"index": 1, "util": 0, "mem_used_mib": 0,
                                              "mem_total_mib": 143771}
