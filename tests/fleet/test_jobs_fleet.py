@@ -153,9 +153,9 @@ def test_two_node_job_streams_both_nodes_and_the_checkpoint_loads(nodes, fleet_h
     assert status["state"] == "succeeded" and status["exit_code"] == 0
     assert status["progress"]["step"] == 20 and status["progress"]["loss"] == 0.25
     curve = status["progress"]["loss_curve"]
-    assert curve[0] == [1, status["progress"]["first_loss"]] and curve[-1] == [20, 0.25]
+    assert curve[0] == [2, status["progress"]["first_loss"]] and curve[-1] == [20, 0.25]
     shown = run_cli("status", run.run_id, "--plot", str(tmp_path / "loss.png"), env=env(fleet_home))
-    assert re.search(r"loss \S+ \(step 1\) → 0\.25 \(step 20\)  [▁▂▃▄▅▆▇█]+", shown.stdout)
+    assert re.search(r"loss \S+ \(step 2\) → 0\.25 \(step 20\)  [▁▂▃▄▅▆▇█]+", shown.stdout)
     assert ("matplotlib is not installed" in shown.stdout) != (tmp_path / "loss.png").exists()
     assert [n["state"] for n in status["nodes"]] == ["exited", "exited"]
     assert status["nodes"][0]["gpus"][1] == {"index": 1, "util": 0, "mem_used_mib": 0,
@@ -351,6 +351,36 @@ def test_dry_run_shows_the_plan_and_changes_nothing(nodes, fleet_home, tiny_mode
     assert plan["ports"] == {"node1": {"29750": "ok", "29751": "ok"}}
     assert nodes[1].run("ls ~/megafleet/runs ~/megafleet/uploads 2>/dev/null || true").stdout.strip() == ""
     assert run_cli_json("runs", "--json", env=env(fleet_home))[1]["runs"] == []
+
+
+def test_dry_run_lists_its_checks_and_refuses_weights_the_nodes_cannot_read(nodes, fleet_home,
+                                                                             tiny_model, tmp_path):
+    """node1's sshd has no SFTP: the dry run says how files will reach it. Then a model that is
+    already on the nodes (`m`, home-relative) with an unreadable weights file is refused."""
+    from megafleet import __version__
+
+    nodes[1].set_sftp(False)
+    args = ["--dataset", str(tmp_path / "demo.jsonl"), "--train_iters", "5", "--device", "cpu",
+            "--master_port", "29760"]
+    proc, plan = run_cli_json("launch", "--dry-run", "--json", "--", "--model", str(tiny_model),
+                              *args, env=env(fleet_home))
+    assert proc.returncode == 0, proc.stderr
+    checks = {c["name"]: c for c in plan["checks"]}
+    assert checks["megafleet_version"]["detail"] == {"operator": __version__, "node0": __version__,
+                                                     "node1": __version__}
+    transfer = checks["file_transfer"]
+    assert transfer["status"] == "note" and transfer["detail"]["node0"] == "sftp"
+    assert "exec channel" in transfer["detail"]["node1"]
+    assert checks["dataset"]["detail"]["rows"] == 40 and checks["devices"]["status"] == "ok"
+    assert checks["master_ports"]["status"] == "ok"
+
+    for h in nodes:
+        h.run(f"rm -rf {h.home}/m && cp -r {tiny_model} {h.home}/m && chown -R {h.user}: "
+              f"{h.home}/m && chmod 000 {h.home}/m/model.safetensors", as_root=True)
+    proc, err = run_cli_json("launch", "--dry-run", "--json", "--", "--model", "m", *args,
+                             env=env(fleet_home))
+    assert proc.returncode == 2 and err["problems"][0]["field"] == "model.model"
+    assert "model.safetensors cannot be read" in err["message"] and "chmod" in err["hint"]
 
 
 def test_the_master_address_is_the_one_node0_reaches_a_worker_behind_it_from(nodes, fleet, fleet_home,
