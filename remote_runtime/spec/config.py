@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from remote_runtime.spec.errors import ConfigError
-from remote_runtime.spec.swift_compat import MS_SWIFT_ONLY, SwiftCompatConfig, compat_warnings
+from remote_runtime.spec.swift_compat import (MS_SWIFT_ONLY, SWIFT_SPELLINGS, SwiftCompatConfig,
+                                              compat_warnings)
 
 
 TASKS = ("sft", "pt")
@@ -201,6 +202,7 @@ ALIASES = {
     "save_interval": "save_steps",
     "log_interval": "logging_steps",
     "max_epochs": "num_train_epochs",
+    **SWIFT_SPELLINGS,
 }
 
 # Megatron-SWIFT options that exist there but not (yet) here: an error, never silently ignored.

@@ -86,6 +86,19 @@ def _shown(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
+# ms-swift's transformers-style spellings (`swift sft`, ms-swift 4) of options we implement under
+# their Megatron names: the same setting, so they map (config.ALIASES) instead of failing.
+SWIFT_SPELLINGS = {
+    "learning_rate": "lr",
+    "warmup_ratio": "lr_warmup_fraction",
+    "warmup_steps": "lr_warmup_iters",
+    "max_grad_norm": "clip_grad",
+    "max_steps": "train_iters",
+    "adam_epsilon": "adam_eps",
+    "per_device_train_batch_size": "micro_batch_size",
+}
+
+
 # ms-swift (3.x and 4.x, Megatron-SWIFT) options megafleet does not implement. An unknown
 # option in this set is reported as "not implemented", never with a "did you mean" neighbour.
 MS_SWIFT_ONLY = frozenset("""
@@ -105,6 +118,6 @@ ckpt_format async_save distributed_backend distributed_timeout_minutes tp_comm_o
 num_layers_per_virtual_pipeline_stage pipeline_model_parallel_layout num_experts
 moe_router_topk moe_router_load_balancing_type moe_z_loss_coeff moe_enable_deepep
 moe_layer_recompute mtp_num_layers fp8_param_gather log_params_norm wandb_project
-wandb_exp_name tensorboard_log_interval eval_strategy max_steps seq_length
+wandb_exp_name tensorboard_log_interval eval_strategy seq_length
 megatron_extra_kwargs packing_cache columns template agent_template norm_bbox
 """.split())

@@ -119,7 +119,8 @@ SWIFT_COMMANDS = {
         --max_length 2048 --system You_are_a_helpful_assistant. --num_workers 4 --no_save_optim true
         --no_save_rng true --dataset_num_proc 4 --model_author swift --model_name swift-robot
         --save_safetensors true --load_from_cache_file true"""),
-    "pt": (1, "pt", """--packing true --train_iters 1000 --lr 2e-5 --log_interval 5
+    "pt": (1, "pt", """--packing true --max_steps 1000 --learning_rate 2e-5 --log_interval 5
+        --warmup_ratio 0.03 --max_grad_norm 1.0
         --torch_dtype bfloat16 --dataloader_num_workers 8 --use_hf true --add_version false"""),
     "multi-node": (16, "sft", """--tensor_model_parallel_size 4 --pipeline_model_parallel_size 2
         --use_distributed_optimizer true --overlap_grad_reduce true --overlap_param_gather true
@@ -152,6 +153,19 @@ def test_megatron_swift_commands_run_as_pasted_through_the_dry_run(name, model, 
               "log_throughput", "attention_softmax_in_fp32", "model_name")]
     assert sorted(n.split()[0] for n in noted) == sorted(given)
     assert resolved["job"]["train"]["num_train_epochs"] == (2 if name == "multi-node" else 1)
+    if name == "pt":  # transformers-style spellings map to the Megatron names
+        assert resolved["job"]["train"]["train_iters"] == 1000
+        assert resolved["job"]["optim"]["lr"] == 2e-5
+        assert resolved["job"]["optim"]["lr_warmup_fraction"] == 0.03
+
+
+def test_the_runtime_help_that_errors_point_to_lists_every_option(capsys):
+    from remote_runtime.__main__ import main
+
+    assert main(["sft", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--num_train_epochs" in out and "1.0  (train.num_train_epochs)" in out
+    assert "--save_safetensors" in out and "(swift_compat.save_safetensors)" in out
 
 
 def test_ms_swift_options_that_are_not_implemented_say_so_instead_of_suggesting_a_neighbour(model):
