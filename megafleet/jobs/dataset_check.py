@@ -3,8 +3,9 @@ local file, read as a stream (a file far larger than memory is fine), with the r
 runtime's row formats (remote_runtime.spec.formats). Problems name the file and line; the report
 counts rows and the tokens training learns from (assistant turns for `sft`, all text for `pt`).
 
-Token counts are exact when the `tokenizers` package is here and the model directory has a
-`tokenizer.json`; otherwise they are estimated as characters / 4 and marked as estimates.
+Token counts are exact when the `tokenizers` package is here, the model directory has a
+`tokenizer.json` and the files hold at most EXACT_LIMIT bytes (tokenizing more would take
+minutes); otherwise they are estimated as characters / 4 and marked as estimates.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from megafleet.errors import FieldProblem, ValidationError
 
 CHARS_PER_TOKEN = 4  # a rough average of BPE tokenizers on English text and code
+EXACT_LIMIT = 64 << 20  # bytes of dataset up to which tokens are counted with the tokenizer
 MAX_PROBLEMS = 10
 
 
@@ -48,10 +50,10 @@ class DatasetReport:
 class _Counter:
     """Tokens of a text: with the model's tokenizer.json when possible, else characters / 4."""
 
-    def __init__(self, model_dir: Path | None):
+    def __init__(self, model_dir: Path | None, data_bytes: int = 0):
         self.tokenizer = None
         path = model_dir / "tokenizer.json" if model_dir else None
-        if path is not None and path.is_file():
+        if path is not None and path.is_file() and data_bytes <= EXACT_LIMIT:
             try:
                 from tokenizers import Tokenizer
 
@@ -144,13 +146,12 @@ def _measure(report: FileReport, example, task: str, count) -> None:
 
 def check_datasets(job, model_dir: Path | None) -> DatasetReport:
     """Every local file of `job.data.dataset`; raises ValidationError naming file and line."""
-    count = _Counter(model_dir)
+    local = [p for p in (Path(s.partition("#")[0]).expanduser() for s in job.data.dataset)
+             if p.is_file()]  # other paths are on the nodes: the runtime checks them there
+    count = _Counter(model_dir, sum(p.stat().st_size for p in local))
     out = DatasetReport(tokens_exact=count.tokenizer is not None)
     problems = []
-    for spec in job.data.dataset:
-        path = Path(spec.partition("#")[0]).expanduser()
-        if not path.is_file():
-            continue  # a path on the nodes: the runtime checks it there
+    for path in local:
         report, found = check_file(path, job.task, count)
         out.files.append(report)
         problems += [FieldProblem("data.dataset", f"{path}: {p}") for p in found]
@@ -160,15 +161,17 @@ def check_datasets(job, model_dir: Path | None) -> DatasetReport:
     return out
 
 
-def samples_per_epoch(report: DatasetReport, job) -> int:
-    """About how many training sequences an epoch holds: rows, or packs of max_length tokens
-    (rounded up, so an estimate errs on the side of more)."""
+def samples_per_epoch(report: DatasetReport, job) -> tuple[int, int]:
+    """(at least, at most) training sequences per epoch. Without packing both are the rows
+    (`path#N` counts N). With packing a pack holds one row or more (at most: the rows), and
+    all tokens need at least tokens / max_length packs (at least: content tokens only, the
+    chat template adds more)."""
     rows = 0
     local = [s for s in job.data.dataset if Path(s.partition("#")[0]).expanduser().is_file()]
     for spec, f in zip(local, report.files):
         n = spec.partition("#")[2]
         rows += int(n) if n.isdigit() else f.rows
     if not job.data.packing:
-        return rows
+        return rows, rows
     total = sum(f.total_tokens for f in report.files)
-    return max(1, -(-total // job.data.max_length))
+    return min(rows, max(1, -(-total // job.data.max_length))), rows

@@ -128,25 +128,25 @@ def check_batches(checks: Checks, job, report, world_size: int) -> None:
 
     if report is None or not report.files:
         return
-    samples = samples_per_epoch(report, job)
+    least, most = samples_per_epoch(report, job)
     tr, par = job.train, job.parallel
     dp = max(1, world_size // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size
                                * par.context_parallel_size))
     unit = tr.micro_batch_size * dp
-    exact = not job.data.packing or report.tokens_exact
-    what = (f"{'about ' if not exact else ''}{samples} sequence(s) per epoch"
-            + (f" (packed to max_length={job.data.max_length})" if job.data.packing else ""))
-    if samples >= tr.global_batch_size:
+    what = (f"{least} sequence(s) per epoch" if least == most else
+            f"{least} to {most} sequences per epoch (packed to max_length={job.data.max_length})")
+    if least >= tr.global_batch_size:
         checks.add("batches", OK, f"{what}; global_batch_size={tr.global_batch_size}")
         return
-    fit = samples // unit * unit
+    fit, rows_fit = least // unit * unit, most // unit * unit
     fix = (f"set --global_batch_size {fit}" if fit else
            f"the data holds fewer sequences than one step needs (micro_batch_size × data parallel "
-           f"= {unit}): add data, or lower --max_length"
-           + (" / turn off --packing" if job.data.packing else ""))
-    if not exact:
-        checks.add("batches", NOTE, f"{what}, fewer than global_batch_size={tr.global_batch_size} "
-                   f"(an estimate): {fix} if the run stops for lack of data")
+           f"= {unit}): add data")
+    if job.data.packing and rows_fit > fit:
+        fix += f", or --packing false with --global_batch_size {rows_fit}"
+    if most >= tr.global_batch_size:  # packing may or may not leave enough: the runtime decides
+        checks.add("batches", NOTE, f"{what}, perhaps fewer than global_batch_size="
+                   f"{tr.global_batch_size}: {fix} if the run stops for lack of data")
         return
     checks.refuse("batches", [FieldProblem("train.global_batch_size",
                                            f"{tr.global_batch_size}, but the dataset gives {what}: "

@@ -178,3 +178,22 @@ def test_ms_swift_options_that_are_not_implemented_say_so_instead_of_suggesting_
     assert "did you mean" not in message
     with pytest.raises(ConfigError, match=r"did you mean --save_steps\?"):
         job_from_argv(["--save_step", "3"])
+
+
+def test_with_packing_too_few_rows_is_refused_and_maybe_too_few_packs_is_a_note(tmp_path):
+    """A pack holds at least one row, so rows < global_batch_size is certain to fail; fewer
+    packs than that is only an estimate (the chat template adds tokens)."""
+    from megafleet.jobs.launch_checks import Checks, check_batches
+
+    (tmp_path / "d.jsonl").write_text(chat_lines(20))
+    job = job_from_argv(["--model", "m", "--dataset", str(tmp_path / "d.jsonl"), "--packing",
+                         "true", "--max_length", "64", "--global_batch_size", "16"])
+    checks = Checks()
+    check_batches(checks, job, check_datasets(job, None), world_size=1)
+    (note,) = checks.items
+    assert note["status"] == "note" and "1 to 20 sequences per epoch" in note["detail"]
+    job.data.dataset = [str(tmp_path / "d.jsonl") + "#10"]
+    with pytest.raises(ValidationError) as e:
+        check_batches(Checks(), job, check_datasets(job, None), world_size=1)
+    assert "not one full global batch" in str(e.value)
+    assert e.value.hint == "set --global_batch_size 1, or --packing false with --global_batch_size 10"
