@@ -138,7 +138,7 @@ def plan_launch(job, opts: LaunchOptions) -> LaunchPlan:
     resolved = resolve_on_runtime(node_jobs[targets[0].name], run, targets[0], facts, job, notes,
                                   opts.entry_module)
     checks.add("runtime_dry_run", C.OK if resolved else C.NOTE,
-               "resolved for world size %d" % run.world_size if resolved else "schema only")
+               f"resolved for world size {run.world_size}" if resolved else "schema only")
     plan = LaunchPlan(run, job, node_jobs, targets, facts, copies, env_values, resolved, notes,
                       checks=checks.items, dataset=dataset.to_dict() if dataset else None)
     if opts.check_ports:

@@ -196,4 +196,5 @@ def test_with_packing_too_few_rows_is_refused_and_maybe_too_few_packs_is_a_note(
     with pytest.raises(ValidationError) as e:
         check_batches(Checks(), job, check_datasets(job, None), world_size=1)
     assert "not one full global batch" in str(e.value)
-    assert e.value.hint == "set --global_batch_size 1, or --packing false with --global_batch_size 10"
+    assert e.value.hint == ("set --global_batch_size 1, or --packing false with "
+                            "--global_batch_size 10")
