@@ -121,8 +121,9 @@ def validate_report(doc: Any, host: str | None = None) -> list[FieldProblem]:
 
 def parse_report(text: str, host: str = "local") -> dict:
     """The report in a host's output, validated; raises ValidationError naming host and field."""
+    start = text.find("\n{") + 1 if not text.startswith("{") else 0  # after login-script noise
     try:
-        doc = json.loads(text)
+        doc = json.loads(text[start:])
     except json.JSONDecodeError as exc:
         raise ValidationError([FieldProblem(field="(output)", source=host,
                                             message=f"not JSON ({exc.msg} at line {exc.lineno})")],

@@ -38,6 +38,7 @@ def probe_host(runner: Runner, workdir: str = DEFAULT_WORKDIR) -> dict:
         facts["host_key"] = conn.host_key
         facts["host_key_pinned_now"] = conn.pinned_now
         facts["via"] = conn.jump.host.name if conn.jump else None
+        facts["sftp"] = conn.has_sftp()
     res = runner.run("sh -s", stdin=probe_script(workdir), timeout=PROBE_TIMEOUT).check()
     facts.update(parse_probe(res.stdout))
     return facts
@@ -87,6 +88,7 @@ def fleet_findings(rows: list[dict]) -> list[Finding]:
             out.append(Finding("error", "nvidia_smi_failed",
                                f"{r['name']}: nvidia-smi is installed but failed: {r['gpu_error']}",
                                [r["name"]]))
+    out += transfer_findings(up)
     no_gpu = [r["name"] for r in up if r.get("gpu_status") == "none"]
     if no_gpu:
         out.append(Finding("warning", "no_gpus", f"no NVIDIA GPU found (nvidia-smi absent or lists "
@@ -96,6 +98,33 @@ def fleet_findings(rows: list[dict]) -> list[Finding]:
                   lambda r: ", ".join(sorted({g["name"] for g in r["gpus"]})))
     out += _mixed(with_gpu, "mixed_gpu_counts", "GPU counts", lambda r: str(len(r["gpus"])))
     out += _mixed(with_gpu, "mixed_drivers", "NVIDIA drivers", lambda r: r.get("driver_version") or "?")
+    return out
+
+
+NO_SFTP_FIX = ("to use SFTP instead, add `Subsystem sftp internal-sftp` to /etc/ssh/sshd_config "
+               "and reload sshd (`systemctl reload ssh`)")
+
+
+def transfer_findings(rows: list[dict]) -> list[Finding]:
+    """Hosts without an SFTP server (files stream over the exec channel instead), and hosts that
+    present one host key (two inventory entries for one machine, or cloned images)."""
+    out = []
+    no_sftp = [r["name"] for r in rows if r.get("sftp") is False]
+    if no_sftp:
+        out.append(Finding("info", "no_sftp", f"no SFTP subsystem in sshd on {', '.join(no_sftp)}: "
+                           "file transfers stream over the SSH exec channel instead (same resume "
+                           f"and sha256 checks); {NO_SFTP_FIX}", no_sftp))
+    by_key: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("host_key"):
+            by_key.setdefault(r["host_key"], []).append(r["name"])
+    for key, names in by_key.items():
+        if len(names) > 1:
+            out.append(Finding("warning", "shared_host_key",
+                               f"{', '.join(names)} present the same host key ({key}): one machine "
+                               "listed twice (a job would run two nodes on it), or machines cloned "
+                               "from one image with its host keys; remove the duplicate entry, or "
+                               "regenerate the host keys on the clones", names))
     return out
 
 

@@ -141,6 +141,10 @@ class Inventory:
             raise ValidationError([FieldProblem("(yaml)", str(exc).split(": ", 1)[-1], str(p),
                                                 exc.line)],
                                   hint="fix the YAML syntax on that line (indentation, colons, quotes)")
+        duplicates = _duplicate_hosts(p)
+        if duplicates:
+            raise ValidationError(duplicates, hint=f"keep one entry per name in {p} (YAML keeps "
+                                  "only the last one silently)")
         return cls(_hosts_from_data(data, lines, p), path=p)
 
     def __len__(self) -> int:
@@ -230,6 +234,22 @@ class Inventory:
             Path(tmp).unlink(missing_ok=True)
             raise
         return self.path
+
+
+def _duplicate_hosts(path: Path) -> list[FieldProblem]:
+    """Host names given twice under `hosts:` (PyYAML would keep the last one without a word)."""
+    root = yaml.compose(path.read_text(), Loader=yaml.SafeLoader)
+    if not isinstance(root, yaml.MappingNode):
+        return []
+    hosts = next((v for k, v in root.value if k.value == "hosts"), None)
+    if not isinstance(hosts, yaml.MappingNode):
+        return []
+    seen: dict[str, list[int]] = {}
+    for key, _ in hosts.value:
+        seen.setdefault(str(key.value), []).append(key.start_mark.line + 1)
+    return [FieldProblem(f"hosts.{name}", f"defined {len(at)} times (lines "
+                         f"{', '.join(map(str, at))})", str(path), at[-1])
+            for name, at in seen.items() if len(at) > 1]
 
 
 def _hosts_from_data(data: Any, lines: dict[str, int], path: Path) -> list[Host]:

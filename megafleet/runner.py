@@ -123,8 +123,9 @@ class Result:
         if isinstance(exc, MegafleetError):
             return cls(host, command, error=INTERNAL, message=exc.message, hint=exc.hint,
                        duration=time.monotonic() - started)
+        hint = ssh_layer_hint(host, exc) if _is_io_error(exc) else None
         return cls(host, command, error=INTERNAL, message=f"{type(exc).__name__}: {exc}",
-                   stderr="".join(traceback.format_exception(exc)),
+                   stderr="".join(traceback.format_exception(exc)), hint=hint,
                    duration=time.monotonic() - started)
 
 
@@ -283,7 +284,8 @@ class SSHRunner(Runner):
             if res.error == INTERNAL and _is_io_error(exc):  # a pooled connection went stale
                 self.pool.drop(self.host)
                 res.error, res.stderr = DISCONNECTED, ""
-                res.hint = "the connection broke; the next command reconnects"
+                res.hint = "the connection broke; the next command reconnects; if it keeps " \
+                    f"failing, run `megafleet hosts check {self.name}`"
             return res
         from megafleet.ssh.channel import pump
 
@@ -301,35 +303,57 @@ class SSHRunner(Runner):
         return conn, conn.transport.open_session(timeout=self.pool.connect_timeout)
 
     def put(self, local, remote, progress=None):
-        return self._transfer(f"put {local} -> {remote}", sftp_put, local, remote, progress)
+        return self._transfer(f"put {local} -> {remote}", (sftp_put, "exec_put"), local, remote,
+                              progress)
 
     def get(self, remote, local, progress=None):
-        return self._transfer(f"get {remote} -> {local}", sftp_get, remote, local, progress)
+        return self._transfer(f"get {remote} -> {local}", (sftp_get, "exec_get"), remote, local,
+                              progress)
 
     def put_from(self, local, remote, offset=0, progress=None):
-        return self._transfer(f"put {local} -> {remote} from byte {offset}", sftp_put_from, local,
-                              remote, progress, offset)
+        return self._transfer(f"put {local} -> {remote} from byte {offset}",
+                              (sftp_put_from, "exec_put_from"), local, remote, progress, offset)
 
     def get_from(self, remote, local, offset=0, progress=None):
-        return self._transfer(f"get {remote} -> {local} from byte {offset}", sftp_get_from, remote,
-                              local, progress, offset)
+        return self._transfer(f"get {remote} -> {local} from byte {offset}",
+                              (sftp_get_from, "exec_get_from"), remote, local, progress, offset)
 
-    def _transfer(self, label, fn, src, dst, progress, *offset):
+    def _transfer(self, label, fns, src, dst, progress, *offset):
+        """`fns`: the SFTP function, and the name of its megafleet.ssh.streamcopy mirror for
+        hosts without an SFTP server."""
+        from megafleet.ssh import streamcopy
+
         started = time.monotonic()
         try:
             conn = self.connection()
-            with conn.sftp_lock:
-                moved = fn(conn.sftp(), src, dst, *offset, progress)
+            if conn.has_sftp():
+                with conn.sftp_lock:
+                    moved = fns[0](conn.sftp(), src, dst, *offset, progress)
+            else:
+                moved = getattr(streamcopy, fns[1])(conn, src, dst, *offset, progress)
         except Exception as exc:
             res = Result.from_exception(self.name, label, exc, started)
             if res.error == INTERNAL and _is_io_error(exc):
                 res.error, res.stderr = TRANSFER, ""  # I/O trouble, not a bug: no traceback
+                res.hint = res.hint or ssh_layer_hint(self.name, exc)
             return res
         return Result(self.name, label, exit_code=0, duration=time.monotonic() - started,
                       value=moved)
 
     def close(self):
         self.pool.drop(self.host)
+
+
+def ssh_layer_hint(host: str, exc: BaseException) -> str:
+    """What to do about a transfer that failed below megafleet (paramiko, socket, disk)."""
+    if isinstance(exc, FileNotFoundError) or "No such file" in str(exc):
+        return f"check the path: it does not exist (on {host} or here)"
+    if isinstance(exc, PermissionError) or "Permission denied" in str(exc):
+        return f"check the permissions of the path on {host} (and here) for the SSH user"
+    if isinstance(exc, OSError) and "No space left" in str(exc):
+        return f"free disk space (on {host} or here) and run the command again"
+    return (f"the SSH connection to {host} failed ({type(exc).__name__}: {exc}); run the command "
+            f"again (copies resume), and `megafleet hosts check {host}` if it keeps failing")
 
 
 def _is_io_error(exc: BaseException) -> bool:

@@ -12,12 +12,26 @@ Options use Megatron-SWIFT names; `--dry_run true` validates the job from config
 """
 
 
+def options_help() -> str:
+    """Every option with its default and where it lives in a job file (torch-free)."""
+    from remote_runtime.spec.config import LEAVES
+
+    lines = ["options (default; job-file field):"]
+    for leaf, (dotted, _, default) in LEAVES.items():
+        if leaf != "task":
+            lines.append(f"  --{leaf:<34} {default!r}  ({dotted})")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command in ("sft", "pt") and ("-h" in rest or "--help" in rest):
+        print(USAGE + "\n" + options_help())
+        return 0
     if command in ("sft", "pt"):
         from remote_runtime.spec.config import ConfigError
 

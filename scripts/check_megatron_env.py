@@ -1259,7 +1259,10 @@ def check_gpus(ctx: Context) -> List[Check]:
         where = "nvidia-smi lists %s but torch sees none" % ", ".join(
             g["name"] or "?" for g in smi) if smi else "no GPU found (torch sees none%s)" % (
             "" if ctx.smi["found"] else ", nvidia-smi not installed")
-        gpu = Check("gpu.count", "GPUs", level, "fail", where, data={"gpus": smi})
+        fix = ("install a CUDA build of torch that this driver supports (see torch.cuda_build)"
+               if smi else "run on a machine with an NVIDIA GPU and its driver (`nvidia-smi -L` "
+               "lists it), or pass --cpu-ok for a CPU smoke run (then launch with --device cpu)")
+        gpu = Check("gpu.count", "GPUs", level, "fail", where, fix, data={"gpus": smi})
         arch = Check("gpu.arch", "torch kernels for these GPUs", level, "skip", "no GPU to check")
         return [gpu, arch]
     names = {}
@@ -1708,6 +1711,21 @@ def run_checks(ctx: Context) -> List[Check]:
         except Exception as exc:  # a bug in one check must not hide the others
             checks.append(Check("internal.%s" % group.__name__, group.__name__, OPTIONAL, "fail",
                                 "the check itself failed: %s: %s" % (type(exc).__name__, exc)))
+    return not_applicable_on_cpu(checks) if ctx.opts.cpu_ok else checks
+
+
+# GPU checks that cannot pass on a CPU-only machine: with --cpu-ok a failure there is no failure
+GPU_ONLY_CHECKS = ("torch.cuda_build", "torch.cuda_available", "gpu.count", "gpu.arch",
+                   "driver.version", "driver.cuda_compat", "cudnn.runtime", "nccl.runtime")
+
+
+def not_applicable_on_cpu(checks: List[Check]) -> List[Check]:
+    """--cpu-ok: GPU checks that failed become "skip" (not applicable), so the summary's ok
+    never sits next to rows that say fail."""
+    for c in checks:
+        if c.id in GPU_ONLY_CHECKS and c.status == "fail":
+            c.status, c.fix = "skip", None
+            c.detail = "not applicable with --cpu-ok (a CPU run): %s" % c.detail
     return checks
 
 

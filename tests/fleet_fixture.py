@@ -12,9 +12,10 @@ Fixtures (registered by tests/conftest.py through `pytest_plugins`):
 Fleet helpers: `host(name)`, `write_inventory(home, hosts, node0={"identity_file": ...})`,
 `ensure_up()`, `host_python()`, `key` (the operator's private key, authorized on every host).
 FleetHost helpers: `stop_sshd()`/`start_sshd()`, `link_down()`/`link_up()` (a silent host,
-packets dropped), `run(cmd)` (a shell in the namespace as the host's user; `as_root=True` for
-root), `regenerate_host_key()`, `install_stub_nvidia_smi()` (a STUB that prints the captured
-outputs of tests/fixtures/h200x2; tests using it must say so), `to_host()` (an inventory Host).
+packets dropped), `set_sftp(False)` (an sshd without the SFTP subsystem), `run(cmd)` (a shell
+in the namespace as the host's user; `as_root=True` for root), `regenerate_host_key()`,
+`install_stub_nvidia_smi()` (a STUB that prints the captured outputs of tests/fixtures/h200x2;
+tests using it must say so), `to_host()` (an inventory Host).
 
 Python on the hosts: the test process's interpreter usually lives where host users cannot read
 it (/root is mode 700). `fleet.host_python()` returns a venv made from a system python3 of the
@@ -78,6 +79,7 @@ class FleetHost:
         self.bin_dir = self.dir / "bin"  # first on PATH for SSH sessions (sshd SetEnv)
         self.bind_mounts: dict[str, str] = {}
         self.jump_host: str | None = None
+        self.sftp = True  # sshd offers the sftp subsystem (see set_sftp)
 
     # -- inventory --------------------------------------------------------------------------
     @property
@@ -138,6 +140,15 @@ class FleetHost:
 
     def link_up(self) -> None:
         self.run("ip link set eth0 up", as_root=True)
+
+    def set_sftp(self, enabled: bool) -> None:
+        """A minimal or hardened sshd: without the `Subsystem sftp` line (sshd restarted)."""
+        if enabled == self.sftp:
+            return
+        self.sftp = enabled
+        self.fleet._write_sshd_config(self)
+        self.stop_sshd()
+        self.start_sshd()
 
     def regenerate_host_key(self) -> None:
         """A rebuilt machine: a new host key, sshd restarted."""
@@ -304,6 +315,9 @@ class Fleet:
     def _write_sshd(self, h: FleetHost) -> None:
         h.bin_dir.mkdir(parents=True, mode=0o755)
         sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(h.dir / "ssh_host_ed25519_key"))
+        self._write_sshd_config(h)
+
+    def _write_sshd_config(self, h: FleetHost) -> None:
         (h.dir / "sshd_config").write_text(f"""\
 # sshd of megafleet test host {h.name} ({h.netns})
 Port 22
@@ -323,7 +337,7 @@ PrintMotd no
 MaxStartups 100
 MaxSessions 50
 LogLevel VERBOSE
-Subsystem sftp internal-sftp
+{"Subsystem sftp internal-sftp" if h.sftp else "# no sftp subsystem (set_sftp(False))"}
 SetEnv PATH={h.bin_dir}:{HOST_PATH}
 """)
 
@@ -335,8 +349,9 @@ SetEnv PATH={h.bin_dir}:{HOST_PATH}
 
     # -- using --------------------------------------------------------------------------------
     def ensure_up(self) -> None:
-        """Undo what tests did to hosts: links up, sshd running, no stub nvidia-smi."""
+        """Undo what tests did to hosts: links up, sshd running with SFTP, no stub nvidia-smi."""
         for h in self.all_hosts:
+            h.set_sftp(True)
             if "state UP" not in h.run("ip link show eth0", as_root=True).stdout:
                 h.link_up()
             h.start_sshd()

@@ -42,6 +42,9 @@ def save_checkpoint(model_dir: Path, out: Path, step: int, loss: float) -> Path:
     for f in sorted(model_dir.iterdir()):
         if f.is_file() and f.name != "trainer_state.json":
             shutil.copy2(f, tmp / f.name)
+    state = tmp / "megatron_state" / "optimizer"  # the runtime's resume state, as it lays it out
+    state.mkdir(parents=True)
+    (state / "shard_0.bin").write_bytes(b"\0" * 4096)
     (tmp / "trainer_state.json").write_text(json.dumps({"global_step": step, "loss": loss}))
     os.replace(tmp, final)
     return final

@@ -46,7 +46,8 @@ def add(name, target, user, port, identity_file, private_address, jump_host, tag
         check_now, as_json, dry_run, yes) -> None:
     """Add a host to the inventory.
 
-    Fields and the identity file are validated first; nothing is written on errors.
+    Fields and the identity file are validated first; nothing is written on errors. With
+    --check the host is checked first and written only when the check passes.
     """
     inv = Inventory.load()
     host = _host_from_args(name, target, user, port, identity_file, private_address, jump_host, tags)
@@ -57,10 +58,25 @@ def add(name, target, user, port, identity_file, private_address, jump_host, tag
         _report({"dry_run": True, "would_write": str(inv.path), "host": {"name": name, **host.to_dict()}},
                 as_json, f"would add {name} ({host.target}) to {inv.path}")
         return
-    path = inv.save()
-    if check_now:
-        _run_check(inv, [host], as_json, timeout=10.0)
+    if check_now:  # check before writing: a host that fails its check is not added
+        from megafleet.ssh.known_hosts import KnownHosts
+
+        pins = KnownHosts().path
+        pinned_before = pins.read_bytes() if pins.exists() else None
+        code = _run_check(inv, [host], as_json, timeout=10.0, exit_on_failure=False)
+        if code:  # nor is the host key it offered kept
+            if pinned_before is None:
+                pins.unlink(missing_ok=True)
+            else:
+                pins.write_bytes(pinned_before)
+            ui.err_console.print(f"[red]not added[/red]: {name} failed its check; {inv.path} is "
+                                 "unchanged (fix the problem above and run the same command again)")
+            click.get_current_context().exit(code)
+        inv.save()
+        if not as_json:
+            ui.check_row("ok", f"added {name} ({host.target}) to {inv.path}")
         return
+    path = inv.save()
     _report({"added": name, "inventory": str(path), "host": host.to_dict()}, as_json,
             f"added {name} ({host.target}) to {path}")
     if not as_json:
@@ -179,7 +195,7 @@ def check(names, workdir, timeout, as_json) -> None:
 
 
 def _run_check(inv: Inventory, selected: list[Host], as_json: bool, timeout: float,
-               workdir: str = "~/megafleet") -> None:
+               workdir: str = "~/megafleet", exit_on_failure: bool = True) -> int:
     from megafleet.cli.hosts_view import show_report
     from megafleet.fleetcheck import check_fleet, exit_code
 
@@ -198,8 +214,9 @@ def _run_check(inv: Inventory, selected: list[Host], as_json: bool, timeout: flo
     else:
         show_report(report)
     code = exit_code(report)
-    if code:
+    if code and exit_on_failure:
         click.get_current_context().exit(code)
+    return code
 
 
 @hosts.command("trust")

@@ -95,10 +95,30 @@ def trust_host(inv, host, pool, *, replace: bool, fingerprint: str | None, as_js
     result["action"] = "replace" if pinned else "pin"
     if dry_run:
         return _say(result, as_json, f"would pin {offered} for {host.name} in {store.path}")
-    if not fingerprint:
+    if not fingerprint and pinned:
+        _confirm_replacement(host, offered, key.fingerprint)
+    elif not fingerprint:
         confirm(f"trust {offered} for {host.name} ({host.address}:{host.port})?")
     store.pin(hid, key, replace=True)
     _say(result, as_json, f"{host.name}: pinned {offered} in {store.path}")
+
+
+def _confirm_replacement(host, offered: str, fingerprint: str) -> None:
+    """Replacing a pinned key takes the fingerprint, or a person who saw it: --yes is not enough."""
+    import sys
+
+    import click
+
+    if not sys.stdin.isatty():
+        raise UsageError(f"{host.name}: replacing a pinned host key needs --fingerprint (--yes "
+                         f"alone does not replace one); the host now offers {offered}",
+                         hint=f"check the fingerprint out of band (e.g. `ssh-keygen -lf "
+                         f"/etc/ssh/ssh_host_*_key.pub` on the console), then: megafleet hosts "
+                         f"trust {host.name} --replace --fingerprint {fingerprint}")
+    question = (f"{host.name} ({host.address}:{host.port}) now offers {offered}.\n"
+                "Does this fingerprint match the one you checked out of band?")
+    if not click.confirm(question, default=False):
+        raise UsageError("cancelled; the pinned key was kept")
 
 
 def _say(result: dict, as_json: bool, text: str) -> None:

@@ -198,10 +198,12 @@ def _follow(run, node, lines, as_json) -> None:
 @click.argument("run_ref", metavar="[RUN]", required=False)
 @click.option("--lines", "-n", type=click.IntRange(min=0), default=10, show_default=True,
               help="Last log lines shown for a failed node.")
+@click.option("--plot", "plot", type=click.Path(dir_okay=False), metavar="FILE.png",
+              help="Also draw the loss curve into a PNG (needs matplotlib).")
 @json_option
-def status(run_ref, lines, as_json) -> None:
-    """A run's state on every node: running or exit code, step, loss, tokens/s, ETA, GPU use.
-    Without RUN: the recorded runs."""
+def status(run_ref, lines, plot, as_json) -> None:
+    """A run's state on every node: running or exit code, step, first and last loss with a
+    loss curve, tokens/s, ETA, GPU use. Without RUN: the recorded runs."""
     from megafleet.cli import jobs_view
     from megafleet.jobs.records import RunRecord
     from megafleet.jobs.status import run_status
@@ -210,7 +212,26 @@ def status(run_ref, lines, as_json) -> None:
         _list_runs(as_json)
         return
     report = run_status(RunRecord.load(run_ref), lines=max(lines, 1))
+    if plot:
+        report["plot"] = _plot(report, plot)
     ui.emit_json(report) if as_json else jobs_view.show_status(report, lines)
+    if plot and not as_json:
+        ui.info(report["plot"]["message"])
+
+
+def _plot(report: dict, path: str) -> dict:
+    """The loss curve as a PNG, or why not (no matplotlib here, no loss logged yet)."""
+    from megafleet.jobs.status import plot_loss
+
+    curve = (report.get("progress") or {}).get("loss_curve") or []
+    if not curve:
+        return {"path": None, "message": "no PNG written: the run has logged no loss yet"}
+    try:
+        plot_loss(curve, path, f"run {report['run']['run_id']}")
+    except ImportError:
+        return {"path": None, "message": "no PNG written: matplotlib is not installed here "
+                "(pip install matplotlib); the sparkline above shows the same curve"}
+    return {"path": path, "message": f"loss curve written to {path}"}
 
 
 @click.command("runs")
@@ -269,9 +290,12 @@ def stop(run_ref, grace, as_json, dry_run, yes) -> None:
 @click.option("--checkpoint", default="latest", show_default=True, help="`latest` or a step number.")
 @click.option("--to", "to", type=click.Path(file_okay=False), help="Destination directory "
               "(default: ./checkpoints/RUN/checkpoint-STEP).")
+@click.option("--with-state", is_flag=True, help="Also bring the optimizer and RNG state "
+              "(megatron_state/: large; node 0's shards only), e.g. to resume elsewhere.")
 @json_option
-def fetch(run_ref, checkpoint, to, as_json) -> None:
-    """Download a Hugging Face checkpoint from the node that wrote it (resumable, sha256-checked)."""
+def fetch(run_ref, checkpoint, to, with_state, as_json) -> None:
+    """Download a Hugging Face checkpoint (the model, or the adapter) from the node that wrote it
+    (resumable, sha256-checked). The optimizer state stays on the node unless --with-state."""
     from megafleet.jobs.fetch import fetch_checkpoint
     from megafleet.jobs.records import RunRecord
 
@@ -279,10 +303,14 @@ def fetch(run_ref, checkpoint, to, as_json) -> None:
         raise UsageError(f"--checkpoint {checkpoint!r}: give `latest` or a step number")
     run = RunRecord.load(run_ref)
     with ui.TransferBars(enabled=not as_json) as bars:
-        report = fetch_checkpoint(run, checkpoint, to, bars)
+        report = fetch_checkpoint(run, checkpoint, to, bars, with_state=with_state)
     if as_json:
         ui.emit_json(report)
         return
     ui.check_row("ok", f"checkpoint-{report['step']} of run {run.run_id} in {report['path']}",
                  f"{report['files']} files, {report['bytes_sent']} bytes fetched, "
                  f"{len(report['skipped'])} already there; sha256 verified")
+    left = report["state_left_on_node"]
+    if left["files"]:
+        ui.info(f"optimizer state ({left['files']} files, {left['bytes'] / 2**20:.1f} MiB) left on "
+                f"{report['host']}; add --with-state to bring it too")

@@ -123,6 +123,7 @@ def show_status(report: dict, lines: int) -> None:
     for n in report["nodes"]:
         t.add_row(*[str(v) for v in _node_row(n)])
     ui.show(t)
+    _show_loss(report.get("progress"))
     failure = report.get("failure")
     if failure:
         where = (f"node {failure['node']} ({failure.get('host')})" if failure.get("node") is not None
@@ -151,6 +152,17 @@ def show_status(report: dict, lines: int) -> None:
                 ui.info(f"[bold]last lines of {escape(n['host'])}:[/bold]")
                 for line in n["log_tail"][-lines:]:
                     ui.info(f"    [dim]{escape(line)}[/dim]")
+
+
+def _show_loss(progress: dict | None) -> None:
+    from megafleet.jobs.status import sparkline
+
+    curve = (progress or {}).get("loss_curve") or []
+    if not curve:
+        return
+    (first_step, first), (last_step, last) = curve[0], curve[-1]
+    ui.info(f"loss {first:.4g} (step {first_step}) → {last:.4g} (step {last_step})  "
+            f"{sparkline([v for _, v in curve])}")
 
 
 def show_stop_plan(plan: dict) -> None:

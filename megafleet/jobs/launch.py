@@ -37,6 +37,7 @@ from typing import Callable
 from megafleet import paths
 from megafleet.errors import FieldProblem, RemoteCommandError, UsageError, ValidationError
 from megafleet.inventory import Inventory
+from megafleet.jobs import launch_checks as C
 from megafleet.jobs import layout as L
 from megafleet.jobs import preflight as P
 from megafleet.jobs import node_scripts as render
@@ -71,12 +72,15 @@ class LaunchPlan:
     resolved: dict | None = None  # the runtime's dry-run result, when it could run
     notes: list[str] = field(default_factory=list)
     ports: dict | None = None
+    checks: list[dict] = field(default_factory=list)  # every preflight check (launch_checks)
+    dataset: dict | None = None  # rows and tokens of the local dataset files
 
     def describe(self) -> dict:
         """What would happen, for --dry-run (no secret values)."""
         from remote_runtime.spec.flags import dump_job
 
-        out = {"run": self.run.to_dict(), "notes": self.notes, "ports": self.ports, "nodes": []}
+        out = {"run": self.run.to_dict(), "notes": self.notes, "ports": self.ports,
+               "checks": self.checks, "dataset": self.dataset, "nodes": []}
         for node in self.run.nodes:
             out["nodes"].append({
                 "host": node.host, "node_rank": node.rank, "ranks": node.ranks, "run_dir": node.run_dir,
@@ -106,10 +110,18 @@ def plan_launch(job, opts: LaunchOptions) -> LaunchPlan:
     except ConfigError as exc:
         raise config_problems(exc) from None
     env_values = forwarded_env(job.launch.env)
+    checks = C.Checks()
+    checks.add("job_schema", C.OK, "valid")
+    dataset = _check_dataset(job, checks)
+    C.check_local_model(checks, job.model.model)
     targets = P.select_targets(opts.hosts or job.launch.hosts or None, opts.local, opts.inventory, opts.pool)
     facts = P.probe_nodes(targets, job.launch.venv)
+    checks.add("nodes_reachable", C.OK, [t.name for t in targets])
     if not opts.local and targets[0].host is not None:
         P.check_versions(facts, job.launch.venv)
+    C.record_versions(checks, facts, opts.local or targets[0].host is None)
+    C.record_transfers(checks, targets)
+    C.check_devices(checks, job.model.device, job.launch.nproc_per_node, facts)
     nproc = P.nproc_per_node(job.launch.nproc_per_node, job.model.device, facts)
     master = P.master_address(targets)
     notes = []
@@ -121,15 +133,43 @@ def plan_launch(job, opts: LaunchOptions) -> LaunchPlan:
         node.ifname = ifname
     node_jobs, copies = place_files(job, run, targets, facts, notes)
     run.model = node_jobs[targets[0].name].model.model
+    if not Path(job.model.model).expanduser().is_dir() and not targets[0].local:
+        C.check_node_model(checks, job.model.model, targets)
+    C.check_batches(checks, job, dataset, run.world_size)
     resolved = resolve_on_runtime(node_jobs[targets[0].name], run, targets[0], facts, job, notes,
                                   opts.entry_module)
-    plan = LaunchPlan(run, job, node_jobs, targets, facts, copies, env_values, resolved, notes)
+    checks.add("runtime_dry_run", C.OK if resolved else C.NOTE,
+               f"resolved for world size {run.world_size}" if resolved else "schema only")
+    plan = LaunchPlan(run, job, node_jobs, targets, facts, copies, env_values, resolved, notes,
+                      checks=checks.items, dataset=dataset.to_dict() if dataset else None)
     if opts.check_ports:
         plan.ports = P.check_ports(targets, facts, master, [run.master_port, run.watcher_port])
+        checks.add("master_ports", C.OK, plan.ports)
     return plan
 
 
+def _check_dataset(job, checks: "C.Checks"):
+    """Every row of the local dataset files, before anything is uploaded (dataset_check)."""
+    from megafleet.jobs.dataset_check import check_datasets
+
+    model_dir = Path(job.model.model).expanduser()
+    try:
+        report = check_datasets(job, model_dir if model_dir.is_dir() else None)
+    except ValidationError as exc:
+        checks.add("dataset", C.FAIL, "; ".join(str(p) for p in exc.problems))
+        raise
+    if report.files:
+        checks.add("dataset", C.OK, report.to_dict())
+    return report
+
+
 def forwarded_env(names: list[str]) -> dict[str, str]:
+    with_values = [n.split("=", 1)[0] for n in names if "=" in n]
+    if with_values:  # never echo what follows the `=`: it is usually a token
+        raise UsageError(f"launch.env takes variable names, not NAME=value: got a value for "
+                         f"{', '.join(with_values)} (not shown)",
+                         hint=f"export {with_values[0]}=... in this shell, then pass "
+                         f"--env {' '.join(with_values)}")
     missing = [n for n in names if n not in os.environ]
     if missing:
         raise UsageError(f"launch.env: {', '.join(missing)} not set in this shell",

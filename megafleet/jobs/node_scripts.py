@@ -2,7 +2,8 @@
 and run.json (see megafleet.jobs.layout). Pure functions of the run record; tested as text.
 
 Secrets live in the env file only (mode 0600, sent over the SSH channel's stdin): never in the
-scripts, on a command line, in run.json or in a log.
+scripts, on a command line, in run.json or in a log. The file is deleted when torchrun exits (and
+by `megafleet stop`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ export MEGAFLEET_RUN_ID={q(run.run_id)} MEGAFLEET_NODE_RANK={node.rank} PYTHONUN
 {" ".join(q(a) for a in torchrun_argv(run, node))}
 rc=$?
 {q(node.python)} -m megafleet.jobs.nodectl reap . --exit-code "$rc" > /dev/null
+rm -f ./{L.ENV_FILE}  # forwarded secrets end with the run
 echo "$rc" > {L.EXIT_CODE}.tmp && mv {L.EXIT_CODE}.tmp {L.EXIT_CODE}
 echo "megafleet: node {node.rank} torchrun exited with code $rc at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 exit "$rc"

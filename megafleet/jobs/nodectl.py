@@ -120,6 +120,26 @@ def last_metrics(path: Path) -> tuple[dict | None, int]:
     return None, len(lines)
 
 
+def loss_curve(path: Path, points: int = 60) -> list[list]:
+    """[step, loss] pairs of logging.jsonl, at most `points` of them (first and last kept)."""
+    try:
+        raw = path.read_bytes().split(b"\n")
+    except OSError:
+        return []
+    curve = []
+    for line in raw:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("loss"), (int, float)):
+            curve.append([rec.get("step"), rec["loss"]])
+    if len(curve) <= points:
+        return curve
+    every = (len(curve) - 1) / (points - 1)
+    return [curve[round(i * every)] for i in range(points)]
+
+
 def rank_logs(run_dir: Path, record: dict) -> list[tuple[Path, int | None]]:
     """Each worker's stdout and stderr file with its global rank (torchrun --redirects 3 writes
     torchrun-logs/<id>/attempt_<n>/<local rank>/{stdout,stderr}.log)."""
@@ -160,10 +180,21 @@ def last_output_age(run_dir: Path, record: dict) -> float | None:
 
 
 def recent_lines(run_dir: Path, record: dict, n: int) -> list[str]:
-    """The last `n` lines of node.log and of each worker's stderr and stdout, tagged."""
-    out = tail_lines(run_dir / L.NODE_LOG, n)
-    for path, rank in sorted(rank_logs(run_dir, record), key=lambda x: (x[1] is None, x[1], x[0].name)):
-        out += [f"[rank{rank}] {line}" for line in tail_lines(path, n)]
+    """The last `n` lines of node.log and of each worker's stdout and stderr, tagged; the files in
+    the order they were last written (node.log's "torchrun exited" line comes after the
+    workers' last lines), so the tail reads in time order file by file."""
+    sources = [(run_dir / L.NODE_LOG, None)] + rank_logs(run_dir, record)
+
+    def written(src):
+        try:
+            return src[0].stat().st_mtime
+        except OSError:
+            return 0.0
+
+    out = []
+    for path, rank in sorted(sources, key=written):
+        tag = "" if rank is None else f"[rank{rank}] "
+        out += [f"{tag}{line}" for line in tail_lines(path, n)]
     return out
 
 
@@ -338,6 +369,7 @@ def cmd_status(args) -> dict:
         "log_bytes": log.stat().st_size if log.exists() else 0,
         "log_age_s": last_output_age(run_dir, record),
         "log_tail": recent_lines(run_dir, record, args.lines), "metrics": metrics, "metrics_lines": count,
+        "loss_curve": loss_curve(output_dir(run_dir, record) / L.METRICS_FILE),
         "watcher_alive": bool(watchers), "watcher_stop": read_json(run_dir / L.WATCHER_STOP),
         "watch": read_json(run_dir / L.WATCH_STATE), "failure": read_json(run_dir / L.FAILURE),
         "gpus": gpu_usage(), "time": time.time(),
@@ -363,6 +395,7 @@ def cmd_stop(args) -> dict:
         return found
 
     result = proctree.terminate(find, args.grace, spare=spared(run_dir))
+    (run_dir / L.ENV_FILE).unlink(missing_ok=True)  # forwarded secrets end with the run
     holders = gpu_holders(seen)
     return {"ok": not result["left"] and not holders, **result, "gpu_holders": holders,
             "gpu_checked": holders is not None, "exit_code": read_exit_code(run_dir)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 import shlex
 import sys
@@ -57,6 +58,7 @@ class NodeFacts:
     version: str | None
     gpus: int
     detail: str = ""  # what the version probe printed when it failed
+    cores: int = 0  # CPU cores (nproc), 0 when unknown
 
 
 def select_targets(names: list[str] | None, local: bool = False, inventory: Inventory | None = None,
@@ -87,7 +89,7 @@ def venv_python(venv: str, home: str) -> str:
 
 
 GPU_COUNT = """n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); echo "gpus=${n:-0}"\n"""
-PROBE = 'echo "home=$HOME"\n' + GPU_COUNT
+PROBE = 'echo "home=$HOME"\n' + GPU_COUNT + 'echo "cores=$(nproc 2>/dev/null || echo 0)"\n'
 
 
 def _values(stdout: str) -> dict[str, str]:
@@ -99,7 +101,8 @@ def probe_nodes(targets: list[Target], venv: str) -> dict[str, NodeFacts]:
     cannot be reached raises (exit code 3) naming it."""
     def probe(runner: Runner) -> NodeFacts:
         if isinstance(runner, LocalRunner):
-            return NodeFacts(str(paths.home()), sys.executable, __version__, _gpu_count(runner))
+            return NodeFacts(str(paths.home()), sys.executable, __version__, _gpu_count(runner),
+                             cores=os.cpu_count() or 0)
         r = runner.run(PROBE, timeout=60).check()
         vals = _values(r.stdout)
         python = venv_python(venv, vals["home"])
@@ -107,7 +110,9 @@ def probe_nodes(targets: list[Target], venv: str) -> dict[str, NodeFacts]:
                        timeout=60)
         version = v.stdout.strip().splitlines()[-1] if v.ok and v.stdout.strip() else None
         detail = "" if version else (v.stderr.strip().splitlines() or [""])[-1]
-        return NodeFacts(vals["home"], python, version, int(vals.get("gpus") or 0), detail)
+        cores = vals.get("cores", "0").strip()
+        return NodeFacts(vals["home"], python, version, int(vals.get("gpus") or 0), detail,
+                         int(cores) if cores.isdigit() else 0)
 
     results = run_on_hosts([t.runner for t in targets], probe)
     for r in results.values():

@@ -23,7 +23,8 @@ def run_status(run: RunRecord, lines: int = 20, pool=None) -> dict:
     run.save()
     head = next((n for n in nodes if n["node_rank"] == 0), {})
     return {"run": run.to_dict(), "state": run.state, "exit_code": run.exit_code,
-            "failure": run.failure, "nodes": nodes, "progress": progress(head.get("metrics"))}
+            "failure": run.failure, "nodes": nodes,
+            "progress": progress(head.get("metrics"), head.get("loss_curve"))}
 
 
 def _node_info(node, res) -> dict:
@@ -96,8 +97,42 @@ def derive_state(run: RunRecord, nodes: list[dict]) -> None:
         run.state, run.exit_code = "failed", next(c for c in bad if c)
 
 
-def progress(metrics: dict | None) -> dict | None:
-    """The run's progress from the last logging.jsonl line (fields documented by the runtime)."""
+def progress(metrics: dict | None, curve: list | None = None) -> dict | None:
+    """The run's progress from the last logging.jsonl line (fields documented by the runtime),
+    with the first logged loss and the loss curve ([step, loss], at most 60 points)."""
     if not metrics:
         return None
-    return {k: metrics.get(k) for k in PROGRESS_FIELDS}
+    curve = curve or []
+    return {**{k: metrics.get(k) for k in PROGRESS_FIELDS},
+            "first_loss": curve[0][1] if curve else None, "loss_curve": curve}
+
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    """A terminal loss curve: one block character per point (at most `width`, evenly picked)."""
+    if not values:
+        return ""
+    if len(values) > width:
+        values = [values[round(i * (len(values) - 1) / (width - 1))] for i in range(width)]
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    return "".join(SPARK[min(len(SPARK) - 1, int((v - low) / span * len(SPARK)))] for v in values)
+
+
+def plot_loss(curve: list, path: str, title: str) -> str:
+    """Write the loss curve as a PNG with matplotlib; returns the path. Raises ImportError
+    where matplotlib is not installed (it is not a megafleet dependency)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([s for s, _ in curve], [v for _, v in curve])
+    ax.set(xlabel="step", ylabel="loss", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

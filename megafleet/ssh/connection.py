@@ -50,6 +50,7 @@ class Connection:
     pinned_now: bool = False  # the host key was first seen (and pinned) by this connection
     jump: "Connection | None" = None
     _sftp: paramiko.SFTPClient | None = field(default=None, repr=False)
+    sftp_available: bool | None = None  # None until has_sftp() asked the server
     sftp_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -66,6 +67,20 @@ class Connection:
             self._sftp = self.client.open_sftp()
         return self._sftp
 
+    def has_sftp(self) -> bool:
+        """Whether the server offers the SFTP subsystem (asked once). Without it, transfers
+        stream over the exec channel (megafleet.ssh.streamcopy)."""
+        if self.sftp_available is None:
+            with self.sftp_lock:
+                try:
+                    self.sftp()
+                    self.sftp_available = True
+                except paramiko.SSHException:  # "Channel closed.": no sftp Subsystem in sshd
+                    if not self.is_active():
+                        raise
+                    self.sftp_available = False
+        return self.sftp_available
+
     def ping(self) -> float:
         """One SSH round trip (a global request, no process started), in seconds."""
         start = time.monotonic()
@@ -76,6 +91,8 @@ class Connection:
         try:
             if self._sftp is not None:
                 self._sftp.close()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass  # its channel went first (e.g. with the jump host's connection)
         finally:
             self.client.close()
 

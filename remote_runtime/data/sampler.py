@@ -69,9 +69,12 @@ class BatchIterator:
         self.steps_per_epoch = len(self.samples) // global_batch_size
         if self.steps_per_epoch == 0:
             kind = "packed sequences" if packing else "rows"
+            unit = micro_batch_size * dp_size
+            fit = len(self.samples) // unit * unit
             raise DataError(f"the dataset has {len(self.samples)} {kind}, fewer than "
-                            f"global_batch_size={global_batch_size}: add data (e.g. path#N "
-                            f"repeats rows) or lower global_batch_size", "train.global_batch_size")
+                            f"global_batch_size={global_batch_size}: "
+                            + (f"set --global_batch_size {fit}, or " if fit else "")
+                            + "add data (e.g. path#N repeats rows)", "train.global_batch_size")
         self.step = 0
         self._epoch_order: tuple[int, np.ndarray] | None = None
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from remote_runtime.spec.errors import ConfigError
+from remote_runtime.spec.swift_compat import (MS_SWIFT_ONLY, SWIFT_SPELLINGS, SwiftCompatConfig,
+                                              compat_warnings)
 
 
 TASKS = ("sft", "pt")
@@ -89,7 +91,7 @@ class OptimConfig:
 class TrainConfig:
     micro_batch_size: int = 1
     global_batch_size: int = 16
-    num_train_epochs: Optional[float] = None
+    num_train_epochs: Optional[float] = 1.0  # ms-swift's default; train_iters wins when set
     train_iters: Optional[int] = None
     seed: int = 42
     cross_entropy_loss_fusion: bool = True
@@ -145,6 +147,7 @@ class JobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     check: CheckConfig = field(default_factory=CheckConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    swift_compat: SwiftCompatConfig = field(default_factory=SwiftCompatConfig)  # no-op options
 
     # ---- field access by leaf or dotted name -------------------------------------------------
     def get(self, dotted: str) -> Any:
@@ -199,6 +202,7 @@ ALIASES = {
     "save_interval": "save_steps",
     "log_interval": "logging_steps",
     "max_epochs": "num_train_epochs",
+    **SWIFT_SPELLINGS,
 }
 
 # Megatron-SWIFT options that exist there but not (yet) here: an error, never silently ignored.
@@ -266,6 +270,10 @@ def canonical_leaf(name: str) -> str:
         return key
     if key in NOT_IMPLEMENTED:
         raise ConfigError([(key, f"--{key} is not supported by megafleet: {NOT_IMPLEMENTED[key]}")])
+    if key in MS_SWIFT_ONLY:  # a real ms-swift option: no "did you mean" towards another one
+        raise ConfigError([(key, f"--{key} is a Megatron-SWIFT option that megafleet does not "
+                                 "implement", f"remove --{key}; `python -m remote_runtime sft "
+                                 "--help` lists the supported options")])
     raise ConfigError([(key, f"unknown option --{key}{suggest(key)}")])
 
 
@@ -444,7 +452,7 @@ def validate(job: JobConfig) -> list[str]:
                          "does not support it"))
     if problems:
         raise ConfigError(problems)
-    return [warning for _, _, warning in _adjustments(job)]
+    return [warning for _, _, warning in _adjustments(job)] + compat_warnings(job.swift_compat)
 
 
 def _adjustments(job: JobConfig) -> list[tuple[str, Any, str]]:

@@ -42,7 +42,10 @@ class _StopRequest:
 
 def run_training(job: JobConfig) -> int:
     """Run the job; returns the process exit code (0 also after a SIGTERM checkpoint)."""
+    from remote_runtime.quiet import route_library_output
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    route_library_output(job.checkpoint.output_dir)  # before megatron is imported
     stop = _StopRequest()
     try:
         return _train(job, stop)
@@ -69,6 +72,7 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
                             par.pipeline_model_parallel_size, par.context_parallel_size,
                             seed=job.train.seed)
     rank0 = dist.rank == 0
+    _say(rank0, _accelerators(dist))
     hf_config = read_hf_config(job.model.model)
     resolved = resolve_job(job, dist.world_size, hf_config)
     job = normalize(job)  # what resolve_job reported: the adjustments of its warnings applied
@@ -142,6 +146,15 @@ def _check_checkpoint_dependencies() -> None:
         raise ConfigError([("checkpoint.output_dir", "saving checkpoints needs the psutil package, "
                             "which is not installed here: pip install psutil "
                             "(megafleet setup installs it)")])
+
+
+def _accelerators(dist) -> str:
+    import torch
+
+    from remote_runtime.quiet import accelerator_line
+
+    name = torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else None
+    return accelerator_line(dist.device.type, dist.world_size, name)
 
 
 def _say(rank0: bool, message: str) -> None:

@@ -121,7 +121,9 @@ def logged_steps(host, run: RunRecord) -> int:
 def test_two_node_job_streams_both_nodes_and_the_checkpoint_loads(nodes, fleet_home, tiny_model,
                                                                     tmp_path):
     """Launched with the `megafleet launch` command (the stand-in chosen with the hidden
-    --entry-module option), HF_TOKEN forwarded from the operator's environment."""
+    --entry-module option), HF_TOKEN forwarded from the operator's environment. node0's sshd has
+    no SFTP subsystem: the upload to it and the fetch from it stream over the exec channel."""
+    nodes[0].set_sftp(False)
     proc = run_cli("launch", "--yes", "--entry-module", "tests.standin_workload", "--",
                    "--model", str(tiny_model), "--dataset", str(tmp_path / "demo.jsonl"),
                    "--train_iters", "20", "--device", "cpu", "--master_port", "29710",
@@ -150,24 +152,30 @@ def test_two_node_job_streams_both_nodes_and_the_checkpoint_loads(nodes, fleet_h
     proc, status = run_cli_json("status", run.run_id, "--json", env=env(fleet_home))
     assert status["state"] == "succeeded" and status["exit_code"] == 0
     assert status["progress"]["step"] == 20 and status["progress"]["loss"] == 0.25
+    curve = status["progress"]["loss_curve"]
+    assert curve[0] == [2, status["progress"]["first_loss"]] and curve[-1] == [20, 0.25]
+    shown = run_cli("status", run.run_id, "--plot", str(tmp_path / "loss.png"), env=env(fleet_home))
+    assert re.search(r"loss \S+ \(step 2\) → 0\.25 \(step 20\)  [▁▂▃▄▅▆▇█]+", shown.stdout)
+    assert ("matplotlib is not installed" in shown.stdout) != (tmp_path / "loss.png").exists()
     assert [n["state"] for n in status["nodes"]] == ["exited", "exited"]
     assert status["nodes"][0]["gpus"][1] == {"index": 1, "util": 0, "mem_used_mib": 0,
                                              "mem_total_mib": 143771}
     assert status["nodes"][1]["gpus"] is None
 
-    # the secret is in the 0600 env file only: not in scripts, records or any log
+    # the secret lived in the 0600 env file only, which is gone now that the run has ended:
+    # not in scripts, records or any log
     for rank, host in enumerate(nodes):
-        mode = host.run(f"stat -c %a {run.node(rank).run_dir}/env").stdout.strip()
-        assert mode == "600"
-        assert SECRET in node_file(host, run, rank, "env")
+        assert host.run(f"test -e {run.node(rank).run_dir}/env", check=False).returncode == 1
         leaked = host.run(f"grep -rl -- {SECRET} {run.node(rank).run_dir} || true").stdout.split()
-        assert leaked == [f"{run.node(rank).run_dir}/env"], leaked
+        assert leaked == [], leaked
     assert SECRET not in out and SECRET not in (run.dir / "run.json").read_text()
 
     proc, fetched = run_cli_json("fetch", run.run_id, "--json", "--to", str(tmp_path / "ckpt"),
                                  env=env(fleet_home))
     assert proc.returncode == 0, proc.stderr
     assert fetched["step"] == 20 and fetched["host"] == "node0" and fetched["skipped"] == []
+    assert fetched["state_left_on_node"] == {"files": 1, "bytes": 4096}  # optimizer state stays
+    assert not (tmp_path / "ckpt" / "megatron_state").exists()
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
@@ -175,6 +183,11 @@ def test_two_node_job_streams_both_nodes_and_the_checkpoint_loads(nodes, fleet_h
     again = run_cli_json("fetch", run.run_id, "--json", "--to", str(tmp_path / "ckpt"),
                          env=env(fleet_home))[1]
     assert again["bytes_sent"] == 0 and len(again["skipped"]) == fetched["files"]
+    state = run_cli_json("fetch", run.run_id, "--json", "--with-state", "--to",
+                         str(tmp_path / "ckpt"), env=env(fleet_home))[1]
+    assert state["bytes_sent"] == 4096 and state["state_left_on_node"]["files"] == 0
+    shard = tmp_path / "ckpt" / "megatron_state" / "optimizer" / "shard_0.bin"
+    assert shard.stat().st_size == 4096
 
 
 def test_stop_during_a_long_run_leaves_no_process_on_either_node(nodes, fleet_home, tiny_model, tmp_path,
@@ -206,6 +219,8 @@ def test_stop_during_a_long_run_leaves_no_process_on_either_node(nodes, fleet_ho
     assert report["ok"] and set(report["nodes"]) == {"node0", "node1"}
     assert all(r["left"] == [] and r["terminated"] for r in report["nodes"].values())
     assert run_procs(run.run_id) == {}
+    for rank, host in enumerate(nodes):  # the env file (forwarded variables) went with the run
+        assert host.run(f"test -e {run.node(rank).run_dir}/env", check=False).returncode == 1
     status = run_cli_json("status", run.run_id, "--json", env=env(fleet_home))[1]
     assert status["state"] == "stopped" and status["failure"] is None
     assert "SIGTERM: stopping at step" in run_cli("logs", run.run_id, env=env(fleet_home)).stdout
@@ -336,6 +351,36 @@ def test_dry_run_shows_the_plan_and_changes_nothing(nodes, fleet_home, tiny_mode
     assert plan["ports"] == {"node1": {"29750": "ok", "29751": "ok"}}
     assert nodes[1].run("ls ~/megafleet/runs ~/megafleet/uploads 2>/dev/null || true").stdout.strip() == ""
     assert run_cli_json("runs", "--json", env=env(fleet_home))[1]["runs"] == []
+
+
+def test_dry_run_lists_its_checks_and_refuses_weights_the_nodes_cannot_read(nodes, fleet_home,
+                                                                             tiny_model, tmp_path):
+    """node1's sshd has no SFTP: the dry run says how files will reach it. Then a model that is
+    already on the nodes (`m`, home-relative) with an unreadable weights file is refused."""
+    from megafleet import __version__
+
+    nodes[1].set_sftp(False)
+    args = ["--dataset", str(tmp_path / "demo.jsonl"), "--train_iters", "5", "--device", "cpu",
+            "--master_port", "29760"]
+    proc, plan = run_cli_json("launch", "--dry-run", "--json", "--", "--model", str(tiny_model),
+                              *args, env=env(fleet_home))
+    assert proc.returncode == 0, proc.stderr
+    checks = {c["name"]: c for c in plan["checks"]}
+    assert checks["megafleet_version"]["detail"] == {"operator": __version__, "node0": __version__,
+                                                     "node1": __version__}
+    transfer = checks["file_transfer"]
+    assert transfer["status"] == "note" and transfer["detail"]["node0"] == "sftp"
+    assert "exec channel" in transfer["detail"]["node1"]
+    assert checks["dataset"]["detail"]["rows"] == 40 and checks["devices"]["status"] == "ok"
+    assert checks["master_ports"]["status"] == "ok"
+
+    for h in nodes:
+        h.run(f"rm -rf {h.home}/m && cp -r {tiny_model} {h.home}/m && chown -R {h.user}: "
+              f"{h.home}/m && chmod 000 {h.home}/m/model.safetensors", as_root=True)
+    proc, err = run_cli_json("launch", "--dry-run", "--json", "--", "--model", "m", *args,
+                             env=env(fleet_home))
+    assert proc.returncode == 2 and err["problems"][0]["field"] == "model.model"
+    assert "model.safetensors cannot be read" in err["message"] and "chmod" in err["hint"]
 
 
 def test_the_master_address_is_the_one_node0_reaches_a_worker_behind_it_from(nodes, fleet, fleet_home,

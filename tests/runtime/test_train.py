@@ -25,9 +25,16 @@ def assets(tmp_path_factory):
 def test_thirty_steps_halve_the_loss_and_write_a_loadable_checkpoint(assets, tmp_path):
     model, data = assets
     out = tmp_path / "out"
-    check(run_runtime(base_args(model, data, out, train_iters=30, lr=3e-3, min_lr=3e-4,
-                                global_batch_size=8, lr_warmup_iters=2, logging_steps=5,
-                                packing="true")))
+    proc = run_runtime(base_args(model, data, out, train_iters=30, lr=3e-3, min_lr=3e-4,
+                                 global_batch_size=8, lr_warmup_iters=2, logging_steps=5,
+                                 packing="true"))
+    check(proc)
+    # megatron-core's and torch's chatter goes to the debug log, one line names the accelerators
+    shown, debug = proc.stdout + proc.stderr, (out / "logs" / "debug-rank0.log").read_text()
+    assert "accelerators: none, 1 CPU process(es) (gloo)" in shown
+    for chatter in ("Params for bucket", "OptimizerConfig(", "Transformer Engine and Apex"):
+        assert chatter not in shown, shown
+    assert "Params for bucket" in debug and "OptimizerConfig(" in debug
     log = read_log(out)
     first, last = log[0], log[-1]
     assert first["step"] == 1 and last["step"] == 30

@@ -67,6 +67,21 @@ def test_dev_venv_report_is_valid_and_names_the_missing_gpu(dev_venv_run):
         report["summary"]["failed_required"])
 
 
+def test_a_missing_gpu_has_a_fix_and_cpu_ok_marks_gpu_checks_not_applicable(dev_venv_run,
+                                                                              tmp_path):
+    """With --cpu-ok the summary says ok: then no row may still say fail."""
+    _, report, home, _ = dev_venv_run
+    assert "--cpu-ok" in checks_by_id(report)["gpu.count"]["fix"]
+    proc, cpu = run_json(sys.executable, "--cpu-ok", "--workdir", str(tmp_path),
+                         env=_clean_env(home), cwd=tmp_path)
+    checks = checks_by_id(cpu)
+    assert proc.returncode == 0 and cpu["summary"]["ok"]
+    assert [c for c, v in checks.items() if v["status"] == "fail"] == []
+    for cid in ("gpu.count", "torch.cuda_build", "torch.cuda_available", "driver.version"):
+        assert checks[cid]["status"] == "skip", checks[cid]
+        assert checks[cid]["detail"].startswith("not applicable with --cpu-ok")
+
+
 def test_the_check_writes_nothing(dev_venv_run):
     proc, report, home, cwd = dev_venv_run
     assert list(home.iterdir()) == [] and list(cwd.iterdir()) == []

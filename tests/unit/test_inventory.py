@@ -77,6 +77,18 @@ def test_malformed_yaml_names_the_line(megafleet_home):
     assert f"{path}:4:" in str(e.value) and e.value.exit_code == 2
 
 
+def test_a_host_name_given_twice_is_an_error_with_both_lines(megafleet_home):
+    """YAML would silently keep the second entry: two "nodes" on one machine, a job that hangs."""
+    path = write(megafleet_home / "hosts.yaml", "hosts:\n  gpu1:\n    address: 10.0.0.1\n"
+                 "  gpu2:\n    address: 10.0.0.2\n  gpu1:\n    address: 10.0.0.3\n")
+    with pytest.raises(ValidationError) as e:
+        Inventory.load()
+    (problem,) = e.value.problems
+    assert (problem.field, problem.source, problem.line) == ("hosts.gpu1", str(path), 6)
+    assert "defined 2 times (lines 2, 6)" in problem.message
+    assert "one entry per name" in e.value.hint
+
+
 def test_top_level_and_type_errors(megafleet_home):
     write(megafleet_home / "hosts.yaml", "host:\n  a: {address: h}\n")
     with pytest.raises(ValidationError, match=r"hosts.yaml:1: host: unknown top-level key"):

@@ -74,10 +74,15 @@ def test_validate_rejects_with_field_and_reason(flags, field, needle):
     assert needle in problems(e.value)[field]
 
 
-def test_validate_requires_model_dataset_and_length():
+def test_validate_requires_model_dataset_and_a_length_but_epochs_default_to_one():
     with pytest.raises(ConfigError) as e:
         validate(JobConfig())
-    assert {"model.model", "data.dataset", "train.train_iters"} <= set(problems(e.value))
+    assert {"model.model", "data.dataset"} == set(problems(e.value))
+    assert JobConfig().train.num_train_epochs == 1  # ms-swift's default
+    job = job_from_argv(["--model", "/m", "--dataset", "d.jsonl", "--num_train_epochs", "none"])
+    with pytest.raises(ConfigError) as e:
+        validate(job)
+    assert set(problems(e.value)) == {"train.train_iters"}
 
 
 def test_sequence_parallel_without_tp_is_disabled_with_a_warning():

@@ -184,7 +184,8 @@ def test_cli_input_errors(megafleet_home, tmp_path):
     proc = run_cli("launch", "--yes", "--", "--modle", "x", env={"MEGAFLEET_HOME": str(megafleet_home)})
     assert proc.returncode == 2 and "unknown option --modle (did you mean --model?)" in proc.stderr
     data = tmp_path / "d.jsonl"
-    data.write_text("{}\n")
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, '
+                    '{"role": "assistant", "content": "yo"}]}\n')
     proc = run_cli("launch", "--yes", "--", "--model", str(tmp_path), "--dataset", str(data),
                    "--train_iters", "2", env={"MEGAFLEET_HOME": str(megafleet_home)})
     assert proc.returncode == 2 and "no hosts in the inventory" in proc.stderr and "--local" in proc.stderr
@@ -206,11 +207,21 @@ def test_local_dry_run_plans_without_starting(megafleet_home, tmp_path):
     model.mkdir()  # config.json only: the dry run resolves the job from it, reads no weights
     (model / "config.json").write_text(json.dumps(NAMED_CONFIGS["qwen3-0.6b"]))
     data = tmp_path / "d.jsonl"
-    data.write_text("{}\n")
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, '
+                    '{"role": "assistant", "content": "hello there"}]}\n')
     proc, plan = run_cli_json("launch", "--local", "--dry-run", "--json", "--", "--model", str(model),
                               "--dataset", f"{data}#5", "--train_iters", "2", "--device", "cpu",
+                              "--global_batch_size", "4",
                               "--master_port", "29391", env={"MEGAFLEET_HOME": str(megafleet_home)})
     assert proc.returncode == 0, proc.stderr
+    checks = {c["name"]: c for c in plan["checks"]}
+    assert {n: c["status"] for n, c in checks.items()} == {
+        "job_schema": "ok", "dataset": "ok", "model_files": "ok", "nodes_reachable": "ok",
+        "megafleet_version": "note", "file_transfer": "ok", "devices": "ok", "batches": "ok",
+        "runtime_dry_run": "ok", "master_ports": "ok"}
+    assert checks["megafleet_version"]["detail"]["operator"]
+    assert checks["dataset"]["detail"]["rows"] == 1
+    assert "5 sequence(s) per epoch" in checks["batches"]["detail"]
     node = plan["nodes"][0]
     assert node["host"] == "local" and node["uploads"] == []
     assert f"{data}#5" in node["job_yaml"] and str(model) in node["job_yaml"]

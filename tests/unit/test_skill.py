@@ -220,3 +220,18 @@ def test_shown_commands_that_need_no_hosts_run(shown, assets, tmp_path):
     assert proc.returncode in (0, 1), f"{shown}\n{proc.stderr[-2000:]}"
     if "--json" in tokens:
         json.loads(proc.stdout)
+
+
+def test_the_skill_gives_the_shortest_path_cpu_hosts_and_small_datasets():
+    """An agent with only SKILL.md: fewer than 15 commands from two hosts to a fetched model,
+    and what to set on hosts without GPUs and on a small dataset."""
+    text = SKILL.read_text()
+    section = text.split("## The shortest path", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash", 1)[1].split("```", 1)[0]
+    steps = [line for line in block.splitlines() if line.startswith("megafleet ")]
+    assert len(steps) < 15 and steps[-1].startswith("megafleet fetch")
+    assert any(s.startswith("megafleet launch") and "--dry-run" in s for s in steps)
+    flat = " ".join(section.split())
+    for needle in ("--cpu-ok", "--device cpu", "--global_batch_size", "--max_length",
+                   "--with-state"):
+        assert needle in flat, needle
