@@ -7,7 +7,7 @@ import shlex
 
 from megafleet.jobs.access import ask_nodes
 from megafleet.jobs.records import RunRecord
-from remote_runtime.spec.layout import PROGRESS_FIELDS
+from remote_runtime.spec.layout import PROGRESS_FIELDS, STATUS_EXTRA_FIELDS
 
 
 def run_status(run: RunRecord, lines: int = 20, pool=None) -> dict:
@@ -62,4 +62,4 @@ def progress(metrics: dict | None) -> dict | None:
     """The run's progress from the last logging.jsonl line (fields documented by the runtime)."""
     if not metrics:
         return None
-    return {k: metrics.get(k) for k in PROGRESS_FIELDS}
+    return {k: metrics.get(k) for k in PROGRESS_FIELDS + STATUS_EXTRA_FIELDS}
