@@ -18,13 +18,14 @@ step in micro-batches of `--micro-batch` pairs, with precomputed reference log-p
   bf16 model and fused AdamW, precomputed reference log-probs as TRL's precompute option feeds
   them. If TRL cannot be imported, `trl` is skipped and the error recorded.
 
-Tokens/s counts real tokens (every prompt + answer), the same number on both sides.
+Tokens/s counts real tokens (every prompt + answer), the same number on both sides. Each
+implementation runs in its own process (a second model in the same process would inherit the
+first one's allocations and peak memory).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -37,7 +38,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 import train_throughput as tt  # noqa: E402
 
 
@@ -173,10 +173,6 @@ def run_runtime(args, cfg, pairs, objective_name: str) -> dict:
     extra["mean_loss"] = round(float(total[0] / total[1]), 4)
     extra["optimizer"] = "megatron distributed Adam, fp32 master weights/grads/states"
     res = result(args, f"runtime-{objective_name}", cfg, step_time, pair_tokens(pairs), extra)
-    del model, optimizer, micro
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return res
 
 
@@ -213,7 +209,8 @@ def run_trl(args, cfg, pairs, tmp: Path) -> dict:
                  "ref_chosen_logps": float(-rng.random() * 100),
                  "ref_rejected_logps": float(-rng.random() * 100)} for p in pairs]
     batches = [{k: v.to(device) for k, v in trainer.data_collator(
-        examples[i:i + args.micro_batch]).items()} for i in range(0, len(examples), args.micro_batch)]
+        examples[i:i + args.micro_batch]).items()}
+        for i in range(0, len(examples), args.micro_batch)]
     padded = sum(int(b["input_ids"].numel()) for b in batches)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device == "cuda")
     model.train()
@@ -232,21 +229,13 @@ def run_trl(args, cfg, pairs, tmp: Path) -> dict:
         "attn_implementation": "sdpa", "padded_tokens_per_step": padded,
         "optimizer": "torch AdamW fused, bf16 params and states",
         "reference": "precomputed (batch ref_chosen_logps/ref_rejected_logps)"})
-    del model, optimizer, batches, trainer
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return res
 
 
-def main(argv=None) -> int:
+def run_here(args, cfg, pairs, impls: list[str]) -> tuple[list, dict]:
     import tempfile
+    import traceback
 
-    args = parse_args(argv)
-    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    cfg = model_config(args)
-    pairs = make_pairs(args, cfg["vocab_size"])
-    impls = args.impl.split(",")
     runs, errors = [], {}
     for impl in impls:
         try:
@@ -256,11 +245,56 @@ def main(argv=None) -> int:
                 with tempfile.TemporaryDirectory() as tmp:
                     runs.append(run_trl(args, cfg, pairs, Path(tmp)))
         except Exception as exc:  # record and go on: one side failing must not lose the other
-            import traceback
-
             traceback.print_exc()
             errors[impl] = f"{type(exc).__name__}: {exc}"
             print(f"{impl} failed: {errors[impl]}", flush=True)
+    return runs, errors
+
+
+def run_each_in_its_own_process(argv, impls: list[str]) -> tuple[list, dict]:
+    import subprocess
+    import tempfile
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    runs, errors = [], {}
+    for impl in impls:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "run.json"
+            cmd = [sys.executable, __file__, *strip_options(argv, ("--impl", "--json")),
+                   "--impl", impl, "--json", str(out)]
+            proc = subprocess.run(cmd)
+            if proc.returncode or not out.exists():
+                errors[impl] = f"exit {proc.returncode}"
+                continue
+            doc = json.loads(out.read_text())[0]
+            runs += doc["runs"]
+            errors.update(doc["errors"])
+    return runs, errors
+
+
+def strip_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """argv without these options and their values."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item in names:
+            skip = True
+        elif not item.startswith(tuple(f"{n}=" for n in names)):
+            out.append(item)
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    cfg = model_config(args)
+    pairs = make_pairs(args, cfg["vocab_size"])
+    impls = args.impl.split(",")
+    if len(impls) > 1:
+        runs, errors = run_each_in_its_own_process(argv, impls)
+    else:
+        runs, errors = run_here(args, cfg, pairs, impls)
     doc = {**tt.environment(), "runs": runs, "errors": errors}
     by = {r["impl"]: r for r in runs}
     if "runtime-dpo" in by and "trl" in by:
