@@ -219,3 +219,34 @@ def test_eval_loss_is_the_dpo_loss_of_the_held_out_pairs(assets, tmp_path):
     accuracy = float((delta > 0).double().mean())
     assert record["eval_rewards/accuracies"] == pytest.approx(accuracy)
     assert record["eval_samples"] == PAIRS
+
+
+def test_the_dpo_template_launches_locally_and_status_shows_rewards_and_eval(
+        assets, megafleet_home, tmp_path):
+    """`megafleet render dpo` -> `launch --local` (the real runtime through torchrun) -> `status`
+    shows the DPO reward accuracy and the latest eval loss."""
+    from megafleet import templates
+    from megafleet.jobs.launch import LaunchOptions, launch_job
+    from tests.conftest import run_cli, run_cli_json
+    from tests.runtime.train_helpers import free_port
+
+    model, _, _ = assets
+    from remote_runtime.data.demo_data import write_demo_preferences
+
+    pairs = write_demo_preferences(tmp_path / "pairs.jsonl", num_rows=12)
+    sets = [f"model={model}", f"dataset={pairs}", "train_iters=3", "device=cpu",
+            "torch_dtype=float32", "max_length=64", "global_batch_size=4", "micro_batch_size=2",
+            "packing=false", "split_dataset_ratio=0.2", "eval_steps=2", "logging_steps=1",
+            f"master_port={free_port()}", f"output_dir={tmp_path / 'out'}", "lr=1e-4"]
+    job = templates.job_from_template(templates.get_template("dpo"), sets)
+    assert (job.task, job.rlhf.rlhf_type, job.rlhf.beta) == ("rlhf", "dpo", 0.1)
+    run = launch_job(job, LaunchOptions(local=True))
+    env = {"MEGAFLEET_HOME": str(megafleet_home)}
+    proc = run_cli("logs", run.run_id, "-f", env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "validation: 3 rows held out" in proc.stdout and "reward acc" in proc.stdout
+    _, status = run_cli_json("status", run.run_id, "--json", env=env)
+    progress = status["progress"]
+    assert (status["state"], progress["step"], progress["eval_step"]) == ("succeeded", 3, 3)
+    assert 0 <= progress["rewards/accuracies"] <= 1 and progress["eval_loss"] > 0
+    assert progress["eval_rewards/accuracies"] is not None
