@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from data_fixtures import tokenizer, write_jsonl  # noqa: F401
+
 from remote_runtime.data.batches import collate_thd
 from remote_runtime.data.chat import ChatEncoder
 from remote_runtime.data.dataset import load_dataset
@@ -105,10 +105,12 @@ def test_packing_keeps_both_answers_of_a_pair_in_one_pack():
     assert sorted(seen.tolist()) == list(range(10))
     for i in range(len(samples)):
         docs = samples[i]
-        assert len(docs) % 2 == 0 and (docs[0::2] % 2 == 0).all() and (docs[1::2] == docs[0::2] + 1).all()
+        assert len(docs) % 2 == 0 and (docs[0::2] % 2 == 0).all()
+        assert (docs[1::2] == docs[0::2] + 1).all()
         assert lengths[docs].sum() <= 128
     plain = dataset_samples(lengths, group=2, packing=False, max_length=64)
-    assert [plain[i].tolist() for i in range(len(plain))] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    assert [plain[i].tolist() for i in range(len(plain))] == [[0, 1], [2, 3], [4, 5], [6, 7],
+                                                              [8, 9]]
 
 
 def test_sequence_logps_over_packed_documents_equal_each_document_alone():

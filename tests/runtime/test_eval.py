@@ -58,7 +58,8 @@ def test_split_eval_loss_equals_the_token_mean_over_the_held_out_rows(assets, tm
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     train_rows, held = split_units(len(rows), 0.25, seed=1)
     assert len(held) == 8 and len(train_rows) == 24
-    assert "validation: 8 rows held out (split_dataset_ratio 0.25, seed 1), 24 rows left" in proc.stdout
+    assert ("validation: 8 rows held out (split_dataset_ratio 0.25, seed 1), 24 rows left"
+            in proc.stdout)
     record = read_log(out)[-1]
     assert record["step"] == 3 and record["eval_samples"] == 8
 
