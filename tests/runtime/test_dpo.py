@@ -169,17 +169,17 @@ def test_step_zero_matches_trl_dpo_trainer(assets, variant, tmp_path):
     assert compared == len(theirs["grads"]) and compared > 10
 
 
-def test_tp2_and_dp2_give_the_loss_of_one_process(assets, tmp_path):
+def test_tp2_pp2_and_dp2_give_the_loss_of_one_process(assets, tmp_path):
     model, ref, pairs = assets
     losses = {}
     for label, nproc, extra in [("tp1", 1, {}), ("tp2", 2, {"tensor_model_parallel_size": 2}),
-                                ("dp2", 2, {})]:
+                                ("pp2", 2, {"pipeline_model_parallel_size": 2}), ("dp2", 2, {})]:
         out = tmp_path / label
         args = dpo_args(model, pairs, out, ref_model=ref, lr=1e-5, adam_eps=1e-8, train_iters=2,
                         micro_batch_size=1, **extra)
         check(run_runtime(args, nproc=nproc, task="rlhf"))
         losses[label] = [(r["loss"], r["rewards/margins"]) for r in read_log(out)]
-    for label in ("tp2", "dp2"):
+    for label in ("tp2", "pp2", "dp2"):
         for (loss, margin), (ref_loss, ref_margin) in zip(losses[label], losses["tp1"]):
             assert loss == pytest.approx(ref_loss, rel=1e-5), (label, losses)
             assert margin == pytest.approx(ref_margin, rel=1e-4, abs=1e-7), (label, losses)
