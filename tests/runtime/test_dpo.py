@@ -250,3 +250,26 @@ def test_the_dpo_template_launches_locally_and_status_shows_rewards_and_eval(
     assert (status["state"], progress["step"], progress["eval_step"]) == ("succeeded", 3, 3)
     assert 0 <= progress["rewards/accuracies"] <= 1 and progress["eval_loss"] > 0
     assert progress["eval_rewards/accuracies"] is not None
+
+
+def test_resume_takes_the_reference_from_the_base_model_not_the_checkpoint(assets, tmp_path):
+    """Stopped after step 2 and resumed with the reference cache deleted: the reference is
+    recomputed from --model (not the resumed weights) and steps 3-4 repeat an uninterrupted run."""
+    import shutil
+
+    model, _, pairs = assets
+    opts = dict(train_iters=4, lr=1e-4, adam_eps=1e-8, global_batch_size=2, micro_batch_size=1,
+                lr_decay_style="constant")
+    full = tmp_path / "full"
+    check(run_runtime(dpo_args(model, pairs, full, **opts), task="rlhf"))
+    part = tmp_path / "part"
+    check(run_runtime(dpo_args(model, pairs, part, **{**opts, "train_iters": 2}), task="rlhf"))
+    shutil.rmtree(part / ".data_cache")
+    proc = run_runtime(dpo_args(model, pairs, part, resume="auto", **opts), task="rlhf")
+    check(proc)
+    assert f"reference log-probs: computed with {model}" in proc.stdout
+    resumed = {r["step"]: r["loss"] for r in read_log(part)}
+    reference = {r["step"]: r["loss"] for r in read_log(full)}
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5), (resumed, reference)
+    np.testing.assert_allclose(reference_cache(part), reference_cache(full), rtol=1e-6)
