@@ -175,11 +175,19 @@ def _batch_sizes(req: Request, par: Parallel) -> list[tuple[int, int]]:
     return [(m, max(1, math.ceil(target / (m * par.dp))) * m * par.dp) for m in micros]
 
 
+def sequences_per_sample(task: str) -> int:
+    """Sequences one sample trains: a preference pair (rlhf) is its chosen and rejected answer,
+    each up to max_length, in the same micro-batch. DPO's reference log-probs are computed
+    before training and cached (one number per sequence), so they add no GPU memory."""
+    return 2 if task == "rlhf" else 1
+
+
 def _candidate(shape, par, rc, micro, gbs, req, asm) -> Candidate:
     m = gbs // (micro * par.dp)
-    mem = estimate_memory(shape, par, req.seq_len, micro, rc, num_microbatches=m, assumptions=asm)
+    seq = req.seq_len * sequences_per_sample(req.task)
+    mem = estimate_memory(shape, par, seq, micro, rc, num_microbatches=m, assumptions=asm)
     cand = Candidate(par, rc, micro, gbs, m, mem, limit_gib=req.gpu_mem_gb * (1 - req.margin))
-    cand.relative_speed = relative_speed(par, rc, shape, micro * req.seq_len, m)
+    cand.relative_speed = relative_speed(par, rc, shape, micro * seq, m)
     return cand
 
 
@@ -355,7 +363,8 @@ def estimate_job(job: JobConfig, world_size: int, model_config: dict | ModelShap
     layout, recompute, microbatches = job_parallel(job, world_size)
     asm = assumptions or Assumptions(
         params_dtype_bytes=4 if job.model.torch_dtype == "float32" else 2)
-    return estimate_memory(model_config, layout, job.data.max_length, job.train.micro_batch_size,
+    seq = job.data.max_length * sequences_per_sample(job.task)
+    return estimate_memory(model_config, layout, seq, job.train.micro_batch_size,
                            recompute, num_microbatches=microbatches, assumptions=asm)
 
 

@@ -1,11 +1,11 @@
-"""`python -m remote_runtime sft|pt|check-convert ...` (usually started by torchrun)."""
+"""`python -m remote_runtime sft|pt|rlhf|check-convert ...` (usually started by torchrun)."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-USAGE = """usage: python -m remote_runtime {sft,pt} [--config job.yaml] [--option value ...]
+USAGE = """usage: python -m remote_runtime {sft,pt,rlhf} [--config job.yaml] [--option value ...]
        python -m remote_runtime check-convert --model DIR [options]
 
 Options use Megatron-SWIFT names; `--dry_run true` validates the job from config.json alone.
@@ -29,10 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command in ("sft", "pt") and ("-h" in rest or "--help" in rest):
+    if command in ("sft", "pt", "rlhf") and ("-h" in rest or "--help" in rest):
         print(USAGE + "\n" + options_help())
         return 0
-    if command in ("sft", "pt"):
+    if command in ("sft", "pt", "rlhf"):
         from remote_runtime.spec.config import ConfigError
 
         try:

@@ -100,6 +100,8 @@ def _node_row(n: dict) -> tuple:
     m = n.get("metrics") or {}
     step = f"{m.get('step')}/{m.get('train_iters')}" if m.get("step") is not None else ""
     loss = f"{m['loss']:.4g}" if isinstance(m.get("loss"), (int, float)) else ""
+    if isinstance(m.get("eval_loss"), (int, float)):
+        loss += f" (eval {m['eval_loss']:.4g} @{m.get('eval_step')})"
     tps = f"{m['tokens_per_s']:.0f}" if isinstance(m.get("tokens_per_s"), (int, float)) else ""
     gpus = n.get("gpus")
     gpu = ", ".join(f"{g['util']}% {g['mem_used_mib'] / 1024:.1f}G" for g in gpus) if gpus else "-"

@@ -106,18 +106,26 @@ def tail_lines(path: Path, n: int, max_bytes: int = 256 * 1024) -> list[str]:
 
 
 def last_metrics(path: Path) -> tuple[dict | None, int]:
-    """The last complete JSON line of logging.jsonl and the number of lines."""
+    """The last complete JSON line of logging.jsonl and the number of lines; the eval_* fields
+    of the last record that has them are added, with `eval_step` naming its step."""
     try:
         data = path.read_bytes()
     except OSError:
         return None, 0
     lines = [x for x in data.split(b"\n") if x.strip()]
+    last = None
     for raw in reversed(lines):
         try:
-            return json.loads(raw), len(lines)
+            record = json.loads(raw)
         except ValueError:
             continue
-    return None, len(lines)
+        if last is None:
+            last = record
+        if "eval_loss" in record:
+            last.update({k: v for k, v in record.items() if k.startswith("eval_")},
+                        eval_step=record.get("step"))
+            break
+    return last, len(lines)
 
 
 def loss_curve(path: Path, points: int = 60) -> list[list]:

@@ -9,7 +9,7 @@ import time
 from megafleet.errors import MegafleetError
 from megafleet.jobs.access import ask_nodes
 from megafleet.jobs.records import RunRecord
-from remote_runtime.spec.layout import PROGRESS_FIELDS
+from remote_runtime.spec.layout import PROGRESS_FIELDS, STATUS_EXTRA_FIELDS
 
 
 def run_status(run: RunRecord, lines: int = 20, pool=None) -> dict:
@@ -103,7 +103,7 @@ def progress(metrics: dict | None, curve: list | None = None) -> dict | None:
     if not metrics:
         return None
     curve = curve or []
-    return {**{k: metrics.get(k) for k in PROGRESS_FIELDS},
+    return {**{k: metrics.get(k) for k in PROGRESS_FIELDS + STATUS_EXTRA_FIELDS},
             "first_loss": curve[0][1] if curve else None, "loss_curve": curve}
 
 

@@ -40,6 +40,8 @@ class MicroBatch:
     num_loss_tokens: int  # labels != -100
     doc_lengths: list[int]  # real documents (for attention FLOPs: sum of squares)
     num_samples: int
+    doc_ids: torch.Tensor | None = None  # int64, the dataset documents of this micro-batch
+    ref_logps: torch.Tensor | None = None  # fp32 [documents], reference log-probs (rlhf)
 
     @property
     def is_thd(self) -> bool:

@@ -20,7 +20,7 @@ import numpy as np
 from remote_runtime.data.cache import (cache_key, load_entry, save_entry,
                                        tokenizer_fingerprint)
 from remote_runtime.data.encode import (ROW_NO_LOSS, ROW_TOO_LONG, ROW_TRUNCATED, EncodeSettings,
-                                        FileTokens, tokenize_file)
+                                        FileTokens, docs_per_row, tokenize_file)
 from remote_runtime.spec.errors import DataError
 from megafleet.transfer import file_sha256  # the hash the operator checks uploads with
 from remote_runtime.data.sources import parse_dataset_specs, sample_rows
@@ -49,6 +49,7 @@ class SourceStats:
 class DataStats:
     sources: list[SourceStats]
     warnings: list[str] = field(default_factory=list)
+    validation: dict | None = None  # the held-out set: how it was made and its size
 
     def _sum(self, name: str) -> int:
         return sum(getattr(s, name) for s in self.sources)
@@ -68,12 +69,18 @@ class DataStats:
         totals = {name: getattr(self, name) for name in (
             "rows", "truncated", "dropped", "dropped_no_loss", "dropped_too_long", "documents",
             "tokens", "loss_tokens", "cache_hits", "cache_misses")}
-        return {**totals, "sources": [asdict(s) for s in self.sources], "warnings": self.warnings}
+        return {**totals, "sources": [asdict(s) for s in self.sources], "warnings": self.warnings,
+                "validation": self.validation}
 
     def summary(self) -> str:
-        return (f"data: {self.rows} rows -> {self.documents} documents, {self.tokens} tokens "
+        text = (f"data: {self.rows} rows -> {self.documents} documents, {self.tokens} tokens "
                 f"({self.loss_tokens} trained); truncated {self.truncated}, dropped "
                 f"{self.dropped}; cache {self.cache_hits} hit / {self.cache_misses} built")
+        v = self.validation
+        if v:
+            text += (f"\nvalidation: {v['rows']} rows held out ({v['source']}), "
+                     f"{v['train_rows']} rows left to train on")
+        return text
 
 
 class TokenizedDataset:
@@ -81,11 +88,14 @@ class TokenizedDataset:
 
     `loss_mask[t] == 1` means token t is a training target (predicted from token t-1); the
     batch code turns this into shifted labels. Arrays are memory-mapped from the cache.
+    Documents come in units of `group` that are never separated (2 for preference pairs:
+    document 2k is the chosen answer of pair k, 2k+1 the rejected one).
     """
 
     def __init__(self, files: list[FileTokens], doc_file: np.ndarray, doc_index: np.ndarray,
-                 fingerprint: str):
+                 fingerprint: str, group: int = 1):
         self.files = files
+        self.group = group
         self.doc_file = doc_file
         self.doc_index = doc_index
         self.fingerprint = fingerprint  # identifies the documents and their order
@@ -103,6 +113,24 @@ class TokenizedDataset:
 
     def __len__(self) -> int:
         return len(self.doc_file)
+
+    @property
+    def num_units(self) -> int:
+        """Rows (pairs for preference data) in the dataset."""
+        return len(self) // self.group
+
+    def unit_docs(self, units: np.ndarray) -> np.ndarray:
+        """The documents of these units, in order."""
+        units = np.asarray(units, np.int64)
+        return (units[:, None] * self.group + np.arange(self.group)).ravel()
+
+    def subset(self, units: np.ndarray, tag: str) -> "TokenizedDataset":
+        """The dataset of these units (rows, or pairs), in this order."""
+        docs = self.unit_docs(units)
+        fingerprint = hashlib.sha256(
+            f"{self.fingerprint}/{tag}/".encode() + np.asarray(units, np.int64).tobytes()).hexdigest()
+        return TokenizedDataset(self.files, self.doc_file[docs], self.doc_index[docs], fingerprint,
+                                self.group)
 
     def document(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         tokens = self.files[self.doc_file[i]]
@@ -131,7 +159,7 @@ def load_dataset(specs: list[str], tokenizer, settings: EncodeSettings, *, cache
                  barrier: Callable[[], None] | None = None) -> tuple[TokenizedDataset, DataStats]:
     """Tokenize (or load from cache) `specs` and select the rows of each `path#N`."""
     parsed = parse_dataset_specs(specs)
-    if settings.task == "sft" and not getattr(tokenizer, "chat_template", None):
+    if settings.task in ("sft", "rlhf") and not getattr(tokenizer, "chat_template", None):
         raise DataError("the tokenizer has no chat template; sft renders conversations with it "
                         "(use a chat model's tokenizer, or task pt with text rows)",
                         "model.model")
@@ -186,6 +214,8 @@ def _select(parsed, keys, entries, built, seed, settings):
         status = np.asarray(tokens.row_status)[rows]
         docs = np.asarray(tokens.row_doc)[rows]
         docs = docs[docs >= 0]
+        per_row = docs_per_row(settings.task)
+        docs = (docs[:, None] + np.arange(per_row)).ravel()  # a pair's two documents
         doc_file.append(np.full(len(docs), file_no[spec.path], np.int64))
         doc_index.append(docs)
         sources.append(SourceStats(
@@ -196,7 +226,8 @@ def _select(parsed, keys, entries, built, seed, settings):
             tokens=0, loss_tokens=0, cache_hit=keys[spec.path] not in built))
     fingerprint = hashlib.sha256(json.dumps(
         [[keys[s.path], s.sample] for s in parsed] + [seed]).encode()).hexdigest()
-    dataset = TokenizedDataset(files, np.concatenate(doc_file), np.concatenate(doc_index), fingerprint)
+    dataset = TokenizedDataset(files, np.concatenate(doc_file), np.concatenate(doc_index),
+                               fingerprint, docs_per_row(settings.task))
     start = 0
     for s in sources:
         s.tokens = int(dataset.lengths[start:start + s.documents].sum())
@@ -213,7 +244,7 @@ def _select(parsed, keys, entries, built, seed, settings):
 
 def _warnings(sources: list[SourceStats], settings: EncodeSettings) -> list[str]:
     out = []
-    what = "assistant tokens" if settings.task == "sft" else "tokens to predict"
+    what = "tokens to predict" if settings.task == "pt" else "assistant tokens"
     for s in sources:
         if s.dropped_no_loss:
             out.append(f"{s.spec}: dropped {s.dropped_no_loss} of {s.rows} rows with no {what} "

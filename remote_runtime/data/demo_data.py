@@ -107,3 +107,26 @@ def write_demo_dataset(path: str | Path, num_rows: int = 200, seed: int = 0) -> 
 def write_demo_pretrain(path: str | Path, num_rows: int = 100, seed: int = 0) -> Path:
     """Write the demo pre-training text (`{"text": ...}` rows, JSON Lines) and return its path."""
     return _write_jsonl(path, demo_pretrain_rows(num_rows, seed))
+
+
+def demo_preference_rows(num_rows: int = 64, seed: int = 0) -> list[dict]:
+    """`num_rows` preference pairs in ms-swift's format (`messages` ending in the chosen answer,
+    `rejected_response`): a correct capital or sum is chosen over a wrong one."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(num_rows):
+        messages = (_capital if i % 2 else _sum)(rng)
+        right = messages[-1]["content"]
+        if i % 2:
+            wrong_city = rng.choice(sorted(set(CAPITALS.values()) - {right.split()[-1][:-1]}))
+            wrong = right.rsplit(" ", 1)[0] + f" {wrong_city}."
+        else:
+            head, total = right.rsplit("= ", 1)
+            wrong = f"{head}= {int(total[:-1]) + rng.randint(1, 5)}."
+        rows.append({"messages": messages, "rejected_response": wrong})
+    return rows
+
+
+def write_demo_preferences(path: str | Path, num_rows: int = 64, seed: int = 0) -> Path:
+    """Write demo preference pairs (ms-swift format, JSON Lines) and return its path."""
+    return _write_jsonl(path, demo_preference_rows(num_rows, seed))

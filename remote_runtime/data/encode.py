@@ -28,7 +28,7 @@ ROW_OK, ROW_TRUNCATED, ROW_NO_LOSS, ROW_TOO_LONG = 0, 1, 2, 3
 class EncodeSettings:
     """Everything besides the data and the tokenizer that changes the tokens (part of the cache key)."""
 
-    task: str = "sft"  # sft: loss on assistant tokens; pt: loss on every token
+    task: str = "sft"  # sft, rlhf: loss on assistant tokens; pt: loss on every token
     max_length: int = 2048
     truncation_strategy: str = "right"  # right | left | delete
     system: str | None = None  # default system prompt for chat rows without one
@@ -66,6 +66,35 @@ def truncate(ids: np.ndarray, mask: np.ndarray, settings: EncodeSettings):
     return ids, mask, status
 
 
+def docs_per_row(task: str) -> int:
+    """Documents one row becomes: 2 for preference pairs (chosen, then rejected), else 1."""
+    return 2 if task == "rlhf" else 1
+
+
+def encode_row(encoder: ChatEncoder, example, settings: EncodeSettings):
+    """(documents [(ids, mask)], status) of one row after truncation; no documents if dropped.
+
+    A preference pair is kept or dropped whole: each answer is truncated on its own (as ms-swift
+    encodes each of the two sequences), and if either is too long (delete) or has no answer
+    token left, the pair is dropped.
+    """
+    wants_pair = settings.task == "rlhf"
+    if isinstance(example, tuple) != wants_pair:
+        raise RowError("a preference row (chosen/rejected) needs the rlhf task" if not wants_pair
+                       else "rlhf trains on preference pairs: rows need 'messages' + "
+                            "'rejected_response', 'chosen' + 'rejected' (+ 'prompt')")
+    parts = example if wants_pair else (example,)
+    docs, statuses = [], []
+    for part in parts:
+        ids, mask, status = truncate(*encode_example(encoder, part, settings), settings)
+        docs.append((ids, mask))
+        statuses.append(status)
+    for bad in (ROW_TOO_LONG, ROW_NO_LOSS):
+        if bad in statuses:
+            return [], bad
+    return docs, max(statuses)
+
+
 def encode_example(encoder: ChatEncoder, example: list[dict] | str, settings: EncodeSettings):
     if isinstance(example, str):
         if settings.task != "pt":
@@ -89,23 +118,22 @@ def _init_worker(tokenizer, settings: EncodeSettings) -> None:
 
 
 def _encode_chunk(job: tuple[str, str, list[tuple[int, object]]]):
-    """Encode rows; returns (status int8, lengths int64, loss int64, ids int32, mask uint8) arrays."""
+    """Encode rows; returns (status int8 per row, then per kept document: lengths int64, loss
+    int64, and the ids int32, mask uint8 of every kept document concatenated)."""
     path, fmt, rows = job
     encoder, settings = _WORKER["encoder"], _WORKER["settings"]
     statuses, lengths, losses, ids_parts, mask_parts = [], [], [], [], []
     for line, payload in rows:
         try:
             example = row_to_example(parse_json_line(payload, path, line), fmt)
-            ids, mask = encode_example(encoder, example, settings)
+            docs, status = encode_row(encoder, example, settings)
         except RowError as exc:
             raise DataError(f"{exc} (file format: {fmt}, detected from its first row)",
                             path, line) from None
-        ids, mask, status = truncate(ids, mask, settings)
         statuses.append(status)
-        kept = status in (ROW_OK, ROW_TRUNCATED)
-        lengths.append(len(ids) if kept else 0)
-        losses.append(int(mask[1:].sum()) if kept else 0)
-        if kept:
+        for ids, mask in docs:
+            lengths.append(len(ids))
+            losses.append(int(mask[1:].sum()))
             ids_parts.append(ids)
             mask_parts.append(mask)
     cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
@@ -150,18 +178,18 @@ def tokenize_file(path: Path, tokenizer, settings: EncodeSettings, num_proc: int
         finally:
             _WORKER.clear()
             _WORKER.update(saved)
-    return _assemble(results, fmt)
+    return _assemble(results, fmt, docs_per_row(settings.task))
 
 
-def _assemble(results: list, fmt: str) -> FileTokens:
+def _assemble(results: list, fmt: str, per_row: int) -> FileTokens:
     status = np.concatenate([r[0] for r in results])
     lengths = np.concatenate([r[1] for r in results])
     kept = (status == ROW_OK) | (status == ROW_TRUNCATED)
     row_doc = np.full(len(status), -1, dtype=np.int64)
-    row_doc[kept] = np.arange(int(kept.sum()))
-    offsets = np.zeros(int(kept.sum()) + 1, dtype=np.int64)
-    np.cumsum(lengths[kept], out=offsets[1:])
-    loss = np.concatenate([r[2] for r in results])
+    row_doc[kept] = np.arange(int(kept.sum())) * per_row  # a pair's chosen; rejected is +1
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
     return FileTokens(ids=np.concatenate([r[3] for r in results]),
                       loss_mask=np.concatenate([r[4] for r in results]), offsets=offsets,
-                      doc_loss=loss[kept], row_doc=row_doc, row_status=status, format=fmt)
+                      doc_loss=np.concatenate([r[2] for r in results]), row_doc=row_doc,
+                      row_status=status, format=fmt)

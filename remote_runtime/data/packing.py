@@ -70,3 +70,19 @@ def sample_lengths(samples: Samples, doc_lengths: np.ndarray) -> np.ndarray:
     """Tokens per sample."""
     csum = np.concatenate([[0], np.cumsum(np.asarray(doc_lengths, np.int64)[samples.docs])])
     return csum[samples.offsets[1:]] - csum[samples.offsets[:-1]]
+
+
+def dataset_samples(lengths: np.ndarray, group: int, packing: bool,
+                    max_length: int | None) -> Samples:
+    """The samples of a dataset whose documents come in units of `group` (2: preference pairs).
+
+    Without packing a sample is one unit; with packing, units are packed whole (a pair's two
+    answers always share a pack, hence a micro-batch) into packs of <= group x max_length tokens.
+    """
+    unit_lengths = np.asarray(lengths, np.int64).reshape(-1, group).sum(1)
+    units = (pack_documents(unit_lengths, max_length * group) if packing
+             else one_document_per_sample(len(unit_lengths)))
+    if group == 1:
+        return units
+    docs = (units.docs[:, None] * group + np.arange(group)).ravel()
+    return Samples(units.offsets * group, docs)

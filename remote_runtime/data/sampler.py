@@ -18,10 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from remote_runtime.data.batches import MicroBatch, collate_padded, collate_thd
 from remote_runtime.spec.errors import DataError
-from remote_runtime.data.packing import Samples, one_document_per_sample, pack_documents
+from remote_runtime.data.packing import Samples, dataset_samples
 
 STATE_VERSION = 1
 
@@ -37,6 +38,7 @@ class GlobalBatch:
     num_tokens: int  # real tokens, whole global batch
     num_loss_tokens: int  # training targets, whole global batch
     sum_sq_doc_lengths: int  # sum of document length squared, whole global batch (attention FLOPs)
+    doc_ids: np.ndarray | None = None  # the documents of the whole global batch, in order
 
     @property
     def epoch_progress(self) -> float:
@@ -51,7 +53,7 @@ class BatchIterator:
                  dp_rank: int = 0, dp_size: int = 1, seed: int = 42, shuffle: bool = True,
                  packing: bool = False, padding_free: bool = True, max_length: int | None = None,
                  pad_token_id: int = 0, pad_to_multiple_of: int = 1,
-                 fixed_length: int | None = None):
+                 fixed_length: int | None = None, for_eval: bool = False):
         if global_batch_size % (micro_batch_size * dp_size):
             raise DataError(f"global_batch_size={global_batch_size} is not a multiple of "
                             f"micro_batch_size={micro_batch_size} x data-parallel size={dp_size}",
@@ -59,15 +61,15 @@ class BatchIterator:
         if packing and (not padding_free or max_length is None):
             raise ValueError("packing needs padding_free=True and max_length")
         self.dataset = dataset
-        self.samples: Samples = (pack_documents(dataset.lengths, max_length) if packing
-                                 else one_document_per_sample(len(dataset)))
+        self.samples: Samples = dataset_samples(dataset.lengths, getattr(dataset, "group", 1),
+                                                packing, max_length)
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed, self.shuffle, self.packing = seed, shuffle, packing
         self.padding_free, self.pad_token_id = padding_free, pad_token_id
         self.pad_to_multiple_of, self.fixed_length = pad_to_multiple_of, fixed_length
         self.steps_per_epoch = len(self.samples) // global_batch_size
-        if self.steps_per_epoch == 0:
+        if self.steps_per_epoch == 0 and not for_eval:
             kind = "packed sequences" if packing else "rows"
             unit = micro_batch_size * dp_size
             fit = len(self.samples) // unit * unit
@@ -114,14 +116,28 @@ class BatchIterator:
             micro_batches=[self._collate(ids) for ids in self.rank_sample_ids(step)],
             num_samples=self.global_batch_size, num_tokens=int(lengths.sum()),
             num_loss_tokens=int(self.dataset.loss_counts[docs_all].sum()),
-            sum_sq_doc_lengths=int((lengths ** 2).sum()))
+            sum_sq_doc_lengths=int((lengths ** 2).sum()), doc_ids=docs_all)
+
+    def eval_batches(self, max_samples: int | None = None) -> list[MicroBatch]:
+        """This rank's micro-batches over the first `max_samples` samples (all when None), in
+        order: sample i goes to data-parallel rank i % dp_size; nothing is dropped, so the
+        last micro-batch of a rank may be smaller and a rank may get one fewer."""
+        n = len(self.samples) if max_samples is None else min(max_samples, len(self.samples))
+        mine = np.arange(self.dp_rank, n, self.dp_size)
+        mbs = self.micro_batch_size
+        return [self._collate(mine[i:i + mbs]) for i in range(0, len(mine), mbs)]
 
     def _collate(self, sample_ids: np.ndarray) -> MicroBatch:
-        docs = [self.dataset.document(int(d)) for s in sample_ids for d in self.samples[s]]
+        doc_ids = [int(d) for s in sample_ids for d in self.samples[s]]
+        docs = [self.dataset.document(d) for d in doc_ids]
         if self.padding_free:
-            return collate_thd(docs, len(sample_ids), self.pad_token_id,
-                               self.pad_to_multiple_of, self.fixed_length)
-        return collate_padded(docs, self.pad_token_id, self.pad_to_multiple_of, self.fixed_length)
+            mb = collate_thd(docs, len(sample_ids), self.pad_token_id,
+                             self.pad_to_multiple_of, self.fixed_length)
+        else:
+            mb = collate_padded(docs, self.pad_token_id, self.pad_to_multiple_of,
+                                self.fixed_length)
+        mb.doc_ids = torch.tensor(doc_ids, dtype=torch.int64)
+        return mb
 
     def __iter__(self) -> "BatchIterator":
         return self
@@ -153,11 +169,14 @@ class BatchIterator:
 
 
 def make_batch_iterator(job, dataset, *, dp_rank: int = 0, dp_size: int = 1, pad_token_id: int = 0,
-                        pad_to_multiple_of: int = 1, fixed_length: int | None = None) -> BatchIterator:
-    """The BatchIterator of a JobConfig (train.*, data.packing/padding_free/max_length/shuffle)."""
+                        pad_to_multiple_of: int = 1, fixed_length: int | None = None,
+                        for_eval: bool = False) -> BatchIterator:
+    """The BatchIterator of a JobConfig (train.*, data.packing/padding_free/max_length/shuffle);
+    `for_eval`: in order, for `eval_batches`."""
     return BatchIterator(
         dataset, global_batch_size=job.train.global_batch_size,
         micro_batch_size=job.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-        seed=job.train.seed, shuffle=job.data.dataset_shuffle, packing=job.data.packing,
-        padding_free=job.data.padding_free, max_length=job.data.max_length,
-        pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of, fixed_length=fixed_length)
+        seed=job.train.seed, shuffle=job.data.dataset_shuffle and not for_eval,
+        packing=job.data.packing, padding_free=job.data.padding_free,
+        max_length=job.data.max_length, pad_token_id=pad_token_id,
+        pad_to_multiple_of=pad_to_multiple_of, fixed_length=fixed_length, for_eval=for_eval)

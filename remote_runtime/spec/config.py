@@ -27,7 +27,9 @@ from remote_runtime.spec.swift_compat import (MS_SWIFT_ONLY, SWIFT_SPELLINGS, Sw
                                               compat_warnings)
 
 
-TASKS = ("sft", "pt")
+TASKS = ("sft", "pt", "rlhf")
+RLHF_TYPES = ("dpo",)
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
 @dataclass
@@ -114,6 +116,27 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    val_dataset: list[str] = field(default_factory=list)  # held-out files, each `path` or `path#N`
+    split_dataset_ratio: float = 0.0  # without val_dataset: this share of the rows is held out
+    eval_steps: Optional[int] = None  # evaluate every N steps (and at the end); default save_steps
+    eval_iters: int = -1  # global batches per evaluation; -1: the whole validation set
+
+
+@dataclass
+class RlhfConfig:
+    """`rlhf` task (preference training). Megatron-SWIFT / TRL names and defaults."""
+
+    rlhf_type: str = "dpo"
+    ref_model: Optional[str] = None  # HF directory of the reference; default: --model
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
+    rpo_alpha: Optional[float] = None  # weight of the NLL loss on chosen answers (RPO)
+    label_smoothing: float = 0.0  # conservative DPO (sigmoid only)
+    reference_free: bool = False  # reference log-probs taken as 0
+
+
+@dataclass
 class CheckConfig:
     test_convert_precision: bool = False  # compare HF and Megatron logits before training
     dry_run: bool = False  # validate from config.json alone and print the resolved config
@@ -145,6 +168,8 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    rlhf: RlhfConfig = field(default_factory=RlhfConfig)
     check: CheckConfig = field(default_factory=CheckConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     swift_compat: SwiftCompatConfig = field(default_factory=SwiftCompatConfig)  # no-op options
@@ -203,6 +228,7 @@ ALIASES = {
     "log_interval": "logging_steps",
     "max_epochs": "num_train_epochs",
     **SWIFT_SPELLINGS,
+    "eval_interval": "eval_steps",
 }
 
 # Megatron-SWIFT options that exist there but not (yet) here: an error, never silently ignored.
@@ -220,16 +246,10 @@ NOT_IMPLEMENTED = {
     "virtual_pipeline_model_parallel_size": "interleaved pipeline schedules are not implemented yet",
     "decoder_first_pipeline_num_layers": "uneven pipeline stages are not implemented yet",
     "decoder_last_pipeline_num_layers": "uneven pipeline stages are not implemented yet",
-    "rlhf_type": "DPO/RLHF is not implemented yet",
-    "beta": "DPO/RLHF is not implemented yet",
     "fp16": "fp16 training is not implemented; use --torch_dtype bfloat16",
     "fp8_format": "fp8 training is not implemented yet",
     "fp8_recipe": "fp8 training is not implemented yet",
     "streaming": "streaming datasets are not implemented yet",
-    "val_dataset": "evaluation during training is not implemented yet",
-    "eval_interval": "evaluation during training is not implemented yet",
-    "eval_iters": "evaluation during training is not implemented yet",
-    "split_dataset_ratio": "evaluation during training is not implemented yet",
     "freeze_llm": "partial freezing is not implemented yet",
     "freeze_parameters": "partial freezing is not implemented yet",
     "new_special_tokens": "adding tokens is not implemented yet",
@@ -251,6 +271,8 @@ CHOICES = {
     "recompute_method": (None, "uniform", "block"),
     "lr_decay_style": ("cosine", "linear", "constant"),
     "optimizer": ("adam",),
+    "rlhf_type": RLHF_TYPES,
+    "loss_type": DPO_LOSS_TYPES,
 }
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "float": "float32"}
 
@@ -450,6 +472,7 @@ def validate(job: JobConfig) -> list[str]:
                          "context parallelism needs transformer-engine "
                          "(model.transformer_impl=transformer_engine); the local implementation "
                          "does not support it"))
+    _validate_eval_and_rlhf(job, problems)
     if problems:
         raise ConfigError(problems)
     return [warning for _, _, warning in _adjustments(job)] + compat_warnings(job.swift_compat)
@@ -461,6 +484,9 @@ def _adjustments(job: JobConfig) -> list[tuple[str, Any, str]]:
     if job.parallel.sequence_parallel and job.parallel.tensor_model_parallel_size == 1:
         out.append(("parallel.sequence_parallel", False,
                     "sequence_parallel has no effect with tensor_model_parallel_size=1; disabled"))
+    if job.eval.val_dataset and job.eval.split_dataset_ratio:
+        out.append(("eval.split_dataset_ratio", 0.0,
+                    "split_dataset_ratio is ignored: val_dataset is set"))
     return out
 
 
@@ -470,3 +496,27 @@ def normalize(job: JobConfig) -> JobConfig:
     for dotted, value, _ in _adjustments(job):
         out.set(dotted, value)
     return out
+
+
+def _validate_eval_and_rlhf(job: JobConfig, problems: list) -> None:
+    ev, rl = job.eval, job.rlhf
+    if not 0 <= ev.split_dataset_ratio < 1:
+        problems.append(("eval.split_dataset_ratio",
+                         f"must be in [0, 1), got {ev.split_dataset_ratio}"))
+    if ev.eval_steps is not None and ev.eval_steps <= 0:
+        problems.append(("eval.eval_steps", f"must be > 0, got {ev.eval_steps}"))
+    if ev.eval_iters < -1 or ev.eval_iters == 0:
+        problems.append(("eval.eval_iters", f"must be > 0, or -1 for the whole validation set, "
+                         f"got {ev.eval_iters}"))
+    if job.task != "rlhf":
+        return
+    if rl.beta <= 0:
+        problems.append(("rlhf.beta", f"must be > 0, got {rl.beta}"))
+    if not 0 <= rl.label_smoothing < 0.5:
+        problems.append(("rlhf.label_smoothing", f"must be in [0, 0.5), got {rl.label_smoothing}"))
+    if rl.label_smoothing and rl.loss_type != "sigmoid":
+        problems.append(("rlhf.label_smoothing", "applies to loss_type sigmoid only"))
+    if rl.rpo_alpha is not None and rl.rpo_alpha < 0:
+        problems.append(("rlhf.rpo_alpha", f"must be >= 0, got {rl.rpo_alpha}"))
+    if rl.reference_free and rl.ref_model:
+        problems.append(("rlhf.ref_model", "reference_free=true uses no reference model"))

@@ -9,6 +9,15 @@ Formats (the ms-swift names in brackets):
                    "system"?: str}
   text            {"text": str}   (pre-training)
 
+Preference formats (task `rlhf`), each giving a (chosen, rejected) pair of conversations that
+share the prompt:
+  preference_messages  {"messages": [..., {"role": "assistant", "content": chosen}],
+                        "rejected_response": str}                          (ms-swift)
+  preference_chat      {"chosen": [messages], "rejected": [messages]}, or with
+                        "prompt": [messages] and the answers as assistant message lists (TRL)
+  preference_text      {"prompt": str, "chosen": str, "rejected": str}   (a user turn and the
+                        two assistant answers, rendered with the chat template as ms-swift does)
+
 A chat row becomes a list of {"role", "content"} dicts; a text row a string. Problems raise
 RowError with a message naming the field (callers add file and line).
 """
@@ -21,14 +30,20 @@ ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "system": "system"}
 FORMATS = ("messages", "sharegpt", "alpaca", "query_response", "text")
+PREFERENCE_FORMATS = ("preference_messages", "preference_chat", "preference_text")
 _EXPECTED = ("expected one of: 'messages' (OpenAI style), 'conversations' (sharegpt), "
-             "'instruction'+'output' (alpaca), 'query'+'response', 'text' (pre-training)")
+             "'instruction'+'output' (alpaca), 'query'+'response', 'text' (pre-training); "
+             "preference pairs (rlhf): 'messages'+'rejected_response', 'chosen'+'rejected'")
 
 
 def detect_format(row: object) -> str:
     """The format of a file, from the keys of its first row."""
     if not isinstance(row, dict):
         raise RowError(f"a row must be a JSON object, got {type(row).__name__}")
+    if "rejected_response" in row and "messages" in row:
+        return "preference_messages"
+    if "chosen" in row and "rejected" in row:
+        return "preference_text" if isinstance(row["chosen"], str) else "preference_chat"
     if "messages" in row:
         return "messages"
     if "conversations" in row:
@@ -42,10 +57,13 @@ def detect_format(row: object) -> str:
     raise RowError(f"cannot tell the row format from its keys {sorted(row)}; {_EXPECTED}")
 
 
-def row_to_example(row: object, fmt: str) -> list[dict] | str:
-    """Chat messages (every chat format) or a string (text format) for one row."""
+def row_to_example(row: object, fmt: str) -> list[dict] | str | tuple[list[dict], list[dict]]:
+    """Chat messages (every chat format), a string (text format) or a (chosen, rejected) pair
+    of conversations (preference formats) for one row."""
     if not isinstance(row, dict):
         raise RowError(f"a row must be a JSON object, got {type(row).__name__}")
+    if fmt in PREFERENCE_FORMATS:
+        return _preference(row, fmt)
     if fmt == "text":
         return _string(row, "text")
     convert = {"messages": _messages, "sharegpt": _sharegpt, "alpaca": _alpaca,
@@ -90,10 +108,10 @@ def _message_list(row: dict, key: str) -> list:
     return value
 
 
-def _messages(row: dict) -> list[dict]:
+def _messages(row: dict, key: str = "messages") -> list[dict]:
     out = []
-    for i, msg in enumerate(_message_list(row, "messages")):
-        where = f"messages[{i}]"
+    for i, msg in enumerate(_message_list(row, key)):
+        where = f"{key}[{i}]"
         if not isinstance(msg, dict):
             raise RowError(f"'{where}' must be an object with 'role' and 'content'")
         role = msg.get("role")
@@ -148,3 +166,33 @@ def _query_response(row: dict) -> list[dict]:
     turns += [{"role": "user", "content": _string(row, "query")},
               {"role": "assistant", "content": _string(row, "response")}]
     return _with_system(row, turns)
+
+
+# ---- preference pairs ----------------------------------------------------------------------
+
+def _preference(row: dict, fmt: str) -> tuple[list[dict], list[dict]]:
+    if fmt == "preference_messages":
+        chosen = row_to_example(row, "messages")
+        if chosen[-1]["role"] != "assistant":
+            raise RowError("the last message of 'messages' must be the chosen assistant answer")
+        rejected = chosen[:-1] + [{"role": "assistant",
+                                   "content": _string(row, "rejected_response")}]
+        return chosen, rejected
+    if fmt == "preference_text":
+        prompt = _with_system(row, [{"role": "user", "content": _string(row, "prompt")}])
+        return tuple(prompt + [{"role": "assistant", "content": _string(row, key)}]
+                     for key in ("chosen", "rejected"))
+    prompt = _messages(row, "prompt") if "prompt" in row else []
+    pair = []
+    for key in ("chosen", "rejected"):
+        turns = _messages(row, key)
+        if turns[-1]["role"] != "assistant":
+            raise RowError(f"the last message of '{key}' must be an assistant answer")
+        pair.append(prompt + turns)
+    if not prompt and pair[0][:-1] != pair[1][:-1]:
+        raise RowError("'chosen' and 'rejected' must share every message but the last "
+                       "(the prompt); put a shared prompt in 'prompt'")
+    system = row.get("system")
+    if system is not None and pair[0][0]["role"] != "system":
+        pair = [[{"role": "system", "content": _string(row, "system")}] + p for p in pair]
+    return pair[0], pair[1]

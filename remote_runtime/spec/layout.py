@@ -32,6 +32,15 @@ METRICS_FIELDS = (
     "loss_tokens",  # tokens the loss was taken over
 )
 PROGRESS_FIELDS = METRICS_FIELDS[:13]
+# rlhf (DPO) records add TRL's metrics: means over the pairs since the last record.
+DPO_METRICS_FIELDS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                      "rewards/margins", "logps/chosen", "logps/rejected")
+# A step that evaluated the held-out set (every eval_steps and the last step) adds these, and for
+# rlhf the DPO metrics prefixed "eval_". `megafleet status` also gets `eval_step`: the step of
+# the latest evaluation, whose eval_* fields it carries.
+EVAL_FIELDS = ("eval_loss", "eval_samples", "eval_tokens", "eval_s")
+STATUS_EXTRA_FIELDS = ("rewards/accuracies", "rewards/margins", "eval_step", "eval_loss",
+                       "eval_rewards/accuracies")
 
 
 def checkpoint_name(step: int) -> str:

@@ -4,8 +4,10 @@
 2. tokenizer and dataset (tokenized once per node, cached);
 3. the megatron model for this rank, filled from the HF checkpoint (or the checkpoint resumed);
 4. DDP, the (distributed) optimizer and the LR schedule; optimizer/RNG/data state on resume;
-5. the loop: one global batch per step, metrics every `logging_steps`, a checkpoint every
-   `save_steps`, at the end, and on SIGTERM (then exit 0).
+   for rlhf, the reference log-probs (cached, or one forward-only pass: reference.py);
+5. the loop: one global batch per step, metrics every `logging_steps`, evaluation on the
+   held-out set every `eval_steps` and at the end, a checkpoint every `save_steps`, at the end,
+   and on SIGTERM (then exit 0).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from remote_runtime.spec.config import ConfigError, JobConfig, normalize
@@ -57,9 +60,9 @@ def run_training(job: JobConfig) -> int:
 def _train(job: JobConfig, stop: _StopRequest) -> int:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from remote_runtime.spec.resolve import read_hf_config, resolve_job
-    from remote_runtime.spec.families import family_for_hf_config
     from remote_runtime.platform import init_distributed, shutdown
+    from remote_runtime.spec.families import family_for_hf_config
+    from remote_runtime.spec.resolve import read_hf_config, resolve_job
     from remote_runtime.train import checkpoint as ckpt
     from remote_runtime.train.collectives import any_rank
     from remote_runtime.spec.shape import ModelShape
@@ -85,9 +88,17 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
         resolved["device"] = str(dist.device)
         (output_dir / RUN_CONFIG).write_text(json.dumps(resolved, indent=2, default=str))
 
-    dataset, batches, train_iters = _data(job, dist, rank0)
+    data = _data(job, dist, rank0)
+    dataset, batches, train_iters = data.train, data.batches, data.train_iters
     resume_from = find_resume_step(job.checkpoint.resume, output_dir, dist)
+    forward_backward = get_forward_backward_func()
+    ref_first = job.task == "rlhf" and _separate_reference(job, resume_from)
+    reference = _reference(job, dist, data, None, forward_backward, rank0) if ref_first else None
     model, optimizer, scheduler = _model(job, family, hf_config, dist, resume_from, train_iters)
+    if job.task == "rlhf" and not ref_first:
+        reference = _reference(job, dist, data, model, forward_backward, rank0)
+    objective = _objective(job, data, reference)
+    evaluator = _evaluator(job, data, objective, dist, forward_backward)
     layout = {"world_size": dist.world_size, "tp": dist.tp, "pp": dist.pp, "cp": dist.cp,
               "dp": dist.dp}
     start_step = 0
@@ -99,8 +110,8 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
         _say(rank0, f"resumed from {resume_from} at step {start_step}")
 
     shape = ModelShape.from_transformer_config(resolved["transformer_config"], family.name)
-    metrics = _Metrics(job, dist, shape, output_dir, train_iters, rank0)
-    forward_backward = get_forward_backward_func()
+    metrics = _Metrics(job, dist, shape, output_dir, train_iters, rank0, objective)
+    eval_steps = job.eval.eval_steps or job.checkpoint.save_steps
 
     def save(step: int, loss: float | None) -> None:
         t0 = time.perf_counter()
@@ -121,11 +132,18 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
     metrics.start()
     while step < train_iters:
         gb = batches.batch(step)
-        micro = [mb.to(dist.device) for mb in gb.micro_batches]
-        loss_pair, grad_norm, _ = train_step(model, optimizer, scheduler, micro, forward_backward)
+        micro = [objective.prepare(mb).to(dist.device) for mb in gb.micro_batches]
+        reports: dict = {}
+        loss_pair, grad_norm, _ = train_step(model, optimizer, scheduler, micro, forward_backward,
+                                             objective.loss_for(gb.doc_ids), reports)
         step += 1
-        metrics.after_step(step, gb, loss_pair, grad_norm, optimizer)
         stopping = any_rank(stop.requested)
+        evaluated = None
+        if evaluator is not None and not stopping and (step % eval_steps == 0
+                                                       or step == train_iters):
+            evaluated = evaluator.run(model)
+            metrics.pause(evaluated["eval_s"])
+        metrics.after_step(step, gb, loss_pair, grad_norm, optimizer, reports, evaluated)
         # The last step always saves, so every run ends with a checkpoint.
         if stopping or step % job.checkpoint.save_steps == 0 or step == train_iters:
             save(step, metrics.last_loss)
@@ -168,21 +186,44 @@ def _version() -> str:
     return __version__
 
 
-def _data(job: JobConfig, dist, rank0: bool):
-    """(dataset, batch iterator, train_iters): tokenized once per node, cached."""
+class _Data:
+    """The training set and its batches, the held-out set, and in-order batches of any set."""
+
+    def __init__(self, job, dist, train, val, pad_id: int):
+        from remote_runtime.data import make_batch_iterator
+
+        sp = job.parallel.sequence_parallel and dist.tp > 1
+        self.job, self.train, self.val = job, train, val
+        self.layout = dict(dp_rank=dist.dp_rank, dp_size=dist.dp, pad_token_id=pad_id,
+                           pad_to_multiple_of=dist.tp if sp else 1)
+        self.batches = make_batch_iterator(job, train, **self.layout)
+        self.train_iters = 0
+
+    def in_order(self, dataset, max_samples: int | None = None) -> list:
+        """This data-parallel rank's micro-batches over `dataset`, in order (eval, reference)."""
+        from remote_runtime.data import make_batch_iterator
+
+        it = make_batch_iterator(self.job, dataset, for_eval=True, **self.layout)
+        return it.eval_batches(max_samples)
+
+
+def _data(job: JobConfig, dist, rank0: bool) -> _Data:
+    """The datasets (tokenized once per node, cached), the batch iterator and train_iters."""
     from transformers import AutoTokenizer
 
-    from remote_runtime.data import build_dataset, make_batch_iterator
+    from remote_runtime.data import build_dataset
+    from remote_runtime.data.validation import with_validation
     from remote_runtime.train.collectives import barrier
 
     tokenizer = AutoTokenizer.from_pretrained(job.model.model)
     dataset, stats = build_dataset(job, tokenizer, should_build=dist.local_rank == 0,
                                    barrier=barrier)
+    dataset, val = with_validation(job, tokenizer, dataset, stats,
+                                   should_build=dist.local_rank == 0, barrier=barrier)
     _say(rank0, stats.summary())
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sp = job.parallel.sequence_parallel and dist.tp > 1
-    batches = make_batch_iterator(job, dataset, dp_rank=dist.dp_rank, dp_size=dist.dp,
-                                  pad_token_id=pad_id or 0, pad_to_multiple_of=dist.tp if sp else 1)
+    data = _Data(job, dist, dataset, val, pad_id or 0)
+    batches = data.batches
     if job.train.train_iters is not None:
         train_iters = job.train.train_iters
     else:
@@ -191,7 +232,69 @@ def _data(job: JobConfig, dist, rank0: bool):
         raise ConfigError([("train.global_batch_size",
                             f"{job.train.global_batch_size} is larger than the {len(dataset)} "
                             "documents of the dataset: no full global batch per epoch")])
-    return dataset, batches, train_iters
+    data.train_iters = train_iters
+    return data
+
+
+def _separate_reference(job: JobConfig, resume_from) -> bool:
+    """Whether the reference needs its own model (built, used and freed before the policy)."""
+    return not job.rlhf.reference_free and (job.rlhf.ref_model is not None
+                                            or resume_from is not None)
+
+
+def _reference(job: JobConfig, dist, data: _Data, model, forward_backward, rank0: bool) -> dict:
+    """{"train": per-document reference log-probs, "val": ... or None}; see reference.py."""
+    from remote_runtime.data import default_cache_dir
+    from remote_runtime.train.reference import ReferenceSource, reference_logps
+
+    if job.rlhf.reference_free:
+        return {}
+    source = ReferenceSource(job.rlhf.ref_model or job.model.model, chunks=model)
+    sets = {"train": data.train, **({"val": data.val} if data.val is not None else {})}
+    values = reference_logps(
+        list(sets.values()), source, job=job, dist=dist, make_eval_batches=data.in_order,
+        build_reference=lambda path: _build_reference(job, dist, path),
+        forward_backward=forward_backward, cache_dir=default_cache_dir(job),
+        say=lambda m: _say(rank0, m))
+    return dict(zip(sets, values))
+
+
+def _build_reference(job: JobConfig, dist, model_dir: str) -> list:
+    from remote_runtime.bridge import load_hf_checkpoint
+    from remote_runtime.model.builder import ModelOptions, build_model
+    from remote_runtime.spec.families import family_for_hf_config
+    from remote_runtime.spec.resolve import read_hf_config
+
+    hf_config = read_hf_config(model_dir)
+    chunks = build_model(family_for_hf_config(hf_config), hf_config, ModelOptions.from_job(job),
+                         dist)
+    load_hf_checkpoint(chunks, model_dir, dist)
+    return chunks
+
+
+def _objective(job: JobConfig, data: _Data, reference: dict | None):
+    from remote_runtime.train.objective import PreferenceObjective, TokenObjective
+
+    if job.task != "rlhf":
+        return TokenObjective()
+    from remote_runtime.train.dpo import DpoSettings
+
+    return PreferenceObjective(DpoSettings.from_job(job), {"train": data.train, "val": data.val},
+                               reference or {})
+
+
+def _evaluator(job: JobConfig, data: _Data, objective, dist, forward_backward):
+    """The evaluation of the held-out set, or None without one."""
+    from remote_runtime.train.evaluate import Evaluator
+
+    if data.val is None:
+        return None
+    it = job.eval.eval_iters
+    micro = data.in_order(data.val, None if it == -1 else it * job.train.global_batch_size)
+    micro = [objective.prepare(mb, "val") for mb in micro]
+    all_docs = np.arange(len(data.val))
+    return Evaluator(micro, objective, objective.loss_for(all_docs, "val"), dist,
+                     forward_backward)
 
 
 def _model(job: JobConfig, family, hf_config: dict, dist, resume_from, train_iters: int):
@@ -226,10 +329,12 @@ def _check_conversion(chunks, job: JobConfig, dist) -> None:
 class _Metrics:
     """Accumulates per-step numbers on the device; syncs and logs every `logging_steps`."""
 
-    def __init__(self, job: JobConfig, dist, shape, output_dir: Path, train_iters: int, rank0: bool):
+    def __init__(self, job: JobConfig, dist, shape, output_dir: Path, train_iters: int, rank0: bool,
+                 objective):
         from remote_runtime.train.metrics import MetricsLog, peak_tflops
 
         self.job, self.dist, self.shape, self.train_iters = job, dist, shape, train_iters
+        self.objective = objective
         self.log = MetricsLog(output_dir, enabled=rank0, tensorboard_dir=job.logging.tensorboard_dir)
         name = torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else None
         self.peak = peak_tflops(name)
@@ -238,6 +343,7 @@ class _Metrics:
 
     def _reset(self):
         self.loss_pair = torch.zeros(2, dtype=torch.float32, device=self.dist.device)
+        self.reports: dict = {}
         self.tokens = self.loss_tokens = self.steps = 0
         self.flops = 0.0
         self.t0 = time.perf_counter()
@@ -247,21 +353,33 @@ class _Metrics:
         self.step0 = None
         self._reset()
 
-    def after_step(self, step: int, gb, loss_pair, grad_norm, optimizer) -> None:
+    def pause(self, seconds: float) -> None:
+        """Leave time spent outside training (evaluation) out of the throughput."""
+        self.t0 += seconds
+
+    def after_step(self, step: int, gb, loss_pair, grad_norm, optimizer, reports: dict,
+                   evaluated: dict | None = None) -> None:
         from remote_runtime.train.optim import current_lr
 
         if self.step0 is None:
             self.step0 = step - 1
         self.loss_pair += loss_pair
+        for name, value in reports.items():
+            self.reports[name] = self.reports[name] + value if name in self.reports else value
         self.tokens += gb.num_tokens
         self.loss_tokens += gb.num_loss_tokens
         self.flops += self.shape.training_flops(gb.num_tokens, gb.sum_sq_doc_lengths)
         self.steps += 1
-        if step % self.job.logging.logging_steps and step != self.train_iters and step != 1:
+        if (step % self.job.logging.logging_steps and step != self.train_iters and step != 1
+                and evaluated is None):
             self.log.progress(step, self.train_iters, time.perf_counter() - self.t_start)
             return
+        from remote_runtime.train.objective import all_reduced
+
         totals = self.loss_pair.clone()
         torch.distributed.all_reduce(totals)  # only last-stage ranks hold non-zero sums
+        extra = self.objective.metrics(all_reduced(self.reports, self.objective.report_sizes,
+                                                   self.dist.device))
         peak = torch.tensor([self._peak_memory_gb()], device=self.dist.device)
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
         elapsed = time.perf_counter() - self.t0
@@ -277,7 +395,7 @@ class _Metrics:
             "mfu": tflops / self.peak if self.peak else None, "peak_mem_gb": float(peak.item()),
             "elapsed_s": round(time.perf_counter() - self.t_start, 3),
             "eta_s": round(per_step * (self.train_iters - step), 1),
-            "tokens": self.tokens, "loss_tokens": self.loss_tokens})
+            "tokens": self.tokens, "loss_tokens": self.loss_tokens, **extra, **(evaluated or {})})
         self._reset()
 
     def _peak_memory_gb(self) -> float:

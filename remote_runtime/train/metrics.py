@@ -6,7 +6,13 @@ since documents in a pack never attend to each other; only real tokens are count
 
 `logging.jsonl` (one JSON object per logged step, appended by global rank 0) is read by
 `megafleet status` / `logs`; its name and fields are part of the contract
-(`remote_runtime.spec.layout.METRICS_FILE` / `METRICS_FIELDS`).
+(`remote_runtime.spec.layout.METRICS_FILE` / `METRICS_FIELDS`, `DPO_METRICS_FIELDS`,
+`EVAL_FIELDS`).
+
+rlhf (DPO) records add TRL's names (rewards/chosen, rewards/accuracies, logps/chosen, ...: means
+over the pairs since the last record; `loss` is the mean pair loss). A step that evaluated the
+held-out set (every eval_steps and the last step) adds eval_loss, eval_samples, eval_tokens,
+eval_s and for rlhf the same DPO metrics prefixed `eval_` (eval_rewards/accuracies, ...).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from remote_runtime.spec.layout import DPO_METRICS_FIELDS as DPO_METRICS
 from remote_runtime.spec.layout import METRICS_FILE
 
 # Dense bf16 peak of the GPUs we know (TFLOP/s); unknown GPUs report MFU as null.
@@ -63,9 +70,12 @@ class MetricsLog:
             sys.stdout.write("\r\033[K")
         print(format_record(record), flush=True)
         if self.tb is not None:
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", *DPO_METRICS):
                 if record.get(key) is not None:
                     self.tb.add_scalar(f"train/{key}", record[key], record["step"])
+            for key in ("eval_loss", *(f"eval_{k}" for k in DPO_METRICS)):
+                if record.get(key) is not None:
+                    self.tb.add_scalar(f"eval/{key[5:]}", record[key], record["step"])
 
     def progress(self, step: int, total: int, elapsed: float) -> None:
         """A one-line progress bar with ETA, only when attached to a terminal."""
@@ -113,7 +123,13 @@ def format_record(r: dict) -> str:
         parts.append(f"{r['tflops_per_gpu']:.3g} TFLOP/s/GPU")
     if r.get("mfu") is not None:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    if r.get("rewards/accuracies") is not None:
+        parts.append(f"reward acc {r['rewards/accuracies']:.2f} margin {r['rewards/margins']:.3g}")
     if r.get("peak_mem_gb") is not None:
         parts.append(f"mem {r['peak_mem_gb']:.1f} GB")
+    if r.get("eval_loss") is not None:
+        parts.append(f"eval_loss {r['eval_loss']:.4f}")
+        if r.get("eval_rewards/accuracies") is not None:
+            parts.append(f"eval reward acc {r['eval_rewards/accuracies']:.2f}")
     parts.append(f"ETA {format_duration(r.get('eta_s'))}")
     return " | ".join(parts)

@@ -28,38 +28,84 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
 
 
-def forward_step(data_iterator, model):
-    """megatron's forward_step_func: run one micro-batch, return (output, loss function)."""
-    mb = next(data_iterator)
-    # The vocab-parallel cross entropy needs a valid id everywhere; ignored positions are zeroed
-    # by the loss mask instead.
-    labels = mb.labels.clamp(min=0)
-    output = model(mb.tokens, mb.position_ids, None, labels=labels,
-                   packed_seq_params=_packed_seq_params(mb) if mb.is_thd else None)
-    return output, partial(_loss_func, mb.loss_mask)
+def token_loss_for(mb):
+    """The SFT/PT loss function of a micro-batch: summed token losses over its loss tokens."""
+    return partial(_loss_func, mb.loss_mask)
 
 
-def train_step(model: list, optimizer, scheduler, micro_batches: list, forward_backward):
+def make_forward_step(loss_for=token_loss_for):
+    """megatron's forward_step_func: run one micro-batch, return (output, loss_for(mb))."""
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        # The vocab-parallel cross entropy needs a valid id everywhere; ignored positions are
+        # zeroed by the loss mask instead.
+        labels = mb.labels.clamp(min=0)
+        output = model(mb.tokens, mb.position_ids, None, labels=labels,
+                       packed_seq_params=_packed_seq_params(mb) if mb.is_thd else None)
+        return output, loss_for(mb)
+
+    return forward_step
+
+
+forward_step = make_forward_step()
+
+
+def _run_schedule(model, micro_batches, forward_backward, loss_for, forward_only: bool) -> list:
+    first = micro_batches[0]
+    return forward_backward(
+        forward_step_func=make_forward_step(loss_for), data_iterator=iter(micro_batches),
+        model=model, num_microbatches=len(micro_batches),
+        seq_length=max(mb.tokens.shape[1] for mb in micro_batches),
+        micro_batch_size=1 if first.is_thd else first.tokens.shape[0], forward_only=forward_only)
+
+
+def sum_reports(items: list, device) -> dict[str, torch.Tensor]:
+    """The loss functions' report tensors summed over micro-batches, by name (last pipeline
+    stage only; an empty dict elsewhere)."""
+    totals: dict[str, torch.Tensor] = {}
+    for item in items or []:
+        for name, value in item.items():
+            value = value.to(device)
+            totals[name] = totals[name] + value if name in totals else value.clone()
+    return totals
+
+
+def train_step(model: list, optimizer, scheduler, micro_batches: list, forward_backward,
+               loss_for=token_loss_for, reports: dict | None = None):
     """Forward/backward over the micro-batches and one optimizer step.
 
     Returns (loss_sum_and_count tensor [2] on device — zeros except on the last pipeline stage,
-    grad_norm float or None, update_successful bool).
+    grad_norm float or None, update_successful bool). `reports`, when given, receives every
+    report tensor of the loss functions summed over the micro-batches (see sum_reports).
     """
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    first = micro_batches[0]
-    thd = first.is_thd
-    seq_length = max(mb.tokens.shape[1] for mb in micro_batches)
-    losses = forward_backward(
-        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=model,
-        num_microbatches=len(micro_batches), seq_length=seq_length,
-        micro_batch_size=1 if thd else first.tokens.shape[0], forward_only=False)
+    losses = _run_schedule(model, micro_batches, forward_backward, loss_for, forward_only=False)
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
         scheduler.step(increment=1)
-    device = first.tokens.device
-    total = torch.zeros(2, dtype=torch.float32, device=device)
-    for item in losses:
-        total += item["lm loss"].to(device)
+    device = micro_batches[0].tokens.device
+    totals = sum_reports(losses, device)
+    if reports is not None:
+        reports.update(totals)
+    total = totals.get("lm loss", torch.zeros(2, dtype=torch.float32, device=device))
     return total, grad_norm, update_successful
+
+
+@torch.no_grad()
+def forward_only_step(model: list, micro_batches: list, forward_backward,
+                      loss_for=token_loss_for) -> list:
+    """The loss functions' reports of each micro-batch (last pipeline stage; [] elsewhere), with
+    the model in eval mode and no gradient; the model's train/eval mode is restored after."""
+    if not micro_batches:
+        return []
+    modes = [chunk.training for chunk in model]
+    for chunk in model:
+        chunk.eval()
+    try:
+        return list(_run_schedule(model, micro_batches, forward_backward, loss_for,
+                                  forward_only=True) or [])
+    finally:
+        for chunk, mode in zip(model, modes):
+            chunk.train(mode)

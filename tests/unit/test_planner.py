@@ -143,3 +143,15 @@ def test_layouts_enumerates_only_valid_splits():
     found = {(p.tp, p.pp) for p in layouts(shape, 16, 16)}
     assert (16, 1) not in found  # 16 does not divide 8 query groups
     assert (8, 2) in found and (1, 16) not in found  # 16 does not divide 36 layers
+
+
+def test_dpo_plans_for_two_sequences_per_pair_and_no_reference_copy():
+    """A pair trains its chosen and rejected answer in one micro-batch: the memory of an SFT
+    micro-batch twice as long; the cached reference adds nothing on the GPU."""
+    sft = job_from_argv(["--model", "/m", "--dataset", "d", "--train_iters", "1",
+                         "--max_length", "4096"], task="sft")
+    dpo = job_from_argv(["--model", "/m", "--dataset", "d", "--train_iters", "1",
+                         "--max_length", "2048"], task="rlhf")
+    assert estimate_job(dpo, 1, Q17).total_gib == pytest.approx(estimate_job(sft, 1, Q17).total_gib)
+    p = plan(Q17, gpus=1, gpu_mem_gb=80, seq_len=2048, task="rlhf")
+    assert p.chosen.memory.tokens_per_microbatch == 2 * 2048 * p.chosen.micro_batch_size
