@@ -26,7 +26,12 @@ from remote_runtime.model.lora import (
     peft_key,
     set_piece,
 )
-from remote_runtime.spec.tuner import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SAVE_MODULES, peft_adapter_config
+from remote_runtime.spec.tuner import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    SAVE_MODULES,
+    peft_adapter_config,
+)
 
 
 def _tp_group():
@@ -166,4 +171,4 @@ def _check_all_taken(keys: set[str], chunks, dist, where: str) -> None:
                               where)
 
 
-__all__ = ["save_adapter", "load_adapter", "adapter_tensors", "SAVE_MODULES"]
+__all__ = ["SAVE_MODULES", "adapter_tensors", "load_adapter", "save_adapter"]

@@ -12,14 +12,12 @@ The megatron side runs in `lora_worker.py` (one process, then two gloo processes
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT, cli_env
+from tests.runtime.test_bridge import _run_worker as run_worker
 
 pytestmark = pytest.mark.runtime
 
@@ -75,29 +73,11 @@ def lora_models(tmp_path_factory) -> Path:
     return root
 
 
-def _run_worker(mode: str, models: Path, out: Path) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(WORKER), mode, str(models), str(out)]
-    if mode != "single":
-        cmd[1:2] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(WORKER)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT,
-                          env=cli_env({"OMP_NUM_THREADS": "1"}))
-    if proc.returncode != 0:
-        raise AssertionError(f"{mode} worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}"
-                             f"\n{proc.stderr[-6000:]}")
-    merged: dict = {}
-    for path in sorted(out.glob(f"{mode}-rank*.json")):
-        for key, value in json.loads(path.read_text()).items():
-            merged.setdefault(key, {}).update(value)
-    return merged
-
-
 @pytest.fixture(scope="session")
 def lora_runs(lora_models, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("lora-out")
-    results = _run_worker("single", lora_models, out)
-    results.update(_run_worker("parallel", lora_models, out))
+    results = run_worker("single", lora_models, out, WORKER)
+    results.update(run_worker("parallel", lora_models, out, WORKER))
     return out, results
 
 
