@@ -34,7 +34,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megafleet.memory import GIB, Assumptions, Parallel, Recompute, estimate_memory  # noqa: E402
+from megafleet.memory import (  # noqa: E402
+    GIB,
+    Assumptions,
+    Lora,
+    Parallel,
+    Recompute,
+    estimate_memory,
+)
 from megafleet.model_shape import NAMED_CONFIGS, shape_from_hf_config  # noqa: E402
 
 SKIPPED_FRAMEWORKS = ("hf", "transformers", "huggingface")
@@ -100,7 +107,8 @@ def estimate_run(run: dict):
     asm = dataclasses.replace(Assumptions(), **(run.get("assumptions") or {}))
     seq = int(_field(run, "seq_len", "max_length", "seq_length"))
     shape = shape_from_hf_config(model_config_of(run))
-    est = estimate_memory(shape, par, seq, mbs, rc, num_microbatches=m, assumptions=asm)
+    lora = Lora(rank=int(run["lora"]["r"])) if run.get("lora") else None  # train_throughput --lora
+    est = estimate_memory(shape, par, seq, mbs, rc, num_microbatches=m, assumptions=asm, lora=lora)
     return est, par, rc, seq, mbs
 
 

@@ -4,7 +4,8 @@
     torchrun --standalone --nproc_per_node 2 benchmarks/train_throughput.py --shape qwen3-8b \
         --tp 2 --sp --json out.json
 
-Both sides do full fine-tuning in bf16 of a randomly initialised model of the named shape, on
+Both sides do full fine-tuning (or, with `--lora`, LoRA r=16 alpha 32 on q/k/v/o/gate/up/down:
+our adapters vs PEFT, fused AdamW on the adapters) in bf16 of a randomly initialised model of the named shape, on
 sequences of `--seq-len` tokens (`--docs-per-seq` documents packed per sequence for the runtime;
 Hugging Face gets one document per sequence, the same FLOPs when docs-per-seq is 1), with
 `--global-batch` sequences per optimizer step. Reported per side: tokens/s (all GPUs),
@@ -58,6 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--transformer-impl", default="auto")
     p.add_argument("--option", action="append", default=[],
                    help="extra ModelOptions field=value (e.g. fused_norm=false) for ablations")
+    p.add_argument("--lora", action="store_true",
+                   help="LoRA on every linear layer of attention and MLP (both sides)")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--profile", help="write a torch.profiler summary of 2 runtime steps here")
     p.add_argument("--json", help="append the results to this JSON file")
     p.add_argument("--label", default="")
@@ -192,7 +198,14 @@ def run_runtime(args, cfg: dict) -> dict:
         overrides[key] = {"true": True, "false": False}.get(value.lower(), value)
     options = ModelOptions.from_job(job, init_weights=True, **overrides)
     family = family_for_hf_config(cfg)
-    model = wrap_ddp(build_model(family, cfg, options, dist), job)
+    chunks = build_model(family, cfg, options, dist)
+    if args.lora:
+        from remote_runtime.model.lora import attach_lora
+        from remote_runtime.spec.tuner import resolve_lora
+
+        job.tuner = lora_tuner(args)
+        attach_lora(chunks, resolve_lora(job.tuner, family, cfg), cfg, dist)
+    model = wrap_ddp(chunks, job)
     optimizer, scheduler = build_optimizer(model, job, schedule_for(job, 10**6))
     micro = runtime_batches(args, dist, cfg["vocab_size"])
     fb = get_forward_backward_func()
@@ -220,7 +233,8 @@ def run_runtime(args, cfg: dict) -> dict:
              "attention": dict(PACKED_PATH), "options": overrides,
              "gradient_accumulation_fusion": bool(model[0].module.config.gradient_accumulation_fusion),
              "transformer_impl": getattr(model[0].module, "megafleet_transformer_impl", None),
-             "assumptions": memory_assumptions(model[0].module),  # for benchmarks/memory_check.py
+             "assumptions": memory_assumptions(model[0].module),
+             "lora": lora_summary(args),  # for benchmarks/memory_check.py
              "mean_loss": round(float(total[0] / total[1]), 4) if total[1] > 0 else None}
     res = result(args, "runtime", cfg, step_time, dist.world_size, extra)
     # every rank's peak: report the largest
@@ -250,6 +264,20 @@ def profile_steps(step_fn, path: str, rank: int) -> None:
         Path(path).write_text(f"# sorted by CUDA time\n{table}\n\n# sorted by CPU time\n{cpu}\n")
 
 
+def lora_tuner(args):
+    from remote_runtime.spec.config import TunerConfig
+
+    return TunerConfig(train_type="lora", lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                       lora_dropout=args.lora_dropout, target_modules=["all-linear"])
+
+
+def lora_summary(args) -> dict | None:
+    if not args.lora:
+        return None
+    return {"r": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
+            "target_modules": "all-linear (q k v o gate up down)"}
+
+
 # ---- Hugging Face ---------------------------------------------------------------------------
 
 def run_hf(args, cfg: dict) -> dict:
@@ -266,7 +294,16 @@ def run_hf(args, cfg: dict) -> dict:
     model.train()
     if args.recompute == "full":
         model.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        if args.recompute == "full":
+            model.enable_input_require_grads()
+        model = get_peft_model(model, LoraConfig(
+            r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+            target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
     n_micro = args.global_batch // args.micro_batch
     g = torch.Generator(device="cuda").manual_seed(0)
     batches = [torch.randint(0, cfg["vocab_size"], (args.micro_batch, args.seq_len), device="cuda",
@@ -283,11 +320,21 @@ def run_hf(args, cfg: dict) -> dict:
     step_time = timed(step, args.warmup, args.steps)
     res = result(args, "hf", cfg, step_time, 1, {
         "tp": 1, "pp": 1, "dp": 1, "transformers": transformers.__version__,
-        "attn_implementation": "sdpa", "optimizer": "torch AdamW fused, bf16 params and states"})
+        "attn_implementation": "sdpa", "optimizer": "torch AdamW fused, bf16 params and states",
+        "lora": lora_summary(args), "peft": _version("peft") if args.lora else None})
     del model, optimizer, batches
     gc.collect()
     torch.cuda.empty_cache()
     return res
+
+
+def _version(name: str):
+    import importlib.metadata as md
+
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
 
 
 # ---- main -----------------------------------------------------------------------------------

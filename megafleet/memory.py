@@ -12,6 +12,10 @@ A bottom-up count of what megatron-core and our runtime keep on the GPU, per pip
   working set of one layer (plus the layers replayed by full recompute);
 * optimizer-step peak: static plus the optimizer's temporaries (activations are freed by then).
 
+With `lora` (LoRA training) the base weights stay but gradients, master weights and optimizer
+states are the adapters' only; activations are the same (the adapters keep the inputs the
+frozen layers no longer need for weight gradients, plus their rank-r outputs, negligible).
+
 Activations follow Korthikanti et al. ("Reducing Activation Recomputation in Large Transformer
 Models") tensor by tensor, adapted to this model and runtime: SwiGLU MLP, grouped-query
 attention, no dropout (p=0 stores no masks), SDPA/flash attention that keeps q, k, v, the output
@@ -62,6 +66,33 @@ class Recompute:
         if (self.method or "uniform") == "block":
             return min(self.num_layers or 1, stage_layers)
         return stage_layers
+
+
+@dataclass(frozen=True)
+class Lora:
+    """LoRA training (`train_type: lora`): the base is frozen in bf16 (no gradient buffer, no
+    master copy, no optimizer state); adapters of `rank` on `targets` are trained."""
+
+    rank: int = 16
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                "down_proj")
+
+
+def lora_layer_params(s: ModelShape, lora: Lora, tp: int = 1) -> int:
+    """Adapter parameters of one layer on one TP rank: r × (in + out) per target module, the
+    output side split for column-parallel modules, the input side for row-parallel ones."""
+    h, d, f = s.hidden_size, s.kv_channels, s.ffn_hidden_size
+    q, kv = s.num_attention_heads * d, s.num_query_groups * d
+    column = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "gate_proj": (h, f),
+              "up_proj": (h, f)}
+    row = {"o_proj": (q, h), "down_proj": (f, h)}
+    total = 0
+    for name in lora.targets:
+        if name in column:
+            total += column[name][0] + column[name][1] // tp
+        else:
+            total += row[name][0] // tp + row[name][1]
+    return lora.rank * total
 
 
 @dataclass(frozen=True)
@@ -225,18 +256,22 @@ def _saved_per_token(s: ModelShape, sz: _Sizes, rc: Recompute, stage: int, pp: i
 
 
 def _stage_bytes(s: ModelShape, par: Parallel, rc: Recompute, asm: Assumptions, stage: int,
-                 tokens: int, microbatches: int) -> dict[str, dict[str, float]]:
+                 tokens: int, microbatches: int,
+                 lora: Lora | None = None) -> dict[str, dict[str, float]]:
     """{"backward": {component: bytes}, "optimizer step": {...}} for one stage's rank."""
     e, t, pp = asm.params_dtype_bytes, par.tp, par.pp
     sz = _layer_sizes(s, par, asm)
     params = _stage_params(s, par, stage)
+    trained = params  # with LoRA: the adapters only, the base frozen
+    if lora is not None:
+        trained = (s.num_layers // pp) * lora_layer_params(s, lora, t)
     shard = par.dp * par.cp if par.distributed_optimizer else 1
     master = 4 if e < 4 else 0
     grad_bytes = 4 if (asm.grad_reduce_in_fp32 or e == 4) else e
     static = {
-        "weights": e * params,
-        "gradients": grad_bytes * params,
-        "optimizer_states": (master + 8) * params / shard,
+        "weights": e * (params + (trained if lora is not None else 0)),
+        "gradients": grad_bytes * trained,
+        "optimizer_states": (master + 8) * trained / shard,
         "comm_buffers": e * tokens * s.hidden_size if (par.sequence_parallel and t > 1) else 0.0,
     }
     per_token, replay = _saved_per_token(s, sz, rc, stage, pp, e)
@@ -244,7 +279,7 @@ def _stage_bytes(s: ModelShape, par: Parallel, rc: Recompute, asm: Assumptions, 
     last = stage == pp - 1
     vocab = padded_vocab_size(s.vocab_size, t) / t
     working = tokens * sz.layer * (1 + replay)  # one layer's gradient temporaries + replayed layers
-    if last and s.tie_word_embeddings and pp == 1:
+    if last and s.tie_word_embeddings and pp == 1 and lora is None:
         working += e * vocab * s.hidden_size  # output-layer gradient held until the embedding's
     logits = 0.0
     triton_loss = asm.loss_impl == "triton" or (asm.loss_impl == "auto" and t == 1)
@@ -257,9 +292,9 @@ def _stage_bytes(s: ModelShape, par: Parallel, rc: Recompute, asm: Assumptions, 
                     backward_working_set=working if working > logits else 0.0)
     step_temp = 0.0
     if master and grad_bytes < 4:
-        step_temp += 4 * params / shard  # the optimizer's fp32 copy of the bf16 gradient shard
+        step_temp += 4 * trained / shard  # the optimizer's fp32 copy of the bf16 gradient shard
     if asm.optimizer_impl == "foreach":
-        step_temp += 4 * params / shard
+        step_temp += 4 * trained / shard
     step = dict(static, optimizer_step_temporaries=step_temp)
     return {"backward": backward, "optimizer step": step, "params": params}
 
@@ -267,7 +302,8 @@ def _stage_bytes(s: ModelShape, par: Parallel, rc: Recompute, asm: Assumptions, 
 def estimate_memory(model_config: dict | ModelShape, parallel: Parallel, seq_len: int,
                     micro_batch_size: int = 1, recompute: Recompute = Recompute(),
                     num_microbatches: int | None = None,
-                    assumptions: Assumptions = Assumptions()) -> MemoryEstimate:
+                    assumptions: Assumptions = Assumptions(),
+                    lora: Lora | None = None) -> MemoryEstimate:
     """Peak memory per GPU of a training job. `model_config` is config.json (dict) or a shape.
 
     num_microbatches (per optimizer step and data-parallel rank) bounds how many microbatches a
@@ -278,7 +314,8 @@ def estimate_memory(model_config: dict | ModelShape, parallel: Parallel, seq_len
     microbatches = num_microbatches or parallel.pp
     per_stage = []
     for stage in range(parallel.pp):
-        parts = _stage_bytes(shape, parallel, recompute, assumptions, stage, tokens, microbatches)
+        parts = _stage_bytes(shape, parallel, recompute, assumptions, stage, tokens, microbatches,
+                             lora)
         totals = {ph: sum(parts[ph].values()) for ph in ("backward", "optimizer step")}
         per_stage.append((max(totals.values()), stage, parts, totals))
     peak, stage, parts, totals = max(per_stage, key=lambda x: (x[0], -x[1]))

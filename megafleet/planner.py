@@ -23,7 +23,14 @@ import copy
 import math
 from dataclasses import asdict, dataclass, field
 
-from megafleet.memory import Assumptions, MemoryEstimate, Parallel, Recompute, estimate_memory
+from megafleet.memory import (
+    Assumptions,
+    Lora,
+    MemoryEstimate,
+    Parallel,
+    Recompute,
+    estimate_memory,
+)
 from megafleet.model_shape import ModelShape, as_shape
 from remote_runtime.spec.config import TASKS, ConfigError, JobConfig
 from remote_runtime.spec.resolve import layout_problems
@@ -70,6 +77,7 @@ class Request:
     micro_batch_size: int | None = None  # None: chosen by the planner
     global_batch_size: int | None = None  # None: DEFAULT_GLOBAL_BATCH, rounded to fit DP
     margin: float = 0.05  # fraction of GPU memory kept free beyond the estimate
+    lora: Lora | None = None  # LoRA training (frozen base) instead of full fine-tuning
 
     @property
     def nodes(self) -> int:
@@ -87,6 +95,7 @@ class Plan:
     min_gpus: int | None = None  # fewest GPUs of this kind (same GPUs per node) that would fit
     notes: list[str] = field(default_factory=list)
     assumptions: Assumptions = field(default_factory=Assumptions)
+    lora_alternative: "Plan | None" = None  # full fine-tuning does not fit, LoRA does
 
     def job_fragment(self) -> dict:
         """The chosen settings as a nested JobConfig fragment (every field stated)."""
@@ -106,6 +115,7 @@ class Plan:
             "train": {"micro_batch_size": c.micro_batch_size,
                       "global_batch_size": c.global_batch_size},
             "launch": {"nproc_per_node": r.gpus_per_node},
+            **({"tuner": {"train_type": "lora", "lora_rank": r.lora.rank}} if r.lora else {}),
         }
 
     def flags(self) -> list[str]:
@@ -127,7 +137,9 @@ class Plan:
                 "chosen": self.chosen.to_dict() if self.chosen else None,
                 "job": self.job_fragment(), "flags": self.flags(), "notes": self.notes,
                 "candidates": [c.to_dict() for c in self.candidates],
-                "assumptions": asdict(self.assumptions)}
+                "assumptions": asdict(self.assumptions),
+                "lora_alternative": (self.lora_alternative.to_dict() if self.lora_alternative
+                                     else None)}
 
 
 # ---- the search --------------------------------------------------------------------------------
@@ -185,7 +197,8 @@ def sequences_per_sample(task: str) -> int:
 def _candidate(shape, par, rc, micro, gbs, req, asm) -> Candidate:
     m = gbs // (micro * par.dp)
     seq = req.seq_len * sequences_per_sample(req.task)
-    mem = estimate_memory(shape, par, seq, micro, rc, num_microbatches=m, assumptions=asm)
+    mem = estimate_memory(shape, par, seq, micro, rc, num_microbatches=m, assumptions=asm,
+                          lora=req.lora)
     cand = Candidate(par, rc, micro, gbs, m, mem, limit_gib=req.gpu_mem_gb * (1 - req.margin))
     cand.relative_speed = relative_speed(par, rc, shape, micro * seq, m)
     return cand
@@ -243,15 +256,17 @@ def plan(model_config: dict | ModelShape, gpus: int, gpu_mem_gb: float,
          gpus_per_node: int | None = None, seq_len: int = 4096, task: str = "sft",
          micro_batch_size: int | None = None, global_batch_size: int | None = None,
          margin: float = 0.05, assumptions: Assumptions = Assumptions(),
-         suggest: bool = True) -> Plan:
-    """Propose parallel settings for full training on `gpus` GPUs of `gpu_mem_gb` GiB each.
+         suggest: bool = True, lora: Lora | None = None) -> Plan:
+    """Propose parallel settings for full training (or, with `lora`, LoRA training) on `gpus`
+    GPUs of `gpu_mem_gb` GiB each.
 
     Raises ConfigError for invalid requests or unsupported models; returns a Plan with
-    feasible=False (and the reason) when the model cannot fit.
+    feasible=False (and the reason) when the model cannot fit; when full fine-tuning does not
+    fit and LoRA would, `lora_alternative` holds the LoRA plan.
     """
     shape = as_shape(model_config)
     req = Request(gpus, float(gpu_mem_gb), gpus_per_node or gpus, seq_len, task, micro_batch_size,
-                  global_batch_size, margin)
+                  global_batch_size, margin, lora)
     check_request(req)
     found = [best_for_layout(shape, par, req, assumptions)
              for par in layouts(shape, req.gpus, req.gpus_per_node)]
@@ -267,6 +282,13 @@ def plan(model_config: dict | ModelShape, gpus: int, gpu_mem_gb: float,
                                     f"max_position_embeddings={longest}")
         return result
     result.reason = refusal(shape, req, found)
+    if suggest and lora is None and task == "sft":
+        alt = plan(model_config, gpus, gpu_mem_gb, gpus_per_node, seq_len, task, micro_batch_size,
+                   global_batch_size, margin, assumptions, suggest=False, lora=Lora())
+        if alt.feasible:
+            result.lora_alternative = alt
+            result.reason += (f"; LoRA (r={alt.request.lora.rank} on every linear layer, frozen "
+                              f"bf16 base) fits: {alt.chosen.memory.total_gib:.1f} GiB per GPU")
     if suggest:
         # Without a node size, assume the extra GPUs could come as servers of up to 8 GPUs.
         node_size = gpus_per_node or max(req.gpus, 8)
@@ -287,7 +309,8 @@ def fewest_gpus(shape: ModelShape, req: Request, asm: Assumptions, node_size: in
         if n <= req.gpus:
             continue
         attempt = plan(shape, n, req.gpu_mem_gb, min(node_size, n), req.seq_len, req.task,
-                       req.micro_batch_size, req.global_batch_size, req.margin, asm, suggest=False)
+                       req.micro_batch_size, req.global_batch_size, req.margin, asm, suggest=False,
+                       lora=req.lora)
         if attempt.feasible:
             return n
     return None
@@ -296,7 +319,7 @@ def fewest_gpus(shape: ModelShape, req: Request, asm: Assumptions, node_size: in
 def refusal(shape: ModelShape, req: Request, found: list[Candidate]) -> str:
     billions = shape.total_params() / 1e9
     kind = "fine-tuning" if req.task == "sft" else "training"
-    what = f"full {kind} of a {billions:.1f}B-parameter model"
+    what = f"{'LoRA' if req.lora else 'full'} {kind} of a {billions:.1f}B-parameter model"
     best = min(found, key=lambda c: c.memory.total_gib)  # never empty: TP=PP=1 always qualifies
     mem, p = best.memory, best.parallel
     static = sum(mem.components.get(k, 0) for k in ("weights", "gradients", "optimizer_states"))
@@ -365,7 +388,24 @@ def estimate_job(job: JobConfig, world_size: int, model_config: dict | ModelShap
         params_dtype_bytes=4 if job.model.torch_dtype == "float32" else 2)
     seq = job.data.max_length * sequences_per_sample(job.task)
     return estimate_memory(model_config, layout, seq, job.train.micro_batch_size,
-                           recompute, num_microbatches=microbatches, assumptions=asm)
+                           recompute, num_microbatches=microbatches, assumptions=asm,
+                           lora=job_lora(job))
+
+
+# megatron module names of target_modules -> the HF modules they adapt
+_MEGATRON_TARGETS = {"linear_qkv": ("q_proj", "k_proj", "v_proj"), "linear_proj": ("o_proj",),
+                     "linear_fc1": ("gate_proj", "up_proj"), "linear_fc2": ("down_proj",)}
+
+
+def job_lora(job: JobConfig) -> Lora | None:
+    """The job's LoRA setup for the memory model (None: full fine-tuning)."""
+    tuner = job.tuner
+    if tuner.train_type != "lora":
+        return None
+    if "all-linear" in tuner.target_modules:
+        return Lora(rank=tuner.lora_rank)
+    targets = {t for name in tuner.target_modules for t in _MEGATRON_TARGETS.get(name, (name,))}
+    return Lora(rank=tuner.lora_rank, targets=tuple(sorted(targets & set(Lora().targets))))
 
 
 def apply_plan(job: JobConfig, p: Plan) -> JobConfig:

@@ -13,9 +13,17 @@ from rich.markup import escape
 from megafleet import ui
 from megafleet.cli import json_option, yes_option
 from megafleet.errors import EXIT_FAILED, MegafleetError, UsageError
-from megafleet.memory import Assumptions
+from megafleet.memory import Assumptions, Lora
 from megafleet.model_shape import NAMED_CONFIGS, load_model_config
-from megafleet.planner import Candidate, Plan, apply_plan, estimate_job, layouts, plan
+from megafleet.planner import (
+    Candidate,
+    Plan,
+    apply_plan,
+    estimate_job,
+    job_lora,
+    layouts,
+    plan,
+)
 from megafleet.templates import job_file_text, validation_error, write_text_file
 from remote_runtime.spec.flags import load_job_file
 from remote_runtime.spec.config import TASKS, ConfigError, JobConfig
@@ -40,6 +48,9 @@ SHOWN_ROWS = 8
 @click.option("--micro-batch", type=int, help="Fix the micro batch size (default: chosen).")
 @click.option("--global-batch", type=int,
               help="Target rows per step (default: the job's, else 16).")
+@click.option("--lora", is_flag=True,
+              help="Plan LoRA training (frozen bf16 base, r=16 adapters on every linear layer); "
+                   "default: the job's train_type, else full fine-tuning.")
 @click.option("--margin", type=float, default=0.05, show_default=True,
               help="Fraction of GPU memory kept free beyond the estimate.")
 @click.option("--assume", "assume", multiple=True, metavar="KEY=VALUE",
@@ -50,8 +61,10 @@ SHOWN_ROWS = 8
 @json_option
 @click.pass_context
 def plan_command(ctx: click.Context, job_file, model_ref, gpus, gpu_mem, nodes, gpus_per_node,
-                 seq_len, task, micro_batch, global_batch, margin, assume, output, yes, as_json):
-    """Propose TP/PP/DP, recompute and batch sizes for full training that fit in GPU memory.
+                 seq_len, task, micro_batch, global_batch, lora, margin, assume, output, yes,
+                 as_json):
+    """Propose TP/PP/DP, recompute and batch sizes for full (or LoRA) training that fit in GPU
+    memory; when full fine-tuning does not fit but LoRA does, say so.
 
     \b
     megafleet plan --model /data/Qwen3-8B --gpus 16 --gpus-per-node 8 --gpu-mem 80
@@ -68,7 +81,7 @@ def plan_command(ctx: click.Context, job_file, model_ref, gpus, gpu_mem, nodes, 
         result = plan(hf, gpus, gpu_mem, per_node, seq_len, task or (job.task if job else "sft"),
                       micro_batch,
                       global_batch or (job.train.global_batch_size if job else None), margin,
-                      _assumptions(assume, job), suggest=True)
+                      _assumptions(assume, job), suggest=True, lora=_lora(lora, job))
     except ConfigError as exc:
         raise validation_error(exc) from None
     current = _current(job, gpus, hf, result) if job else None
@@ -94,6 +107,12 @@ def plan_command(ctx: click.Context, job_file, model_ref, gpus, gpu_mem, nodes, 
         if not as_json:
             ui.print_error(MegafleetError(result.reason, hint=_refusal_hint(result)))
         ctx.exit(EXIT_FAILED)
+
+
+def _lora(flag: bool, job: JobConfig | None) -> Lora | None:
+    if flag:
+        return Lora(rank=job.tuner.lora_rank) if job and job.tuner.train_type == "lora" else Lora()
+    return job_lora(job) if job else None
 
 
 def _load_job(path: str | None) -> JobConfig | None:
@@ -208,12 +227,15 @@ def show_plan(result: Plan, ref: str, current: dict | None = None, details: bool
     ui.info("[bold]Flags:[/bold] " + escape(" ".join(result.flags())))
     flags = result.flags()
     ui.hint("megafleet plan ... -o job.yaml   (write a job with these settings)",
-            "megafleet render sft-full --set model=DIR --set dataset=FILE " +
+            f"megafleet render {'sft-lora' if result.request.lora else 'sft-full'} "
+            "--set model=DIR --set dataset=FILE " +
             " ".join(f"--set {f[2:]}={v}" for f, v in zip(flags[::2], flags[1::2])))
 
 
 def _refusal_hint(result: Plan) -> str:
+    if result.lora_alternative is not None:
+        return "train LoRA adapters instead: megafleet plan ... --lora (job: train_type: lora)"
     if result.min_gpus:
         return (f"use {result.min_gpus} GPUs of this size, or GPUs with more memory, or a shorter "
-                "--seq-len (LoRA, which needs far less memory, is not supported yet)")
+                "--seq-len")
     return "use more GPUs, GPUs with more memory, or a shorter --seq-len"

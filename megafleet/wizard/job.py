@@ -21,7 +21,7 @@ from megafleet.wizard.state import WizardState
 TASKS = [("sft", "Supervised fine-tuning (SFT), all parameters"),
          ("sft-lora", "SFT with LoRA adapters"),
          ("pt", "Pre-training (continued), on plain text")]
-TEMPLATE_FOR = {"sft": "sft-full", "pt": "pt"}
+TEMPLATE_FOR = {"sft": "sft-full", "sft-lora": "sft-lora", "pt": "pt"}
 CHAT_FORMATS = ("messages", "sharegpt", "alpaca", "query_response")
 CPU_MAX_LENGTH = 512
 
@@ -29,8 +29,7 @@ CPU_MAX_LENGTH = 512
 def ask_task(ask: Asker, state: WizardState):
     from megafleet.templates import get_template, job_from_template
 
-    task = ask.select("task", "What kind of training?", TASKS, default="sft",
-                      disabled={"sft-lora": "not supported yet"})
+    task = ask.select("task", "What kind of training?", TASKS, default="sft")
     state.template = TEMPLATE_FOR[task]
     state.job = job_from_template(get_template(state.template))
     return state.job

@@ -95,6 +95,8 @@ def local_params(chunks, family: ModelFamily, tied: bool) -> list[LocalParam]:
     for chunk in chunks:
         model = unwrap(chunk)
         for name, param in model.named_parameters():
+            if getattr(param, "is_lora", False):  # adapters: remote_runtime.bridge.adapter
+                continue
             gname = table_name(global_name(model, name))
             hit = family.match_megatron(gname, tied)
             if hit is None:

@@ -90,6 +90,24 @@ class OptimConfig:
 
 
 @dataclass
+class TunerConfig:
+    """Full fine-tuning or LoRA adapters (ms-swift's tuner options; checks in spec/tuner.py)."""
+
+    train_type: str = "full"  # full | lora (ms-swift 4 spells it --tuner_type)
+    lora_rank: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    # all-linear, or Hugging Face module names (q_proj ... down_proj), or megatron ones
+    # (linear_qkv linear_proj linear_fc1 linear_fc2)
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    modules_to_save: list[str] = field(default_factory=list)  # embed_tokens, lm_head: trained fully
+    use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
+    init_lora_weights: str = "true"  # true (A Kaiming, B zero) | gaussian | false (both random)
+    merge_lora: bool = False  # also write checkpoint-N-merged/ (a full HF model) at the end
+    adapters: list[str] = field(default_factory=list)  # continue from this PEFT adapter directory
+
+
+@dataclass
 class TrainConfig:
     micro_batch_size: int = 1
     global_batch_size: int = 16
@@ -165,6 +183,7 @@ class JobConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    tuner: TunerConfig = field(default_factory=TunerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -229,15 +248,11 @@ ALIASES = {
     "max_epochs": "num_train_epochs",
     **SWIFT_SPELLINGS,
     "eval_interval": "eval_steps",
+    "tuner_type": "train_type",  # ms-swift 4
 }
 
 # Megatron-SWIFT options that exist there but not (yet) here: an error, never silently ignored.
 NOT_IMPLEMENTED = {
-    "train_type": "LoRA and other adapters are not implemented yet; this runtime does full fine-tuning",
-    "lora_rank": "LoRA is not implemented yet",
-    "lora_alpha": "LoRA is not implemented yet",
-    "lora_dropout": "LoRA is not implemented yet",
-    "target_modules": "LoRA is not implemented yet",
     "expert_model_parallel_size": "MoE / expert parallelism is not implemented yet",
     "expert_tensor_parallel_size": "MoE / expert parallelism is not implemented yet",
     "moe_grouped_gemm": "MoE is not implemented yet",
@@ -273,6 +288,8 @@ CHOICES = {
     "optimizer": ("adam",),
     "rlhf_type": RLHF_TYPES,
     "loss_type": DPO_LOSS_TYPES,
+    "train_type": ("full", "lora"),
+    "init_lora_weights": ("true", "false", "gaussian"),
 }
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "float": "float32"}
 
@@ -350,6 +367,8 @@ def coerce(leaf: str, value: Any) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
+        if leaf == "init_lora_weights":  # PEFT's spelling: a bool or a method name
+            return str(value).lower()
         if leaf == "torch_dtype":
             return DTYPE_ALIASES.get(str(value), str(value))
         return str(value)
@@ -473,6 +492,9 @@ def validate(job: JobConfig) -> list[str]:
                          "(model.transformer_impl=transformer_engine); the local implementation "
                          "does not support it"))
     _validate_eval_and_rlhf(job, problems)
+    from remote_runtime.spec.tuner import tuner_problems
+
+    problems.extend(tuner_problems(job.tuner))
     if problems:
         raise ConfigError(problems)
     return [warning for _, _, warning in _adjustments(job)] + compat_warnings(job.swift_compat)

@@ -18,6 +18,7 @@ from pathlib import Path
 from remote_runtime.spec.config import ConfigError, JobConfig, normalize, validate
 from remote_runtime.spec.errors import Problem
 from remote_runtime.spec.shape import ModelShape
+from remote_runtime.spec.tuner import resolve_lora
 
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
 
@@ -102,6 +103,11 @@ def resolve_job(job: JobConfig, world_size: int, hf_config: dict | None = None) 
         problems.append(Problem("recompute.recompute_num_layers",
                                 f"{rc.recompute_num_layers} is more than the "
                                 f"{shape.num_layers // pp} layers per stage"))
+    lora = None
+    try:
+        lora = resolve_lora(job.tuner, family, hf, job.model.transformer_impl)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
     if problems:
         raise ConfigError(problems)
     vocab = int(hf["vocab_size"])
@@ -120,6 +126,7 @@ def resolve_job(job: JobConfig, world_size: int, hf_config: dict | None = None) 
                   "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
                   **{k: v for k, v in shape.to_dict().items() if k in ("params", "active_params")}},
         "transformer_config": tc,
+        "tuner": {"train_type": "lora", **lora.summary()} if lora else {"train_type": "full"},
         "warnings": warnings,
         "job": job.to_dict(),
     }

@@ -3,6 +3,7 @@
 Layout of `<output_dir>/checkpoint-<step>/`:
 
     config.json, *.safetensors, model.safetensors.index.json, tokenizer files, ...  (HF, rank 0)
+    (LoRA runs: adapter_config.json + adapter_model.safetensors instead, a PEFT adapter)
     megatron_state/optimizer/      megatron-core distributed checkpoint of the optimizer
                                    (fp32 master weights and Adam moments; every rank writes its shard)
     megatron_state/rng/rank_<r>.pt RNG states of each rank
@@ -111,6 +112,8 @@ def save_checkpoint(output_dir: str | Path, state: TrainState, model, optimizer,
     from megatron.core import dist_checkpointing
 
     from remote_runtime.bridge import save_hf_checkpoint
+    from remote_runtime.bridge.adapter import save_adapter
+    from remote_runtime.model.lora import lora_settings
 
     out = Path(output_dir).resolve()
     final = out / checkpoint_name(state.step)
@@ -119,7 +122,10 @@ def save_checkpoint(output_dir: str | Path, state: TrainState, model, optimizer,
         out.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(stage, ignore_errors=True)
     _barrier()
-    save_hf_checkpoint(model, stage, source_dir, dist)
+    if lora_settings(model) is not None:  # a PEFT adapter directory instead of a full model
+        save_adapter(model, stage, source_dir, dist)
+    else:
+        save_hf_checkpoint(model, stage, source_dir, dist)
     if _is_local_leader(dist):
         for sub in ("rng", "optimizer"):
             (stage / STATE_DIR / sub).mkdir(parents=True, exist_ok=True)

@@ -151,6 +151,8 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
             _say(rank0, f"stopped by signal after step {step}; checkpoint saved")
             break
     metrics.close()
+    if job.tuner.merge_lora and step == train_iters:
+        _merge_and_save(model, job, output_dir, step, dist)
     shutdown()
     return 0
 
@@ -301,17 +303,48 @@ def _model(job: JobConfig, family, hf_config: dict, dist, resume_from, train_ite
     """Build this rank's model, fill it from the HF weights, wrap it, build the optimizer."""
     from remote_runtime.bridge import load_hf_checkpoint
     from remote_runtime.model.builder import ModelOptions, build_model
+    from remote_runtime.spec.tuner import resolve_lora
     from remote_runtime.train.optim import build_optimizer, schedule_for, wrap_ddp
 
     chunks = build_model(family, hf_config, ModelOptions.from_job(job), dist)
-    weights = resume_from if resume_from is not None else job.model.model
+    lora = resolve_lora(job.tuner, family, hf_config, job.model.transformer_impl)
+    # A LoRA checkpoint is an adapter: the base always comes from --model
+    weights = resume_from if resume_from is not None and lora is None else job.model.model
     report = load_hf_checkpoint(chunks, weights, dist)
     _say(dist.rank == 0, f"loaded {weights} ({report.seconds:.1f} s)")
+    if lora is not None:
+        _attach_adapters(chunks, lora, hf_config, dist, job.train.seed, resume_from)
     if job.check.test_convert_precision:
         _check_conversion(chunks, job, dist)
     model = wrap_ddp(chunks, job)
     optimizer, scheduler = build_optimizer(model, job, schedule_for(job, train_iters))
     return model, optimizer, scheduler
+
+
+def _attach_adapters(chunks, lora, hf_config: dict, dist, seed: int, resume_from) -> None:
+    """Freeze the base, add the LoRA adapters; continue the resumed or given adapter."""
+    from remote_runtime.bridge.adapter import load_adapter
+    from remote_runtime.model.lora import attach_lora
+
+    adapters = attach_lora(chunks, lora, hf_config, dist, seed)
+    source = resume_from if resume_from is not None else lora.adapter_dir
+    if source is not None:
+        load_adapter(chunks, source, dist)
+    trained = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
+    _say(dist.rank == 0, f"LoRA r={lora.rank} alpha={lora.alpha:g} on {len(adapters)} layers "
+         f"({', '.join(lora.target_names())}); {trained / 1e6:.2f}M trainable parameters on "
+         f"rank 0" + (f"; adapter from {source}" if source is not None else ""))
+
+
+def _merge_and_save(model, job: JobConfig, output_dir: Path, step: int, dist) -> None:
+    """--merge_lora: the adapters folded into the base, written as a full HF model."""
+    from remote_runtime.bridge import save_hf_checkpoint
+    from remote_runtime.model.lora import merge_lora
+
+    merge_lora(model)
+    path = output_dir / f"checkpoint-{step}-merged"
+    save_hf_checkpoint(model, path, job.model.model, dist, overwrite=True)
+    _say(dist.rank == 0, f"saved the merged model {path}")
 
 
 def _check_conversion(chunks, job: JobConfig, dist) -> None:

@@ -77,7 +77,7 @@ def test_wizard_end_to_end_on_two_hosts_then_replay(fleet, fleet_home, workspace
         w.enter("train across all of them")  # default: distributed across both
         w.yes("Run on CPU instead")
         w.expect("What kind of training")
-        w.enter("not supported yet")  # LoRA: shown, not selectable; Enter takes SFT
+        w.enter("SFT with LoRA adapters")  # the choices are shown; Enter takes the default, SFT
         w.type("Model:", str(assets / "model"))
         w.expect("qwen3, 0.00B parameters")
         w.enter("Dataset file")  # default: the .jsonl in the working directory

@@ -55,13 +55,15 @@ def tiny_models(tmp_path_factory) -> Path:
     return root
 
 
-def _run_worker(mode: str, models: Path, out: Path) -> dict:
+def _run_worker(mode: str, models: Path, out: Path, worker: Path = WORKER) -> dict:
+    """Run a worker script (one process for `single`, else two under torchrun); its
+    `<mode>-rank*.json` measurements merged."""
     out.mkdir(parents=True, exist_ok=True)
     if mode == "single":
-        cmd = [sys.executable, str(WORKER), mode, str(models), str(out)]
+        cmd = [sys.executable, str(worker), mode, str(models), str(out)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", str(WORKER), mode, str(models), str(out)]
+               "--nproc_per_node", "2", str(worker), mode, str(models), str(out)]
     env = cli_env({"OMP_NUM_THREADS": "1"})
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=REPO_ROOT)
     if proc.returncode != 0:

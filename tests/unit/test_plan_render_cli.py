@@ -1,5 +1,6 @@
 """`megafleet plan` and `megafleet render` as a user or an agent runs them (separate processes)."""
 
+from megafleet import templates
 from remote_runtime.spec.flags import job_from_argv, load_job_file
 from tests.conftest import run_cli, run_cli_json
 
@@ -61,8 +62,8 @@ def test_render_list_json():
     proc, out = run_cli_json("render", "--list", "--json")
     assert proc.returncode == 0
     by_name = {t["name"]: t for t in out["templates"]}
-    assert by_name["sft-full"]["supported"] and not by_name["sft-lora"]["supported"]
-    assert "LoRA" in by_name["sft-lora"]["reason"]
+    assert by_name["sft-full"]["supported"] and by_name["sft-lora"]["supported"]
+    assert all(t["reason"] for t in out["templates"] if not t["supported"])
 
 
 def test_render_json_formats_and_output_file(tmp_path):
@@ -84,6 +85,9 @@ def test_render_warns_about_missing_fields_and_refuses_bad_input():
     assert "model.model" in proc.stderr and "data.dataset" in proc.stderr
     proc, out = run_cli_json("render", "sft-full", "--set", "tensor_parallel_size=2", "--json")
     assert proc.returncode == 2 and "did you mean --tensor_model_parallel_size" in out["message"]
-    proc, out = run_cli_json("render", "sft-lora", "--json")
+    unsupported = [t.name for t in templates.list_templates() if not t.supported]
+    if not unsupported:
+        return
+    proc, out = run_cli_json("render", unsupported[0], "--json")
     assert proc.returncode == 2 and out["error"] == "TemplateNotSupported"
     assert "not supported yet" in out["message"] and "text" not in out  # nothing was rendered
