@@ -22,9 +22,9 @@ from __future__ import annotations
 from remote_runtime.spec.config import ConfigError
 from remote_runtime.spec.families.base import (
     DENSE_PARAMS,
+    ConfigField,
     H,
     L,
-    ConfigField,
     Param,
     Require,
 )
