@@ -156,11 +156,19 @@ def transformer_config(tc: dict, options: ModelOptions, dist: DistInfo, kernels:
         recompute_method=(options.recompute_method or "uniform") if recompute == "full" else None,
         recompute_num_layers=(options.recompute_num_layers or 1) if recompute == "full" else None,
         variable_seq_lengths=options.variable_seq_lengths,
-        # Dense models have no MoE, but the config check refuses variable sequence lengths
-        # with the default (allgather) token dispatcher.
-        moe_token_dispatcher_type="alltoall",
+        # The config check refuses variable sequence lengths with the default (allgather) token
+        # dispatcher, also for dense models; a family may choose its own.
+        moe_token_dispatcher_type=tc.get("moe_token_dispatcher_type") or "alltoall",
         attention_backend=AttnBackend[options.attention_backend],
     )
+    if tc.get("num_moe_experts"):
+        from megatron.core import parallel_state
+
+        kw.update(expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+                  expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
+                  # our experts (moe.py) group the GEMMs themselves: megatron's flag would ask
+                  # for its grouped_gemm / TE modules
+                  moe_grouped_gemm=False)
     kw.update(options.extra_config)
     return TransformerConfig(**kw)
 
@@ -230,6 +238,22 @@ def layer_spec(config, impl: str, attention_backend: str, norm_kernel: str = "ea
     return spec
 
 
+def layer_specs(config, spec, offset: int, count: int) -> list:
+    """This stage's per-layer specs: the dense spec, or for MoE layers (megatron's
+    moe_layer_freq) the same spec with the MoE block of `moe.py` as its MLP."""
+    if not config.num_moe_experts:
+        return [spec] * count
+    from remote_runtime.model.moe import moe_layer_pattern, moe_spec
+
+    swiglu = spec.submodules.mlp.submodules.activation_func
+    moe = copy.copy(spec)
+    moe.submodules = copy.copy(spec.submodules)
+    moe.submodules.mlp = moe_spec(config, "triton" if config.use_te_activation_func else "eager",
+                                  shared_activation=swiglu)
+    pattern = moe_layer_pattern(config)
+    return [moe if pattern[offset + i] else spec for i in range(count)]
+
+
 def build_model(family: ModelFamily, hf_config: dict, options: ModelOptions, dist: DistInfo) -> list:
     """[GPTModel] for this rank's pipeline stage (parameters on dist.device, uninitialised)."""
     from megatron.core import parallel_state
@@ -237,6 +261,7 @@ def build_model(family: ModelFamily, hf_config: dict, options: ModelOptions, dis
         TransformerBlockSubmodules,
         get_num_layers_to_build,
     )
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     from remote_runtime.model.norm import rms_norm_class
 
@@ -255,8 +280,10 @@ def build_model(family: ModelFamily, hf_config: dict, options: ModelOptions, dis
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:
         final_norm = rms_norm_class(norm_kernel)
-    block = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
-                                       layer_norm=final_norm)
+    block = TransformerBlockSubmodules(
+        layer_specs=layer_specs(config, spec, get_transformer_layer_offset(config),
+                                get_num_layers_to_build(config)),
+        layer_norm=final_norm)
     model = VocabMaskedGPTModel(
         config=config, true_vocab_size=tc["vocab_size"], transformer_layer_spec=block,
         vocab_size=padded_vocab_size(tc["vocab_size"], dist.tp),
