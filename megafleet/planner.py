@@ -338,9 +338,10 @@ def explain(p: Plan) -> list[str]:
         notes.append(f"DP={par.dp} with the distributed optimizer: optimizer states sharded "
                      f"{par.dp} ways")
     if par.ep > 1:
+        states = (f"expert optimizer states sharded {par.expert_dp} ways" if par.expert_dp > 1
+                  else "one copy of each expert, so expert optimizer states are not sharded")
         notes.append(f"EP={par.ep}: {p.model.num_experts // par.ep} of the {p.model.num_experts} "
-                     f"experts per GPU, tokens exchanged all-to-all; expert optimizer states "
-                     f"sharded {par.expert_dp} ways")
+                     f"experts per GPU, tokens exchanged all-to-all; {states}")
     if c.recompute.granularity == "full":
         notes.append(f"full recompute of {c.recompute.num_layers} of "
                      f"{p.model.num_layers // par.pp} layers per stage to fit the activations")
