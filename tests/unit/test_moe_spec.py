@@ -43,6 +43,8 @@ def test_qwen3_30b_a3b_resolves_with_its_published_shape():
     assert tc["expert_model_parallel_size"] == 8 and tc["moe_router_dtype"] == "fp32"
     assert "moe_shared_expert_intermediate_size" not in tc
     assert r["experts"]["experts_per_rank"] == 16
+    assert round(r["model"]["params"] / 1e9, 1) == 30.5  # the dry run reports both
+    assert round(r["model"]["active_params"] / 1e9, 2) == 3.35
     assert r["experts"]["experts_of_ep_rank"][-1] == "112-127"
     shape = shape_from_hf_config(QWEN3_30B)
     assert round(shape.total_params() / 1e9, 1) == 30.5
