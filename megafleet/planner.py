@@ -112,7 +112,8 @@ class Plan:
             "train": {"micro_batch_size": c.micro_batch_size,
                       "global_batch_size": c.global_batch_size},
             **({"moe": {"expert_model_parallel_size": c.parallel.ep,
-                        "expert_tensor_parallel_size": c.parallel.etp}} if self.model.is_moe else {}),
+                        "expert_tensor_parallel_size": c.parallel.etp}}
+               if self.model.is_moe else {}),
             "launch": {"nproc_per_node": r.gpus_per_node},
         }
 
@@ -365,7 +366,8 @@ def job_parallel(job: JobConfig, world_size: int) -> tuple[Parallel, Recompute, 
     layout = Parallel(tp=tp, pp=pp, dp=dp, cp=cp,
                       sequence_parallel=par.sequence_parallel and tp > 1,
                       distributed_optimizer=par.use_distributed_optimizer,
-                      ep=job.moe.expert_model_parallel_size, etp=job.moe.expert_tensor_parallel_size)
+                      ep=job.moe.expert_model_parallel_size,
+                      etp=job.moe.expert_tensor_parallel_size)
     rc = job.recompute
     full = rc.recompute_granularity == "full"
     recompute = Recompute(rc.recompute_granularity, rc.recompute_method,

@@ -62,6 +62,20 @@ class Layout:
 _PER_EXPERT = {"expert_gate_up": ("gate_up", 2), "expert_row": ("row", 1)}
 
 
+class TensorSlice:
+    """A tensor with the part of safetensors' slice interface the transforms read (tests,
+    and weights that are already in memory)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def get_shape(self) -> list[int]:
+        return list(self.tensor.shape)
+
+    def __getitem__(self, item):
+        return self.tensor[item]
+
+
 def _part(size: int, tp: int, what: str) -> int:
     if size % tp:
         raise ShapeError(f"{what}: size {size} is not divisible by tensor parallel size {tp}")

@@ -1,4 +1,4 @@
-"""Mixture-of-experts checkpoints: Hugging Face per-expert tensors <-> the runtime's stacked experts.
+"""MoE checkpoints: Hugging Face per-expert tensors <-> the runtime's stacked experts.
 
 Tiny random Qwen3-MoE and Qwen2-MoE (8 experts, top 2; Qwen2-MoE with a gated shared expert),
 saved by transformers in the hub layout (per-expert names, sharded safetensors with an index):
@@ -70,20 +70,9 @@ def test_hub_checkpoint_has_per_expert_names_in_shards(moe_models):
     assert len(set(index["weight_map"].values())) > 1
 
 
-class _Slice:
-    def __init__(self, t):
-        self.t = t
-
-    def get_shape(self):
-        return list(self.t.shape)
-
-    def __getitem__(self, item):
-        return self.t[item]
-
-
 @pytest.mark.parametrize("transform,per", [("expert_gate_up", 2), ("expert_row", 1)])
 def test_transforms_split_experts_by_ep_and_expert_tp(transform, per):
-    from remote_runtime.bridge.transforms import Layout, shard, unshard
+    from remote_runtime.bridge.transforms import Layout, TensorSlice, shard, unshard
 
     gen = torch.Generator().manual_seed(0)
     experts, hidden, ffn = 8, 6, 4
@@ -99,7 +88,7 @@ def test_transforms_split_experts_by_ep_and_expert_tp(transform, per):
             mine = list(lay.local_experts())
             assert mine == list(range(4 * ep_rank, 4 * ep_rank + 4))
             keys = [f"e{e}.{w}" for e in mine for w in ("gate", "up")[:per]]
-            piece = shard(transform, [_Slice(full[k]) for k in keys], lay, keys)
+            piece = shard(transform, [TensorSlice(full[k]) for k in keys], lay, keys)
             for i, e in enumerate(mine):  # the contract, written out
                 if transform == "expert_row":
                     want = full[f"e{e}.gate"][:, etp_rank * 2:(etp_rank + 1) * 2]

@@ -72,7 +72,8 @@ def test_16x80gb_fits_with_room_and_less_recompute():
 def test_2x141gb_full_fine_tuning_does_not_fit_and_says_try_lora():
     p = plan(A3B, gpus=2, gpu_mem_gb=141, gpus_per_node=2)
     assert not p.feasible and p.chosen is None
-    assert "full fine-tuning of a 30.5B-parameter model does not fit on 2 GPUs of 141 GiB" in p.reason
+    assert ("full fine-tuning of a 30.5B-parameter model does not fit on 2 GPUs of 141 GiB"
+            in p.reason)
     assert "try LoRA" in p.reason
     assert p.min_gpus and p.min_gpus > 2
 

@@ -81,7 +81,8 @@ def test_dense_layers_between_moe_layers_are_refused_by_name(key, value):
 def test_aux_loss_coefficient_comes_from_config_json_unless_the_job_sets_it():
     assert resolve({**QWEN3_30B, "router_aux_loss_coef": 0.02}
                    )["transformer_config"]["moe_aux_loss_coeff"] == 0.02
-    assert resolve(QWEN3_30B, moe_aux_loss_coeff=0.0)["transformer_config"]["moe_aux_loss_coeff"] == 0
+    tc = resolve(QWEN3_30B, moe_aux_loss_coeff=0.0)["transformer_config"]
+    assert tc["moe_aux_loss_coeff"] == 0
 
 
 def test_expert_arithmetic_errors_name_the_field():
@@ -89,7 +90,8 @@ def test_expert_arithmetic_errors_name_the_field():
     assert bad["moe.expert_model_parallel_size"] == "3 does not divide the model's 128 experts"
     bad = problems(QWEN3_30B, world=8, expert_model_parallel_size=8, expert_tensor_parallel_size=2)
     assert "does not divide the 8 ranks" in bad["moe.expert_model_parallel_size"]
-    bad = problems(QWEN3_30B, world=8, expert_tensor_parallel_size=8, pipeline_model_parallel_size=2)
+    bad = problems(QWEN3_30B, world=8, expert_tensor_parallel_size=8,
+                   pipeline_model_parallel_size=2)
     assert "world % (EP × expert-TP × PP)" in bad["moe.expert_model_parallel_size"]
     bad = problems(QWEN3_30B, world=7, expert_tensor_parallel_size=7)
     assert "moe_intermediate_size=768" in bad["moe.expert_tensor_parallel_size"]
@@ -125,7 +127,8 @@ def test_te_only_and_inapplicable_options_are_accepted_with_a_note():
     assert "dropped" in text
     assert r["transformer_config"]["moe_expert_capacity_factor"] == 1.5
     assert r["transformer_config"]["moe_shared_expert_overlap"] is False
-    bad = problems(QWEN15_MOE, moe_shared_expert_overlap=True, moe_token_dispatcher_type="allgather")
+    bad = problems(QWEN15_MOE, moe_shared_expert_overlap=True,
+                   moe_token_dispatcher_type="allgather")
     assert "alltoall" in bad["moe.moe_shared_expert_overlap"]
 
 
@@ -144,7 +147,8 @@ def test_megatron_swift_moe_flags_parse():
                          "--moe_permute_fusion", "true", "--moe_aux_loss_coeff", "1e-3",
                          "--expert_tensor_parallel_size", "1", "--moe_router_dtype", "fp32",
                          "--moe_token_dispatcher_type", "alltoall",
-                         "--moe_expert_capacity_factor", "2", "--moe_shared_expert_overlap", "true"])
+                         "--moe_expert_capacity_factor", "2",
+                         "--moe_shared_expert_overlap", "true"])
     assert job.moe.expert_model_parallel_size == 8 and job.moe.moe_aux_loss_coeff == 1e-3
     assert job.moe.moe_expert_capacity_factor == 2.0
 

@@ -21,12 +21,17 @@ from __future__ import annotations
 
 from remote_runtime.spec.config import ConfigError
 from remote_runtime.spec.families.base import (
+    DENSE_CONSTANTS,
+    DENSE_IGNORE,
     DENSE_PARAMS,
+    DENSE_REQUIRE,
     ConfigField,
     H,
     L,
+    ModelFamily,
     Param,
     Require,
+    dense_decoder_config,
 )
 
 # transformers' defaults for the MoE fields (Qwen2MoeConfig and Qwen3MoeConfig agree).
@@ -85,9 +90,21 @@ MOE_PARAMS = (
 
 S = H + "mlp.shared_expert."
 SHARED_EXPERT_PARAMS = (
-    Param(L + "mlp.shared_experts.linear_fc1.weight", (S + "gate_proj.weight", S + "up_proj.weight"),
-          "gate_up"),
+    Param(L + "mlp.shared_experts.linear_fc1.weight",
+          (S + "gate_proj.weight", S + "up_proj.weight"), "gate_up"),
     Param(L + "mlp.shared_experts.linear_fc2.weight", (S + "down_proj.weight",), "row"),
     Param(L + "mlp.shared_experts.gate_weight", (H + "mlp.shared_expert_gate.weight",),
           "replicated"),
 )
+
+
+def moe_family(name: str, architecture: str, model_type: str, *, constants: dict,
+               params: tuple, require: tuple, notes: str, config: tuple = ()) -> ModelFamily:
+    """A MoE decoder family: the dense decoder's attention, norms and embeddings, the MoE rows
+    above, and what the family adds (`params`, `require`, `constants`, `config`)."""
+    return ModelFamily(
+        name=name, architectures=(architecture,), model_types=(model_type,),
+        config=dense_decoder_config(tie_default=False) + MOE_CONFIG + config,
+        constants={**DENSE_CONSTANTS, **MOE_CONSTANTS, **constants},
+        params=ATTENTION_PARAMS + MOE_PARAMS + params, ignore=DENSE_IGNORE,
+        require=DENSE_REQUIRE + MOE_REQUIRE + require, notes=notes)
