@@ -10,7 +10,7 @@ use their own grid of expert-TP × EP × expert-DP × PP over the same ranks, so
 world % (expert_tensor_parallel_size × expert_model_parallel_size × PP) == 0, i.e. EP × expert-TP
 divides the TP × CP × DP ranks of one pipeline stage; expert-DP is the rest, and the distributed
 optimizer shards the expert parameters over it. MoE with TP > 1 needs sequence parallelism in
-training (MoELayer refuses it otherwise).
+training (MoELayer refuses it otherwise): a named error, as the planner always sets it with TP.
 """
 
 from __future__ import annotations
@@ -90,8 +90,7 @@ def expert_layout_problems(shape: ModelShape, world_size: int, tp: int, pp: int,
 
 def check_moe(job: JobConfig, tc: dict, world_size: int, family: str
               ) -> tuple[list[Problem], list[str], dict | None]:
-    """(problems, warnings, expert layout or None for a dense model). Switches sequence
-    parallelism on in `job` (resolve_job's normalised copy) where MoE needs it."""
+    """(problems, warnings, expert layout or None for a dense model)."""
     m = job.moe
     if not is_moe(tc):
         return ([Problem(f"moe.{name}", f"is set, but {family} is a dense model (no experts)",
@@ -120,9 +119,10 @@ def check_moe(job: JobConfig, tc: dict, world_size: int, family: str
                         "routed beyond an expert's capacity are dropped (leave it unset for "
                         "dropless routing, as transformers computes)")
     if tp > 1 and not par.sequence_parallel:
-        warnings.append(f"sequence_parallel enabled: megatron-core's MoE layer needs it with "
-                        f"tensor_model_parallel_size={tp}")
-        par.sequence_parallel = True
+        problems.append(Problem("parallel.sequence_parallel",
+                                f"MoE with tensor_model_parallel_size={tp} needs sequence "
+                                "parallelism (megatron-core's MoE layer refuses to train without)",
+                                "set sequence_parallel: true"))
     layout = None
     if stage_ranks and not problems:
         layout = expert_layout(experts, topk, ep, etp, stage_ranks // (ep * etp))

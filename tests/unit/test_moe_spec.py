@@ -101,10 +101,11 @@ def test_expert_arithmetic_errors_name_the_field():
 
 
 def test_moe_layouts_that_megatron_accepts_resolve():
-    r = resolve(QWEN3_30B, world=16, tensor_model_parallel_size=2, expert_model_parallel_size=8)
+    r = resolve(QWEN3_30B, world=16, tensor_model_parallel_size=2, expert_model_parallel_size=8,
+                sequence_parallel=True)
     assert r["experts"]["expert_data_parallel_size"] == 2
-    assert r["parallel"]["sequence_parallel"] is True  # MoE + TP needs it: switched on, said so
-    assert any("sequence_parallel enabled" in w for w in r["warnings"])
+    bad = problems(QWEN3_30B, world=16, tensor_model_parallel_size=2, expert_model_parallel_size=8)
+    assert "needs sequence parallelism" in bad["parallel.sequence_parallel"]  # MoE + TP
     r = resolve(QWEN3_30B, world=8, pipeline_model_parallel_size=2, expert_model_parallel_size=4)
     assert r["experts"]["experts_per_rank"] == 32
     r = resolve(QWEN3_30B, world=4, expert_model_parallel_size=2, expert_tensor_parallel_size=2)
