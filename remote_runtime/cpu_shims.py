@@ -16,7 +16,9 @@ pipeline schedules on exactly the code path a GPU run takes:
    numbers, as on GPU.
 5. CUDA streams and events (the MoE all-to-all token dispatcher copies its split sizes to the
    host on a side stream; the shared expert can overlap on one) are no-op stand-ins: on CPU
-   every operation is already in program order.
+   every operation is already in program order. The dispatcher's split sizes, which it turns
+   into numpy arrays only when copying them off a GPU, become numpy arrays here too (the
+   all-to-all binding refuses tensors).
 
 `install()` is idempotent and only ever called for `--device cpu`.
 """
@@ -125,6 +127,11 @@ class _NullStream:
 _NULL_STREAM = _NullStream()
 
 
+def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """Shim 5: megatron's maybe_move_tensor_to_cpu for tensors that are on the CPU already."""
+    return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
+
+
 def install() -> None:
     global _installed
     if _installed:
@@ -136,6 +143,9 @@ def install() -> None:
     torch.cuda.Stream = _NullStream  # shim 5
     torch.cuda.current_stream = lambda *args, **kwargs: _NULL_STREAM
     torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_copy
     mode = _CudaMeansCpu()
     mode.__enter__()  # shim 2: stays active for the life of the process
     # Shim 4: the tracker, and the "CUDA" state that activation recomputation saves and restores

@@ -62,6 +62,8 @@ class ModelOptions:
     init_weights: bool = False  # random init; off when a checkpoint is loaded right after
     variable_seq_lengths: bool = True  # pipeline stages exchange shapes (packed batches vary)
     extra_config: dict = field(default_factory=dict)  # further TransformerConfig fields
+    # MoE TransformerConfig fields from the job (`moe_settings`), applied to MoE models only
+    moe: dict = field(default_factory=dict)
 
     @classmethod
     def from_job(cls, job, **overrides) -> "ModelOptions":
@@ -73,9 +75,24 @@ class ModelOptions:
             recompute_granularity=job.recompute.recompute_granularity,
             recompute_method=job.recompute.recompute_method,
             recompute_num_layers=job.recompute.recompute_num_layers,
-            cross_entropy_loss_fusion=job.train.cross_entropy_loss_fusion)
+            cross_entropy_loss_fusion=job.train.cross_entropy_loss_fusion,
+            moe=moe_settings(job.moe))
         values.update(overrides)
         return cls(**values)
+
+
+def moe_settings(moe) -> dict:
+    """TransformerConfig fields from the job's MoE options (spec.config.MoEConfig). The
+    parallel sizes go to init_distributed; moe_permute_fusion names a transformer-engine fusion
+    and is a no-op (the local dispatch has no permutation kernel to fuse)."""
+    out = {"moe_router_dtype": None if moe.moe_router_dtype == "none" else moe.moe_router_dtype,
+           "moe_token_dispatcher_type": moe.moe_token_dispatcher_type,
+           "moe_expert_capacity_factor": moe.moe_expert_capacity_factor,
+           "moe_shared_expert_overlap": moe.moe_shared_expert_overlap,
+           "moe_grouped_gemm": moe.moe_grouped_gemm}
+    if moe.moe_aux_loss_coeff is not None:  # else config.json's router_aux_loss_coef
+        out["moe_aux_loss_coeff"] = moe.moe_aux_loss_coeff
+    return out
 
 
 def have_transformer_engine() -> bool:
@@ -164,13 +181,17 @@ def transformer_config(tc: dict, options: ModelOptions, dist: DistInfo, kernels:
     if tc.get("num_moe_experts"):
         from megatron.core import parallel_state
 
+        kw.update(options.moe)
+        # moe_grouped_gemm is honoured by our experts (moe.py: spec parameter); megatron's own
+        # flag would ask for its grouped_gemm / transformer-engine modules
+        grouped = kw.pop("moe_grouped_gemm", True)
         kw.update(expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
                   expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
-                  # our experts (moe.py) group the GEMMs themselves: megatron's flag would ask
-                  # for its grouped_gemm / TE modules
                   moe_grouped_gemm=False)
     kw.update(options.extra_config)
-    return TransformerConfig(**kw)
+    config = TransformerConfig(**kw)
+    config.megafleet_grouped_gemm = tc.get("num_moe_experts") and grouped
+    return config
 
 
 def compile_fusions(dist: DistInfo) -> bool:
@@ -249,7 +270,8 @@ def layer_specs(config, spec, offset: int, count: int) -> list:
     moe = copy.copy(spec)
     moe.submodules = copy.copy(spec.submodules)
     moe.submodules.mlp = moe_spec(config, "triton" if config.use_te_activation_func else "eager",
-                                  shared_activation=swiglu)
+                                  shared_activation=swiglu,
+                                  grouped=getattr(config, "megafleet_grouped_gemm", True))
     pattern = moe_layer_pattern(config)
     return [moe if pattern[offset + i] else spec for i in range(count)]
 

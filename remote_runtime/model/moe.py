@@ -117,11 +117,11 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: tor
                    offsets: torch.Tensor | None = None) -> torch.Tensor:
     """y[rows of expert e] = x[rows of e] @ weight[e].T for x grouped by expert.
 
-    GPU: one torch._grouped_mm. CPU: a loop over experts (exact; `_grouped_mm`'s CPU backward
-    fails on expanded gradients in torch 2.13 and fp32 is needed for the reference tests)."""
-    if grouped_mm_usable(x):
-        if offsets is None:
-            offsets = _offsets(tokens_per_expert, x.device)
+    With `offsets` (the cumulative row counts, on the device): one torch._grouped_mm (GPU).
+    Without: a loop over experts (one host sync for the counts). The CPU tests take the loop:
+    `_grouped_mm`'s CPU backward fails on expanded gradients in torch 2.13, and the reference
+    comparisons need fp32."""
+    if offsets is not None:
         return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
     counts = tokens_per_expert.tolist()
     parts = [p @ w.t() for p, w in zip(torch.split(x, counts), weight)]
@@ -134,7 +134,7 @@ class GroupedExperts(torch.nn.Module):
     forward(permuted tokens, tokens_per_expert, permuted probs) -> (output, None))."""
 
     def __init__(self, num_local_experts: int, config, pg_collection=None, activation="eager",
-                 **_unused):
+                 grouped: bool = True, **_unused):
         super().__init__()
         if not config.gated_linear_unit or config.activation_func is not F.silu:
             raise ValueError("GroupedExperts implements SwiGLU experts (gated silu) only")
@@ -152,6 +152,7 @@ class GroupedExperts(torch.nn.Module):
         self.linear_fc2 = ExpertWeight(num_local_experts, h, ffn // etp, config,
                                        config.output_layer_init_method)
         self.activation = activation
+        self.grouped = grouped  # moe_grouped_gemm: one grouped GEMM, else a loop over experts
 
     def _swiglu(self, y: torch.Tensor) -> torch.Tensor:
         if self.activation == "triton" and y.is_cuda:
@@ -162,7 +163,8 @@ class GroupedExperts(torch.nn.Module):
         return F.silu(gate) * up
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, probs: torch.Tensor):
-        offsets = _offsets(tokens_per_expert, x.device) if grouped_mm_usable(x) else None
+        grouped = self.grouped and grouped_mm_usable(x)
+        offsets = _offsets(tokens_per_expert, x.device) if grouped else None
         h = grouped_linear(x, self.linear_fc1.weight, tokens_per_expert, offsets)
         a = (self._swiglu(h) * probs.unsqueeze(-1)).to(x.dtype)
         return grouped_linear(a, self.linear_fc2.weight, tokens_per_expert, offsets), None
@@ -275,7 +277,7 @@ def GroupedMoELayer(*args, **kwargs):  # noqa: N802
     return _layer_class()(*args, **kwargs)
 
 
-def moe_spec(config, activation: str, shared_activation=None):
+def moe_spec(config, activation: str, shared_activation=None, grouped: bool = True):
     """The MoE `mlp` ModuleSpec: our layer, router and experts; megatron's SharedExpertMLP
     (Qwen2-MoE) on the local linear layers with the dense MLP's activation module."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -287,7 +289,8 @@ def moe_spec(config, activation: str, shared_activation=None):
     shared = ModuleSpec(module=SharedExpertMLP, submodules=MLPSubmodules(
         linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear,
         activation_func=shared_activation))
-    experts = ModuleSpec(module=GroupedExperts, params={"activation": activation})
+    experts = ModuleSpec(module=GroupedExperts,
+                         params={"activation": activation, "grouped": grouped})
     return ModuleSpec(module=_layer_class(), submodules=MoESubmodules(
         experts=experts, shared_experts=shared, router=_router_class()),
         metainfo={"fuse_pre_mlp_layernorm": False})

@@ -79,6 +79,7 @@ class Record:
 
 
 _current: Record | None = None
+MAX_RECORDS = 4096
 _step: list[Record] = []
 
 
@@ -86,6 +87,8 @@ def start_micro_batch(loss_mask: torch.Tensor | None = None) -> Record:
     """A fresh record for the next forward (the training step calls this per micro-batch)."""
     global _current
     _current = Record(None if loss_mask is None else loss_mask.sum().float())
+    if len(_step) >= MAX_RECORDS:  # nobody reads them (benchmarks, evaluation): keep the last
+        del _step[:-1]
     _step.append(_current)
     return _current
 

@@ -66,7 +66,9 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
     par = job.parallel
     dist = init_distributed(job.model.device, par.tensor_model_parallel_size,
                             par.pipeline_model_parallel_size, par.context_parallel_size,
-                            seed=job.train.seed)
+                            seed=job.train.seed,
+                            expert_model_parallel_size=job.moe.expert_model_parallel_size,
+                            expert_tensor_parallel_size=job.moe.expert_tensor_parallel_size)
     rank0 = dist.rank == 0
     hf_config = read_hf_config(job.model.model)
     resolved = resolve_job(job, dist.world_size, hf_config)
@@ -130,6 +132,15 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
     metrics.close()
     shutdown()
     return 0
+
+
+def moe_stats() -> dict:
+    """MoE: `aux_loss` (transformers' load-balancing loss, mean over the logged steps'
+    micro-batches of the last one) and `expert_load_imbalance` (per MoE layer of this stage,
+    max / mean tokens per expert); empty for dense models."""
+    from remote_runtime.model import moe_aux
+
+    return moe_aux.pop_step_stats()
 
 
 def _check_checkpoint_dependencies() -> None:
@@ -263,7 +274,7 @@ class _Metrics:
             "mfu": tflops / self.peak if self.peak else None, "peak_mem_gb": float(peak.item()),
             "elapsed_s": round(time.perf_counter() - self.t_start, 3),
             "eta_s": round(per_step * (self.train_iters - step), 1),
-            "tokens": self.tokens, "loss_tokens": self.loss_tokens})
+            "tokens": self.tokens, "loss_tokens": self.loss_tokens, **moe_stats()})
         self._reset()
 
     def _peak_memory_gb(self) -> float:

@@ -12,6 +12,8 @@ from functools import partial
 
 import torch
 
+from remote_runtime.model import moe_aux
+
 IGNORE_INDEX = -100
 
 
@@ -31,6 +33,7 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 def forward_step(data_iterator, model):
     """megatron's forward_step_func: run one micro-batch, return (output, loss function)."""
     mb = next(data_iterator)
+    moe_aux.start_micro_batch(mb.loss_mask)  # MoE: the aux loss's scale (a no-op when dense)
     # The vocab-parallel cross entropy needs a valid id everywhere; ignored positions are zeroed
     # by the loss mask instead.
     labels = mb.labels.clamp(min=0)
