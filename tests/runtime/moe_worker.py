@@ -5,7 +5,7 @@ A tiny random Qwen3-MoE (8 experts, top-2, 2 layers, fp32) in transformers and i
 layout it measures logits, per-token loss, the load-balancing aux loss and gradients against
 transformers, and writes them to `<out>/<layout>-rank<r>.json`.
 
-    python moe_worker.py LAYOUT OUT_DIR          (under torchrun for the 2-process layouts)
+    python moe_worker.py LAYOUT[,LAYOUT...] OUT_DIR   (torchrun --nproc_per_node 2 for all but ep1)
 
 Layouts: ep1 (one process); ep2 (EP=2: each rank one sample, tokens exchanged by megatron's
 all-to-all dispatcher over gloo); tp2sp (TP=2 + sequence parallel, expert TP=2: megatron's
@@ -192,7 +192,6 @@ def run(layout: str, out: Path) -> None:
         result.update(grad_diffs(m, grads, dist, ep))
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{layout}-rank{dist.rank}.json").write_text(json.dumps(result, indent=1))
-    platform.shutdown()
 
 
 def grad_diffs(model, grads: dict, dist, ep: int) -> dict:
@@ -228,5 +227,15 @@ def grad_diffs(model, grads: dict, dist, ep: int) -> dict:
     return out
 
 
+def main(layouts: str, out: Path) -> None:
+    """Each layout in turn in this process group (megatron's groups rebuilt in between)."""
+    from megatron.core import parallel_state
+
+    for layout in layouts.split(","):
+        run(layout, out)
+        parallel_state.destroy_model_parallel()
+    platform.shutdown()
+
+
 if __name__ == "__main__":
-    run(sys.argv[1], Path(sys.argv[2]))
+    main(sys.argv[1], Path(sys.argv[2]))
