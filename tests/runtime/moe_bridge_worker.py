@@ -5,7 +5,8 @@ the mode (`single`: one process, EP1; `parallel`: two gloo processes, EP2, exper
 and sequence parallel, PP2): load the checkpoint into the runtime's model, check that every
 rank holds exactly its experts' slices (computed here from the full HF tensors, independently of
 the bridge's transforms), save it back and compare the files tensor by tensor; rank 0 also loads
-the saved directory with transformers. Writes `<out>/<mode>-rank<r>.json`.
+the saved directory with transformers. Logits against transformers (`compare_with_hf`, padded
+and packed) in every layout. Writes `<out>/<mode>-rank<r>.json`.
 
     python moe_bridge_worker.py single|parallel MODELS_DIR OUT_DIR
 """
@@ -23,6 +24,7 @@ from remote_runtime import platform
 from remote_runtime.bridge.load import load_hf_checkpoint
 from remote_runtime.bridge.mapping import local_params
 from remote_runtime.bridge.save import save_hf_checkpoint
+from remote_runtime.check_convert import compare_with_hf
 from remote_runtime.model.builder import ModelOptions, build_model
 from remote_runtime.spec.families import family_for_hf_config
 from remote_runtime.spec.resolve import read_hf_config
@@ -79,6 +81,10 @@ def check(src: Path, out: Path, dist, tag: str, sp: bool) -> dict:
     result = {"wrong_slices": wrong, "experts_held": sorted(experts_held),
               "expert_bytes": expert_bytes, "bytes_read": report.bytes_read,
               "ep_rank": dist.ep_rank, "etp_rank": dist.etp_rank, "pp_rank": dist.pp_rank}
+    # 18: both the padded [2, 18] and the packed (18 + 12 tokens) batch split evenly over TP2+SP
+    compare = compare_with_hf(chunks, src, dist, torch.float32, seq_length=18)
+    result["compare"] = {"ok": compare["ok"], "max_abs_diff": compare["padded"]["max_abs_diff"],
+                         "packed_max_abs_diff": (compare["packed"] or {}).get("max_abs_diff")}
     saved = out / f"saved-{tag}-{src.name}"
     save = save_hf_checkpoint(chunks, saved, src, dist, max_shard_size="150KB")
     if dist.rank == 0:

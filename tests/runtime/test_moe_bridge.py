@@ -9,7 +9,9 @@ saved by transformers in the hub layout (per-expert names, sharded safetensors w
   parallel) and PP2: every rank holds exactly its experts' slices, reads no more than it holds,
   HF -> megatron -> HF is bit-exact for every tensor, and transformers loads the saved directory
   with the source's logits;
-* `check-convert` on a MoE checkpoint: megatron's logits against transformers'.
+* megatron's logits against transformers' (`compare_with_hf`) in every layout, for both
+  families (Qwen2-MoE's gated shared expert split by TP2 included), and `check-convert` on a
+  MoE checkpoint.
 """
 
 from __future__ import annotations
@@ -132,6 +134,14 @@ def test_round_trip_is_bit_exact_and_transformers_loads_it(runs, layout, family)
     assert r["unequal"] == []
     assert r["reload_diff"] == 0.0
     assert r["files"] > 1 and "model.safetensors.index.json" in r["saved_files"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layout", ["ep1", "ep2", "etp2", "pp2"])
+def test_logits_match_transformers(runs, layout, family):
+    c = runs[0][f"{layout}/{family}"]["compare"]
+    assert c["ok"] and c["max_abs_diff"] <= 1e-4, c
+    assert c["packed_max_abs_diff"] is None or c["packed_max_abs_diff"] <= 1e-4, c
 
 
 def test_check_convert_covers_moe(moe_models):
