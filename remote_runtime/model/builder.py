@@ -64,6 +64,9 @@ class ModelOptions:
     extra_config: dict = field(default_factory=dict)  # further TransformerConfig fields
     # MoE TransformerConfig fields from the job (`moe_settings`), applied to MoE models only
     moe: dict = field(default_factory=dict)
+    # MoE experts' weight gradients accumulated into the fp32 main_grad by a Triton grouped GEMM
+    # (with kernels=triton) instead of a bf16 gradient that DDP's hook adds
+    moe_wgrad_fusion: bool = True
 
     @classmethod
     def from_job(cls, job, **overrides) -> "ModelOptions":
@@ -182,16 +185,13 @@ def transformer_config(tc: dict, options: ModelOptions, dist: DistInfo, kernels:
         from megatron.core import parallel_state
 
         kw.update(options.moe)
-        # moe_grouped_gemm is honoured by our experts (moe.py: spec parameter); megatron's own
-        # flag would ask for its grouped_gemm / transformer-engine modules
-        grouped = kw.pop("moe_grouped_gemm", True)
+        # moe_grouped_gemm is honoured by our experts (layer_specs); megatron's own flag would
+        # ask for its grouped_gemm / transformer-engine modules
         kw.update(expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
                   expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
                   moe_grouped_gemm=False)
     kw.update(options.extra_config)
-    config = TransformerConfig(**kw)
-    config.megafleet_grouped_gemm = tc.get("num_moe_experts") and grouped
-    return config
+    return TransformerConfig(**kw)
 
 
 def compile_fusions(dist: DistInfo) -> bool:
@@ -259,7 +259,7 @@ def layer_spec(config, impl: str, attention_backend: str, norm_kernel: str = "ea
     return spec
 
 
-def layer_specs(config, spec, offset: int, count: int) -> list:
+def layer_specs(config, spec, offset: int, count: int, options: ModelOptions) -> list:
     """This stage's per-layer specs: the dense spec, or for MoE layers (megatron's
     moe_layer_freq) the same spec with the MoE block of `moe.py` as its MLP."""
     if not config.num_moe_experts:
@@ -271,7 +271,8 @@ def layer_specs(config, spec, offset: int, count: int) -> list:
     moe.submodules = copy.copy(spec.submodules)
     moe.submodules.mlp = moe_spec(config, "triton" if config.use_te_activation_func else "eager",
                                   shared_activation=swiglu,
-                                  grouped=getattr(config, "megafleet_grouped_gemm", True))
+                                  grouped=options.moe.get("moe_grouped_gemm", True),
+                                  fuse_wgrad=options.moe_wgrad_fusion)
     pattern = moe_layer_pattern(config)
     return [moe if pattern[offset + i] else spec for i in range(count)]
 
@@ -304,7 +305,7 @@ def build_model(family: ModelFamily, hf_config: dict, options: ModelOptions, dis
         final_norm = rms_norm_class(norm_kernel)
     block = TransformerBlockSubmodules(
         layer_specs=layer_specs(config, spec, get_transformer_layer_offset(config),
-                                get_num_layers_to_build(config)),
+                                get_num_layers_to_build(config), options),
         layer_norm=final_norm)
     model = VocabMaskedGPTModel(
         config=config, true_vocab_size=tc["vocab_size"], transformer_layer_spec=block,

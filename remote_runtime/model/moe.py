@@ -114,7 +114,7 @@ def _offsets(tokens_per_expert: torch.Tensor, device) -> torch.Tensor:
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor,
-                   offsets: torch.Tensor | None = None) -> torch.Tensor:
+                   offsets: torch.Tensor | None = None, fuse_wgrad: bool = False) -> torch.Tensor:
     """y[rows of expert e] = x[rows of e] @ weight[e].T for x grouped by expert.
 
     With `offsets` (the cumulative row counts, on the device): one torch._grouped_mm (GPU).
@@ -122,11 +122,58 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: tor
     `_grouped_mm`'s CPU backward fails on expanded gradients in torch 2.13, and the reference
     comparisons need fp32."""
     if offsets is not None:
-        return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+        return _GroupedLinear.apply(x, weight, offsets, fuse_wgrad)
     counts = tokens_per_expert.tolist()
     parts = [p @ w.t() for p, w in zip(torch.split(x, counts), weight)]
     # every expert takes part in the graph, so each gets a (possibly zero) gradient
     return torch.cat(parts) if parts else x.new_empty(0, weight.shape[1])
+
+
+WGRAD_BLOCKS = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
+
+
+def accumulate_expert_wgrad(main_grad: torch.Tensor, dy: torch.Tensor, x: torch.Tensor,
+                            offsets: torch.Tensor) -> None:
+    """main_grad[e] (fp32 [E, N, K]) += dy[rows of e]^T @ x[rows of e]: one Triton launch."""
+    from remote_runtime.model import triton_kernels
+    from remote_runtime.model.ops import triton_cdiv
+
+    e, n, k = main_grad.shape
+    b = WGRAD_BLOCKS
+    triton_kernels.expert_wgrad_accum[(triton_cdiv(n, b["BLOCK_N"]), triton_cdiv(k, b["BLOCK_K"]), e)](
+        dy, x, offsets, main_grad, n, k, dy.stride(0), x.stride(0), **b)
+
+
+def _accumulates_into_main_grad(weight: torch.Tensor) -> bool:
+    main_grad = getattr(weight, "main_grad", None)
+    return (main_grad is not None and main_grad.dtype == torch.float32
+            and hasattr(weight, "grad_added_to_main_grad"))
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """y = x @ weight[e].T per expert group (torch._grouped_mm). The weight gradient comes out
+    in the parameter's own [E, out, in] layout (autograd's would be the transposed view, which
+    the gradient accumulation copies), or with `fuse_wgrad` straight into megatron DDP's fp32
+    main_grad by a Triton grouped GEMM that accumulates in place."""
+
+    @staticmethod
+    def forward(ctx, x, weight, offsets, fuse_wgrad):
+        ctx.save_for_backward(x, weight, offsets)
+        ctx.fuse_wgrad = fuse_wgrad
+        return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, offsets = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = torch._grouped_mm(dy, weight, offs=offsets)
+        if ctx.fuse_wgrad and _accumulates_into_main_grad(weight):
+            accumulate_expert_wgrad(weight.main_grad, dy, x, offsets)
+            weight.grad_added_to_main_grad = True
+            dw = torch.empty_like(weight)  # a placeholder: DDP's hook skips its add
+        else:
+            dw = torch._grouped_mm(dy.t(), x, offs=offsets)
+        return dx, dw, None, None
 
 
 class GroupedExperts(torch.nn.Module):
@@ -134,7 +181,7 @@ class GroupedExperts(torch.nn.Module):
     forward(permuted tokens, tokens_per_expert, permuted probs) -> (output, None))."""
 
     def __init__(self, num_local_experts: int, config, pg_collection=None, activation="eager",
-                 grouped: bool = True, **_unused):
+                 grouped: bool = True, fuse_wgrad: bool = True, **_unused):
         super().__init__()
         if not config.gated_linear_unit or config.activation_func is not F.silu:
             raise ValueError("GroupedExperts implements SwiGLU experts (gated silu) only")
@@ -153,6 +200,8 @@ class GroupedExperts(torch.nn.Module):
                                        config.output_layer_init_method)
         self.activation = activation
         self.grouped = grouped  # moe_grouped_gemm: one grouped GEMM, else a loop over experts
+        # weight gradients accumulated into DDP's fp32 main_grad by a Triton kernel (GPU)
+        self.fuse_wgrad = fuse_wgrad and activation == "triton"
 
     def _swiglu(self, y: torch.Tensor) -> torch.Tensor:
         if self.activation == "triton" and y.is_cuda:
@@ -165,9 +214,11 @@ class GroupedExperts(torch.nn.Module):
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, probs: torch.Tensor):
         grouped = self.grouped and grouped_mm_usable(x)
         offsets = _offsets(tokens_per_expert, x.device) if grouped else None
-        h = grouped_linear(x, self.linear_fc1.weight, tokens_per_expert, offsets)
-        a = (self._swiglu(h) * probs.unsqueeze(-1)).to(x.dtype)
-        return grouped_linear(a, self.linear_fc2.weight, tokens_per_expert, offsets), None
+        h = grouped_linear(x, self.linear_fc1.weight, tokens_per_expert, offsets, self.fuse_wgrad)
+        # router weights in the activations' dtype, as transformers multiplies them
+        a = self._swiglu(h) * probs.unsqueeze(-1).to(h.dtype)
+        return grouped_linear(a, self.linear_fc2.weight, tokens_per_expert, offsets,
+                              self.fuse_wgrad), None
 
     def backward_dw(self):  # megatron's delayed weight-gradient hook (not used here)
         pass
@@ -277,7 +328,8 @@ def GroupedMoELayer(*args, **kwargs):  # noqa: N802
     return _layer_class()(*args, **kwargs)
 
 
-def moe_spec(config, activation: str, shared_activation=None, grouped: bool = True):
+def moe_spec(config, activation: str, shared_activation=None, grouped: bool = True,
+             fuse_wgrad: bool = True):
     """The MoE `mlp` ModuleSpec: our layer, router and experts; megatron's SharedExpertMLP
     (Qwen2-MoE) on the local linear layers with the dense MLP's activation module."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -290,7 +342,8 @@ def moe_spec(config, activation: str, shared_activation=None, grouped: bool = Tr
         linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear,
         activation_func=shared_activation))
     experts = ModuleSpec(module=GroupedExperts,
-                         params={"activation": activation, "grouped": grouped})
+                         params={"activation": activation, "grouped": grouped,
+                                 "fuse_wgrad": fuse_wgrad})
     return ModuleSpec(module=_layer_class(), submodules=MoESubmodules(
         experts=experts, shared_experts=shared, router=_router_class()),
         metainfo={"fuse_pre_mlp_layernorm": False})

@@ -51,3 +51,35 @@ def test_grouped_experts_match_the_per_expert_loop(activation):
     for g, r in zip(grads[0], grads[1]):
         assert (g - r).abs().max() < 3e-2 * r.abs().max()
     assert grads[0][0][12:].abs().max() == 0  # experts without tokens: zero gradient
+
+
+def test_fused_weight_gradient_lands_in_main_grad():
+    """With megatron DDP's fp32 main_grad on the weights, the Triton grouped GEMM adds the
+    weight gradients there (on top of what was in it) and autograd gets only a placeholder."""
+    from remote_runtime.model.moe import LocalDispatch
+
+    torch.manual_seed(0)
+    fused, ref = _experts(True, "triton"), _experts(True, "eager")
+    with torch.no_grad():
+        for w in (fused.linear_fc1.weight, fused.linear_fc2.weight):
+            w.copy_(torch.randn_like(w) * 0.02)
+        ref.load_state_dict(fused.state_dict())
+    start = []
+    for w in (fused.linear_fc1.weight, fused.linear_fc2.weight):
+        w.main_grad = torch.randn(w.shape, device="cuda")
+        w.grad_added_to_main_grad = False
+        start.append(w.main_grad.clone())
+    n, k = 2000, 8
+    x = torch.randn(n, 2048, device="cuda", dtype=torch.bfloat16)
+    idx = torch.randint(0, 16, (n, k), device="cuda")
+    w8 = torch.rand(n, k, device="cuda")
+    for m in (fused, ref):
+        d = LocalDispatch(idx, 16)
+        rows, probs = d.permute(x, w8)
+        y, _ = m(rows, d.tokens_per_expert, probs)
+        d.unpermute(y).float().square().sum().backward()
+    for w, r, s in zip((fused.linear_fc1.weight, fused.linear_fc2.weight),
+                       (ref.linear_fc1.weight, ref.linear_fc2.weight), start):
+        assert w.grad_added_to_main_grad
+        got = w.main_grad - s
+        assert (got - r.grad.float()).abs().max() < 2e-2 * r.grad.float().abs().max()

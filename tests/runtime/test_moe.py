@@ -102,3 +102,25 @@ def test_training_loss_at_ep2_follows_ep1(tmp_path):
         assert b["aux_loss"] == pytest.approx(a["aux_loss"], abs=1e-4)
         assert a["aux_loss"] > 1.0 and len(a["expert_load_imbalance"]) >= 1
     assert logs["ep1"][-1]["loss"] < logs["ep1"][0]["loss"]
+
+
+def test_triton_expert_wgrad_accumulates_into_main_grad():
+    """The fused weight gradient (Triton, here under its CPU interpreter): main_grad[e] +=
+    dy_e^T x_e for rows grouped by expert, experts without rows untouched."""
+    pytest.importorskip("triton")
+    import torch
+
+    from remote_runtime.model import ops
+    from remote_runtime.model.moe import accumulate_expert_wgrad
+
+    if not ops.interpreted():
+        pytest.skip("CPU tensors need TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)")
+    torch.manual_seed(0)
+    counts = torch.tensor([5, 0, 70, 1])  # an empty expert, one over a 64-row block
+    x, dy = torch.randn(int(counts.sum()), 40), torch.randn(int(counts.sum()), 24)
+    main_grad = torch.randn(4, 24, 40)
+    expected = main_grad.clone()
+    for e, (xs, gs) in enumerate(zip(torch.split(x, counts.tolist()), torch.split(dy, counts.tolist()))):
+        expected[e] += gs.t() @ xs
+    accumulate_expert_wgrad(main_grad, dy, x, torch.cumsum(counts, 0).to(torch.int32))
+    torch.testing.assert_close(main_grad, expected, atol=1e-4, rtol=1e-4)
