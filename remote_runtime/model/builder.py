@@ -259,9 +259,10 @@ def layer_spec(config, impl: str, attention_backend: str, norm_kernel: str = "ea
     return spec
 
 
-def layer_specs(config, spec, offset: int, count: int, options: ModelOptions) -> list:
+def layer_specs(config, spec, offset: int, count: int, options: ModelOptions, norm) -> list:
     """This stage's per-layer specs: the dense spec, or for MoE layers (megatron's
-    moe_layer_freq) the same spec with the MoE block of `moe.py` as its MLP."""
+    moe_layer_freq) the same spec with the MoE block of `moe.py` as its MLP and a pre-MLP
+    `norm` where the dense spec fuses it into fc1 (transformer-engine)."""
     if not config.num_moe_experts:
         return [spec] * count
     from remote_runtime.model.moe import moe_layer_pattern, moe_spec
@@ -273,6 +274,10 @@ def layer_specs(config, spec, offset: int, count: int, options: ModelOptions) ->
                                   shared_activation=swiglu,
                                   grouped=options.moe.get("moe_grouped_gemm", True),
                                   fuse_wgrad=options.moe_wgrad_fusion)
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    if moe.submodules.pre_mlp_layernorm is IdentityOp:
+        moe.submodules.pre_mlp_layernorm = norm
     pattern = moe_layer_pattern(config)
     return [moe if pattern[offset + i] else spec for i in range(count)]
 
@@ -305,7 +310,7 @@ def build_model(family: ModelFamily, hf_config: dict, options: ModelOptions, dis
         final_norm = rms_norm_class(norm_kernel)
     block = TransformerBlockSubmodules(
         layer_specs=layer_specs(config, spec, get_transformer_layer_offset(config),
-                                get_num_layers_to_build(config), options),
+                                get_num_layers_to_build(config), options, final_norm),
         layer_norm=final_norm)
     model = VocabMaskedGPTModel(
         config=config, true_vocab_size=tc["vocab_size"], transformer_layer_spec=block,

@@ -20,6 +20,7 @@ Plugged in through the layer spec (`moe_spec`, used by builder.layer_spec):
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -328,6 +329,14 @@ def GroupedMoELayer(*args, **kwargs):  # noqa: N802
     return _layer_class()(*args, **kwargs)
 
 
+class _KnownMoELayer(logging.Filter):
+    """megatron's TransformerLayer warns 'Unknown MLP type' for any MLP module outside its own
+    list, so for our MoELayer subclass; it builds it right (the default process groups)."""
+
+    def filter(self, record):
+        return "Unknown MLP type" not in record.getMessage()
+
+
 def moe_spec(config, activation: str, shared_activation=None, grouped: bool = True,
              fuse_wgrad: bool = True):
     """The MoE `mlp` ModuleSpec: our layer, router and experts; megatron's SharedExpertMLP
@@ -338,6 +347,9 @@ def moe_spec(config, activation: str, shared_activation=None, grouped: bool = Tr
     from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
     from megatron.core.transformer.spec_utils import ModuleSpec
 
+    logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if not any(isinstance(f, _KnownMoELayer) for f in logger.filters):
+        logger.addFilter(_KnownMoELayer())
     shared = ModuleSpec(module=SharedExpertMLP, submodules=MLPSubmodules(
         linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear,
         activation_func=shared_activation))
