@@ -15,21 +15,16 @@ import sys
 
 import pytest
 
-from megafleet.memory import Assumptions, Parallel, activation_bytes_per_token
+from megafleet.memory import Parallel, activation_bytes_per_token
 from megafleet.model_shape import shape_from_hf_config
 from tests.conftest import REPO_ROOT, cli_env
+from tests.runtime.test_memory_saved_tensors import CONFIG, CPU  # the dense check's settings
 
 pytestmark = pytest.mark.runtime
 
-CPU = Assumptions(attention_layout="padded", swiglu_impl="eager", norm_impl="eager",
-                  qk_impl="separate")
-MOE = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 256,
-       "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
-       "intermediate_size": 768, "vocab_size": 1000, "tie_word_embeddings": False,
-       "rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 4096,
-       "hidden_act": "silu", "num_experts": 8, "num_experts_per_tok": 2,
-       "moe_intermediate_size": 128, "norm_topk_prob": True}
-DENSE = dict(MOE, architectures=["Qwen3ForCausalLM"], model_type="qwen3", intermediate_size=256)
+MOE = dict(CONFIG, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+           num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, norm_topk_prob=True)
+DENSE = dict(CONFIG, intermediate_size=256)  # the dense FFN as wide as the two routed experts
 MEASURE = """
 import json, sys
 from remote_runtime import platform
