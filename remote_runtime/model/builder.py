@@ -62,8 +62,9 @@ class ModelOptions:
     init_weights: bool = False  # random init; off when a checkpoint is loaded right after
     variable_seq_lengths: bool = True  # pipeline stages exchange shapes (packed batches vary)
     extra_config: dict = field(default_factory=dict)  # further TransformerConfig fields
-    # MoE TransformerConfig fields from the job (`moe_settings`), applied to MoE models only
-    moe: dict = field(default_factory=dict)
+    # the job's MoE options (spec.config.MoEConfig; spec.experts.moe_settings turns them into
+    # TransformerConfig fields for MoE models). None: the defaults.
+    moe: object = None
     # MoE experts' weight gradients accumulated into the fp32 main_grad by a Triton grouped GEMM
     # (with kernels=triton) instead of a bf16 gradient that DDP's hook adds
     moe_wgrad_fusion: bool = True
@@ -79,23 +80,9 @@ class ModelOptions:
             recompute_method=job.recompute.recompute_method,
             recompute_num_layers=job.recompute.recompute_num_layers,
             cross_entropy_loss_fusion=job.train.cross_entropy_loss_fusion,
-            moe=moe_settings(job.moe))
+            moe=job.moe)
         values.update(overrides)
         return cls(**values)
-
-
-def moe_settings(moe) -> dict:
-    """TransformerConfig fields from the job's MoE options (spec.config.MoEConfig). The
-    parallel sizes go to init_distributed; moe_permute_fusion names a transformer-engine fusion
-    and is a no-op (the local dispatch has no permutation kernel to fuse)."""
-    out = {"moe_router_dtype": None if moe.moe_router_dtype == "none" else moe.moe_router_dtype,
-           "moe_token_dispatcher_type": moe.moe_token_dispatcher_type,
-           "moe_expert_capacity_factor": moe.moe_expert_capacity_factor,
-           "moe_shared_expert_overlap": moe.moe_shared_expert_overlap,
-           "moe_grouped_gemm": moe.moe_grouped_gemm}
-    if moe.moe_aux_loss_coeff is not None:  # else config.json's router_aux_loss_coef
-        out["moe_aux_loss_coeff"] = moe.moe_aux_loss_coeff
-    return out
 
 
 def have_transformer_engine() -> bool:
@@ -184,9 +171,12 @@ def transformer_config(tc: dict, options: ModelOptions, dist: DistInfo, kernels:
     if tc.get("num_moe_experts"):
         from megatron.core import parallel_state
 
-        kw.update(options.moe)
+        from remote_runtime.spec.config import JobConfig, MoEConfig
+        from remote_runtime.spec.experts import moe_settings
+
+        kw.update(moe_settings(JobConfig(moe=options.moe or MoEConfig()), tc))
         # moe_grouped_gemm is honoured by our experts (layer_specs); megatron's own flag would
-        # ask for its grouped_gemm / transformer-engine modules
+        # ask for its grouped_gemm / transformer-engine modules. EP and expert TP: as initialised.
         kw.update(expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
                   expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
                   moe_grouped_gemm=False)
@@ -272,7 +262,7 @@ def layer_specs(config, spec, offset: int, count: int, options: ModelOptions, no
     moe.submodules = copy.copy(spec.submodules)
     moe.submodules.mlp = moe_spec(config, "triton" if config.use_te_activation_func else "eager",
                                   shared_activation=swiglu,
-                                  grouped=options.moe.get("moe_grouped_gemm", True),
+                                  grouped=options.moe is None or options.moe.moe_grouped_gemm,
                                   fuse_wgrad=options.moe_wgrad_fusion)
     from megatron.core.transformer.identity_op import IdentityOp
 
