@@ -406,9 +406,8 @@ def validate(job: JobConfig) -> list[str]:
                  "recompute_num_layers", "expert_model_parallel_size",
                  "expert_tensor_parallel_size", "moe_expert_capacity_factor"):
         positive(leaf)
-    for leaf in ("moe_aux_loss_coeff",):
-        positive(leaf, allow_zero=True)
-    for leaf in ("min_lr", "weight_decay", "clip_grad", "lr_warmup_iters", "stop_grace"):
+    for leaf in ("min_lr", "weight_decay", "clip_grad", "lr_warmup_iters", "stop_grace",
+                 "moe_aux_loss_coeff"):
         positive(leaf, allow_zero=True)
 
     for leaf in ("master_port", "watcher_port"):
