@@ -171,7 +171,7 @@ def relative_speed(par: Parallel, rc: Recompute, shape: ModelShape, tokens: int,
     stage_layers = shape.num_layers // par.pp
     tp = 1 - 0.04 * math.log2(par.tp)
     if par.ep > 1:  # the all-to-all token exchange: a little per doubling, much across nodes
-        tp *= (1 - 0.02 * math.log2(par.ep)) * (0.8 if par.ep * par.tp > gpus_per_node else 1)
+        tp *= (1 - 0.02 * math.log2(par.ep)) * (0.8 if par.ep * par.etp > gpus_per_node else 1)
     bubble = microbatches / (microbatches + par.pp - 1)
     recompute = 1 / (1 + rc.checkpointed_layers(stage_layers) / stage_layers / 3)
     fill = min(1.0, 0.85 + 0.15 * tokens / FULL_TOKENS)
