@@ -89,3 +89,18 @@ def test_the_plan_is_a_job_the_resolver_accepts_and_estimates_the_same(gpus):
     again = estimate_job(job, gpus, A3B)
     assert again.total_gib == pytest.approx(p.chosen.memory.total_gib)
     assert again.total_gib * GIB < 80 * GIB
+
+
+def test_the_sft_moe_template_renders_a_job_that_resolves_for_qwen3_30b_a3b(tmp_path):
+    from megafleet import templates
+    from remote_runtime.spec.flags import load_job_file
+
+    t = templates.get_template("sft-moe")
+    job = templates.job_from_template(t, ["model=/data/Qwen3-30B-A3B", "dataset=train.jsonl"])
+    path = tmp_path / "job.yaml"
+    path.write_text(templates.render(t, job))
+    loaded = load_job_file(path)
+    assert loaded == job and loaded.moe.expert_model_parallel_size == 8
+    resolved = resolve_job(loaded, 8, dict(A3B))
+    assert resolved["experts"]["experts_per_rank"] == 16
+    assert estimate_job(loaded, 8, A3B).total_gib < 80
