@@ -87,6 +87,8 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
     model, optimizer, scheduler = _model(job, family, hf_config, dist, resume_from, train_iters)
     layout = {"world_size": dist.world_size, "tp": dist.tp, "pp": dist.pp, "cp": dist.cp,
               "dp": dist.dp}
+    if dist.ep > 1 or dist.etp > 1:  # MoE: the optimizer shards experts over expert-DP
+        layout.update(ep=dist.ep, etp=dist.etp)
     start_step = 0
     if resume_from is not None:
         state = ckpt.load_training_state(resume_from, model, optimizer, dist, layout)
