@@ -285,12 +285,16 @@ def run_hf(args, cfg: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
     config_cls = getattr(transformers, {"qwen3": "Qwen3Config", "llama": "LlamaConfig",
-                                        "qwen2": "Qwen2Config"}[cfg["model_type"]])
+                                        "qwen2": "Qwen2Config", "qwen3_moe": "Qwen3MoeConfig",
+                                        "qwen2_moe": "Qwen2MoeConfig"}[cfg["model_type"]])
     config = config_cls(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures")})
+    moe = "num_experts" in cfg
+    # MoE: transformers' grouped-GEMM experts (its default is a Python loop over experts)
+    kwargs = {"experts_implementation": "grouped_mm"} if moe else {}
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
-                                                 attn_implementation="sdpa")
+                                                 attn_implementation="sdpa", **kwargs)
     model.train()
     if args.recompute == "full":
         model.gradient_checkpointing_enable()
@@ -321,7 +325,8 @@ def run_hf(args, cfg: dict) -> dict:
     res = result(args, "hf", cfg, step_time, 1, {
         "tp": 1, "pp": 1, "dp": 1, "transformers": transformers.__version__,
         "attn_implementation": "sdpa", "optimizer": "torch AdamW fused, bf16 params and states",
-        "lora": lora_summary(args), "peft": _version("peft") if args.lora else None})
+        "lora": lora_summary(args), "peft": _version("peft") if args.lora else None,
+        **kwargs})
     del model, optimizer, batches
     gc.collect()
     torch.cuda.empty_cache()

@@ -16,6 +16,16 @@ With `lora` (LoRA training) the base weights stay but gradients, master weights 
 states are the adapters' only; activations are the same (the adapters keep the inputs the
 frozen layers no longer need for weight gradients, plus their rank-r outputs, negligible).
 
+Mixture-of-experts layers (`ModelShape.num_experts`): the routed experts' weights and gradients
+are split over expert parallelism (EP ranks hold num_experts / EP experts each, expert-TP splits
+each expert's FFN) and their optimizer states over the expert-data-parallel ranks
+(world / (EP × expert-TP × PP)), the rest (attention, router, shared expert, embeddings) as for a
+dense model. Activations: every token goes to top-k experts, so a rank keeps, per token, k × the
+expert-TP / TP share of (the permuted input, the fc1 output its SwiGLU saves, the fc2 input and
+the expert output kept for the routing-weight gradient), the router's fp32 logits and
+probabilities, and the shared expert's activations like a dense MLP's; the all-to-all dispatch
+and combine buffers (k copies of the layer's tokens, sent and received) join the transient peak.
+
 Activations follow Korthikanti et al. ("Reducing Activation Recomputation in Large Transformer
 Models") tensor by tensor, adapted to this model and runtime: SwiGLU MLP, grouped-query
 attention, no dropout (p=0 stores no masks), SDPA/flash attention that keeps q, k, v, the output
@@ -47,10 +57,17 @@ class Parallel:
     cp: int = 1  # context_parallel_size
     sequence_parallel: bool = False  # only meaningful with tp > 1
     distributed_optimizer: bool = True
+    ep: int = 1  # expert_model_parallel_size (MoE)
+    etp: int = 1  # expert_tensor_parallel_size (MoE)
 
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp * self.cp
+
+    @property
+    def expert_dp(self) -> int:
+        """Expert-data-parallel size: the ranks that hold the same experts (megatron-core)."""
+        return max(1, self.tp * self.cp * self.dp // (self.ep * self.etp))
 
 
 @dataclass(frozen=True)
@@ -199,13 +216,33 @@ def _layer_sizes(s: ModelShape, par: Parallel, asm: Assumptions) -> _Sizes:
     qk_norm = 0.0
     if s.qk_layernorm:
         qk_norm = (q + 2 * kv) if asm.qk_impl == "fused" else norm * (q + kv) / e
-    f = s.ffn_hidden_size / t
+    f = (s.shared_expert_ffn_hidden_size if s.is_moe else s.ffn_hidden_size) / t
     mlp = (2 * e * f if asm.swiglu_impl == "fused" else 4 * e * f) + e * f  # + fc2 input
+    if s.is_moe:
+        mlp += _routed_bytes_per_token(s, par, asm)
     norms_and_inputs = 2 * norm * hs + 2 * e * hs  # two norms, QKV and fc1 inputs
     rope = 4 * e * s.kv_channels  # cos and sin, made per call for q and for k, [s, 1, 1, d] each
     base = norms_and_inputs + qk_norm + mlp + rope
     return _Sizes(layer=base + attn, layer_selective=base + attn_selective, checkpoint=e * hs,
                   norm=norm, hs=hs)
+
+
+def _routed_bytes_per_token(s: ModelShape, par: Parallel, asm: Assumptions) -> float:
+    """What a MoE layer's router and routed experts keep per token of the microbatch."""
+    e, fm = asm.params_dtype_bytes, s.moe_ffn_hidden_size / par.etp
+    copies = s.moe_router_topk * par.etp / par.tp  # token copies this rank's experts process
+    swiglu = 2 * e * fm if asm.swiglu_impl == "fused" else 4 * e * fm
+    per_copy = e * s.hidden_size + swiglu + e * fm + e * s.hidden_size  # in, fc1 out, fc2 in, out
+    router = 8 * s.num_experts / par.tp  # fp32 logits and probabilities
+    return copies * per_copy + router
+
+
+def _all_to_all_bytes(s: ModelShape, par: Parallel, asm: Assumptions, tokens: int) -> float:
+    """Dispatch/combine buffers of one MoE layer: k copies of its tokens, sent and received."""
+    if not s.is_moe:
+        return 0.0
+    copies = tokens * s.moe_router_topk * par.etp / par.tp
+    return 2 * asm.params_dtype_bytes * s.hidden_size * copies
 
 
 def activation_bytes_per_token(shape: ModelShape, parallel: Parallel,
@@ -217,9 +254,16 @@ def activation_bytes_per_token(shape: ModelShape, parallel: Parallel,
 
 
 def _stage_params(s: ModelShape, par: Parallel, stage: int) -> int:
+    return sum(_stage_param_split(s, par, stage))
+
+
+def _stage_param_split(s: ModelShape, par: Parallel, stage: int) -> tuple[int, int]:
+    """(parameters outside the routed experts, routed expert parameters) on one rank: the
+    experts split by EP and expert-TP, the rest as ModelShape.layer_param_groups says."""
     groups = s.layer_param_groups()
-    layer = groups["tp_split"] // par.tp + groups["experts"] + groups["replicated"]
+    layer = groups["tp_split"] // par.tp + groups["replicated"]
     params = (s.num_layers // par.pp) * layer
+    experts = (s.num_layers // par.pp) * groups["experts"] // (par.ep * par.etp)
     h = s.hidden_size
     vocab_shard = padded_vocab_size(s.vocab_size, par.tp) * h // par.tp
     if stage == 0:
@@ -228,7 +272,7 @@ def _stage_params(s: ModelShape, par: Parallel, stage: int) -> int:
         params += h  # final norm
         if not (s.tie_word_embeddings and par.pp == 1):  # tied + PP: the last stage keeps a copy
             params += vocab_shard
-    return params
+    return params, experts
 
 
 def _saved_per_token(s: ModelShape, sz: _Sizes, rc: Recompute, stage: int, pp: int,
@@ -261,17 +305,22 @@ def _stage_bytes(s: ModelShape, par: Parallel, rc: Recompute, asm: Assumptions, 
     """{"backward": {component: bytes}, "optimizer step": {...}} for one stage's rank."""
     e, t, pp = asm.params_dtype_bytes, par.tp, par.pp
     sz = _layer_sizes(s, par, asm)
-    params = _stage_params(s, par, stage)
+    dense, experts = _stage_param_split(s, par, stage)
+    params = dense + experts
     trained = params  # with LoRA: the adapters only, the base frozen
     if lora is not None:
         trained = (s.num_layers // pp) * lora_layer_params(s, lora, t)
     shard = par.dp * par.cp if par.distributed_optimizer else 1
+    expert_shard = par.expert_dp if par.distributed_optimizer else 1
+    sharded = dense / shard + experts / expert_shard  # what this rank's optimizer holds
+    if lora is not None:
+        sharded = trained / shard
     master = 4 if e < 4 else 0
     grad_bytes = 4 if (asm.grad_reduce_in_fp32 or e == 4) else e
     static = {
         "weights": e * (params + (trained if lora is not None else 0)),
         "gradients": grad_bytes * trained,
-        "optimizer_states": (master + 8) * trained / shard,
+        "optimizer_states": (master + 8) * sharded,
         "comm_buffers": e * tokens * s.hidden_size if (par.sequence_parallel and t > 1) else 0.0,
     }
     per_token, replay = _saved_per_token(s, sz, rc, stage, pp, e)
@@ -279,6 +328,7 @@ def _stage_bytes(s: ModelShape, par: Parallel, rc: Recompute, asm: Assumptions, 
     last = stage == pp - 1
     vocab = padded_vocab_size(s.vocab_size, t) / t
     working = tokens * sz.layer * (1 + replay)  # one layer's gradient temporaries + replayed layers
+    working += _all_to_all_bytes(s, par, asm, tokens)
     if last and s.tie_word_embeddings and pp == 1 and lora is None:
         working += e * vocab * s.hidden_size  # output-layer gradient held until the embedding's
     logits = 0.0
@@ -292,9 +342,9 @@ def _stage_bytes(s: ModelShape, par: Parallel, rc: Recompute, asm: Assumptions, 
                     backward_working_set=working if working > logits else 0.0)
     step_temp = 0.0
     if master and grad_bytes < 4:
-        step_temp += 4 * trained / shard  # the optimizer's fp32 copy of the bf16 gradient shard
+        step_temp += 4 * sharded  # the optimizer's fp32 copy of the bf16 gradient shard
     if asm.optimizer_impl == "foreach":
-        step_temp += 4 * trained / shard
+        step_temp += 4 * sharded
     step = dict(static, optimizer_step_temporaries=step_temp)
     return {"backward": backward, "optimizer step": step, "params": params}
 
@@ -323,7 +373,8 @@ def estimate_memory(model_config: dict | ModelShape, parallel: Parallel, seq_len
     components = {k: v / GIB for k, v in parts[phase].items() if v}
     allocated = peak / GIB
     churn = allocated - sum(components.get(k, 0.0) for k in STATIC)
-    groups = sum(1 for n in (parallel.tp, parallel.pp, parallel.dp * parallel.cp) if n > 1)
+    groups = sum(1 for n in (parallel.tp, parallel.pp, parallel.dp * parallel.cp, parallel.ep)
+                 if n > 1)
     overhead = {"cuda_context": assumptions.cuda_context_gib,
                 "nccl": assumptions.nccl_gib_per_group * groups,
                 "fragmentation": assumptions.fragmentation * churn}

@@ -50,6 +50,27 @@ def _llama3(hidden, layers, heads, ffn, tied=False, head_dim=None):
                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
 
 
+def _qwen3_moe(hidden, layers, heads, kv, experts, topk, moe_ffn, ffn):
+    """Qwen3-MoE config.json as published (Qwen/Qwen3-30B-A3B, Qwen/Qwen3-235B-A22B)."""
+    return {**_qwen3(hidden, layers, heads, ffn, False, kv),
+            "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+            "num_experts": experts, "num_experts_per_tok": topk, "moe_intermediate_size": moe_ffn,
+            "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+            "router_aux_loss_coef": 0.001, "attention_bias": False}
+
+
+def _qwen2_moe(hidden, layers, heads, kv, experts, topk, moe_ffn, shared_ffn, ffn, max_pos):
+    """Qwen2-MoE config.json as published (Qwen/Qwen1.5-MoE-A2.7B, Qwen/Qwen2-57B-A14B)."""
+    return {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+            "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv, "intermediate_size": ffn, "vocab_size": 151936,
+            "tie_word_embeddings": False, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+            "max_position_embeddings": max_pos, "hidden_act": "silu", "use_sliding_window": False,
+            "num_experts": experts, "num_experts_per_tok": topk, "moe_intermediate_size": moe_ffn,
+            "shared_expert_intermediate_size": shared_ffn, "norm_topk_prob": False,
+            "decoder_sparse_step": 1, "router_aux_loss_coef": 0.001}
+
+
 # config.json of well-known checkpoints (the published shapes), for planning before download
 # and for the benchmarks' named shapes.
 NAMED_CONFIGS = {
@@ -63,6 +84,10 @@ NAMED_CONFIGS = {
     "llama3.2-3b": _llama3(3072, 28, 24, 8192, tied=True, head_dim=128),
     "llama3-8b": _llama3(4096, 32, 32, 14336),
     "llama3-70b": _llama3(8192, 80, 64, 28672),
+    "qwen3-30b-a3b": _qwen3_moe(2048, 48, 32, 4, 128, 8, 768, 6144),
+    "qwen3-235b-a22b": _qwen3_moe(4096, 94, 64, 4, 128, 8, 1536, 12288),
+    "qwen1.5-moe-a2.7b": _qwen2_moe(2048, 24, 16, 16, 60, 4, 1408, 5632, 5632, 8192),
+    "qwen2-57b-a14b": _qwen2_moe(3584, 28, 28, 4, 64, 8, 2560, 20480, 18944, 32768),
 }
 
 

@@ -12,6 +12,10 @@ m / (m + PP - 1), the extra forward of recomputed layers (+1/3 of a layer's comp
 micro batches too small to fill the GPU. Ties go to the smaller model-parallel size and to TP
 over PP. Nothing fits: the plan is refused with the reason and the fewest GPUs that would do.
 
+Mixture-of-experts models also choose expert parallelism: EP dividing the experts and the
+TP × DP ranks of a stage (expert-TP 1), ranked by an all-to-all cost that grows with EP and
+jumps when EP leaves the node.
+
 Recompute is "none" or "full" with the block method (the first N layers of each stage), N as
 small as fits. Selective recompute is never proposed: it recomputes core attention, and with
 SDPA/flash attention there is no s×s score matrix to drop, so it saves nothing.
@@ -33,10 +37,12 @@ from megafleet.memory import (
 )
 from megafleet.model_shape import ModelShape, as_shape
 from remote_runtime.spec.config import TASKS, ConfigError, JobConfig
+from remote_runtime.spec.experts import expert_layout_problems
 from remote_runtime.spec.resolve import layout_problems
 
 FULL_TOKENS = 4096  # tokens per micro batch from which a GPU is busy (bigger barely helps)
 DEFAULT_GLOBAL_BATCH = 16  # sequences per optimizer step when neither job nor caller says
+TIGHT_GIB = 2.0  # a chosen plan with less headroom than this says so
 
 
 @dataclass
@@ -114,6 +120,9 @@ class Plan:
                           "recompute_num_layers": c.recompute.num_layers},
             "train": {"micro_batch_size": c.micro_batch_size,
                       "global_batch_size": c.global_batch_size},
+            **({"moe": {"expert_model_parallel_size": c.parallel.ep,
+                        "expert_tensor_parallel_size": c.parallel.etp}}
+               if self.model.is_moe else {}),
             "launch": {"nproc_per_node": r.gpus_per_node},
             **({"tuner": {"train_type": "lora", "lora_rank": r.lora.rank}} if r.lora else {}),
         }
@@ -149,15 +158,18 @@ def _divisors(n: int) -> list[int]:
 
 
 def layouts(shape: ModelShape, gpus: int, gpus_per_node: int) -> list[Parallel]:
-    """Every TP × PP × DP layout the runtime can run on this many GPUs (the runtime's own
-    `layout_problems` decides), with TP inside one node."""
+    """Every TP × PP × DP (× EP for MoE) layout the runtime can run on this many GPUs (the
+    runtime's own `layout_problems` and `expert_layout_problems` decide), TP inside one node."""
     out = []
     for tp in (d for d in _divisors(gpus) if d <= gpus_per_node):
         for pp in _divisors(gpus // tp):
             if layout_problems(shape, gpus, tp, pp):
                 continue
-            out.append(Parallel(tp=tp, pp=pp, dp=gpus // (tp * pp), sequence_parallel=tp > 1,
-                                distributed_optimizer=True))
+            for ep in _divisors(gpus // pp) if shape.is_moe else [1]:
+                if expert_layout_problems(shape, gpus, tp, pp, ep):
+                    continue
+                out.append(Parallel(tp=tp, pp=pp, dp=gpus // (tp * pp), sequence_parallel=tp > 1,
+                                    distributed_optimizer=True, ep=ep))
     return out
 
 
@@ -167,9 +179,11 @@ def recompute_ladder(stage_layers: int) -> list[Recompute]:
 
 
 def relative_speed(par: Parallel, rc: Recompute, shape: ModelShape, tokens: int,
-                   microbatches: int) -> float:
+                   microbatches: int, gpus_per_node: int = 8) -> float:
     stage_layers = shape.num_layers // par.pp
     tp = 1 - 0.04 * math.log2(par.tp)
+    if par.ep > 1:  # the all-to-all token exchange: a little per doubling, much across nodes
+        tp *= (1 - 0.02 * math.log2(par.ep)) * (0.8 if par.ep * par.etp > gpus_per_node else 1)
     bubble = microbatches / (microbatches + par.pp - 1)
     recompute = 1 / (1 + rc.checkpointed_layers(stage_layers) / stage_layers / 3)
     fill = min(1.0, 0.85 + 0.15 * tokens / FULL_TOKENS)
@@ -200,7 +214,7 @@ def _candidate(shape, par, rc, micro, gbs, req, asm) -> Candidate:
     mem = estimate_memory(shape, par, seq, micro, rc, num_microbatches=m, assumptions=asm,
                           lora=req.lora)
     cand = Candidate(par, rc, micro, gbs, m, mem, limit_gib=req.gpu_mem_gb * (1 - req.margin))
-    cand.relative_speed = relative_speed(par, rc, shape, micro * seq, m)
+    cand.relative_speed = relative_speed(par, rc, shape, micro * seq, m, req.gpus_per_node)
     return cand
 
 
@@ -323,18 +337,20 @@ def refusal(shape: ModelShape, req: Request, found: list[Candidate]) -> str:
     best = min(found, key=lambda c: c.memory.total_gib)  # never empty: TP=PP=1 always qualifies
     mem, p = best.memory, best.parallel
     static = sum(mem.components.get(k, 0) for k in ("weights", "gradients", "optimizer_states"))
+    ep = f" EP={p.ep}" if shape.is_moe else ""
     return (f"{what} does not fit on {req.gpus} GPU{'s' if req.gpus > 1 else ''} of "
-            f"{req.gpu_mem_gb:g} GiB: even the smallest layout (TP={p.tp} PP={p.pp} DP={p.dp}, "
+            f"{req.gpu_mem_gb:g} GiB: even the smallest layout (TP={p.tp} PP={p.pp} DP={p.dp}{ep}, "
             f"{best.recompute.granularity} recompute, micro batch {best.micro_batch_size}) needs "
             f"{mem.total_gib:.1f} GiB per GPU ({static:.1f} GiB of it weights, gradients and "
-            f"optimizer states) and at most {best.limit_gib:.1f} GiB may be used")
+            f"optimizer states) and at most {best.limit_gib:.1f} GiB may be used; "
+            "try LoRA, which keeps gradients and optimizer states for the adapters only")
 
 
 def explain(p: Plan) -> list[str]:
     """Why the chosen layout: one line per decision."""
     c, req = p.chosen, p.request
     par, notes = c.parallel, []
-    if par.tp == 1 and par.pp == 1:
+    if par.tp == 1 and par.pp == 1 and par.ep == 1:
         notes.append("no model parallelism needed: weights, gradients and optimizer states fit "
                      "on each GPU")
     else:
@@ -352,9 +368,17 @@ def explain(p: Plan) -> list[str]:
     if par.dp > 1:
         notes.append(f"DP={par.dp} with the distributed optimizer: optimizer states sharded "
                      f"{par.dp} ways")
+    if par.ep > 1:
+        states = (f"expert optimizer states sharded {par.expert_dp} ways" if par.expert_dp > 1
+                  else "one copy of each expert, so expert optimizer states are not sharded")
+        notes.append(f"EP={par.ep}: {p.model.num_experts // par.ep} of the {p.model.num_experts} "
+                     f"experts per GPU, tokens exchanged all-to-all; {states}")
     if c.recompute.granularity == "full":
         notes.append(f"full recompute of {c.recompute.num_layers} of "
                      f"{p.model.num_layers // par.pp} layers per stage to fit the activations")
+    if c.headroom_gib < TIGHT_GIB:
+        notes.append(f"tight: {c.headroom_gib:.1f} GiB below the {c.limit_gib:.1f} GiB limit; if "
+                     "it runs out of memory, use more GPUs or LoRA")
     if req.global_batch_size and c.global_batch_size != req.global_batch_size:
         notes.append(f"global batch {req.global_batch_size} rounded to {c.global_batch_size} "
                      f"(a multiple of micro batch {c.micro_batch_size} × DP {par.dp})")
@@ -371,7 +395,9 @@ def job_parallel(job: JobConfig, world_size: int) -> tuple[Parallel, Recompute, 
     dp = max(1, world_size // (tp * pp * cp))
     layout = Parallel(tp=tp, pp=pp, dp=dp, cp=cp,
                       sequence_parallel=par.sequence_parallel and tp > 1,
-                      distributed_optimizer=par.use_distributed_optimizer)
+                      distributed_optimizer=par.use_distributed_optimizer,
+                      ep=job.moe.expert_model_parallel_size,
+                      etp=job.moe.expert_tensor_parallel_size)
     rc = job.recompute
     full = rc.recompute_granularity == "full"
     recompute = Recompute(rc.recompute_granularity, rc.recompute_method,

@@ -2,9 +2,10 @@
 
     torchrun --nproc_per_node N -m remote_runtime check-convert --model DIR \
         [--tensor_model_parallel_size T] [--pipeline_model_parallel_size P] [--device cpu|cuda] \
+        [--expert_model_parallel_size EP] [--expert_tensor_parallel_size ETP] \
         [--torch_dtype bfloat16|float32] [--json]
 
-Loads the checkpoint into megatron-core (split over TP × PP) and into transformers, runs both on
+Loads the checkpoint into megatron-core (split over TP × PP, MoE experts over EP × expert-TP) and into transformers, runs both on
 the same tokens, once as a padded batch and once packed (documents back to back, THD), and
 reports max / mean absolute logit differences and how often the two agree on the top token.
 Exits 1 when the differences exceed the dtype's tolerance. `compare_with_hf` is the reusable
@@ -148,6 +149,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     p.add_argument("--tensor_model_parallel_size", type=int, default=1)
     p.add_argument("--pipeline_model_parallel_size", type=int, default=1)
+    p.add_argument("--expert_model_parallel_size", type=int, default=1, help="MoE models")
+    p.add_argument("--expert_tensor_parallel_size", type=int, default=1, help="MoE models")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--torch_dtype", default=None, choices=["bfloat16", "float32"],
                    help="default: bfloat16 on GPU, float32 on CPU")
@@ -174,8 +177,10 @@ def run(args: argparse.Namespace) -> dict:
 
     hf = read_hf_config(args.model)
     family = family_for_hf_config(hf)
-    dist = platform.init_distributed(args.device, args.tensor_model_parallel_size,
-                                     args.pipeline_model_parallel_size)
+    dist = platform.init_distributed(
+        args.device, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size)
     dtype_name = args.torch_dtype or ("bfloat16" if dist.device.type == "cuda" else "float32")
     options = ModelOptions(dtype=dtype_name, transformer_impl=args.transformer_impl,
                            attention_backend=args.attention_backend)
@@ -187,6 +192,7 @@ def run(args: argparse.Namespace) -> dict:
                              batch_size=args.batch_size, seq_length=args.seq_length, text=text)
     result.update(model=str(args.model), family=family.name, device=dist.device.type,
                   tensor_model_parallel_size=dist.tp, pipeline_model_parallel_size=dist.pp,
+                  expert_model_parallel_size=dist.ep, expert_tensor_parallel_size=dist.etp,
                   transformer_impl=chunks[0].megafleet_transformer_impl,
                   load_seconds=round(load.seconds, 3),
                   compare_seconds=round(time.perf_counter() - started, 3))
@@ -200,7 +206,11 @@ def _pct(x) -> str:
 def format_table(r: dict) -> str:
     lines = [f"check-convert {r['family']}  {r['model']}",
              f"  {r['device']}  {r['dtype']}  TP={r['tensor_model_parallel_size']} "
-             f"PP={r['pipeline_model_parallel_size']}  {r['transformer_impl']}",
+             f"PP={r['pipeline_model_parallel_size']}"
+             + (f" EP={r['expert_model_parallel_size']} expert-TP={r['expert_tensor_parallel_size']}"
+                if r.get("expert_model_parallel_size", 1) > 1
+                or r.get("expert_tensor_parallel_size", 1) > 1 else "")
+             + f"  {r['transformer_impl']}",
              f"  {'batch':<22}{'max|Δ|':>11}{'mean|Δ|':>11}{'mean rel':>11}{'argmax':>9}"
              f"{'ties':>7}{'decided':>9}"]
     if "error" in r:

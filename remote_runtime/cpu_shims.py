@@ -14,6 +14,11 @@ pipeline schedules on exactly the code path a GPU run takes:
 4. The model-parallel RNG tracker forks the CPU generator instead of CUDA generators, so
    dropout in tensor-parallel regions and activation recomputation replay the same random
    numbers, as on GPU.
+5. CUDA streams and events (the MoE all-to-all token dispatcher copies its split sizes to the
+   host on a side stream; the shared expert can overlap on one) are no-op stand-ins: on CPU
+   every operation is already in program order. The dispatcher's split sizes, which it turns
+   into numpy arrays only when copying them off a GPU, become numpy arrays here too (the
+   all-to-all binding refuses tensors).
 
 `install()` is idempotent and only ever called for `--device cpu`.
 """
@@ -95,6 +100,38 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(outside)
 
 
+class _NullStream:
+    """Shim 5: a CUDA stream / event where there is none."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return self
+
+    def synchronize(self):
+        pass
+
+    def __eq__(self, other):
+        return isinstance(other, _NullStream)
+
+    __hash__ = object.__hash__
+
+
+_NULL_STREAM = _NullStream()
+
+
+def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """Shim 5: megatron's maybe_move_tensor_to_cpu for tensors that are on the CPU already."""
+    return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
+
+
 def install() -> None:
     global _installed
     if _installed:
@@ -103,6 +140,12 @@ def install() -> None:
 
     torch.cuda.current_device = lambda: "cpu"  # shim 1
     torch.cuda.synchronize = lambda *args, **kwargs: None  # shim 3
+    torch.cuda.Stream = _NullStream  # shim 5
+    torch.cuda.current_stream = lambda *args, **kwargs: _NULL_STREAM
+    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_copy
     mode = _CudaMeansCpu()
     mode.__enter__()  # shim 2: stays active for the life of the process
     # Shim 4: the tracker, and the "CUDA" state that activation recomputation saves and restores

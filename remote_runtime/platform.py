@@ -42,6 +42,10 @@ class DistInfo:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    ep: int = 1  # expert model parallel size
+    ep_rank: int = 0
+    etp: int = 1  # expert tensor parallel size
+    etp_rank: int = 0
 
     @property
     def is_first_stage(self) -> bool:
@@ -71,8 +75,11 @@ def _free_port() -> int:
 
 def init_distributed(device: str = "auto", tensor_model_parallel_size: int = 1,
                      pipeline_model_parallel_size: int = 1, context_parallel_size: int = 1,
-                     seed: int = 42, timeout_minutes: int = 30) -> DistInfo:
-    """Start torch.distributed (if needed), megatron's parallel groups and the RNG streams."""
+                     seed: int = 42, timeout_minutes: int = 30, expert_model_parallel_size: int = 1,
+                     expert_tensor_parallel_size: int | None = None) -> DistInfo:
+    """Start torch.distributed (if needed), megatron's parallel groups and the RNG streams.
+    Expert parallelism (MoE) splits the data-parallel ranks of each expert layer:
+    EP x expert-TP must divide the world / PP; expert TP defaults to TP (megatron's default)."""
     from megatron.core import parallel_state
 
     kind = resolve_device(device)
@@ -99,17 +106,26 @@ def init_distributed(device: str = "auto", tensor_model_parallel_size: int = 1,
     if world % (tp * pp * cp):
         raise ConfigError([("parallel.tensor_model_parallel_size",
                             f"world size {world} is not divisible by TP={tp} × PP={pp} × CP={cp}")])
+    ep, etp = expert_model_parallel_size, expert_tensor_parallel_size or tp
+    if (world // pp) % (ep * etp):
+        raise ConfigError([("parallel.expert_model_parallel_size",
+                            f"EP={ep} × expert TP={etp} does not divide world size {world} / "
+                            f"PP={pp}; choose EP so that EP × expert TP divides the GPUs of one "
+                            "pipeline stage")])
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-            context_parallel_size=cp, create_gloo_process_groups=kind == "cuda")
+            context_parallel_size=cp, expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=etp, create_gloo_process_groups=kind == "cuda")
     info = DistInfo(
         device=torch.device(kind, local_rank) if kind == "cuda" else torch.device("cpu"),
         rank=torch.distributed.get_rank(), world_size=world, local_rank=local_rank,
         tp=tp, pp=pp, cp=cp, dp=world // (tp * pp * cp),
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
-        dp_rank=parallel_state.get_data_parallel_rank())
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        ep=ep, ep_rank=parallel_state.get_expert_model_parallel_rank(),
+        etp=etp, etp_rank=parallel_state.get_expert_tensor_parallel_rank())
     seed_everything(seed, info)
     return info
 

@@ -46,6 +46,21 @@ TINY_SHAPES = {
                                   rope_scaling={"rope_type": "llama3", "factor": 8.0,
                                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                 "original_max_position_embeddings": 64})),
+    # Mixture of experts: 8 experts, top 2 (Qwen3-MoE renormalises the top k, Qwen2-MoE does not
+    # and adds a gated shared expert); expert FFN 48 so that expert-TP 2 splits it evenly.
+    "qwen3_moe": ("Qwen3MoeConfig", dict(hidden_size=64, intermediate_size=160,
+                                         moe_intermediate_size=48, num_experts=8,
+                                         num_experts_per_tok=2, norm_topk_prob=True,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
+                                         rope_theta=1_000_000.0, tie_word_embeddings=False)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(hidden_size=64, intermediate_size=160,
+                                         moe_intermediate_size=48, num_experts=8,
+                                         num_experts_per_tok=2, norm_topk_prob=False,
+                                         shared_expert_intermediate_size=96,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, rms_norm_eps=1e-6,
+                                         rope_theta=1_000_000.0, tie_word_embeddings=False)),
 }
 
 
@@ -79,7 +94,8 @@ def build_tokenizer(out_dir: str | Path, corpus: Iterable[str] | None = None,
 def build_model(family: str, out_dir: str | Path, *, seed: int = 0, vocab_size: int | None = None,
                 tokenizer_dir: str | Path | None = None, max_shard_size: str | None = None,
                 dtype: str = "float32", **overrides) -> Path:
-    """Save a random `family` model (qwen3 | qwen2 | llama) to out_dir and return the path.
+    """Save a random `family` model (a TINY_SHAPES key: qwen3, qwen2, llama, qwen3_moe,
+    qwen2_moe) to out_dir and return the path.
 
     The tokenizer from tokenizer_dir (or a freshly built one) is saved beside it. The model's
     vocab_size defaults to the tokenizer's size plus a few rows, an odd number, so Megatron's

@@ -186,7 +186,8 @@ def _row(c: Candidate, chosen: Candidate | None, gpu_mem: float, num_layers: int
                                                       "optimizer_step_temporaries", "comm_buffers"))
     mark = "[green]✓[/green]" if c is chosen else ("" if c.fits else "[red]✗[/red]")
     total = f"{c.memory.total_gib:.1f}" if c.fits else f"[red]{c.memory.total_gib:.1f}[/red]"
-    return [mark, f"{p.tp}×{p.pp}×{p.dp}", _recompute_text(c, num_layers),
+    ep = f" EP{p.ep}" if p.ep > 1 else ""
+    return [mark, f"{p.tp}×{p.pp}×{p.dp}{ep}", _recompute_text(c, num_layers),
             f"{c.micro_batch_size}/{c.global_batch_size}", f"{m.get('weights', 0):.1f}",
             f"{m.get('gradients', 0):.1f}", f"{m.get('optimizer_states', 0):.1f}",
             f"{m.get('activations', 0):.1f}", f"{transient:.1f}", total,
@@ -197,7 +198,9 @@ def show_plan(result: Plan, ref: str, current: dict | None = None, details: bool
     """The plan as a table with the reasons, then (with `details`) the job fragment, the flags
     and hints; the wizard shows the table and reasons, then the whole job."""
     s, r = result.model, result.request
-    ui.info(f"[bold]{escape(ref)}[/bold]: {s.family}, {s.total_params() / 1e9:.2f}B parameters, "
+    active = f" ({s.active_params() / 1e9:.2f}B active)" if s.is_moe else ""
+    ui.info(f"[bold]{escape(ref)}[/bold]: {s.family}, {s.total_params() / 1e9:.2f}B parameters"
+            f"{active}, "
             f"{s.num_layers} layers, hidden {s.hidden_size}, {s.num_attention_heads} heads / "
             f"{s.num_query_groups} KV, vocab {s.vocab_size}")
     ui.info(f"{r.gpus} GPUs × {r.gpu_mem_gb:g} GiB ({r.nodes} node{'s' if r.nodes > 1 else ''} of "
@@ -227,7 +230,7 @@ def show_plan(result: Plan, ref: str, current: dict | None = None, details: bool
     ui.info("[bold]Flags:[/bold] " + escape(" ".join(result.flags())))
     flags = result.flags()
     ui.hint("megafleet plan ... -o job.yaml   (write a job with these settings)",
-            f"megafleet render {'sft-lora' if result.request.lora else 'sft-full'} "
+            f"megafleet render {'sft-lora' if result.request.lora else 'sft-moe' if s.is_moe else 'sft-full'} "
             "--set model=DIR --set dataset=FILE " +
             " ".join(f"--set {f[2:]}={v}" for f, v in zip(flags[::2], flags[1::2])))
 

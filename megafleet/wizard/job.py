@@ -48,7 +48,9 @@ def describe_model(ref: str) -> tuple[dict, str]:
         shape = shape_from_hf_config(hf)
     except ConfigError as exc:
         raise UsageError("; ".join(p.message for p in exc.problems)) from None
-    return hf, (f"{shape.family}, {shape.total_params() / 1e9:.2f}B parameters, "
+    moe = (f" ({shape.active_params() / 1e9:.2f}B active: {shape.num_experts} experts, "
+           f"top {shape.moe_router_topk})" if shape.is_moe else "")
+    return hf, (f"{shape.family}, {shape.total_params() / 1e9:.2f}B parameters{moe}, "
                 f"{shape.num_layers} layers, hidden {shape.hidden_size}")
 
 

@@ -4,7 +4,8 @@
 
 Every rank checks the checkpoint's names against the family table (missing / unclaimed tensors
 are an error listing them), then fills each of its parameters from safetensors slices: its TP
-piece of its pipeline stage's layers, nothing else. After loading, the union of what all ranks
+piece of its pipeline stage's layers and, in MoE layers, its EP rank's experts (split by
+expert-TP), nothing else. After loading, the union of what all ranks
 read must be every tensor the table expects (a model missing, say, its q/k norms would otherwise
 silently skip q_norm). Call it before wrapping in DDP / building the optimizer, or follow it with
 `optimizer.reload_model_params()`; it copies in place, so wrapped models work too.
@@ -23,7 +24,7 @@ from remote_runtime.bridge.mapping import ConversionError, check_checkpoint_keys
 from remote_runtime.bridge.transforms import Layout, ShapeError, shard
 from remote_runtime.spec.resolve import padded_vocab_size, read_hf_config
 from remote_runtime.spec.families import family_for_hf_config
-from remote_runtime.spec.families.base import fill
+from remote_runtime.spec.families.base import expert_keys
 
 
 @dataclass
@@ -39,11 +40,24 @@ class LoadReport:
         return dict(self.__dict__)
 
 
-def layout_for(hf_config: dict, family, tp: int, tp_rank: int) -> Layout:
+def layout_for(hf_config: dict, family, dist) -> Layout:
+    """The transforms' view of the model and of this rank (`dist`: platform.DistInfo)."""
     tc = family.transformer_config_kwargs(hf_config)
     return Layout(heads=tc["num_attention_heads"], groups=tc["num_query_groups"],
                   head_dim=tc["kv_channels"], vocab=tc["vocab_size"],
-                  padded_vocab=padded_vocab_size(tc["vocab_size"], tp), tp=tp, tp_rank=tp_rank)
+                  padded_vocab=padded_vocab_size(tc["vocab_size"], dist.tp), tp=dist.tp,
+                  tp_rank=dist.tp_rank, num_experts=tc.get("num_moe_experts") or 0,
+                  ep=getattr(dist, "ep", 1), ep_rank=getattr(dist, "ep_rank", 0),
+                  etp=getattr(dist, "etp", 1), etp_rank=getattr(dist, "etp_rank", 0))
+
+
+def row_keys(row, layer: int | None, lay: Layout, ep_rank: int | None = None) -> list[str]:
+    """The HF tensors of one Megatron parameter: for per-expert rows, those of the experts of
+    EP rank `ep_rank` (default: this rank's), expert by expert in the table's order."""
+    if not row.per_expert:
+        return [k for p in row.hf for k in expert_keys(p, layer, ())]
+    return [k for e in lay.local_experts(ep_rank) for p in row.hf
+            for k in expert_keys(p, layer, (e,))]
 
 
 def load_hf_checkpoint(chunks, model_dir: str | Path, dist) -> LoadReport:
@@ -55,14 +69,15 @@ def load_hf_checkpoint(chunks, model_dir: str | Path, dist) -> LoadReport:
     tied = tc["share_embeddings_and_output_weights"]
     ckpt = HFCheckpoint(model_dir)
     where = str(ckpt.dir)
-    check_checkpoint_keys(family, ckpt.keys(), tc["num_layers"], tied, where)
-    lay = layout_for(hf_config, family, dist.tp, dist.tp_rank)
+    experts = tc.get("num_moe_experts") or 0
+    check_checkpoint_keys(family, ckpt.keys(), tc["num_layers"], tied, where, experts)
+    lay = layout_for(hf_config, family, dist)
     read_keys: set[str] = set()
     nbytes, dtypes = 0, set()
     params = local_params(chunks, family, tied)
     try:
         for lp in params:
-            keys = [fill(k, lp.layer) for k in lp.row.hf]
+            keys = row_keys(lp.row, lp.layer, lay)
             for key in keys:
                 dtype = ckpt.meta(key)[1]
                 if dtype not in FLOAT_DTYPES:
@@ -88,7 +103,7 @@ def load_hf_checkpoint(chunks, model_dir: str | Path, dist) -> LoadReport:
 
 
 def _check_everything_loaded(family, tc, tied, read_keys: set[str], where: str) -> None:
-    expected = set(family.expected_hf_keys(tc["num_layers"], tied))
+    expected = set(family.expected_hf_keys(tc["num_layers"], tied, tc.get("num_moe_experts") or 0))
     everyone = [read_keys]
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         everyone = [None] * torch.distributed.get_world_size()

@@ -110,9 +110,9 @@ def local_params(chunks, family: ModelFamily, tied: bool) -> list[LocalParam]:
 
 
 def check_checkpoint_keys(family: ModelFamily, keys: list[str], num_layers: int, tied: bool,
-                          where: str) -> dict:
+                          where: str, num_experts: int = 0) -> dict:
     """The expected HF keys ({key: (row, layer)}); raises listing missing and unclaimed keys."""
-    expected = family.expected_hf_keys(num_layers, tied)
+    expected = family.expected_hf_keys(num_layers, tied, num_experts)
     present = set(keys)
     missing = sorted(set(expected) - present)
     extra = sorted(k for k in present - set(expected) if family.ignored_hf_key(k, tied) is None)

@@ -6,7 +6,9 @@ Collective: every rank calls it. For each HF tensor, the owning pipeline stage g
 tensor-parallel pieces (data-parallel replicas stay out), rebuilds the HF tensor(s) and sends
 them to global rank 0, which streams them into sharded safetensors files. Rank 0 holds one tensor
 at a time, other ranks one parameter's pieces: no rank ever holds the whole model, and the
-output needs no shared filesystem (only rank 0 writes). Names, shapes and dtypes follow the
+output needs no shared filesystem (only rank 0 writes). MoE experts are written per expert
+(`mlp.experts.N.*`): each EP rank's experts by that EP rank's first expert-data-parallel replica,
+after gathering its expert-TP pieces. Names, shapes and dtypes follow the
 source checkpoint (`source_dir`, the directory the model was loaded from), whose config.json,
 generation_config.json, tokenizer and other non-weight files are copied along. Everything is
 written into `.<name>.tmp-<pid>` beside `out_dir` and renamed when complete, so `out_dir` either
@@ -26,13 +28,12 @@ from pathlib import Path
 import torch
 
 from remote_runtime.bridge.checkpoint import INDEX, HFCheckpoint
-from remote_runtime.bridge.load import layout_for
+from remote_runtime.bridge.load import layout_for, row_keys
 from remote_runtime.spec.resolve import read_hf_config
 from remote_runtime.bridge.mapping import ConversionError, local_params
 from remote_runtime.bridge.safetensors_stream import TORCH_DTYPES, StreamingWriter, nbytes
 from remote_runtime.bridge.transforms import unshard
 from remote_runtime.spec.families import family_for_hf_config
-from remote_runtime.spec.families.base import fill
 
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf)$|.*\.index\.json$")
 
@@ -63,12 +64,14 @@ def parse_size(size: int | str) -> int:
 
 @dataclass
 class _Unit:
-    """One Megatron parameter to write: its row, layer, owning stage and that stage's rank 0."""
+    """One Megatron parameter to write: its row, layer, owning stage and that stage's rank 0.
+    For per-expert rows, one unit per EP rank (`part`), each writing that rank's experts."""
 
     row_index: int
     layer: int | None
+    part: int  # the EP rank whose experts this is (0 for the other rows)
     pp: int
-    sender: int  # global rank of (pp, tp 0, dp 0, cp 0)
+    sender: int  # global rank of (pp, tp 0, dp 0, cp 0); experts: (pp, ep part, etp 0, edp 0)
 
 
 def _ranks_info(dist, chunks_units: list[tuple[int, int | None]]) -> list[dict]:
@@ -76,7 +79,9 @@ def _ranks_info(dist, chunks_units: list[tuple[int, int | None]]) -> list[dict]:
 
     me = {"rank": dist.rank, "pp": dist.pp_rank, "tp": dist.tp_rank,
           "writer": parallel_state.get_data_parallel_rank() == 0
-          and parallel_state.get_context_parallel_rank() == 0, "units": chunks_units}
+          and parallel_state.get_context_parallel_rank() == 0, "units": chunks_units,
+          "ep": getattr(dist, "ep_rank", 0), "etp": getattr(dist, "etp_rank", 0),
+          "expert_writer": parallel_state.get_expert_data_parallel_rank() == 0}
     if dist.world_size == 1:
         return [me]
     everyone = [None] * dist.world_size
@@ -84,19 +89,27 @@ def _ranks_info(dist, chunks_units: list[tuple[int, int | None]]) -> list[dict]:
     return everyone
 
 
+def _writes(info: dict, row) -> bool:
+    """Whether the rank described by `info` writes its copy of `row` (or sends it to rank 0)."""
+    if row.per_expert:
+        return info["expert_writer"] and info["etp"] == 0
+    return info["writer"] and info["tp"] == 0
+
+
 def _plan_units(family, infos: list[dict]) -> list[_Unit]:
     units: dict[tuple, _Unit] = {}
     for info in infos:
-        if not (info["writer"] and info["tp"] == 0):
-            continue
         for row_index, layer in info["units"]:
-            if family.params[row_index].save:
-                units.setdefault((row_index, layer), _Unit(row_index, layer, info["pp"], info["rank"]))
+            row = family.params[row_index]
+            if row.save and _writes(info, row):
+                part = info["ep"] if row.per_expert else 0
+                units.setdefault((row_index, layer, part),
+                                 _Unit(row_index, layer, part, info["pp"], info["rank"]))
 
     def order(u: _Unit):
         name = family.params[u.row_index].megatron
         group = 0 if name.startswith("embedding.") else 1 if "{layer}" in name else 2
-        return group, u.layer or 0, u.row_index
+        return group, u.layer or 0, u.row_index, u.part
 
     return sorted(units.values(), key=order)
 
@@ -129,19 +142,21 @@ def save_hf_checkpoint(chunks, out_dir: str | Path, source_dir: str | Path, dist
     mine = {(family.params.index(lp.row), lp.layer): lp for lp in local_params(chunks, family, tied)}
     infos = _ranks_info(dist, sorted(mine, key=lambda u: (u[0], u[1] or 0)))
     units = _plan_units(family, infos)
-    entries = _plan_entries(family, units, source_dir, dtype)
-    expected = set(family.expected_hf_keys(tc["num_layers"], tied))
+    lay = layout_for(hf_config, family, dist)
+    entries = _plan_entries(family, units, lay, source_dir, dtype)
+    expected = set(family.expected_hf_keys(tc["num_layers"], tied, lay.num_experts))
     if {e[0] for e in entries} != expected:
         raise ConversionError([("HF tensors no rank can write", sorted(expected - {e[0] for e in entries}))])
     files = _plan_files(entries, parse_size(max_shard_size))
     writer = _open_writer(out_dir, files, overwrite, dist)
-    lay = layout_for(hf_config, family, dist.tp, dist.tp_rank)
     shapes = {e[0]: e for e in entries}
+    me = infos[dist.rank]
     for u in units:
         row = family.params[u.row_index]
-        keys = [fill(k, u.layer) for k in row.hf]
+        keys = row_keys(row, u.layer, lay, u.part)
         lp = mine.get((u.row_index, u.layer))
-        if lp is not None and infos[dist.rank]["writer"] and dist.pp_rank == u.pp:
+        owner = (me["expert_writer"] and me["ep"] == u.part) if row.per_expert else me["writer"]
+        if lp is not None and owner and dist.pp_rank == u.pp:
             tensors = _gather_unit(row, lp.param, lay, keys, dist)
             if tensors is None:  # only TP rank 0 of the owning stage has the full tensors
                 continue
@@ -164,13 +179,13 @@ def save_hf_checkpoint(chunks, out_dir: str | Path, source_dir: str | Path, dist
     return _broadcast(report, dist)
 
 
-def _plan_entries(family, units: list[_Unit], source_dir, dtype) -> list[tuple]:
+def _plan_entries(family, units: list[_Unit], lay, source_dir, dtype) -> list[tuple]:
     """(HF key, shape, dtype) in writing order; shapes and dtypes from the source checkpoint."""
     source = HFCheckpoint(source_dir)
     entries = []
     try:
         for u in units:
-            for key in (fill(k, u.layer) for k in family.params[u.row_index].hf):
+            for key in row_keys(family.params[u.row_index], u.layer, lay, u.part):
                 if key not in source.files:
                     raise ConversionError([("not in the source checkpoint, so its shape and dtype "
                                             "are unknown", [key])], str(source.dir))
@@ -205,17 +220,22 @@ def _open_writer(out_dir: Path, files, overwrite: bool, dist):
 
 
 def _gather_unit(row, param, lay, keys: list[str], dist) -> dict | None:
-    """All TP pieces of one parameter -> {HF key: tensor} on TP rank 0, None on the others."""
+    """All TP pieces of one parameter -> {HF key: tensor} on TP rank 0, None on the others
+    (expert rows: all expert-TP pieces, on expert-TP rank 0)."""
     from megatron.core import parallel_state
 
     local = param.detach()
-    if row.transform == "replicated" or dist.tp == 1:
+    if row.per_expert:
+        size, rank = lay.etp, lay.etp_rank
+        group = parallel_state.get_expert_tensor_parallel_group
+    else:
+        size, rank, group = dist.tp, dist.tp_rank, parallel_state.get_tensor_model_parallel_group
+    if row.transform == "replicated" or size == 1:
         pieces = [local]
     else:
-        pieces = [torch.empty_like(local) for _ in range(dist.tp)]
-        torch.distributed.all_gather(pieces, local.contiguous(),
-                                     group=parallel_state.get_tensor_model_parallel_group())
-    if dist.tp_rank != 0:
+        pieces = [torch.empty_like(local) for _ in range(size)]
+        torch.distributed.all_gather(pieces, local.contiguous(), group=group())
+    if rank != 0:
         return None
     return unshard(row.transform, pieces, lay, keys)
 

@@ -9,11 +9,15 @@ ranks back into the Hugging Face tensors. Layouts (megatron-core):
 * gate_up: `linear_fc1` of a gated MLP holds [gate_r; up_r] on each rank r (it chunks the local
   output in two), so the global tensor is not [gate; up] when TP > 1.
 * vocab: the vocabulary is padded to a multiple of 128 × TP; padded rows are zeros.
+* expert_gate_up / expert_row: the routed experts of a MoE layer, stacked on a new dim 0 (the
+  EP rank's experts, `Layout.local_experts`), each split like gate_up / row over the
+  expert-tensor-parallel ranks. Their slices and keys come expert by expert, each expert's in the
+  table's order (gate, up; or down).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,10 +37,43 @@ class Layout:
     padded_vocab: int
     tp: int
     tp_rank: int
+    num_experts: int = 0
+    ep: int = 1  # expert model parallel size
+    ep_rank: int = 0
+    etp: int = 1  # expert tensor parallel size
+    etp_rank: int = 0
 
     @property
     def heads_per_group(self) -> int:
         return self.heads // self.groups
+
+    def local_experts(self, ep_rank: int | None = None) -> range:
+        """The experts EP rank `ep_rank` (default: this rank's) holds."""
+        n = _part(self.num_experts, self.ep, "num_experts (expert_model_parallel_size)")
+        k = self.ep_rank if ep_rank is None else ep_rank
+        return range(k * n, (k + 1) * n)
+
+    def expert_tp(self) -> "Layout":
+        """This layout with expert-TP in place of TP (what each expert's split follows)."""
+        return replace(self, tp=self.etp, tp_rank=self.etp_rank)
+
+
+# The per-expert transform behind each expert transform, and the HF tensors per expert.
+_PER_EXPERT = {"expert_gate_up": ("gate_up", 2), "expert_row": ("row", 1)}
+
+
+class TensorSlice:
+    """A tensor with the part of safetensors' slice interface the transforms read (tests,
+    and weights that are already in memory)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def get_shape(self) -> list[int]:
+        return list(self.tensor.shape)
+
+    def __getitem__(self, item):
+        return self.tensor[item]
 
 
 def _part(size: int, tp: int, what: str) -> int:
@@ -69,6 +106,11 @@ def shard(transform: str, slices: list, lay: Layout, keys: list[str]) -> torch.T
         if slices[1].get_shape()[0] != slices[0].get_shape()[0]:
             raise ShapeError(f"{keys[0]} and {keys[1]} differ in size")
         return torch.cat([_rows(s, r * n, (r + 1) * n) for s in slices], dim=0)
+    if transform in _PER_EXPERT:
+        base, per = _PER_EXPERT[transform]
+        elay = lay.expert_tp()
+        return torch.stack([shard(base, slices[i:i + per], elay, keys[i:i + per])
+                            for i in range(0, len(slices), per)])
     raise ValueError(f"unknown transform {transform!r}")
 
 
@@ -106,7 +148,15 @@ def _qkv_shard(slices, lay: Layout, keys: list[str]) -> torch.Tensor:
 
 
 def unshard(transform: str, pieces: list[torch.Tensor], lay: Layout, keys: list[str]) -> dict:
-    """{HF key: full tensor} from the pieces of all TP ranks (in TP rank order)."""
+    """{HF key: full tensor} from the pieces of all TP ranks (in TP rank order); for the expert
+    transforms, of all expert-TP ranks, with `keys` those of one EP rank's experts."""
+    if transform in _PER_EXPERT:
+        base, per = _PER_EXPERT[transform]
+        out = {}
+        for i, start in enumerate(range(0, len(keys), per)):
+            out.update(unshard(base, [p[i] for p in pieces], lay.expert_tp(),
+                               keys[start:start + per]))
+        return out
     if transform == "replicated":
         return {keys[0]: pieces[0]}
     if transform == "column":

@@ -62,6 +62,12 @@ class ModelOptions:
     init_weights: bool = False  # random init; off when a checkpoint is loaded right after
     variable_seq_lengths: bool = True  # pipeline stages exchange shapes (packed batches vary)
     extra_config: dict = field(default_factory=dict)  # further TransformerConfig fields
+    # the job's MoE options (spec.config.MoEConfig; spec.experts.moe_settings turns them into
+    # TransformerConfig fields for MoE models). None: the defaults.
+    moe: object = None
+    # MoE experts' weight gradients accumulated into the fp32 main_grad by a Triton grouped GEMM
+    # (with kernels=triton) instead of a bf16 gradient that DDP's hook adds
+    moe_wgrad_fusion: bool = True
 
     @classmethod
     def from_job(cls, job, **overrides) -> "ModelOptions":
@@ -73,7 +79,8 @@ class ModelOptions:
             recompute_granularity=job.recompute.recompute_granularity,
             recompute_method=job.recompute.recompute_method,
             recompute_num_layers=job.recompute.recompute_num_layers,
-            cross_entropy_loss_fusion=job.train.cross_entropy_loss_fusion)
+            cross_entropy_loss_fusion=job.train.cross_entropy_loss_fusion,
+            moe=job.moe)
         values.update(overrides)
         return cls(**values)
 
@@ -156,11 +163,23 @@ def transformer_config(tc: dict, options: ModelOptions, dist: DistInfo, kernels:
         recompute_method=(options.recompute_method or "uniform") if recompute == "full" else None,
         recompute_num_layers=(options.recompute_num_layers or 1) if recompute == "full" else None,
         variable_seq_lengths=options.variable_seq_lengths,
-        # Dense models have no MoE, but the config check refuses variable sequence lengths
-        # with the default (allgather) token dispatcher.
-        moe_token_dispatcher_type="alltoall",
+        # The config check refuses variable sequence lengths with the default (allgather) token
+        # dispatcher, also for dense models; a family may choose its own.
+        moe_token_dispatcher_type=tc.get("moe_token_dispatcher_type") or "alltoall",
         attention_backend=AttnBackend[options.attention_backend],
     )
+    if tc.get("num_moe_experts"):
+        from megatron.core import parallel_state
+
+        from remote_runtime.spec.config import JobConfig, MoEConfig
+        from remote_runtime.spec.experts import moe_settings
+
+        kw.update(moe_settings(JobConfig(moe=options.moe or MoEConfig()), tc))
+        # moe_grouped_gemm is honoured by our experts (layer_specs); megatron's own flag would
+        # ask for its grouped_gemm / transformer-engine modules. EP and expert TP: as initialised.
+        kw.update(expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+                  expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
+                  moe_grouped_gemm=False)
     kw.update(options.extra_config)
     return TransformerConfig(**kw)
 
@@ -230,6 +249,29 @@ def layer_spec(config, impl: str, attention_backend: str, norm_kernel: str = "ea
     return spec
 
 
+def layer_specs(config, spec, offset: int, count: int, options: ModelOptions, norm) -> list:
+    """This stage's per-layer specs: the dense spec, or for MoE layers (megatron's
+    moe_layer_freq) the same spec with the MoE block of `moe.py` as its MLP and a pre-MLP
+    `norm` where the dense spec fuses it into fc1 (transformer-engine)."""
+    if not config.num_moe_experts:
+        return [spec] * count
+    from remote_runtime.model.moe import moe_layer_pattern, moe_spec
+
+    swiglu = spec.submodules.mlp.submodules.activation_func
+    moe = copy.copy(spec)
+    moe.submodules = copy.copy(spec.submodules)
+    moe.submodules.mlp = moe_spec(config, "triton" if config.use_te_activation_func else "eager",
+                                  shared_activation=swiglu,
+                                  grouped=options.moe is None or options.moe.moe_grouped_gemm,
+                                  fuse_wgrad=options.moe_wgrad_fusion)
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    if moe.submodules.pre_mlp_layernorm is IdentityOp:
+        moe.submodules.pre_mlp_layernorm = norm
+    pattern = moe_layer_pattern(config)
+    return [moe if pattern[offset + i] else spec for i in range(count)]
+
+
 def build_model(family: ModelFamily, hf_config: dict, options: ModelOptions, dist: DistInfo) -> list:
     """[GPTModel] for this rank's pipeline stage (parameters on dist.device, uninitialised)."""
     from megatron.core import parallel_state
@@ -237,6 +279,7 @@ def build_model(family: ModelFamily, hf_config: dict, options: ModelOptions, dis
         TransformerBlockSubmodules,
         get_num_layers_to_build,
     )
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     from remote_runtime.model.norm import rms_norm_class
 
@@ -255,8 +298,10 @@ def build_model(family: ModelFamily, hf_config: dict, options: ModelOptions, dis
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:
         final_norm = rms_norm_class(norm_kernel)
-    block = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
-                                       layer_norm=final_norm)
+    block = TransformerBlockSubmodules(
+        layer_specs=layer_specs(config, spec, get_transformer_layer_offset(config),
+                                get_num_layers_to_build(config), options, final_norm),
+        layer_norm=final_norm)
     model = VocabMaskedGPTModel(
         config=config, true_vocab_size=tc["vocab_size"], transformer_layer_spec=block,
         vocab_size=padded_vocab_size(tc["vocab_size"], dist.tp),

@@ -291,3 +291,31 @@ def cross_entropy_bwd(LOGITS, LABELS, LSE, DLOSS, V, VALID, stride, BLOCK: tl.co
         p = tl.exp(x - lse) - tl.where(c == label, 1.0, 0.0)
         p = tl.where(c < VALID, p, 0.0)
         tl.store(base + c, (p * g).to(LOGITS.dtype.element_ty), mask=c < V)
+
+
+@triton.jit
+def expert_wgrad_accum(DY, X, OFFS, G, N, K, stride_dy, stride_x,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """G[e] += DY[rows of e]^T @ X[rows of e] for rows grouped by expert (OFFS: cumulative row
+    counts), accumulated in place in fp32 (megatron's main_grad, layout [E, N, K])."""
+    pid_n, pid_k, e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    end = tl.load(OFFS + e)
+    start = tl.load(OFFS + tl.maximum(e - 1, 0))
+    start = tl.where(e > 0, start, 0)
+    if end > start:
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        nmask, kmask = rn < N, rk < K
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for m in range(start, end, BLOCK_M):
+            rm = m + tl.arange(0, BLOCK_M)
+            mmask = rm < end
+            r64 = rm.to(tl.int64)
+            dy = tl.load(DY + r64[:, None] * stride_dy + rn[None, :],
+                         mask=mmask[:, None] & nmask[None, :], other=0.0)
+            x = tl.load(X + r64[:, None] * stride_x + rk[None, :],
+                        mask=mmask[:, None] & kmask[None, :], other=0.0)
+            acc += tl.dot(tl.trans(dy), x)
+        ptr = G + e.to(tl.int64) * N * K + rn[:, None] * K + rk[None, :]
+        mask = nmask[:, None] & kmask[None, :]
+        tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + acc, mask=mask)

@@ -68,6 +68,21 @@ class ParallelConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-experts settings (ignored, and refused when set, for dense models)."""
+
+    expert_model_parallel_size: int = 1  # EP: the experts of each layer split over EP ranks
+    expert_tensor_parallel_size: int = 1  # expert-TP: each expert's FFN split (gate/up columns)
+    moe_grouped_gemm: bool = True  # all local experts in one grouped GEMM (else a loop)
+    moe_permute_fusion: bool = False  # transformer-engine's fused permutation (a no-op here)
+    moe_aux_loss_coeff: Optional[float] = None  # load-balancing loss; None: router_aux_loss_coef
+    moe_router_dtype: str = "fp32"  # fp32 | fp64 | none (the model's dtype)
+    moe_token_dispatcher_type: str = "alltoall"  # alltoall | allgather
+    moe_expert_capacity_factor: Optional[float] = None  # None: dropless; else tokens dropped
+    moe_shared_expert_overlap: bool = False  # overlap the shared expert with the dispatch
+
+
+@dataclass
 class RecomputeConfig:
     recompute_granularity: str = "none"  # none | selective | full
     recompute_method: Optional[str] = None  # uniform | block (full recompute only)
@@ -181,6 +196,7 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     tuner: TunerConfig = field(default_factory=TunerConfig)
@@ -253,11 +269,6 @@ ALIASES = {
 
 # Megatron-SWIFT options that exist there but not (yet) here: an error, never silently ignored.
 NOT_IMPLEMENTED = {
-    "expert_model_parallel_size": "MoE / expert parallelism is not implemented yet",
-    "expert_tensor_parallel_size": "MoE / expert parallelism is not implemented yet",
-    "moe_grouped_gemm": "MoE is not implemented yet",
-    "moe_aux_loss_coeff": "MoE is not implemented yet",
-    "moe_permute_fusion": "MoE is not implemented yet",
     "virtual_pipeline_model_parallel_size": "interleaved pipeline schedules are not implemented yet",
     "decoder_first_pipeline_num_layers": "uneven pipeline stages are not implemented yet",
     "decoder_last_pipeline_num_layers": "uneven pipeline stages are not implemented yet",
@@ -290,6 +301,8 @@ CHOICES = {
     "loss_type": DPO_LOSS_TYPES,
     "train_type": ("full", "lora"),
     "init_lora_weights": ("true", "false", "gaussian"),
+    "moe_router_dtype": ("fp32", "fp64", "none"),
+    "moe_token_dispatcher_type": ("alltoall", "allgather"),
 }
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "float": "float32"}
 
@@ -439,9 +452,11 @@ def validate(job: JobConfig) -> list[str]:
                  "pipeline_model_parallel_size", "context_parallel_size", "micro_batch_size",
                  "global_batch_size", "save_steps", "logging_steps", "lr", "master_port",
                  "watcher_port", "stall_timeout", "num_train_epochs", "train_iters", "save_total_limit",
-                 "recompute_num_layers"):
+                 "recompute_num_layers", "expert_model_parallel_size",
+                 "expert_tensor_parallel_size", "moe_expert_capacity_factor"):
         positive(leaf)
-    for leaf in ("min_lr", "weight_decay", "clip_grad", "lr_warmup_iters", "stop_grace"):
+    for leaf in ("min_lr", "weight_decay", "clip_grad", "lr_warmup_iters", "stop_grace",
+                 "moe_aux_loss_coeff"):
         positive(leaf, allow_zero=True)
 
     for leaf in ("master_port", "watcher_port"):

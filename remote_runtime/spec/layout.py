@@ -30,6 +30,9 @@ METRICS_FIELDS = (
     "mfu", "peak_mem_gb", "elapsed_s", "eta_s", "time",
     "tokens",  # real tokens this step
     "loss_tokens",  # tokens the loss was taken over
+    # MoE only (model/moe_aux.py): transformers' load-balancing loss (mean over the micro-batches
+    # since the last record) and, per MoE layer of rank 0's stage, max / mean tokens per expert
+    "aux_loss", "expert_load_imbalance",
 )
 PROGRESS_FIELDS = METRICS_FIELDS[:13]
 # rlhf (DPO) records add TRL's metrics: means over the pairs since the last record.

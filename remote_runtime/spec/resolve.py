@@ -3,7 +3,7 @@
 `resolve_job` is the single place where a job meets its model: the family is found, the
 parallel arithmetic checked (`layout_problems`: world = TP·PP·CP·DP, heads and query groups
 divisible by TP, layers by PP; the planner enumerates layouts with the same function), batch
-sizes checked against the data-parallel size. The runtime calls it at every start, `--dry_run
+sizes checked against the data-parallel size; for MoE models the expert layout (`experts.py`). The runtime calls it at every start, `--dry_run
 true` prints its result, and the operator calls it before launching, so a bad job fails on the
 laptop, not on the cluster.
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from remote_runtime.spec.config import ConfigError, JobConfig, normalize, validate
 from remote_runtime.spec.errors import Problem
+from remote_runtime.spec.experts import check_moe, moe_settings
 from remote_runtime.spec.shape import ModelShape
 from remote_runtime.spec.tuner import resolve_lora
 
@@ -108,8 +109,12 @@ def resolve_job(job: JobConfig, world_size: int, hf_config: dict | None = None) 
         lora = resolve_lora(job.tuner, family, hf, job.model.transformer_impl)
     except ConfigError as exc:
         problems.extend(exc.problems)
+    moe_problems, moe_warnings, experts = check_moe(job, tc, world_size, family.name)
+    problems += moe_problems
+    warnings = warnings + moe_warnings
     if problems:
         raise ConfigError(problems)
+    tc = {**tc, **moe_settings(job, tc)}
     vocab = int(hf["vocab_size"])
     return {
         "task": job.task,
@@ -125,6 +130,7 @@ def resolve_job(job: JobConfig, world_size: int, hf_config: dict | None = None) 
                   "vocab_size": vocab, "padded_vocab_size": padded_vocab_size(vocab, tp),
                   "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
                   **{k: v for k, v in shape.to_dict().items() if k in ("params", "active_params")}},
+        "experts": experts,
         "transformer_config": tc,
         "tuner": {"train_type": "lora", **lora.summary()} if lora else {"train_type": "full"},
         "warnings": warnings,

@@ -73,7 +73,9 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
     par = job.parallel
     dist = init_distributed(job.model.device, par.tensor_model_parallel_size,
                             par.pipeline_model_parallel_size, par.context_parallel_size,
-                            seed=job.train.seed)
+                            seed=job.train.seed,
+                            expert_model_parallel_size=job.moe.expert_model_parallel_size,
+                            expert_tensor_parallel_size=job.moe.expert_tensor_parallel_size)
     rank0 = dist.rank == 0
     _say(rank0, _accelerators(dist))
     hf_config = read_hf_config(job.model.model)
@@ -101,6 +103,8 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
     evaluator = _evaluator(job, data, objective, dist, forward_backward)
     layout = {"world_size": dist.world_size, "tp": dist.tp, "pp": dist.pp, "cp": dist.cp,
               "dp": dist.dp}
+    if dist.ep > 1 or dist.etp > 1:  # MoE: the optimizer shards experts over expert-DP
+        layout.update(ep=dist.ep, etp=dist.etp)
     start_step = 0
     if resume_from is not None:
         state = ckpt.load_training_state(resume_from, model, optimizer, dist, layout)
@@ -155,6 +159,15 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
         _merge_and_save(model, job, output_dir, step, dist)
     shutdown()
     return 0
+
+
+def moe_stats() -> dict:
+    """MoE: `aux_loss` (transformers' load-balancing loss, mean over the logged steps'
+    micro-batches of the last one) and `expert_load_imbalance` (per MoE layer of this stage,
+    max / mean tokens per expert); empty for dense models."""
+    from remote_runtime.model import moe_aux
+
+    return moe_aux.pop_step_stats()
 
 
 def _check_checkpoint_dependencies() -> None:
@@ -428,7 +441,8 @@ class _Metrics:
             "mfu": tflops / self.peak if self.peak else None, "peak_mem_gb": float(peak.item()),
             "elapsed_s": round(time.perf_counter() - self.t_start, 3),
             "eta_s": round(per_step * (self.train_iters - step), 1),
-            "tokens": self.tokens, "loss_tokens": self.loss_tokens, **extra, **(evaluated or {})})
+            "tokens": self.tokens, "loss_tokens": self.loss_tokens, **extra, **(evaluated or {}),
+            **moe_stats()})
         self._reset()
 
     def _peak_memory_gb(self) -> float:

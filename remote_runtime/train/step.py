@@ -12,6 +12,8 @@ from functools import partial
 
 import torch
 
+from remote_runtime.model import moe_aux
+
 IGNORE_INDEX = -100
 
 
@@ -37,6 +39,7 @@ def make_forward_step(loss_for=token_loss_for):
     """megatron's forward_step_func: run one micro-batch, return (output, loss_for(mb))."""
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
+        moe_aux.start_micro_batch(mb.loss_mask)  # MoE: the aux loss's scale (a no-op when dense)
         # The vocab-parallel cross entropy needs a valid id everywhere; ignored positions are
         # zeroed by the loss mask instead.
         labels = mb.labels.clamp(min=0)

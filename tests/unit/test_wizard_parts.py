@@ -54,6 +54,8 @@ def test_models_the_runtime_cannot_train_are_refused_with_the_supported_list(tmp
         describe_model(str(tmp_path))
     hf, summary = describe_model("meta-llama/Llama-3.1-8B-Instruct")  # a known hub id's shape
     assert hf["model_type"] == "llama" and summary.startswith("llama, 8.03B parameters")
+    _, summary = describe_model("Qwen/Qwen3-30B-A3B")  # MoE: active parameters and experts too
+    assert summary.startswith("qwen3_moe, 30.53B parameters (3.35B active: 128 experts, top 8)")
 
 
 def test_answers_are_checked_and_never_guessed_without_a_terminal():

@@ -8,10 +8,11 @@ with it.
 from __future__ import annotations
 
 from remote_runtime.spec.config import ConfigError
-from remote_runtime.spec.families import llama, qwen2, qwen3
+from remote_runtime.spec.families import llama, qwen2, qwen2_moe, qwen3, qwen3_moe
 from remote_runtime.spec.families.base import ModelFamily
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY)}
+FAMILIES: dict[str, ModelFamily] = {
+    f.name: f for f in (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, qwen3_moe.FAMILY, qwen2_moe.FAMILY)}
 
 __all__ = ["FAMILIES", "ModelFamily", "family_for_hf_config", "get_family", "supported_summary"]
 

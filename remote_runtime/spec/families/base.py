@@ -5,7 +5,8 @@ A family says three things and nothing imperative:
 * `config`: pairs (Megatron key <- config.json key), plus constants and the config.json values we
   support (`Require`), from which `transformer_config_kwargs` builds the model's settings;
 * `params`: the name table, one `Param` per Megatron parameter, with `{layer}` wildcards, the HF
-  tensor(s) it comes from and the name of a shared transform (`TRANSFORMS`, implemented once in
+  tensor(s) it comes from (an `{expert}` wildcard in an HF name: one tensor per expert, stacked
+  into one Megatron parameter of the layer's local experts) and the name of a shared transform (`TRANSFORMS`, implemented once in
   `remote_runtime.bridge.transforms`);
 * `ignore`: HF keys that are deliberately not loaded, each with the reason.
 
@@ -28,7 +29,13 @@ from remote_runtime.spec.config import ConfigError
 #   vocab       one HF tensor split along dim 0 after padding the vocabulary (embeddings, head)
 #   qkv         q, k, v (weights or biases) interleaved per query group, split by groups
 #   gate_up     gate, up stacked per rank as [gate_r; up_r], split along dim 0
-TRANSFORMS = ("replicated", "column", "row", "vocab", "qkv", "gate_up")
+#   expert_gate_up  per-expert gate, up ({expert}): this EP rank's experts stacked on a new dim 0,
+#               each [gate_r; up_r] for its expert-TP rank r
+#   expert_row  per-expert down ({expert}): this EP rank's experts stacked, each split along dim 1
+#               by expert-TP
+TRANSFORMS = ("replicated", "column", "row", "vocab", "qkv", "gate_up", "expert_gate_up",
+              "expert_row")
+EXPERT_TRANSFORMS = ("expert_gate_up", "expert_row")
 CONDITIONS = (None, "tied", "untied")
 
 # Keys of `transformer_config_kwargs` that are not TransformerConfig fields: the model builder
@@ -72,7 +79,12 @@ class Param:
     def __post_init__(self):
         assert self.transform in TRANSFORMS, self.transform
         assert self.when in CONDITIONS, self.when
-        assert len(self.hf) == {"qkv": 3, "gate_up": 2}.get(self.transform, 1), self
+        assert len(self.hf) == {"qkv": 3, "gate_up": 2, "expert_gate_up": 2}.get(self.transform, 1), self
+        assert all(("{expert}" in k) == self.per_expert for k in self.hf), self
+
+    @property
+    def per_expert(self) -> bool:
+        return self.transform in EXPERT_TRANSFORMS
 
 
 @dataclass(frozen=True)
@@ -146,14 +158,17 @@ class ModelFamily:
                 return p, layer
         return None
 
-    def expected_hf_keys(self, num_layers: int, tied: bool) -> dict[str, tuple[Param, int | None]]:
-        """Every HF key the table loads, mapped to (row, layer)."""
+    def expected_hf_keys(self, num_layers: int, tied: bool,
+                         num_experts: int = 0) -> dict[str, tuple[Param, int | None]]:
+        """Every HF key the table loads, mapped to (row, layer); `{expert}` names once per
+        expert (num_experts: the model's `num_moe_experts`)."""
         out: dict[str, tuple[Param, int | None]] = {}
         for p in self.active_params(tied):
             layers = range(num_layers) if "{layer}" in p.megatron else [None]
             for layer in layers:
                 for key in p.hf:
-                    out.setdefault(fill(key, layer), (p, layer))
+                    for name in expert_keys(key, layer, range(num_experts)):
+                        out.setdefault(name, (p, layer))
         return out
 
     def ignored_hf_key(self, key: str, tied: bool) -> Ignore | None:
@@ -165,6 +180,14 @@ class ModelFamily:
 
 def fill(pattern: str, layer: int | None) -> str:
     return pattern if layer is None else pattern.replace("{layer}", str(layer))
+
+
+def expert_keys(pattern: str, layer: int | None, experts) -> list[str]:
+    """The HF names of one table entry in one layer: one per expert for `{expert}` patterns."""
+    name = fill(pattern, layer)
+    if "{expert}" not in name:
+        return [name]
+    return [name.replace("{expert}", str(e)) for e in experts]
 
 
 def _match(pattern: str, name: str, cache: dict) -> int | None | bool:
