@@ -24,7 +24,13 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-KERNELS = ("varlen", "cudnn", "cudnn-expand", "flash", "efficient")  # "varlen": the uniform path off
+KERNELS = (
+    "varlen",
+    "cudnn",
+    "cudnn-expand",
+    "flash",
+    "efficient",
+)  # "varlen": the uniform path off
 
 
 def module_for(kernel: str, heads: int, groups: int, head_dim: int):
@@ -38,7 +44,9 @@ def main(argv=None) -> int:
 
     from remote_runtime.model import attention as A
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--groups", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
@@ -49,11 +57,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     n, L, h, g, d = args.docs, args.seq_len, args.heads, args.groups, args.head_dim
     cu = torch.arange(0, (n + 1) * L, L, dtype=torch.int32, device="cuda")
-    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                          max_seqlen_q=L, max_seqlen_kv=L)
+    psp = PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=L, max_seqlen_kv=L
+    )
     torch.manual_seed(0)
-    q, k, v = (torch.randn(n * L, heads, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-               for heads in (h, g, g))
+    q, k, v = (
+        torch.randn(n * L, heads, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for heads in (h, g, g)
+    )
     grad = torch.randn(n * L, h * d, device="cuda", dtype=torch.bfloat16)
     fwd_flops = 2 * 2 * n * L * L * h * d / 2
     rows, reference = [], None
@@ -64,8 +75,13 @@ def main(argv=None) -> int:
         used = A.PACKED_PATH["used"]
         expected = "varlen" if kernel == "varlen" else f"uniform SDPA ({kernel})"
         if used != expected:
-            rows.append({"kernel": kernel, "available": False,
-                         "reason": json.dumps(A.PACKED_PATH["uniform_errors"])[:300]})
+            rows.append(
+                {
+                    "kernel": kernel,
+                    "available": False,
+                    "reason": json.dumps(A.PACKED_PATH["uniform_errors"])[:300],
+                }
+            )
             continue
         if reference is None:
             reference = out.detach().float()
@@ -90,18 +106,32 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
             timings[name] = start.elapsed_time(end) / args.iters
         bwd = timings["fwd_bwd"] - timings["fwd"]
-        rows.append({"kernel": kernel, "available": True, "fwd_ms": round(timings["fwd"], 3),
-                     "bwd_ms": round(bwd, 3), "fwd_tflops": round(fwd_flops / timings["fwd"] / 1e9, 1),
-                     "bwd_tflops": round(2.5 * fwd_flops / bwd / 1e9, 1),
-                     "fwd_bwd_tflops": round(3.5 * fwd_flops / timings["fwd_bwd"] / 1e9, 1),
-                     "rel_err_vs_first": round(err, 5)})
+        rows.append(
+            {
+                "kernel": kernel,
+                "available": True,
+                "fwd_ms": round(timings["fwd"], 3),
+                "bwd_ms": round(bwd, 3),
+                "fwd_tflops": round(fwd_flops / timings["fwd"] / 1e9, 1),
+                "bwd_tflops": round(2.5 * fwd_flops / bwd / 1e9, 1),
+                "fwd_bwd_tflops": round(3.5 * fwd_flops / timings["fwd_bwd"] / 1e9, 1),
+                "rel_err_vs_first": round(err, 5),
+            }
+        )
         q.grad = k.grad = v.grad = None
-    doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "cudnn": torch.backends.cudnn.version(), "shape": vars(args), "kernels": rows}
+    doc = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+        "shape": vars(args),
+        "kernels": rows,
+    }
     for r in rows:
         if r["available"]:
-            print(f"{r['kernel']:>13}: fwd {r['fwd_ms']:7.3f} ms {r['fwd_tflops']:6.1f} TF/s | "
-                  f"bwd {r['bwd_ms']:7.3f} ms {r['bwd_tflops']:6.1f} TF/s | err {r['rel_err_vs_first']}")
+            print(
+                f"{r['kernel']:>13}: fwd {r['fwd_ms']:7.3f} ms {r['fwd_tflops']:6.1f} TF/s | "
+                f"bwd {r['bwd_ms']:7.3f} ms {r['bwd_tflops']:6.1f} TF/s | err {r['rel_err_vs_first']}"
+            )
         else:
             print(f"{r['kernel']:>13}: not available: {r['reason']}")
     if args.json:

@@ -44,8 +44,9 @@ import train_throughput as tt  # noqa: E402
 def parse_args(argv=None):
     from megafleet.model_shape import NAMED_CONFIGS
 
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--shape", default="qwen3-1.7b", choices=sorted(NAMED_CONFIGS))
     p.add_argument("--num-layers", type=int, help="cut the model to this many layers")
     p.add_argument("--hidden", type=int, help="CPU smoke runs: a narrower model")
@@ -66,9 +67,14 @@ def model_config(args) -> dict:
     cfg = tt.hf_config(args)
     if args.hidden:
         heads = max(2, args.hidden // 64)
-        cfg.update(hidden_size=args.hidden, intermediate_size=args.hidden * 3, head_dim=64,
-                   num_attention_heads=heads, num_key_value_heads=heads // 2,
-                   vocab_size=min(cfg["vocab_size"], 4096))
+        cfg.update(
+            hidden_size=args.hidden,
+            intermediate_size=args.hidden * 3,
+            head_dim=64,
+            num_attention_heads=heads,
+            num_key_value_heads=heads // 2,
+            vocab_size=min(cfg["vocab_size"], 4096),
+        )
     return cfg
 
 
@@ -80,8 +86,15 @@ def make_pairs(args, vocab: int) -> list[dict]:
     pairs = []
     for _ in range(args.global_batch):
         prompt = rng.integers(0, vocab, rng.integers(lo_p, hi_p + 1))
-        pairs.append({"prompt": prompt, **{k: rng.integers(0, vocab, rng.integers(lo_a, hi_a + 1))
-                                            for k in ("chosen", "rejected")}})
+        pairs.append(
+            {
+                "prompt": prompt,
+                **{
+                    k: rng.integers(0, vocab, rng.integers(lo_a, hi_a + 1))
+                    for k in ("chosen", "rejected")
+                },
+            }
+        )
     return pairs
 
 
@@ -91,15 +104,25 @@ def pair_tokens(pairs) -> int:
 
 def result(args, impl, cfg, step_time, tokens, extra) -> dict:
     allocated, reserved = tt.memory_stats()
-    return {"impl": impl, "label": args.label, "shape": args.shape, "model_config": cfg,
-            "pairs_per_step": args.global_batch, "pairs_per_micro_batch": args.micro_batch,
-            "tokens_per_step": tokens, "step_time_s": round(step_time, 4),
-            "tokens_per_s": round(tokens / step_time, 1),
-            "pairs_per_s": round(args.global_batch / step_time, 2),
-            "peak_mem_gib": round(allocated, 2), "peak_reserved_gib": round(reserved, 2), **extra}
+    return {
+        "impl": impl,
+        "label": args.label,
+        "shape": args.shape,
+        "model_config": cfg,
+        "pairs_per_step": args.global_batch,
+        "pairs_per_micro_batch": args.micro_batch,
+        "tokens_per_step": tokens,
+        "step_time_s": round(step_time, 4),
+        "tokens_per_s": round(tokens / step_time, 1),
+        "pairs_per_s": round(args.global_batch / step_time, 2),
+        "peak_mem_gib": round(allocated, 2),
+        "peak_reserved_gib": round(reserved, 2),
+        **extra,
+    }
 
 
 # ---- the runtime ---------------------------------------------------------------------------
+
 
 def runtime_micro_batches(args, pairs, device):
     from remote_runtime.data.batches import collate_thd
@@ -107,11 +130,11 @@ def runtime_micro_batches(args, pairs, device):
     micro = []
     for start in range(0, len(pairs), args.micro_batch):
         docs = []
-        for p in pairs[start:start + args.micro_batch]:
+        for p in pairs[start : start + args.micro_batch]:
             for answer in (p["chosen"], p["rejected"]):
                 ids = np.concatenate([p["prompt"], answer]).astype(np.int32)
                 mask = np.zeros(len(ids), np.uint8)
-                mask[len(p["prompt"]):] = 1
+                mask[len(p["prompt"]) :] = 1
                 docs.append((ids, mask))
         mb = collate_thd(docs, num_samples=len(docs) // 2, pad_token_id=0)
         mb.doc_ids = torch.arange(start * 2, start * 2 + len(docs))
@@ -138,8 +161,12 @@ def run_runtime(args, cfg, pairs, objective_name: str) -> dict:
     job.optim.lr = 1e-6
     if args.device == "cpu":
         job.model.torch_dtype = "float32"
-    model = wrap_ddp(build_model(family_for_hf_config(cfg), cfg,
-                                 ModelOptions.from_job(job, init_weights=True), dist), job)
+    model = wrap_ddp(
+        build_model(
+            family_for_hf_config(cfg), cfg, ModelOptions.from_job(job, init_weights=True), dist
+        ),
+        job,
+    )
     optimizer, scheduler = build_optimizer(model, job, schedule_for(job, 10**6))
     fb = get_forward_backward_func()
     micro = runtime_micro_batches(args, pairs, dist.device)
@@ -152,8 +179,9 @@ def run_runtime(args, cfg, pairs, objective_name: str) -> dict:
         extra["reference_pass_s"] = round(time.perf_counter() - t0, 3)
 
         class _Pairs:  # what nll_scale reads: answer tokens per document
-            loss_counts = np.array([m for p in pairs for m in (len(p["chosen"]),
-                                                                 len(p["rejected"]))])
+            loss_counts = np.array(
+                [m for p in pairs for m in (len(p["chosen"]), len(p["rejected"]))]
+            )
 
         objective = PreferenceObjective(DpoSettings(), {"train": _Pairs}, {"train": ref})
         micro = [objective.prepare(mb) for mb in micro]
@@ -178,6 +206,7 @@ def run_runtime(args, cfg, pairs, objective_name: str) -> dict:
 
 # ---- TRL ------------------------------------------------------------------------------------
 
+
 def run_trl(args, cfg, pairs, tmp: Path) -> dict:
     import transformers
     import trl
@@ -188,29 +217,49 @@ def run_trl(args, cfg, pairs, tmp: Path) -> dict:
 
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    config_cls = getattr(transformers, {"qwen3": "Qwen3Config", "llama": "LlamaConfig",
-                                        "qwen2": "Qwen2Config"}[cfg["model_type"]])
-    config = config_cls(**{k: v for k, v in cfg.items()
-                           if k not in ("model_type", "architectures")})
+    config_cls = getattr(
+        transformers,
+        {"qwen3": "Qwen3Config", "llama": "LlamaConfig", "qwen2": "Qwen2Config"}[cfg["model_type"]],
+    )
+    config = config_cls(
+        **{k: v for k, v in cfg.items() if k not in ("model_type", "architectures")}
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     tok = build_tokenizer(tmp / "tok")
     dummy = Dataset.from_list([{"prompt": "Hi", "chosen": "Hello.", "rejected": "No."}])
-    dpo_args = trl.DPOConfig(output_dir=str(tmp / "trl"), report_to=[], bf16=device == "cuda",
-                             use_cpu=device == "cpu", per_device_train_batch_size=args.micro_batch,
-                             precompute_ref_log_probs=True, max_length=None)
-    trainer = trl.DPOTrainer(model=model, ref_model=None, args=dpo_args, train_dataset=dummy,
-                             processing_class=tok)
+    dpo_args = trl.DPOConfig(
+        output_dir=str(tmp / "trl"),
+        report_to=[],
+        bf16=device == "cuda",
+        use_cpu=device == "cpu",
+        per_device_train_batch_size=args.micro_batch,
+        precompute_ref_log_probs=True,
+        max_length=None,
+    )
+    trainer = trl.DPOTrainer(
+        model=model, ref_model=None, args=dpo_args, train_dataset=dummy, processing_class=tok
+    )
     trainer.precompute_ref_logps = True  # reference log-probs come with the batch
     rng = np.random.default_rng(1)
-    examples = [{"prompt_ids": p["prompt"].tolist(), "chosen_ids": p["chosen"].tolist(),
-                 "rejected_ids": p["rejected"].tolist(),
-                 "ref_chosen_logps": float(-rng.random() * 100),
-                 "ref_rejected_logps": float(-rng.random() * 100)} for p in pairs]
-    batches = [{k: v.to(device) for k, v in trainer.data_collator(
-        examples[i:i + args.micro_batch]).items()}
-        for i in range(0, len(examples), args.micro_batch)]
+    examples = [
+        {
+            "prompt_ids": p["prompt"].tolist(),
+            "chosen_ids": p["chosen"].tolist(),
+            "rejected_ids": p["rejected"].tolist(),
+            "ref_chosen_logps": float(-rng.random() * 100),
+            "ref_rejected_logps": float(-rng.random() * 100),
+        }
+        for p in pairs
+    ]
+    batches = [
+        {
+            k: v.to(device)
+            for k, v in trainer.data_collator(examples[i : i + args.micro_batch]).items()
+        }
+        for i in range(0, len(examples), args.micro_batch)
+    ]
     padded = sum(int(b["input_ids"].numel()) for b in batches)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device == "cuda")
     model.train()
@@ -224,11 +273,21 @@ def run_trl(args, cfg, pairs, tmp: Path) -> dict:
 
     tt.reset_memory_stats()
     step_time = tt.timed(step, args.warmup, args.steps)
-    res = result(args, "trl", cfg, step_time, pair_tokens(pairs), {
-        "trl": trl.__version__, "transformers": transformers.__version__,
-        "attn_implementation": "sdpa", "padded_tokens_per_step": padded,
-        "optimizer": "torch AdamW fused, bf16 params and states",
-        "reference": "precomputed (batch ref_chosen_logps/ref_rejected_logps)"})
+    res = result(
+        args,
+        "trl",
+        cfg,
+        step_time,
+        pair_tokens(pairs),
+        {
+            "trl": trl.__version__,
+            "transformers": transformers.__version__,
+            "attn_implementation": "sdpa",
+            "padded_tokens_per_step": padded,
+            "optimizer": "torch AdamW fused, bf16 params and states",
+            "reference": "precomputed (batch ref_chosen_logps/ref_rejected_logps)",
+        },
+    )
     return res
 
 
@@ -260,8 +319,15 @@ def run_each_in_its_own_process(argv, impls: list[str]) -> tuple[list, dict]:
     for impl in impls:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "run.json"
-            cmd = [sys.executable, __file__, *strip_options(argv, ("--impl", "--json")),
-                   "--impl", impl, "--json", str(out)]
+            cmd = [
+                sys.executable,
+                __file__,
+                *strip_options(argv, ("--impl", "--json")),
+                "--impl",
+                impl,
+                "--json",
+                str(out),
+            ]
             proc = subprocess.run(cmd)
             if proc.returncode or not out.exists():
                 errors[impl] = f"exit {proc.returncode}"
@@ -298,14 +364,18 @@ def main(argv=None) -> int:
     doc = {**tt.environment(), "runs": runs, "errors": errors}
     by = {r["impl"]: r for r in runs}
     if "runtime-dpo" in by and "trl" in by:
-        doc["ratio_tokens_per_s"] = round(by["runtime-dpo"]["tokens_per_s"] /
-                                          by["trl"]["tokens_per_s"], 3)
+        doc["ratio_tokens_per_s"] = round(
+            by["runtime-dpo"]["tokens_per_s"] / by["trl"]["tokens_per_s"], 3
+        )
     if "runtime-dpo" in by and "runtime-sft" in by and by["runtime-sft"]["peak_mem_gib"]:
-        doc["dpo_over_sft_peak_mem"] = round(by["runtime-dpo"]["peak_mem_gib"] /
-                                             by["runtime-sft"]["peak_mem_gib"], 3)
+        doc["dpo_over_sft_peak_mem"] = round(
+            by["runtime-dpo"]["peak_mem_gib"] / by["runtime-sft"]["peak_mem_gib"], 3
+        )
     for r in runs:
-        print(f"{r['impl']:12} {r['tokens_per_s']:10.0f} tok/s {r['pairs_per_s']:7.2f} pairs/s "
-              f"peak {r['peak_mem_gib']:6.2f} GiB")
+        print(
+            f"{r['impl']:12} {r['tokens_per_s']:10.0f} tok/s {r['pairs_per_s']:7.2f} pairs/s "
+            f"peak {r['peak_mem_gib']:6.2f} GiB"
+        )
     print(json.dumps({k: v for k, v in doc.items() if k.startswith(("ratio", "dpo_"))}))
     if args.json:
         path = Path(args.json)

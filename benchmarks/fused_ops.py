@@ -52,6 +52,7 @@ def implementations():
 
     def qk_block(norm, rope):
         """What megatron does without our fused attention: split, two norms, two rotations."""
+
         def run(qkv, wq, wk, cu, freqs, heads, groups, d):
             q, k, v = torch.split(qkv, [heads // groups * d, d, d], dim=3)
             q = q.reshape(q.shape[0] * q.shape[1], heads, d)
@@ -65,12 +66,14 @@ def implementations():
         from megatron.core import parallel_state
         from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
 
-        return fused_vocab_parallel_cross_entropy(logits, labels,
-                                                  parallel_state.get_tensor_model_parallel_group())
+        return fused_vocab_parallel_cross_entropy(
+            logits, labels, parallel_state.get_tensor_model_parallel_group()
+        )
 
     def eager_ce(logits, labels):  # Hugging Face's: upcast, then torch's cross entropy
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1),
-                               reduction="none")
+        return F.cross_entropy(
+            logits.float().view(-1, logits.shape[-1]), labels.view(-1), reduction="none"
+        )
 
     def triton_ce(logits, labels):
         return ops.cross_entropy(logits * 1, labels)  # a copy: the kernel overwrites its input
@@ -80,14 +83,23 @@ def implementations():
         return torch.cat([t.flatten() for t in out])
 
     return {
-        "rms_norm": {"eager": eager_rms_norm, "compile": compiled.rms_norm, "triton": ops.rms_norm,
-                     "aten": lambda x, w, eps: F.rms_norm(x, (x.shape[-1],), w, eps)},
+        "rms_norm": {
+            "eager": eager_rms_norm,
+            "compile": compiled.rms_norm,
+            "triton": ops.rms_norm,
+            "aten": lambda x, w, eps: F.rms_norm(x, (x.shape[-1],), w, eps),
+        },
         "rope": {"eager": eager_rope, "compile": compiled.rope_thd, "triton": ops.rope_thd},
-        "swiglu": {"eager": eager_swiglu, "compile": lambda y: bias_swiglu_impl(y, None),
-                   "triton": ops.swiglu},
-        "qk_norm_rope": {"compile": qk_block(compiled.rms_norm, compiled.rope_thd),
-                         "triton": qk_block(ops.rms_norm, ops.rope_thd),
-                         "triton-fused": qk_fused},
+        "swiglu": {
+            "eager": eager_swiglu,
+            "compile": lambda y: bias_swiglu_impl(y, None),
+            "triton": ops.swiglu,
+        },
+        "qk_norm_rope": {
+            "compile": qk_block(compiled.rms_norm, compiled.rope_thd),
+            "triton": qk_block(ops.rms_norm, ops.rope_thd),
+            "triton-fused": qk_fused,
+        },
         "cross_entropy": {"eager": eager_ce, "compile": megatron_ce, "triton": triton_ce},
     }
 
@@ -115,19 +127,31 @@ def make_inputs(op: str, cfg: dict, tokens: int, device, width: str = "hidden"):
         x = torch.randn(tokens, heads, head_dim, device=device, dtype=dt, requires_grad=True)
         return (x, *one_document(tokens, head_dim, device)), x
     if op == "cross_entropy":
-        logits = torch.randn(tokens, 1, cfg["vocab_size"], device=device, dtype=dt, requires_grad=True)
+        logits = torch.randn(
+            tokens, 1, cfg["vocab_size"], device=device, dtype=dt, requires_grad=True
+        )
         labels = torch.randint(0, cfg["vocab_size"], (tokens, 1), device=device)
         return (logits, labels), logits
     if op == "qk_norm_rope":
         groups = cfg["num_key_value_heads"]
-        qkv = torch.randn(tokens, 1, groups, (heads // groups + 2) * head_dim, device=device,
-                          dtype=dt, requires_grad=True)
-        wq, wk = (torch.rand(head_dim, device=device, dtype=dt).add_(0.5).requires_grad_(True)
-                  for _ in range(2))
+        qkv = torch.randn(
+            tokens,
+            1,
+            groups,
+            (heads // groups + 2) * head_dim,
+            device=device,
+            dtype=dt,
+            requires_grad=True,
+        )
+        wq, wk = (
+            torch.rand(head_dim, device=device, dtype=dt).add_(0.5).requires_grad_(True)
+            for _ in range(2)
+        )
         cu, freqs = one_document(tokens, head_dim, device)
         return (qkv, wq, wk, cu, freqs, heads, groups, head_dim), qkv
-    y = torch.randn(tokens, 1, 2 * cfg["intermediate_size"], device=device, dtype=dt,
-                    requires_grad=True)
+    y = torch.randn(
+        tokens, 1, 2 * cfg["intermediate_size"], device=device, dtype=dt, requires_grad=True
+    )
     return (y,), y
 
 
@@ -172,7 +196,9 @@ def host_time(fn, args, iters: int) -> float:
 def main(argv=None) -> int:
     from megafleet.model_shape import NAMED_CONFIGS
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--shape", default="qwen3-1.7b", choices=sorted(NAMED_CONFIGS))
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--iters", type=int, default=200)
@@ -187,8 +213,14 @@ def main(argv=None) -> int:
 
     platform.init_distributed("cuda", 1, 1)  # megatron's cross entropy takes its TP group
     rows = []
-    cases = [("rms_norm", "hidden"), ("rms_norm", "head"), ("rope", ""), ("swiglu", ""),
-             ("qk_norm_rope", ""), ("cross_entropy", "")]
+    cases = [
+        ("rms_norm", "hidden"),
+        ("rms_norm", "head"),
+        ("rope", ""),
+        ("swiglu", ""),
+        ("qk_norm_rope", ""),
+        ("cross_entropy", ""),
+    ]
     for op, width in cases:
         for impl, fn in implementations()[op].items():
             full, x = make_inputs(op, cfg, args.tokens, dev, width or "hidden")
@@ -196,9 +228,13 @@ def main(argv=None) -> int:
             try:
                 fwd, fwd_bwd = gpu_times(fn, full, x, args.iters)
                 host = host_time(fn, tiny, args.iters)
-                row = {"op": op + (f"[{width}]" if width else ""), "impl": impl,
-                       "gpu_fwd_us": round(fwd * 1e3, 1), "gpu_fwd_bwd_us": round(fwd_bwd * 1e3, 1),
-                       "host_fwd_bwd_us": round(host, 1)}
+                row = {
+                    "op": op + (f"[{width}]" if width else ""),
+                    "impl": impl,
+                    "gpu_fwd_us": round(fwd * 1e3, 1),
+                    "gpu_fwd_bwd_us": round(fwd_bwd * 1e3, 1),
+                    "host_fwd_bwd_us": round(host, 1),
+                }
             except Exception as exc:  # one implementation failing must not hide the others
                 row = {"op": op, "impl": impl, "error": f"{type(exc).__name__}: {exc}"[:300]}
             rows.append(row)
@@ -208,11 +244,18 @@ def main(argv=None) -> int:
         if "error" in r:
             print(f"{r['op']:<18}{r['impl']:<9}  {r['error'][:60]}")
         else:
-            print(f"{r['op']:<18}{r['impl']:<9}{r['gpu_fwd_us']:>12}{r['gpu_fwd_bwd_us']:>16}"
-                  f"{r['host_fwd_bwd_us']:>17}")
+            print(
+                f"{r['op']:<18}{r['impl']:<9}{r['gpu_fwd_us']:>12}{r['gpu_fwd_bwd_us']:>16}"
+                f"{r['host_fwd_bwd_us']:>17}"
+            )
     if args.json:
-        meta = {"shape": args.shape, "tokens": args.tokens, "device": torch.cuda.get_device_name(),
-                "torch": torch.__version__, "command": " ".join(sys.argv)}
+        meta = {
+            "shape": args.shape,
+            "tokens": args.tokens,
+            "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "command": " ".join(sys.argv),
+        }
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return 0
 

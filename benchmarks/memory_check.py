@@ -93,17 +93,21 @@ def estimate_run(run: dict):
     pp = int(_field(run, "pipeline_model_parallel_size", "pp", default=1))
     world = int(_field(run, "world_size", default=tp * pp))
     dp = int(_field(run, "data_parallel_size", "dp", default=max(1, world // (tp * pp))))
-    par = Parallel(tp=tp, pp=pp, dp=dp,
-                   sequence_parallel=bool(_field(run, "sequence_parallel", default=tp > 1)),
-                   distributed_optimizer=bool(_field(run, "use_distributed_optimizer",
-                                                     default=True)))
+    par = Parallel(
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        sequence_parallel=bool(_field(run, "sequence_parallel", default=tp > 1)),
+        distributed_optimizer=bool(_field(run, "use_distributed_optimizer", default=True)),
+    )
     mbs = int(_field(run, "micro_batch_size", default=1))
     m = _field(run, "num_microbatches")
     if m is None and _field(run, "global_batch_size"):
         m = int(_field(run, "global_batch_size")) // (mbs * dp)
     granularity = _field(run, "recompute_granularity", default="none") or "none"
-    rc = Recompute(granularity, _field(run, "recompute_method"),
-                   _field(run, "recompute_num_layers"))
+    rc = Recompute(
+        granularity, _field(run, "recompute_method"), _field(run, "recompute_num_layers")
+    )
     asm = dataclasses.replace(Assumptions(), **(run.get("assumptions") or {}))
     seq = int(_field(run, "seq_len", "max_length", "seq_length"))
     shape = shape_from_hf_config(model_config_of(run))
@@ -135,12 +139,21 @@ def check_file(path: Path, tolerance: float) -> list[dict]:
         error = (estimate - measured) / measured
         layout = f"TP{par.tp} PP{par.pp} DP{par.dp}" + (" SP" if par.sequence_parallel else "")
         recompute = rc.granularity + (f" {rc.method} {rc.num_layers}" if rc.method else "")
-        rows.append({"file": path.name, "run": run.get("name") or run.get("shape") or i,
-                     "layout": layout, "seq_len": seq, "micro_batch_size": mbs,
-                     "recompute": recompute,
-                     "estimate_gib": round(estimate, 2), "measured_gib": round(measured, 2),
-                     "error": round(error, 4), "ok": abs(error) <= tolerance,
-                     "components": est.components})
+        rows.append(
+            {
+                "file": path.name,
+                "run": run.get("name") or run.get("shape") or i,
+                "layout": layout,
+                "seq_len": seq,
+                "micro_batch_size": mbs,
+                "recompute": recompute,
+                "estimate_gib": round(estimate, 2),
+                "measured_gib": round(measured, 2),
+                "error": round(error, 4),
+                "ok": abs(error) <= tolerance,
+                "components": est.components,
+            }
+        )
     return rows
 
 
@@ -156,15 +169,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"ok": ok, "tolerance": args.tolerance, "runs": rows}, indent=2))
         return 0 if ok else 1
-    print(f"{'run':28} {'layout':16} {'seq':>6} {'mbs':>4} {'recompute':16} {'est GiB':>8} "
-          f"{'meas GiB':>9} {'error':>7}")
+    print(
+        f"{'run':28} {'layout':16} {'seq':>6} {'mbs':>4} {'recompute':16} {'est GiB':>8} "
+        f"{'meas GiB':>9} {'error':>7}"
+    )
     for r in rows:
-        print(f"{str(r['run'])[:28]:28} {r['layout']:16} {r['seq_len']:>6} "
-              f"{r['micro_batch_size']:>4} {r['recompute'][:16]:16} {r['estimate_gib']:>8.2f} "
-              f"{r['measured_gib']:>9.2f} "
-              f"{100 * r['error']:>+6.1f}%{'' if r['ok'] else '  <-- outside tolerance'}")
-    print(f"{len(rows)} run(s) checked, tolerance ±{100 * args.tolerance:.0f}%: "
-          f"{'all within' if ok else 'NOT all within (or too few runs)'}")
+        print(
+            f"{str(r['run'])[:28]:28} {r['layout']:16} {r['seq_len']:>6} "
+            f"{r['micro_batch_size']:>4} {r['recompute'][:16]:16} {r['estimate_gib']:>8.2f} "
+            f"{r['measured_gib']:>9.2f} "
+            f"{100 * r['error']:>+6.1f}%{'' if r['ok'] else '  <-- outside tolerance'}"
+        )
+    print(
+        f"{len(rows)} run(s) checked, tolerance ±{100 * args.tolerance:.0f}%: "
+        f"{'all within' if ok else 'NOT all within (or too few runs)'}"
+    )
     return 0 if ok else 1
 
 

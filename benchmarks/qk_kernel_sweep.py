@@ -46,7 +46,9 @@ def main(argv=None) -> int:
     from megafleet.model_shape import NAMED_CONFIGS
     from remote_runtime.model import ops as kernels
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--shape", default="qwen3-1.7b", choices=sorted(NAMED_CONFIGS))
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--json")
@@ -79,7 +81,9 @@ def main(argv=None) -> int:
     for fw, bw, per_sm in itertools.product((2, 4, 8), (2, 4, 8), (4, 8, 16, 32)):
         kernels.QK_FWD_WARPS, kernels.QK_BWD_WARPS, kernels.QK_BWD_PROGRAMS_PER_SM = fw, bw, per_sm
         t = kernel_us(qk_step, ("qk_norm_rope_fwd", "qk_norm_rope_bwd"))
-        rows.append({"kernel": "qk", "fwd_warps": fw, "bwd_warps": bw, "programs_per_sm": per_sm, **t})
+        rows.append(
+            {"kernel": "qk", "fwd_warps": fw, "bwd_warps": bw, "programs_per_sm": per_sm, **t}
+        )
         print(json.dumps(rows[-1]), flush=True)
     kernels.QK_FWD_WARPS, kernels.QK_BWD_WARPS, kernels.QK_BWD_PROGRAMS_PER_SM = defaults
     for per_sm in (1, 2, 4, 8, 16):
@@ -88,9 +92,18 @@ def main(argv=None) -> int:
         rows.append({"kernel": "rms_norm", "hidden": hidden, "programs_per_sm": per_sm, **t})
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"shape": args.shape, "tokens": args.tokens,
-                                               "device": torch.cuda.get_device_name(),
-                                               "defaults": defaults, "rows": rows}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "shape": args.shape,
+                    "tokens": args.tokens,
+                    "device": torch.cuda.get_device_name(),
+                    "defaults": defaults,
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

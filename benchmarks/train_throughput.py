@@ -38,7 +38,9 @@ import torch  # noqa: E402
 def parse_args(argv=None):
     from megafleet.model_shape import NAMED_CONFIGS
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--shape", default="qwen3-1.7b", choices=sorted(NAMED_CONFIGS))
     p.add_argument("--num-layers", type=int, help="cut the model to this many layers")
     p.add_argument("--seq-len", type=int, default=4096)
@@ -57,22 +59,34 @@ def parse_args(argv=None):
     p.add_argument("--recompute-layers", type=int, default=1)
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--transformer-impl", default="auto")
-    p.add_argument("--option", action="append", default=[],
-                   help="extra ModelOptions field=value (e.g. fused_norm=false) for ablations")
-    p.add_argument("--lora", action="store_true",
-                   help="LoRA on every linear layer of attention and MLP (both sides)")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        help="extra ModelOptions field=value (e.g. fused_norm=false) for ablations",
+    )
+    p.add_argument(
+        "--lora",
+        action="store_true",
+        help="LoRA on every linear layer of attention and MLP (both sides)",
+    )
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--profile", help="write a torch.profiler summary of 2 runtime steps here")
     p.add_argument("--json", help="append the results to this JSON file")
     p.add_argument("--label", default="")
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                   help="cpu: a smoke run of the same code (tiny shapes only; numbers meaningless)")
+    p.add_argument(
+        "--device",
+        default="cuda",
+        choices=["cuda", "cpu"],
+        help="cpu: a smoke run of the same code (tiny shapes only; numbers meaningless)",
+    )
     return p.parse_args(argv)
 
 
 # ---- shared ------------------------------------------------------------------------------
+
 
 def hf_config(args) -> dict:
     from megafleet.model_shape import NAMED_CONFIGS
@@ -130,20 +144,29 @@ def result(args, impl: str, cfg: dict, step_time: float, world: int, extra: dict
     allocated, reserved = memory_stats()
     tflops = flops / step_time / world / 1e12
     return {
-        "impl": impl, "label": args.label, "shape": args.shape, "model_config": cfg,
-        "seq_len": args.seq_len, "docs_per_seq": args.docs_per_seq,
-        "micro_batch_size": args.micro_batch, "global_batch_size": args.global_batch,
-        "world_size": world, "step_time_s": round(step_time, 4),
+        "impl": impl,
+        "label": args.label,
+        "shape": args.shape,
+        "model_config": cfg,
+        "seq_len": args.seq_len,
+        "docs_per_seq": args.docs_per_seq,
+        "micro_batch_size": args.micro_batch,
+        "global_batch_size": args.global_batch,
+        "world_size": world,
+        "step_time_s": round(step_time, 4),
         "tokens_per_s": round(tokens / step_time, 1),
         "tokens_per_s_per_gpu": round(tokens / step_time / world, 1),
-        "tflops_per_gpu": round(tflops, 1), "mfu": round(tflops / peak, 4) if peak else None,
-        "peak_mem_gb": round(allocated, 2), "peak_mem_unit": "GiB",
+        "tflops_per_gpu": round(tflops, 1),
+        "mfu": round(tflops / peak, 4) if peak else None,
+        "peak_mem_gb": round(allocated, 2),
+        "peak_mem_unit": "GiB",
         "peak_reserved_gib": round(reserved, 2),
         **extra,
     }
 
 
 # ---- the runtime ---------------------------------------------------------------------------
+
 
 def runtime_batches(args, dist, vocab: int):
     """This DP rank's micro-batches of one global batch: random tokens, THD packed."""
@@ -160,10 +183,18 @@ def runtime_batches(args, dist, vocab: int):
         docs = []
         for _ in range(args.micro_batch):
             for d in range(args.docs_per_seq):
-                n = doc if d < args.docs_per_seq - 1 else args.seq_len - doc * (args.docs_per_seq - 1)
+                n = (
+                    doc
+                    if d < args.docs_per_seq - 1
+                    else args.seq_len - doc * (args.docs_per_seq - 1)
+                )
                 docs.append((rng.integers(0, vocab, n).astype(np.int32), np.ones(n, np.uint8)))
-        mb = collate_thd(docs, num_samples=args.micro_batch, pad_token_id=0,
-                         pad_to_multiple_of=dist.tp if args.sp else 1)
+        mb = collate_thd(
+            docs,
+            num_samples=args.micro_batch,
+            pad_token_id=0,
+            pad_to_multiple_of=dist.tp if args.sp else 1,
+        )
         micro.append(mb.to(dist.device))
     return micro
 
@@ -171,24 +202,33 @@ def runtime_batches(args, dist, vocab: int):
 def run_runtime(args, cfg: dict) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from remote_runtime.spec.config import JobConfig
-    from remote_runtime.spec.families import family_for_hf_config
     from remote_runtime.model.builder import ModelOptions, build_model
     from remote_runtime.platform import init_distributed
+    from remote_runtime.spec.config import JobConfig
+    from remote_runtime.spec.families import family_for_hf_config
     from remote_runtime.train.optim import build_optimizer, schedule_for, wrap_ddp
     from remote_runtime.train.step import train_step
 
     dist = init_distributed(args.device, args.tp, args.pp, seed=1234)
     job = JobConfig()
-    job.parallel.tensor_model_parallel_size, job.parallel.pipeline_model_parallel_size = args.tp, args.pp
+    job.parallel.tensor_model_parallel_size, job.parallel.pipeline_model_parallel_size = (
+        args.tp,
+        args.pp,
+    )
     job.parallel.sequence_parallel = args.sp and args.tp > 1
     job.parallel.use_distributed_optimizer = not args.no_distributed_optimizer
     job.parallel.overlap_grad_reduce = job.parallel.overlap_param_gather = args.overlap
     job.recompute.recompute_granularity = args.recompute
     if args.recompute == "full":
-        job.recompute.recompute_method, job.recompute.recompute_num_layers = "uniform", args.recompute_layers
+        job.recompute.recompute_method, job.recompute.recompute_num_layers = (
+            "uniform",
+            args.recompute_layers,
+        )
     job.train.micro_batch_size, job.train.global_batch_size = args.micro_batch, args.global_batch
-    job.model.attention_backend, job.model.transformer_impl = args.attention_backend, args.transformer_impl
+    job.model.attention_backend, job.model.transformer_impl = (
+        args.attention_backend,
+        args.transformer_impl,
+    )
     job.optim.lr = 1e-5
     if args.device == "cpu":
         job.model.torch_dtype = "float32"
@@ -224,18 +264,23 @@ def run_runtime(args, cfg: dict) -> dict:
     from remote_runtime.model.attention import PACKED_PATH
     from remote_runtime.model.builder import memory_assumptions
 
-    extra = {"tp": dist.tp, "pp": dist.pp, "dp": dist.dp,
-             "sequence_parallel": job.parallel.sequence_parallel,
-             "use_distributed_optimizer": job.parallel.use_distributed_optimizer,
-             "recompute_granularity": args.recompute,
-             "recompute_method": job.recompute.recompute_method,
-             "recompute_num_layers": job.recompute.recompute_num_layers,
-             "attention": dict(PACKED_PATH), "options": overrides,
-             "gradient_accumulation_fusion": bool(model[0].module.config.gradient_accumulation_fusion),
-             "transformer_impl": getattr(model[0].module, "megafleet_transformer_impl", None),
-             "assumptions": memory_assumptions(model[0].module),
-             "lora": lora_summary(args),  # for benchmarks/memory_check.py
-             "mean_loss": round(float(total[0] / total[1]), 4) if total[1] > 0 else None}
+    extra = {
+        "tp": dist.tp,
+        "pp": dist.pp,
+        "dp": dist.dp,
+        "sequence_parallel": job.parallel.sequence_parallel,
+        "use_distributed_optimizer": job.parallel.use_distributed_optimizer,
+        "recompute_granularity": args.recompute,
+        "recompute_method": job.recompute.recompute_method,
+        "recompute_num_layers": job.recompute.recompute_num_layers,
+        "attention": dict(PACKED_PATH),
+        "options": overrides,
+        "gradient_accumulation_fusion": bool(model[0].module.config.gradient_accumulation_fusion),
+        "transformer_impl": getattr(model[0].module, "megafleet_transformer_impl", None),
+        "assumptions": memory_assumptions(model[0].module),
+        "lora": lora_summary(args),  # for benchmarks/memory_check.py
+        "mean_loss": round(float(total[0] / total[1]), 4) if total[1] > 0 else None,
+    }
     res = result(args, "runtime", cfg, step_time, dist.world_size, extra)
     # every rank's peak: report the largest
     peak = torch.tensor([res["peak_mem_gb"]], device=dist.device)
@@ -252,7 +297,9 @@ def profile_steps(step_fn, path: str, rank: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     sync()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    activities = [ProfilerActivity.CPU] + (
+        [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+    )
     with profile(activities=activities) as prof:
         for _ in range(2):
             step_fn()
@@ -260,41 +307,63 @@ def profile_steps(step_fn, path: str, rank: int) -> None:
     if rank == 0:
         key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
         table = prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=70)
-        cpu = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=70)
+        cpu = prof.key_averages().table(
+            sort_by="cpu_time_total", row_limit=25, max_name_column_width=70
+        )
         Path(path).write_text(f"# sorted by CUDA time\n{table}\n\n# sorted by CPU time\n{cpu}\n")
 
 
 def lora_tuner(args):
     from remote_runtime.spec.config import TunerConfig
 
-    return TunerConfig(train_type="lora", lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                       lora_dropout=args.lora_dropout, target_modules=["all-linear"])
+    return TunerConfig(
+        train_type="lora",
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=["all-linear"],
+    )
 
 
 def lora_summary(args) -> dict | None:
     if not args.lora:
         return None
-    return {"r": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
-            "target_modules": "all-linear (q k v o gate up down)"}
+    return {
+        "r": args.lora_rank,
+        "lora_alpha": args.lora_alpha,
+        "lora_dropout": args.lora_dropout,
+        "target_modules": "all-linear (q k v o gate up down)",
+    }
 
 
 # ---- Hugging Face ---------------------------------------------------------------------------
+
 
 def run_hf(args, cfg: dict) -> dict:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    config_cls = getattr(transformers, {"qwen3": "Qwen3Config", "llama": "LlamaConfig",
-                                        "qwen2": "Qwen2Config", "qwen3_moe": "Qwen3MoeConfig",
-                                        "qwen2_moe": "Qwen2MoeConfig"}[cfg["model_type"]])
-    config = config_cls(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures")})
+    config_cls = getattr(
+        transformers,
+        {
+            "qwen3": "Qwen3Config",
+            "llama": "LlamaConfig",
+            "qwen2": "Qwen2Config",
+            "qwen3_moe": "Qwen3MoeConfig",
+            "qwen2_moe": "Qwen2MoeConfig",
+        }[cfg["model_type"]],
+    )
+    config = config_cls(
+        **{k: v for k, v in cfg.items() if k not in ("model_type", "architectures")}
+    )
     moe = "num_experts" in cfg
     # MoE: transformers' grouped-GEMM experts (its default is a Python loop over experts)
     kwargs = {"experts_implementation": "grouped_mm"} if moe else {}
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
-                                                 attn_implementation="sdpa", **kwargs)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.bfloat16, attn_implementation="sdpa", **kwargs
+        )
     model.train()
     if args.recompute == "full":
         model.gradient_checkpointing_enable()
@@ -303,15 +372,26 @@ def run_hf(args, cfg: dict) -> dict:
 
         if args.recompute == "full":
             model.enable_input_require_grads()
-        model = get_peft_model(model, LoraConfig(
-            r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-            target_modules="all-linear", task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=args.lora_rank,
+                lora_alpha=args.lora_alpha,
+                lora_dropout=args.lora_dropout,
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            ),
+        )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
     n_micro = args.global_batch // args.micro_batch
     g = torch.Generator(device="cuda").manual_seed(0)
-    batches = [torch.randint(0, cfg["vocab_size"], (args.micro_batch, args.seq_len), device="cuda",
-                             generator=g) for _ in range(n_micro)]
+    batches = [
+        torch.randint(
+            0, cfg["vocab_size"], (args.micro_batch, args.seq_len), device="cuda", generator=g
+        )
+        for _ in range(n_micro)
+    ]
 
     def step():
         for ids in batches:
@@ -322,11 +402,24 @@ def run_hf(args, cfg: dict) -> dict:
 
     torch.cuda.reset_peak_memory_stats()
     step_time = timed(step, args.warmup, args.steps)
-    res = result(args, "hf", cfg, step_time, 1, {
-        "tp": 1, "pp": 1, "dp": 1, "transformers": transformers.__version__,
-        "attn_implementation": "sdpa", "optimizer": "torch AdamW fused, bf16 params and states",
-        "lora": lora_summary(args), "peft": _version("peft") if args.lora else None,
-        **kwargs})
+    res = result(
+        args,
+        "hf",
+        cfg,
+        step_time,
+        1,
+        {
+            "tp": 1,
+            "pp": 1,
+            "dp": 1,
+            "transformers": transformers.__version__,
+            "attn_implementation": "sdpa",
+            "optimizer": "torch AdamW fused, bf16 params and states",
+            "lora": lora_summary(args),
+            "peft": _version("peft") if args.lora else None,
+            **kwargs,
+        },
+    )
     del model, optimizer, batches
     gc.collect()
     torch.cuda.empty_cache()
@@ -344,6 +437,7 @@ def _version(name: str):
 
 # ---- main -----------------------------------------------------------------------------------
 
+
 def environment() -> dict:
     import importlib.metadata as md
 
@@ -353,24 +447,32 @@ def environment() -> dict:
         except md.PackageNotFoundError:
             return None
 
-    return {"date": _dt.date.today().isoformat(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "gpus": torch.cuda.device_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "megatron_core": version("megatron-core"),
-            "transformers": version("transformers"),
-            "transformer_engine": version("transformer-engine") or version("transformer_engine"),
-            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-            "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+    return {
+        "date": _dt.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "gpus": torch.cuda.device_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "megatron_core": version("megatron-core"),
+        "transformers": version("transformers"),
+        "transformer_engine": version("transformer-engine") or version("transformer_engine"),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+    }
 
 
 def print_table(runs: list[dict]) -> None:
     head = f"{'impl':8} {'label':18} {'shape':11} {'layout':14} {'tok/s':>9} {'TFLOP/s/GPU':>11} {'MFU':>6} {'peak GiB':>8}"
     print(head)
     for r in runs:
-        layout = f"TP{r['tp']} PP{r['pp']} DP{r['dp']}" + (" SP" if r.get("sequence_parallel") else "")
+        layout = f"TP{r['tp']} PP{r['pp']} DP{r['dp']}" + (
+            " SP" if r.get("sequence_parallel") else ""
+        )
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
-        print(f"{r['impl']:8} {r['label'][:18]:18} {r['shape']:11} {layout:14} {r['tokens_per_s']:9.0f} "
-              f"{r['tflops_per_gpu']:11.1f} {mfu:>6} {r['peak_mem_gb']:8.1f}")
+        print(
+            f"{r['impl']:8} {r['label'][:18]:18} {r['shape']:11} {layout:14} {r['tokens_per_s']:9.0f} "
+            f"{r['tflops_per_gpu']:11.1f} {mfu:>6} {r['peak_mem_gb']:8.1f}"
+        )
 
 
 def main(argv=None) -> int:
@@ -394,12 +496,15 @@ def main(argv=None) -> int:
     by = {r["impl"]: r for r in runs}
     if "runtime" in by and "hf" in by:
         doc["ratio_tokens_per_s_per_gpu"] = round(
-            by["runtime"]["tokens_per_s_per_gpu"] / by["hf"]["tokens_per_s_per_gpu"], 3)
+            by["runtime"]["tokens_per_s_per_gpu"] / by["hf"]["tokens_per_s_per_gpu"], 3
+        )
         doc["ratio_peak_mem"] = round(by["runtime"]["peak_mem_gb"] / by["hf"]["peak_mem_gb"], 3)
     print_table(runs)
     if "ratio_tokens_per_s_per_gpu" in doc:
-        print(f"runtime / hf tokens per second per GPU: {doc['ratio_tokens_per_s_per_gpu']}x; "
-              f"peak memory ratio {doc['ratio_peak_mem']}x")
+        print(
+            f"runtime / hf tokens per second per GPU: {doc['ratio_tokens_per_s_per_gpu']}x; "
+            f"peak memory ratio {doc['ratio_peak_mem']}x"
+        )
     if args.json:
         path = Path(args.json)
         existing = json.loads(path.read_text()) if path.exists() else []

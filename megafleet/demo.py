@@ -50,8 +50,10 @@ def check_runtime_installed() -> None:
 
     missing = [m for m in RUNTIME_PACKAGES if importlib.util.find_spec(m.split(".")[0]) is None]
     if missing:
-        raise UsageError(f"the demo trains locally and needs the runtime: {', '.join(missing)} "
-                         "not installed", hint="pip install 'megafleet[runtime]' (or ./dev demo)")
+        raise UsageError(
+            f"the demo trains locally and needs the runtime: {', '.join(missing)} not installed",
+            hint="pip install 'megafleet[runtime]' (or ./dev demo)",
+        )
 
 
 def free_port() -> int:
@@ -80,13 +82,44 @@ def demo_job(model: Path, data: Path, steps: int, device: str):
     """The SFT job: ms-swift flags, exactly what a user could pass to `megafleet launch`."""
     from remote_runtime.spec.flags import job_from_argv
 
-    flags = ["--model", str(model), "--dataset", str(data), "--device", device,
-             "--max_length", "256", "--micro_batch_size", "2",
-             "--global_batch_size", "16", "--train_iters", str(steps), "--lr", "3e-3",
-             "--min_lr", "3e-4", "--lr_warmup_iters", "2", "--weight_decay", "0.0",
-             "--logging_steps", "5", "--save_steps", str(steps), "--save_total_limit", "1",
-             "--no_save_optim", "true", "--seed", "0", "--hosts", "local",
-             "--master_port", str(free_port())]
+    flags = [
+        "--model",
+        str(model),
+        "--dataset",
+        str(data),
+        "--device",
+        device,
+        "--max_length",
+        "256",
+        "--micro_batch_size",
+        "2",
+        "--global_batch_size",
+        "16",
+        "--train_iters",
+        str(steps),
+        "--lr",
+        "3e-3",
+        "--min_lr",
+        "3e-4",
+        "--lr_warmup_iters",
+        "2",
+        "--weight_decay",
+        "0.0",
+        "--logging_steps",
+        "5",
+        "--save_steps",
+        str(steps),
+        "--save_total_limit",
+        "1",
+        "--no_save_optim",
+        "true",
+        "--seed",
+        "0",
+        "--hosts",
+        "local",
+        "--master_port",
+        str(free_port()),
+    ]
     if device == "cpu":
         flags += ["--torch_dtype", "float32"]
     return job_from_argv(flags, task="sft")
@@ -101,16 +134,25 @@ def answer(checkpoint: Path, prompt: str) -> str:
     hf_logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(str(checkpoint))
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=24, do_sample=False,
-                             eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
-    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(
+            **ids,
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        )
+    return tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def run_demo(workspace: Path, steps: int = 30, device: str = "auto", on_line=None,
-             say=lambda msg: None) -> DemoResult:
+def run_demo(
+    workspace: Path, steps: int = 30, device: str = "auto", on_line=None, say=lambda msg: None
+) -> DemoResult:
     """Build, train, fetch, answer. `on_line(LogLine)` sees the run's log lines as they come."""
     import json
 
@@ -127,7 +169,9 @@ def run_demo(workspace: Path, steps: int = 30, device: str = "auto", on_line=Non
     say(f"building a tiny Qwen3-shaped model, tokenizer and 200-row chat dataset in {workspace}")
     model, data = build_assets(workspace)
     timings["assets_s"] = round(time.monotonic() - start, 1)
-    run = launch_job(demo_job(model, data, steps, _device(device)), LaunchOptions(local=True, say=say))
+    run = launch_job(
+        demo_job(model, data, steps, _device(device)), LaunchOptions(local=True, say=say)
+    )
     say(f"run {run.run_id}: torchrun -m remote_runtime sft on this machine")
     losses = []
 
@@ -140,11 +184,20 @@ def run_demo(workspace: Path, steps: int = 30, device: str = "auto", on_line=Non
     t0 = time.monotonic()
     exit_code, _ = follow_logs(run, collect)
     timings["train_s"] = round(time.monotonic() - t0, 1)
-    result = DemoResult(str(workspace), run.run_id, exit_code, losses[0] if losses else None,
-                        losses[-1] if losses else None, prompt=DEMO_PROMPT, expected=DEMO_ANSWER)
+    result = DemoResult(
+        str(workspace),
+        run.run_id,
+        exit_code,
+        losses[0] if losses else None,
+        losses[-1] if losses else None,
+        prompt=DEMO_PROMPT,
+        expected=DEMO_ANSWER,
+    )
     if exit_code != 0:
-        raise MegafleetError(f"the demo run {run.run_id} ended with exit code {exit_code}",
-                             hint=f"megafleet logs {run.run_id}")
+        raise MegafleetError(
+            f"the demo run {run.run_id} ended with exit code {exit_code}",
+            hint=f"megafleet logs {run.run_id}",
+        )
     got = fetch_checkpoint(run, "latest", to=workspace / "checkpoint")
     result.checkpoint = str(workspace / "checkpoint")
     t0 = time.monotonic()
@@ -152,8 +205,9 @@ def run_demo(workspace: Path, steps: int = 30, device: str = "auto", on_line=Non
     timings["answer_s"] = round(time.monotonic() - t0, 1)
     result.seconds = round(time.monotonic() - start, 1)
     result.timings = timings
-    (workspace / "result.json").write_text(json.dumps({**result.to_dict(), "fetched": got},
-                                                      indent=2, default=str))
+    (workspace / "result.json").write_text(
+        json.dumps({**result.to_dict(), "fetched": got}, indent=2, default=str)
+    )
     return result
 
 

@@ -23,8 +23,14 @@ from types import ModuleType
 from typing import Any, Iterable, Mapping, Sequence
 
 from megafleet import resources
-from megafleet.errors import (EXIT_FAILED, EXIT_OK, EXIT_REMOTE, EXIT_UNREACHABLE, FieldProblem,
-                              ValidationError)
+from megafleet.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_REMOTE,
+    EXIT_UNREACHABLE,
+    FieldProblem,
+    ValidationError,
+)
 from megafleet.jsonschema_subset import iter_errors, unsupported_keywords
 
 # (facts key, label, the table row it marks, severity). A version difference between nodes
@@ -39,14 +45,25 @@ COMPARED_FACTS = (
     ("gpu_models", "GPU models", "gpu.count", "warn"),
 )
 # Table rows whose cell shows a fact's value (the version) next to the status symbol.
-CELL_FACTS = {"python.version": "python", "torch.import": "torch", "torch.cuda_build": "torch_cuda",
-              "driver.version": "driver", "cuda.nvcc": "nvcc", "cudnn.runtime": "cudnn_runtime",
-              "nccl.runtime": "nccl_runtime", "cudnn.headers": "cudnn_headers",
-              "nccl.headers": "nccl_headers", "te.import": "transformer_engine",
-              "megatron_core.version": "megatron_core", "apex.cuda_ext": "apex",
-              "flash_attn.version": "flash_attn", "transformers.import": "transformers",
-              "safetensors.import": "safetensors", "tokenizers.import": "tokenizers",
-              "peft.import": "peft"}
+CELL_FACTS = {
+    "python.version": "python",
+    "torch.import": "torch",
+    "torch.cuda_build": "torch_cuda",
+    "driver.version": "driver",
+    "cuda.nvcc": "nvcc",
+    "cudnn.runtime": "cudnn_runtime",
+    "nccl.runtime": "nccl_runtime",
+    "cudnn.headers": "cudnn_headers",
+    "nccl.headers": "nccl_headers",
+    "te.import": "transformer_engine",
+    "megatron_core.version": "megatron_core",
+    "apex.cuda_ext": "apex",
+    "flash_attn.version": "flash_attn",
+    "transformers.import": "transformers",
+    "safetensors.import": "safetensors",
+    "tokenizers.import": "tokenizers",
+    "peft.import": "peft",
+}
 MISSING = "missing"
 
 
@@ -75,8 +92,14 @@ class HostReport:
         return None
 
     def to_dict(self) -> dict:
-        return {"host": self.host, "ok": self.ok, "exit_code": self.exit_code,
-                "error": self.error, "reached": self.reached, "report": self.report}
+        return {
+            "host": self.host,
+            "ok": self.ok,
+            "exit_code": self.exit_code,
+            "error": self.error,
+            "reached": self.reached,
+            "report": self.report,
+        }
 
 
 @dataclass
@@ -98,11 +121,18 @@ class Finding:
         return f"{self.label} not the same on all hosts: " + "; ".join(parts)
 
     def to_dict(self) -> dict:
-        return {"key": self.key, "label": self.label, "check_id": self.check_id,
-                "severity": self.severity, "values": self.values, "message": self.message}
+        return {
+            "key": self.key,
+            "label": self.label,
+            "check_id": self.check_id,
+            "severity": self.severity,
+            "values": self.values,
+            "message": self.message,
+        }
 
 
 # ------------------------------------------------------------------------- schema, parsing
+
 
 @functools.lru_cache(maxsize=1)
 def load_schema() -> dict:
@@ -115,8 +145,10 @@ def load_schema() -> dict:
 
 def validate_report(doc: Any, host: str | None = None) -> list[FieldProblem]:
     """Every schema violation of a report, each naming the field (and the host)."""
-    return [FieldProblem(field=where, message=message, source=host)
-            for where, message in iter_errors(doc, load_schema())]
+    return [
+        FieldProblem(field=where, message=message, source=host)
+        for where, message in iter_errors(doc, load_schema())
+    ]
 
 
 def parse_report(text: str, host: str = "local") -> dict:
@@ -125,18 +157,29 @@ def parse_report(text: str, host: str = "local") -> dict:
     try:
         doc = json.loads(text[start:])
     except json.JSONDecodeError as exc:
-        raise ValidationError([FieldProblem(field="(output)", source=host,
-                                            message=f"not JSON ({exc.msg} at line {exc.lineno})")],
-                              hint="run the check script by hand on that host to see its output")
+        raise ValidationError(
+            [
+                FieldProblem(
+                    field="(output)",
+                    source=host,
+                    message=f"not JSON ({exc.msg} at line {exc.lineno})",
+                )
+            ],
+            hint="run the check script by hand on that host to see its output",
+        )
     problems = validate_report(doc, host)
     if problems:
-        raise ValidationError(problems, hint="the node's check script and this megafleet differ "
-                                             "in version: upload the script again")
+        raise ValidationError(
+            problems,
+            hint="the node's check script and this megafleet differ "
+            "in version: upload the script again",
+        )
     return doc
 
 
-def report_from_output(host: str, exit_code: int | None, stdout: str,
-                       stderr: str = "") -> HostReport:
+def report_from_output(
+    host: str, exit_code: int | None, stdout: str, stderr: str = ""
+) -> HostReport:
     """A HostReport from one run of the script (exit 0 or 1 both carry a full report)."""
     if exit_code not in (0, 1) or not stdout.strip():
         last = " | ".join(line.strip() for line in (stderr or stdout).strip().splitlines()[-3:])
@@ -150,6 +193,7 @@ def report_from_output(host: str, exit_code: int | None, stdout: str,
 
 
 # --------------------------------------------------------------------------- comparisons
+
 
 def _fact_value(facts: Mapping[str, Any], key: str) -> str:
     if key == "gpu_models":
@@ -188,12 +232,16 @@ def exit_code_for(reports: Sequence[HostReport], findings: Sequence[Finding]) ->
 
 def fleet_json(reports: Sequence[HostReport], findings: Sequence[Finding]) -> dict:
     code = exit_code_for(reports, findings)
-    return {"ok": code == EXIT_OK, "exit_code": code,
-            "hosts": {r.host: r.to_dict() for r in reports},
-            "findings": [f.to_dict() for f in findings]}
+    return {
+        "ok": code == EXIT_OK,
+        "exit_code": code,
+        "hosts": {r.host: r.to_dict() for r in reports},
+        "findings": [f.to_dict() for f in findings],
+    }
 
 
 # ------------------------------------------------------------------------------ the table
+
 
 def check_ids(reports: Iterable[HostReport]) -> list[str]:
     """Every check id of every report, in the script's order (first appearance)."""
@@ -228,8 +276,10 @@ def _gpu_summary(gpus: list[dict]) -> str:
     return ", ".join(f"{n}× {name}" for name, n in counts.items())
 
 
-def matrix_rows(reports: Sequence[HostReport], findings: Sequence[Finding],
-                ) -> list[tuple[str, bool, list[tuple[str, str]]]]:
+def matrix_rows(
+    reports: Sequence[HostReport],
+    findings: Sequence[Finding],
+) -> list[tuple[str, bool, list[tuple[str, str]]]]:
     """(check id, differs across hosts, [(status, text) per host]) for every row."""
     marked = {f.check_id for f in findings}
     return [(cid, cid in marked, [cell(r, cid) for r in reports]) for cid in check_ids(reports)]
@@ -248,12 +298,16 @@ def problems(reports: Sequence[HostReport]) -> list[tuple[list[str], dict]]:
     return sorted(groups.values(), key=lambda g: rank.get((g[1]["level"], g[1]["status"]), 2))
 
 
-def render(reports: Sequence[HostReport], findings: Sequence[Finding],
-           show_fixes: bool = True) -> None:
+def render(
+    reports: Sequence[HostReport], findings: Sequence[Finding], show_fixes: bool = True
+) -> None:
     from megafleet import ui
 
-    ui.show_check_matrix([r.host for r in reports], matrix_rows(reports, findings),
-                         title=f"Environment check: {len(reports)} host(s)")
+    ui.show_check_matrix(
+        [r.host for r in reports],
+        matrix_rows(reports, findings),
+        title=f"Environment check: {len(reports)} host(s)",
+    )
     for r in reports:
         if r.report is None:
             ui.check_row("fail", r.host, r.error or "no report")
@@ -265,6 +319,7 @@ def render(reports: Sequence[HostReport], findings: Sequence[Finding],
 
 
 # ------------------------------------------------------------------------- running it
+
 
 def load_check_script() -> ModuleType:
     """The node script as a module, for its reusable functions (header discovery, export lines,
@@ -283,9 +338,14 @@ def load_check_script() -> ModuleType:
     return module
 
 
-def script_argv(python: str, script: str | Path, workdirs: Sequence[str] = (),
-                require_te: bool = False, cpu_ok: bool = False, timeout: float | None = None,
-                ) -> list[str]:
+def script_argv(
+    python: str,
+    script: str | Path,
+    workdirs: Sequence[str] = (),
+    require_te: bool = False,
+    cpu_ok: bool = False,
+    timeout: float | None = None,
+) -> list[str]:
     """The command that runs the check with `python` and prints JSON (also what the SSH runner
     runs on a node after uploading the script; join it with shlex.join)."""
     argv = [python, str(script), "--json"]
@@ -300,15 +360,26 @@ def script_argv(python: str, script: str | Path, workdirs: Sequence[str] = (),
     return argv
 
 
-def run_local(python: str, host: str = "local", workdirs: Sequence[str] = (),
-              require_te: bool = False, cpu_ok: bool = False, timeout: float = 180,
-              env: Mapping[str, str] | None = None) -> HostReport:
+def run_local(
+    python: str,
+    host: str = "local",
+    workdirs: Sequence[str] = (),
+    require_te: bool = False,
+    cpu_ok: bool = False,
+    timeout: float = 180,
+    env: Mapping[str, str] | None = None,
+) -> HostReport:
     """Run the check on this machine with the interpreter `python`."""
     argv = script_argv(python, resources.check_script_path(), workdirs, require_te, cpu_ok, timeout)
     try:
         # Each probe has its own timeout; this one only guards against a wedged script.
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout * 12 + 60,
-                              env=dict(env) if env is not None else None)
+        proc = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout * 12 + 60,
+            env=dict(env) if env is not None else None,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return HostReport(host, error=f"{shlex.join(argv)}: {exc}")
     return report_from_output(host, proc.returncode, proc.stdout, proc.stderr)
@@ -318,37 +389,62 @@ def run_local(python: str, host: str = "local", workdirs: Sequence[str] = (),
 NODE_SCRIPT = "megafleet/bin/check_megatron_env.py"
 
 
-def remote_command(venv: str, workdirs: Sequence[str] = (), require_te: bool = False,
-                   cpu_ok: bool = False, timeout: float | None = None) -> str:
+def remote_command(
+    venv: str,
+    workdirs: Sequence[str] = (),
+    require_te: bool = False,
+    cpu_ok: bool = False,
+    timeout: float | None = None,
+) -> str:
     """The shell command a node runs: the check with the venv's python when that venv exists
     (before `megafleet setup`, the system python3). Relative paths are under $HOME."""
+
     def home_path(path: str) -> str:
         if path == "~" or path.startswith("~/"):
             path = path[2:]
         return shlex.quote(path) if path.startswith("/") else '"$HOME"/' + shlex.quote(path)
 
     flags = shlex.join(script_argv("python", "script", workdirs, require_te, cpu_ok, timeout)[2:])
-    return (f"V={home_path(venv)}; if [ -x \"$V/bin/python\" ]; then P=\"$V/bin/python\"; "
-            f"else P=python3; fi; exec \"$P\" {home_path(NODE_SCRIPT)} {flags}")
+    return (
+        f'V={home_path(venv)}; if [ -x "$V/bin/python" ]; then P="$V/bin/python"; '
+        f'else P=python3; fi; exec "$P" {home_path(NODE_SCRIPT)} {flags}'
+    )
 
 
-def check_host(runner, venv: str, workdirs: Sequence[str] = (), require_te: bool = False,
-               cpu_ok: bool = False, timeout: float = 180) -> HostReport:
+def check_host(
+    runner,
+    venv: str,
+    workdirs: Sequence[str] = (),
+    require_te: bool = False,
+    cpu_ok: bool = False,
+    timeout: float = 180,
+) -> HostReport:
     """Upload the script to one host (a Runner) and run it there."""
     put = runner.put(resources.check_script_path(), "~/" + NODE_SCRIPT)
     if not put.ok:
         return HostReport(runner.name, error=put.message or put.describe(), reached=put.reached)
-    res = runner.run(remote_command(venv, workdirs, require_te, cpu_ok, timeout),
-                     timeout=timeout * 12 + 60)
+    res = runner.run(
+        remote_command(venv, workdirs, require_te, cpu_ok, timeout), timeout=timeout * 12 + 60
+    )
     if not res.reached or res.error not in (None, "exit"):
-        return HostReport(runner.name, error=res.message or res.describe(lines=3),
-                          exit_code=res.exit_code, reached=res.reached)
+        return HostReport(
+            runner.name,
+            error=res.message or res.describe(lines=3),
+            exit_code=res.exit_code,
+            reached=res.reached,
+        )
     return report_from_output(runner.name, res.exit_code, res.stdout, res.stderr)
 
 
-def check_hosts(hosts, pool=None, venv: str | None = None, workdirs: Sequence[str] = (),
-                require_te: bool = False, cpu_ok: bool = False,
-                timeout: float = 180) -> list[HostReport]:
+def check_hosts(
+    hosts,
+    pool=None,
+    venv: str | None = None,
+    workdirs: Sequence[str] = (),
+    require_te: bool = False,
+    cpu_ok: bool = False,
+    timeout: float = 180,
+) -> list[HostReport]:
     """The check on every host at once (inventory Hosts through `pool`, or Runners), one
     HostReport each in the order given. `venv` defaults to the job config's launch.venv."""
     from megafleet.runner import run_on_hosts
@@ -357,8 +453,15 @@ def check_hosts(hosts, pool=None, venv: str | None = None, workdirs: Sequence[st
         from remote_runtime.spec.config import JobConfig
 
         venv = JobConfig().launch.venv
-    results = run_on_hosts(hosts, lambda r: check_host(r, venv, workdirs, require_te, cpu_ok,
-                                                       timeout), pool=pool, timeout=None)
-    return [res.value if res.ok and isinstance(res.value, HostReport) else
-            HostReport(name, error=res.message or res.describe(lines=3), reached=res.reached)
-            for name, res in results.items()]
+    results = run_on_hosts(
+        hosts,
+        lambda r: check_host(r, venv, workdirs, require_te, cpu_ok, timeout),
+        pool=pool,
+        timeout=None,
+    )
+    return [
+        res.value
+        if res.ok and isinstance(res.value, HostReport)
+        else HostReport(name, error=res.message or res.describe(lines=3), reached=res.reached)
+        for name, res in results.items()
+    ]

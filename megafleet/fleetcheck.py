@@ -55,17 +55,30 @@ def check_fleet(hosts, pool=None, workdir: str = DEFAULT_WORKDIR) -> dict:
         "workdir": workdir,
         "hosts": rows,
         "findings": [asdict(f) for f in fleet_findings(rows)],
-        "summary": {"total": len(rows), "reachable": reachable, "unreachable": len(rows) - reachable,
-                    "seconds": round(time.monotonic() - started, 2)},
+        "summary": {
+            "total": len(rows),
+            "reachable": reachable,
+            "unreachable": len(rows) - reachable,
+            "seconds": round(time.monotonic() - started, 2),
+        },
     }
 
 
 def _row(name: str, res: Result, host) -> dict:
-    row = {"name": name, "address": getattr(host, "address", None),
-           "user": getattr(host, "user", None), "reachable": res.reached,
-           "ok": res.ok, "error": None}
+    row = {
+        "name": name,
+        "address": getattr(host, "address", None),
+        "user": getattr(host, "user", None),
+        "reachable": res.reached,
+        "ok": res.ok,
+        "error": None,
+    }
     if not res.ok:
-        row["error"] = {"kind": res.error, "message": res.message or res.describe(), "hint": res.hint}
+        row["error"] = {
+            "kind": res.error,
+            "message": res.message or res.describe(),
+            "hint": res.hint,
+        }
         if res.error == "exit":
             row["error"]["message"] = res.describe(lines=10)
     if isinstance(res.value, dict):
@@ -78,31 +91,54 @@ def fleet_findings(rows: list[dict]) -> list[Finding]:
     out: list[Finding] = []
     down = [r for r in rows if not r["reachable"]]
     for r in down:
-        out.append(Finding("error", "unreachable", f"{r['name']}: {r['error']['message']}", [r["name"]]))
+        out.append(
+            Finding("error", "unreachable", f"{r['name']}: {r['error']['message']}", [r["name"]])
+        )
     failed = [r for r in rows if r["reachable"] and not r["ok"]]
     for r in failed:
-        out.append(Finding("error", "probe_failed", f"{r['name']}: {r['error']['message']}", [r["name"]]))
+        out.append(
+            Finding("error", "probe_failed", f"{r['name']}: {r['error']['message']}", [r["name"]])
+        )
     up = [r for r in rows if r["ok"]]
     for r in up:
         if r.get("gpu_status") == "error":
-            out.append(Finding("error", "nvidia_smi_failed",
-                               f"{r['name']}: nvidia-smi is installed but failed: {r['gpu_error']}",
-                               [r["name"]]))
+            out.append(
+                Finding(
+                    "error",
+                    "nvidia_smi_failed",
+                    f"{r['name']}: nvidia-smi is installed but failed: {r['gpu_error']}",
+                    [r["name"]],
+                )
+            )
     out += transfer_findings(up)
     no_gpu = [r["name"] for r in up if r.get("gpu_status") == "none"]
     if no_gpu:
-        out.append(Finding("warning", "no_gpus", f"no NVIDIA GPU found (nvidia-smi absent or lists "
-                           f"none) on: {', '.join(no_gpu)}", no_gpu))
+        out.append(
+            Finding(
+                "warning",
+                "no_gpus",
+                f"no NVIDIA GPU found (nvidia-smi absent or lists none) on: {', '.join(no_gpu)}",
+                no_gpu,
+            )
+        )
     with_gpu = [r for r in up if r.get("gpus")]
-    out += _mixed(with_gpu, "mixed_gpu_models", "GPU models",
-                  lambda r: ", ".join(sorted({g["name"] for g in r["gpus"]})))
+    out += _mixed(
+        with_gpu,
+        "mixed_gpu_models",
+        "GPU models",
+        lambda r: ", ".join(sorted({g["name"] for g in r["gpus"]})),
+    )
     out += _mixed(with_gpu, "mixed_gpu_counts", "GPU counts", lambda r: str(len(r["gpus"])))
-    out += _mixed(with_gpu, "mixed_drivers", "NVIDIA drivers", lambda r: r.get("driver_version") or "?")
+    out += _mixed(
+        with_gpu, "mixed_drivers", "NVIDIA drivers", lambda r: r.get("driver_version") or "?"
+    )
     return out
 
 
-NO_SFTP_FIX = ("to use SFTP instead, add `Subsystem sftp internal-sftp` to /etc/ssh/sshd_config "
-               "and reload sshd (`systemctl reload ssh`)")
+NO_SFTP_FIX = (
+    "to use SFTP instead, add `Subsystem sftp internal-sftp` to /etc/ssh/sshd_config "
+    "and reload sshd (`systemctl reload ssh`)"
+)
 
 
 def transfer_findings(rows: list[dict]) -> list[Finding]:
@@ -111,20 +147,33 @@ def transfer_findings(rows: list[dict]) -> list[Finding]:
     out = []
     no_sftp = [r["name"] for r in rows if r.get("sftp") is False]
     if no_sftp:
-        out.append(Finding("info", "no_sftp", f"no SFTP subsystem in sshd on {', '.join(no_sftp)}: "
-                           "file transfers stream over the SSH exec channel instead (same resume "
-                           f"and sha256 checks); {NO_SFTP_FIX}", no_sftp))
+        out.append(
+            Finding(
+                "info",
+                "no_sftp",
+                f"no SFTP subsystem in sshd on {', '.join(no_sftp)}: "
+                "file transfers stream over the SSH exec channel instead (same resume "
+                f"and sha256 checks); {NO_SFTP_FIX}",
+                no_sftp,
+            )
+        )
     by_key: dict[str, list[str]] = {}
     for r in rows:
         if r.get("host_key"):
             by_key.setdefault(r["host_key"], []).append(r["name"])
     for key, names in by_key.items():
         if len(names) > 1:
-            out.append(Finding("warning", "shared_host_key",
-                               f"{', '.join(names)} present the same host key ({key}): one machine "
-                               "listed twice (a job would run two nodes on it), or machines cloned "
-                               "from one image with its host keys; remove the duplicate entry, or "
-                               "regenerate the host keys on the clones", names))
+            out.append(
+                Finding(
+                    "warning",
+                    "shared_host_key",
+                    f"{', '.join(names)} present the same host key ({key}): one machine "
+                    "listed twice (a job would run two nodes on it), or machines cloned "
+                    "from one image with its host keys; remove the duplicate entry, or "
+                    "regenerate the host keys on the clones",
+                    names,
+                )
+            )
     return out
 
 
@@ -135,8 +184,14 @@ def _mixed(rows: list[dict], code: str, what: str, key) -> list[Finding]:
     if len(groups) < 2:
         return []
     detail = "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items())
-    return [Finding("warning", code, f"mixed {what} across hosts ({detail})",
-                    [n for v in groups.values() for n in v])]
+    return [
+        Finding(
+            "warning",
+            code,
+            f"mixed {what} across hosts ({detail})",
+            [n for v in groups.values() for n in v],
+        )
+    ]
 
 
 def exit_code(report: dict) -> int:

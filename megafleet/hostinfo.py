@@ -85,8 +85,15 @@ def parse_df(text: str) -> list[dict]:
         cols = line.split()
         if len(cols) < 6 or cols[0] == "Filesystem" or _kib(cols[1]) is None:
             continue
-        rows.append({"filesystem": cols[0], "size_kib": _kib(cols[1]), "used_kib": _kib(cols[2]),
-                     "avail_kib": _kib(cols[3]), "mount": " ".join(cols[5:])})
+        rows.append(
+            {
+                "filesystem": cols[0],
+                "size_kib": _kib(cols[1]),
+                "used_kib": _kib(cols[2]),
+                "avail_kib": _kib(cols[3]),
+                "mount": " ".join(cols[5:]),
+            }
+        )
     return rows
 
 
@@ -136,12 +143,17 @@ def parse_ulimits(text: str) -> dict[str, int | str]:
 def parse_ipv4(text: str) -> list[str]:
     """Private (RFC 1918 / shared) IPv4 addresses from `ip -4 -o addr` or `hostname -I`."""
     found = re.findall(r"\binet (\d+\.\d+\.\d+\.\d+)", text) or re.findall(
-        r"\b(\d+\.\d+\.\d+\.\d+)\b", text)
+        r"\b(\d+\.\d+\.\d+\.\d+)\b", text
+    )
     out = []
     for a in found:
         ip = ipaddress.ip_address(a)
-        if (ip.is_private or ip in ipaddress.ip_network("100.64.0.0/10")) and not ip.is_loopback \
-                and not ip.is_link_local and a not in out:
+        if (
+            (ip.is_private or ip in ipaddress.ip_network("100.64.0.0/10"))
+            and not ip.is_loopback
+            and not ip.is_link_local
+            and a not in out
+        ):
             out.append(a)
     return out
 
@@ -173,10 +185,13 @@ def parse_probe(text: str) -> dict:
         "hostname": s.get("hostname", "").strip() or None,
         "sudo": s.get("sudo", "").strip() == "yes",
         "os": osr.get("PRETTY_NAME") or osr.get("NAME") or uname[0],
-        "os_id": osr.get("ID"), "os_version": osr.get("VERSION_ID"),
-        "kernel": uname[1], "arch": uname[2],
+        "os_id": osr.get("ID"),
+        "os_version": osr.get("VERSION_ID"),
+        "kernel": uname[1],
+        "arch": uname[2],
         "cpus": int(s["nproc"]) if s.get("nproc", "").strip().isdigit() else None,
-        "memory_gib": _gib(mem.get("MemTotal")), "memory_available_gib": _gib(mem.get("MemAvailable")),
+        "memory_gib": _gib(mem.get("MemTotal")),
+        "memory_available_gib": _gib(mem.get("MemAvailable")),
         "workdir": work_lines[0] if work_lines else None,
         "disk_free_gib": _gib(work_df[0]["avail_kib"]) if work_df else None,
         "python3": py[1].strip() if len(py) > 1 else None,
@@ -197,22 +212,41 @@ def parse_probe(text: str) -> dict:
 def _gpu_facts(gpu_text: str, smi_text: str) -> dict:
     lines = gpu_text.strip().splitlines()
     if not lines or lines[-1] == "@@absent":
-        return {"gpu_status": "none", "gpu_error": None, "gpus": [], "driver_version": None,
-                "cuda_driver_version": None}
+        return {
+            "gpu_status": "none",
+            "gpu_error": None,
+            "gpus": [],
+            "driver_version": None,
+            "cuda_driver_version": None,
+        }
     rc = lines[-1].removeprefix("@@rc=")
     body = "\n".join(lines[:-1])
     if rc != "0":
-        return {"gpu_status": "error", "gpu_error": body.strip()[-500:] or f"exit code {rc}",
-                "gpus": [], "driver_version": None, "cuda_driver_version": None}
+        return {
+            "gpu_status": "error",
+            "gpu_error": body.strip()[-500:] or f"exit code {rc}",
+            "gpus": [],
+            "driver_version": None,
+            "cuda_driver_version": None,
+        }
     try:
         gpus = parse_gpus(body)
     except ValueError as exc:
-        return {"gpu_status": "error", "gpu_error": str(exc), "gpus": [], "driver_version": None,
-                "cuda_driver_version": None}
+        return {
+            "gpu_status": "error",
+            "gpu_error": str(exc),
+            "gpus": [],
+            "driver_version": None,
+            "cuda_driver_version": None,
+        }
     drivers = sorted({str(g["driver_version"]) for g in gpus if g["driver_version"]})
-    return {"gpu_status": "ok" if gpus else "none", "gpu_error": None, "gpus": gpus,
-            "driver_version": ", ".join(drivers) or None,
-            "cuda_driver_version": parse_cuda_version(smi_text)}
+    return {
+        "gpu_status": "ok" if gpus else "none",
+        "gpu_error": None,
+        "gpus": gpus,
+        "driver_version": ", ".join(drivers) or None,
+        "cuda_driver_version": parse_cuda_version(smi_text),
+    }
 
 
 def _gib(kib: int | None) -> float | None:

@@ -75,8 +75,10 @@ class Host:
 
     def validate(self) -> list[FieldProblem]:
         """Field problems of this host, named `hosts.NAME.FIELD` (no file line: see load)."""
-        return [FieldProblem(f"hosts.{self.name}.{f}" if f else f"hosts.{self.name}", m)
-                for f, m in _host_problems(self)]
+        return [
+            FieldProblem(f"hosts.{self.name}.{f}" if f else f"hosts.{self.name}", m)
+            for f, m in _host_problems(self)
+        ]
 
 
 def parse_target(spec: str) -> tuple[str | None, str, int | None]:
@@ -103,8 +105,9 @@ def _host_problems(h: Host) -> list[tuple[str, str]]:
         out.append(("user", f"{h.user!r} is not a valid user name"))
     if isinstance(h.port, bool) or not isinstance(h.port, int) or not 1 <= h.port <= 65535:
         out.append(("port", f"{h.port!r} must be a whole number from 1 to 65535"))
-    if h.private_address is not None and (not isinstance(h.private_address, str)
-                                          or not ADDRESS_RE.match(h.private_address)):
+    if h.private_address is not None and (
+        not isinstance(h.private_address, str) or not ADDRESS_RE.match(h.private_address)
+    ):
         out.append(("private_address", f"{h.private_address!r} is not a host name or IP address"))
     if h.identity_file is not None and not isinstance(h.identity_file, str):
         out.append(("identity_file", "must be a file path"))
@@ -138,13 +141,16 @@ class Inventory:
         try:
             data, lines = load_with_lines(p)
         except YamlSyntaxError as exc:
-            raise ValidationError([FieldProblem("(yaml)", str(exc).split(": ", 1)[-1], str(p),
-                                                exc.line)],
-                                  hint="fix the YAML syntax on that line (indentation, colons, quotes)")
+            raise ValidationError(
+                [FieldProblem("(yaml)", str(exc).split(": ", 1)[-1], str(p), exc.line)],
+                hint="fix the YAML syntax on that line (indentation, colons, quotes)",
+            )
         duplicates = _duplicate_hosts(p)
         if duplicates:
-            raise ValidationError(duplicates, hint=f"keep one entry per name in {p} (YAML keeps "
-                                  "only the last one silently)")
+            raise ValidationError(
+                duplicates,
+                hint=f"keep one entry per name in {p} (YAML keeps only the last one silently)",
+            )
         return cls(_hosts_from_data(data, lines, p), path=p)
 
     def __len__(self) -> int:
@@ -158,8 +164,7 @@ class Inventory:
 
     def get(self, name: str) -> Host:
         if name not in self.hosts:
-            raise UsageError(f"no host named {name!r} in {self.path}",
-                             hint=self._known_hint())
+            raise UsageError(f"no host named {name!r} in {self.path}", hint=self._known_hint())
         return self.hosts[name]
 
     def select(self, names: Iterable[str] | None = None) -> list[Host]:
@@ -169,8 +174,10 @@ class Inventory:
         wanted = [n.strip() for n in names if n.strip()]
         unknown = [n for n in wanted if n not in self.hosts]
         if unknown:
-            raise UsageError(f"unknown host(s): {', '.join(unknown)} (inventory {self.path})",
-                             hint=self._known_hint())
+            raise UsageError(
+                f"unknown host(s): {', '.join(unknown)} (inventory {self.path})",
+                hint=self._known_hint(),
+            )
         return [self.hosts[n] for n in dict.fromkeys(wanted)]
 
     def jump_for(self, host: Host) -> Host | None:
@@ -182,8 +189,13 @@ class Inventory:
         if spec in self.hosts:
             return self.hosts[spec]
         user, address, port = parse_target(spec)
-        return Host(name=spec, address=address, user=user or host.user, port=port or 22,
-                    identity_file=host.identity_file)
+        return Host(
+            name=spec,
+            address=address,
+            user=user or host.user,
+            port=port or 22,
+            identity_file=host.identity_file,
+        )
 
     def _known_hint(self) -> str:
         if not self.hosts:
@@ -196,16 +208,20 @@ class Inventory:
         if problems:
             raise ValidationError(problems)
         if host.name in self.hosts and not replace:
-            raise UsageError(f"host {host.name!r} is already in {self.path}",
-                             hint=f"use --replace to overwrite it, or megafleet hosts remove {host.name}")
+            raise UsageError(
+                f"host {host.name!r} is already in {self.path}",
+                hint=f"use --replace to overwrite it, or megafleet hosts remove {host.name}",
+            )
         self.hosts[host.name] = host
 
     def remove(self, name: str) -> Host:
         self.get(name)  # an unknown name is an error naming the inventory file
         users = [h.name for h in self.hosts.values() if h.jump_host == name]
         if users:
-            raise UsageError(f"host {name!r} is the jump host of {', '.join(users)}",
-                             hint="remove or change those hosts first")
+            raise UsageError(
+                f"host {name!r} is the jump host of {', '.join(users)}",
+                hint="remove or change those hosts first",
+            )
         return self.hosts.pop(name)
 
     def _jump_problems(self, host: Host) -> list[FieldProblem]:
@@ -213,16 +229,23 @@ class Inventory:
         while cur.jump_host and cur.jump_host in {**self.hosts, host.name: host}:
             nxt = host if cur.jump_host == host.name else self.hosts[cur.jump_host]
             if nxt.name in seen:
-                return [FieldProblem(f"hosts.{host.name}.jump_host",
-                                     f"jump hosts form a loop through {nxt.name!r}")]
+                return [
+                    FieldProblem(
+                        f"hosts.{host.name}.jump_host",
+                        f"jump hosts form a loop through {nxt.name!r}",
+                    )
+                ]
             seen.add(nxt.name)
             cur = nxt
         return []
 
     def save(self) -> Path:
         """Write the inventory atomically (temp file + rename), mode 0600."""
-        body = yaml.safe_dump({"hosts": {h.name: h.to_dict() for h in self.hosts.values()}},
-                              sort_keys=False, default_flow_style=False)
+        body = yaml.safe_dump(
+            {"hosts": {h.name: h.to_dict() for h in self.hosts.values()}},
+            sort_keys=False,
+            default_flow_style=False,
+        )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".hosts-", suffix=".yaml", dir=self.path.parent)
         try:
@@ -247,9 +270,16 @@ def _duplicate_hosts(path: Path) -> list[FieldProblem]:
     seen: dict[str, list[int]] = {}
     for key, _ in hosts.value:
         seen.setdefault(str(key.value), []).append(key.start_mark.line + 1)
-    return [FieldProblem(f"hosts.{name}", f"defined {len(at)} times (lines "
-                         f"{', '.join(map(str, at))})", str(path), at[-1])
-            for name, at in seen.items() if len(at) > 1]
+    return [
+        FieldProblem(
+            f"hosts.{name}",
+            f"defined {len(at)} times (lines {', '.join(map(str, at))})",
+            str(path),
+            at[-1],
+        )
+        for name, at in seen.items()
+        if len(at) > 1
+    ]
 
 
 def _hosts_from_data(data: Any, lines: dict[str, int], path: Path) -> list[Host]:
@@ -257,14 +287,19 @@ def _hosts_from_data(data: Any, lines: dict[str, int], path: Path) -> list[Host]
     if data is None:
         return []
     if not isinstance(data, dict):
-        raise ValidationError([FieldProblem("(top level)", "must be a mapping with a `hosts:` key",
-                                            src, 1)])
-    problems = [FieldProblem(k, "unknown top-level key (expected `hosts`)", src, lines.get(k))
-                for k in data if k != "hosts"]
+        raise ValidationError(
+            [FieldProblem("(top level)", "must be a mapping with a `hosts:` key", src, 1)]
+        )
+    problems = [
+        FieldProblem(k, "unknown top-level key (expected `hosts`)", src, lines.get(k))
+        for k in data
+        if k != "hosts"
+    ]
     raw = data.get("hosts") or {}
     if not isinstance(raw, dict):
-        problems.append(FieldProblem("hosts", "must map host names to their settings", src,
-                                     lines.get("hosts")))
+        problems.append(
+            FieldProblem("hosts", "must map host names to their settings", src, lines.get("hosts"))
+        )
         raise ValidationError(problems)
     hosts = []
     for name, entry in raw.items():
@@ -285,23 +320,40 @@ def _hosts_from_data(data: Any, lines: dict[str, int], path: Path) -> list[Host]
 def _host_from_entry(name: str, entry: Any, lines: dict[str, int], path: Path):
     src, key = str(path), f"hosts.{name}"
     if not isinstance(entry, dict):
-        return None, [FieldProblem(key, "must be a mapping (address, user, port, ...)", src,
-                                   lines.get(key))]
-    problems = [FieldProblem(f"{key}.{k}", f"unknown field (known: {', '.join(FIELDS)})", src,
-                             lines.get(f"{key}.{k}")) for k in entry if k not in FIELDS]
+        return None, [
+            FieldProblem(key, "must be a mapping (address, user, port, ...)", src, lines.get(key))
+        ]
+    problems = [
+        FieldProblem(
+            f"{key}.{k}",
+            f"unknown field (known: {', '.join(FIELDS)})",
+            src,
+            lines.get(f"{key}.{k}"),
+        )
+        for k in entry
+        if k not in FIELDS
+    ]
     if "address" not in entry:
         problems.append(FieldProblem(f"{key}.address", "is required", src, lines.get(key)))
     tags = entry.get("tags") or {}
     if isinstance(tags, dict):
-        tags = {str(k): (str(v) if isinstance(v, (str, int, float, bool)) else v)
-                for k, v in tags.items()}
+        tags = {
+            str(k): (str(v) if isinstance(v, (str, int, float, bool)) else v)
+            for k, v in tags.items()
+        }
     identity = entry.get("identity_file")
     if isinstance(identity, str) and identity:
         identity = str((path.parent / Path(identity).expanduser()).resolve())
-    host = Host(name=name, address=entry.get("address", ""),
-                user=entry.get("user") or getpass.getuser(), port=entry.get("port", 22),
-                identity_file=identity or None, private_address=entry.get("private_address"),
-                jump_host=entry.get("jump_host"), tags=tags)
+    host = Host(
+        name=name,
+        address=entry.get("address", ""),
+        user=entry.get("user") or getpass.getuser(),
+        port=entry.get("port", 22),
+        identity_file=identity or None,
+        private_address=entry.get("private_address"),
+        jump_host=entry.get("jump_host"),
+        tags=tags,
+    )
     for fname, msg in _host_problems(host):
         if fname == "address" and "address" not in entry:
             continue

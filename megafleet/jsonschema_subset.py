@@ -12,11 +12,25 @@ from __future__ import annotations
 import re
 from typing import Any, Iterator
 
-SUPPORTED_KEYWORDS = frozenset({
-    "$schema", "$id", "$defs", "$ref", "title", "description",
-    "type", "enum", "const", "required", "properties", "additionalProperties", "items",
-    "pattern", "minimum",
-})
+SUPPORTED_KEYWORDS = frozenset(
+    {
+        "$schema",
+        "$id",
+        "$defs",
+        "$ref",
+        "title",
+        "description",
+        "type",
+        "enum",
+        "const",
+        "required",
+        "properties",
+        "additionalProperties",
+        "items",
+        "pattern",
+        "minimum",
+    }
+)
 
 _TYPES = {
     "object": lambda v: isinstance(v, dict),
@@ -44,8 +58,9 @@ def unsupported_keywords(schema: Any, path: str = "#") -> list[str]:
     return found
 
 
-def iter_errors(instance: Any, schema: dict, root: dict | None = None,
-                path: str = "") -> Iterator[tuple[str, str]]:
+def iter_errors(
+    instance: Any, schema: dict, root: dict | None = None, path: str = ""
+) -> Iterator[tuple[str, str]]:
     """Yield (dotted path, message) for every violation of `schema` by `instance`."""
     root = schema if root is None else root
     if "$ref" in schema:
@@ -100,8 +115,7 @@ def _resolve(root: dict, ref: str) -> dict:
 
 def _same(a: Any, b: Any) -> bool:
     # JSON Schema equality: 1 == true is false, 1 == 1.0 is true.
-    return type(a) is type(b) and a == b or (
-        _TYPES["number"](a) and _TYPES["number"](b) and a == b)
+    return type(a) is type(b) and a == b or (_TYPES["number"](a) and _TYPES["number"](b) and a == b)
 
 
 def _join(path: str, name: str) -> str:
@@ -112,4 +126,5 @@ def _describe(value: Any) -> str:
     if value is None:
         return "null"
     return {dict: "object", list: "array", str: "string", bool: "boolean"}.get(
-        type(value), type(value).__name__)
+        type(value), type(value).__name__
+    )

@@ -91,8 +91,15 @@ class Lora:
     master copy, no optimizer state); adapters of `rank` on `targets` are trained."""
 
     rank: int = 16
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                "down_proj")
+    targets: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
 
 
 def lora_layer_params(s: ModelShape, lora: Lora, tp: int = 1) -> int:
@@ -100,8 +107,13 @@ def lora_layer_params(s: ModelShape, lora: Lora, tp: int = 1) -> int:
     output side split for column-parallel modules, the input side for row-parallel ones."""
     h, d, f = s.hidden_size, s.kv_channels, s.ffn_hidden_size
     q, kv = s.num_attention_heads * d, s.num_query_groups * d
-    column = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "gate_proj": (h, f),
-              "up_proj": (h, f)}
+    column = {
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "gate_proj": (h, f),
+        "up_proj": (h, f),
+    }
     row = {"o_proj": (q, h), "down_proj": (f, h)}
     total = 0
     for name in lora.targets:
@@ -151,14 +163,20 @@ class Assumptions:
     def __post_init__(self):
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of: "
-                                 f"{', '.join(map(str, allowed))}")
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is not one of: {', '.join(map(str, allowed))}"
+                )
 
 
-_CHOICES = {"params_dtype_bytes": (2, 4), "optimizer_impl": ("fused", "foreach"),
-            "norm_impl": ("eager", "fused"), "swiglu_impl": ("fused", "eager"),
-            "attention_layout": ("packed", "padded"), "qk_impl": ("fused", "separate"),
-            "loss_impl": ("auto", "triton", "megatron")}
+_CHOICES = {
+    "params_dtype_bytes": (2, 4),
+    "optimizer_impl": ("fused", "foreach"),
+    "norm_impl": ("eager", "fused"),
+    "swiglu_impl": ("fused", "eager"),
+    "attention_layout": ("packed", "padded"),
+    "qk_impl": ("fused", "separate"),
+    "loss_impl": ("auto", "triton", "megatron"),
+}
 
 
 @dataclass
@@ -223,8 +241,13 @@ def _layer_sizes(s: ModelShape, par: Parallel, asm: Assumptions) -> _Sizes:
     norms_and_inputs = 2 * norm * hs + 2 * e * hs  # two norms, QKV and fc1 inputs
     rope = 4 * e * s.kv_channels  # cos and sin, made per call for q and for k, [s, 1, 1, d] each
     base = norms_and_inputs + qk_norm + mlp + rope
-    return _Sizes(layer=base + attn, layer_selective=base + attn_selective, checkpoint=e * hs,
-                  norm=norm, hs=hs)
+    return _Sizes(
+        layer=base + attn,
+        layer_selective=base + attn_selective,
+        checkpoint=e * hs,
+        norm=norm,
+        hs=hs,
+    )
 
 
 def _routed_bytes_per_token(s: ModelShape, par: Parallel, asm: Assumptions) -> float:
@@ -245,8 +268,9 @@ def _all_to_all_bytes(s: ModelShape, par: Parallel, asm: Assumptions, tokens: in
     return 2 * asm.params_dtype_bytes * s.hidden_size * copies
 
 
-def activation_bytes_per_token(shape: ModelShape, parallel: Parallel,
-                               assumptions: Assumptions = Assumptions()) -> dict[str, float]:
+def activation_bytes_per_token(
+    shape: ModelShape, parallel: Parallel, assumptions: Assumptions = Assumptions()
+) -> dict[str, float]:
     """Bytes one layer keeps for backward per token (of one TP rank), by recompute mode:
     `layer` (none), `layer_selective` (core attention recomputed), `checkpoint` (full)."""
     sz = _layer_sizes(shape, parallel, assumptions)
@@ -275,8 +299,9 @@ def _stage_param_split(s: ModelShape, par: Parallel, stage: int) -> tuple[int, i
     return params, experts
 
 
-def _saved_per_token(s: ModelShape, sz: _Sizes, rc: Recompute, stage: int, pp: int,
-                     e: int) -> tuple[float, int]:
+def _saved_per_token(
+    s: ModelShape, sz: _Sizes, rc: Recompute, stage: int, pp: int, e: int
+) -> tuple[float, int]:
     """(bytes saved per token of one microbatch on this stage, layers replayed at the peak)."""
     layers = s.num_layers // pp
     recomputed = rc.checkpointed_layers(layers)
@@ -299,9 +324,16 @@ def _saved_per_token(s: ModelShape, sz: _Sizes, rc: Recompute, stage: int, pp: i
     return per_token, replay
 
 
-def _stage_bytes(s: ModelShape, par: Parallel, rc: Recompute, asm: Assumptions, stage: int,
-                 tokens: int, microbatches: int,
-                 lora: Lora | None = None) -> dict[str, dict[str, float]]:
+def _stage_bytes(
+    s: ModelShape,
+    par: Parallel,
+    rc: Recompute,
+    asm: Assumptions,
+    stage: int,
+    tokens: int,
+    microbatches: int,
+    lora: Lora | None = None,
+) -> dict[str, dict[str, float]]:
     """{"backward": {component: bytes}, "optimizer step": {...}} for one stage's rank."""
     e, t, pp = asm.params_dtype_bytes, par.tp, par.pp
     sz = _layer_sizes(s, par, asm)
@@ -337,9 +369,12 @@ def _stage_bytes(s: ModelShape, par: Parallel, rc: Recompute, asm: Assumptions, 
         logits = e * tokens * vocab
     elif last:  # bf16 logits, fp32 softmax and fp32 gradient; then logits grad + weight grad
         logits = max(tokens * vocab * (e + 8), e * vocab * (tokens + s.hidden_size))
-    backward = dict(static, activations=in_flight * tokens * per_token,
-                    logits_and_loss=logits if logits >= working else 0.0,
-                    backward_working_set=working if working > logits else 0.0)
+    backward = dict(
+        static,
+        activations=in_flight * tokens * per_token,
+        logits_and_loss=logits if logits >= working else 0.0,
+        backward_working_set=working if working > logits else 0.0,
+    )
     step_temp = 0.0
     if master and grad_bytes < 4:
         step_temp += 4 * sharded  # the optimizer's fp32 copy of the bf16 gradient shard
@@ -349,11 +384,16 @@ def _stage_bytes(s: ModelShape, par: Parallel, rc: Recompute, asm: Assumptions, 
     return {"backward": backward, "optimizer step": step, "params": params}
 
 
-def estimate_memory(model_config: dict | ModelShape, parallel: Parallel, seq_len: int,
-                    micro_batch_size: int = 1, recompute: Recompute = Recompute(),
-                    num_microbatches: int | None = None,
-                    assumptions: Assumptions = Assumptions(),
-                    lora: Lora | None = None) -> MemoryEstimate:
+def estimate_memory(
+    model_config: dict | ModelShape,
+    parallel: Parallel,
+    seq_len: int,
+    micro_batch_size: int = 1,
+    recompute: Recompute = Recompute(),
+    num_microbatches: int | None = None,
+    assumptions: Assumptions = Assumptions(),
+    lora: Lora | None = None,
+) -> MemoryEstimate:
     """Peak memory per GPU of a training job. `model_config` is config.json (dict) or a shape.
 
     num_microbatches (per optimizer step and data-parallel rank) bounds how many microbatches a
@@ -364,8 +404,9 @@ def estimate_memory(model_config: dict | ModelShape, parallel: Parallel, seq_len
     microbatches = num_microbatches or parallel.pp
     per_stage = []
     for stage in range(parallel.pp):
-        parts = _stage_bytes(shape, parallel, recompute, assumptions, stage, tokens, microbatches,
-                             lora)
+        parts = _stage_bytes(
+            shape, parallel, recompute, assumptions, stage, tokens, microbatches, lora
+        )
         totals = {ph: sum(parts[ph].values()) for ph in ("backward", "optimizer step")}
         per_stage.append((max(totals.values()), stage, parts, totals))
     peak, stage, parts, totals = max(per_stage, key=lambda x: (x[0], -x[1]))
@@ -373,14 +414,23 @@ def estimate_memory(model_config: dict | ModelShape, parallel: Parallel, seq_len
     components = {k: v / GIB for k, v in parts[phase].items() if v}
     allocated = peak / GIB
     churn = allocated - sum(components.get(k, 0.0) for k in STATIC)
-    groups = sum(1 for n in (parallel.tp, parallel.pp, parallel.dp * parallel.cp, parallel.ep)
-                 if n > 1)
-    overhead = {"cuda_context": assumptions.cuda_context_gib,
-                "nccl": assumptions.nccl_gib_per_group * groups,
-                "fragmentation": assumptions.fragmentation * churn}
+    groups = sum(
+        1 for n in (parallel.tp, parallel.pp, parallel.dp * parallel.cp, parallel.ep) if n > 1
+    )
+    overhead = {
+        "cuda_context": assumptions.cuda_context_gib,
+        "nccl": assumptions.nccl_gib_per_group * groups,
+        "fragmentation": assumptions.fragmentation * churn,
+    }
     return MemoryEstimate(
-        components=components, allocated_gib=allocated, overhead=overhead,
-        total_gib=allocated + sum(overhead.values()), peak_phase=phase,
-        phases={k: v / GIB for k, v in totals.items()}, stage=stage,
-        params_per_gpu=parts["params"], tokens_per_microbatch=tokens,
-        stages=[{"stage": st, "allocated_gib": pk / GIB} for pk, st, _, _ in per_stage])
+        components=components,
+        allocated_gib=allocated,
+        overhead=overhead,
+        total_gib=allocated + sum(overhead.values()),
+        peak_phase=phase,
+        phases={k: v / GIB for k, v in totals.items()},
+        stage=stage,
+        params_per_gpu=parts["params"],
+        tokens_per_microbatch=tokens,
+        stages=[{"stage": st, "allocated_gib": pk / GIB} for pk, st, _, _ in per_stage],
+    )

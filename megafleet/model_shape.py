@@ -16,8 +16,14 @@ from pathlib import Path
 from remote_runtime.spec.errors import ConfigError
 from remote_runtime.spec.shape import ModelShape
 
-__all__ = ["ModelShape", "NAMED_CONFIGS", "as_shape", "load_model_config", "named_shape",
-           "shape_from_hf_config"]
+__all__ = [
+    "ModelShape",
+    "NAMED_CONFIGS",
+    "as_shape",
+    "load_model_config",
+    "named_shape",
+    "shape_from_hf_config",
+]
 
 
 def as_shape(model_config: dict | ModelShape) -> ModelShape:
@@ -33,42 +39,92 @@ def shape_from_hf_config(hf: dict) -> ModelShape:
 
 
 def _qwen3(hidden, layers, heads, ffn, tied, kv=8):
-    return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": hidden,
-            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
-            "head_dim": 128, "intermediate_size": ffn, "vocab_size": 151936,
-            "tie_word_embeddings": tied, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-            "max_position_embeddings": 40960, "hidden_act": "silu"}
+    return {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": 128,
+        "intermediate_size": ffn,
+        "vocab_size": 151936,
+        "tie_word_embeddings": tied,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 40960,
+        "hidden_act": "silu",
+    }
 
 
 def _llama3(hidden, layers, heads, ffn, tied=False, head_dim=None):
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": 8,
-            "head_dim": head_dim or hidden // heads, "intermediate_size": ffn,
-            "vocab_size": 128256, "tie_word_embeddings": tied, "rms_norm_eps": 1e-5,
-            "rope_theta": 500000.0, "max_position_embeddings": 131072, "hidden_act": "silu",
-            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": 8,
+        "head_dim": head_dim or hidden // heads,
+        "intermediate_size": ffn,
+        "vocab_size": 128256,
+        "tie_word_embeddings": tied,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 131072,
+        "hidden_act": "silu",
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    }
 
 
 def _qwen3_moe(hidden, layers, heads, kv, experts, topk, moe_ffn, ffn):
     """Qwen3-MoE config.json as published (Qwen/Qwen3-30B-A3B, Qwen/Qwen3-235B-A22B)."""
-    return {**_qwen3(hidden, layers, heads, ffn, False, kv),
-            "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
-            "num_experts": experts, "num_experts_per_tok": topk, "moe_intermediate_size": moe_ffn,
-            "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
-            "router_aux_loss_coef": 0.001, "attention_bias": False}
+    return {
+        **_qwen3(hidden, layers, heads, ffn, False, kv),
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "num_experts": experts,
+        "num_experts_per_tok": topk,
+        "moe_intermediate_size": moe_ffn,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "router_aux_loss_coef": 0.001,
+        "attention_bias": False,
+    }
 
 
 def _qwen2_moe(hidden, layers, heads, kv, experts, topk, moe_ffn, shared_ffn, ffn, max_pos):
     """Qwen2-MoE config.json as published (Qwen/Qwen1.5-MoE-A2.7B, Qwen/Qwen2-57B-A14B)."""
-    return {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
-            "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
-            "num_key_value_heads": kv, "intermediate_size": ffn, "vocab_size": 151936,
-            "tie_word_embeddings": False, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-            "max_position_embeddings": max_pos, "hidden_act": "silu", "use_sliding_window": False,
-            "num_experts": experts, "num_experts_per_tok": topk, "moe_intermediate_size": moe_ffn,
-            "shared_expert_intermediate_size": shared_ffn, "norm_topk_prob": False,
-            "decoder_sparse_step": 1, "router_aux_loss_coef": 0.001}
+    return {
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "model_type": "qwen2_moe",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "intermediate_size": ffn,
+        "vocab_size": 151936,
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": max_pos,
+        "hidden_act": "silu",
+        "use_sliding_window": False,
+        "num_experts": experts,
+        "num_experts_per_tok": topk,
+        "moe_intermediate_size": moe_ffn,
+        "shared_expert_intermediate_size": shared_ffn,
+        "norm_topk_prob": False,
+        "decoder_sparse_step": 1,
+        "router_aux_loss_coef": 0.001,
+    }
 
 
 # config.json of well-known checkpoints (the published shapes), for planning before download
@@ -91,9 +147,14 @@ NAMED_CONFIGS = {
 }
 
 
-_HUB_PREFIXES = (("meta-llama-3.1-", "llama3-"), ("meta-llama-3-", "llama3-"),
-                 ("llama-3.1-", "llama3-"), ("llama-3.3-", "llama3-"), ("llama-3-", "llama3-"),
-                 ("llama-3.2-", "llama3.2-"))
+_HUB_PREFIXES = (
+    ("meta-llama-3.1-", "llama3-"),
+    ("meta-llama-3-", "llama3-"),
+    ("llama-3.1-", "llama3-"),
+    ("llama-3.3-", "llama3-"),
+    ("llama-3-", "llama3-"),
+    ("llama-3.2-", "llama3.2-"),
+)
 
 
 def named_shape(ref: str) -> str | None:
@@ -104,7 +165,7 @@ def named_shape(ref: str) -> str | None:
         key = key.removesuffix(suffix)
     for prefix, replacement in _HUB_PREFIXES:
         if key.startswith(prefix):
-            key = replacement + key[len(prefix):]
+            key = replacement + key[len(prefix) :]
     return key if key in NAMED_CONFIGS else None
 
 
@@ -118,14 +179,22 @@ def load_model_config(ref: str) -> dict:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise ConfigError([("model.model", f"{path} not found: pass a Hugging Face checkpoint "
-                            f"directory, its config.json, or a known shape "
-                            f"({', '.join(NAMED_CONFIGS)})")])
+        raise ConfigError(
+            [
+                (
+                    "model.model",
+                    f"{path} not found: pass a Hugging Face checkpoint "
+                    f"directory, its config.json, or a known shape "
+                    f"({', '.join(NAMED_CONFIGS)})",
+                )
+            ]
+        )
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ConfigError([("model.model",
-                            f"{path}:{exc.lineno}: invalid JSON ({exc.msg})")]) from None
+        raise ConfigError(
+            [("model.model", f"{path}:{exc.lineno}: invalid JSON ({exc.msg})")]
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError([("model.model", f"{path}: not a config.json object")])
     return data

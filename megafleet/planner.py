@@ -65,12 +65,17 @@ class Candidate:
         return round(self.limit_gib - self.memory.total_gib, 3)
 
     def to_dict(self) -> dict:
-        return {"parallel": asdict(self.parallel), "recompute": asdict(self.recompute),
-                "micro_batch_size": self.micro_batch_size,
-                "global_batch_size": self.global_batch_size,
-                "num_microbatches": self.num_microbatches, "fits": self.fits,
-                "headroom_gib": self.headroom_gib, "relative_speed": round(self.relative_speed, 3),
-                "memory": self.memory.to_dict()}
+        return {
+            "parallel": asdict(self.parallel),
+            "recompute": asdict(self.recompute),
+            "micro_batch_size": self.micro_batch_size,
+            "global_batch_size": self.global_batch_size,
+            "num_microbatches": self.num_microbatches,
+            "fits": self.fits,
+            "headroom_gib": self.headroom_gib,
+            "relative_speed": round(self.relative_speed, 3),
+            "memory": self.memory.to_dict(),
+        }
 
 
 @dataclass
@@ -111,18 +116,31 @@ class Plan:
         return {
             "task": r.task,
             "data": {"max_length": r.seq_len},
-            "parallel": {"tensor_model_parallel_size": c.parallel.tp,
-                         "pipeline_model_parallel_size": c.parallel.pp,
-                         "sequence_parallel": c.parallel.sequence_parallel,
-                         "use_distributed_optimizer": c.parallel.distributed_optimizer},
-            "recompute": {"recompute_granularity": c.recompute.granularity,
-                          "recompute_method": c.recompute.method,
-                          "recompute_num_layers": c.recompute.num_layers},
-            "train": {"micro_batch_size": c.micro_batch_size,
-                      "global_batch_size": c.global_batch_size},
-            **({"moe": {"expert_model_parallel_size": c.parallel.ep,
-                        "expert_tensor_parallel_size": c.parallel.etp}}
-               if self.model.is_moe else {}),
+            "parallel": {
+                "tensor_model_parallel_size": c.parallel.tp,
+                "pipeline_model_parallel_size": c.parallel.pp,
+                "sequence_parallel": c.parallel.sequence_parallel,
+                "use_distributed_optimizer": c.parallel.distributed_optimizer,
+            },
+            "recompute": {
+                "recompute_granularity": c.recompute.granularity,
+                "recompute_method": c.recompute.method,
+                "recompute_num_layers": c.recompute.num_layers,
+            },
+            "train": {
+                "micro_batch_size": c.micro_batch_size,
+                "global_batch_size": c.global_batch_size,
+            },
+            **(
+                {
+                    "moe": {
+                        "expert_model_parallel_size": c.parallel.ep,
+                        "expert_tensor_parallel_size": c.parallel.etp,
+                    }
+                }
+                if self.model.is_moe
+                else {}
+            ),
             "launch": {"nproc_per_node": r.gpus_per_node},
             **({"tuner": {"train_type": "lora", "lora_rank": r.lora.rank}} if r.lora else {}),
         }
@@ -140,18 +158,26 @@ class Plan:
         return out
 
     def to_dict(self) -> dict:
-        return {"feasible": self.feasible, "reason": self.reason, "min_gpus": self.min_gpus,
-                "model": self.model.to_dict(),
-                "request": {**asdict(self.request), "nodes": self.request.nodes},
-                "chosen": self.chosen.to_dict() if self.chosen else None,
-                "job": self.job_fragment(), "flags": self.flags(), "notes": self.notes,
-                "candidates": [c.to_dict() for c in self.candidates],
-                "assumptions": asdict(self.assumptions),
-                "lora_alternative": (self.lora_alternative.to_dict() if self.lora_alternative
-                                     else None)}
+        return {
+            "feasible": self.feasible,
+            "reason": self.reason,
+            "min_gpus": self.min_gpus,
+            "model": self.model.to_dict(),
+            "request": {**asdict(self.request), "nodes": self.request.nodes},
+            "chosen": self.chosen.to_dict() if self.chosen else None,
+            "job": self.job_fragment(),
+            "flags": self.flags(),
+            "notes": self.notes,
+            "candidates": [c.to_dict() for c in self.candidates],
+            "assumptions": asdict(self.assumptions),
+            "lora_alternative": (
+                self.lora_alternative.to_dict() if self.lora_alternative else None
+            ),
+        }
 
 
 # ---- the search --------------------------------------------------------------------------------
+
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
@@ -168,8 +194,16 @@ def layouts(shape: ModelShape, gpus: int, gpus_per_node: int) -> list[Parallel]:
             for ep in _divisors(gpus // pp) if shape.is_moe else [1]:
                 if expert_layout_problems(shape, gpus, tp, pp, ep):
                     continue
-                out.append(Parallel(tp=tp, pp=pp, dp=gpus // (tp * pp), sequence_parallel=tp > 1,
-                                    distributed_optimizer=True, ep=ep))
+                out.append(
+                    Parallel(
+                        tp=tp,
+                        pp=pp,
+                        dp=gpus // (tp * pp),
+                        sequence_parallel=tp > 1,
+                        distributed_optimizer=True,
+                        ep=ep,
+                    )
+                )
     return out
 
 
@@ -178,8 +212,14 @@ def recompute_ladder(stage_layers: int) -> list[Recompute]:
     return [Recompute()] + [Recompute("full", "block", n) for n in range(1, stage_layers + 1)]
 
 
-def relative_speed(par: Parallel, rc: Recompute, shape: ModelShape, tokens: int,
-                   microbatches: int, gpus_per_node: int = 8) -> float:
+def relative_speed(
+    par: Parallel,
+    rc: Recompute,
+    shape: ModelShape,
+    tokens: int,
+    microbatches: int,
+    gpus_per_node: int = 8,
+) -> float:
     stage_layers = shape.num_layers // par.pp
     tp = 1 - 0.04 * math.log2(par.tp)
     if par.ep > 1:  # the all-to-all token exchange: a little per doubling, much across nodes
@@ -211,8 +251,9 @@ def sequences_per_sample(task: str) -> int:
 def _candidate(shape, par, rc, micro, gbs, req, asm) -> Candidate:
     m = gbs // (micro * par.dp)
     seq = req.seq_len * sequences_per_sample(req.task)
-    mem = estimate_memory(shape, par, seq, micro, rc, num_microbatches=m, assumptions=asm,
-                          lora=req.lora)
+    mem = estimate_memory(
+        shape, par, seq, micro, rc, num_microbatches=m, assumptions=asm, lora=req.lora
+    )
     cand = Candidate(par, rc, micro, gbs, m, mem, limit_gib=req.gpu_mem_gb * (1 - req.margin))
     cand.relative_speed = relative_speed(par, rc, shape, micro * seq, m, req.gpus_per_node)
     return cand
@@ -248,8 +289,13 @@ def check_request(req: Request) -> None:
     if req.gpus < 1:
         problems.append(("gpus", f"must be at least 1, got {req.gpus}"))
     if req.gpus_per_node < 1 or (req.gpus >= 1 and req.gpus % req.gpus_per_node):
-        problems.append(("gpus_per_node", f"{req.gpus_per_node} does not divide the {req.gpus} "
-                         "GPUs (every node must have the same number of GPUs)"))
+        problems.append(
+            (
+                "gpus_per_node",
+                f"{req.gpus_per_node} does not divide the {req.gpus} "
+                "GPUs (every node must have the same number of GPUs)",
+            )
+        )
     if req.gpu_mem_gb <= 0:
         problems.append(("gpu_mem_gb", f"must be > 0, got {req.gpu_mem_gb}"))
     if req.seq_len < 1:
@@ -266,11 +312,20 @@ def check_request(req: Request) -> None:
         raise ConfigError(problems)
 
 
-def plan(model_config: dict | ModelShape, gpus: int, gpu_mem_gb: float,
-         gpus_per_node: int | None = None, seq_len: int = 4096, task: str = "sft",
-         micro_batch_size: int | None = None, global_batch_size: int | None = None,
-         margin: float = 0.05, assumptions: Assumptions = Assumptions(),
-         suggest: bool = True, lora: Lora | None = None) -> Plan:
+def plan(
+    model_config: dict | ModelShape,
+    gpus: int,
+    gpu_mem_gb: float,
+    gpus_per_node: int | None = None,
+    seq_len: int = 4096,
+    task: str = "sft",
+    micro_batch_size: int | None = None,
+    global_batch_size: int | None = None,
+    margin: float = 0.05,
+    assumptions: Assumptions = Assumptions(),
+    suggest: bool = True,
+    lora: Lora | None = None,
+) -> Plan:
     """Propose parallel settings for full training (or, with `lora`, LoRA training) on `gpus`
     GPUs of `gpu_mem_gb` GiB each.
 
@@ -279,11 +334,22 @@ def plan(model_config: dict | ModelShape, gpus: int, gpu_mem_gb: float,
     fit and LoRA would, `lora_alternative` holds the LoRA plan.
     """
     shape = as_shape(model_config)
-    req = Request(gpus, float(gpu_mem_gb), gpus_per_node or gpus, seq_len, task, micro_batch_size,
-                  global_batch_size, margin, lora)
+    req = Request(
+        gpus,
+        float(gpu_mem_gb),
+        gpus_per_node or gpus,
+        seq_len,
+        task,
+        micro_batch_size,
+        global_batch_size,
+        margin,
+        lora,
+    )
     check_request(req)
-    found = [best_for_layout(shape, par, req, assumptions)
-             for par in layouts(shape, req.gpus, req.gpus_per_node)]
+    found = [
+        best_for_layout(shape, par, req, assumptions)
+        for par in layouts(shape, req.gpus, req.gpus_per_node)
+    ]
     found.sort(key=_rank_key)
     chosen = found[0] if found and found[0].fits else None
     result = Plan(req, shape, chosen is not None, chosen, found, assumptions=assumptions)
@@ -292,17 +358,33 @@ def plan(model_config: dict | ModelShape, gpus: int, gpu_mem_gb: float,
         if isinstance(model_config, dict):
             longest = model_config.get("max_position_embeddings")
             if longest and seq_len > longest:
-                result.notes.append(f"seq len {seq_len} is longer than the model's "
-                                    f"max_position_embeddings={longest}")
+                result.notes.append(
+                    f"seq len {seq_len} is longer than the model's "
+                    f"max_position_embeddings={longest}"
+                )
         return result
     result.reason = refusal(shape, req, found)
     if suggest and lora is None and task == "sft":
-        alt = plan(model_config, gpus, gpu_mem_gb, gpus_per_node, seq_len, task, micro_batch_size,
-                   global_batch_size, margin, assumptions, suggest=False, lora=Lora())
+        alt = plan(
+            model_config,
+            gpus,
+            gpu_mem_gb,
+            gpus_per_node,
+            seq_len,
+            task,
+            micro_batch_size,
+            global_batch_size,
+            margin,
+            assumptions,
+            suggest=False,
+            lora=Lora(),
+        )
         if alt.feasible:
             result.lora_alternative = alt
-            result.reason += (f"; LoRA (r={alt.request.lora.rank} on every linear layer, frozen "
-                              f"bf16 base) fits: {alt.chosen.memory.total_gib:.1f} GiB per GPU")
+            result.reason += (
+                f"; LoRA (r={alt.request.lora.rank} on every linear layer, frozen "
+                f"bf16 base) fits: {alt.chosen.memory.total_gib:.1f} GiB per GPU"
+            )
     if suggest:
         # Without a node size, assume the extra GPUs could come as servers of up to 8 GPUs.
         node_size = gpus_per_node or max(req.gpus, 8)
@@ -314,17 +396,30 @@ def plan(model_config: dict | ModelShape, gpus: int, gpu_mem_gb: float,
     return result
 
 
-def fewest_gpus(shape: ModelShape, req: Request, asm: Assumptions, node_size: int,
-                limit: int = 1024) -> int | None:
+def fewest_gpus(
+    shape: ModelShape, req: Request, asm: Assumptions, node_size: int, limit: int = 1024
+) -> int | None:
     """The fewest GPUs on which the model fits: up to one node of `node_size`, then whole nodes."""
-    sizes = sorted({2 ** i for i in range(11) if 2 ** i < node_size} |
-                   set(range(node_size, limit + 1, node_size)))
+    sizes = sorted(
+        {2**i for i in range(11) if 2**i < node_size} | set(range(node_size, limit + 1, node_size))
+    )
     for n in sizes:
         if n <= req.gpus:
             continue
-        attempt = plan(shape, n, req.gpu_mem_gb, min(node_size, n), req.seq_len, req.task,
-                       req.micro_batch_size, req.global_batch_size, req.margin, asm, suggest=False,
-                       lora=req.lora)
+        attempt = plan(
+            shape,
+            n,
+            req.gpu_mem_gb,
+            min(node_size, n),
+            req.seq_len,
+            req.task,
+            req.micro_batch_size,
+            req.global_batch_size,
+            req.margin,
+            asm,
+            suggest=False,
+            lora=req.lora,
+        )
         if attempt.feasible:
             return n
     return None
@@ -338,12 +433,14 @@ def refusal(shape: ModelShape, req: Request, found: list[Candidate]) -> str:
     mem, p = best.memory, best.parallel
     static = sum(mem.components.get(k, 0) for k in ("weights", "gradients", "optimizer_states"))
     ep = f" EP={p.ep}" if shape.is_moe else ""
-    return (f"{what} does not fit on {req.gpus} GPU{'s' if req.gpus > 1 else ''} of "
-            f"{req.gpu_mem_gb:g} GiB: even the smallest layout (TP={p.tp} PP={p.pp} DP={p.dp}{ep}, "
-            f"{best.recompute.granularity} recompute, micro batch {best.micro_batch_size}) needs "
-            f"{mem.total_gib:.1f} GiB per GPU ({static:.1f} GiB of it weights, gradients and "
-            f"optimizer states) and at most {best.limit_gib:.1f} GiB may be used; "
-            "try LoRA, which keeps gradients and optimizer states for the adapters only")
+    return (
+        f"{what} does not fit on {req.gpus} GPU{'s' if req.gpus > 1 else ''} of "
+        f"{req.gpu_mem_gb:g} GiB: even the smallest layout (TP={p.tp} PP={p.pp} DP={p.dp}{ep}, "
+        f"{best.recompute.granularity} recompute, micro batch {best.micro_batch_size}) needs "
+        f"{mem.total_gib:.1f} GiB per GPU ({static:.1f} GiB of it weights, gradients and "
+        f"optimizer states) and at most {best.limit_gib:.1f} GiB may be used; "
+        "try LoRA, which keeps gradients and optimizer states for the adapters only"
+    )
 
 
 def explain(p: Plan) -> list[str]:
@@ -351,76 +448,121 @@ def explain(p: Plan) -> list[str]:
     c, req = p.chosen, p.request
     par, notes = c.parallel, []
     if par.tp == 1 and par.pp == 1 and par.ep == 1:
-        notes.append("no model parallelism needed: weights, gradients and optimizer states fit "
-                     "on each GPU")
+        notes.append(
+            "no model parallelism needed: weights, gradients and optimizer states fit on each GPU"
+        )
     else:
         smaller = [x for x in p.candidates if x.parallel.tp * x.parallel.pp < par.tp * par.pp]
         if smaller and not any(x.fits for x in smaller):
             need = min(x.memory.total_gib for x in smaller)
             notes.append(f"less model parallelism does not fit (needs {need:.1f} GiB per GPU)")
         if par.tp > 1:
-            notes.append(f"TP={par.tp} inside a node (at most {req.gpus_per_node} GPUs per node), "
-                         "with sequence parallel")
+            notes.append(
+                f"TP={par.tp} inside a node (at most {req.gpus_per_node} GPUs per node), "
+                "with sequence parallel"
+            )
         if par.pp > 1:
-            notes.append(f"PP={par.pp}: {p.model.num_layers // par.pp} layers per stage; pipeline "
-                         f"bubble {100 * (par.pp - 1) / (c.num_microbatches + par.pp - 1):.0f}% "
-                         f"with {c.num_microbatches} microbatches")
+            notes.append(
+                f"PP={par.pp}: {p.model.num_layers // par.pp} layers per stage; pipeline "
+                f"bubble {100 * (par.pp - 1) / (c.num_microbatches + par.pp - 1):.0f}% "
+                f"with {c.num_microbatches} microbatches"
+            )
     if par.dp > 1:
-        notes.append(f"DP={par.dp} with the distributed optimizer: optimizer states sharded "
-                     f"{par.dp} ways")
+        notes.append(
+            f"DP={par.dp} with the distributed optimizer: optimizer states sharded {par.dp} ways"
+        )
     if par.ep > 1:
-        states = (f"expert optimizer states sharded {par.expert_dp} ways" if par.expert_dp > 1
-                  else "one copy of each expert, so expert optimizer states are not sharded")
-        notes.append(f"EP={par.ep}: {p.model.num_experts // par.ep} of the {p.model.num_experts} "
-                     f"experts per GPU, tokens exchanged all-to-all; {states}")
+        states = (
+            f"expert optimizer states sharded {par.expert_dp} ways"
+            if par.expert_dp > 1
+            else "one copy of each expert, so expert optimizer states are not sharded"
+        )
+        notes.append(
+            f"EP={par.ep}: {p.model.num_experts // par.ep} of the {p.model.num_experts} "
+            f"experts per GPU, tokens exchanged all-to-all; {states}"
+        )
     if c.recompute.granularity == "full":
-        notes.append(f"full recompute of {c.recompute.num_layers} of "
-                     f"{p.model.num_layers // par.pp} layers per stage to fit the activations")
+        notes.append(
+            f"full recompute of {c.recompute.num_layers} of "
+            f"{p.model.num_layers // par.pp} layers per stage to fit the activations"
+        )
     if c.headroom_gib < TIGHT_GIB:
-        notes.append(f"tight: {c.headroom_gib:.1f} GiB below the {c.limit_gib:.1f} GiB limit; if "
-                     "it runs out of memory, use more GPUs or LoRA")
+        notes.append(
+            f"tight: {c.headroom_gib:.1f} GiB below the {c.limit_gib:.1f} GiB limit; if "
+            "it runs out of memory, use more GPUs or LoRA"
+        )
     if req.global_batch_size and c.global_batch_size != req.global_batch_size:
-        notes.append(f"global batch {req.global_batch_size} rounded to {c.global_batch_size} "
-                     f"(a multiple of micro batch {c.micro_batch_size} × DP {par.dp})")
+        notes.append(
+            f"global batch {req.global_batch_size} rounded to {c.global_batch_size} "
+            f"(a multiple of micro batch {c.micro_batch_size} × DP {par.dp})"
+        )
     return notes
 
 
 # ---- jobs ----------------------------------------------------------------------------------
 
+
 def job_parallel(job: JobConfig, world_size: int) -> tuple[Parallel, Recompute, int]:
     """The layout, recompute and microbatches per step of a job on `world_size` GPUs."""
     par = job.parallel
-    tp, pp, cp = (par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                  par.context_parallel_size)
+    tp, pp, cp = (
+        par.tensor_model_parallel_size,
+        par.pipeline_model_parallel_size,
+        par.context_parallel_size,
+    )
     dp = max(1, world_size // (tp * pp * cp))
-    layout = Parallel(tp=tp, pp=pp, dp=dp, cp=cp,
-                      sequence_parallel=par.sequence_parallel and tp > 1,
-                      distributed_optimizer=par.use_distributed_optimizer,
-                      ep=job.moe.expert_model_parallel_size,
-                      etp=job.moe.expert_tensor_parallel_size)
+    layout = Parallel(
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        cp=cp,
+        sequence_parallel=par.sequence_parallel and tp > 1,
+        distributed_optimizer=par.use_distributed_optimizer,
+        ep=job.moe.expert_model_parallel_size,
+        etp=job.moe.expert_tensor_parallel_size,
+    )
     rc = job.recompute
     full = rc.recompute_granularity == "full"
-    recompute = Recompute(rc.recompute_granularity, rc.recompute_method,
-                          rc.recompute_num_layers or (1 if full else None))
+    recompute = Recompute(
+        rc.recompute_granularity,
+        rc.recompute_method,
+        rc.recompute_num_layers or (1 if full else None),
+    )
     microbatches = max(1, job.train.global_batch_size // (job.train.micro_batch_size * dp))
     return layout, recompute, microbatches
 
 
-def estimate_job(job: JobConfig, world_size: int, model_config: dict | ModelShape,
-                 assumptions: Assumptions | None = None) -> MemoryEstimate:
+def estimate_job(
+    job: JobConfig,
+    world_size: int,
+    model_config: dict | ModelShape,
+    assumptions: Assumptions | None = None,
+) -> MemoryEstimate:
     """Peak memory per GPU of a job as written (for launch checks and the wizard)."""
     layout, recompute, microbatches = job_parallel(job, world_size)
     asm = assumptions or Assumptions(
-        params_dtype_bytes=4 if job.model.torch_dtype == "float32" else 2)
+        params_dtype_bytes=4 if job.model.torch_dtype == "float32" else 2
+    )
     seq = job.data.max_length * sequences_per_sample(job.task)
-    return estimate_memory(model_config, layout, seq, job.train.micro_batch_size,
-                           recompute, num_microbatches=microbatches, assumptions=asm,
-                           lora=job_lora(job))
+    return estimate_memory(
+        model_config,
+        layout,
+        seq,
+        job.train.micro_batch_size,
+        recompute,
+        num_microbatches=microbatches,
+        assumptions=asm,
+        lora=job_lora(job),
+    )
 
 
 # megatron module names of target_modules -> the HF modules they adapt
-_MEGATRON_TARGETS = {"linear_qkv": ("q_proj", "k_proj", "v_proj"), "linear_proj": ("o_proj",),
-                     "linear_fc1": ("gate_proj", "up_proj"), "linear_fc2": ("down_proj",)}
+_MEGATRON_TARGETS = {
+    "linear_qkv": ("q_proj", "k_proj", "v_proj"),
+    "linear_proj": ("o_proj",),
+    "linear_fc1": ("gate_proj", "up_proj"),
+    "linear_fc2": ("down_proj",),
+}
 
 
 def job_lora(job: JobConfig) -> Lora | None:

@@ -32,7 +32,7 @@ def resource_path(repo_relative: str) -> Path:
             repo_candidate = _REPO_ROOT / repo_relative
             if repo_candidate.exists():
                 return repo_candidate
-            rest = repo_relative[len(key):].lstrip("/")
+            rest = repo_relative[len(key) :].lstrip("/")
             return _BUNDLED / bundled / rest if rest else _BUNDLED / bundled
     raise KeyError(f"{repo_relative} is not a shipped resource (known: {', '.join(_LAYOUT)})")
 

@@ -33,14 +33,27 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Union
 
 from megafleet.errors import MegafleetError, RemoteCommandError
-from megafleet.transfer import (Progress, local_copy, local_copy_from, sftp_get, sftp_get_from,
-                                sftp_put, sftp_put_from)
+from megafleet.transfer import (
+    Progress,
+    local_copy,
+    local_copy_from,
+    sftp_get,
+    sftp_get_from,
+    sftp_put,
+    sftp_put_from,
+)
 
 DEFAULT_TIMEOUT = 300.0  # seconds; None means no limit
 OnOutput = Callable[[str, str], None]  # (stream "stdout"|"stderr", one line without newline)
 
 # Result.error values
-EXIT, TIMEOUT, DISCONNECTED, TRANSFER, INTERNAL = "exit", "timeout", "disconnected", "transfer", "internal"
+EXIT, TIMEOUT, DISCONNECTED, TRANSFER, INTERNAL = (
+    "exit",
+    "timeout",
+    "disconnected",
+    "transfer",
+    "internal",
+)
 
 
 @dataclass
@@ -91,8 +104,11 @@ class Result:
         else:
             head = f"{self.host}: `{self.command}` failed ({self.error}): {self.message}"
         tail = self.tail(lines)
-        return head + (f" after {self.duration:.1f}s" if self.duration else "") + (
-            "\n" + tail if tail else "")
+        return (
+            head
+            + (f" after {self.duration:.1f}s" if self.duration else "")
+            + ("\n" + tail if tail else "")
+        )
 
     def check(self) -> "Result":
         """Return self if ok, else raise: SSHError kinds as UnreachableError (exit code 3),
@@ -102,31 +118,66 @@ class Result:
         if not self.reached:
             from megafleet.ssh import errors
 
-            cls = {"auth": errors.AuthFailed, "host_key": errors.HostKeyChanged,
-                   "identity": errors.IdentityProblem}.get(self.error, errors.HostUnreachable)
+            cls = {
+                "auth": errors.AuthFailed,
+                "host_key": errors.HostKeyChanged,
+                "identity": errors.IdentityProblem,
+            }.get(self.error, errors.HostUnreachable)
             raise cls(self.host, self.message or self.error, self.hint)
         raise RemoteCommandError(self.describe(), hint=self.hint)
 
     def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("host", "command", "exit_code", "stdout", "stderr",
-                                           "duration", "error", "message", "hint")}
+        d = {
+            k: getattr(self, k)
+            for k in (
+                "host",
+                "command",
+                "exit_code",
+                "stdout",
+                "stderr",
+                "duration",
+                "error",
+                "message",
+                "hint",
+            )
+        }
         d["ok"] = self.ok
         return d
 
     @classmethod
-    def from_exception(cls, host: str, command: str, exc: BaseException, started: float) -> "Result":
+    def from_exception(
+        cls, host: str, command: str, exc: BaseException, started: float
+    ) -> "Result":
         from megafleet.ssh.errors import SSHError
 
         if isinstance(exc, SSHError):
-            return cls(host, command, error=exc.kind, message=exc.reason, hint=exc.hint,
-                       duration=time.monotonic() - started)
+            return cls(
+                host,
+                command,
+                error=exc.kind,
+                message=exc.reason,
+                hint=exc.hint,
+                duration=time.monotonic() - started,
+            )
         if isinstance(exc, MegafleetError):
-            return cls(host, command, error=INTERNAL, message=exc.message, hint=exc.hint,
-                       duration=time.monotonic() - started)
+            return cls(
+                host,
+                command,
+                error=INTERNAL,
+                message=exc.message,
+                hint=exc.hint,
+                duration=time.monotonic() - started,
+            )
         hint = ssh_layer_hint(host, exc) if _is_io_error(exc) else None
-        return cls(host, command, error=INTERNAL, message=f"{type(exc).__name__}: {exc}",
-                   stderr="".join(traceback.format_exception(exc)), hint=hint,
-                   duration=time.monotonic() - started)
+        return cls(
+            host,
+            command,
+            error=INTERNAL,
+            message=f"{type(exc).__name__}: {exc}",
+            stderr="".join(traceback.format_exception(exc)),
+            hint=hint,
+            duration=time.monotonic() - started,
+        )
 
 
 class Runner:
@@ -135,8 +186,14 @@ class Runner:
 
     name: str = "?"
 
-    def run(self, cmd: str, timeout: float | None = DEFAULT_TIMEOUT, env: dict[str, str] | None = None,
-            stdin: str | bytes | None = None, on_output: OnOutput | None = None) -> Result:
+    def run(
+        self,
+        cmd: str,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        env: dict[str, str] | None = None,
+        stdin: str | bytes | None = None,
+        on_output: OnOutput | None = None,
+    ) -> Result:
         """Run `cmd` in a shell; never raises for remote failures (see Result.error)."""
         raise NotImplementedError
 
@@ -150,14 +207,16 @@ class Runner:
         """Copy a file or directory tree from the host (the mirror of put)."""
         raise NotImplementedError
 
-    def put_from(self, local: str | Path, remote: str, offset: int = 0,
-                 progress: Progress | None = None) -> Result:
+    def put_from(
+        self, local: str | Path, remote: str, offset: int = 0, progress: Progress | None = None
+    ) -> Result:
         """Upload one file, continuing a partial `remote.mfpart` that holds its first `offset`
         bytes (see megafleet.transfer); `Result.value` is the number of bytes sent."""
         raise NotImplementedError
 
-    def get_from(self, remote: str, local: str | Path, offset: int = 0,
-                 progress: Progress | None = None) -> Result:
+    def get_from(
+        self, remote: str, local: str | Path, offset: int = 0, progress: Progress | None = None
+    ) -> Result:
         """Download one file, continuing a partial `local.mfpart` (the mirror of put_from)."""
         raise NotImplementedError
 
@@ -185,8 +244,9 @@ def _env_lines(env: dict[str, str] | None) -> bytes:
     for k, v in env.items():
         v = str(v)
         if not ENV_KEY.match(k) or "\n" in v or "\0" in v:
-            raise UsageError(f"environment variable {k!r}: names are letters, digits and _, "
-                             "values one line")
+            raise UsageError(
+                f"environment variable {k!r}: names are letters, digits and _, values one line"
+            )
         out.append(f"{k}={v}\n")
     return "".join(out + [ENV_END + "\n"]).encode()
 
@@ -197,8 +257,10 @@ def wrap_command(cmd: str, with_env: bool) -> str:
     lines from stdin into the environment if asked, then run `cmd`."""
     lines = [f"printf '%s\\n' \"{PID_MARK}$$\" >&2"]
     if with_env:
-        lines.append(f'while IFS= read -r __mf_kv && [ "$__mf_kv" != {ENV_END} ]; do '
-                     'export "$__mf_kv"; done; unset __mf_kv')
+        lines.append(
+            f'while IFS= read -r __mf_kv && [ "$__mf_kv" != {ENV_END} ]; do '
+            'export "$__mf_kv"; done; unset __mf_kv'
+        )
     return "\n".join(lines + [cmd])
 
 
@@ -225,8 +287,8 @@ class LineSplitter:
             while self.pid is None and b"\n" in self.head:
                 line, _, self.head = self.head.partition(b"\n")
                 text = line.decode(errors="replace")
-                if text.startswith(PID_MARK) and text[len(PID_MARK):].isdigit():
-                    self.pid = int(text[len(PID_MARK):])
+                if text.startswith(PID_MARK) and text[len(PID_MARK) :].isdigit():
+                    self.pid = int(text[len(PID_MARK) :])
                 else:
                     self._emit(line + b"\n")
             if self.pid is None and len(self.head) < self.HEAD_LIMIT:
@@ -284,8 +346,10 @@ class SSHRunner(Runner):
             if res.error == INTERNAL and _is_io_error(exc):  # a pooled connection went stale
                 self.pool.drop(self.host)
                 res.error, res.stderr = DISCONNECTED, ""
-                res.hint = "the connection broke; the next command reconnects; if it keeps " \
+                res.hint = (
+                    "the connection broke; the next command reconnects; if it keeps "
                     f"failing, run `megafleet hosts check {self.name}`"
+                )
             return res
         from megafleet.ssh.channel import pump
 
@@ -303,20 +367,34 @@ class SSHRunner(Runner):
         return conn, conn.transport.open_session(timeout=self.pool.connect_timeout)
 
     def put(self, local, remote, progress=None):
-        return self._transfer(f"put {local} -> {remote}", (sftp_put, "exec_put"), local, remote,
-                              progress)
+        return self._transfer(
+            f"put {local} -> {remote}", (sftp_put, "exec_put"), local, remote, progress
+        )
 
     def get(self, remote, local, progress=None):
-        return self._transfer(f"get {remote} -> {local}", (sftp_get, "exec_get"), remote, local,
-                              progress)
+        return self._transfer(
+            f"get {remote} -> {local}", (sftp_get, "exec_get"), remote, local, progress
+        )
 
     def put_from(self, local, remote, offset=0, progress=None):
-        return self._transfer(f"put {local} -> {remote} from byte {offset}",
-                              (sftp_put_from, "exec_put_from"), local, remote, progress, offset)
+        return self._transfer(
+            f"put {local} -> {remote} from byte {offset}",
+            (sftp_put_from, "exec_put_from"),
+            local,
+            remote,
+            progress,
+            offset,
+        )
 
     def get_from(self, remote, local, offset=0, progress=None):
-        return self._transfer(f"get {remote} -> {local} from byte {offset}",
-                              (sftp_get_from, "exec_get_from"), remote, local, progress, offset)
+        return self._transfer(
+            f"get {remote} -> {local} from byte {offset}",
+            (sftp_get_from, "exec_get_from"),
+            remote,
+            local,
+            progress,
+            offset,
+        )
 
     def _transfer(self, label, fns, src, dst, progress, *offset):
         """`fns`: the SFTP function, and the name of its megafleet.ssh.streamcopy mirror for
@@ -337,8 +415,9 @@ class SSHRunner(Runner):
                 res.error, res.stderr = TRANSFER, ""  # I/O trouble, not a bug: no traceback
                 res.hint = res.hint or ssh_layer_hint(self.name, exc)
             return res
-        return Result(self.name, label, exit_code=0, duration=time.monotonic() - started,
-                      value=moved)
+        return Result(
+            self.name, label, exit_code=0, duration=time.monotonic() - started, value=moved
+        )
 
     def close(self):
         self.pool.drop(self.host)
@@ -352,8 +431,10 @@ def ssh_layer_hint(host: str, exc: BaseException) -> str:
         return f"check the permissions of the path on {host} (and here) for the SSH user"
     if isinstance(exc, OSError) and "No space left" in str(exc):
         return f"free disk space (on {host} or here) and run the command again"
-    return (f"the SSH connection to {host} failed ({type(exc).__name__}: {exc}); run the command "
-            f"again (copies resume), and `megafleet hosts check {host}` if it keeps failing")
+    return (
+        f"the SSH connection to {host} failed ({type(exc).__name__}: {exc}); run the command "
+        f"again (copies resume), and `megafleet hosts check {host}` if it keeps failing"
+    )
 
 
 def _is_io_error(exc: BaseException) -> bool:
@@ -371,14 +452,21 @@ class LocalRunner(Runner):
         started = time.monotonic()
         try:
             full_env = {**os.environ, **self.env, **{k: str(v) for k, v in (env or {}).items()}}
-            proc = subprocess.Popen(["/bin/sh", "-c", cmd], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    env=full_env, start_new_session=True)
+            proc = subprocess.Popen(
+                ["/bin/sh", "-c", cmd],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=full_env,
+                start_new_session=True,
+            )
         except Exception as exc:
             return Result.from_exception(self.name, cmd, exc, started)
         out, err = LineSplitter("stdout", on_output), LineSplitter("stderr", on_output)
-        readers = [threading.Thread(target=_drain, args=(proc.stdout, out), daemon=True),
-                   threading.Thread(target=_drain, args=(proc.stderr, err), daemon=True)]
+        readers = [
+            threading.Thread(target=_drain, args=(proc.stdout, out), daemon=True),
+            threading.Thread(target=_drain, args=(proc.stderr, err), daemon=True),
+        ]
         for t in readers:
             t.start()
         _feed_stdin(proc.stdin, stdin)
@@ -390,8 +478,14 @@ class LocalRunner(Runner):
             code, timed_out = None, True
         for t in readers:
             t.join(5)
-        res = Result(self.name, cmd, exit_code=code, stdout=out.text(), stderr=err.text(),
-                     duration=time.monotonic() - started)
+        res = Result(
+            self.name,
+            cmd,
+            exit_code=code,
+            stdout=out.text(),
+            stderr=err.text(),
+            duration=time.monotonic() - started,
+        )
         if timed_out:
             res.error, res.message = TIMEOUT, f"still running after {timeout:g}s; killed"
         elif code != 0:
@@ -405,12 +499,14 @@ class LocalRunner(Runner):
         return self._copy(f"get {remote} -> {local}", remote, local, progress)
 
     def put_from(self, local, remote, offset=0, progress=None):
-        return self._copy(f"put {local} -> {remote} from byte {offset}", local, remote, progress,
-                          offset)
+        return self._copy(
+            f"put {local} -> {remote} from byte {offset}", local, remote, progress, offset
+        )
 
     def get_from(self, remote, local, offset=0, progress=None):
-        return self._copy(f"get {remote} -> {local} from byte {offset}", remote, local, progress,
-                          offset)
+        return self._copy(
+            f"get {remote} -> {local} from byte {offset}", remote, local, progress, offset
+        )
 
     def _copy(self, label, src, dst, progress, offset=None):
         started = time.monotonic()
@@ -420,9 +516,16 @@ class LocalRunner(Runner):
             else:
                 moved = local_copy_from(src, dst, offset, progress)
         except OSError as exc:
-            return Result(self.name, label, error=TRANSFER, message=str(exc),
-                          duration=time.monotonic() - started)
-        return Result(self.name, label, exit_code=0, value=moved, duration=time.monotonic() - started)
+            return Result(
+                self.name,
+                label,
+                error=TRANSFER,
+                message=str(exc),
+                duration=time.monotonic() - started,
+            )
+        return Result(
+            self.name, label, exit_code=0, value=moved, duration=time.monotonic() - started
+        )
 
 
 def _drain(pipe, splitter: LineSplitter) -> None:
@@ -494,8 +597,15 @@ class DryRunRunner(Runner):
 Task = Union[str, Callable[[Runner], Any]]
 
 
-def run_on_hosts(hosts: Iterable, task: Task, *, pool=None, timeout: float | None = DEFAULT_TIMEOUT,
-                 env: dict[str, str] | None = None, max_workers: int = 32) -> dict[str, Result]:
+def run_on_hosts(
+    hosts: Iterable,
+    task: Task,
+    *,
+    pool=None,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    env: dict[str, str] | None = None,
+    max_workers: int = 32,
+) -> dict[str, Result]:
     """Run `task` on every host at once; return {host name: Result} in the order given.
 
     `hosts` holds inventory Hosts (run through SSHRunner with `pool`) or ready Runners.
@@ -516,13 +626,15 @@ def run_on_hosts(hosts: Iterable, task: Task, *, pool=None, timeout: float | Non
             return Result.from_exception(runner.name, label, exc, started)
         if isinstance(value, Result):
             return value
-        return Result(runner.name, label, exit_code=0, value=value,
-                      duration=time.monotonic() - started)
+        return Result(
+            runner.name, label, exit_code=0, value=value, duration=time.monotonic() - started
+        )
 
     if not runners:
         return {}
-    ex = cf.ThreadPoolExecutor(max_workers=min(max_workers, len(runners)),
-                               thread_name_prefix="megafleet-host")
+    ex = cf.ThreadPoolExecutor(
+        max_workers=min(max_workers, len(runners)), thread_name_prefix="megafleet-host"
+    )
     try:
         futures = [ex.submit(one, r) for r in runners]
         return {r.name: f.result() for r, f in zip(runners, futures)}

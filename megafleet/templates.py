@@ -33,7 +33,6 @@ import yaml
 
 from megafleet.errors import FieldProblem, UsageError, ValidationError
 from megafleet.resources import templates_dir
-from remote_runtime.spec.flags import dump_job, load_job_file, to_flags
 from remote_runtime.spec.config import (
     GROUPS,
     LEAVES,
@@ -44,6 +43,7 @@ from remote_runtime.spec.config import (
     leaf_kind,
     validate,
 )
+from remote_runtime.spec.flags import dump_job, load_job_file, to_flags
 
 FORMATS = ("yaml", "flags", "command")
 _HEADER = re.compile(r"\A\{#-?\s*template\s*\n(.*?)\n\s*-?#\}", re.S)
@@ -55,8 +55,9 @@ class TemplateNotSupported(UsageError):
 
 def validation_error(exc: ConfigError, source: str | None = None) -> ValidationError:
     """A job ConfigError as the CLI's ValidationError (exit 2, problems by field)."""
-    return ValidationError([FieldProblem(p.field or "job", p.message, source, hint=p.hint)
-                            for p in exc.problems])
+    return ValidationError(
+        [FieldProblem(p.field or "job", p.message, source, hint=p.hint) for p in exc.problems]
+    )
 
 
 @dataclass
@@ -74,8 +75,13 @@ class Template:
         return _HEADER.sub("", text, count=1).lstrip("\n")
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "path": str(self.path), "summary": self.summary,
-                "supported": self.supported, "reason": self.reason}
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "summary": self.summary,
+            "supported": self.supported,
+            "reason": self.reason,
+        }
 
 
 def read_template(path: Path) -> Template:
@@ -94,8 +100,14 @@ def read_template(path: Path) -> Template:
     reason = meta.get("reason")
     if not supported and not reason:
         raise UsageError(f"{path}: an unsupported template must say why (reason:)")
-    return Template(name, path, str(meta.get("summary", "")), supported, reason,
-                    dict(meta.get("defaults") or {}))
+    return Template(
+        name,
+        path,
+        str(meta.get("summary", "")),
+        supported,
+        reason,
+        dict(meta.get("defaults") or {}),
+    )
 
 
 def list_templates() -> list[Template]:
@@ -114,17 +126,21 @@ def get_template(ref: str) -> Template:
     if candidate.is_file():
         return read_template(candidate)
     known = ", ".join(t.name for t in list_templates()) or "none found"
-    raise UsageError(f"no template named {ref!r} (templates: {known})",
-                     hint="megafleet render --list")
+    raise UsageError(
+        f"no template named {ref!r} (templates: {known})", hint="megafleet render --list"
+    )
 
 
 def check_supported(t: Template) -> None:
     if not t.supported:
-        raise TemplateNotSupported(f"template {t.name!r} is not supported yet: {t.reason}",
-                                   hint="megafleet render --list shows the templates that render")
+        raise TemplateNotSupported(
+            f"template {t.name!r} is not supported yet: {t.reason}",
+            hint="megafleet render --list shows the templates that render",
+        )
 
 
 # ---- building the job ------------------------------------------------------------------------
+
 
 def parse_sets(items: list[str]) -> dict:
     """`key=value` items (leaf names like `lr`, or dotted like `optim.lr`) -> a nested job dict.
@@ -152,8 +168,11 @@ def parse_sets(items: list[str]) -> dict:
             continue
         value: object = raw
         if leaf_kind(leaf) == "list":
-            value = yaml.safe_load(raw) if raw.strip().startswith("[") else [
-                v.strip() for v in raw.split(",") if v.strip()]
+            value = (
+                yaml.safe_load(raw)
+                if raw.strip().startswith("[")
+                else [v.strip() for v in raw.split(",") if v.strip()]
+            )
         if "." in dotted:
             g, f = dotted.split(".")
             nested.setdefault(g, {})[f] = value
@@ -196,6 +215,7 @@ def check_job(job: JobConfig) -> tuple[list[str], list[tuple[str, str]]]:
 
 # ---- rendering -------------------------------------------------------------------------------
 
+
 def yaml_value(value) -> str:
     """One value as inline YAML that loads back to the same Python value."""
     text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
@@ -210,8 +230,9 @@ class _Group:
 
     def __getattr__(self, attr: str):
         if attr.startswith("_") or not hasattr(self._obj, attr):
-            raise ValueError(f"{self._where}: the template uses {self._name}.{attr}, which is "
-                             "not a job field")
+            raise ValueError(
+                f"{self._where}: the template uses {self._name}.{attr}, which is not a job field"
+            )
         self._seen.add(f"{self._name}.{attr}")
         return getattr(self._obj, attr)
 
@@ -222,8 +243,9 @@ def render_yaml(t: Template, job: JobConfig) -> str:
         return dump_job(job)
     import jinja2
 
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                             autoescape=False)
+    env = jinja2.Environment(
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
+    )
     env.filters["y"] = yaml_value
     seen: set[str] = {"task"}
     context = {g: _Group(g, getattr(job, g), seen, t.path) for g in GROUPS}
@@ -292,9 +314,20 @@ def torchrun_commands(job: JobConfig) -> list[dict]:
         return [{"host": hosts[0] if hosts else None, "node_rank": 0, "argv": argv}]
     out = []
     for rank, host in enumerate(hosts):
-        argv = [torchrun, "--nnodes", str(len(hosts)), "--nproc_per_node", nproc,
-                "--node_rank", str(rank), "--master_addr", hosts[0],
-                "--master_port", str(launch.master_port), *tail]
+        argv = [
+            torchrun,
+            "--nnodes",
+            str(len(hosts)),
+            "--nproc_per_node",
+            nproc,
+            "--node_rank",
+            str(rank),
+            "--master_addr",
+            hosts[0],
+            "--master_port",
+            str(launch.master_port),
+            *tail,
+        ]
         out.append({"host": host, "node_rank": rank, "argv": argv})
     return out
 

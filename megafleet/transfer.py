@@ -114,8 +114,10 @@ def _remote_tree(sftp, src: str) -> list[tuple[str, str, int]]:
     for entry in sftp.listdir_attr(src):
         full = posixpath.join(src, entry.filename)
         if stat.S_ISDIR(entry.st_mode):
-            out += [(f, posixpath.join(entry.filename, rel), size)
-                    for f, rel, size in _remote_tree(sftp, full)]
+            out += [
+                (f, posixpath.join(entry.filename, rel), size)
+                for f, rel, size in _remote_tree(sftp, full)
+            ]
         elif stat.S_ISREG(entry.st_mode):
             out.append((full, entry.filename, entry.st_size))
     return sorted(out)
@@ -183,8 +185,9 @@ def _pump(src, dst, offset: int, size: int, progress: Progress | None) -> int:
     return moved
 
 
-def sftp_put_from(sftp, local: str | Path, remote: str, offset: int = 0,
-                  progress: Progress | None = None) -> int:
+def sftp_put_from(
+    sftp, local: str | Path, remote: str, offset: int = 0, progress: Progress | None = None
+) -> int:
     """Upload one file, continuing `remote.mfpart` from `offset` bytes; returns bytes sent."""
     src, dst = Path(local).expanduser(), remote_path(remote)
     size = src.stat().st_size
@@ -201,8 +204,9 @@ def sftp_put_from(sftp, local: str | Path, remote: str, offset: int = 0,
     return moved
 
 
-def sftp_get_from(sftp, remote: str, local: str | Path, offset: int = 0,
-                  progress: Progress | None = None) -> int:
+def sftp_get_from(
+    sftp, remote: str, local: str | Path, offset: int = 0, progress: Progress | None = None
+) -> int:
     """Download one file, continuing `local.mfpart` from `offset` bytes; returns bytes received."""
     src, dst = remote_path(remote), Path(local).expanduser()
     size = sftp.stat(src).st_size
@@ -219,8 +223,9 @@ def sftp_get_from(sftp, remote: str, local: str | Path, offset: int = 0,
     return moved
 
 
-def local_copy_from(src: str | Path, dst: str | Path, offset: int = 0,
-                    progress: Progress | None = None) -> int:
+def local_copy_from(
+    src: str | Path, dst: str | Path, offset: int = 0, progress: Progress | None = None
+) -> int:
     """The local-mode mirror of sftp_put_from/sftp_get_from."""
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     size = src.stat().st_size

@@ -90,8 +90,11 @@ def hint(*commands: str, title: str = "Next") -> None:
 def print_error(exc: BaseException, debug: bool = False, as_json: bool = False) -> None:
     """Report an error: JSON on stdout in `--json` mode, else one red line and the hint."""
     if as_json:
-        payload = exc.to_dict() if isinstance(exc, MegafleetError) else {
-            "error": type(exc).__name__, "message": str(exc), "hint": None}
+        payload = (
+            exc.to_dict()
+            if isinstance(exc, MegafleetError)
+            else {"error": type(exc).__name__, "message": str(exc), "hint": None}
+        )
         emit_json(payload)
         return
     if debug:
@@ -103,9 +106,11 @@ def print_error(exc: BaseException, debug: bool = False, as_json: bool = False) 
         err_console.print(f"[bold]fix:[/bold] {escape(hint_text)}")
 
 
-def show_check_matrix(hosts: Sequence[str],
-                      rows: Iterable[tuple[str, bool, Sequence[tuple[str, str]]]],
-                      title: str | None = None) -> None:
+def show_check_matrix(
+    hosts: Sequence[str],
+    rows: Iterable[tuple[str, bool, Sequence[tuple[str, str]]]],
+    title: str | None = None,
+) -> None:
     """A check × host table: each cell a ✓/✗ symbol and a short value; rows whose value differs
     across hosts are marked with ≠ and shown in bold magenta."""
     t = Table(title=title, title_justify="left", header_style="bold")
@@ -119,21 +124,27 @@ def show_check_matrix(hosts: Sequence[str],
         rendered = []
         for status, text in cells:
             value = escape(text)
-            rendered.append(f"{symbol(status)} " + (f"[bold magenta]{value}[/bold magenta]"
-                                                     if differs else value))
+            rendered.append(
+                f"{symbol(status)} "
+                + (f"[bold magenta]{value}[/bold magenta]" if differs else value)
+            )
         t.add_row(label, *rendered)
     console.print(t)
 
 
-def problem(hosts: str, check_id: str, status: str, level: str, detail: str,
-            fix: str | None) -> None:
+def problem(
+    hosts: str, check_id: str, status: str, level: str, detail: str, fix: str | None
+) -> None:
     """One failed or warning check with the hosts it applies to and its fix, indented."""
     tag = "" if level == "required" else " [dim](optional)[/dim]"
-    console.print(f"{symbol(status)} [bold]{escape(check_id)}[/bold]{tag} on {escape(hosts)}: "
-                  f"{escape(detail)}")
+    console.print(
+        f"{symbol(status)} [bold]{escape(check_id)}[/bold]{tag} on {escape(hosts)}: "
+        f"{escape(detail)}"
+    )
     for i, line in enumerate((fix or "").splitlines()):
-        console.print(("    [bold]fix:[/bold] " if i == 0 else "         ") + escape(line),
-                      soft_wrap=True)
+        console.print(
+            ("    [bold]fix:[/bold] " if i == 0 else "         ") + escape(line), soft_wrap=True
+        )
 
 
 def is_terminal() -> bool:
@@ -146,8 +157,12 @@ def live(get_renderable, refresh_per_second: float = 4):
     each refresh, so it can show elapsed times without events."""
     from rich.live import Live
 
-    return Live(get_renderable=get_renderable, console=console,
-                refresh_per_second=refresh_per_second, transient=False)
+    return Live(
+        get_renderable=get_renderable,
+        console=console,
+        refresh_per_second=refresh_per_second,
+        transient=False,
+    )
 
 
 def plain(text: str) -> None:
@@ -157,8 +172,20 @@ def plain(text: str) -> None:
 
 # -- jobs: transfers and multi-node logs ----------------------------------------------------------
 
-NODE_COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan",
-                "bright_magenta", "bright_green", "bright_yellow", "bright_blue", "red")
+NODE_COLOURS = (
+    "cyan",
+    "magenta",
+    "green",
+    "yellow",
+    "blue",
+    "bright_red",
+    "bright_cyan",
+    "bright_magenta",
+    "bright_green",
+    "bright_yellow",
+    "bright_blue",
+    "red",
+)
 
 
 def node_colour(node: int) -> str:
@@ -182,12 +209,23 @@ class TransferBars:
 
     def __enter__(self) -> "TransferBars":
         if self.enabled:
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                       TimeRemainingColumn, TransferSpeedColumn)
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
 
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                      DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-                                      console=err_console)
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=err_console,
+            )
             self._progress.start()
         return self
 

@@ -27,7 +27,8 @@ SAMPLE_TEXT = (
     "The history of computing is a story of abstraction. Early machines were programmed by "
     "rewiring; then came stored programs, assemblers and compilers. Today a few lines of Python "
     "can train a neural network with billions of parameters across hundreds of accelerators. "
-    "Question: why does parallelism matter? Answer: because no single device is large enough. ")
+    "Question: why does parallelism matter? Answer: because no single device is large enough. "
+)
 
 # mean_rel = mean|megatron - hf| / mean|hf|; argmax = share of positions with the same top token.
 # A mapping mistake gives mean_rel near 1 and argmax near 1/vocab; the bf16 argmax bound leaves
@@ -38,8 +39,14 @@ TOLERANCES = {
 }
 
 
-def sample_sequences(model_dir: str | Path, vocab_size: int, batch_size: int, seq_length: int,
-                     seed: int = 0, text: str | None = None) -> torch.Tensor:
+def sample_sequences(
+    model_dir: str | Path,
+    vocab_size: int,
+    batch_size: int,
+    seq_length: int,
+    seed: int = 0,
+    text: str | None = None,
+) -> torch.Tensor:
     """[b, s] token ids: real text (`text`, else a built-in sample) through the checkpoint's
     tokenizer, repeated to fill the batch; random ids when there is no usable tokenizer."""
     try:
@@ -71,13 +78,16 @@ def _metrics(ours: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> dict:
     resolution = torch.finfo(dtype).eps * top2[..., 0].abs()
     tie = (top2[..., 0] - top2[..., 1]) <= resolution
     decided = same[~tie]
-    return {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
-            "mean_rel_diff": (diff.mean() / ref.abs().mean().clamp_min(1e-12)).item(),
-            "argmax_agreement": same.float().mean().item(),
-            "near_ties": tie.float().mean().item(),
-            # agreement where the reference's top token is not a coin toss at this dtype
-            "argmax_agreement_decided": decided.float().mean().item() if decided.numel() else None,
-            "tokens": int(same.numel())}
+    return {
+        "max_abs_diff": diff.max().item(),
+        "mean_abs_diff": diff.mean().item(),
+        "mean_rel_diff": (diff.mean() / ref.abs().mean().clamp_min(1e-12)).item(),
+        "argmax_agreement": same.float().mean().item(),
+        "near_ties": tie.float().mean().item(),
+        # agreement where the reference's top token is not a coin toss at this dtype
+        "argmax_agreement_decided": decided.float().mean().item() if decided.numel() else None,
+        "tokens": int(same.numel()),
+    }
 
 
 def _hf_reference(model_dir, dtype: torch.dtype, device, tokens: torch.Tensor, docs: list) -> tuple:
@@ -85,8 +95,13 @@ def _hf_reference(model_dir, dtype: torch.dtype, device, tokens: torch.Tensor, d
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype,
-                                                 attn_implementation="sdpa").to(device).eval()
+    model = (
+        AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=dtype, attn_implementation="sdpa"
+        )
+        .to(device)
+        .eval()
+    )
     with torch.no_grad():
         padded = model(tokens.to(device)).logits.float().cpu()
         packed = [model(torch.tensor([d], device=device)).logits.float().cpu()[0] for d in docs]
@@ -94,9 +109,17 @@ def _hf_reference(model_dir, dtype: torch.dtype, device, tokens: torch.Tensor, d
     return padded, torch.cat(packed)
 
 
-def compare_with_hf(chunks, model_dir: str | Path, dist, dtype: torch.dtype, *, batch_size: int = 2,
-                    seq_length: int = 128, tolerance: dict | None = None,
-                    text: str | None = None) -> dict:
+def compare_with_hf(
+    chunks,
+    model_dir: str | Path,
+    dist,
+    dtype: torch.dtype,
+    *,
+    batch_size: int = 2,
+    seq_length: int = 128,
+    tolerance: dict | None = None,
+    text: str | None = None,
+) -> dict:
     """Compare the loaded Megatron chunks with transformers on model_dir. Collective; every rank
     gets the same result dict (metrics for the padded and packed batches, `ok`)."""
     from remote_runtime.bridge.load import read_hf_config
@@ -118,9 +141,15 @@ def compare_with_hf(chunks, model_dir: str | Path, dist, dtype: torch.dtype, *, 
         try:
             ref_padded, ref_packed = _hf_reference(model_dir, dtype, dist.device, tokens, docs)
         except Exception as exc:  # e.g. out of memory: report it, keep every rank in step
-            return _share({"dtype": name, "ok": False, "tolerance": tol,
-                           "error": f"transformers reference failed: {type(exc).__name__}: {exc}"},
-                          dist)
+            return _share(
+                {
+                    "dtype": name,
+                    "ok": False,
+                    "tolerance": tol,
+                    "error": f"transformers reference failed: {type(exc).__name__}: {exc}",
+                },
+                dist,
+            )
         padded = _metrics(logits[0], ref_padded, dtype)
         packed = _metrics(logits[1][0], ref_packed, dtype) if packed_ok else None
         checked = [m for m in (padded, packed) if m is not None]
@@ -128,9 +157,15 @@ def compare_with_hf(chunks, model_dir: str | Path, dist, dtype: torch.dtype, *, 
         worst_arg = min(m["argmax_agreement"] for m in checked)
         from remote_runtime.model.attention import PACKED_PATH
 
-        result = {"dtype": name, "padded": padded, "packed": packed, "tolerance": tol,
-                  "packed_documents": lengths, "packed_attention": dict(PACKED_PATH),
-                  "ok": worst_rel <= tol["mean_rel"] and worst_arg >= tol["argmax"]}
+        result = {
+            "dtype": name,
+            "padded": padded,
+            "packed": packed,
+            "tolerance": tol,
+            "packed_documents": lengths,
+            "packed_attention": dict(PACKED_PATH),
+            "ok": worst_rel <= tol["mean_rel"] and worst_arg >= tol["argmax"],
+        }
     return _share(result, dist)
 
 
@@ -144,23 +179,36 @@ def _share(result, dist):
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m remote_runtime check-convert",
-                                description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m remote_runtime check-convert", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     p.add_argument("--tensor_model_parallel_size", type=int, default=1)
     p.add_argument("--pipeline_model_parallel_size", type=int, default=1)
     p.add_argument("--expert_model_parallel_size", type=int, default=1, help="MoE models")
     p.add_argument("--expert_tensor_parallel_size", type=int, default=1, help="MoE models")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--torch_dtype", default=None, choices=["bfloat16", "float32"],
-                   help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--transformer_impl", default="auto", choices=["auto", "local", "transformer_engine"])
-    p.add_argument("--attention_backend", default="auto",
-                   choices=["auto", "flash", "fused", "unfused", "local"])
+    p.add_argument(
+        "--torch_dtype",
+        default=None,
+        choices=["bfloat16", "float32"],
+        help="default: bfloat16 on GPU, float32 on CPU",
+    )
+    p.add_argument(
+        "--transformer_impl", default="auto", choices=["auto", "local", "transformer_engine"]
+    )
+    p.add_argument(
+        "--attention_backend",
+        default="auto",
+        choices=["auto", "flash", "fused", "unfused", "local"],
+    )
     p.add_argument("--seq_length", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=2)
-    p.add_argument("--text_file", help="compare on this text (e.g. a sample of your training data) "
-                                       "instead of the built-in English sample")
+    p.add_argument(
+        "--text_file",
+        help="compare on this text (e.g. a sample of your training data) "
+        "instead of the built-in English sample",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     if args.text_file and not Path(args.text_file).is_file():
@@ -171,31 +219,50 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     from remote_runtime import platform
     from remote_runtime.bridge.load import load_hf_checkpoint
-    from remote_runtime.spec.resolve import read_hf_config
-    from remote_runtime.spec.families import family_for_hf_config
     from remote_runtime.model.builder import DTYPES, ModelOptions, build_model
+    from remote_runtime.spec.families import family_for_hf_config
+    from remote_runtime.spec.resolve import read_hf_config
 
     hf = read_hf_config(args.model)
     family = family_for_hf_config(hf)
     dist = platform.init_distributed(
-        args.device, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+        args.device,
+        args.tensor_model_parallel_size,
+        args.pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size)
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+    )
     dtype_name = args.torch_dtype or ("bfloat16" if dist.device.type == "cuda" else "float32")
-    options = ModelOptions(dtype=dtype_name, transformer_impl=args.transformer_impl,
-                           attention_backend=args.attention_backend)
+    options = ModelOptions(
+        dtype=dtype_name,
+        transformer_impl=args.transformer_impl,
+        attention_backend=args.attention_backend,
+    )
     chunks = build_model(family, hf, options, dist)
     load = load_hf_checkpoint(chunks, args.model, dist)
     started = time.perf_counter()
     text = Path(args.text_file).read_text() if args.text_file else None
-    result = compare_with_hf(chunks, args.model, dist, DTYPES[dtype_name],
-                             batch_size=args.batch_size, seq_length=args.seq_length, text=text)
-    result.update(model=str(args.model), family=family.name, device=dist.device.type,
-                  tensor_model_parallel_size=dist.tp, pipeline_model_parallel_size=dist.pp,
-                  expert_model_parallel_size=dist.ep, expert_tensor_parallel_size=dist.etp,
-                  transformer_impl=chunks[0].megafleet_transformer_impl,
-                  load_seconds=round(load.seconds, 3),
-                  compare_seconds=round(time.perf_counter() - started, 3))
+    result = compare_with_hf(
+        chunks,
+        args.model,
+        dist,
+        DTYPES[dtype_name],
+        batch_size=args.batch_size,
+        seq_length=args.seq_length,
+        text=text,
+    )
+    result.update(
+        model=str(args.model),
+        family=family.name,
+        device=dist.device.type,
+        tensor_model_parallel_size=dist.tp,
+        pipeline_model_parallel_size=dist.pp,
+        expert_model_parallel_size=dist.ep,
+        expert_tensor_parallel_size=dist.etp,
+        transformer_impl=chunks[0].megafleet_transformer_impl,
+        load_seconds=round(load.seconds, 3),
+        compare_seconds=round(time.perf_counter() - started, 3),
+    )
     return result
 
 
@@ -204,30 +271,42 @@ def _pct(x) -> str:
 
 
 def format_table(r: dict) -> str:
-    lines = [f"check-convert {r['family']}  {r['model']}",
-             f"  {r['device']}  {r['dtype']}  TP={r['tensor_model_parallel_size']} "
-             f"PP={r['pipeline_model_parallel_size']}"
-             + (f" EP={r['expert_model_parallel_size']} expert-TP={r['expert_tensor_parallel_size']}"
-                if r.get("expert_model_parallel_size", 1) > 1
-                or r.get("expert_tensor_parallel_size", 1) > 1 else "")
-             + f"  {r['transformer_impl']}",
-             f"  {'batch':<22}{'max|Δ|':>11}{'mean|Δ|':>11}{'mean rel':>11}{'argmax':>9}"
-             f"{'ties':>7}{'decided':>9}"]
+    lines = [
+        f"check-convert {r['family']}  {r['model']}",
+        f"  {r['device']}  {r['dtype']}  TP={r['tensor_model_parallel_size']} "
+        f"PP={r['pipeline_model_parallel_size']}"
+        + (
+            f" EP={r['expert_model_parallel_size']} expert-TP={r['expert_tensor_parallel_size']}"
+            if r.get("expert_model_parallel_size", 1) > 1
+            or r.get("expert_tensor_parallel_size", 1) > 1
+            else ""
+        )
+        + f"  {r['transformer_impl']}",
+        f"  {'batch':<22}{'max|Δ|':>11}{'mean|Δ|':>11}{'mean rel':>11}{'argmax':>9}"
+        f"{'ties':>7}{'decided':>9}",
+    ]
     if "error" in r:
         return "\n".join(lines[:2] + [f"✗ {r['error']}"])
-    for key, label in (("padded", "padded"), ("packed", f"packed ({len(r['packed_documents'])} docs)")):
+    for key, label in (
+        ("padded", "padded"),
+        ("packed", f"packed ({len(r['packed_documents'])} docs)"),
+    ):
         m = r[key]
         if m is None:
             lines.append(f"  {label:<22}not supported by this attention backend")
             continue
-        lines.append(f"  {label:<22}{m['max_abs_diff']:>11.3e}{m['mean_abs_diff']:>11.3e}"
-                     f"{m['mean_rel_diff']:>11.3e}{m['argmax_agreement']:>9.2%}"
-                     f"{m['near_ties']:>7.1%}{_pct(m.get('argmax_agreement_decided')):>9}")
+        lines.append(
+            f"  {label:<22}{m['max_abs_diff']:>11.3e}{m['mean_abs_diff']:>11.3e}"
+            f"{m['mean_rel_diff']:>11.3e}{m['argmax_agreement']:>9.2%}"
+            f"{m['near_ties']:>7.1%}{_pct(m.get('argmax_agreement_decided')):>9}"
+        )
     tol = r["tolerance"]
     verdict = "✓ within" if r["ok"] else "✗ beyond"
     lines.append(f"  packed attention: {r['packed_attention']['used']}")
-    lines.append(f"{verdict} tolerance for {r['dtype']} (mean rel ≤ {tol['mean_rel']:g}, "
-                 f"argmax ≥ {tol['argmax']:.1%})")
+    lines.append(
+        f"{verdict} tolerance for {r['dtype']} (mean rel ≤ {tol['mean_rel']:g}, "
+        f"argmax ≥ {tol['argmax']:.1%})"
+    )
     return "\n".join(lines)
 
 

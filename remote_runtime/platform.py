@@ -21,12 +21,18 @@ from remote_runtime.spec.config import ConfigError
 
 # megatron-core announces at import that Apex / Transformer Engine are missing and that it falls
 # back to torch implementations. That is this runtime's normal configuration, not news.
-for _msg in ("Transformer Engine and Apex are not installed", "Apex is not installed",
-             "full scope is deprecated"):
+for _msg in (
+    "Transformer Engine and Apex are not installed",
+    "Apex is not installed",
+    "full scope is deprecated",
+):
     warnings.filterwarnings("ignore", message=_msg, category=UserWarning)
 # torch >= 2.12 deprecates collectives megatron-core 0.16 uses (TP gathers, distributed optimizer).
-warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor)` is "
-                        "deprecated", category=FutureWarning)
+warnings.filterwarnings(
+    "ignore",
+    message=".*(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+    category=FutureWarning,
+)
 
 
 @dataclass(frozen=True)
@@ -62,8 +68,15 @@ def resolve_device(requested: str = "auto") -> str:
         raise ConfigError([("model.device", f"{requested!r} is not one of: auto, cuda, cpu")])
     has_gpu = torch.cuda.is_available()
     if requested == "cuda" and not has_gpu:
-        raise ConfigError([("model.device", "cuda was asked for but torch sees no GPU "
-                            f"(torch {torch.__version__}); use --device cpu or check the driver")])
+        raise ConfigError(
+            [
+                (
+                    "model.device",
+                    "cuda was asked for but torch sees no GPU "
+                    f"(torch {torch.__version__}); use --device cpu or check the driver",
+                )
+            ]
+        )
     return "cuda" if (requested == "cuda" or (requested == "auto" and has_gpu)) else "cpu"
 
 
@@ -73,10 +86,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(device: str = "auto", tensor_model_parallel_size: int = 1,
-                     pipeline_model_parallel_size: int = 1, context_parallel_size: int = 1,
-                     seed: int = 42, timeout_minutes: int = 30, expert_model_parallel_size: int = 1,
-                     expert_tensor_parallel_size: int | None = None) -> DistInfo:
+def init_distributed(
+    device: str = "auto",
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+    seed: int = 42,
+    timeout_minutes: int = 30,
+    expert_model_parallel_size: int = 1,
+    expert_tensor_parallel_size: int | None = None,
+) -> DistInfo:
     """Start torch.distributed (if needed), megatron's parallel groups and the RNG streams.
     Expert parallelism (MoE) splits the data-parallel ranks of each expert layer:
     EP x expert-TP must divide the world / PP; expert TP defaults to TP (megatron's default)."""
@@ -98,34 +117,62 @@ def init_distributed(device: str = "auto", tensor_model_parallel_size: int = 1,
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             torch.distributed.init_process_group(backend=backend, timeout=timeout)
         else:  # a plain single process: no launcher, no environment to read
-            torch.distributed.init_process_group(backend=backend, timeout=timeout, rank=0,
-                                                 world_size=1,
-                                                 init_method=f"tcp://127.0.0.1:{_free_port()}")
+            torch.distributed.init_process_group(
+                backend=backend,
+                timeout=timeout,
+                rank=0,
+                world_size=1,
+                init_method=f"tcp://127.0.0.1:{_free_port()}",
+            )
     world = torch.distributed.get_world_size()
     tp, pp, cp = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
     if world % (tp * pp * cp):
-        raise ConfigError([("parallel.tensor_model_parallel_size",
-                            f"world size {world} is not divisible by TP={tp} × PP={pp} × CP={cp}")])
+        raise ConfigError(
+            [
+                (
+                    "parallel.tensor_model_parallel_size",
+                    f"world size {world} is not divisible by TP={tp} × PP={pp} × CP={cp}",
+                )
+            ]
+        )
     ep, etp = expert_model_parallel_size, expert_tensor_parallel_size or tp
     if (world // pp) % (ep * etp):
-        raise ConfigError([("parallel.expert_model_parallel_size",
-                            f"EP={ep} × expert TP={etp} does not divide world size {world} / "
-                            f"PP={pp}; choose EP so that EP × expert TP divides the GPUs of one "
-                            "pipeline stage")])
+        raise ConfigError(
+            [
+                (
+                    "parallel.expert_model_parallel_size",
+                    f"EP={ep} × expert TP={etp} does not divide world size {world} / "
+                    f"PP={pp}; choose EP so that EP × expert TP divides the GPUs of one "
+                    "pipeline stage",
+                )
+            ]
+        )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-            context_parallel_size=cp, expert_model_parallel_size=ep,
-            expert_tensor_parallel_size=etp, create_gloo_process_groups=kind == "cuda")
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            context_parallel_size=cp,
+            expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=etp,
+            create_gloo_process_groups=kind == "cuda",
+        )
     info = DistInfo(
         device=torch.device(kind, local_rank) if kind == "cuda" else torch.device("cpu"),
-        rank=torch.distributed.get_rank(), world_size=world, local_rank=local_rank,
-        tp=tp, pp=pp, cp=cp, dp=world // (tp * pp * cp),
+        rank=torch.distributed.get_rank(),
+        world_size=world,
+        local_rank=local_rank,
+        tp=tp,
+        pp=pp,
+        cp=cp,
+        dp=world // (tp * pp * cp),
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
-        ep=ep, ep_rank=parallel_state.get_expert_model_parallel_rank(),
-        etp=etp, etp_rank=parallel_state.get_expert_tensor_parallel_rank())
+        ep=ep,
+        ep_rank=parallel_state.get_expert_model_parallel_rank(),
+        etp=etp,
+        etp_rank=parallel_state.get_expert_tensor_parallel_rank(),
+    )
     seed_everything(seed, info)
     return info
 

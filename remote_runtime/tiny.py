@@ -33,39 +33,97 @@ _DEFAULT_CORPUS = [
 
 # Per family: the transformers config class name and the tiny shape (GQA, odd sizes on purpose).
 TINY_SHAPES = {
-    "qwen3": ("Qwen3Config", dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                  rms_norm_eps=1e-6, rope_theta=1_000_000.0,
-                                  tie_word_embeddings=False)),
-    "qwen2": ("Qwen2Config", dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-                                  rope_theta=1_000_000.0, tie_word_embeddings=False)),
-    "llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-                                  rope_theta=500_000.0, tie_word_embeddings=True,
-                                  rope_scaling={"rope_type": "llama3", "factor": 8.0,
-                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                "original_max_position_embeddings": 64})),
+    "qwen3": (
+        "Qwen3Config",
+        dict(
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            rms_norm_eps=1e-6,
+            rope_theta=1_000_000.0,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        dict(
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            rope_theta=1_000_000.0,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "llama": (
+        "LlamaConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-5,
+            rope_theta=500_000.0,
+            tie_word_embeddings=True,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ),
     # Mixture of experts: 8 experts, top 2 (Qwen3-MoE renormalises the top k, Qwen2-MoE does not
     # and adds a gated shared expert); expert FFN 48 so that expert-TP 2 splits it evenly.
-    "qwen3_moe": ("Qwen3MoeConfig", dict(hidden_size=64, intermediate_size=160,
-                                         moe_intermediate_size=48, num_experts=8,
-                                         num_experts_per_tok=2, norm_topk_prob=True,
-                                         num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
-                                         rope_theta=1_000_000.0, tie_word_embeddings=False)),
-    "qwen2_moe": ("Qwen2MoeConfig", dict(hidden_size=64, intermediate_size=160,
-                                         moe_intermediate_size=48, num_experts=8,
-                                         num_experts_per_tok=2, norm_topk_prob=False,
-                                         shared_expert_intermediate_size=96,
-                                         num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, rms_norm_eps=1e-6,
-                                         rope_theta=1_000_000.0, tie_word_embeddings=False)),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=160,
+            moe_intermediate_size=48,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            rms_norm_eps=1e-6,
+            rope_theta=1_000_000.0,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=160,
+            moe_intermediate_size=48,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            shared_expert_intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            rope_theta=1_000_000.0,
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 
 
-def build_tokenizer(out_dir: str | Path, corpus: Iterable[str] | None = None,
-                    vocab_size: int = 500) -> "object":
+def build_tokenizer(
+    out_dir: str | Path, corpus: Iterable[str] | None = None, vocab_size: int = 500
+) -> "object":
     """Train a byte-level BPE tokenizer and save it as a Hugging Face tokenizer in out_dir.
 
     Returns the loaded `PreTrainedTokenizerFast`.
@@ -78,22 +136,37 @@ def build_tokenizer(out_dir: str | Path, corpus: Iterable[str] | None = None,
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     texts = list(corpus) if corpus is not None else []
     tok.train_from_iterator(texts + _DEFAULT_CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", bos_token=None,
-                                   additional_special_tokens=["<|im_start|>"])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        additional_special_tokens=["<|im_start|>"],
+    )
     fast.chat_template = CHATML_TEMPLATE
     fast.save_pretrained(str(out))
     return fast
 
 
-def build_model(family: str, out_dir: str | Path, *, seed: int = 0, vocab_size: int | None = None,
-                tokenizer_dir: str | Path | None = None, max_shard_size: str | None = None,
-                dtype: str = "float32", **overrides) -> Path:
+def build_model(
+    family: str,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    vocab_size: int | None = None,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_size: str | None = None,
+    dtype: str = "float32",
+    **overrides,
+) -> Path:
     """Save a random `family` model (a TINY_SHAPES key: qwen3, qwen2, llama, qwen3_moe,
     qwen2_moe) to out_dir and return the path.
 
@@ -116,10 +189,14 @@ def build_model(family: str, out_dir: str | Path, *, seed: int = 0, vocab_size: 
         vocab_size = len(tokenizer) + 7
         vocab_size += 1 - vocab_size % 2  # odd
     class_name, shape = TINY_SHAPES[family]
-    kwargs = dict(shape, vocab_size=vocab_size, max_position_embeddings=4096,
-                  eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                  pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-                  bos_token_id=None)
+    kwargs = dict(
+        shape,
+        vocab_size=vocab_size,
+        max_position_embeddings=4096,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        bos_token_id=None,
+    )
     kwargs.update(overrides)
     config = getattr(transformers, class_name)(**kwargs)
     torch.manual_seed(seed)
@@ -133,8 +210,9 @@ def build_model(family: str, out_dir: str | Path, *, seed: int = 0, vocab_size: 
     if max_shard_size:
         save_kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(str(out), **save_kwargs)
-    GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
-                     do_sample=False).save_pretrained(str(out))
+    GenerationConfig(
+        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, do_sample=False
+    ).save_pretrained(str(out))
     return out
 
 

@@ -89,8 +89,12 @@ MIN_PYTHON = (3, 10)  # megatron-core 0.16 and the runtime need 3.10+
 # (a unit test keeps them equal) and node setup reads it from here.
 SUPPORTED_MEGATRON_CORE = ">=0.16,<0.17"
 # The runtime's other requirements (pyproject's `runtime` extra; a unit test keeps them equal).
-RUNTIME_REQUIREMENTS = {"torch": ">=2.6", "transformers": ">=4.56", "safetensors": ">=0.4",
-                        "tokenizers": ">=0.21"}
+RUNTIME_REQUIREMENTS = {
+    "torch": ">=2.6",
+    "transformers": ">=4.56",
+    "safetensors": ">=0.4",
+    "tokenizers": ">=0.21",
+}
 
 DISK_FAIL_GIB = 10  # below this a checkpoint save fails
 DISK_WARN_GIB = 100  # a 30B model's HF checkpoint alone is ~60 GB
@@ -127,8 +131,15 @@ DRIVER_TABLE = (
 # version, except features that need PTX JIT or newer driver APIs.
 MINOR_COMPAT_MIN_DRIVER = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
 # PyTorch wheel indexes (https://download.pytorch.org/whl/<tag>), newest CUDA first.
-TORCH_CUDA_INDEXES = (("13.0", "cu130"), ("12.9", "cu129"), ("12.8", "cu128"), ("12.6", "cu126"),
-                      ("12.4", "cu124"), ("12.1", "cu121"), ("11.8", "cu118"))
+TORCH_CUDA_INDEXES = (
+    ("13.0", "cu130"),
+    ("12.9", "cu129"),
+    ("12.8", "cu128"),
+    ("12.6", "cu126"),
+    ("12.4", "cu124"),
+    ("12.1", "cu121"),
+    ("11.8", "cu118"),
+)
 
 SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSW|CREDENTIAL|AUTH|PRIVATE|CERT", re.I)
 REPORTED_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "FI_")
@@ -138,6 +149,7 @@ REQUIRED, OPTIONAL = "required", "optional"
 
 
 # ------------------------------------------------------------------------------------ model
+
 
 @dataclass
 class Check:
@@ -180,7 +192,8 @@ _VERSION_RE = re.compile(
     r"(?:-(\d+)|[-_.]?(?:post|rev|r)[-_.]?(\d*))?"  # post-release
     r"(?:[-_.]?dev[-_.]?(\d*))?"  # dev release
     r"(?:\+[a-z0-9._-]+)?\s*$",  # local version (ignored in comparisons)
-    re.I)
+    re.I,
+)
 _PRE_RANK = {"a": 0, "alpha": 0, "b": 1, "beta": 1, "rc": 2, "c": 2, "pre": 2, "preview": 2}
 
 
@@ -221,8 +234,14 @@ def version_satisfies(version: Optional[str], spec: str) -> bool:
         op, bound = m.group(1), parse_version(m.group(2))
         if bound is None:
             raise ValueError("bad version in specifier %r" % part)
-        ok = {">=": key >= bound, "<=": key <= bound, ">": key > bound, "<": key < bound,
-              "==": key[:2] == bound[:2], "!=": key[:2] != bound[:2]}[op]
+        ok = {
+            ">=": key >= bound,
+            "<=": key <= bound,
+            ">": key > bound,
+            "<": key < bound,
+            "==": key[:2] == bound[:2],
+            "!=": key[:2] != bound[:2],
+        }[op]
         if not ok:
             return False
     return True
@@ -240,6 +259,7 @@ def release_tuple(version: Optional[str]) -> Optional[Tuple[int, ...]]:
 
 # ------------------------------------------------------------------------ driver and CUDA
 
+
 def driver_max_cuda(driver: Optional[str]) -> Optional[str]:
     """The newest CUDA ("13.0") whose GA minimum driver `driver` ("580.159.04") meets, per
     DRIVER_TABLE; None for an unknown or too old driver."""
@@ -252,8 +272,9 @@ def driver_max_cuda(driver: Optional[str]) -> Optional[str]:
     return None
 
 
-def cuda_driver_compat(driver: Optional[str], cuda: Optional[str],
-                       driver_cuda: Optional[str] = None) -> Tuple[str, str]:
+def cuda_driver_compat(
+    driver: Optional[str], cuda: Optional[str], driver_cuda: Optional[str] = None
+) -> Tuple[str, str]:
     """(status, explanation) for running code built for CUDA `cuda` on driver `driver`.
 
     `driver_cuda` is the CUDA version the driver reports itself (nvidia-smi's header); it wins
@@ -268,13 +289,21 @@ def cuda_driver_compat(driver: Optional[str], cuda: Optional[str],
     if have is not None and have >= want:
         return "pass", "driver %s supports CUDA %s (needs %s)" % (driver, supported, cuda)
     floor = MINOR_COMPAT_MIN_DRIVER.get(want[0])
-    if have is not None and have[0] == want[0] and floor and \
-            release_tuple(driver) >= release_tuple(floor):
-        return "warn", ("driver %s supports CUDA %s; CUDA %s code runs through minor-version "
-                        "compatibility (kernels that need PTX JIT may fail)"
-                        % (driver, supported, cuda))
+    if (
+        have is not None
+        and have[0] == want[0]
+        and floor
+        and release_tuple(driver) >= release_tuple(floor)
+    ):
+        return "warn", (
+            "driver %s supports CUDA %s; CUDA %s code runs through minor-version "
+            "compatibility (kernels that need PTX JIT may fail)" % (driver, supported, cuda)
+        )
     return "fail", "driver %s supports CUDA %s at most, torch needs CUDA %s" % (
-        driver, supported or "<11.0", cuda)
+        driver,
+        supported or "<11.0",
+        cuda,
+    )
 
 
 def min_driver_for_cuda(cuda: str) -> Optional[str]:
@@ -379,12 +408,13 @@ def parse_proc_driver_version(text: str) -> Optional[str]:
 
 
 def parse_nvcc_version(text: str) -> Optional[str]:
-    """"13.0" from `nvcc --version` ("Cuda compilation tools, release 13.0, V13.0.88")."""
+    """ "13.0" from `nvcc --version` ("Cuda compilation tools, release 13.0, V13.0.88")."""
     m = re.search(r"release\s+(\d+\.\d+)", text)
     return m.group(1) if m else None
 
 
 # -------------------------------------------------------------------------- subprocesses
+
 
 @dataclass
 class CommandResult:
@@ -409,13 +439,22 @@ def describe_returncode(rc: Optional[int]) -> str:
     return "exited with status %d" % rc
 
 
-def run_command(argv: Sequence[str], timeout: float, env: Optional[Dict[str, str]] = None,
-                ) -> CommandResult:
+def run_command(
+    argv: Sequence[str],
+    timeout: float,
+    env: Optional[Dict[str, str]] = None,
+) -> CommandResult:
     """Run a command without a shell; never raises. On timeout its whole process group is
     killed (nvidia-smi on a wedged driver, an import that spawns helpers)."""
     try:
-        proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            list(argv),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
     except OSError as exc:
         return CommandResult(None, error="cannot run %s: %s" % (argv[0], exc.strerror or exc))
     try:
@@ -469,8 +508,14 @@ class ProbeChannel:
         try:
             value = fn()
         except BaseException as exc:  # a probe reports every failure, SystemExit included
-            self.emit("error", {"stage": name, "type": type(exc).__name__,
-                                "message": " ".join(str(exc).split())[:500]})
+            self.emit(
+                "error",
+                {
+                    "stage": name,
+                    "type": type(exc).__name__,
+                    "message": " ".join(str(exc).split())[:500],
+                },
+            )
             return False, None
         self.emit("done", {"stage": name, "value": value if record else None})
         return True, value
@@ -478,6 +523,7 @@ class ProbeChannel:
 
 def _dist_version(names: Sequence[str]) -> Optional[str]:
     import importlib.metadata as md
+
     for name in names:
         try:
             return md.version(name)
@@ -500,8 +546,9 @@ def probe_package(ch: ProbeChannel, spec: dict) -> None:
     ch.step("version", lambda: _module_version(module))
     ch.step("file", lambda: getattr(module, "__file__", None))
     for ext in spec.get("extensions", []):
-        ch.step("ext:" + ext,
-                lambda ext=ext: getattr(importlib.import_module(ext), "__file__", None))
+        ch.step(
+            "ext:" + ext, lambda ext=ext: getattr(importlib.import_module(ext), "__file__", None)
+        )
 
 
 def probe_torch(ch: ProbeChannel, spec: dict) -> None:
@@ -522,17 +569,28 @@ def probe_torch(ch: ProbeChannel, spec: dict) -> None:
 
 def _torch_device(torch, index: int) -> dict:
     props = torch.cuda.get_device_properties(index)
-    return {"index": index, "name": props.name,
-            "capability": "%d.%d" % (props.major, props.minor),
-            "memory_mib": int(props.total_memory // (1024 * 1024))}
+    return {
+        "index": index,
+        "name": props.name,
+        "capability": "%d.%d" % (props.major, props.minor),
+        "memory_mib": int(props.total_memory // (1024 * 1024)),
+    }
 
 
-TE_DISTS = ("transformer_engine", "transformer-engine", "transformer_engine_torch",
-            "transformer_engine_cu13", "transformer_engine_cu12")
+TE_DISTS = (
+    "transformer_engine",
+    "transformer-engine",
+    "transformer_engine_torch",
+    "transformer_engine_cu13",
+    "transformer_engine_cu12",
+)
 # Where transformer-engine keeps its accepted flash-attn range, newest layout first.
-TE_FLASH_FILES = ("pytorch/attention/dot_product_attention/utils.py",
-                  "pytorch/dot_product_attention/utils.py", "pytorch/attention.py",
-                  "pytorch/attention/__init__.py")
+TE_FLASH_FILES = (
+    "pytorch/attention/dot_product_attention/utils.py",
+    "pytorch/dot_product_attention/utils.py",
+    "pytorch/attention.py",
+    "pytorch/attention/__init__.py",
+)
 
 
 def te_flash_attn_limits(package_dir: str) -> Dict[str, Optional[str]]:
@@ -546,9 +604,14 @@ def te_flash_attn_limits(package_dir: str) -> Dict[str, Optional[str]]:
                 source = fh.read()
         except OSError:
             continue
-        found = {key: re.search(pattern % (name, name), source)
-                 for key, name in (("min", "version_required"), ("max", "max_version"),
-                                   ("min_blackwell", "version_required_blackwell"))}
+        found = {
+            key: re.search(pattern % (name, name), source)
+            for key, name in (
+                ("min", "version_required"),
+                ("max", "max_version"),
+                ("min_blackwell", "version_required_blackwell"),
+            )
+        }
         if found["max"] or found["min"]:
             limits = {k: (m.group(1) if m else None) for k, m in found.items()}
             limits["file"] = path
@@ -561,14 +624,16 @@ def flash_attn_spec(limits: Dict[str, Optional[str]], capabilities: Sequence[str
     that transformer-engine's `limits` (te_flash_attn_limits) accept on GPUs of these compute
     capabilities ("9.0"): Blackwell (10.x and newer) needs TE's newer minimum."""
     low, high = limits.get("min"), limits.get("max")
-    if limits.get("min_blackwell") and any((major_minor(c) or (0, 0))[0] >= 10
-                                           for c in capabilities):
+    if limits.get("min_blackwell") and any(
+        (major_minor(c) or (0, 0))[0] >= 10 for c in capabilities
+    ):
         low = limits["min_blackwell"]
     return ",".join(s for s in (">=" + low if low else "", "<=" + high if high else "") if s)
 
 
 def _te_package_dir() -> Optional[str]:
     import importlib.util
+
     spec = importlib.util.find_spec("transformer_engine")  # locates without importing
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -586,14 +651,20 @@ def probe_te(ch: ProbeChannel, spec: dict) -> None:
     if not ok:
         return
     ch.step("version", lambda: _module_version(te))
-    ok, _ = ch.step("import_pytorch", lambda: importlib.import_module("transformer_engine.pytorch"),
-                    record=False)
+    ok, _ = ch.step(
+        "import_pytorch",
+        lambda: importlib.import_module("transformer_engine.pytorch"),
+        record=False,
+    )
     if not ok:
         return
-    ch.step("extension", lambda: getattr(importlib.import_module("transformer_engine_torch"),
-                                         "__file__", None))
-    ok, available = ch.step("cuda_available",
-                            lambda: bool(importlib.import_module("torch").cuda.is_available()))
+    ch.step(
+        "extension",
+        lambda: getattr(importlib.import_module("transformer_engine_torch"), "__file__", None),
+    )
+    ok, available = ch.step(
+        "cuda_available", lambda: bool(importlib.import_module("torch").cuda.is_available())
+    )
     if ok and available:
         ch.step("fused_attention", _te_fused_attention)
 
@@ -603,15 +674,18 @@ def _te_fused_attention() -> dict:
     # environment) makes TE use cuDNN's fused attention or raise.
     import torch
     import transformer_engine.pytorch as tep
+
     torch.manual_seed(0)
     seq, batch, heads, dim = 128, 2, 4, 64
-    q, k, v = (torch.randn(seq, batch, heads, dim, device="cuda", dtype=torch.bfloat16)
-               for _ in range(3))
+    q, k, v = (
+        torch.randn(seq, batch, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3)
+    )
     attn = tep.DotProductAttention(heads, dim, attn_mask_type="causal", qkv_format="sbhd")
     out = attn(q, k, v)
     torch.cuda.synchronize()
     ref = torch.nn.functional.scaled_dot_product_attention(
-        *(t.permute(1, 2, 0, 3).float() for t in (q, k, v)), is_causal=True)
+        *(t.permute(1, 2, 0, 3).float() for t in (q, k, v)), is_causal=True
+    )
     ref = ref.permute(2, 0, 1, 3).reshape(seq, batch, heads * dim)
     diff = float((out.float() - ref).abs().max())
     if not diff < 5e-2:
@@ -648,9 +722,12 @@ class ProbeResult:
         """Whether the import failed because `module` itself is not installed (not because
         one of its dependencies is missing, and not because it crashed)."""
         top = re.escape(module.split(".")[0])
-        return self.crash is None and bool(re.match(
-            r"ModuleNotFoundError: No module named '%s(\.[\w.]+)?'$" % top,
-            self.errors.get("import", "")))
+        return self.crash is None and bool(
+            re.match(
+                r"ModuleNotFoundError: No module named '%s(\.[\w.]+)?'$" % top,
+                self.errors.get("import", ""),
+            )
+        )
 
     def failure(self, step: str) -> Optional[str]:
         """Why `step` did not succeed: its exception, or the crash that happened during it."""
@@ -658,7 +735,8 @@ class ProbeResult:
             return self.errors[step]
         if self.crashed_in == step:
             return "%s while running this step" % self.crash + (
-                " (%s)" % self.stderr_tail if self.stderr_tail else "")
+                " (%s)" % self.stderr_tail if self.stderr_tail else ""
+            )
         return None
 
 
@@ -669,7 +747,7 @@ def parse_probe_output(stdout: str) -> ProbeResult:
         if not line.startswith(PROBE_MARK):
             continue
         try:
-            msg = json.loads(line[len(PROBE_MARK):])
+            msg = json.loads(line[len(PROBE_MARK) :])
         except ValueError:
             continue
         key, value = msg.get("k"), msg.get("v")
@@ -685,14 +763,20 @@ def parse_probe_output(stdout: str) -> ProbeResult:
     return result
 
 
-def run_probe(python: str, kind: str, spec: dict, timeout: float,
-              extra_env: Optional[Dict[str, str]] = None,
-              environ: Optional[Dict[str, str]] = None) -> ProbeResult:
+def run_probe(
+    python: str,
+    kind: str,
+    spec: dict,
+    timeout: float,
+    extra_env: Optional[Dict[str, str]] = None,
+    environ: Optional[Dict[str, str]] = None,
+) -> ProbeResult:
     env = dict(os.environ if environ is None else environ)
     env.update(PROBE_ENV)
     env.update(extra_env or {})
-    res = run_command([python, os.path.abspath(__file__), "--probe", kind, json.dumps(spec)],
-                      timeout, env)
+    res = run_command(
+        [python, os.path.abspath(__file__), "--probe", kind, json.dumps(spec)], timeout, env
+    )
     result = parse_probe_output(res.stdout)
     if res.returncode != 0:
         result.crash = res.error or describe_returncode(res.returncode)
@@ -706,13 +790,29 @@ def run_probe(python: str, kind: str, spec: dict, timeout: float,
 PACKAGE_PROBES = (
     ("torch", "torch", {}),
     ("transformer_engine", "te", {}),
-    ("megatron_core", "package", {"module": "megatron.core",
-                                  "dists": ["megatron-core", "megatron_core"]}),
-    ("apex", "package", {"module": "apex", "dists": ["apex"],
-                         "extensions": ["amp_C", "fused_layer_norm_cuda",
-                                        "fused_weight_gradient_mlp_cuda"]}),
-    ("flash_attn", "package", {"module": "flash_attn", "dists": ["flash-attn", "flash_attn"],
-                               "extensions": ["flash_attn_2_cuda"]}),
+    (
+        "megatron_core",
+        "package",
+        {"module": "megatron.core", "dists": ["megatron-core", "megatron_core"]},
+    ),
+    (
+        "apex",
+        "package",
+        {
+            "module": "apex",
+            "dists": ["apex"],
+            "extensions": ["amp_C", "fused_layer_norm_cuda", "fused_weight_gradient_mlp_cuda"],
+        },
+    ),
+    (
+        "flash_attn",
+        "package",
+        {
+            "module": "flash_attn",
+            "dists": ["flash-attn", "flash_attn"],
+            "extensions": ["flash_attn_2_cuda"],
+        },
+    ),
     ("transformers", "package", {"module": "transformers"}),
     ("safetensors", "package", {"module": "safetensors"}),
     ("tokenizers", "package", {"module": "tokenizers"}),
@@ -725,13 +825,23 @@ def run_package_probes(opts: Options) -> Dict[str, ProbeResult]:
     """All package probes, a few at a time (each imports torch: memory, not CPU, is the limit)."""
     workers = max(1, min(4, os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {name: pool.submit(run_probe, opts.python, kind, spec, opts.timeout,
-                                     TE_PROBE_ENV if kind == "te" else None, opts.environ)
-                   for name, kind, spec in PACKAGE_PROBES}
+        futures = {
+            name: pool.submit(
+                run_probe,
+                opts.python,
+                kind,
+                spec,
+                opts.timeout,
+                TE_PROBE_ENV if kind == "te" else None,
+                opts.environ,
+            )
+            for name, kind, spec in PACKAGE_PROBES
+        }
         return {name: f.result() for name, f in futures.items()}
 
 
 # ------------------------------------------------------------------- headers and libraries
+
 
 @dataclass
 class LibraryLocation:
@@ -751,19 +861,32 @@ class LibraryLocation:
 
 
 HEADER_SPECS = {
-    "cudnn": {"header": "cudnn.h", "macros": ("CUDNN_MAJOR", "CUDNN_MINOR", "CUDNN_PATCHLEVEL"),
-              "version_headers": ("cudnn_version.h", "cudnn_version_v9.h", "cudnn_version_v8.h",
-                                  "cudnn.h"),
-              "lib": "libcudnn.so", "env": ("CUDNN_PATH", "CUDNN_HOME", "CUDNN_ROOT")},
-    "nccl": {"header": "nccl.h", "macros": ("NCCL_MAJOR", "NCCL_MINOR", "NCCL_PATCH"),
-             "version_headers": ("nccl.h",), "lib": "libnccl.so",
-             "env": ("NCCL_HOME", "NCCL_ROOT", "NCCL_PATH")},
+    "cudnn": {
+        "header": "cudnn.h",
+        "macros": ("CUDNN_MAJOR", "CUDNN_MINOR", "CUDNN_PATCHLEVEL"),
+        "version_headers": (
+            "cudnn_version.h",
+            "cudnn_version_v9.h",
+            "cudnn_version_v8.h",
+            "cudnn.h",
+        ),
+        "lib": "libcudnn.so",
+        "env": ("CUDNN_PATH", "CUDNN_HOME", "CUDNN_ROOT"),
+    },
+    "nccl": {
+        "header": "nccl.h",
+        "macros": ("NCCL_MAJOR", "NCCL_MINOR", "NCCL_PATCH"),
+        "version_headers": ("nccl.h",),
+        "lib": "libnccl.so",
+        "env": ("NCCL_HOME", "NCCL_ROOT", "NCCL_PATH"),
+    },
 }
 
 
 def venv_site_packages(venv: str) -> List[str]:
     """The site-packages directories of a venv (or any prefix), absolute, existing ones only."""
     import glob
+
     venv = os.path.abspath(os.path.expanduser(venv))
     found = []
     for pattern in ("lib/python3*/site-packages", "lib64/python3*/site-packages"):
@@ -786,14 +909,20 @@ def interpreter_site_packages() -> List[str]:
 
 def _multiarch_lib_dirs(prefix: str) -> List[str]:
     arch = sysconfig.get_config_var("MULTIARCH") or "%s-linux-gnu" % platform.machine()
-    return [os.path.join(prefix, "lib", arch), os.path.join(prefix, "lib64"),
-            os.path.join(prefix, "lib")]
+    return [
+        os.path.join(prefix, "lib", arch),
+        os.path.join(prefix, "lib64"),
+        os.path.join(prefix, "lib"),
+    ]
 
 
-def header_candidates(name: str, site_dirs: Sequence[str], environ: Dict[str, str],
-                      cuda_home: Optional[str] = None,
-                      system_prefixes: Sequence[str] = ("/usr/local", "/usr"),
-                      ) -> List[Tuple[str, List[str], str]]:
+def header_candidates(
+    name: str,
+    site_dirs: Sequence[str],
+    environ: Dict[str, str],
+    cuda_home: Optional[str] = None,
+    system_prefixes: Sequence[str] = ("/usr/local", "/usr"),
+) -> List[Tuple[str, List[str], str]]:
     """Where to look for a library, in order: (root, lib dirs, source). The venv's own
     `nvidia/<name>` wheel comes first, because that is the copy torch loads at run time; then
     other `nvidia/*` wheel layouts (cu13, cu12), the library's env vars, CUDA_HOME, the system."""
@@ -848,18 +977,21 @@ def _shared_objects(lib_dir: str, prefix: str) -> List[str]:
         return []
 
 
-def find_library_headers(name: str, site_dirs: Sequence[str],
-                         environ: Optional[Dict[str, str]] = None,
-                         cuda_home: Optional[str] = None,
-                         system_prefixes: Sequence[str] = ("/usr/local", "/usr"),
-                         ) -> Optional[LibraryLocation]:
+def find_library_headers(
+    name: str,
+    site_dirs: Sequence[str],
+    environ: Optional[Dict[str, str]] = None,
+    cuda_home: Optional[str] = None,
+    system_prefixes: Sequence[str] = ("/usr/local", "/usr"),
+) -> Optional[LibraryLocation]:
     """Find cudnn.h / nccl.h (`name` "cudnn" or "nccl") and the matching shared library,
     searching the venv's `site-packages/nvidia/...` first (see header_candidates).
     Every returned path is absolute with `~` expanded."""
     spec = HEADER_SPECS[name]
     environ = dict(os.environ) if environ is None else environ
-    for root, lib_dirs, source in header_candidates(name, site_dirs, environ, cuda_home,
-                                                    system_prefixes):
+    for root, lib_dirs, source in header_candidates(
+        name, site_dirs, environ, cuda_home, system_prefixes
+    ):
         include_dir = os.path.join(root, "include")
         if not os.path.isfile(os.path.join(include_dir, spec["header"])):
             continue
@@ -869,23 +1001,30 @@ def find_library_headers(name: str, site_dirs: Sequence[str],
             if libraries:
                 lib_dir = os.path.abspath(candidate)
                 break
-        return LibraryLocation(name=name, root=os.path.abspath(root),
-                               include_dir=os.path.abspath(include_dir), lib_dir=lib_dir,
-                               header=os.path.join(os.path.abspath(include_dir), spec["header"]),
-                               version=read_header_version(include_dir, name), source=source,
-                               libraries=libraries)
+        return LibraryLocation(
+            name=name,
+            root=os.path.abspath(root),
+            include_dir=os.path.abspath(include_dir),
+            lib_dir=lib_dir,
+            header=os.path.join(os.path.abspath(include_dir), spec["header"]),
+            version=read_header_version(include_dir, name),
+            source=source,
+            libraries=libraries,
+        )
     return None
 
 
 def _is_cuda_root(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "bin", "nvcc")) and (
         os.path.isfile(os.path.join(path, "include", "cuda_runtime.h"))
-        or os.path.isdir(os.path.join(path, "targets")))
+        or os.path.isdir(os.path.join(path, "targets"))
+    )
 
 
-def find_cuda_home(environ: Optional[Dict[str, str]] = None,
-                   which: Callable[[str], Optional[str]] = shutil.which,
-                   ) -> Tuple[Optional[str], Optional[str], str]:
+def find_cuda_home(
+    environ: Optional[Dict[str, str]] = None,
+    which: Callable[[str], Optional[str]] = shutil.which,
+) -> Tuple[Optional[str], Optional[str], str]:
     """(CUDA_HOME, nvcc path, how it was found). A CUDA root has bin/nvcc and the runtime
     headers; an `nvcc` on PATH that is a wrapper elsewhere does not make its parent a root."""
     environ = dict(os.environ) if environ is None else environ
@@ -901,8 +1040,12 @@ def find_cuda_home(environ: Optional[Dict[str, str]] = None,
             if _is_cuda_root(home):
                 return home, os.path.join(home, "bin", "nvcc"), "nvcc on PATH"
     import glob
-    versioned = sorted(glob.glob("/usr/local/cuda-*"), key=lambda p: release_tuple(
-        p.rsplit("-", 1)[-1]) or (0,), reverse=True)
+
+    versioned = sorted(
+        glob.glob("/usr/local/cuda-*"),
+        key=lambda p: release_tuple(p.rsplit("-", 1)[-1]) or (0,),
+        reverse=True,
+    )
     for home in ["/usr/local/cuda"] + versioned:
         if _is_cuda_root(home):
             return home, os.path.join(home, "bin", "nvcc"), "standard location"
@@ -914,7 +1057,7 @@ def recommended_max_jobs(cpus: Optional[int], mem_available_bytes: Optional[int]
     available memory allows (each nvcc job peaks at about BUILD_JOB_MEMORY_GIB)."""
     jobs = max(1, cpus or 1)
     if mem_available_bytes:
-        jobs = min(jobs, max(1, int(mem_available_bytes // (BUILD_JOB_MEMORY_GIB * 1024 ** 3))))
+        jobs = min(jobs, max(1, int(mem_available_bytes // (BUILD_JOB_MEMORY_GIB * 1024**3))))
     return jobs
 
 
@@ -929,9 +1072,13 @@ def _path_list(*groups: Iterable[Optional[str]]) -> str:
     return ":".join(seen)
 
 
-def te_build_env(cudnn: Optional[LibraryLocation], nccl: Optional[LibraryLocation],
-                 cuda_home: Optional[str], max_jobs: Optional[int] = None,
-                 base_env: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+def te_build_env(
+    cudnn: Optional[LibraryLocation],
+    nccl: Optional[LibraryLocation],
+    cuda_home: Optional[str],
+    max_jobs: Optional[int] = None,
+    base_env: Optional[Dict[str, str]] = None,
+) -> Dict[str, str]:
     """The environment variables that let transformer-engine (and apex, flash-attn) build
     against the found cuDNN and NCCL: absolute paths, existing include/library search paths
     kept after ours (with `~` expanded). Keys appear in export order."""
@@ -944,8 +1091,9 @@ def te_build_env(cudnn: Optional[LibraryLocation], nccl: Optional[LibraryLocatio
         env["CUDNN_HOME"] = cudnn.root  # read by TE's runtime loader and older builds
     found = [x for x in (cudnn, nccl) if x]
     if found:
-        includes = _path_list([x.include_dir for x in found],
-                              base.get("CPLUS_INCLUDE_PATH", "").split(":"))
+        includes = _path_list(
+            [x.include_dir for x in found], base.get("CPLUS_INCLUDE_PATH", "").split(":")
+        )
         libs = _path_list([x.lib_dir for x in found], base.get("LIBRARY_PATH", "").split(":"))
         env["CPLUS_INCLUDE_PATH"] = includes
         if libs:
@@ -987,13 +1135,22 @@ def plan_te_build(site_dirs: Sequence[str], environ: Optional[Dict[str, str]] = 
     nccl = find_library_headers("nccl", site_dirs, environ, cuda_home)
     max_jobs = recommended_max_jobs(cpu_count(), mem_available_bytes())
     env = te_build_env(cudnn, nccl, cuda_home, max_jobs, environ)
-    missing = [what for what, have in (("cudnn.h", cudnn), ("nccl.h", nccl), ("nvcc", cuda_home))
-               if not have]
-    return {"vars": env, "export_lines": export_lines(env), "missing": missing,
-            "cudnn": cudnn.to_dict() if cudnn else None, "nccl": nccl.to_dict() if nccl else None}
+    missing = [
+        what
+        for what, have in (("cudnn.h", cudnn), ("nccl.h", nccl), ("nvcc", cuda_home))
+        if not have
+    ]
+    return {
+        "vars": env,
+        "export_lines": export_lines(env),
+        "missing": missing,
+        "cudnn": cudnn.to_dict() if cudnn else None,
+        "nccl": nccl.to_dict() if nccl else None,
+    }
 
 
 # ----------------------------------------------------------------- storage, network, env
+
 
 def nearest_existing(path: str) -> str:
     path = os.path.abspath(os.path.expanduser(path))
@@ -1022,9 +1179,15 @@ def efa_devices(sysfs: str = "/sys/class/infiniband") -> List[str]:
     return found
 
 
-OFI_NCCL_DIRS = ("/opt/amazon/ofi-nccl/lib", "/opt/amazon/ofi-nccl/lib64", "/opt/aws-ofi-nccl/lib",
-                 "/opt/amazon/aws-ofi-nccl/lib", "/usr/local/lib", "/usr/lib/x86_64-linux-gnu",
-                 "/usr/lib/aarch64-linux-gnu")
+OFI_NCCL_DIRS = (
+    "/opt/amazon/ofi-nccl/lib",
+    "/opt/amazon/ofi-nccl/lib64",
+    "/opt/aws-ofi-nccl/lib",
+    "/opt/amazon/aws-ofi-nccl/lib",
+    "/usr/local/lib",
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+)
 OFI_NCCL_NAMES = ("libnccl-net-ofi.so", "libnccl-net-aws-ofi.so", "libnccl-net.so")
 LIBFABRIC_DIRS = ("/opt/amazon/efa/lib", "/opt/amazon/efa/lib64")
 
@@ -1049,6 +1212,7 @@ def reported_env(environ: Dict[str, str]) -> Dict[str, str]:
 
 
 # ------------------------------------------------------------------------- context / facts
+
 
 @dataclass
 class Context:
@@ -1080,8 +1244,11 @@ class Context:
 
     def gpus(self) -> List[dict]:
         t = self.probe("torch")
-        return [t.values["device:%d" % i] for i in range(t.values.get("device_count") or 0)
-                if isinstance(t.values.get("device:%d" % i), dict)]
+        return [
+            t.values["device:%d" % i]
+            for i in range(t.values.get("device_count") or 0)
+            if isinstance(t.values.get("device:%d" % i), dict)
+        ]
 
     def cuda_tag(self) -> str:
         """cu13 / cu12: the suffix of NVIDIA's wheels matching torch's CUDA."""
@@ -1091,16 +1258,24 @@ class Context:
 
 def query_nvidia_smi(timeout: float) -> dict:
     """GPUs, driver and the driver's CUDA version from nvidia-smi, or /proc for the driver."""
-    info = {"found": bool(shutil.which("nvidia-smi")), "gpus": [], "driver": None,
-            "driver_cuda": None, "error": None}
+    info = {
+        "found": bool(shutil.which("nvidia-smi")),
+        "gpus": [],
+        "driver": None,
+        "driver_cuda": None,
+        "error": None,
+    }
     if info["found"]:
-        q = run_command(["nvidia-smi", "--query-gpu=" + ",".join(SMI_FIELDS),
-                         "--format=csv,noheader,nounits"], timeout)
+        q = run_command(
+            ["nvidia-smi", "--query-gpu=" + ",".join(SMI_FIELDS), "--format=csv,noheader,nounits"],
+            timeout,
+        )
         if q.ok:
             info["gpus"] = parse_smi_csv(q.stdout, SMI_FIELDS)
         else:
-            info["error"] = (q.error or tail(q.stdout + q.stderr, 2)
-                             or describe_returncode(q.returncode))
+            info["error"] = (
+                q.error or tail(q.stdout + q.stderr, 2) or describe_returncode(q.returncode)
+            )
         h = run_command(["nvidia-smi"], timeout)
         if h.ok:
             header = parse_smi_header(h.stdout)
@@ -1142,32 +1317,42 @@ def facts(ctx: Context) -> dict:
 
     return {
         "python": platform.python_version(),
-        "torch": t.get("version"), "torch_cuda": t.get("cuda_build"),
-        "cuda_available": t.get("cuda_available"), "gpu_count": t.get("device_count"),
+        "torch": t.get("version"),
+        "torch_cuda": t.get("cuda_build"),
+        "cuda_available": t.get("cuda_available"),
+        "gpu_count": t.get("device_count"),
         "gpus": ctx.gpus() or [_smi_gpu(g) for g in ctx.smi["gpus"]],
         "driver": ctx.smi["driver"],
         "driver_cuda": ctx.smi["driver_cuda"] or driver_max_cuda(ctx.smi["driver"]),
-        "nvcc": ctx.nvcc_version, "cuda_home": ctx.cuda_home,
+        "nvcc": ctx.nvcc_version,
+        "cuda_home": ctx.cuda_home,
         "cudnn_runtime": decode_cudnn_version(t.get("cudnn")),
         "nccl_runtime": decode_nccl_version(t.get("nccl")),
         "cudnn_headers": (plan["cudnn"] or {}).get("version"),
         "nccl_headers": (plan["nccl"] or {}).get("version"),
         "transformer_engine": version("transformer_engine"),
-        "megatron_core": version("megatron_core"), "apex": version("apex"),
-        "flash_attn": version("flash_attn"), "transformers": version("transformers"),
-        "safetensors": version("safetensors"), "tokenizers": version("tokenizers"),
+        "megatron_core": version("megatron_core"),
+        "apex": version("apex"),
+        "flash_attn": version("flash_attn"),
+        "transformers": version("transformers"),
+        "safetensors": version("safetensors"),
+        "tokenizers": version("tokenizers"),
         "peft": version("peft"),
     }
 
 
 def _smi_gpu(row: dict) -> dict:
     mem = row.get("memory.total")
-    return {"index": int(row["index"]) if str(row.get("index", "")).isdigit() else None,
-            "name": row.get("name"), "capability": row.get("compute_cap"),
-            "memory_mib": int(float(mem)) if mem and re.match(r"^[\d.]+$", mem) else None}
+    return {
+        "index": int(row["index"]) if str(row.get("index", "")).isdigit() else None,
+        "name": row.get("name"),
+        "capability": row.get("compute_cap"),
+        "memory_mib": int(float(mem)) if mem and re.match(r"^[\d.]+$", mem) else None,
+    }
 
 
 # ---------------------------------------------------------------------- checks: python/torch
+
 
 def check_python(ctx: Context) -> List[Check]:
     v = sys.version_info
@@ -1176,20 +1361,34 @@ def check_python(ctx: Context) -> List[Check]:
     fix = None
     if not ok:
         detail += "; megatron-core and the runtime need %d.%d+" % MIN_PYTHON
-        fix = ("run this check with the Python of a venv built on Python >= %d.%d "
-               "(`megafleet setup` creates one); %s is %s" % (MIN_PYTHON + (sys.executable,
-                                                                      platform.python_version())))
-    return [Check("python.version", "Python", REQUIRED, "pass" if ok else "fail", detail, fix,
-                  {"version": platform.python_version(), "executable": sys.executable})]
+        fix = (
+            "run this check with the Python of a venv built on Python >= %d.%d "
+            "(`megafleet setup` creates one); %s is %s"
+            % (MIN_PYTHON + (sys.executable, platform.python_version()))
+        )
+    return [
+        Check(
+            "python.version",
+            "Python",
+            REQUIRED,
+            "pass" if ok else "fail",
+            detail,
+            fix,
+            {"version": platform.python_version(), "executable": sys.executable},
+        )
+    ]
 
 
 def torch_install_fix(ctx: Context) -> str:
     tag = torch_index_for_cuda(ctx.smi["driver_cuda"] or driver_max_cuda(ctx.smi["driver"]))
     if tag:
-        return ctx.pip("--force-reinstall torch --index-url "
-                       "https://download.pytorch.org/whl/%s" % tag)
-    return ctx.pip("torch") + "  (pick the CUDA build your driver supports: " \
-                              "https://pytorch.org/get-started/locally/)"
+        return ctx.pip(
+            "--force-reinstall torch --index-url https://download.pytorch.org/whl/%s" % tag
+        )
+    return (
+        ctx.pip("torch") + "  (pick the CUDA build your driver supports: "
+        "https://pytorch.org/get-started/locally/)"
+    )
 
 
 def check_torch(ctx: Context) -> List[Check]:
@@ -1198,27 +1397,59 @@ def check_torch(ctx: Context) -> List[Check]:
     if not t.ok("version"):
         why = t.failure("import") or t.failure("start") or "not importable"
         missing = t.absent("torch")
-        return [Check("torch.import", "torch", REQUIRED, "fail",
-                      "torch is not installed" if missing else "import torch failed: " + why,
-                      torch_install_fix(ctx)),
-                Check("torch.cuda_build", "torch CUDA build", level, "skip", "no torch"),
-                Check("torch.cuda_available", "torch.cuda.is_available()", level, "skip",
-                      "no torch")]
+        return [
+            Check(
+                "torch.import",
+                "torch",
+                REQUIRED,
+                "fail",
+                "torch is not installed" if missing else "import torch failed: " + why,
+                torch_install_fix(ctx),
+            ),
+            Check("torch.cuda_build", "torch CUDA build", level, "skip", "no torch"),
+            Check("torch.cuda_available", "torch.cuda.is_available()", level, "skip", "no torch"),
+        ]
     version, wanted = t.values["version"], RUNTIME_REQUIREMENTS["torch"]
     ok = version_satisfies(version, wanted)
-    checks = [Check("torch.import", "torch", REQUIRED, "pass" if ok else "fail",
-                    "torch %s (%s)%s" % (version, os.path.dirname(t.values.get("file") or ""),
-                                         "" if ok else ", the runtime needs torch%s" % wanted),
-                    None if ok else torch_install_fix(ctx), {"version": version})]
+    checks = [
+        Check(
+            "torch.import",
+            "torch",
+            REQUIRED,
+            "pass" if ok else "fail",
+            "torch %s (%s)%s"
+            % (
+                version,
+                os.path.dirname(t.values.get("file") or ""),
+                "" if ok else ", the runtime needs torch%s" % wanted,
+            ),
+            None if ok else torch_install_fix(ctx),
+            {"version": version},
+        )
+    ]
     cuda = t.values.get("cuda_build")
     if not cuda:
-        checks.append(Check("torch.cuda_build", "torch CUDA build", level, "fail",
-                            "torch %s is a CPU-only build (torch.version.cuda is None)"
-                            % t.values["version"],
-                            torch_install_fix(ctx)))
+        checks.append(
+            Check(
+                "torch.cuda_build",
+                "torch CUDA build",
+                level,
+                "fail",
+                "torch %s is a CPU-only build (torch.version.cuda is None)" % t.values["version"],
+                torch_install_fix(ctx),
+            )
+        )
     else:
-        checks.append(Check("torch.cuda_build", "torch CUDA build", level, "pass",
-                            "built for CUDA %s" % cuda, data={"cuda": cuda}))
+        checks.append(
+            Check(
+                "torch.cuda_build",
+                "torch CUDA build",
+                level,
+                "pass",
+                "built for CUDA %s" % cuda,
+                data={"cuda": cuda},
+            )
+        )
     checks.append(check_cuda_available(ctx, t, level))
     return checks
 
@@ -1229,25 +1460,51 @@ def check_cuda_available(ctx: Context, t: ProbeResult, level: str) -> Check:
     visible = ctx.environ.get("CUDA_VISIBLE_DEVICES")
     note = "; CUDA_VISIBLE_DEVICES=%s" % visible if visible is not None else ""
     if available and count:
-        return Check("torch.cuda_available", "torch.cuda.is_available()", level, "pass",
-                     "True, %d GPU(s)%s" % (count, note), data={"device_count": count})
+        return Check(
+            "torch.cuda_available",
+            "torch.cuda.is_available()",
+            level,
+            "pass",
+            "True, %d GPU(s)%s" % (count, note),
+            data={"device_count": count},
+        )
     if "cuda_available" not in t.values:
         why = t.failure("cuda_available") or "not probed"
-        return Check("torch.cuda_available", "torch.cuda.is_available()", level, "fail",
-                     "torch.cuda.is_available() failed: " + why)
+        return Check(
+            "torch.cuda_available",
+            "torch.cuda.is_available()",
+            level,
+            "fail",
+            "torch.cuda.is_available() failed: " + why,
+        )
     if not t.values.get("cuda_build"):
-        return Check("torch.cuda_available", "torch.cuda.is_available()", level, "fail",
-                     "False: torch is a CPU-only build" + note, torch_install_fix(ctx))
+        return Check(
+            "torch.cuda_available",
+            "torch.cuda.is_available()",
+            level,
+            "fail",
+            "False: torch is a CPU-only build" + note,
+            torch_install_fix(ctx),
+        )
     if smi_gpus:
-        return Check("torch.cuda_available", "torch.cuda.is_available()", level, "fail",
-                     "False although nvidia-smi lists %d GPU(s)%s: driver too old for torch's "
-                     "CUDA, or the devices are hidden" % (smi_gpus, note),
-                     "compare driver.cuda_compat below; check CUDA_VISIBLE_DEVICES and "
-                     "that /dev/nvidia* are accessible")
-    return Check("torch.cuda_available", "torch.cuda.is_available()", level, "fail",
-                 "False: no NVIDIA GPU visible on this machine" + note,
-                 None if ctx.opts.cpu_ok else
-                 "run on a GPU machine, or pass --cpu-ok for a CPU smoke run")
+        return Check(
+            "torch.cuda_available",
+            "torch.cuda.is_available()",
+            level,
+            "fail",
+            "False although nvidia-smi lists %d GPU(s)%s: driver too old for torch's "
+            "CUDA, or the devices are hidden" % (smi_gpus, note),
+            "compare driver.cuda_compat below; check CUDA_VISIBLE_DEVICES and "
+            "that /dev/nvidia* are accessible",
+        )
+    return Check(
+        "torch.cuda_available",
+        "torch.cuda.is_available()",
+        level,
+        "fail",
+        "False: no NVIDIA GPU visible on this machine" + note,
+        None if ctx.opts.cpu_ok else "run on a GPU machine, or pass --cpu-ok for a CPU smoke run",
+    )
 
 
 def check_gpus(ctx: Context) -> List[Check]:
@@ -1256,12 +1513,18 @@ def check_gpus(ctx: Context) -> List[Check]:
     t = ctx.probe("torch")
     if not gpus:
         smi = [_smi_gpu(g) for g in ctx.smi["gpus"]]
-        where = "nvidia-smi lists %s but torch sees none" % ", ".join(
-            g["name"] or "?" for g in smi) if smi else "no GPU found (torch sees none%s)" % (
-            "" if ctx.smi["found"] else ", nvidia-smi not installed")
-        fix = ("install a CUDA build of torch that this driver supports (see torch.cuda_build)"
-               if smi else "run on a machine with an NVIDIA GPU and its driver (`nvidia-smi -L` "
-               "lists it), or pass --cpu-ok for a CPU smoke run (then launch with --device cpu)")
+        where = (
+            "nvidia-smi lists %s but torch sees none" % ", ".join(g["name"] or "?" for g in smi)
+            if smi
+            else "no GPU found (torch sees none%s)"
+            % ("" if ctx.smi["found"] else ", nvidia-smi not installed")
+        )
+        fix = (
+            "install a CUDA build of torch that this driver supports (see torch.cuda_build)"
+            if smi
+            else "run on a machine with an NVIDIA GPU and its driver (`nvidia-smi -L` "
+            "lists it), or pass --cpu-ok for a CPU smoke run (then launch with --device cpu)"
+        )
         gpu = Check("gpu.count", "GPUs", level, "fail", where, fix, data={"gpus": smi})
         arch = Check("gpu.arch", "torch kernels for these GPUs", level, "skip", "no GPU to check")
         return [gpu, arch]
@@ -1269,8 +1532,14 @@ def check_gpus(ctx: Context) -> List[Check]:
     for g in gpus:
         names.setdefault("%s (sm_%s)" % (g["name"], g["capability"].replace(".", "")), []).append(g)
     detail = ", ".join("%dx %s" % (len(v), k) for k, v in names.items())
-    gpu = Check("gpu.count", "GPUs", level, "pass", "%d GPU(s): %s" % (len(gpus), detail),
-                data={"gpus": gpus})
+    gpu = Check(
+        "gpu.count",
+        "GPUs",
+        level,
+        "pass",
+        "%d GPU(s): %s" % (len(gpus), detail),
+        data={"gpus": gpus},
+    )
     return [gpu, check_arch(ctx, gpus, t.values.get("arch_list") or [], level)]
 
 
@@ -1283,41 +1552,87 @@ def check_arch(ctx: Context, gpus: List[dict], arch_list: List[str], level: str)
     fix = None
     if worst != "pass":
         fix = "install a torch build whose arch list includes these GPUs: " + torch_install_fix(ctx)
-    return Check("gpu.arch", "torch kernels for these GPUs", level, worst,
-                 "; ".join(notes) + " (torch arch list: %s)" % " ".join(arch_list), fix,
-                 {"arch_list": arch_list})
+    return Check(
+        "gpu.arch",
+        "torch kernels for these GPUs",
+        level,
+        worst,
+        "; ".join(notes) + " (torch arch list: %s)" % " ".join(arch_list),
+        fix,
+        {"arch_list": arch_list},
+    )
 
 
 # ---------------------------------------------------------------- checks: driver and CUDA
+
 
 def check_driver(ctx: Context) -> List[Check]:
     level = gpu_level(ctx.opts)
     driver, smi = ctx.smi["driver"], ctx.smi
     if not driver:
-        why = "nvidia-smi not found and no /proc/driver/nvidia/version" if not smi["found"] else \
-            "nvidia-smi failed: %s" % (smi["error"] or "no driver version")
-        return [Check("driver.version", "NVIDIA driver", level, "fail", why,
-                      None if ctx.opts.cpu_ok else "install the NVIDIA datacenter driver "
-                      "(e.g. `apt install nvidia-driver-580-server`) and reboot"),
-                Check("driver.cuda_compat", "driver supports torch's CUDA", level, "skip",
-                      "no driver")]
+        why = (
+            "nvidia-smi not found and no /proc/driver/nvidia/version"
+            if not smi["found"]
+            else "nvidia-smi failed: %s" % (smi["error"] or "no driver version")
+        )
+        return [
+            Check(
+                "driver.version",
+                "NVIDIA driver",
+                level,
+                "fail",
+                why,
+                None
+                if ctx.opts.cpu_ok
+                else "install the NVIDIA datacenter driver "
+                "(e.g. `apt install nvidia-driver-580-server`) and reboot",
+            ),
+            Check("driver.cuda_compat", "driver supports torch's CUDA", level, "skip", "no driver"),
+        ]
     supported = smi["driver_cuda"] or driver_max_cuda(driver)
     src = "nvidia-smi" if smi["driver_cuda"] else "driver table"
-    checks = [Check("driver.version", "NVIDIA driver", level, "pass",
-                    "driver %s, supports CUDA %s (%s)" % (driver, supported or "?", src),
-                    data={"driver": driver, "driver_cuda": supported})]
+    checks = [
+        Check(
+            "driver.version",
+            "NVIDIA driver",
+            level,
+            "pass",
+            "driver %s, supports CUDA %s (%s)" % (driver, supported or "?", src),
+            data={"driver": driver, "driver_cuda": supported},
+        )
+    ]
     cuda = ctx.torch_cuda
     if not cuda:
-        checks.append(Check("driver.cuda_compat", "driver supports torch's CUDA", level, "skip",
-                            "torch has no CUDA build to compare"))
+        checks.append(
+            Check(
+                "driver.cuda_compat",
+                "driver supports torch's CUDA",
+                level,
+                "skip",
+                "torch has no CUDA build to compare",
+            )
+        )
         return checks
     status, why = cuda_driver_compat(driver, cuda, smi["driver_cuda"])
     fix = None
     if status != "pass":
         fix = "either upgrade the driver to >= %s (CUDA %s), or install torch for CUDA %s: %s" % (
-            min_driver_for_cuda(cuda) or "?", cuda, supported or "?", torch_install_fix(ctx))
-    checks.append(Check("driver.cuda_compat", "driver supports torch's CUDA", level, status, why,
-                        fix, {"torch_cuda": cuda, "driver_cuda": supported}))
+            min_driver_for_cuda(cuda) or "?",
+            cuda,
+            supported or "?",
+            torch_install_fix(ctx),
+        )
+    checks.append(
+        Check(
+            "driver.cuda_compat",
+            "driver supports torch's CUDA",
+            level,
+            status,
+            why,
+            fix,
+            {"torch_cuda": cuda, "driver_cuda": supported},
+        )
+    )
     return checks
 
 
@@ -1329,19 +1644,28 @@ def check_nvcc(ctx: Context) -> List[Check]:
     set_home = ctx.environ.get("CUDA_HOME")
     if not nvcc or not version:
         tk = "%d-%d" % want if want else "13-0"
-        return [Check("cuda.nvcc", "nvcc and CUDA_HOME", OPTIONAL, "warn",
-                      "nvcc not found: transformer-engine, apex and flash-attn cannot be "
-                      "built here",
-                      "install the CUDA toolkit matching torch (e.g. `apt install "
-                      "cuda-toolkit-%s`), then export CUDA_HOME=/usr/local/cuda-%s"
-                      % (tk, tk.replace("-", ".")), data)]
+        return [
+            Check(
+                "cuda.nvcc",
+                "nvcc and CUDA_HOME",
+                OPTIONAL,
+                "warn",
+                "nvcc not found: transformer-engine, apex and flash-attn cannot be built here",
+                "install the CUDA toolkit matching torch (e.g. `apt install "
+                "cuda-toolkit-%s`), then export CUDA_HOME=/usr/local/cuda-%s"
+                % (tk, tk.replace("-", ".")),
+                data,
+            )
+        ]
     detail = "nvcc %s at %s, CUDA_HOME=%s (%s)" % (version, nvcc, home or "?", ctx.cuda_home_source)
     status, fix = "pass", None
     have = major_minor(version)
     if want and have and have[0] != want[0]:
         status = "warn"
-        detail += ("; torch is built for CUDA %s: extension builds refuse a different major"
-                   % ctx.torch_cuda)
+        detail += (
+            "; torch is built for CUDA %s: extension builds refuse a different major"
+            % ctx.torch_cuda
+        )
         fix = "install CUDA toolkit %d.x and export CUDA_HOME to it" % want[0]
     elif set_home and home and os.path.abspath(os.path.expanduser(set_home)) != home:
         status, fix = "warn", "export CUDA_HOME=%s" % shlex.quote(home)
@@ -1353,27 +1677,51 @@ def check_nvcc(ctx: Context) -> List[Check]:
 
 # ------------------------------------------------------------------ checks: cuDNN and NCCL
 
+
 def check_cudnn_nccl_runtime(ctx: Context) -> List[Check]:
     t = ctx.probe("torch").values
     level = gpu_level(ctx.opts)
     out = []
-    for lib, raw, decode in (("cudnn", t.get("cudnn"), decode_cudnn_version),
-                             ("nccl", t.get("nccl"), decode_nccl_version)):
+    for lib, raw, decode in (
+        ("cudnn", t.get("cudnn"), decode_cudnn_version),
+        ("nccl", t.get("nccl"), decode_nccl_version),
+    ):
         label = "cuDNN" if lib == "cudnn" else "NCCL"
         cid = "%s.runtime" % lib
         if not t.get("cuda_build"):
-            out.append(Check(cid, "%s in torch" % label, level, "skip",
-                             "torch has no CUDA build" if "version" in t else "no torch"))
+            out.append(
+                Check(
+                    cid,
+                    "%s in torch" % label,
+                    level,
+                    "skip",
+                    "torch has no CUDA build" if "version" in t else "no torch",
+                )
+            )
             continue
         version = decode(raw)
         if version:
-            out.append(Check(cid, "%s in torch" % label, level, "pass",
-                             "torch loads %s %s" % (label, version), data={"version": version}))
+            out.append(
+                Check(
+                    cid,
+                    "%s in torch" % label,
+                    level,
+                    "pass",
+                    "torch loads %s %s" % (label, version),
+                    data={"version": version},
+                )
+            )
         else:
-            out.append(Check(cid, "%s in torch" % label, level, "fail",
-                             "torch reports no %s: %s"
-                             % (label, ctx.probe("torch").failure(lib) or "None"),
-                             ctx.pip("nvidia-%s-%s" % (lib, ctx.cuda_tag()))))
+            out.append(
+                Check(
+                    cid,
+                    "%s in torch" % label,
+                    level,
+                    "fail",
+                    "torch reports no %s: %s" % (label, ctx.probe("torch").failure(lib) or "None"),
+                    ctx.pip("nvidia-%s-%s" % (lib, ctx.cuda_tag())),
+                )
+            )
     return out
 
 
@@ -1385,28 +1733,46 @@ def check_headers(ctx: Context) -> List[Check]:
         loc = plan[lib]
         cid = "%s.headers" % lib
         if not loc:
-            out.append(Check(cid, "%s headers for building TE" % label, OPTIONAL, "warn",
-                             "%s.h not found in the venv (site-packages/nvidia/%s) or the system"
-                             % (lib, lib),
-                             ctx.pip("nvidia-%s-%s" % (lib, ctx.cuda_tag())) +
-                             "  (then run this check again for the export lines)"))
+            out.append(
+                Check(
+                    cid,
+                    "%s headers for building TE" % label,
+                    OPTIONAL,
+                    "warn",
+                    "%s.h not found in the venv (site-packages/nvidia/%s) or the system"
+                    % (lib, lib),
+                    ctx.pip("nvidia-%s-%s" % (lib, ctx.cuda_tag()))
+                    + "  (then run this check again for the export lines)",
+                )
+            )
             continue
         runtime = (decode_cudnn_version if lib == "cudnn" else decode_nccl_version)(t.get(lib))
         status, note = "pass", ""
         if runtime and loc["version"] and runtime.split(".")[0] != loc["version"].split(".")[0]:
             status = "warn"
             note = "; torch loads %s %s: a build would compile against another major" % (
-                label, runtime)
+                label,
+                runtime,
+            )
         if not loc["lib_dir"]:
             status, note = "warn", note + "; no lib%s.so* beside it" % lib
-        out.append(Check(cid, "%s headers for building TE" % label, OPTIONAL, status,
-                         "%s %s headers in %s (%s)%s" % (label, loc["version"] or "?",
-                                                          loc["include_dir"], loc["source"], note),
-                         "\n".join(plan["export_lines"]), dict(loc)))
+        out.append(
+            Check(
+                cid,
+                "%s headers for building TE" % label,
+                OPTIONAL,
+                status,
+                "%s %s headers in %s (%s)%s"
+                % (label, loc["version"] or "?", loc["include_dir"], loc["source"], note),
+                "\n".join(plan["export_lines"]),
+                dict(loc),
+            )
+        )
     return out
 
 
 # ------------------------------------------------------------------- checks: packages
+
 
 def te_install_fix(ctx: Context) -> str:
     plan = ctx.te_plan
@@ -1417,8 +1783,9 @@ def te_install_fix(ctx: Context) -> str:
         lines.append("# then run this check again: it prints the exports with the new headers")
     lines.extend(plan["export_lines"])
     lines.append(ctx.pip("cmake ninja pybind11 setuptools wheel"))
-    lines.append(ctx.pip("--no-build-isolation 'transformer_engine[pytorch,core_%s]'"
-                         % ctx.cuda_tag()))
+    lines.append(
+        ctx.pip("--no-build-isolation 'transformer_engine[pytorch,core_%s]'" % ctx.cuda_tag())
+    )
     return "\n".join(lines)
 
 
@@ -1429,34 +1796,76 @@ def check_transformer_engine(ctx: Context) -> List[Check]:
         why = p.failure("import") or p.failure("start") or p.failure("package_dir") or "?"
         if p.absent("transformer_engine"):
             status = "fail" if ctx.opts.require_te else "warn"
-            first = Check("te.import", "transformer-engine", level, status,
-                          "transformer-engine is not installed "
-                          "(training uses the local layer spec)",
-                          te_install_fix(ctx))
+            first = Check(
+                "te.import",
+                "transformer-engine",
+                level,
+                status,
+                "transformer-engine is not installed (training uses the local layer spec)",
+                te_install_fix(ctx),
+            )
         else:
-            first = Check("te.import", "transformer-engine", level, "fail",
-                          "import transformer_engine failed: %s" % why, te_install_fix(ctx),
-                          {"dist_version": p.values.get("dist_version")})
-        return [first,
-                Check("te.extension", "transformer-engine torch extension", level, "skip", "no TE"),
-                Check("te.fused_attention", "transformer-engine fused attention", level, "skip",
-                      "no TE")]
+            first = Check(
+                "te.import",
+                "transformer-engine",
+                level,
+                "fail",
+                "import transformer_engine failed: %s" % why,
+                te_install_fix(ctx),
+                {"dist_version": p.values.get("dist_version")},
+            )
+        return [
+            first,
+            Check("te.extension", "transformer-engine torch extension", level, "skip", "no TE"),
+            Check(
+                "te.fused_attention", "transformer-engine fused attention", level, "skip", "no TE"
+            ),
+        ]
     version = p.values.get("version") or p.values.get("dist_version")
-    checks = [Check("te.import", "transformer-engine", level, "pass",
-                    "transformer-engine %s" % version,
-                    data={"version": version, "flash_attn_limits": p.values.get("flash_limits")})]
+    checks = [
+        Check(
+            "te.import",
+            "transformer-engine",
+            level,
+            "pass",
+            "transformer-engine %s" % version,
+            data={"version": version, "flash_attn_limits": p.values.get("flash_limits")},
+        )
+    ]
     if not p.ok("import_pytorch") or not p.ok("extension"):
         why = p.failure("import_pytorch") or p.failure("extension") or "?"
-        checks.append(Check("te.extension", "transformer-engine torch extension", level, "fail",
-                            "transformer_engine.pytorch does not load: %s" % why,
-                            "rebuild it against this torch:\n" + te_install_fix(ctx).replace(
-                                "--no-build-isolation",
-                                "--no-build-isolation --force-reinstall --no-cache-dir")))
-        checks.append(Check("te.fused_attention", "transformer-engine fused attention", level,
-                            "skip", "the torch extension does not load"))
+        checks.append(
+            Check(
+                "te.extension",
+                "transformer-engine torch extension",
+                level,
+                "fail",
+                "transformer_engine.pytorch does not load: %s" % why,
+                "rebuild it against this torch:\n"
+                + te_install_fix(ctx).replace(
+                    "--no-build-isolation", "--no-build-isolation --force-reinstall --no-cache-dir"
+                ),
+            )
+        )
+        checks.append(
+            Check(
+                "te.fused_attention",
+                "transformer-engine fused attention",
+                level,
+                "skip",
+                "the torch extension does not load",
+            )
+        )
         return checks
-    checks.append(Check("te.extension", "transformer-engine torch extension", level, "pass",
-                        "transformer_engine_torch loads (%s)" % p.values.get("extension")))
+    checks.append(
+        Check(
+            "te.extension",
+            "transformer-engine torch extension",
+            level,
+            "pass",
+            "transformer_engine_torch loads (%s)" % p.values.get("extension"),
+        )
+    )
     checks.append(check_te_attention(ctx, p, level))
     return checks
 
@@ -1467,13 +1876,24 @@ def check_te_attention(ctx: Context, p: ProbeResult, level: str) -> Check:
         return Check("te.fused_attention", title, level, "skip", "no CUDA GPU to run it on")
     if p.ok("fused_attention"):
         r = p.values["fused_attention"]
-        return Check("te.fused_attention", title, level, "pass",
-                     "causal bf16 attention on the cuDNN backend matches torch SDPA (max diff %.2g)"
-                     % r["max_abs_diff"], data=r)
-    return Check("te.fused_attention", title, level, "fail",
-                 "fused attention failed: %s" % (p.failure("fused_attention") or "?"),
-                 "check cudnn.runtime above; TE's fused attention needs cuDNN >= 9 from "
-                 "nvidia-cudnn-%s in this venv" % ctx.cuda_tag())
+        return Check(
+            "te.fused_attention",
+            title,
+            level,
+            "pass",
+            "causal bf16 attention on the cuDNN backend matches torch SDPA (max diff %.2g)"
+            % r["max_abs_diff"],
+            data=r,
+        )
+    return Check(
+        "te.fused_attention",
+        title,
+        level,
+        "fail",
+        "fused attention failed: %s" % (p.failure("fused_attention") or "?"),
+        "check cudnn.runtime above; TE's fused attention needs cuDNN >= 9 from "
+        "nvidia-cudnn-%s in this venv" % ctx.cuda_tag(),
+    )
 
 
 def check_megatron_core(ctx: Context) -> List[Check]:
@@ -1481,44 +1901,78 @@ def check_megatron_core(ctx: Context) -> List[Check]:
     fix = ctx.pip("'megatron-core%s'" % SUPPORTED_MEGATRON_CORE)
     if not p.ok("import"):
         why = p.failure("import") or p.failure("start") or "?"
-        detail = "megatron-core is not installed" if p.absent("megatron.core") \
+        detail = (
+            "megatron-core is not installed"
+            if p.absent("megatron.core")
             else "import megatron.core failed: %s" % why
+        )
         return [Check("megatron_core.version", "megatron-core", REQUIRED, "fail", detail, fix)]
     version = p.values.get("version") or p.values.get("dist_version")
     where = os.path.dirname(os.path.dirname(p.values.get("file") or ""))
     ok = version_satisfies(version, SUPPORTED_MEGATRON_CORE)
-    return [Check("megatron_core.version", "megatron-core", REQUIRED, "pass" if ok else "fail",
-                  "megatron-core %s from %s%s" % (version, where, "" if ok else
-                                                  ", supported: %s" % SUPPORTED_MEGATRON_CORE),
-                  None if ok else fix, {"version": version, "supported": SUPPORTED_MEGATRON_CORE})]
+    return [
+        Check(
+            "megatron_core.version",
+            "megatron-core",
+            REQUIRED,
+            "pass" if ok else "fail",
+            "megatron-core %s from %s%s"
+            % (version, where, "" if ok else ", supported: %s" % SUPPORTED_MEGATRON_CORE),
+            None if ok else fix,
+            {"version": version, "supported": SUPPORTED_MEGATRON_CORE},
+        )
+    ]
 
 
 def check_apex(ctx: Context) -> List[Check]:
     p = ctx.probe("apex")
     src = shlex.quote(os.path.join(sys.prefix, "src", "apex"))  # pip's own place for checkouts
-    build = ("git clone https://github.com/NVIDIA/apex %s && cd %s && "
-             "APEX_CPP_EXT=1 APEX_CUDA_EXT=1 %s" % (src, src, ctx.pip("-v --no-build-isolation .")))
+    build = (
+        "git clone https://github.com/NVIDIA/apex %s && cd %s && "
+        "APEX_CPP_EXT=1 APEX_CUDA_EXT=1 %s" % (src, src, ctx.pip("-v --no-build-isolation ."))
+    )
     if not p.ok("import"):
         why = p.failure("import") or p.failure("start") or "?"
         if p.absent("apex"):
-            return [Check("apex.cuda_ext", "apex", OPTIONAL, "skip",
-                          "apex is not installed (not needed: the runtime uses torch's "
-                          "fused optimizers)",
-                          build)]
-        return [Check("apex.cuda_ext", "apex", OPTIONAL, "fail", "import apex failed: %s" % why,
-                      build)]
+            return [
+                Check(
+                    "apex.cuda_ext",
+                    "apex",
+                    OPTIONAL,
+                    "skip",
+                    "apex is not installed (not needed: the runtime uses torch's fused optimizers)",
+                    build,
+                )
+            ]
+        return [
+            Check("apex.cuda_ext", "apex", OPTIONAL, "fail", "import apex failed: %s" % why, build)
+        ]
     exts = PACKAGE_PROBES_BY_NAME["apex"]["extensions"]
     built = [e for e in exts if p.ok("ext:" + e)]
     missing = {e: p.failure("ext:" + e) or "?" for e in exts if e not in built}
     if not missing:
-        return [Check("apex.cuda_ext", "apex", OPTIONAL, "pass",
-                      "apex with CUDA extensions (%s)" % ", ".join(built),
-                      data={"extensions": built})]
-    return [Check("apex.cuda_ext", "apex", OPTIONAL, "warn",
-                  "apex without CUDA extensions %s: %s" % (", ".join(missing), "; ".join(
-                      "%s: %s" % kv for kv in missing.items())[:300]),
-                  "rebuild apex with its extensions: " + build,
-                  {"extensions": built, "missing": sorted(missing)})]
+        return [
+            Check(
+                "apex.cuda_ext",
+                "apex",
+                OPTIONAL,
+                "pass",
+                "apex with CUDA extensions (%s)" % ", ".join(built),
+                data={"extensions": built},
+            )
+        ]
+    return [
+        Check(
+            "apex.cuda_ext",
+            "apex",
+            OPTIONAL,
+            "warn",
+            "apex without CUDA extensions %s: %s"
+            % (", ".join(missing), "; ".join("%s: %s" % kv for kv in missing.items())[:300]),
+            "rebuild apex with its extensions: " + build,
+            {"extensions": built, "missing": sorted(missing)},
+        )
+    ]
 
 
 def check_flash_attn(ctx: Context) -> List[Check]:
@@ -1526,31 +1980,77 @@ def check_flash_attn(ctx: Context) -> List[Check]:
     limits = te.values.get("flash_limits") or {}
     te_version = te.values.get("version") or te.values.get("dist_version")
     spec = flash_attn_spec(limits, [g["capability"] for g in ctx.gpus()])
-    install = "MAX_JOBS=%s %s" % (ctx.te_plan["vars"].get("MAX_JOBS", 4),
-                                  ctx.pip("--no-build-isolation 'flash-attn%s'" % spec))
+    install = "MAX_JOBS=%s %s" % (
+        ctx.te_plan["vars"].get("MAX_JOBS", 4),
+        ctx.pip("--no-build-isolation 'flash-attn%s'" % spec),
+    )
     data = {"te_version": te_version, "accepted": spec or None}
     if not p.ok("import"):
         why = p.failure("import") or p.failure("start") or "?"
         if p.absent("flash_attn"):
-            return [Check("flash_attn.version", "flash-attn", OPTIONAL, "skip",
-                          "flash-attn is not installed", install, data)]
-        return [Check("flash_attn.version", "flash-attn", OPTIONAL, "fail",
-                      "import flash_attn failed: %s" % why, install, data)]
+            return [
+                Check(
+                    "flash_attn.version",
+                    "flash-attn",
+                    OPTIONAL,
+                    "skip",
+                    "flash-attn is not installed",
+                    install,
+                    data,
+                )
+            ]
+        return [
+            Check(
+                "flash_attn.version",
+                "flash-attn",
+                OPTIONAL,
+                "fail",
+                "import flash_attn failed: %s" % why,
+                install,
+                data,
+            )
+        ]
     version = p.values.get("version") or p.values.get("dist_version")
     data["version"] = version
     if not p.ok("ext:flash_attn_2_cuda"):
-        return [Check("flash_attn.version", "flash-attn", OPTIONAL, "fail",
-                      "flash-attn %s: its CUDA extension does not load: %s" % (
-                          version, p.failure("ext:flash_attn_2_cuda")), install, data)]
+        return [
+            Check(
+                "flash_attn.version",
+                "flash-attn",
+                OPTIONAL,
+                "fail",
+                "flash-attn %s: its CUDA extension does not load: %s"
+                % (version, p.failure("ext:flash_attn_2_cuda")),
+                install,
+                data,
+            )
+        ]
     if not spec:
         why = "no transformer-engine to constrain it" if not te_version else "TE states no range"
-        return [Check("flash_attn.version", "flash-attn", OPTIONAL, "pass",
-                      "flash-attn %s (%s)" % (version, why), data=data)]
+        return [
+            Check(
+                "flash_attn.version",
+                "flash-attn",
+                OPTIONAL,
+                "pass",
+                "flash-attn %s (%s)" % (version, why),
+                data=data,
+            )
+        ]
     ok = version_satisfies(version, spec)
-    return [Check("flash_attn.version", "flash-attn", OPTIONAL, "pass" if ok else "warn",
-                  "flash-attn %s %s transformer-engine %s's range %s" % (
-                      version, "is within" if ok else "is outside", te_version, spec)
-                  + ("" if ok else ": TE will not use it"), None if ok else install, data)]
+    return [
+        Check(
+            "flash_attn.version",
+            "flash-attn",
+            OPTIONAL,
+            "pass" if ok else "warn",
+            "flash-attn %s %s transformer-engine %s's range %s"
+            % (version, "is within" if ok else "is outside", te_version, spec)
+            + ("" if ok else ": TE will not use it"),
+            None if ok else install,
+            data,
+        )
+    ]
 
 
 PACKAGE_PROBES_BY_NAME = {name: spec for name, _, spec in PACKAGE_PROBES}
@@ -1558,8 +2058,12 @@ PACKAGE_PROBES_BY_NAME = {name: spec for name, _, spec in PACKAGE_PROBES}
 
 def check_plain_packages(ctx: Context) -> List[Check]:
     out = []
-    for name, level in (("transformers", REQUIRED), ("safetensors", REQUIRED),
-                        ("tokenizers", REQUIRED), ("peft", OPTIONAL)):
+    for name, level in (
+        ("transformers", REQUIRED),
+        ("safetensors", REQUIRED),
+        ("tokenizers", REQUIRED),
+        ("peft", OPTIONAL),
+    ):
         p = ctx.probe(name)
         cid = "%s.import" % name
         wanted = RUNTIME_REQUIREMENTS.get(name, "")
@@ -1567,22 +2071,36 @@ def check_plain_packages(ctx: Context) -> List[Check]:
         if p.ok("import"):
             version = p.values.get("version") or p.values.get("dist_version")
             ok = not wanted or version_satisfies(version, wanted)
-            out.append(Check(cid, name, level, "pass" if ok else "fail",
-                             "%s %s%s" % (name, version,
-                                          "" if ok else ", the runtime needs %s" % dist),
-                             None if ok else ctx.pip("'%s'" % dist), {"version": version}))
+            out.append(
+                Check(
+                    cid,
+                    name,
+                    level,
+                    "pass" if ok else "fail",
+                    "%s %s%s" % (name, version, "" if ok else ", the runtime needs %s" % dist),
+                    None if ok else ctx.pip("'%s'" % dist),
+                    {"version": version},
+                )
+            )
             continue
         why = p.failure("import") or p.failure("start") or "?"
         absent = p.absent(name)
         status = "fail" if level == REQUIRED or not absent else "skip"
-        out.append(Check(cid, name, level, status,
-                         "%s is not installed" % name if absent
-                         else "import %s failed: %s" % (name, why),
-                         ctx.pip("'%s'" % dist)))
+        out.append(
+            Check(
+                cid,
+                name,
+                level,
+                status,
+                "%s is not installed" % name if absent else "import %s failed: %s" % (name, why),
+                ctx.pip("'%s'" % dist),
+            )
+        )
     return out
 
 
 # -------------------------------------------------------------- checks: paths and system
+
 
 def megatron_checkout_version(path: str) -> Optional[str]:
     """megatron-core's version in a Megatron-LM checkout, read from package_info.py."""
@@ -1604,18 +2122,34 @@ def check_megatron_lm_path(ctx: Context) -> List[Check]:
         return [Check("megatron_lm.path", "MEGATRON_LM_PATH", OPTIONAL, "skip", "not set")]
     path = os.path.abspath(os.path.expanduser(value))
     if not os.path.isfile(os.path.join(path, "megatron", "core", "__init__.py")):
-        return [Check("megatron_lm.path", "MEGATRON_LM_PATH", REQUIRED, "fail",
-                      "MEGATRON_LM_PATH=%s has no megatron/core package" % value,
-                      "point MEGATRON_LM_PATH at a Megatron-LM checkout, or unset it to use the "
-                      "installed megatron-core")]
+        return [
+            Check(
+                "megatron_lm.path",
+                "MEGATRON_LM_PATH",
+                REQUIRED,
+                "fail",
+                "MEGATRON_LM_PATH=%s has no megatron/core package" % value,
+                "point MEGATRON_LM_PATH at a Megatron-LM checkout, or unset it to use the "
+                "installed megatron-core",
+            )
+        ]
     version = megatron_checkout_version(path)
     ok = version_satisfies(version, SUPPORTED_MEGATRON_CORE)
-    return [Check("megatron_lm.path", "MEGATRON_LM_PATH", REQUIRED, "pass" if ok else "fail",
-                  "Megatron-LM checkout at %s, megatron-core %s%s" % (
-                      path, version or "?",
-                      "" if ok else " (supported: %s)" % SUPPORTED_MEGATRON_CORE),
-                  None if ok else "check out a Megatron-LM release with core %s in %s" % (
-                      SUPPORTED_MEGATRON_CORE, path), {"path": path, "version": version})]
+    return [
+        Check(
+            "megatron_lm.path",
+            "MEGATRON_LM_PATH",
+            REQUIRED,
+            "pass" if ok else "fail",
+            "Megatron-LM checkout at %s, megatron-core %s%s"
+            % (path, version or "?", "" if ok else " (supported: %s)" % SUPPORTED_MEGATRON_CORE),
+            None
+            if ok
+            else "check out a Megatron-LM release with core %s in %s"
+            % (SUPPORTED_MEGATRON_CORE, path),
+            {"path": path, "version": version},
+        )
+    ]
 
 
 def check_disk(ctx: Context) -> List[Check]:
@@ -1624,15 +2158,23 @@ def check_disk(ctx: Context) -> List[Check]:
         path = os.path.abspath(os.path.expanduser(workdir))
         probe = nearest_existing(path)
         total, free = fs_space(probe)
-        gib = free / 1024 ** 3
+        gib = free / 1024**3
         status = "fail" if gib < DISK_FAIL_GIB else "warn" if gib < DISK_WARN_GIB else "pass"
         where = path if probe == path else "%s (not created yet; measured at %s)" % (path, probe)
-        out.append(Check("disk.free:%s" % path, "free disk", REQUIRED, status,
-                         "%.0f GiB free of %.0f GiB at %s" % (gib, total / 1024 ** 3, where),
-                         None if status == "pass" else
-                         "free space on %s or choose a work directory on a larger volume "
-                         "(checkpoints of large models need hundreds of GB)" % probe,
-                         {"path": path, "free_bytes": free, "total_bytes": total}))
+        out.append(
+            Check(
+                "disk.free:%s" % path,
+                "free disk",
+                REQUIRED,
+                status,
+                "%.0f GiB free of %.0f GiB at %s" % (gib, total / 1024**3, where),
+                None
+                if status == "pass"
+                else "free space on %s or choose a work directory on a larger volume "
+                "(checkpoints of large models need hundreds of GB)" % probe,
+                {"path": path, "free_bytes": free, "total_bytes": total},
+            )
+        )
     return out
 
 
@@ -1640,16 +2182,32 @@ def check_shm(ctx: Context) -> List[Check]:
     try:
         total, free = fs_space("/dev/shm")
     except OSError as exc:
-        return [Check("shm.size", "/dev/shm", REQUIRED, "fail", "/dev/shm is missing: %s" % exc,
-                      "mount a tmpfs on /dev/shm (Docker: --ipc=host or --shm-size=64g)")]
-    gib = total / 1024 ** 3
+        return [
+            Check(
+                "shm.size",
+                "/dev/shm",
+                REQUIRED,
+                "fail",
+                "/dev/shm is missing: %s" % exc,
+                "mount a tmpfs on /dev/shm (Docker: --ipc=host or --shm-size=64g)",
+            )
+        ]
+    gib = total / 1024**3
     status = "fail" if gib < SHM_FAIL_GIB else "warn" if gib < SHM_WARN_GIB else "pass"
-    return [Check("shm.size", "/dev/shm", REQUIRED, status,
-                  "%.1f GiB (%.1f GiB free)" % (gib, free / 1024 ** 3),
-                  None if status == "pass" else
-                  "NCCL and data loaders need a large /dev/shm: `sudo mount -o remount,size=64G "
-                  "/dev/shm` (Docker: --ipc=host or --shm-size=64g)",
-                  {"total_bytes": total, "free_bytes": free})]
+    return [
+        Check(
+            "shm.size",
+            "/dev/shm",
+            REQUIRED,
+            status,
+            "%.1f GiB (%.1f GiB free)" % (gib, free / 1024**3),
+            None
+            if status == "pass"
+            else "NCCL and data loaders need a large /dev/shm: `sudo mount -o remount,size=64G "
+            "/dev/shm` (Docker: --ipc=host or --shm-size=64g)",
+            {"total_bytes": total, "free_bytes": free},
+        )
+    ]
 
 
 def check_efa(ctx: Context) -> List[Check]:
@@ -1661,21 +2219,33 @@ def check_efa(ctx: Context) -> List[Check]:
     fabric = find_files(ld_dirs + list(LIBFABRIC_DIRS), ("libfabric.so", "libfabric.so.1"))
     data = {"devices": devices, "plugins": plugins, "libfabric": fabric}
     if not plugins:
-        return [Check("efa.ofi_nccl", "EFA and aws-ofi-nccl", OPTIONAL, "fail",
-                      "%d EFA device(s) but no aws-ofi-nccl plugin: NCCL falls back to TCP sockets"
-                      % len(devices),
-                      "install the AWS EFA installer (it ships aws-ofi-nccl under "
-                      "/opt/amazon/ofi-nccl)",
-                      data)]
-    on_path = (any(os.path.dirname(p) in ld_dirs for p in plugins)
-               or ctx.environ.get("NCCL_NET_PLUGIN"))
+        return [
+            Check(
+                "efa.ofi_nccl",
+                "EFA and aws-ofi-nccl",
+                OPTIONAL,
+                "fail",
+                "%d EFA device(s) but no aws-ofi-nccl plugin: NCCL falls back to TCP sockets"
+                % len(devices),
+                "install the AWS EFA installer (it ships aws-ofi-nccl under /opt/amazon/ofi-nccl)",
+                data,
+            )
+        ]
+    on_path = any(os.path.dirname(p) in ld_dirs for p in plugins) or ctx.environ.get(
+        "NCCL_NET_PLUGIN"
+    )
     status = "pass" if on_path and fabric else "warn"
-    detail = "%d EFA device(s), plugin %s%s" % (len(devices), plugins[0],
-                                                "" if fabric else ", libfabric not found")
+    detail = "%d EFA device(s), plugin %s%s" % (
+        len(devices),
+        plugins[0],
+        "" if fabric else ", libfabric not found",
+    )
     fix = None
     if not on_path:
-        fix = ("export LD_LIBRARY_PATH=%s:/opt/amazon/efa/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-               % os.path.dirname(plugins[0]))
+        fix = (
+            "export LD_LIBRARY_PATH=%s:/opt/amazon/efa/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+            % os.path.dirname(plugins[0])
+        )
         detail += " (not on LD_LIBRARY_PATH: NCCL will not load it)"
     return [Check("efa.ofi_nccl", "EFA and aws-ofi-nccl", OPTIONAL, status, detail, fix, data)]
 
@@ -1683,25 +2253,49 @@ def check_efa(ctx: Context) -> List[Check]:
 def check_nccl_env(ctx: Context) -> List[Check]:
     env = reported_env(ctx.environ)
     if not env:
-        return [Check("nccl.env", "NCCL environment", OPTIONAL, "skip",
-                      "no NCCL_*/FI_* variables set")]
+        return [
+            Check("nccl.env", "NCCL environment", OPTIONAL, "skip", "no NCCL_*/FI_* variables set")
+        ]
     disabled = [k for k, v in env.items() if k.endswith("_DISABLE") and v.strip() == "1"]
     detail = " ".join("%s=%s" % kv for kv in env.items())
     if disabled:
-        return [Check("nccl.env", "NCCL environment", OPTIONAL, "warn",
-                      "%s disable fast transports (%s)" % (", ".join(disabled), detail),
-                      "unset %s unless a known problem needs it" % " ".join(disabled),
-                      {"env": env})]
+        return [
+            Check(
+                "nccl.env",
+                "NCCL environment",
+                OPTIONAL,
+                "warn",
+                "%s disable fast transports (%s)" % (", ".join(disabled), detail),
+                "unset %s unless a known problem needs it" % " ".join(disabled),
+                {"env": env},
+            )
+        ]
     return [Check("nccl.env", "NCCL environment", OPTIONAL, "pass", detail, data={"env": env})]
 
 
-CHECK_GROUPS = (check_python, check_torch, check_gpus, check_driver, check_nvcc,
-                check_cudnn_nccl_runtime, check_headers, check_transformer_engine,
-                check_megatron_core, check_apex, check_flash_attn, check_plain_packages,
-                check_megatron_lm_path, check_disk, check_shm, check_efa, check_nccl_env)
+CHECK_GROUPS = (
+    check_python,
+    check_torch,
+    check_gpus,
+    check_driver,
+    check_nvcc,
+    check_cudnn_nccl_runtime,
+    check_headers,
+    check_transformer_engine,
+    check_megatron_core,
+    check_apex,
+    check_flash_attn,
+    check_plain_packages,
+    check_megatron_lm_path,
+    check_disk,
+    check_shm,
+    check_efa,
+    check_nccl_env,
+)
 
 
 # ----------------------------------------------------------------------------- the report
+
 
 def run_checks(ctx: Context) -> List[Check]:
     checks = []
@@ -1709,14 +2303,29 @@ def run_checks(ctx: Context) -> List[Check]:
         try:
             checks.extend(group(ctx))
         except Exception as exc:  # a bug in one check must not hide the others
-            checks.append(Check("internal.%s" % group.__name__, group.__name__, OPTIONAL, "fail",
-                                "the check itself failed: %s: %s" % (type(exc).__name__, exc)))
+            checks.append(
+                Check(
+                    "internal.%s" % group.__name__,
+                    group.__name__,
+                    OPTIONAL,
+                    "fail",
+                    "the check itself failed: %s: %s" % (type(exc).__name__, exc),
+                )
+            )
     return not_applicable_on_cpu(checks) if ctx.opts.cpu_ok else checks
 
 
 # GPU checks that cannot pass on a CPU-only machine: with --cpu-ok a failure there is no failure
-GPU_ONLY_CHECKS = ("torch.cuda_build", "torch.cuda_available", "gpu.count", "gpu.arch",
-                   "driver.version", "driver.cuda_compat", "cudnn.runtime", "nccl.runtime")
+GPU_ONLY_CHECKS = (
+    "torch.cuda_build",
+    "torch.cuda_available",
+    "gpu.count",
+    "gpu.arch",
+    "driver.version",
+    "driver.cuda_compat",
+    "cudnn.runtime",
+    "nccl.runtime",
+)
 
 
 def not_applicable_on_cpu(checks: List[Check]) -> List[Check]:
@@ -1732,15 +2341,20 @@ def not_applicable_on_cpu(checks: List[Check]) -> List[Check]:
 def summarize(checks: Sequence[Check]) -> dict:
     counts = {s: sum(1 for c in checks if c.status == s) for s in STATUSES}
     failed = [c.id for c in checks if c.level == REQUIRED and c.status == "fail"]
-    return {"ok": not failed, "exit_code": 1 if failed else 0, "counts": counts,
-            "failed_required": failed}
+    return {
+        "ok": not failed,
+        "exit_code": 1 if failed else 0,
+        "counts": counts,
+        "failed_required": failed,
+    }
 
 
 def collect_report(opts: Options) -> dict:
     """Run every check and return the JSON document (see the module docstring)."""
     start = time.time()
-    opts.workdirs = [os.path.abspath(os.path.expanduser(w))
-                     for w in (opts.workdirs or [os.getcwd()])]
+    opts.workdirs = [
+        os.path.abspath(os.path.expanduser(w)) for w in (opts.workdirs or [os.getcwd()])
+    ]
     ctx = gather(opts)
     checks = run_checks(ctx)
     return {
@@ -1748,12 +2362,23 @@ def collect_report(opts: Options) -> dict:
         "script_version": SCRIPT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
         "duration_s": round(time.time() - start, 2),
-        "host": {"hostname": socket.gethostname(), "platform": platform.platform(),
-                 "machine": platform.machine(),
-                 "python": {"executable": sys.executable, "version": platform.python_version(),
-                            "prefix": sys.prefix, "in_venv": sys.prefix != sys.base_prefix}},
-        "options": {"require_te": opts.require_te, "cpu_ok": opts.cpu_ok,
-                    "workdirs": opts.workdirs, "timeout_s": opts.timeout},
+        "host": {
+            "hostname": socket.gethostname(),
+            "platform": platform.platform(),
+            "machine": platform.machine(),
+            "python": {
+                "executable": sys.executable,
+                "version": platform.python_version(),
+                "prefix": sys.prefix,
+                "in_venv": sys.prefix != sys.base_prefix,
+            },
+        },
+        "options": {
+            "require_te": opts.require_te,
+            "cpu_ok": opts.cpu_ok,
+            "workdirs": opts.workdirs,
+            "timeout_s": opts.timeout,
+        },
         "summary": summarize(checks),
         "facts": facts(ctx),
         "te_build_env": ctx.te_plan,
@@ -1771,51 +2396,94 @@ def render_table(report: dict, color: bool) -> str:
         return "\033[%sm%s\033[0m" % (COLORS[status], text) if color else text
 
     host, py = report["host"], report["host"]["python"]
-    lines = ["megafleet environment check on %s: Python %s (%s)" % (
-        host["hostname"], py["version"], py["executable"]), ""]
+    lines = [
+        "megafleet environment check on %s: Python %s (%s)"
+        % (host["hostname"], py["version"], py["executable"]),
+        "",
+    ]
     width = max(len(c["id"]) for c in report["checks"]) + 2
     for c in report["checks"]:
         word = c["status"].upper() if c["status"] in ("fail", "warn") else c["status"]
         level = "" if c["level"] == REQUIRED else " (optional)"
-        lines.append("  %s  %s%s%s" % (paint(word.ljust(4), c["status"]), c["id"].ljust(width),
-                                       c["detail"], level if c["status"] != "pass" else ""))
+        lines.append(
+            "  %s  %s%s%s"
+            % (
+                paint(word.ljust(4), c["status"]),
+                c["id"].ljust(width),
+                c["detail"],
+                level if c["status"] != "pass" else "",
+            )
+        )
         if c["fix"] and c["status"] in ("fail", "warn"):
             for i, fix_line in enumerate(c["fix"].splitlines()):
                 prefix = "fix: " if i == 0 else "     "
                 lines.append(" " * (8 + width) + prefix + fix_line)
     s = report["summary"]
     lines.append("")
-    verdict = "all required checks passed" if s["ok"] else "required checks failed: %s" % ", ".join(
-        s["failed_required"])
-    lines.append("%d passed, %d warnings, %d failed, %d skipped: %s" % (
-        s["counts"]["pass"], s["counts"]["warn"], s["counts"]["fail"], s["counts"]["skip"],
-        paint(verdict, "pass" if s["ok"] else "fail")))
+    verdict = (
+        "all required checks passed"
+        if s["ok"]
+        else "required checks failed: %s" % ", ".join(s["failed_required"])
+    )
+    lines.append(
+        "%d passed, %d warnings, %d failed, %d skipped: %s"
+        % (
+            s["counts"]["pass"],
+            s["counts"]["warn"],
+            s["counts"]["fail"],
+            s["counts"]["skip"],
+            paint(verdict, "pass" if s["ok"] else "fail"),
+        )
+    )
     return "\n".join(lines)
 
 
 def use_color(stream) -> bool:
-    return hasattr(stream, "isatty") and stream.isatty() and not os.environ.get("NO_COLOR") \
+    return (
+        hasattr(stream, "isatty")
+        and stream.isatty()
+        and not os.environ.get("NO_COLOR")
         and os.environ.get("TERM") != "dumb"
+    )
 
 
 # ----------------------------------------------------------------------------------- CLI
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="check_megatron_env.py",
         description="Check this machine's Megatron training environment and print fixes.",
-        epilog="exit codes: 0 all required checks passed, 1 a required check failed, 2 usage error")
+        epilog="exit codes: 0 all required checks passed, 1 a required check failed, 2 usage error",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
-    p.add_argument("--require-te", action="store_true",
-                   help="make transformer-engine a required check")
-    p.add_argument("--cpu-ok", action="store_true",
-                   help="accept a machine without CUDA GPUs (GPU checks become optional)")
-    p.add_argument("--workdir", action="append", default=[], metavar="DIR",
-                   help="check free disk space here (repeatable; default: current directory)")
-    p.add_argument("--timeout", type=float, default=DEFAULT_PROBE_TIMEOUT, metavar="S",
-                   help="seconds each package probe may take (default %(default)s)")
-    p.add_argument("--print-te-env", action="store_true",
-                   help="print only the export lines for building transformer-engine")
+    p.add_argument(
+        "--require-te", action="store_true", help="make transformer-engine a required check"
+    )
+    p.add_argument(
+        "--cpu-ok",
+        action="store_true",
+        help="accept a machine without CUDA GPUs (GPU checks become optional)",
+    )
+    p.add_argument(
+        "--workdir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="check free disk space here (repeatable; default: current directory)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_PROBE_TIMEOUT,
+        metavar="S",
+        help="seconds each package probe may take (default %(default)s)",
+    )
+    p.add_argument(
+        "--print-te-env",
+        action="store_true",
+        help="print only the export lines for building transformer-engine",
+    )
     p.add_argument("--venv", metavar="DIR", help="with --print-te-env: the venv to plan for")
     p.add_argument("--version", action="version", version="%(prog)s " + SCRIPT_VERSION)
     p.add_argument("--probe", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
@@ -1854,8 +2522,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         build_parser().error("--timeout must be positive")
     if args.print_te_env:
         return print_te_env(args)
-    report = collect_report(Options(require_te=args.require_te, cpu_ok=args.cpu_ok,
-                                    workdirs=args.workdir, timeout=args.timeout))
+    report = collect_report(
+        Options(
+            require_te=args.require_te,
+            cpu_ok=args.cpu_ok,
+            workdirs=args.workdir,
+            timeout=args.timeout,
+        )
+    )
     if args.json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:

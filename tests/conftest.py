@@ -80,12 +80,23 @@ def cli_env(extra: dict | None = None) -> dict:
     return env
 
 
-def run_cli(*args: str, env: dict | None = None, input: str | None = None, timeout: float = 300,
-            cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str,
+    env: dict | None = None,
+    input: str | None = None,
+    timeout: float = 300,
+    cwd: str | Path | None = None,
+) -> subprocess.CompletedProcess:
     """Run `megafleet ARGS` as a user would (a separate process), from this checkout."""
-    return subprocess.run([sys.executable, "-m", "megafleet", *args], capture_output=True,
-                          text=True, env=cli_env(env), input=input, timeout=timeout,
-                          cwd=cwd or REPO_ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "megafleet", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(env),
+        input=input,
+        timeout=timeout,
+        cwd=cwd or REPO_ROOT,
+    )
 
 
 def run_cli_json(*args: str, **kw):

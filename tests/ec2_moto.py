@@ -24,10 +24,20 @@ from dataclasses import dataclass, field
 
 import pytest
 
-FAKE_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-UNSET = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_REGION", "AWS_ENDPOINT_URL",
-         "AWS_ENDPOINT_URL_EC2", "AWS_SECURITY_TOKEN")
+FAKE_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+UNSET = (
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_EC2",
+    "AWS_SECURITY_TOKEN",
+)
 AMI = "ami-12c6146b"  # one of moto's built-in images
 
 
@@ -55,41 +65,66 @@ class Cluster:
     group_id: str = ""
 
     @classmethod
-    def create(cls, region: str = "us-east-1", azs=("a", "b"), self_rule: bool = False) -> "Cluster":
+    def create(
+        cls, region: str = "us-east-1", azs=("a", "b"), self_rule: bool = False
+    ) -> "Cluster":
         import boto3
 
         c = cls(boto3.client("ec2", region_name=region), region)
         c.vpc_id = c.client.create_vpc(CidrBlock="10.7.0.0/16")["Vpc"]["VpcId"]
         for n, az in enumerate(azs):
             c.subnets[region + az] = c.client.create_subnet(
-                VpcId=c.vpc_id, CidrBlock=f"10.7.{n}.0/24",
-                AvailabilityZone=region + az)["Subnet"]["SubnetId"]
+                VpcId=c.vpc_id, CidrBlock=f"10.7.{n}.0/24", AvailabilityZone=region + az
+            )["Subnet"]["SubnetId"]
         c.group_id = c.new_group("nodes", self_rule)
         return c
 
     def new_group(self, name: str, self_rule: bool = False) -> str:
-        gid = self.client.create_security_group(GroupName=name, Description=name,
-                                                VpcId=self.vpc_id)["GroupId"]
+        gid = self.client.create_security_group(
+            GroupName=name, Description=name, VpcId=self.vpc_id
+        )["GroupId"]
         if self_rule:
             perm = [{"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": gid}]}]
             self.client.authorize_security_group_ingress(GroupId=gid, IpPermissions=perm)
             self.client.authorize_security_group_egress(GroupId=gid, IpPermissions=perm)
         return gid
 
-    def launch(self, name: str | None, type: str = "p5.48xlarge", az: str = "a",
-               tags: dict | None = None, spot: bool = False, groups=None, public: bool = True) -> str:
+    def launch(
+        self,
+        name: str | None,
+        type: str = "p5.48xlarge",
+        az: str = "a",
+        tags: dict | None = None,
+        spot: bool = False,
+        groups=None,
+        public: bool = True,
+    ) -> str:
         all_tags = dict(tags or {}, **({"Name": name} if name else {}))
         kwargs = {}
         if all_tags:
-            kwargs["TagSpecifications"] = [{"ResourceType": "instance", "Tags": [
-                {"Key": k, "Value": v} for k, v in all_tags.items()]}]
+            kwargs["TagSpecifications"] = [
+                {
+                    "ResourceType": "instance",
+                    "Tags": [{"Key": k, "Value": v} for k, v in all_tags.items()],
+                }
+            ]
         if spot:
             kwargs["InstanceMarketOptions"] = {"MarketType": "spot"}
         res = self.client.run_instances(
-            ImageId=AMI, MinCount=1, MaxCount=1, InstanceType=type,
-            NetworkInterfaces=[{"DeviceIndex": 0, "SubnetId": self.subnets[self.region + az],
-                                "Groups": list(groups or [self.group_id]),
-                                "AssociatePublicIpAddress": public}], **kwargs)
+            ImageId=AMI,
+            MinCount=1,
+            MaxCount=1,
+            InstanceType=type,
+            NetworkInterfaces=[
+                {
+                    "DeviceIndex": 0,
+                    "SubnetId": self.subnets[self.region + az],
+                    "Groups": list(groups or [self.group_id]),
+                    "AssociatePublicIpAddress": public,
+                }
+            ],
+            **kwargs,
+        )
         return res["Instances"][0]["InstanceId"]
 
     def state(self, iid: str) -> str:
@@ -119,10 +154,17 @@ def make_key(tmp_path):
 
 
 def seed(spec: dict) -> Cluster:
-    cluster = Cluster.create(spec.get("region", "us-east-1"), self_rule=spec.get("self_rule", False))
+    cluster = Cluster.create(
+        spec.get("region", "us-east-1"), self_rule=spec.get("self_rule", False)
+    )
     for i in spec.get("instances", []):
-        iid = cluster.launch(i.get("name"), i.get("type", "p5.48xlarge"), i.get("az", "a"),
-                             i.get("tags"), i.get("spot", False))
+        iid = cluster.launch(
+            i.get("name"),
+            i.get("type", "p5.48xlarge"),
+            i.get("az", "a"),
+            i.get("tags"),
+            i.get("spot", False),
+        )
         if i.get("state") == "stopped":
             cluster.client.stop_instances(InstanceIds=[iid])
     return cluster

@@ -87,8 +87,12 @@ class FleetHost:
         return str(self.fleet.key)
 
     def inventory_entry(self) -> dict:
-        d = {"address": self.address, "user": self.user, "port": self.port,
-             "identity_file": self.identity_file}
+        d = {
+            "address": self.address,
+            "user": self.user,
+            "port": self.port,
+            "identity_file": self.identity_file,
+        }
         if self.jump_host:
             d["jump_host"] = self.jump_host
         return d
@@ -99,14 +103,37 @@ class FleetHost:
         return Host(**{"name": self.name, **self.inventory_entry(), **overrides})
 
     # -- commands in the namespace ------------------------------------------------------------
-    def run(self, cmd: str, as_root: bool = False, check: bool = True,
-            timeout: float = 30) -> subprocess.CompletedProcess:
+    def run(
+        self, cmd: str, as_root: bool = False, check: bool = True, timeout: float = 30
+    ) -> subprocess.CompletedProcess:
         """Run `cmd` with /bin/sh in this host's namespace (as its user unless as_root)."""
-        prefix = [] if as_root else ["setpriv", f"--reuid={self.user}", f"--regid={self.user}",
-                                     "--init-groups", "env", f"HOME={self.home}",
-                                     f"USER={self.user}", f"PATH={self.bin_dir}:{HOST_PATH}"]
-        return sh("ip", "netns", "exec", self.netns, *prefix, "/bin/sh", "-c", cmd,
-                  check=check, timeout=timeout, cwd="/")
+        prefix = (
+            []
+            if as_root
+            else [
+                "setpriv",
+                f"--reuid={self.user}",
+                f"--regid={self.user}",
+                "--init-groups",
+                "env",
+                f"HOME={self.home}",
+                f"USER={self.user}",
+                f"PATH={self.bin_dir}:{HOST_PATH}",
+            ]
+        )
+        return sh(
+            "ip",
+            "netns",
+            "exec",
+            self.netns,
+            *prefix,
+            "/bin/sh",
+            "-c",
+            cmd,
+            check=check,
+            timeout=timeout,
+            cwd="/",
+        )
 
     # -- sshd ---------------------------------------------------------------------------------
     def sshd_pid(self) -> int | None:
@@ -121,10 +148,19 @@ class FleetHost:
         if self.sshd_pid():
             return
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
-        mounts = "".join(f"mkdir -p {dst} && mount --bind {src} {dst} && "
-                         for src, dst in self.bind_mounts.items())
-        sh("ip", "netns", "exec", self.netns, "/bin/sh", "-c",
-           f"{mounts}exec {SSHD} -f {self.dir}/sshd_config -E {self.dir}/sshd.log")
+        mounts = "".join(
+            f"mkdir -p {dst} && mount --bind {src} {dst} && "
+            for src, dst in self.bind_mounts.items()
+        )
+        sh(
+            "ip",
+            "netns",
+            "exec",
+            self.netns,
+            "/bin/sh",
+            "-c",
+            f"{mounts}exec {SSHD} -f {self.dir}/sshd_config -E {self.dir}/sshd.log",
+        )
         self._wait_for(lambda: self.sshd_pid() is not None, "sshd to write its pid file")
 
     def stop_sshd(self) -> None:
@@ -163,13 +199,24 @@ class FleetHost:
         out = sh("ssh-keygen", "-l", "-f", str(self.dir / "ssh_host_ed25519_key.pub")).stdout
         return out.split()[1]
 
-    def install_stub_nvidia_smi(self, fixture_dir: Path = FIXTURES / "h200x2",
-                                delay: float = 0.0) -> Path:
+    def install_stub_nvidia_smi(
+        self, fixture_dir: Path = FIXTURES / "h200x2", delay: float = 0.0
+    ) -> Path:
         """Put a STUB `nvidia-smi` first on this host's PATH. It is not a GPU: it prints the
         outputs captured on a real 2xH200 machine (plain, -L, and --query-gpu for any field
         list that the capture holds), after sleeping `delay` seconds (a slow host)."""
-        fields = ["index", "name", "uuid", "memory.total", "memory.used", "driver_version",
-                  "compute_cap", "pci.bus_id", "temperature.gpu", "utilization.gpu"]
+        fields = [
+            "index",
+            "name",
+            "uuid",
+            "memory.total",
+            "memory.used",
+            "driver_version",
+            "compute_cap",
+            "pci.bus_id",
+            "temperature.gpu",
+            "utilization.gpu",
+        ]
         cases = "\n".join(f"    {f}) echo {i + 1} ;;" for i, f in enumerate(fields))
         stub = f"""#!/bin/sh
 # STUB nvidia-smi for megafleet tests: replays {fixture_dir.name} captures, no GPU involved.
@@ -205,7 +252,9 @@ esac
         end = time.monotonic() + timeout
         while not cond():
             if time.monotonic() > end:
-                log = (self.dir / "sshd.log").read_text() if (self.dir / "sshd.log").exists() else ""
+                log = (
+                    (self.dir / "sshd.log").read_text() if (self.dir / "sshd.log").exists() else ""
+                )
                 raise RuntimeError(f"{self.name}: timed out waiting for {what}\n{log[-2000:]}")
             time.sleep(0.02)
 
@@ -221,8 +270,14 @@ class Fleet:
         self.key = self.workdir / "operator" / "id_ed25519"
         self.bridge, self.hidden_bridge = f"{self.prefix}br", f"{self.prefix}bh"
         self.size, self.hidden_count = size, hidden
-        self.record: dict = {"owner": os.getpid(), "owner_start": _start_time(os.getpid()),
-                             "netns": [], "links": [], "users": [], "workdir": str(self.workdir)}
+        self.record: dict = {
+            "owner": os.getpid(),
+            "owner_start": _start_time(os.getpid()),
+            "netns": [],
+            "links": [],
+            "users": [],
+            "workdir": str(self.workdir),
+        }
         self.hosts: list[FleetHost] = []
         self.hidden: list[FleetHost] = []
         self._python: Path | None = None
@@ -252,14 +307,26 @@ class Fleet:
     def _build(self, subnet, hidden_subnet) -> None:
         self.workdir.mkdir(mode=0o755)
         (self.workdir / "operator").mkdir(mode=0o700)
-        sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{self.prefix}-operator",
-           "-f", str(self.key))
+        sh(
+            "ssh-keygen",
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            f"{self.prefix}-operator",
+            "-f",
+            str(self.key),
+        )
         gw = subnet.network_address + 1
         self._link(self.bridge, "ip", "link", "add", self.bridge, "type", "bridge")
         sh("ip", "addr", "add", f"{gw}/{subnet.prefixlen}", "dev", self.bridge)
         sh("ip", "link", "set", self.bridge, "up")
         if self.hidden_count:  # no address in this namespace: the test process cannot reach it
-            self._link(self.hidden_bridge, "ip", "link", "add", self.hidden_bridge, "type", "bridge")
+            self._link(
+                self.hidden_bridge, "ip", "link", "add", self.hidden_bridge, "type", "bridge"
+            )
             sh("ip", "link", "set", self.hidden_bridge, "up")
         for i in range(self.size):
             h = FleetHost(self, f"node{i}", i, str(subnet.network_address + 10 + i))
@@ -272,7 +339,9 @@ class Fleet:
             self.hidden.append(h)
         if self.hidden_count:
             bastion = self.hosts[0]
-            self._veth(bastion, self.hidden_bridge, "eth1", f"{hidden_subnet.network_address + 1}/24")
+            self._veth(
+                bastion, self.hidden_bridge, "eth1", f"{hidden_subnet.network_address + 1}/24"
+            )
         for h in self.all_hosts:
             self._make_user(h)
             self._write_sshd(h)
@@ -294,8 +363,20 @@ class Fleet:
 
     def _veth(self, h: FleetHost, bridge: str, ifname: str, cidr: str) -> None:
         outer = f"{h.tag}{ifname[-1]}"  # e.g. mft1a2b3h00: <= 15 characters
-        self._link(outer, "ip", "link", "add", outer, "type", "veth", "peer", "name", ifname,
-                   "netns", h.netns)
+        self._link(
+            outer,
+            "ip",
+            "link",
+            "add",
+            outer,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            ifname,
+            "netns",
+            h.netns,
+        )
         sh("ip", "link", "set", outer, "master", bridge, "up")
         sh("ip", "netns", "exec", h.netns, "ip", "addr", "add", cidr, "dev", ifname)
         sh("ip", "netns", "exec", h.netns, "ip", "link", "set", ifname, "up")
@@ -357,8 +438,9 @@ SetEnv PATH={h.bin_dir}:{HOST_PATH}
             h.start_sshd()
             h.remove_stub_nvidia_smi()
 
-    def write_inventory(self, home: Path, hosts: list[FleetHost] | None = None,
-                        **changes: dict) -> Path:
+    def write_inventory(
+        self, home: Path, hosts: list[FleetHost] | None = None, **changes: dict
+    ) -> Path:
         """Write `home`/hosts.yaml for `hosts` (default: all); `node0={"port": 2}` changes fields."""
         hosts = self.all_hosts if hosts is None else hosts
         path = Path(home) / "hosts.yaml"
@@ -374,13 +456,18 @@ SetEnv PATH={h.bin_dir}:{HOST_PATH}
             return self._python
         base = _world_python()
         if base is None:
-            pytest.skip(f"no world-readable python{sys.version_info[0]}.{sys.version_info[1]} "
-                        "for the fleet users (install python3 of the test's version in /usr/bin)")
+            pytest.skip(
+                f"no world-readable python{sys.version_info[0]}.{sys.version_info[1]} "
+                "for the fleet users (install python3 of the test's version in /usr/bin)"
+            )
         root = self.workdir / "python"
         mnt_site, mnt_repo = root / "mnt" / "site-packages", root / "mnt" / "repo"
         sh(base, "-m", "venv", "--without-pip", str(root / "venv"))
-        site = sh(str(root / "venv" / "bin" / "python"), "-c",
-                  "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip()
+        site = sh(
+            str(root / "venv" / "bin" / "python"),
+            "-c",
+            "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+        ).stdout.strip()
         Path(site, "megafleet-test.pth").write_text(f"{mnt_repo}\n{mnt_site}\n")
         for h in self.all_hosts:
             h.bind_mounts[sysconfig.get_paths()["purelib"]] = str(mnt_site)
@@ -399,20 +486,28 @@ SetEnv PATH={h.bin_dir}:{HOST_PATH}
 def _world_python() -> str | None:
     """A python of the test's version that other users can execute."""
     want = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    for cand in (os.path.realpath(sys._base_executable), f"/usr/bin/python{want}", "/usr/bin/python3",
-                 f"/usr/local/bin/python{want}"):
+    for cand in (
+        os.path.realpath(sys._base_executable),
+        f"/usr/bin/python{want}",
+        "/usr/bin/python3",
+        f"/usr/local/bin/python{want}",
+    ):
         if not os.path.exists(cand) or not _world_reachable(Path(cand)):
             continue
-        out = subprocess.run([cand, "-c", "import sys, venv; print('%d.%d' % sys.version_info[:2])"],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [cand, "-c", "import sys, venv; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+        )
         if out.stdout.strip() == want:
             return cand
     return None
 
 
 def _world_reachable(p: Path) -> bool:
-    return all(os.stat(d).st_mode & 0o001 for d in list(p.resolve().parents)) and \
-        bool(os.stat(p.resolve()).st_mode & 0o005)
+    return all(os.stat(d).st_mode & 0o001 for d in list(p.resolve().parents)) and bool(
+        os.stat(p.resolve()).st_mode & 0o005
+    )
 
 
 def _start_time(pid: int) -> str | None:
@@ -441,7 +536,9 @@ def _free_subnets(n: int) -> list[ipaddress.IPv4Network]:
         except (OSError, ValueError):
             continue
     routes = sh("ip", "-4", "route", "show", "table", "all").stdout
-    nets = [ipaddress.ip_network(w, strict=False) for w in routes.split() if "/" in w and w[0].isdigit()]
+    nets = [
+        ipaddress.ip_network(w, strict=False) for w in routes.split() if "/" in w and w[0].isdigit()
+    ]
     out: list[ipaddress.IPv4Network] = []
     while len(out) < n:
         cand = ipaddress.ip_network(f"10.{random.randint(64, 127)}.{random.randint(0, 255)}.0/24")
@@ -496,6 +593,7 @@ def clean_stale() -> None:
 
 # -- pytest fixtures --------------------------------------------------------------------------
 
+
 def pytest_collection_modifyitems(items):
     """A test that uses the fleet is a `fleet` test (skipped, or failed in CI, without root,
     sshd or iproute2: see tests/conftest.py), marked or not."""
@@ -541,10 +639,14 @@ def main(argv: list[str]) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="megafleet-home-") as home:
             f.write_inventory(Path(home))
-            env = dict(os.environ, MEGAFLEET_HOME=home,
-                       PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-            return subprocess.run([sys.executable, "-m", "megafleet", "hosts", "check", *argv[1:]],
-                                  env=env, cwd=home).returncode
+            env = dict(
+                os.environ,
+                MEGAFLEET_HOME=home,
+                PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            )
+            return subprocess.run(
+                [sys.executable, "-m", "megafleet", "hosts", "check", *argv[1:]], env=env, cwd=home
+            ).returncode
     finally:
         f.teardown()
 

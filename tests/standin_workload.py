@@ -52,10 +52,21 @@ def save_checkpoint(model_dir: Path, out: Path, step: int, loss: float) -> Path:
 
 def metrics(step: int, iters: int, loss: float, started: float) -> dict:
     elapsed = time.time() - started
-    return {"step": step, "train_iters": iters, "epoch": step / iters, "loss": loss, "lr": 1e-4,
-            "grad_norm": 1.0 / step, "tokens_per_s": 1000.0, "tflops_per_gpu": 0.0, "mfu": 0.0,
-            "peak_mem_gb": 0.0, "elapsed_s": elapsed, "eta_s": elapsed / step * (iters - step),
-            "time": time.time()}
+    return {
+        "step": step,
+        "train_iters": iters,
+        "epoch": step / iters,
+        "loss": loss,
+        "lr": 1e-4,
+        "grad_norm": 1.0 / step,
+        "tokens_per_s": 1000.0,
+        "tflops_per_gpu": 0.0,
+        "mfu": 0.0,
+        "peak_mem_gb": 0.0,
+        "elapsed_s": elapsed,
+        "eta_s": elapsed / step * (iters - step),
+        "time": time.time(),
+    }
 
 
 def dry_run(job) -> int:
@@ -98,7 +109,10 @@ def train(job) -> int:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     token = "set" if os.environ.get("HF_TOKEN") else "unset"
-    print(f"stand-in rank {rank}/{world} ready on {socket.gethostname()} (HF_TOKEN {token})", flush=True)
+    print(
+        f"stand-in rank {rank}/{world} ready on {socket.gethostname()} (HF_TOKEN {token})",
+        flush=True,
+    )
     step_s = float(os.environ.get("STANDIN_STEP_S", "0.05"))
     hang = os.environ.get("STANDIN_HANG_ON_PEER_FAILURE") == "1"
     helpers = spawn_helpers() if os.environ.get("STANDIN_SPAWN_HELPERS") == "1" else []
@@ -109,8 +123,11 @@ def train(job) -> int:
         try:
             dist.all_reduce(t)
         except Exception as exc:  # a peer died
-            print(f"rank {rank}: collective failed ({type(exc).__name__}); "
-                  + ("hanging like NCCL would" if hang else "exiting"), flush=True)
+            print(
+                f"rank {rank}: collective failed ({type(exc).__name__}); "
+                + ("hanging like NCCL would" if hang else "exiting"),
+                flush=True,
+            )
             while hang and not stop["flag"]:
                 time.sleep(0.1)
             return 0 if hang else 1
@@ -131,7 +148,9 @@ def train(job) -> int:
     return 0
 
 
-def _report(job, out: Path, step: int, iters: int, loss: float, started: float, model_dir: Path) -> None:
+def _report(
+    job, out: Path, step: int, iters: int, loss: float, started: float, model_dir: Path
+) -> None:
     sys.stderr.write(f"\rtraining {step}/{iters} [{'#' * (10 * step // iters):<10}]")
     if step == iters:
         sys.stderr.write("\n")

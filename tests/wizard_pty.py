@@ -28,16 +28,28 @@ CTRL_U, DOWN = "\x15", "\x1b[B"
 
 
 class WizardPty:
-    def __init__(self, argv: list[str], env: dict | None = None, cwd: str | Path | None = None,
-                 module: str = "megafleet", timeout: float = 60):
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict | None = None,
+        cwd: str | Path | None = None,
+        module: str = "megafleet",
+        timeout: float = 60,
+    ):
         full_env = cli_env(env)
         full_env.pop("COLUMNS", None)  # the pty's size decides
         full_env["PROMPT_TOOLKIT_NO_CPR"] = "1"  # no cursor-position round trips to wait for
         full_env["TERM"] = "xterm"
         self.log = io.StringIO()
-        self.child = pexpect.spawn(sys.executable, ["-m", module, *argv], env=full_env,
-                                   cwd=str(cwd or REPO_ROOT), encoding="utf-8", timeout=timeout,
-                                   dimensions=(50, 220))
+        self.child = pexpect.spawn(
+            sys.executable,
+            ["-m", module, *argv],
+            env=full_env,
+            cwd=str(cwd or REPO_ROOT),
+            encoding="utf-8",
+            timeout=timeout,
+            dimensions=(50, 220),
+        )
         self.child.logfile_read = self.log
 
     @property
@@ -48,8 +60,9 @@ class WizardPty:
         try:
             self.child.expect(pattern, timeout=timeout if timeout is not None else -1)
         except (pexpect.TIMEOUT, pexpect.EOF) as exc:
-            raise AssertionError(f"wizard: no {pattern!r} ({type(exc).__name__}); transcript:\n"
-                                 f"{self.text[-6000:]}") from None
+            raise AssertionError(
+                f"wizard: no {pattern!r} ({type(exc).__name__}); transcript:\n{self.text[-6000:]}"
+            ) from None
 
     def run_id(self, timeout: float = 180) -> str:
         """Wait for the launch to report its run; the run id."""

@@ -24,10 +24,22 @@ from megafleet.errors import EXIT_INTERRUPTED, MegafleetError
 # name -> (module under megafleet.cli, attribute, one-line help shown by `megafleet --help`)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "hosts": ("hosts", "hosts", "Manage and check the SSH hosts megafleet uses."),
-    "env": ("env", "env", "Check the Megatron training environment (torch, GPUs, CUDA, TE, megatron-core)."),
+    "env": (
+        "env",
+        "env",
+        "Check the Megatron training environment (torch, GPUs, CUDA, TE, megatron-core).",
+    ),
     "ec2": ("ec2", "ec2", "Find, check, import, start and stop EC2 GPU instances."),
-    "plan": ("plan", "plan_command", "Propose parallel sizes, recompute and batch sizes that fit in GPU memory."),
-    "render": ("render", "render", "Render a job template as a job file, runtime flags or torchrun command."),
+    "plan": (
+        "plan",
+        "plan_command",
+        "Propose parallel sizes, recompute and batch sizes that fit in GPU memory.",
+    ),
+    "render": (
+        "render",
+        "render",
+        "Render a job template as a job file, runtime flags or torchrun command.",
+    ),
     "setup": ("setup", "setup", "Install the Megatron stack on every host (venv, torch, TE, ...)."),
     "launch": ("jobs", "launch", "Validate a job, upload its data and start it on every node."),
     "resume": ("jobs", "resume", "Continue a run from its newest checkpoint on the same nodes."),
@@ -36,7 +48,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "runs": ("jobs", "runs", "List the recorded runs."),
     "stop": ("jobs", "stop", "Stop a run on every node and check nothing of it is left."),
     "fetch": ("jobs", "fetch", "Download a run's Hugging Face checkpoint."),
-    "demo": ("demo", "demo", "Fine-tune a tiny model locally, end to end (no GPU or hosts needed)."),
+    "demo": (
+        "demo",
+        "demo",
+        "Fine-tune a tiny model locally, end to end (no GPU or hosts needed).",
+    ),
     "wizard": ("wizard", "wizard", "Interactive questions from your machines to a running job."),
 }
 
@@ -66,7 +82,9 @@ class LazyGroup(click.Group):
         except MegafleetError as exc:
             from megafleet import ui
 
-            ui.print_error(exc, debug=ctx.obj.get("debug", False), as_json=ctx.meta.get("json", False))
+            ui.print_error(
+                exc, debug=ctx.obj.get("debug", False), as_json=ctx.meta.get("json", False)
+            )
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             from megafleet import ui
@@ -83,21 +101,34 @@ def json_option(f):
             ctx.meta["json"] = True
         return value
 
-    return click.option("--json", "as_json", is_flag=True, callback=remember, expose_value=True,
-                        is_eager=True, help="Print one JSON document on stdout.")(f)
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        callback=remember,
+        expose_value=True,
+        is_eager=True,
+        help="Print one JSON document on stdout.",
+    )(f)
 
 
 def dry_run_option(f):
-    return click.option("--dry-run", is_flag=True,
-                        help="Show what would be done (commands, files, hosts) and change nothing.")(f)
+    return click.option(
+        "--dry-run",
+        is_flag=True,
+        help="Show what would be done (commands, files, hosts) and change nothing.",
+    )(f)
 
 
 def yes_option(f):
     return click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")(f)
 
 
-@click.group(cls=LazyGroup, invoke_without_command=True,
-             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=LazyGroup,
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="megafleet")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
 @click.pass_context

@@ -7,7 +7,6 @@ credentials exit 2. The EC2 endpoint follows botocore's AWS_ENDPOINT_URL_EC2 (te
 
 from __future__ import annotations
 
-
 import click
 
 from megafleet import ui
@@ -21,11 +20,21 @@ def aws_options(f):
 
 
 def select_options(f):
-    f = click.option("--ids", "ids", multiple=True, metavar="I-...,I-...",
-                     help="Instance ids (comma-separated or repeated).")(f)
-    return click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE",
-                        help="Only instances with this tag (KEY alone: any value; repeatable, all "
-                             "must match; * and ? are wildcards).")(f)
+    f = click.option(
+        "--ids",
+        "ids",
+        multiple=True,
+        metavar="I-...,I-...",
+        help="Instance ids (comma-separated or repeated).",
+    )(f)
+    return click.option(
+        "--tag",
+        "tags",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Only instances with this tag (KEY alone: any value; repeatable, all "
+        "must match; * and ? are wildcards).",
+    )(f)
 
 
 @click.group("ec2")
@@ -47,13 +56,20 @@ def list_instances(tags, ids, region, profile, as_json) -> None:
     instances = find_instances(tags=tags, ids=ids, client=client)
     where = _where(region_of(client), tags, ids)
     if as_json:
-        ui.emit_json({"region": region_of(client), "filters": {"tags": list(tags), "ids": list(ids)},
-                      "count": len(instances), "instances": [i.to_dict() for i in instances]})
+        ui.emit_json(
+            {
+                "region": region_of(client),
+                "filters": {"tags": list(tags), "ids": list(ids)},
+                "count": len(instances),
+                "instances": [i.to_dict() for i in instances],
+            }
+        )
         return
     if not instances:
         ui.info(f"no instances {where}")
-        ui.hint("megafleet ec2 list --region OTHER-REGION",
-                "megafleet ec2 list (without --tag / --ids)")
+        ui.hint(
+            "megafleet ec2 list --region OTHER-REGION", "megafleet ec2 list (without --tag / --ids)"
+        )
         return
     show_instances(instances, f"{len(instances)} instance(s) {where}")
     ui.hint(f"megafleet ec2 check {_flags(tags, ids, region, profile)}".rstrip())
@@ -62,18 +78,29 @@ def list_instances(tags, ids, region, profile, as_json) -> None:
 @ec2.command("import")
 @select_options
 @click.option("--user", "-u", required=True, help="SSH login user (ubuntu, ec2-user ...).")
-@click.option("--key", "-i", "key", required=True, type=click.Path(),
-              help="Private key to log in with (the instances' key pair).")
+@click.option(
+    "--key",
+    "-i",
+    "key",
+    required=True,
+    type=click.Path(),
+    help="Private key to log in with (the instances' key pair).",
+)
 @click.option("--update", is_flag=True, help="Refresh hosts already in the inventory.")
-@click.option("--ssh-address", type=click.Choice(["public", "private"]), default="public",
-              show_default=True, help="Which address SSH connects to (private: megafleet runs "
-                                      "inside the VPC or over a VPN).")
+@click.option(
+    "--ssh-address",
+    type=click.Choice(["public", "private"]),
+    default="public",
+    show_default=True,
+    help="Which address SSH connects to (private: megafleet runs inside the VPC or over a VPN).",
+)
 @aws_options
 @json_option
 @dry_run_option
 @yes_option
-def import_cmd(tags, ids, user, key, update, ssh_address, region, profile, as_json, dry_run,
-               yes) -> None:
+def import_cmd(
+    tags, ids, user, key, update, ssh_address, region, profile, as_json, dry_run, yes
+) -> None:
     """Add the running instances to the inventory.
 
     Public address for SSH, private address as `private_address` (the master address), name
@@ -83,7 +110,7 @@ def import_cmd(tags, ids, user, key, update, ssh_address, region, profile, as_js
     from megafleet.cli.ec2_view import show_import_plan
     from megafleet.ec2.aws import ec2_client, region_of
     from megafleet.ec2.discover import find_instances
-    from megafleet.ec2.importer import (ImportResult, apply_plan, check_key, plan_import)
+    from megafleet.ec2.importer import ImportResult, apply_plan, check_key, plan_import
     from megafleet.inventory import Inventory
 
     key_path, warning = check_key(key)
@@ -92,8 +119,10 @@ def import_cmd(tags, ids, user, key, update, ssh_address, region, profile, as_js
     client = ec2_client(region, profile)
     instances = find_instances(tags=tags, ids=ids, client=client)
     if not instances:
-        raise MegafleetError(f"no instances {_where(region_of(client), tags, ids)}",
-                             hint="megafleet ec2 list --region REGION shows what there is")
+        raise MegafleetError(
+            f"no instances {_where(region_of(client), tags, ids)}",
+            hint="megafleet ec2 list --region REGION shows what there is",
+        )
     inv = Inventory.load()
     plan = plan_import(instances, inv, user, key_path, update, connect_via=ssh_address)
     apply_plan(plan, Inventory(list(inv), path=inv.path))  # validate before asking or writing
@@ -108,19 +137,30 @@ def import_cmd(tags, ids, user, key, update, ssh_address, region, profile, as_js
     if as_json:
         ui.emit_json(dict(result.to_dict(), dry_run=dry_run))
     elif result.written:
-        ui.check_row("ok", f"{result.count('add')} added, {result.count('update')} updated, "
-                           f"{result.count('skip')} skipped: {inv.path}")
+        ui.check_row(
+            "ok",
+            f"{result.count('add')} added, {result.count('update')} updated, "
+            f"{result.count('skip')} skipped: {inv.path}",
+        )
         names = ",".join(a.name for a in plan if a.name and a.action != "skip")
-        ui.hint(f"megafleet ec2 check {_flags(tags, ids, region, profile)}".rstrip(),
-                f"megafleet hosts check --hosts {names}")
+        ui.hint(
+            f"megafleet ec2 check {_flags(tags, ids, region, profile)}".rstrip(),
+            f"megafleet hosts check --hosts {names}",
+        )
 
 
 @ec2.command("check")
 @select_options
-@click.option("--no-ssh", is_flag=True,
-              help="Do not probe the SSH ports (reported as not checked).")
-@click.option("--ssh-timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
-              help="Seconds to wait for each SSH server's answer.")
+@click.option(
+    "--no-ssh", is_flag=True, help="Do not probe the SSH ports (reported as not checked)."
+)
+@click.option(
+    "--ssh-timeout",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+    help="Seconds to wait for each SSH server's answer.",
+)
 @aws_options
 @json_option
 @click.pass_context
@@ -152,8 +192,14 @@ def check(ctx, tags, ids, no_ssh, ssh_timeout, region, profile, as_json) -> None
 
 
 def _power_command(action: str):
-    @click.option("--ids", "ids", multiple=True, required=True, metavar="I-...,I-...",
-                  help="Instance ids (comma-separated or repeated).")
+    @click.option(
+        "--ids",
+        "ids",
+        multiple=True,
+        required=True,
+        metavar="I-...,I-...",
+        help="Instance ids (comma-separated or repeated).",
+    )
     @click.option("--no-wait", is_flag=True, help="Return without waiting for the new state.")
     @aws_options
     @json_option
@@ -174,25 +220,45 @@ def _power_command(action: str):
             return
         if not as_json:
             show_power(plan, dry_run)
-        _confirm(yes, f"{action} {len(plan.change)} instance(s)?" + (
-            " (instance-store disks are wiped; public IPs change on the next start)"
-            if action == "stop" else ""))
+        _confirm(
+            yes,
+            f"{action} {len(plan.change)} instance(s)?"
+            + (
+                " (instance-store disks are wiped; public IPs change on the next start)"
+                if action == "stop"
+                else ""
+            ),
+        )
         say = None if as_json else (lambda m: ui.err_console.print(f"[dim]{m}[/dim]"))
-        after = change_state(action, [i.id for i in plan.change + plan.already], client=client,
-                             wait=not no_wait, on_progress=say)
+        after = change_state(
+            action,
+            [i.id for i in plan.change + plan.already],
+            client=client,
+            wait=not no_wait,
+            on_progress=say,
+        )
         if as_json:
-            ui.emit_json(dict(plan.to_dict(), dry_run=False,
-                              instances=[{"id": i.id, "name": i.name, "state": i.state}
-                                         for i in after]))
+            ui.emit_json(
+                dict(
+                    plan.to_dict(),
+                    dry_run=False,
+                    instances=[{"id": i.id, "name": i.name, "state": i.state} for i in after],
+                )
+            )
             return
         for i in after:
             ui.check_row("ok" if i.state == TARGET[action] else "info", f"{i.label}: {i.state}")
         if action == "start":
-            ui.hint("megafleet ec2 import --update --ids " + ",".join(i.id for i in after)
-                    + " --user USER --key PATH   (public IPs change after a stop)")
+            ui.hint(
+                "megafleet ec2 import --update --ids "
+                + ",".join(i.id for i in after)
+                + " --user USER --key PATH   (public IPs change after a stop)"
+            )
 
-    command.__doc__ = (f"{action.capitalize()} instances and wait until they are "
-                       f"{'running' if action == 'start' else 'stopped'}.")
+    command.__doc__ = (
+        f"{action.capitalize()} instances and wait until they are "
+        f"{'running' if action == 'start' else 'stopped'}."
+    )
     return ec2.command(action)(command)
 
 

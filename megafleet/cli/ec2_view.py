@@ -6,32 +6,76 @@ from rich.markup import escape
 
 from megafleet import ui
 
-INSTANCE_COLUMNS = ["name", "id", "type", "GPUs", "state", "AZ", "VPC / subnet", "public IP",
-                    "private IP", "placement", "security groups", "EFA", "lifecycle"]
+INSTANCE_COLUMNS = [
+    "name",
+    "id",
+    "type",
+    "GPUs",
+    "state",
+    "AZ",
+    "VPC / subnet",
+    "public IP",
+    "private IP",
+    "placement",
+    "security groups",
+    "EFA",
+    "lifecycle",
+]
 STATE_STYLE = {"running": "green", "pending": "yellow", "stopping": "yellow", "stopped": "red"}
-CHECK_TITLES = {"instances": "instances found", "state": "all running",
-                "network": "one VPC and availability zone", "placement": "cluster placement group",
-                "security_group": "security group allows all traffic between nodes",
-                "efa": "EFA attached", "ssh": "SSH reachable from here",
-                "master_address": "private addresses in the inventory (master address)",
-                "spot": "no interruption risk (spot)"}
+CHECK_TITLES = {
+    "instances": "instances found",
+    "state": "all running",
+    "network": "one VPC and availability zone",
+    "placement": "cluster placement group",
+    "security_group": "security group allows all traffic between nodes",
+    "efa": "EFA attached",
+    "ssh": "SSH reachable from here",
+    "master_address": "private addresses in the inventory (master address)",
+    "spot": "no interruption risk (spot)",
+}
 
 
 def _instance_row(i) -> list[str]:
     style = STATE_STYLE.get(i.state, "dim")
     info = i.type_info
-    efa = f"{i.efa_interfaces}/{info.max_efa_interfaces}" if info and info.efa_supported else (
-        "no" if info else f"{i.efa_interfaces or '?'}")
-    groups = ", ".join(f"{gid} ({name})" if name else gid for gid, name in i.security_groups.items())
-    return [escape(i.name or "-"), i.id, i.type, i.to_dict()["gpu_summary"],
-            f"[{style}]{i.state}[/{style}]", i.az or "-", f"{i.vpc_id or '-'} / {i.subnet_id or '-'}",
-            i.public_ip or "-", i.private_ip or "-", i.placement_group or "-", escape(groups) or "-",
-            efa, i.lifecycle]
+    efa = (
+        f"{i.efa_interfaces}/{info.max_efa_interfaces}"
+        if info and info.efa_supported
+        else ("no" if info else f"{i.efa_interfaces or '?'}")
+    )
+    groups = ", ".join(
+        f"{gid} ({name})" if name else gid for gid, name in i.security_groups.items()
+    )
+    return [
+        escape(i.name or "-"),
+        i.id,
+        i.type,
+        i.to_dict()["gpu_summary"],
+        f"[{style}]{i.state}[/{style}]",
+        i.az or "-",
+        f"{i.vpc_id or '-'} / {i.subnet_id or '-'}",
+        i.public_ip or "-",
+        i.private_ip or "-",
+        i.placement_group or "-",
+        escape(groups) or "-",
+        efa,
+        i.lifecycle,
+    ]
 
 
 NO_WRAP = {"id", "public IP", "private IP", "state"}
-COMPACT = ["name", "id", "type", "GPUs", "state", "AZ", "public IP", "private IP", "EFA",
-           "lifecycle"]
+COMPACT = [
+    "name",
+    "id",
+    "type",
+    "GPUs",
+    "state",
+    "AZ",
+    "public IP",
+    "private IP",
+    "EFA",
+    "lifecycle",
+]
 
 
 def show_instances(instances, title: str, compact: bool = False) -> None:
@@ -50,12 +94,24 @@ def show_import_plan(plan, path, dry_run: bool) -> None:
     rows = []
     for a in plan:
         h = a.host
-        rows.append([a.action, escape(a.name or "-"), a.instance_id,
-                     f"{h.user}@{h.address}" if h else "-", (h.private_address if h else None) or "-",
-                     escape("; ".join([a.reason] + a.notes).strip("; "))])
+        rows.append(
+            [
+                a.action,
+                escape(a.name or "-"),
+                a.instance_id,
+                f"{h.user}@{h.address}" if h else "-",
+                (h.private_address if h else None) or "-",
+                escape("; ".join([a.reason] + a.notes).strip("; ")),
+            ]
+        )
     verb = "would change" if dry_run else "changes to"
-    ui.show(ui.table(f"import: {verb} {path}", ["action", "host", "instance", "ssh target",
-                                                 "private address", "why"], rows))
+    ui.show(
+        ui.table(
+            f"import: {verb} {path}",
+            ["action", "host", "instance", "ssh target", "private address", "why"],
+            rows,
+        )
+    )
 
 
 def show_check(report) -> None:

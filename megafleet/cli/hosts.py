@@ -35,28 +35,52 @@ def _pool(inv: Inventory, timeout: float):
 @click.option("--port", "-p", type=int, help="SSH port (default 22).")
 @click.option("--identity-file", "-i", type=click.Path(), help="Private key to log in with.")
 @click.option("--private-address", help="Address the nodes use to reach this host.")
-@click.option("--jump-host", "-J", help="Reach it through this host (inventory name or user@host:port).")
+@click.option(
+    "--jump-host", "-J", help="Reach it through this host (inventory name or user@host:port)."
+)
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="A label (repeatable).")
 @click.option("--replace", is_flag=True, help="Overwrite a host of the same name.")
 @click.option("--check", "check_now", is_flag=True, help="Check the host right away.")
 @json_option
 @dry_run_option
 @yes_option
-def add(name, target, user, port, identity_file, private_address, jump_host, tags, replace,
-        check_now, as_json, dry_run, yes) -> None:
+def add(
+    name,
+    target,
+    user,
+    port,
+    identity_file,
+    private_address,
+    jump_host,
+    tags,
+    replace,
+    check_now,
+    as_json,
+    dry_run,
+    yes,
+) -> None:
     """Add a host to the inventory.
 
     Fields and the identity file are validated first; nothing is written on errors. With
     --check the host is checked first and written only when the check passes.
     """
     inv = Inventory.load()
-    host = _host_from_args(name, target, user, port, identity_file, private_address, jump_host, tags)
+    host = _host_from_args(
+        name, target, user, port, identity_file, private_address, jump_host, tags
+    )
     if identity_file:
         _check_identity(host)
     inv.add(host, replace=replace)
     if dry_run:
-        _report({"dry_run": True, "would_write": str(inv.path), "host": {"name": name, **host.to_dict()}},
-                as_json, f"would add {name} ({host.target}) to {inv.path}")
+        _report(
+            {
+                "dry_run": True,
+                "would_write": str(inv.path),
+                "host": {"name": name, **host.to_dict()},
+            },
+            as_json,
+            f"would add {name} ({host.target}) to {inv.path}",
+        )
         return
     if check_now:  # check before writing: a host that fails its check is not added
         from megafleet.ssh.known_hosts import KnownHosts
@@ -69,21 +93,28 @@ def add(name, target, user, port, identity_file, private_address, jump_host, tag
                 pins.unlink(missing_ok=True)
             else:
                 pins.write_bytes(pinned_before)
-            ui.err_console.print(f"[red]not added[/red]: {name} failed its check; {inv.path} is "
-                                 "unchanged (fix the problem above and run the same command again)")
+            ui.err_console.print(
+                f"[red]not added[/red]: {name} failed its check; {inv.path} is "
+                "unchanged (fix the problem above and run the same command again)"
+            )
             click.get_current_context().exit(code)
         inv.save()
         if not as_json:
             ui.check_row("ok", f"added {name} ({host.target}) to {inv.path}")
         return
     path = inv.save()
-    _report({"added": name, "inventory": str(path), "host": host.to_dict()}, as_json,
-            f"added {name} ({host.target}) to {path}")
+    _report(
+        {"added": name, "inventory": str(path), "host": host.to_dict()},
+        as_json,
+        f"added {name} ({host.target}) to {path}",
+    )
     if not as_json:
         ui.hint(f"megafleet hosts check --hosts {name}")
 
 
-def _host_from_args(name, target, user, port, identity_file, private_address, jump_host, tags) -> Host:
+def _host_from_args(
+    name, target, user, port, identity_file, private_address, jump_host, tags
+) -> Host:
     try:
         t_user, address, t_port = parse_target(target)
     except ValueError as exc:
@@ -96,10 +127,15 @@ def _host_from_args(name, target, user, port, identity_file, private_address, ju
         if not sep or not key:
             raise UsageError(f"--tag {t!r}: write tags as KEY=VALUE")
         tag_map[key] = value
-    host = Host(name=name, address=address,
-                port=next((p for p in (port, t_port) if p is not None), 22),
-                identity_file=str(Path(identity_file).expanduser().absolute()) if identity_file else None,
-                private_address=private_address, jump_host=jump_host, tags=tag_map)
+    host = Host(
+        name=name,
+        address=address,
+        port=next((p for p in (port, t_port) if p is not None), 22),
+        identity_file=str(Path(identity_file).expanduser().absolute()) if identity_file else None,
+        private_address=private_address,
+        jump_host=jump_host,
+        tags=tag_map,
+    )
     if user or t_user:
         host.user = user or t_user
     return host
@@ -132,17 +168,32 @@ def list_hosts(as_json) -> None:
     """List the hosts in the inventory."""
     inv = Inventory.load()
     if as_json:
-        ui.emit_json({"inventory": str(inv.path),
-                      "hosts": [{"name": h.name, **h.to_dict()} for h in inv]})
+        ui.emit_json(
+            {"inventory": str(inv.path), "hosts": [{"name": h.name, **h.to_dict()} for h in inv]}
+        )
         return
     if not len(inv):
         ui.info(f"no hosts in {inv.path}")
         ui.hint("megafleet hosts add NAME USER@ADDRESS -i ~/.ssh/id_ed25519")
         return
-    rows = [(h.name, h.target, h.identity_file or "(agent / ~/.ssh)", h.private_address or "",
-             h.jump_host or "", ", ".join(f"{k}={v}" for k, v in h.tags.items())) for h in inv]
-    ui.show(ui.table(f"{len(inv)} host(s) in {inv.path}",
-                     ["name", "target", "identity", "private address", "jump host", "tags"], rows))
+    rows = [
+        (
+            h.name,
+            h.target,
+            h.identity_file or "(agent / ~/.ssh)",
+            h.private_address or "",
+            h.jump_host or "",
+            ", ".join(f"{k}={v}" for k, v in h.tags.items()),
+        )
+        for h in inv
+    ]
+    ui.show(
+        ui.table(
+            f"{len(inv)} host(s) in {inv.path}",
+            ["name", "target", "identity", "private address", "jump host", "tags"],
+            rows,
+        )
+    )
 
 
 @hosts.command("remove")
@@ -173,10 +224,19 @@ def _confirm(yes: bool, question: str) -> None:
 
 @hosts.command("check")
 @click.option("--hosts", "names", help="Comma-separated host names (default: all).")
-@click.option("--workdir", default="~/megafleet", show_default=True,
-              help="Remote work directory whose free disk space is reported.")
-@click.option("--timeout", type=float, default=10.0, show_default=True,
-              help="Seconds to wait for each host to answer.")
+@click.option(
+    "--workdir",
+    default="~/megafleet",
+    show_default=True,
+    help="Remote work directory whose free disk space is reported.",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for each host to answer.",
+)
 @json_option
 def check(names, workdir, timeout, as_json) -> None:
     """Check every host in parallel (reachability, system, GPUs, limits).
@@ -189,13 +249,21 @@ def check(names, workdir, timeout, as_json) -> None:
     inv = Inventory.load()
     selected = inv.select(names.split(",") if names else None)
     if not selected:
-        raise UsageError(f"no hosts in {inv.path}",
-                         hint="megafleet hosts add NAME USER@ADDRESS -i ~/.ssh/id_ed25519")
+        raise UsageError(
+            f"no hosts in {inv.path}",
+            hint="megafleet hosts add NAME USER@ADDRESS -i ~/.ssh/id_ed25519",
+        )
     _run_check(inv, selected, as_json, timeout, workdir)
 
 
-def _run_check(inv: Inventory, selected: list[Host], as_json: bool, timeout: float,
-               workdir: str = "~/megafleet", exit_on_failure: bool = True) -> int:
+def _run_check(
+    inv: Inventory,
+    selected: list[Host],
+    as_json: bool,
+    timeout: float,
+    workdir: str = "~/megafleet",
+    exit_on_failure: bool = True,
+) -> int:
     from megafleet.cli.hosts_view import show_report
     from megafleet.fleetcheck import check_fleet, exit_code
 
@@ -222,8 +290,11 @@ def _run_check(inv: Inventory, selected: list[Host], as_json: bool, timeout: flo
 @hosts.command("trust")
 @click.argument("name")
 @click.option("--replace", is_flag=True, help="Replace a different key pinned for this host.")
-@click.option("--fingerprint", metavar="SHA256:...",
-              help="Only trust the key if it has this fingerprint (checked out of band).")
+@click.option(
+    "--fingerprint",
+    metavar="SHA256:...",
+    help="Only trust the key if it has this fingerprint (checked out of band).",
+)
 @click.option("--timeout", type=float, default=10.0, show_default=True)
 @json_option
 @dry_run_option
@@ -239,7 +310,15 @@ def trust(name, replace, fingerprint, timeout, as_json, dry_run, yes) -> None:
     inv = Inventory.load()
     pool = _pool(inv, timeout)
     try:
-        trust_host(inv, inv.get(name), pool, replace=replace, fingerprint=fingerprint,
-                   as_json=as_json, dry_run=dry_run, confirm=lambda q: _confirm(yes, q))
+        trust_host(
+            inv,
+            inv.get(name),
+            pool,
+            replace=replace,
+            fingerprint=fingerprint,
+            as_json=as_json,
+            dry_run=dry_run,
+            confirm=lambda q: _confirm(yes, q),
+        )
     finally:
         pool.close()

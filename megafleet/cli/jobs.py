@@ -30,18 +30,21 @@ def _confirm(yes: bool, question: str) -> None:
 
 def job_from_args(args: tuple[str, ...]):
     """`[JOB.yaml] [sft|pt] [--flag value ...]` -> JobConfig (flags override the file)."""
-    from remote_runtime.spec.flags import job_from_argv
-    from remote_runtime.spec.config import TASKS, ConfigError
-
     from megafleet.jobs.launch import config_problems
+    from remote_runtime.spec.config import TASKS, ConfigError
+    from remote_runtime.spec.flags import job_from_argv
 
     rest = list(args)
-    job_file = rest.pop(0) if rest and not rest[0].startswith("-") and rest[0] not in TASKS else None
+    job_file = (
+        rest.pop(0) if rest and not rest[0].startswith("-") and rest[0] not in TASKS else None
+    )
     task = rest.pop(0) if rest and rest[0] in TASKS else None
     if job_file is None and not rest:
-        raise UsageError("give a job file or runtime flags",
-                         hint="megafleet launch job.yaml, or megafleet launch -- --model DIR "
-                         "--dataset data.jsonl --train_iters 100")
+        raise UsageError(
+            "give a job file or runtime flags",
+            hint="megafleet launch job.yaml, or megafleet launch -- --model DIR "
+            "--dataset data.jsonl --train_iters 100",
+        )
     try:
         return job_from_argv((["--config", job_file] if job_file else []) + rest, task=task)
     except ConfigError as exc:
@@ -50,13 +53,20 @@ def job_from_args(args: tuple[str, ...]):
 
 @click.command("launch", context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[JOB.yaml] [-- RUNTIME FLAGS]")
-@click.option("--hosts", "hosts", help="Comma-separated inventory hosts, node 0 first "
-              "(default: launch.hosts, else every host).")
+@click.option(
+    "--hosts",
+    "hosts",
+    help="Comma-separated inventory hosts, node 0 first (default: launch.hosts, else every host).",
+)
 @click.option("--local", is_flag=True, help="Run on this machine, without SSH.")
 @click.option("--follow", "-f", is_flag=True, help="Follow the logs once started.")
-@click.option("--entry-module", default="remote_runtime", hidden=True,
-              help="The module torchrun runs (`-m MODULE TASK --config job.yaml`); for tests and "
-              "for developing the runtime.")
+@click.option(
+    "--entry-module",
+    default="remote_runtime",
+    hidden=True,
+    help="The module torchrun runs (`-m MODULE TASK --config job.yaml`); for tests and "
+    "for developing the runtime.",
+)
 @json_option
 @dry_run_option
 @yes_option
@@ -73,8 +83,9 @@ def launch(args, hosts, local, follow, entry_module, as_json, dry_run, yes) -> N
 
     job = job_from_args(args)
     say = (lambda m: None) if as_json else (lambda m: ui.err_console.print(f"[dim]{m}[/dim]"))
-    opts = LaunchOptions(hosts=hosts.split(",") if hosts else None, local=local, say=say,
-                         entry_module=entry_module)
+    opts = LaunchOptions(
+        hosts=hosts.split(",") if hosts else None, local=local, say=say, entry_module=entry_module
+    )
     say("checking the nodes ...")
     plan = plan_launch(job, opts)
     if dry_run:
@@ -115,8 +126,10 @@ def resume(run_ref, args, follow, as_json, yes) -> None:
     job = resume_job(previous, list(args))
     say = (lambda m: None) if as_json else (lambda m: ui.err_console.print(f"[dim]{m}[/dim]"))
     check_not_running(previous)
-    say(f"resuming run {previous.run_id} (launch {previous.attempt + 1}) on "
-        f"{', '.join(n.host for n in previous.nodes)} ...")
+    say(
+        f"resuming run {previous.run_id} (launch {previous.attempt + 1}) on "
+        f"{', '.join(n.host for n in previous.nodes)} ..."
+    )
     plan = plan_launch(job, resume_options(previous, say))
     if not as_json:
         jobs_view.show_plan(plan)
@@ -133,9 +146,16 @@ def resume(run_ref, args, follow, as_json, yes) -> None:
 
 @click.command("logs")
 @click.argument("run_ref", metavar="RUN", default="last")
-@click.option("--follow", "-f", is_flag=True, help="Keep streaming until the run ends; exit with its exit code.")
+@click.option(
+    "--follow",
+    "-f",
+    is_flag=True,
+    help="Keep streaming until the run ends; exit with its exit code.",
+)
 @click.option("--node", type=int, help="Only this node (by node rank).")
-@click.option("--lines", "-n", type=click.IntRange(min=1), help="Start with the last N lines of each node.")
+@click.option(
+    "--lines", "-n", type=click.IntRange(min=1), help="Start with the last N lines of each node."
+)
 @json_option
 def logs(run_ref, follow, node, lines, as_json) -> None:
     """Show the logs of every node at once, each line tagged `nK rR` (node, global rank).
@@ -155,8 +175,14 @@ def logs(run_ref, follow, node, lines, as_json) -> None:
         from megafleet.jobs.status import run_status
 
         state = run_status(run) if not result.errors else {"state": run.state, "exit_code": None}
-        ui.emit_json_line({"end": True, "exit_code": state["exit_code"], "state": state["state"],
-                           "errors": result.errors})
+        ui.emit_json_line(
+            {
+                "end": True,
+                "exit_code": state["exit_code"],
+                "state": state["state"],
+                "errors": result.errors,
+            }
+        )
 
 
 def _printer(as_json: bool):
@@ -164,7 +190,9 @@ def _printer(as_json: bool):
         if as_json:
             ui.emit_json_line(line.to_dict())
         else:
-            ui.log_line(line.prefix.ljust(7), ui.node_colour(line.node), line.text, dim=line.progress)
+            ui.log_line(
+                line.prefix.ljust(7), ui.node_colour(line.node), line.text, dim=line.progress
+            )
 
     return show
 
@@ -181,25 +209,42 @@ def _follow(run, node, lines, as_json) -> None:
     try:
         code, result = follow_logs(run, _printer(as_json), node=node, lines=lines)
     except KeyboardInterrupt:
-        ui.err_console.print(f"[yellow]detached[/yellow]: run {run.run_id} keeps running "
-                             f"(megafleet stop {run.run_id} stops it)")
+        ui.err_console.print(
+            f"[yellow]detached[/yellow]: run {run.run_id} keeps running "
+            f"(megafleet stop {run.run_id} stops it)"
+        )
         sys.exit(EXIT_INTERRUPTED)
     _stream_errors(result, as_json)
     if node is not None:
         code = (result.ends.get(run.node(node).host) or {}).get("exit_code")
     if as_json:
-        ui.emit_json_line({"end": True, "exit_code": code, "state": run.state, "errors": result.errors})
+        ui.emit_json_line(
+            {"end": True, "exit_code": code, "state": run.state, "errors": result.errors}
+        )
     else:
-        ui.err_console.print(f"run {run.run_id}: {run.state}" + (f", exit code {code}" if code is not None else ""))
+        ui.err_console.print(
+            f"run {run.run_id}: {run.state}" + (f", exit code {code}" if code is not None else "")
+        )
     click.get_current_context().exit(code if code is not None else 4)
 
 
 @click.command("status")
 @click.argument("run_ref", metavar="[RUN]", required=False)
-@click.option("--lines", "-n", type=click.IntRange(min=0), default=10, show_default=True,
-              help="Last log lines shown for a failed node.")
-@click.option("--plot", "plot", type=click.Path(dir_okay=False), metavar="FILE.png",
-              help="Also draw the loss curve into a PNG (needs matplotlib).")
+@click.option(
+    "--lines",
+    "-n",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    help="Last log lines shown for a failed node.",
+)
+@click.option(
+    "--plot",
+    "plot",
+    type=click.Path(dir_okay=False),
+    metavar="FILE.png",
+    help="Also draw the loss curve into a PNG (needs matplotlib).",
+)
 @json_option
 def status(run_ref, lines, plot, as_json) -> None:
     """A run's state on every node: running or exit code, step, first and last loss with a
@@ -229,8 +274,11 @@ def _plot(report: dict, path: str) -> dict:
     try:
         plot_loss(curve, path, f"run {report['run']['run_id']}")
     except ImportError:
-        return {"path": None, "message": "no PNG written: matplotlib is not installed here "
-                "(pip install matplotlib); the sparkline above shows the same curve"}
+        return {
+            "path": None,
+            "message": "no PNG written: matplotlib is not installed here "
+            "(pip install matplotlib); the sparkline above shows the same curve",
+        }
     return {"path": path, "message": f"loss curve written to {path}"}
 
 
@@ -254,8 +302,11 @@ def _list_runs(as_json: bool) -> None:
 
 @click.command("stop")
 @click.argument("run_ref", metavar="RUN")
-@click.option("--grace", type=click.FloatRange(min=0), help="Seconds between SIGTERM and SIGKILL "
-              "(default: the job's launch.stop_grace).")
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    help="Seconds between SIGTERM and SIGKILL (default: the job's launch.stop_grace).",
+)
 @json_option
 @dry_run_option
 @yes_option
@@ -287,11 +338,21 @@ def stop(run_ref, grace, as_json, dry_run, yes) -> None:
 
 @click.command("fetch")
 @click.argument("run_ref", metavar="RUN")
-@click.option("--checkpoint", default="latest", show_default=True, help="`latest` or a step number.")
-@click.option("--to", "to", type=click.Path(file_okay=False), help="Destination directory "
-              "(default: ./checkpoints/RUN/checkpoint-STEP).")
-@click.option("--with-state", is_flag=True, help="Also bring the optimizer and RNG state "
-              "(megatron_state/: large; node 0's shards only), e.g. to resume elsewhere.")
+@click.option(
+    "--checkpoint", default="latest", show_default=True, help="`latest` or a step number."
+)
+@click.option(
+    "--to",
+    "to",
+    type=click.Path(file_okay=False),
+    help="Destination directory (default: ./checkpoints/RUN/checkpoint-STEP).",
+)
+@click.option(
+    "--with-state",
+    is_flag=True,
+    help="Also bring the optimizer and RNG state "
+    "(megatron_state/: large; node 0's shards only), e.g. to resume elsewhere.",
+)
 @json_option
 def fetch(run_ref, checkpoint, to, with_state, as_json) -> None:
     """Download a Hugging Face checkpoint (the model, or the adapter) from the node that wrote it
@@ -307,10 +368,15 @@ def fetch(run_ref, checkpoint, to, with_state, as_json) -> None:
     if as_json:
         ui.emit_json(report)
         return
-    ui.check_row("ok", f"checkpoint-{report['step']} of run {run.run_id} in {report['path']}",
-                 f"{report['files']} files, {report['bytes_sent']} bytes fetched, "
-                 f"{len(report['skipped'])} already there; sha256 verified")
+    ui.check_row(
+        "ok",
+        f"checkpoint-{report['step']} of run {run.run_id} in {report['path']}",
+        f"{report['files']} files, {report['bytes_sent']} bytes fetched, "
+        f"{len(report['skipped'])} already there; sha256 verified",
+    )
     left = report["state_left_on_node"]
     if left["files"]:
-        ui.info(f"optimizer state ({left['files']} files, {left['bytes'] / 2**20:.1f} MiB) left on "
-                f"{report['host']}; add --with-state to bring it too")
+        ui.info(
+            f"optimizer state ({left['files']} files, {left['bytes'] / 2**20:.1f} MiB) left on "
+            f"{report['host']}; add --with-state to bring it too"
+        )

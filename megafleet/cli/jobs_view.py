@@ -38,24 +38,41 @@ def _ranks(ranks: list[int]) -> str:
 
 def show_plan(plan, dry_run: bool = False) -> None:
     run = plan.run
-    title = (f"{'would start' if dry_run else 'run'} {run.run_id}: {run.task} on {len(run.nodes)} "
-             f"node(s) × {run.nproc_per_node} process(es) = world size {run.world_size}; master "
-             f"{run.master_addr}:{run.master_port}, watcher port {run.watcher_port}")
+    title = (
+        f"{'would start' if dry_run else 'run'} {run.run_id}: {run.task} on {len(run.nodes)} "
+        f"node(s) × {run.nproc_per_node} process(es) = world size {run.world_size}; master "
+        f"{run.master_addr}:{run.master_port}, watcher port {run.watcher_port}"
+    )
     rows = []
     for n in run.nodes:
         copies = plan.copies.get(n.host, [])
-        rows.append((n.rank, n.host, _ranks(n.ranks), n.run_dir,
-                     f"{len(copies)} file(s), {_bytes(sum(c.size for c in copies))}" if copies else "-"))
-    ui.show(ui.table(title, ["node", "host", "ranks", "run directory", "upload (if changed)"], rows))
+        rows.append(
+            (
+                n.rank,
+                n.host,
+                _ranks(n.ranks),
+                n.run_dir,
+                f"{len(copies)} file(s), {_bytes(sum(c.size for c in copies))}" if copies else "-",
+            )
+        )
+    ui.show(
+        ui.table(title, ["node", "host", "ranks", "run directory", "upload (if changed)"], rows)
+    )
     for note in plan.notes:
         ui.check_row("info", note)
     if plan.ports:
-        ui.check_row("ok", f"every worker reaches {run.master_addr} on ports "
-                     f"{run.master_port} and {run.watcher_port}")
+        ui.check_row(
+            "ok",
+            f"every worker reaches {run.master_addr} on ports "
+            f"{run.master_port} and {run.watcher_port}",
+        )
     if plan.resolved:
         par = plan.resolved.get("parallel", {})
-        ui.check_row("ok", "the runtime's dry run accepts the job",
-                     " ".join(f"{k}={v}" for k, v in par.items() if k.endswith("_size")))
+        ui.check_row(
+            "ok",
+            "the runtime's dry run accepts the job",
+            " ".join(f"{k}={v}" for k, v in par.items() if k.endswith("_size")),
+        )
     if dry_run:
         node = run.nodes[0]
         from megafleet.jobs.node_scripts import launch_script
@@ -67,10 +84,16 @@ def show_plan(plan, dry_run: bool = False) -> None:
 
 def show_started(run) -> None:
     for n in run.nodes:
-        ui.check_row("ok", f"node {n.rank} ({n.host}) started", f"pid {n.pid}, ranks {_ranks(n.ranks)}")
+        ui.check_row(
+            "ok", f"node {n.rank} ({n.host}) started", f"pid {n.pid}, ranks {_ranks(n.ranks)}"
+        )
     ui.info(f"run [bold]{run.run_id}[/bold] is running")
-    ui.hint(f"megafleet logs {run.run_id} -f", f"megafleet status {run.run_id}",
-            f"megafleet stop {run.run_id}", f"megafleet fetch {run.run_id}")
+    ui.hint(
+        f"megafleet logs {run.run_id} -f",
+        f"megafleet status {run.run_id}",
+        f"megafleet stop {run.run_id}",
+        f"megafleet fetch {run.run_id}",
+    )
 
 
 def show_runs(records) -> None:
@@ -78,25 +101,61 @@ def show_runs(records) -> None:
         ui.info("no runs yet")
         ui.hint("megafleet launch job.yaml")
         return
-    rows = [(r.run_id, time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)), r.task,
-             ", ".join(n.host for n in r.nodes), r.world_size, r.state,
-             "" if r.exit_code is None else r.exit_code) for r in records]
-    ui.show(ui.table(f"{len(records)} run(s) (last known state)",
-                     ["run", "started", "task", "hosts", "world", "state", "exit"], rows))
+    rows = [
+        (
+            r.run_id,
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)),
+            r.task,
+            ", ".join(n.host for n in r.nodes),
+            r.world_size,
+            r.state,
+            "" if r.exit_code is None else r.exit_code,
+        )
+        for r in records
+    ]
+    ui.show(
+        ui.table(
+            f"{len(records)} run(s) (last known state)",
+            ["run", "started", "task", "hosts", "world", "state", "exit"],
+            rows,
+        )
+    )
 
 
 def _contact(n: dict) -> str:
     t = n.get("last_contact")
-    return "last contact " + (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "never")
+    return "last contact " + (
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "never"
+    )
 
 
 def _node_row(n: dict) -> tuple:
     if not n.get("reachable", True):
-        return (n["node_rank"], n["host"], _ranks(n["ranks"]),
-                f"[red]unreachable[/red] ({_contact(n)})", "", "", "", "", "", "")
+        return (
+            n["node_rank"],
+            n["host"],
+            _ranks(n["ranks"]),
+            f"[red]unreachable[/red] ({_contact(n)})",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+        )
     if n.get("error"):
-        return (n["node_rank"], n["host"], _ranks(n["ranks"]), f"[red]{escape(str(n['error']))}[/red]",
-                "", "", "", "", "", "")
+        return (
+            n["node_rank"],
+            n["host"],
+            _ranks(n["ranks"]),
+            f"[red]{escape(str(n['error']))}[/red]",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+        )
     m = n.get("metrics") or {}
     step = f"{m.get('step')}/{m.get('train_iters')}" if m.get("step") is not None else ""
     loss = f"{m['loss']:.4g}" if isinstance(m.get("loss"), (int, float)) else ""
@@ -112,26 +171,55 @@ def _node_row(n: dict) -> tuple:
             state += f" [red]({escape(n['cause']['text'].split(': ', 1)[-1])})[/red]"
     elif state == "running":
         state = "[green]running[/green]"
-    return (n["node_rank"], n["host"], _ranks(n["ranks"]), state, step, loss, tps,
-            _duration(m.get("eta_s")), gpu, _duration(n.get("log_age_s")))
+    return (
+        n["node_rank"],
+        n["host"],
+        _ranks(n["ranks"]),
+        state,
+        step,
+        loss,
+        tps,
+        _duration(m.get("eta_s")),
+        gpu,
+        _duration(n.get("log_age_s")),
+    )
 
 
 def show_status(report: dict, lines: int) -> None:
     run = report["run"]
-    t = ui.table(f"run {run['run_id']}: {report['state']}" +
-                 (f", exit code {report['exit_code']}" if report["exit_code"] is not None else ""),
-                 ["node", "host", "ranks", "state", "step", "loss", "tok/s", "ETA", "GPU util/mem",
-                  "log age"], [])
+    t = ui.table(
+        f"run {run['run_id']}: {report['state']}"
+        + (f", exit code {report['exit_code']}" if report["exit_code"] is not None else ""),
+        [
+            "node",
+            "host",
+            "ranks",
+            "state",
+            "step",
+            "loss",
+            "tok/s",
+            "ETA",
+            "GPU util/mem",
+            "log age",
+        ],
+        [],
+    )
     for n in report["nodes"]:
         t.add_row(*[str(v) for v in _node_row(n)])
     ui.show(t)
     _show_loss(report.get("progress"))
     failure = report.get("failure")
     if failure:
-        where = (f"node {failure['node']} ({failure.get('host')})" if failure.get("node") is not None
-                 else "the run")
-        ui.check_row("fail", f"{where} failed first: {failure['reason']}",
-                     time.strftime("%H:%M:%S", time.localtime(failure.get("time", 0))))
+        where = (
+            f"node {failure['node']} ({failure.get('host')})"
+            if failure.get("node") is not None
+            else "the run"
+        )
+        ui.check_row(
+            "fail",
+            f"{where} failed first: {failure['reason']}",
+            time.strftime("%H:%M:%S", time.localtime(failure.get("time", 0))),
+        )
         for line in (failure.get("tail") or [])[-lines:]:
             ui.info(f"    [dim]{escape(line)}[/dim]")
     stops = [(n["host"], n["watcher_stop"]) for n in report["nodes"] if n.get("watcher_stop")]
@@ -139,11 +227,16 @@ def show_status(report: dict, lines: int) -> None:
         ui.check_row("warn", f"{host} was stopped by the watcher", ws.get("reason", ""))
     for n in report["nodes"]:
         if not n.get("reachable", True):
-            ui.check_row("warn", f"{n['host']} is unreachable ({_contact(n)})",
-                         "its own watcher stops its job after losing contact with node 0")
+            ui.check_row(
+                "warn",
+                f"{n['host']} is unreachable ({_contact(n)})",
+                "its own watcher stops its job after losing contact with node 0",
+            )
     if report["state"] == "stopping":
-        ui.hint(f"megafleet stop {run['run_id']}  (again, once "
-                f"{', '.join(run.get('stop_pending') or ['every node'])} answer)")
+        ui.hint(
+            f"megafleet stop {run['run_id']}  (again, once "
+            f"{', '.join(run.get('stop_pending') or ['every node'])} answer)"
+        )
     if report["state"] == "running":
         ui.hint(f"megafleet logs {run['run_id']} -f", f"megafleet stop {run['run_id']}")
     elif report["state"] in ("succeeded", "stopped"):
@@ -163,8 +256,10 @@ def _show_loss(progress: dict | None) -> None:
     if not curve:
         return
     (first_step, first), (last_step, last) = curve[0], curve[-1]
-    ui.info(f"loss {first:.4g} (step {first_step}) → {last:.4g} (step {last_step})  "
-            f"{sparkline([v for _, v in curve])}")
+    ui.info(
+        f"loss {first:.4g} (step {first_step}) → {last:.4g} (step {last_step})  "
+        f"{sparkline([v for _, v in curve])}"
+    )
 
 
 def show_stop_plan(plan: dict) -> None:
@@ -177,7 +272,8 @@ def show_stop_plan(plan: dict) -> None:
 def show_stopped(report: dict) -> None:
     ui.info(f"run {report['run_id']}: {report.get('state', 'stopped')}")
     for host, r in report["nodes"].items():
-        detail = (f"{len(r.get('terminated', []))} terminated, {len(r.get('killed', []))} killed"
-                  + ("" if r.get("gpu_checked") else "; no GPUs to check"))
+        detail = f"{len(r.get('terminated', []))} terminated, {len(r.get('killed', []))} killed" + (
+            "" if r.get("gpu_checked") else "; no GPUs to check"
+        )
         ui.check_row("ok", f"{host}: nothing of the run is left", detail)
     ui.info(f"run {report['run_id']} stopped")

@@ -10,25 +10,43 @@ import click
 from megafleet import templates, ui
 from megafleet.cli import json_option, yes_option
 from megafleet.errors import UsageError
-from remote_runtime.spec.flags import to_flags
 from remote_runtime.spec.config import ConfigError
+from remote_runtime.spec.flags import to_flags
 
 
 @click.command("render")
 @click.argument("template", required=False)
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Set a job field: leaf name (lr=2e-5) or dotted (optim.lr=2e-5); lists take "
-                   "a,b or [a, b]. Repeatable.")
-@click.option("--format", "fmt", type=click.Choice(templates.FORMATS), default="yaml",
-              show_default=True,
-              help="yaml: the job file; flags: runtime flags; command: torchrun line per node.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False),
-              help="Write to FILE instead of stdout.")
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Set a job field: leaf name (lr=2e-5) or dotted (optim.lr=2e-5); lists take "
+    "a,b or [a, b]. Repeatable.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(templates.FORMATS),
+    default="yaml",
+    show_default=True,
+    help="yaml: the job file; flags: runtime flags; command: torchrun line per node.",
+)
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False), help="Write to FILE instead of stdout."
+)
 @click.option("--list", "list_only", is_flag=True, help="List the templates.")
 @yes_option
 @json_option
-def render(template: str | None, sets: tuple[str, ...], fmt: str, output: str | None,
-           list_only: bool, yes: bool, as_json: bool) -> None:
+def render(
+    template: str | None,
+    sets: tuple[str, ...],
+    fmt: str,
+    output: str | None,
+    list_only: bool,
+    yes: bool,
+    as_json: bool,
+) -> None:
     """Render a job TEMPLATE (a name from --list, or a template/job file) with --set values.
 
     \b
@@ -39,8 +57,9 @@ def render(template: str | None, sets: tuple[str, ...], fmt: str, output: str | 
     if list_only:
         return _list(as_json)
     if not template:
-        raise UsageError("name a template (or a job file) to render",
-                         hint="megafleet render --list")
+        raise UsageError(
+            "name a template (or a job file) to render", hint="megafleet render --list"
+        )
     t = templates.get_template(template)
     try:
         job = templates.job_from_template(t, list(sets))
@@ -53,9 +72,19 @@ def render(template: str | None, sets: tuple[str, ...], fmt: str, output: str | 
     if output:
         templates.write_text_file(Path(output), text, yes)
     if as_json:
-        ui.emit_json({"template": t.name, "format": fmt, "task": job.task, "text": text,
-                      "output": output, "missing": missing, "job": job.to_dict(),
-                      "flags": to_flags(job), "commands": templates.torchrun_commands(job)})
+        ui.emit_json(
+            {
+                "template": t.name,
+                "format": fmt,
+                "task": job.task,
+                "text": text,
+                "output": output,
+                "missing": missing,
+                "job": job.to_dict(),
+                "flags": to_flags(job),
+                "commands": templates.torchrun_commands(job),
+            }
+        )
         return
     if not output:
         sys.stdout.write(text)  # the rendered job is data: written verbatim, no markup
@@ -72,7 +101,13 @@ def _list(as_json: bool) -> None:
     if as_json:
         ui.emit_json({"templates": [t.to_dict() for t in found]})
         return
-    rows = [(t.name, "✓" if t.supported else "not yet", t.summary if t.supported else
-             f"{t.summary} — {t.reason}") for t in found]
+    rows = [
+        (
+            t.name,
+            "✓" if t.supported else "not yet",
+            t.summary if t.supported else f"{t.summary} — {t.reason}",
+        )
+        for t in found
+    ]
     ui.show(ui.table("Job templates", ["template", "supported", "what it does"], rows))
     ui.hint("megafleet render sft-full --set model=DIR --set dataset=FILE -o job.yaml")

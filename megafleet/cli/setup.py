@@ -7,12 +7,11 @@ reached; 4 a step failed on a host (or another setup held its lock).
 
 from __future__ import annotations
 
-
 import click
 
 from megafleet import ui
 from megafleet.cli import dry_run_option, json_option, yes_option
-from megafleet.errors import (EXIT_FAILED, EXIT_OK, EXIT_REMOTE, EXIT_UNREACHABLE, UsageError)
+from megafleet.errors import EXIT_FAILED, EXIT_OK, EXIT_REMOTE, EXIT_UNREACHABLE, UsageError
 
 STEP_CHOICES = ("venv", "torch", "packages", "project", "te", "apex", "flash_attn", "check", "all")
 
@@ -20,41 +19,113 @@ STEP_CHOICES = ("venv", "torch", "packages", "project", "te", "apex", "flash_att
 @click.command("setup")
 @click.option("--hosts", "names", help="Comma-separated host names (default: every host).")
 @click.option("--local", is_flag=True, help="Set up this machine instead of the inventory's hosts.")
-@click.option("--with-te", is_flag=True,
-              help="Also build transformer-engine (venv-local cuDNN/NCCL).")
+@click.option(
+    "--with-te", is_flag=True, help="Also build transformer-engine (venv-local cuDNN/NCCL)."
+)
 @click.option("--with-apex", is_flag=True, help="Also build apex with its CUDA extensions.")
-@click.option("--with-flash-attn", is_flag=True,
-              help="Also install flash-attn (the newest transformer-engine accepts).")
-@click.option("--venv", metavar="PATH", help="The venv on each host (default: ~/megafleet/venv; "
-              "relative paths are under the host user's home).")
-@click.option("--wheelhouse", metavar="DIR", type=click.Path(file_okay=False),
-              help="Install offline from this folder of wheels (uploaded incrementally).")
-@click.option("--build-wheelhouse", "build_dir", metavar="DIR", type=click.Path(file_okay=False),
-              help="Only download every wheel the nodes need into DIR (on a connected machine).")
-@click.option("--python-version", metavar="X.Y",
-              help="With --build-wheelhouse: the nodes' Python (default: this Python's).")
-@click.option("--platform", "platforms", multiple=True, metavar="TAG",
-              help="With --build-wheelhouse: wheel platform tags (default: manylinux x86_64).")
-@click.option("--torch", "torch_spec", metavar="SPEC",
-              help="torch requirement (default: torch>=2.6).")
-@click.option("--torch-index", metavar="cpu|cu130|...|URL",
-              help="PyTorch wheel index (default: chosen from each host's NVIDIA driver).")
-@click.option("--base-python", default="python3", show_default=True, metavar="PATH",
-              help="The host's Python the venv is made from.")
-@click.option("--installer", type=click.Choice(["auto", "uv", "pip"]), default="auto",
-              show_default=True, help="auto: uv when the host has it, else python -m venv + pip.")
-@click.option("--max-jobs", type=click.IntRange(min=1), metavar="N",
-              help="Parallel compile jobs for TE/apex/flash-attn (default: from cores and memory).")
-@click.option("--force", multiple=True, type=click.Choice(STEP_CHOICES), metavar="STEP",
-              help="Redo a step even if it is done (repeatable; all = every step).")
-@click.option("--timeout", type=float, default=10.0, show_default=True,
-              help="Seconds to wait for each host to answer.")
+@click.option(
+    "--with-flash-attn",
+    is_flag=True,
+    help="Also install flash-attn (the newest transformer-engine accepts).",
+)
+@click.option(
+    "--venv",
+    metavar="PATH",
+    help="The venv on each host (default: ~/megafleet/venv; "
+    "relative paths are under the host user's home).",
+)
+@click.option(
+    "--wheelhouse",
+    metavar="DIR",
+    type=click.Path(file_okay=False),
+    help="Install offline from this folder of wheels (uploaded incrementally).",
+)
+@click.option(
+    "--build-wheelhouse",
+    "build_dir",
+    metavar="DIR",
+    type=click.Path(file_okay=False),
+    help="Only download every wheel the nodes need into DIR (on a connected machine).",
+)
+@click.option(
+    "--python-version",
+    metavar="X.Y",
+    help="With --build-wheelhouse: the nodes' Python (default: this Python's).",
+)
+@click.option(
+    "--platform",
+    "platforms",
+    multiple=True,
+    metavar="TAG",
+    help="With --build-wheelhouse: wheel platform tags (default: manylinux x86_64).",
+)
+@click.option(
+    "--torch", "torch_spec", metavar="SPEC", help="torch requirement (default: torch>=2.6)."
+)
+@click.option(
+    "--torch-index",
+    metavar="cpu|cu130|...|URL",
+    help="PyTorch wheel index (default: chosen from each host's NVIDIA driver).",
+)
+@click.option(
+    "--base-python",
+    default="python3",
+    show_default=True,
+    metavar="PATH",
+    help="The host's Python the venv is made from.",
+)
+@click.option(
+    "--installer",
+    type=click.Choice(["auto", "uv", "pip"]),
+    default="auto",
+    show_default=True,
+    help="auto: uv when the host has it, else python -m venv + pip.",
+)
+@click.option(
+    "--max-jobs",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Parallel compile jobs for TE/apex/flash-attn (default: from cores and memory).",
+)
+@click.option(
+    "--force",
+    multiple=True,
+    type=click.Choice(STEP_CHOICES),
+    metavar="STEP",
+    help="Redo a step even if it is done (repeatable; all = every step).",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for each host to answer.",
+)
 @json_option
 @dry_run_option
 @yes_option
-def setup(names, local, with_te, with_apex, with_flash_attn, venv, wheelhouse, build_dir,
-          python_version, platforms, torch_spec, torch_index, base_python, installer, max_jobs,
-          force, timeout, as_json, dry_run, yes) -> None:
+def setup(
+    names,
+    local,
+    with_te,
+    with_apex,
+    with_flash_attn,
+    venv,
+    wheelhouse,
+    build_dir,
+    python_version,
+    platforms,
+    torch_spec,
+    torch_index,
+    base_python,
+    installer,
+    max_jobs,
+    force,
+    timeout,
+    as_json,
+    dry_run,
+    yes,
+) -> None:
     """Install a working Megatron stack on every host, in parallel.
 
     Steps, each skipped when already done with the same inputs (a second run takes seconds;
@@ -64,16 +135,31 @@ def setup(names, local, with_te, with_apex, with_flash_attn, venv, wheelhouse, b
     Logs, lock and marker live on each host under ~/megafleet/setup/.
     """
     if build_dir:
-        _build_wheelhouse(build_dir, python_version, platforms, torch_spec, torch_index, as_json,
-                          names or local or wheelhouse)
+        _build_wheelhouse(
+            build_dir,
+            python_version,
+            platforms,
+            torch_spec,
+            torch_index,
+            as_json,
+            names or local or wheelhouse,
+        )
         return
     if python_version or platforms:
         raise UsageError("--python-version and --platform go with --build-wheelhouse")
     from megafleet.setup.request import SetupOptions
 
-    options = SetupOptions(with_te=with_te, with_apex=with_apex, with_flash_attn=with_flash_attn,
-                           wheelhouse=wheelhouse, base_python=base_python, installer=installer,
-                           torch_index=torch_index, max_jobs=max_jobs, force=tuple(force))
+    options = SetupOptions(
+        with_te=with_te,
+        with_apex=with_apex,
+        with_flash_attn=with_flash_attn,
+        wheelhouse=wheelhouse,
+        base_python=base_python,
+        installer=installer,
+        torch_index=torch_index,
+        max_jobs=max_jobs,
+        force=tuple(force),
+    )
     if venv:
         options.venv = venv
     if torch_spec:
@@ -82,8 +168,11 @@ def setup(names, local, with_te, with_apex, with_flash_attn, venv, wheelhouse, b
     targets, pool = _targets(names, local, timeout)
     try:
         if not dry_run:
-            _confirm(yes, f"set up {len(targets)} host(s) ({', '.join(_name(t) for t in targets)})"
-                          f" in {options.venv}?")
+            _confirm(
+                yes,
+                f"set up {len(targets)} host(s) ({', '.join(_name(t) for t in targets)})"
+                f" in {options.venv}?",
+            )
         code = _run(targets, pool, options, dry_run, as_json)
     finally:
         if pool is not None:
@@ -108,8 +197,10 @@ def _targets(names, local, timeout):
     inv = Inventory.load()
     selected = inv.select(names.split(",") if names else None)
     if not selected:
-        raise UsageError(f"no hosts in {inv.path}",
-                         hint="add one: megafleet hosts add NAME USER@ADDRESS, or use --local")
+        raise UsageError(
+            f"no hosts in {inv.path}",
+            hint="add one: megafleet hosts add NAME USER@ADDRESS, or use --local",
+        )
     return selected, ConnectionPool(inv.jump_for, connect_timeout=timeout)
 
 
@@ -127,23 +218,35 @@ def _run(targets, pool, options, dry_run: bool, as_json: bool) -> int:
         results = setup_hosts(targets, options, pool=pool, dry_run=True, artifacts=art)
         code = _exit_code(results)
         if as_json:
-            ui.emit_json({"dry_run": True, "ok": code == EXIT_OK, "exit_code": code,
-                          "hosts": {h: r.to_dict() for h, r in results.items()}})
+            ui.emit_json(
+                {
+                    "dry_run": True,
+                    "ok": code == EXIT_OK,
+                    "exit_code": code,
+                    "hosts": {h: r.to_dict() for h, r in results.items()},
+                }
+            )
         else:
             show_plan(results)
         return code
     progress = SetupProgress([_name(t) for t in targets], quiet=as_json)
     with progress:
-        results = setup_hosts(targets, options, pool=pool, artifacts=art,
-                              on_event=progress.on_event)
+        results = setup_hosts(
+            targets, options, pool=pool, artifacts=art, on_event=progress.on_event
+        )
         for host, result in results.items():
             progress.finish(host, result)
     findings = _findings(results)
     code = _exit_code(results, findings)
     if as_json:
-        ui.emit_json({"ok": code == EXIT_OK, "exit_code": code,
-                      "hosts": {h: r.to_dict() for h, r in results.items()},
-                      "findings": [f.to_dict() for f in findings]})
+        ui.emit_json(
+            {
+                "ok": code == EXIT_OK,
+                "exit_code": code,
+                "hosts": {h: r.to_dict() for h, r in results.items()},
+                "findings": [f.to_dict() for f in findings],
+            }
+        )
     else:
         show_results(results)
         if code == EXIT_OK:
@@ -178,22 +281,29 @@ def _exit_code(results, findings=()) -> int:
     return EXIT_OK
 
 
-def _build_wheelhouse(build_dir, python_version, platforms, torch_spec, torch_index, as_json,
-                      conflicting) -> None:
+def _build_wheelhouse(
+    build_dir, python_version, platforms, torch_spec, torch_index, as_json, conflicting
+) -> None:
     from megafleet.setup.wheelhouse import DEFAULT_PLATFORMS, build_wheelhouse
 
     if conflicting:
-        raise UsageError("--build-wheelhouse only prepares the folder: run setup --wheelhouse "
-                         "DIR afterwards (without --hosts/--local/--wheelhouse here)")
+        raise UsageError(
+            "--build-wheelhouse only prepares the folder: run setup --wheelhouse "
+            "DIR afterwards (without --hosts/--local/--wheelhouse here)"
+        )
     if not as_json:
         ui.err_console.print(f"[dim]downloading wheels into {build_dir} ...[/dim]")
-    summary = build_wheelhouse(build_dir, python_version, platforms or DEFAULT_PLATFORMS,
-                               torch_spec, torch_index)
+    summary = build_wheelhouse(
+        build_dir, python_version, platforms or DEFAULT_PLATFORMS, torch_spec, torch_index
+    )
     if as_json:
         ui.emit_json(summary)
         return
-    ui.check_row("ok", f"wheelhouse {summary['dir']}: {summary['files']} files, "
-                       f"{summary['bytes'] / 2 ** 20:.0f} MiB for Python "
-                       f"{summary['inputs']['python_version']}",
-                 "downloaded" if summary["downloaded"] else "already complete")
+    ui.check_row(
+        "ok",
+        f"wheelhouse {summary['dir']}: {summary['files']} files, "
+        f"{summary['bytes'] / 2**20:.0f} MiB for Python "
+        f"{summary['inputs']['python_version']}",
+        "downloaded" if summary["downloaded"] else "already complete",
+    )
     ui.hint(f"megafleet setup --wheelhouse {summary['dir']}")

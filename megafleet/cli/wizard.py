@@ -19,10 +19,20 @@ Answers file keys (any subset; the rest is asked):
 
 
 @click.command("wizard", epilog=ANSWER_KEYS)
-@click.option("--answers", "answers_file", type=click.Path(dir_okay=False, exists=True),
-              metavar="FILE", help="Take answers from this YAML file (question id: answer).")
-@click.option("--timeout", type=click.FloatRange(min=1), default=10.0, show_default=True,
-              help="Seconds to wait for each host to answer.")
+@click.option(
+    "--answers",
+    "answers_file",
+    type=click.Path(dir_okay=False, exists=True),
+    metavar="FILE",
+    help="Take answers from this YAML file (question id: answer).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for each host to answer.",
+)
 @dry_run_option
 @click.pass_context
 def wizard(ctx: click.Context, answers_file, timeout, dry_run) -> None:
@@ -39,8 +49,10 @@ def wizard(ctx: click.Context, answers_file, timeout, dry_run) -> None:
     from megafleet.wizard import Asker, load_answers, run_wizard
 
     if not answers_file and not sys.stdin.isatty():
-        raise UsageError("the wizard asks questions and needs a terminal",
-                         hint="run it in a terminal, pass --answers FILE, or use the commands "
-                              "(megafleet --help; agents: SKILL.md)")
+        raise UsageError(
+            "the wizard asks questions and needs a terminal",
+            hint="run it in a terminal, pass --answers FILE, or use the commands "
+            "(megafleet --help; agents: SKILL.md)",
+        )
     answers = load_answers(answers_file) if answers_file else None
     ctx.exit(run_wizard(Asker(answers, answers_file), timeout=timeout, dry_run=dry_run))

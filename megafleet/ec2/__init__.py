@@ -26,7 +26,22 @@ from megafleet.ec2.power import change_state, power_plan
 from megafleet.ec2.reach import ssh_banner_probe
 from megafleet.ec2.report import CheckReport, check_instances
 
-__all__ = ["catalog", "Finding", "Reach", "judge", "ClusterSnapshot", "Instance",
-           "describe_cluster", "find_instances", "ImportAction", "ImportResult",
-           "import_instances", "plan_import", "change_state", "power_plan", "ssh_banner_probe",
-           "CheckReport", "check_instances"]
+__all__ = [
+    "catalog",
+    "Finding",
+    "Reach",
+    "judge",
+    "ClusterSnapshot",
+    "Instance",
+    "describe_cluster",
+    "find_instances",
+    "ImportAction",
+    "ImportResult",
+    "import_instances",
+    "plan_import",
+    "change_state",
+    "power_plan",
+    "ssh_banner_probe",
+    "CheckReport",
+    "check_instances",
+]

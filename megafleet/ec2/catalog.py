@@ -48,27 +48,53 @@ class TypeInfo:
 _FAMILIES: dict[str, tuple[str, int, dict[str, tuple[int, int, str]]]] = {
     "p4d": ("A100", 40960, {"24xlarge": (8, 4, "4x 100 Gigabit")}),
     "p4de": ("A100", 81920, {"24xlarge": (8, 4, "4x 100 Gigabit")}),
-    "p5": ("H100", 81920, {"4xlarge": (1, 1, "100 Gigabit"),
-                           "48xlarge": (8, 32, "3200 Gigabit")}),
+    "p5": ("H100", 81920, {"4xlarge": (1, 1, "100 Gigabit"), "48xlarge": (8, 32, "3200 Gigabit")}),
     "p5e": ("H200", 144384, {"48xlarge": (8, 32, "3200 Gigabit")}),
     "p5en": ("H200", 144384, {"48xlarge": (8, 16, "3200 Gigabit")}),
     "p6-b200": ("B200", 183359, {"48xlarge": (8, 8, "3200 Gigabit")}),
     "p6-b300": ("B300", 275040, {"48xlarge": (8, 16, "6400 Gigabit")}),
-    "g5": ("A10G", 22888, {
-        "xlarge": (1, 0, "Up to 10 Gigabit"), "2xlarge": (1, 0, "Up to 10 Gigabit"),
-        "4xlarge": (1, 0, "Up to 25 Gigabit"), "8xlarge": (1, 1, "25 Gigabit"),
-        "12xlarge": (4, 1, "40 Gigabit"), "16xlarge": (1, 1, "25 Gigabit"),
-        "24xlarge": (4, 1, "50 Gigabit"), "48xlarge": (8, 1, "100 Gigabit")}),
-    "g6": ("L4", 22888, {
-        "xlarge": (1, 0, "Up to 10 Gigabit"), "2xlarge": (1, 0, "Up to 10 Gigabit"),
-        "4xlarge": (1, 0, "Up to 25 Gigabit"), "8xlarge": (1, 1, "25 Gigabit"),
-        "12xlarge": (4, 1, "40 Gigabit"), "16xlarge": (1, 1, "25 Gigabit"),
-        "24xlarge": (4, 1, "50 Gigabit"), "48xlarge": (8, 1, "100 Gigabit")}),
-    "g6e": ("L40S", 45776, {
-        "xlarge": (1, 0, "Up to 20 Gigabit"), "2xlarge": (1, 0, "Up to 20 Gigabit"),
-        "4xlarge": (1, 0, "20 Gigabit"), "8xlarge": (1, 1, "25 Gigabit"),
-        "12xlarge": (4, 1, "100 Gigabit"), "16xlarge": (1, 1, "35 Gigabit"),
-        "24xlarge": (4, 2, "200 Gigabit"), "48xlarge": (8, 4, "400 Gigabit")}),
+    "g5": (
+        "A10G",
+        22888,
+        {
+            "xlarge": (1, 0, "Up to 10 Gigabit"),
+            "2xlarge": (1, 0, "Up to 10 Gigabit"),
+            "4xlarge": (1, 0, "Up to 25 Gigabit"),
+            "8xlarge": (1, 1, "25 Gigabit"),
+            "12xlarge": (4, 1, "40 Gigabit"),
+            "16xlarge": (1, 1, "25 Gigabit"),
+            "24xlarge": (4, 1, "50 Gigabit"),
+            "48xlarge": (8, 1, "100 Gigabit"),
+        },
+    ),
+    "g6": (
+        "L4",
+        22888,
+        {
+            "xlarge": (1, 0, "Up to 10 Gigabit"),
+            "2xlarge": (1, 0, "Up to 10 Gigabit"),
+            "4xlarge": (1, 0, "Up to 25 Gigabit"),
+            "8xlarge": (1, 1, "25 Gigabit"),
+            "12xlarge": (4, 1, "40 Gigabit"),
+            "16xlarge": (1, 1, "25 Gigabit"),
+            "24xlarge": (4, 1, "50 Gigabit"),
+            "48xlarge": (8, 1, "100 Gigabit"),
+        },
+    ),
+    "g6e": (
+        "L40S",
+        45776,
+        {
+            "xlarge": (1, 0, "Up to 20 Gigabit"),
+            "2xlarge": (1, 0, "Up to 20 Gigabit"),
+            "4xlarge": (1, 0, "20 Gigabit"),
+            "8xlarge": (1, 1, "25 Gigabit"),
+            "12xlarge": (4, 1, "100 Gigabit"),
+            "16xlarge": (1, 1, "35 Gigabit"),
+            "24xlarge": (4, 2, "200 Gigabit"),
+            "48xlarge": (8, 4, "400 Gigabit"),
+        },
+    ),
 }
 
 CATALOG: dict[str, TypeInfo] = {

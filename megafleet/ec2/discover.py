@@ -56,24 +56,39 @@ class Instance:
     def from_api(cls, raw: dict, region: str) -> "Instance":
         """One entry of DescribeInstances' Reservations[].Instances[]."""
         tags = {t["Key"]: t.get("Value", "") for t in raw.get("Tags", [])}
-        interfaces = [Interface(n["NetworkInterfaceId"], n.get("InterfaceType", "interface"),
-                                n.get("Attachment", {}).get("DeviceIndex"),
-                                n.get("Attachment", {}).get("NetworkCardIndex"),
-                                [g["GroupId"] for g in n.get("Groups", [])])
-                      for n in raw.get("NetworkInterfaces", [])]
+        interfaces = [
+            Interface(
+                n["NetworkInterfaceId"],
+                n.get("InterfaceType", "interface"),
+                n.get("Attachment", {}).get("DeviceIndex"),
+                n.get("Attachment", {}).get("NetworkCardIndex"),
+                [g["GroupId"] for g in n.get("Groups", [])],
+            )
+            for n in raw.get("NetworkInterfaces", [])
+        ]
         groups = {g["GroupId"]: g.get("GroupName", "") for g in raw.get("SecurityGroups", [])}
         for n in raw.get("NetworkInterfaces", []):  # EFA interfaces may carry other groups
             groups.update({g["GroupId"]: g.get("GroupName", "") for g in n.get("Groups", [])})
         placement = raw.get("Placement", {})
-        return cls(id=raw["InstanceId"], region=region, type=raw.get("InstanceType", "?"),
-                   state=raw.get("State", {}).get("Name", "?"), name=tags.get("Name") or None,
-                   az=placement.get("AvailabilityZone"), subnet_id=raw.get("SubnetId"),
-                   vpc_id=raw.get("VpcId"), public_ip=raw.get("PublicIpAddress"),
-                   private_ip=raw.get("PrivateIpAddress"),
-                   public_dns=raw.get("PublicDnsName") or None,
-                   placement_group=placement.get("GroupName") or None, security_groups=groups,
-                   interfaces=interfaces, lifecycle=raw.get("InstanceLifecycle") or "on-demand",
-                   tags=tags, launch_time=str(raw["LaunchTime"]) if raw.get("LaunchTime") else None)
+        return cls(
+            id=raw["InstanceId"],
+            region=region,
+            type=raw.get("InstanceType", "?"),
+            state=raw.get("State", {}).get("Name", "?"),
+            name=tags.get("Name") or None,
+            az=placement.get("AvailabilityZone"),
+            subnet_id=raw.get("SubnetId"),
+            vpc_id=raw.get("VpcId"),
+            public_ip=raw.get("PublicIpAddress"),
+            private_ip=raw.get("PrivateIpAddress"),
+            public_dns=raw.get("PublicDnsName") or None,
+            placement_group=placement.get("GroupName") or None,
+            security_groups=groups,
+            interfaces=interfaces,
+            lifecycle=raw.get("InstanceLifecycle") or "on-demand",
+            tags=tags,
+            launch_time=str(raw["LaunchTime"]) if raw.get("LaunchTime") else None,
+        )
 
     @property
     def label(self) -> str:
@@ -90,16 +105,28 @@ class Instance:
 
     def to_dict(self) -> dict:
         info = self.type_info
-        return {"id": self.id, "name": self.name, "type": self.type, "state": self.state,
-                "region": self.region, "az": self.az, "subnet_id": self.subnet_id,
-                "vpc_id": self.vpc_id, "public_ip": self.public_ip, "private_ip": self.private_ip,
-                "public_dns": self.public_dns, "placement_group": self.placement_group,
-                "security_groups": [{"id": k, "name": v} for k, v in self.security_groups.items()],
-                "efa_interfaces": self.efa_interfaces,
-                "interfaces": [vars(n) for n in self.interfaces], "lifecycle": self.lifecycle,
-                "tags": self.tags, "launch_time": self.launch_time,
-                "gpus": info.to_dict() if info else None,
-                "gpu_summary": catalog.gpu_summary(self.type)}
+        return {
+            "id": self.id,
+            "name": self.name,
+            "type": self.type,
+            "state": self.state,
+            "region": self.region,
+            "az": self.az,
+            "subnet_id": self.subnet_id,
+            "vpc_id": self.vpc_id,
+            "public_ip": self.public_ip,
+            "private_ip": self.private_ip,
+            "public_dns": self.public_dns,
+            "placement_group": self.placement_group,
+            "security_groups": [{"id": k, "name": v} for k, v in self.security_groups.items()],
+            "efa_interfaces": self.efa_interfaces,
+            "interfaces": [vars(n) for n in self.interfaces],
+            "lifecycle": self.lifecycle,
+            "tags": self.tags,
+            "launch_time": self.launch_time,
+            "gpus": info.to_dict() if info else None,
+            "gpu_summary": catalog.gpu_summary(self.type),
+        }
 
 
 def tag_filters(tags) -> list[dict]:
@@ -110,8 +137,11 @@ def tag_filters(tags) -> list[dict]:
         key, sep, value = spec.partition("=")
         if not key:
             raise UsageError(f"--tag {spec!r}: write tags as KEY=VALUE (or KEY for any value)")
-        filters.append({"Name": f"tag:{key}", "Values": [value]} if sep
-                       else {"Name": "tag-key", "Values": [key]})
+        filters.append(
+            {"Name": f"tag:{key}", "Values": [value]}
+            if sep
+            else {"Name": "tag-key", "Values": [key]}
+        )
     return filters
 
 
@@ -120,13 +150,21 @@ def split_ids(ids) -> list[str]:
     out = [i.strip() for spec in ids or () for i in spec.split(",") if i.strip()]
     bad = [i for i in out if not i.startswith("i-")]
     if bad:
-        raise UsageError(f"--ids: {', '.join(bad)} not an instance id (i-...)",
-                         hint="megafleet ec2 list shows the ids")
+        raise UsageError(
+            f"--ids: {', '.join(bad)} not an instance id (i-...)",
+            hint="megafleet ec2 list shows the ids",
+        )
     return list(dict.fromkeys(out))
 
 
-def find_instances(region: str | None = None, tags=None, ids=None, profile: str | None = None,
-                   states=LISTED_STATES, client=None) -> list[Instance]:
+def find_instances(
+    region: str | None = None,
+    tags=None,
+    ids=None,
+    profile: str | None = None,
+    states=LISTED_STATES,
+    client=None,
+) -> list[Instance]:
     """Instances matching all `tags` (`K=V` or `K`) and `ids`, in `states` (terminated ones are
     never returned), sorted by name then id."""
     client = client or ec2_client(region, profile)
@@ -139,8 +177,10 @@ def find_instances(region: str | None = None, tags=None, ids=None, profile: str 
     with aws_errors(client):
         for page in client.get_paginator("describe_instances").paginate(**kwargs):
             for reservation in page.get("Reservations", []):
-                out += [Instance.from_api(raw, region_of(client))
-                        for raw in reservation.get("Instances", [])]
+                out += [
+                    Instance.from_api(raw, region_of(client))
+                    for raw in reservation.get("Instances", [])
+                ]
     return sorted(out, key=lambda i: (i.name or "~", i.id))
 
 
@@ -156,12 +196,18 @@ class ClusterSnapshot:
     profile: str | None = None
 
 
-def describe_cluster(region: str | None = None, tags=None, ids=None, profile: str | None = None,
-                     client=None) -> ClusterSnapshot:
+def describe_cluster(
+    region: str | None = None, tags=None, ids=None, profile: str | None = None, client=None
+) -> ClusterSnapshot:
     client = client or ec2_client(region, profile)
     instances = find_instances(tags=tags, ids=ids, client=client)
-    return ClusterSnapshot(region_of(client), instances, security_groups(client, instances),
-                           placement_strategies(client, instances), profile)
+    return ClusterSnapshot(
+        region_of(client),
+        instances,
+        security_groups(client, instances),
+        placement_strategies(client, instances),
+        profile,
+    )
 
 
 def security_groups(client, instances: list[Instance]) -> dict[str, dict]:
@@ -173,9 +219,12 @@ def security_groups(client, instances: list[Instance]) -> dict[str, dict]:
             for g in client.describe_security_groups(GroupIds=ids)["SecurityGroups"]:
                 out[g["GroupId"]] = g
         if vpcs:
-            for g in client.describe_security_groups(Filters=[
+            for g in client.describe_security_groups(
+                Filters=[
                     {"Name": "vpc-id", "Values": vpcs},
-                    {"Name": "group-name", "Values": [NODE_GROUP_NAME]}])["SecurityGroups"]:
+                    {"Name": "group-name", "Values": [NODE_GROUP_NAME]},
+                ]
+            )["SecurityGroups"]:
                 out.setdefault(g["GroupId"], g)
     return out
 

@@ -36,9 +36,14 @@ class ImportAction:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"action": self.action, "instance_id": self.instance_id, "name": self.name,
-                "reason": self.reason, "notes": self.notes,
-                "host": self.host.to_dict() if self.host else None}
+        return {
+            "action": self.action,
+            "instance_id": self.instance_id,
+            "name": self.name,
+            "reason": self.reason,
+            "notes": self.notes,
+            "host": self.host.to_dict() if self.host else None,
+        }
 
 
 @dataclass
@@ -51,9 +56,14 @@ class ImportResult:
         return sum(1 for a in self.actions if a.action == action)
 
     def to_dict(self) -> dict:
-        return {"inventory": self.inventory, "written": self.written,
-                "added": self.count("add"), "updated": self.count("update"),
-                "skipped": self.count("skip"), "actions": [a.to_dict() for a in self.actions]}
+        return {
+            "inventory": self.inventory,
+            "written": self.written,
+            "added": self.count("add"),
+            "updated": self.count("update"),
+            "skipped": self.count("skip"),
+            "actions": [a.to_dict() for a in self.actions],
+        }
 
 
 def match_hosts(instances: list[Instance], inventory: Inventory) -> dict[str, Host]:
@@ -64,8 +74,14 @@ def match_hosts(instances: list[Instance], inventory: Inventory) -> dict[str, Ho
         host = by_tag.get(inst.id)
         if host is None:
             addresses = {a for a in (inst.public_ip, inst.public_dns, inst.private_ip) if a}
-            host = next((h for h in inventory if h.address in addresses
-                         and h.tags.get(ID_TAG) in (None, inst.id)), None)
+            host = next(
+                (
+                    h
+                    for h in inventory
+                    if h.address in addresses and h.tags.get(ID_TAG) in (None, inst.id)
+                ),
+                None,
+            )
         if host is not None:
             out[inst.id] = host
     return out
@@ -89,19 +105,37 @@ def ssh_address(inst: Instance, connect_via: str = "public") -> str:
     return inst.public_ip or inst.public_dns or inst.private_ip or ""
 
 
-def host_for(inst: Instance, name: str, user: str, key: str | None, old: Host | None = None,
-             connect_via: str = "public") -> Host:
+def host_for(
+    inst: Instance,
+    name: str,
+    user: str,
+    key: str | None,
+    old: Host | None = None,
+    connect_via: str = "public",
+) -> Host:
     tags = dict(old.tags) if old else {}
     tags.update(inst.tags)
     tags.update({ID_TAG: inst.id, REGION_TAG: inst.region, TYPE_TAG: inst.type})
-    return Host(name=name, address=ssh_address(inst, connect_via),
-                user=user, port=old.port if old else 22, identity_file=key,
-                private_address=inst.private_ip, jump_host=old.jump_host if old else None,
-                tags=tags)
+    return Host(
+        name=name,
+        address=ssh_address(inst, connect_via),
+        user=user,
+        port=old.port if old else 22,
+        identity_file=key,
+        private_address=inst.private_ip,
+        jump_host=old.jump_host if old else None,
+        tags=tags,
+    )
 
 
-def plan_import(instances: list[Instance], inventory: Inventory, user: str, key: str | None,
-                update: bool = False, connect_via: str = "public") -> list[ImportAction]:
+def plan_import(
+    instances: list[Instance],
+    inventory: Inventory,
+    user: str,
+    key: str | None,
+    update: bool = False,
+    connect_via: str = "public",
+) -> list[ImportAction]:
     """What importing `instances` would do to `inventory` (nothing is changed).
     `connect_via`: the address SSH connects to, "public" (default) or "private"."""
     if connect_via not in ("public", "private"):
@@ -112,35 +146,50 @@ def plan_import(instances: list[Instance], inventory: Inventory, user: str, key:
     for inst in instances:
         old = matched.get(inst.id)
         if inst.state != "running":
-            out.append(ImportAction("skip", inst.id, old.name if old else None,
-                                    reason=f"{inst.state}, not running (megafleet ec2 start "
-                                           f"--ids {inst.id})"))
+            out.append(
+                ImportAction(
+                    "skip",
+                    inst.id,
+                    old.name if old else None,
+                    reason=f"{inst.state}, not running (megafleet ec2 start --ids {inst.id})",
+                )
+            )
             continue
         if old is not None:
             out.append(_existing(inst, old, user, key, update, connect_via))
             continue
         name = host_name(inst, taken)
         taken.add(name)
-        action = ImportAction("add", inst.id, name,
-                              host_for(inst, name, user, key, connect_via=connect_via))
+        action = ImportAction(
+            "add", inst.id, name, host_for(inst, name, user, key, connect_via=connect_via)
+        )
         if not inst.public_ip and connect_via == "public":
-            action.notes.append("no public IP: connecting to the private address "
-                                "(works only from inside the VPC or through a jump host)")
+            action.notes.append(
+                "no public IP: connecting to the private address "
+                "(works only from inside the VPC or through a jump host)"
+            )
         out.append(action)
     return out
 
 
-def _existing(inst: Instance, old: Host, user: str, key: str | None, update: bool,
-              connect_via: str) -> ImportAction:
+def _existing(
+    inst: Instance, old: Host, user: str, key: str | None, update: bool, connect_via: str
+) -> ImportAction:
     if not update:
-        return ImportAction("skip", inst.id, old.name,
-                            reason=f"already in the inventory as {old.name} "
-                                   "(--update refreshes it)")
+        return ImportAction(
+            "skip",
+            inst.id,
+            old.name,
+            reason=f"already in the inventory as {old.name} (--update refreshes it)",
+        )
     new = host_for(inst, old.name, user, key, old, connect_via)
     if new == old:
         return ImportAction("skip", inst.id, old.name, reason="already up to date")
-    changed = [f for f in ("address", "user", "identity_file", "private_address", "tags")
-               if getattr(new, f) != getattr(old, f)]
+    changed = [
+        f
+        for f in ("address", "user", "identity_file", "private_address", "tags")
+        if getattr(new, f) != getattr(old, f)
+    ]
     return ImportAction("update", inst.id, old.name, new, reason="changed: " + ", ".join(changed))
 
 
@@ -167,9 +216,15 @@ def apply_plan(plan: list[ImportAction], inventory: Inventory) -> None:
             inventory.add(a.host, replace=a.action == "update")
 
 
-def import_instances(instances: list[Instance], user: str, key: str,
-                     inventory: Inventory | None = None, update: bool = False,
-                     dry_run: bool = False, connect_via: str = "public") -> ImportResult:
+def import_instances(
+    instances: list[Instance],
+    user: str,
+    key: str,
+    inventory: Inventory | None = None,
+    update: bool = False,
+    dry_run: bool = False,
+    connect_via: str = "public",
+) -> ImportResult:
     """Plan, validate and (unless `dry_run`) save the import of `instances`."""
     key_path, _warning = check_key(key)
     inv = inventory if inventory is not None else Inventory.load()

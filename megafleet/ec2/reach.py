@@ -45,8 +45,12 @@ def target_for(inst: Instance, host=None) -> tuple[str | None, int, str]:
     return address, 22, "" if address else "no address"
 
 
-def probe_instances(instances: list[Instance], hosts: dict | None = None, timeout: float = 5.0,
-                    probe: Probe = ssh_banner_probe) -> dict[str, Reach]:
+def probe_instances(
+    instances: list[Instance],
+    hosts: dict | None = None,
+    timeout: float = 5.0,
+    probe: Probe = ssh_banner_probe,
+) -> dict[str, Reach]:
     """Reach of every running instance, probed in parallel."""
     running = [i for i in instances if i.state == "running"]
     targets = {i.id: target_for(i, (hosts or {}).get(i.id)) for i in running}
@@ -54,8 +58,11 @@ def probe_instances(instances: list[Instance], hosts: dict | None = None, timeou
     if not targets:
         return out
     with cf.ThreadPoolExecutor(max_workers=min(32, len(targets))) as pool:
-        futures = {iid: pool.submit(probe, addr, port, timeout)
-                   for iid, (addr, port, _) in targets.items() if addr}
+        futures = {
+            iid: pool.submit(probe, addr, port, timeout)
+            for iid, (addr, port, _) in targets.items()
+            if addr
+        }
         for iid, (addr, port, why_not) in targets.items():
             if not addr:
                 out[iid] = Reach("not_checked", None, why_not)

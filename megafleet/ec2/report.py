@@ -1,9 +1,9 @@
 """`check_instances`: fetch a cluster's description, probe SSH, judge it, in one call.
 
-    report = check_instances(region="us-east-1", tags=["team=ml"])
-    report.findings          # list[checks.Finding]
-    report.to_dict()         # the `megafleet ec2 check --json` document
-    report.exit_code()       # 1 when a finding is an error, else 0
+report = check_instances(region="us-east-1", tags=["team=ml"])
+report.findings          # list[checks.Finding]
+report.to_dict()         # the `megafleet ec2 check --json` document
+report.exit_code()       # 1 when a finding is an error, else 0
 """
 
 from __future__ import annotations
@@ -30,12 +30,15 @@ class CheckReport:
 
     def status(self) -> dict[str, str]:
         """check name -> "pass" | "error" | "warning" | "info" | "skip"."""
+
         def skipped(name):
             return (name != "instances" and not self.instances) or (
-                name == "master_address" and self.inventory is None)
+                name == "master_address" and self.inventory is None
+            )
 
-        return {name: checks.check_status(self.findings, name, skipped(name))
-                for name in checks.CHECKS}
+        return {
+            name: checks.check_status(self.findings, name, skipped(name)) for name in checks.CHECKS
+        }
 
     def counts(self) -> dict[str, int]:
         return {s: sum(1 for f in self.findings if f.severity == s) for s in checks.SEVERITIES}
@@ -44,18 +47,34 @@ class CheckReport:
         return EXIT_FAILED if self.counts()["error"] else EXIT_OK
 
     def to_dict(self) -> dict:
-        return {"region": self.snapshot.region, "inventory": self.inventory,
-                "instances": [dict(i.to_dict(), ssh=vars(self.reach[i.id]) if i.id in self.reach
-                                   else None) for i in self.instances],
-                "checks": self.status(), "findings": [f.to_dict() for f in self.findings],
-                "summary": {"instances": len(self.instances), **self.counts(),
-                            "ok": not self.counts()["error"]}}
+        return {
+            "region": self.snapshot.region,
+            "inventory": self.inventory,
+            "instances": [
+                dict(i.to_dict(), ssh=vars(self.reach[i.id]) if i.id in self.reach else None)
+                for i in self.instances
+            ],
+            "checks": self.status(),
+            "findings": [f.to_dict() for f in self.findings],
+            "summary": {
+                "instances": len(self.instances),
+                **self.counts(),
+                "ok": not self.counts()["error"],
+            },
+        }
 
 
-def check_instances(region: str | None = None, tags=None, ids=None, profile: str | None = None,
-                    inventory: Inventory | bool | None = None, ssh: bool = True,
-                    ssh_timeout: float = 5.0,
-                    probe: reach.Probe = reach.ssh_banner_probe, client=None) -> CheckReport:
+def check_instances(
+    region: str | None = None,
+    tags=None,
+    ids=None,
+    profile: str | None = None,
+    inventory: Inventory | bool | None = None,
+    ssh: bool = True,
+    ssh_timeout: float = 5.0,
+    probe: reach.Probe = reach.ssh_banner_probe,
+    client=None,
+) -> CheckReport:
     """Check the instances matching `tags`/`ids`. `inventory` (default: the current one; pass
     False to skip) supplies the SSH targets and private addresses; `ssh=False` skips the
     reachability probe (reported as "not checked")."""

@@ -33,15 +33,24 @@ def rules_of(group: dict) -> GroupRules:
     gid = group["GroupId"]
 
     def to_self(perms):
-        return any(_all_traffic(p) and any(pair.get("GroupId") == gid
-                                           for pair in p.get("UserIdGroupPairs", []))
-                   for p in perms)
+        return any(
+            _all_traffic(p)
+            and any(pair.get("GroupId") == gid for pair in p.get("UserIdGroupPairs", []))
+            for p in perms
+        )
 
     egress = group.get("IpPermissionsEgress", [])
-    open_egress = any(_all_traffic(p) and any(r.get("CidrIp") == "0.0.0.0/0"
-                                              for r in p.get("IpRanges", [])) for p in egress)
-    return GroupRules(gid, group.get("GroupName", ""), to_self(group.get("IpPermissions", [])),
-                      to_self(egress), open_egress)
+    open_egress = any(
+        _all_traffic(p) and any(r.get("CidrIp") == "0.0.0.0/0" for r in p.get("IpRanges", []))
+        for p in egress
+    )
+    return GroupRules(
+        gid,
+        group.get("GroupName", ""),
+        to_self(group.get("IpPermissions", [])),
+        to_self(egress),
+        open_egress,
+    )
 
 
 def interface_groups(inst: Instance) -> set[str]:
@@ -72,41 +81,84 @@ def aws_cli(verb: str, region: str, profile: str | None, *args: str) -> str:
     return f"aws ec2 {verb} --region {region}{prof} " + " ".join(args)
 
 
-def authorize_commands(group_id: str, region: str, profile: str | None,
-                       ingress: bool = True, egress: bool = True) -> list[str]:
+def authorize_commands(
+    group_id: str, region: str, profile: str | None, ingress: bool = True, egress: bool = True
+) -> list[str]:
     """The AWS CLI commands adding the all-traffic self rules (`group_id` may be "$SG")."""
     ref = f'"{group_id}"' if group_id.startswith("$") else group_id
     out = []
     for needed, direction in ((ingress, "ingress"), (egress, "egress")):
         if needed:
-            out.append(aws_cli(f"authorize-security-group-{direction}", region, profile,
-                               "--group-id", ref, "--protocol", "-1", "--source-group", ref))
+            out.append(
+                aws_cli(
+                    f"authorize-security-group-{direction}",
+                    region,
+                    profile,
+                    "--group-id",
+                    ref,
+                    "--protocol",
+                    "-1",
+                    "--source-group",
+                    ref,
+                )
+            )
     return out
 
 
-def new_group_commands(instances: list[Instance], groups: dict[str, dict], region: str,
-                       profile: str | None) -> list[str]:
+def new_group_commands(
+    instances: list[Instance], groups: dict[str, dict], region: str, profile: str | None
+) -> list[str]:
     """Commands that give every instance one group allowing all traffic within itself: the
     VPC's existing `megafleet-nodes` group if there is one, else a new one."""
     vpc = instances[0].vpc_id
-    existing = next((g for g in groups.values()
-                     if g.get("GroupName") == NODE_GROUP_NAME and g.get("VpcId") == vpc), None)
+    existing = next(
+        (
+            g
+            for g in groups.values()
+            if g.get("GroupName") == NODE_GROUP_NAME and g.get("VpcId") == vpc
+        ),
+        None,
+    )
     if existing:
         gid, cmds = existing["GroupId"], []
         r = rules_of(existing)
         cmds += authorize_commands(gid, region, profile, not r.self_ingress, not r.self_egress)
     else:
         gid = "$SG"
-        cmds = ["SG=$(" + aws_cli("create-security-group", region, profile, "--vpc-id", vpc,
-                                  "--group-name", NODE_GROUP_NAME, "--description",
-                                  "'megafleet: all traffic between training nodes'",
-                                  "--query", "GroupId", "--output", "text") + ")"]
+        cmds = [
+            "SG=$("
+            + aws_cli(
+                "create-security-group",
+                region,
+                profile,
+                "--vpc-id",
+                vpc,
+                "--group-name",
+                NODE_GROUP_NAME,
+                "--description",
+                "'megafleet: all traffic between training nodes'",
+                "--query",
+                "GroupId",
+                "--output",
+                "text",
+            )
+            + ")"
+        ]
         cmds += authorize_commands(gid, region, profile)
     ref = f'"{gid}"' if gid.startswith("$") else gid
     for inst in instances:
         for eni in inst.interfaces:
             if gid not in eni.groups:
-                cmds.append(aws_cli("modify-network-interface-attribute", region, profile,
-                                    "--network-interface-id", eni.id,
-                                    "--groups", *eni.groups, ref))
+                cmds.append(
+                    aws_cli(
+                        "modify-network-interface-attribute",
+                        region,
+                        profile,
+                        "--network-interface-id",
+                        eni.id,
+                        "--groups",
+                        *eni.groups,
+                        ref,
+                    )
+                )
     return cmds

@@ -22,7 +22,9 @@ def local_runner() -> LocalRunner:
     import megafleet
 
     root = str(Path(megafleet.__file__).resolve().parent.parent)
-    installed = {str(Path(p).resolve()) for p in site.getsitepackages() + [site.getusersitepackages()]}
+    installed = {
+        str(Path(p).resolve()) for p in site.getsitepackages() + [site.getusersitepackages()]
+    }
     parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if root in installed or root in parts:
         return LocalRunner(LOCAL_HOST)
@@ -59,8 +61,10 @@ def runners_for(run: RunRecord, pool, nodes: list[NodeInfo] | None = None) -> di
     if run.local:
         return {n.host: local_runner() for n in nodes}
     inv = _inventory()
-    return {n.host: SSHRunner(inv.hosts.get(n.host) or Host(name=n.host, **(n.host_entry or {})), pool)
-            for n in nodes}
+    return {
+        n.host: SSHRunner(inv.hosts.get(n.host) or Host(name=n.host, **(n.host_entry or {})), pool)
+        for n in nodes
+    }
 
 
 def nodectl(node: NodeInfo, args: str) -> str:
@@ -68,14 +72,17 @@ def nodectl(node: NodeInfo, args: str) -> str:
     return f"{shlex.quote(node.python)} -m megafleet.jobs.nodectl {args}"
 
 
-def ask_nodes(run: RunRecord, args_for, timeout: float = 120, pool=None,
-              nodes: list[NodeInfo] | None = None) -> dict[str, Result]:
+def ask_nodes(
+    run: RunRecord, args_for, timeout: float = 120, pool=None, nodes: list[NodeInfo] | None = None
+) -> dict[str, Result]:
     """Run `nodectl args_for(node)` on every node at once; Result.value = its JSON answer."""
     nodes = run.nodes if nodes is None else nodes
     by_host = {n.host: n for n in nodes}
 
     def one(runner: Runner):
-        r = runner.run(nodectl(by_host[runner.name], args_for(by_host[runner.name])), timeout=timeout)
+        r = runner.run(
+            nodectl(by_host[runner.name], args_for(by_host[runner.name])), timeout=timeout
+        )
         try:
             r.value = json.loads(r.stdout.strip().splitlines()[-1])
         except (ValueError, IndexError):

@@ -40,11 +40,15 @@ class DatasetReport:
         return sum(f.rows for f in self.files)
 
     def to_dict(self) -> dict:
-        return {"rows": self.rows, "trainable_tokens": sum(f.trainable_tokens for f in self.files),
-                "total_tokens": sum(f.total_tokens for f in self.files),
-                "tokens": ("exact" if self.tokens_exact
-                           else f"estimated (characters / {CHARS_PER_TOKEN})"),
-                "files": [vars(f) for f in self.files]}
+        return {
+            "rows": self.rows,
+            "trainable_tokens": sum(f.trainable_tokens for f in self.files),
+            "total_tokens": sum(f.total_tokens for f in self.files),
+            "tokens": (
+                "exact" if self.tokens_exact else f"estimated (characters / {CHARS_PER_TOKEN})"
+            ),
+            "files": [vars(f) for f in self.files],
+        }
 
 
 class _Counter:
@@ -86,14 +90,16 @@ def _rows(path: Path):
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
-                raise ValueError(f"line {number}: not UTF-8 text ({exc.reason} at byte "
-                                 f"{exc.start} of the line)") from None
+                raise ValueError(
+                    f"line {number}: not UTF-8 text ({exc.reason} at byte {exc.start} of the line)"
+                ) from None
             if line.strip():
                 try:
                     yield number, json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"line {number}: invalid JSON: {exc.msg} (column "
-                                     f"{exc.colno})") from None
+                    raise ValueError(
+                        f"line {number}: invalid JSON: {exc.msg} (column {exc.colno})"
+                    ) from None
 
 
 def check_file(path: Path, task: str, count) -> tuple[FileReport, list[str]]:
@@ -127,9 +133,11 @@ def _measure(report: FileReport, example, task: str, count) -> None:
         if task != "pt":
             from remote_runtime.spec.errors import RowError
 
-            raise RowError("a 'text' row has no assistant turn to train on; text rows are for "
-                           "pre-training (`pt`); for `sft` use messages, sharegpt, alpaca or "
-                           "query/response rows")
+            raise RowError(
+                "a 'text' row has no assistant turn to train on; text rows are for "
+                "pre-training (`pt`); for `sft` use messages, sharegpt, alpaca or "
+                "query/response rows"
+            )
         n = count(example)
         report.total_tokens += n
         report.trainable_tokens += n
@@ -146,8 +154,9 @@ def _measure(report: FileReport, example, task: str, count) -> None:
 
 def check_datasets(job, model_dir: Path | None) -> DatasetReport:
     """Every local file of `job.data.dataset`; raises ValidationError naming file and line."""
-    local = [p for p in (Path(s.partition("#")[0]).expanduser() for s in job.data.dataset)
-             if p.is_file()]  # other paths are on the nodes: the runtime checks them there
+    local = [
+        p for p in (Path(s.partition("#")[0]).expanduser() for s in job.data.dataset) if p.is_file()
+    ]  # other paths are on the nodes: the runtime checks them there
     count = _Counter(model_dir, sum(p.stat().st_size for p in local))
     out = DatasetReport(tokens_exact=count.tokenizer is not None)
     problems = []
@@ -156,8 +165,11 @@ def check_datasets(job, model_dir: Path | None) -> DatasetReport:
         out.files.append(report)
         problems += [FieldProblem("data.dataset", f"{path}: {p}") for p in found]
     if problems:
-        raise ValidationError(problems, hint="fix those rows (each names its line); the formats "
-                              "are described in references/dataset-formats.md")
+        raise ValidationError(
+            problems,
+            hint="fix those rows (each names its line); the formats "
+            "are described in references/dataset-formats.md",
+        )
     return out
 
 

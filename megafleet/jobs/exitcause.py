@@ -40,13 +40,21 @@ def oom_killed(pid: int) -> bool | None:
         return None
     if out.returncode != 0:
         return None
-    return re.search(rf"(Out of memory|oom-kill).*\b{pid}\b|Killed process {pid}\b", out.stdout) is not None
+    return (
+        re.search(rf"(Out of memory|oom-kill).*\b{pid}\b|Killed process {pid}\b", out.stdout)
+        is not None
+    )
 
 
 def exit_cause(exit_code: int, log_text: str) -> dict:
     """{"exit_code", "rank", "signal", "oom", "text"} from torchrun's exit code and output."""
-    cause = {"exit_code": exit_code, "rank": None, "signal": None, "oom": None,
-             "text": f"exited with code {exit_code}"}
+    cause = {
+        "exit_code": exit_code,
+        "rank": None,
+        "signal": None,
+        "oom": None,
+        "text": f"exited with code {exit_code}",
+    }
     if exit_code > 128:  # torchrun itself was killed (the shell reports 128 + signal)
         cause["signal"] = exit_code - 128
     m = _ROOT.search(log_text) or _ANY.search(log_text)
@@ -70,9 +78,11 @@ def describe(cause: dict) -> str:
         if cause.get("oom"):
             text += " (killed by the kernel's out-of-memory killer)"
         elif sig == signal.SIGKILL:
-            text += (" (the kernel's out-of-memory killer sends this signal; " +
-                     ("check the kernel log: dmesg)" if cause.get("oom") is None
-                      else "the kernel log does not say so)"))
+            text += " (the kernel's out-of-memory killer sends this signal; " + (
+                "check the kernel log: dmesg)"
+                if cause.get("oom") is None
+                else "the kernel log does not say so)"
+            )
     elif rank is not None:
         text += f": rank {rank} failed first"
     return text
@@ -87,4 +97,4 @@ def from_log(exit_code: int, log: Path, max_bytes: int = 256 * 1024) -> dict:
     except OSError:
         text = ""
     start = text.rfind("starting torchrun")  # this launch's output only (resume appends)
-    return exit_cause(exit_code, text[max(start, 0):])
+    return exit_cause(exit_code, text[max(start, 0) :])

@@ -39,8 +39,8 @@ from megafleet.errors import FieldProblem, RemoteCommandError, UsageError, Valid
 from megafleet.inventory import Inventory
 from megafleet.jobs import launch_checks as C
 from megafleet.jobs import layout as L
-from megafleet.jobs import preflight as P
 from megafleet.jobs import node_scripts as render
+from megafleet.jobs import preflight as P
 from megafleet.jobs.records import NodeInfo, RunRecord, new_run_id
 from megafleet.jobs.sync import FileCopy, plan_tree, upload
 from megafleet.runner import run_on_hosts
@@ -79,27 +79,45 @@ class LaunchPlan:
         """What would happen, for --dry-run (no secret values)."""
         from remote_runtime.spec.flags import dump_job
 
-        out = {"run": self.run.to_dict(), "notes": self.notes, "ports": self.ports,
-               "checks": self.checks, "dataset": self.dataset, "nodes": []}
+        out = {
+            "run": self.run.to_dict(),
+            "notes": self.notes,
+            "ports": self.ports,
+            "checks": self.checks,
+            "dataset": self.dataset,
+            "nodes": [],
+        }
         for node in self.run.nodes:
-            out["nodes"].append({
-                "host": node.host, "node_rank": node.rank, "ranks": node.ranks, "run_dir": node.run_dir,
-                "uploads": [{"local": str(c.local), "remote": c.remote, "bytes": c.size}
-                            for c in self.copies.get(node.host, [])],
-                "launch_sh": render.launch_script(self.run, node),
-                "job_yaml": dump_job(self.node_jobs[node.host]),
-                "env_names": self.run.env_names})
+            out["nodes"].append(
+                {
+                    "host": node.host,
+                    "node_rank": node.rank,
+                    "ranks": node.ranks,
+                    "run_dir": node.run_dir,
+                    "uploads": [
+                        {"local": str(c.local), "remote": c.remote, "bytes": c.size}
+                        for c in self.copies.get(node.host, [])
+                    ],
+                    "launch_sh": render.launch_script(self.run, node),
+                    "job_yaml": dump_job(self.node_jobs[node.host]),
+                    "env_names": self.run.env_names,
+                }
+            )
         out["resolved"] = self.resolved
         return out
 
 
 def config_problems(exc, where: str | None = None) -> ValidationError:
     """A runtime ConfigError as the CLI's ValidationError, fields and hints kept."""
-    problems = [FieldProblem(p.field or "job", p.message, source=where, hint=p.hint)
-                for p in exc.problems]
+    problems = [
+        FieldProblem(p.field or "job", p.message, source=where, hint=p.hint) for p in exc.problems
+    ]
     hints = [p.hint for p in exc.problems if p.hint]
-    return ValidationError(problems, hint="; ".join(dict.fromkeys(hints)) or (
-        "fix the job file or flags; `python -m remote_runtime sft --help` lists the options"))
+    return ValidationError(
+        problems,
+        hint="; ".join(dict.fromkeys(hints))
+        or ("fix the job file or flags; `python -m remote_runtime sft --help` lists the options"),
+    )
 
 
 def plan_launch(job, opts: LaunchOptions) -> LaunchPlan:
@@ -114,7 +132,9 @@ def plan_launch(job, opts: LaunchOptions) -> LaunchPlan:
     checks.add("job_schema", C.OK, "valid")
     dataset = _check_dataset(job, checks)
     C.check_local_model(checks, job.model.model)
-    targets = P.select_targets(opts.hosts or job.launch.hosts or None, opts.local, opts.inventory, opts.pool)
+    targets = P.select_targets(
+        opts.hosts or job.launch.hosts or None, opts.local, opts.inventory, opts.pool
+    )
     facts = P.probe_nodes(targets, job.launch.venv)
     checks.add("nodes_reachable", C.OK, [t.name for t in targets])
     if not opts.local and targets[0].host is not None:
@@ -126,8 +146,10 @@ def plan_launch(job, opts: LaunchOptions) -> LaunchPlan:
     master = P.master_address(targets)
     notes = []
     if P.is_public(master):
-        notes.append(f"master address {master} is a public address; set private_address for "
-                     f"{targets[0].name} if the nodes share a private network")
+        notes.append(
+            f"master address {master} is a public address; set private_address for "
+            f"{targets[0].name} if the nodes share a private network"
+        )
     run = _record(job, targets, facts, nproc, master, opts.entry_module, opts.resume_of)
     for node, ifname in zip(run.nodes, P.interfaces_to_master(targets, master).values()):
         node.ifname = ifname
@@ -136,12 +158,27 @@ def plan_launch(job, opts: LaunchOptions) -> LaunchPlan:
     if not Path(job.model.model).expanduser().is_dir() and not targets[0].local:
         C.check_node_model(checks, job.model.model, targets)
     C.check_batches(checks, job, dataset, run.world_size)
-    resolved = resolve_on_runtime(node_jobs[targets[0].name], run, targets[0], facts, job, notes,
-                                  opts.entry_module)
-    checks.add("runtime_dry_run", C.OK if resolved else C.NOTE,
-               f"resolved for world size {run.world_size}" if resolved else "schema only")
-    plan = LaunchPlan(run, job, node_jobs, targets, facts, copies, env_values, resolved, notes,
-                      checks=checks.items, dataset=dataset.to_dict() if dataset else None)
+    resolved = resolve_on_runtime(
+        node_jobs[targets[0].name], run, targets[0], facts, job, notes, opts.entry_module
+    )
+    checks.add(
+        "runtime_dry_run",
+        C.OK if resolved else C.NOTE,
+        f"resolved for world size {run.world_size}" if resolved else "schema only",
+    )
+    plan = LaunchPlan(
+        run,
+        job,
+        node_jobs,
+        targets,
+        facts,
+        copies,
+        env_values,
+        resolved,
+        notes,
+        checks=checks.items,
+        dataset=dataset.to_dict() if dataset else None,
+    )
     if opts.check_ports:
         plan.ports = P.check_ports(targets, facts, master, [run.master_port, run.watcher_port])
         checks.add("master_ports", C.OK, plan.ports)
@@ -166,14 +203,18 @@ def _check_dataset(job, checks: "C.Checks"):
 def forwarded_env(names: list[str]) -> dict[str, str]:
     with_values = [n.split("=", 1)[0] for n in names if "=" in n]
     if with_values:  # never echo what follows the `=`: it is usually a token
-        raise UsageError(f"launch.env takes variable names, not NAME=value: got a value for "
-                         f"{', '.join(with_values)} (not shown)",
-                         hint=f"export {with_values[0]}=... in this shell, then pass "
-                         f"--env {' '.join(with_values)}")
+        raise UsageError(
+            f"launch.env takes variable names, not NAME=value: got a value for "
+            f"{', '.join(with_values)} (not shown)",
+            hint=f"export {with_values[0]}=... in this shell, then pass "
+            f"--env {' '.join(with_values)}",
+        )
     missing = [n for n in names if n not in os.environ]
     if missing:
-        raise UsageError(f"launch.env: {', '.join(missing)} not set in this shell",
-                         hint="export them here first; their values go to the nodes' 0600 env file only")
+        raise UsageError(
+            f"launch.env: {', '.join(missing)} not set in this shell",
+            hint="export them here first; their values go to the nodes' 0600 env file only",
+        )
     return {n: os.environ[n] for n in names}
 
 
@@ -181,29 +222,51 @@ def _record(job, targets, facts, nproc, master, entry_module, previous=None) -> 
     run_id = previous.run_id if previous else new_run_id()
     nodes = []
     for t in targets:
-        run_dir = (str(paths.runs_dir() / run_id / "node0") if t.local else
-                   f"{facts[t.name].home.rstrip('/')}/{L.WORKDIR}/{L.RUNS}/{run_id}")
+        run_dir = (
+            str(paths.runs_dir() / run_id / "node0")
+            if t.local
+            else f"{facts[t.name].home.rstrip('/')}/{L.WORKDIR}/{L.RUNS}/{run_id}"
+        )
         if previous:
             run_dir = _same_node(previous, t, run_dir)
-        nodes.append(NodeInfo(rank=t.rank, host=t.name, run_dir=run_dir, python=facts[t.name].python,
-                              ranks=list(range(t.rank * nproc, (t.rank + 1) * nproc)),
-                              host_entry=t.host.to_dict() if t.host else None))
+        nodes.append(
+            NodeInfo(
+                rank=t.rank,
+                host=t.name,
+                run_dir=run_dir,
+                python=facts[t.name].python,
+                ranks=list(range(t.rank * nproc, (t.rank + 1) * nproc)),
+                host_entry=t.host.to_dict() if t.host else None,
+            )
+        )
     run = RunRecord(
-        run_id=run_id, created=time.time(), task=job.task, nodes=nodes, master_addr=master,
+        run_id=run_id,
+        created=time.time(),
+        task=job.task,
+        nodes=nodes,
+        master_addr=master,
         master_port=job.launch.master_port,
         watcher_port=job.launch.watcher_port or job.launch.master_port + 1,
-        nproc_per_node=nproc, world_size=nproc * len(targets),
+        nproc_per_node=nproc,
+        world_size=nproc * len(targets),
         entry=["-m", entry_module, job.task, "--config", L.JOB_YAML],
-        output_dir=job.checkpoint.output_dir, stall_timeout=job.launch.stall_timeout,
-        stop_grace=job.launch.stop_grace, local=targets[0].local, env_names=list(job.launch.env),
-        model=job.model.model)
+        output_dir=job.checkpoint.output_dir,
+        stall_timeout=job.launch.stall_timeout,
+        stop_grace=job.launch.stop_grace,
+        local=targets[0].local,
+        env_names=list(job.launch.env),
+        model=job.model.model,
+    )
     if previous:
         if nproc != previous.nproc_per_node or len(targets) != len(previous.nodes):
-            raise UsageError(f"resume {run_id}: the run had {len(previous.nodes)} node(s) × "
-                             f"{previous.nproc_per_node} process(es); these nodes give "
-                             f"{len(targets)} × {nproc}. Its checkpoint's optimizer shards and RNG "
-                             "states belong to the old ranks", hint="resume on the same nodes with "
-                             "the same launch.nproc_per_node, or start a new run from its weights")
+            raise UsageError(
+                f"resume {run_id}: the run had {len(previous.nodes)} node(s) × "
+                f"{previous.nproc_per_node} process(es); these nodes give "
+                f"{len(targets)} × {nproc}. Its checkpoint's optimizer shards and RNG "
+                "states belong to the old ranks",
+                hint="resume on the same nodes with "
+                "the same launch.nproc_per_node, or start a new run from its weights",
+            )
         run.created, run.attempt = previous.created, previous.attempt + 1
     return run
 
@@ -211,11 +274,13 @@ def _record(job, targets, facts, nproc, master, entry_module, previous=None) -> 
 def _same_node(previous: RunRecord, t, run_dir: str) -> str:
     """A resumed run keeps each node's run directory: same host at the same node rank."""
     if t.rank >= len(previous.nodes) or previous.node(t.rank).host != t.name:
-        raise UsageError(f"resume {previous.run_id}: node {t.rank} was "
-                         f"{previous.node(t.rank).host if t.rank < len(previous.nodes) else 'absent'}, "
-                         f"not {t.name}: each node holds the checkpoint shards of its own ranks",
-                         hint="resume on the run's hosts in their order: "
-                         + ",".join(n.host for n in previous.nodes))
+        raise UsageError(
+            f"resume {previous.run_id}: node {t.rank} was "
+            f"{previous.node(t.rank).host if t.rank < len(previous.nodes) else 'absent'}, "
+            f"not {t.name}: each node holds the checkpoint shards of its own ranks",
+            hint="resume on the run's hosts in their order: "
+            + ",".join(n.host for n in previous.nodes),
+        )
     return previous.node(t.rank).run_dir
 
 
@@ -265,19 +330,26 @@ def _place_model(job, targets, facts, node_jobs, copies, notes) -> None:
     model = job.model.model
     local = Path(model).expanduser()
     if not local.is_dir():
-        _require_on_nodes(targets, f"{model}/config.json", "model.model",
-                          "is not a model directory here (a Hugging Face checkpoint directory)")
+        _require_on_nodes(
+            targets,
+            f"{model}/config.json",
+            "model.model",
+            "is not a model directory here (a Hugging Face checkpoint directory)",
+        )
         return
-    there = run_on_hosts([t.runner for t in targets],
-                         f"test -f {shlex.quote(str(local))}/config.json", timeout=60)
+    there = run_on_hosts(
+        [t.runner for t in targets], f"test -f {shlex.quote(str(local))}/config.json", timeout=60
+    )
     lacking = [t for t in targets if not there[t.name].ok]
     if not lacking:
         notes.append(f"model {model}: found at the same path on every node; not uploaded")
         return
     tree = plan_tree(local, "")
     size = sum(c.size for c in tree)
-    notes.append(f"model {model} ({size / 2**20:.1f} MiB) is not on {', '.join(t.name for t in lacking)}:"
-                 " uploading it (incrementally)")
+    notes.append(
+        f"model {model} ({size / 2**20:.1f} MiB) is not on {', '.join(t.name for t in lacking)}:"
+        " uploading it (incrementally)"
+    )
     for t in lacking:
         base = f"{facts[t.name].home.rstrip('/')}/{L.WORKDIR}/{L.MODELS}/{local.resolve().name}-{upload_key(local)}"
         copies[t.name] += [FileCopy(c.local, base + c.remote, c.size, c.sha256) for c in tree]
@@ -289,13 +361,15 @@ def _require_on_nodes(targets, path: str, field_name: str, why_here: str) -> Non
     res = run_on_hosts([t.runner for t in targets], f"test -e {shlex.quote(path)}", timeout=60)
     missing = [n for n, r in res.items() if not r.ok]
     if missing:
-        raise ValidationError([FieldProblem(field_name, f"{path} {why_here}, and not on "
-                                            f"{', '.join(missing)}")],
-                              hint="give a path on this machine (it is uploaded) or one that exists "
-                              "on every node")
+        raise ValidationError(
+            [FieldProblem(field_name, f"{path} {why_here}, and not on {', '.join(missing)}")],
+            hint="give a path on this machine (it is uploaded) or one that exists on every node",
+        )
 
 
-def resolve_on_runtime(node_job, run: RunRecord, node0, facts, job, notes, entry_module) -> dict | None:
+def resolve_on_runtime(
+    node_job, run: RunRecord, node0, facts, job, notes, entry_module
+) -> dict | None:
     """The runtime's own dry run for the real world size (see the module docstring, step 6)."""
     from remote_runtime.spec.config import ConfigError
     from remote_runtime.spec.resolve import resolve_job
@@ -316,8 +390,12 @@ def _node_dry_run(node_job, run, node0, facts, entry_module) -> dict:
     from remote_runtime.spec.flags import dump_job
 
     py = shlex.quote(facts[node0.name].python)
-    r = node0.runner.run(f"WORLD_SIZE={run.world_size} {py} -m {entry_module} {node_job.task} "
-                         "--config /dev/stdin --dry_run true", stdin=dump_job(node_job), timeout=300)
+    r = node0.runner.run(
+        f"WORLD_SIZE={run.world_size} {py} -m {entry_module} {node_job.task} "
+        "--config /dev/stdin --dry_run true",
+        stdin=dump_job(node_job),
+        timeout=300,
+    )
     if r.exit_code == 2:
         try:
             exc = ConfigError.from_dict(json.loads(r.stdout))
@@ -326,8 +404,7 @@ def _node_dry_run(node_job, run, node0, facts, entry_module) -> dict:
             exc = ConfigError([(f"{node0.name} dry run", x) for x in lines[-20:]])
         raise config_problems(exc, where=f"{node0.name} dry run") from None
     if not r.ok:
-        raise RemoteCommandError(f"{node0.name}: the runtime's dry run failed",
-                                 hint=r.describe())
+        raise RemoteCommandError(f"{node0.name}: the runtime's dry run failed", hint=r.describe())
     try:
         return json.loads(r.stdout)
     except ValueError:
@@ -335,6 +412,7 @@ def _node_dry_run(node_job, run, node0, facts, entry_module) -> dict:
 
 
 # -- starting ---------------------------------------------------------------------------------
+
 
 def start_run(plan: LaunchPlan, bars=None, say: Say = lambda m: None) -> RunRecord:
     """Upload, write each node's run directory, start node 0 then the others; return the saved
@@ -393,9 +471,16 @@ def _upload_all(plan: LaunchPlan, bars, say: Say) -> None:
     for name, res in results.items():
         res.check()
         rep = res.value
-        plan.run.uploads.append({"host": name, "sent": len(rep.sent), "skipped": len(rep.skipped),
-                                 "resumed": rep.resumed, "bytes_sent": rep.bytes_sent,
-                                 "bytes_total": rep.bytes_total})
+        plan.run.uploads.append(
+            {
+                "host": name,
+                "sent": len(rep.sent),
+                "skipped": len(rep.skipped),
+                "resumed": rep.resumed,
+                "bytes_sent": rep.bytes_sent,
+                "bytes_total": rep.bytes_total,
+            }
+        )
 
 
 def _write_run_dirs(plan: LaunchPlan, token: str) -> None:
@@ -406,15 +491,23 @@ def _write_run_dirs(plan: LaunchPlan, token: str) -> None:
 
     def write(runner):
         node = next(n for n in run.nodes if n.host == runner.name)
-        files = [{"name": L.JOB_YAML, "text": dump_job(plan.node_jobs[node.host]), "mode": 0o644},
-                 {"name": L.RUN_JSON, "text": json.dumps(render.node_record(run, node), indent=1), "mode": 0o644},
-                 {"name": L.LAUNCH_SH, "text": render.launch_script(run, node), "mode": 0o755},
-                 {"name": L.WATCH_SH, "text": render.watch_script(run, node), "mode": 0o755},
-                 {"name": L.ENV_FILE, "text": env_text, "mode": 0o600}]
+        files = [
+            {"name": L.JOB_YAML, "text": dump_job(plan.node_jobs[node.host]), "mode": 0o644},
+            {
+                "name": L.RUN_JSON,
+                "text": json.dumps(render.node_record(run, node), indent=1),
+                "mode": 0o644,
+            },
+            {"name": L.LAUNCH_SH, "text": render.launch_script(run, node), "mode": 0o755},
+            {"name": L.WATCH_SH, "text": render.watch_script(run, node), "mode": 0o755},
+            {"name": L.ENV_FILE, "text": env_text, "mode": 0o600},
+        ]
         py = shlex.quote(node.python)
-        return runner.run(f"{py} -m megafleet.jobs.nodectl write {shlex.quote(node.run_dir)}",
-                          stdin=json.dumps({"files": files, "new_attempt": run.attempt > 1}),
-                          timeout=120)
+        return runner.run(
+            f"{py} -m megafleet.jobs.nodectl write {shlex.quote(node.run_dir)}",
+            stdin=json.dumps({"files": files, "new_attempt": run.attempt > 1}),
+            timeout=120,
+        )
 
     results = run_on_hosts([t.runner for t in plan.targets], write)
     for res in results.values():
@@ -429,8 +522,10 @@ def _start_nodes(plan: LaunchPlan, say: Say) -> None:
     _start_one(targets[first.host].runner, first)
     if rest:
         say(f"starting {', '.join(n.host for n in rest)}")
-        res = run_on_hosts([targets[n.host].runner for n in rest],
-                           lambda r: _start_one(r, next(n for n in rest if n.host == r.name)))
+        res = run_on_hosts(
+            [targets[n.host].runner for n in rest],
+            lambda r: _start_one(r, next(n for n in rest if n.host == r.name)),
+        )
         for r in res.values():
             r.check()
 
@@ -440,10 +535,14 @@ def _start_one(runner, node: NodeInfo) -> NodeInfo:
     try:
         info = json.loads(r.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        raise RemoteCommandError(f"{node.host}: could not start the job", hint=r.describe()) from None
+        raise RemoteCommandError(
+            f"{node.host}: could not start the job", hint=r.describe()
+        ) from None
     if not info.get("ok") and info.get("exit_code") is None:
-        raise RemoteCommandError(f"{node.host}: the job did not start ({info.get('error')})",
-                                 hint="\n".join(info.get("log_tail") or []) or None)
+        raise RemoteCommandError(
+            f"{node.host}: the job did not start ({info.get('error')})",
+            hint="\n".join(info.get("log_tail") or []) or None,
+        )
     node.pid, node.pgid = info.get("pid"), info.get("pgid")
     node.start_time, node.start_ticks = info.get("start_time"), info.get("start_ticks")
     return node
@@ -457,7 +556,9 @@ def launch_job(job, opts: LaunchOptions | None = None, bars=None) -> RunRecord:
         from megafleet.ssh.connection import ConnectionPool
 
         inv = opts.inventory or Inventory.load()
-        opts = LaunchOptions(**{**vars(opts), "inventory": inv, "pool": ConnectionPool(inv.jump_for)})
+        opts = LaunchOptions(
+            **{**vars(opts), "inventory": inv, "pool": ConnectionPool(inv.jump_for)}
+        )
     try:
         plan = plan_launch(job, opts)
         for note in plan.notes:

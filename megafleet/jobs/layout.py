@@ -58,4 +58,13 @@ RANK_PREFIX = "[rank{rank}]:"  # how `nodectl follow` tags a worker's lines (by 
 WATCH_TOKEN_VAR = "MEGAFLEET_WATCH_TOKEN"
 
 # What one launch of a run leaves in the run directory; `megafleet resume` moves them aside.
-PER_ATTEMPT = (PID, STARTED, EXIT_CODE, EXIT_CAUSE, STOP_REQUESTED, WATCHER_STOP, WATCH_STATE, FAILURE)
+PER_ATTEMPT = (
+    PID,
+    STARTED,
+    EXIT_CODE,
+    EXIT_CAUSE,
+    STOP_REQUESTED,
+    WATCHER_STOP,
+    WATCH_STATE,
+    FAILURE,
+)

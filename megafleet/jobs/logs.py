@@ -50,7 +50,7 @@ def parse_line(node: int, host: str, raw: str) -> LogLine:
     text = collapse_cr(raw) if "\r" in raw else raw
     m = RANK_RE.match(text)
     rank = int(m.group(1)) if m else None
-    return LogLine(node, host, rank, text[m.end():] if m else text, progress)
+    return LogLine(node, host, rank, text[m.end() :] if m else text, progress)
 
 
 @dataclass
@@ -59,8 +59,14 @@ class StreamResult:
     errors: dict  # host -> why its stream failed (unreachable, ...)
 
 
-def stream_logs(run: RunRecord, on_line: Callable[[LogLine], None], follow: bool = False,
-                node: int | None = None, lines: int | None = None, pool=None) -> StreamResult:
+def stream_logs(
+    run: RunRecord,
+    on_line: Callable[[LogLine], None],
+    follow: bool = False,
+    node: int | None = None,
+    lines: int | None = None,
+    pool=None,
+) -> StreamResult:
     """Pass every log line of the run's nodes (or node `node`) to `on_line`; with `follow`,
     keep going until each node's job has ended."""
     nodes = [run.node(node)] if node is not None else run.nodes
@@ -72,8 +78,12 @@ def _stream(run, nodes, runners, on_line, follow, lines) -> StreamResult:
     q: queue.Queue = queue.Queue()
     ends: dict = {}
     for n in nodes:
-        threading.Thread(target=_follow_one, args=(n, runners[n.host], follow, lines, q, ends),
-                         daemon=True, name=f"logs-{n.host}").start()
+        threading.Thread(
+            target=_follow_one,
+            args=(n, runners[n.host], follow, lines, q, ends),
+            daemon=True,
+            name=f"logs-{n.host}",
+        ).start()
     errors: dict = {}
     held: dict[str, tuple[float, LogLine | None]] = {}
     pending = len(nodes)
@@ -103,18 +113,23 @@ def _stream(run, nodes, runners, on_line, follow, lines) -> StreamResult:
     return StreamResult(ends, errors)
 
 
-def _follow_one(n: NodeInfo, runner, follow: bool, lines: int | None, q: queue.Queue, ends: dict) -> None:
+def _follow_one(
+    n: NodeInfo, runner, follow: bool, lines: int | None, q: queue.Queue, ends: dict
+) -> None:
     def on_output(stream: str, text: str) -> None:
         if stream == "stdout":
             q.put(("line", n, text))
         elif text.startswith(END_MARK):
             try:
-                ends[n.host] = json.loads(text[len(END_MARK):])
+                ends[n.host] = json.loads(text[len(END_MARK) :])
             except ValueError:
                 pass
 
-    args = f"follow {shlex.quote(n.run_dir)}" + (" --follow" if follow else "") + (
-        f" --lines {lines}" if lines else "")
+    args = (
+        f"follow {shlex.quote(n.run_dir)}"
+        + (" --follow" if follow else "")
+        + (f" --lines {lines}" if lines else "")
+    )
     try:
         res = runner.run(nodectl(n, args), timeout=None, on_output=on_output)
     except Exception as exc:  # a bug must not hang the reader: report it as this node's error
@@ -132,8 +147,13 @@ def _flush_held(held: dict, on_line, host: str | None = None, force: bool = Fals
             held[h] = (now, None)
 
 
-def follow_logs(run: RunRecord, on_line: Callable[[LogLine], None], node: int | None = None,
-                lines: int | None = None, pool=None) -> tuple[int | None, StreamResult]:
+def follow_logs(
+    run: RunRecord,
+    on_line: Callable[[LogLine], None],
+    node: int | None = None,
+    lines: int | None = None,
+    pool=None,
+) -> tuple[int | None, StreamResult]:
     """Follow until the run ends everywhere; return (the run's exit code, stream result). The
     exit code comes from the nodes' final status (see megafleet.jobs.status.derive_state)."""
     from megafleet.jobs.status import run_status

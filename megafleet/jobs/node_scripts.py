@@ -22,11 +22,26 @@ def torchrun_argv(run: RunRecord, node: NodeInfo) -> list[str]:
     console scripts still has it). Each worker's stdout and stderr go to files of their own
     (`--redirects 3`): torchrun's `--tee` would splice lines of different ranks and streams
     together whenever one writes a partial line (a progress bar)."""
-    return [node.python, "-m", "torch.distributed.run",
-            "--nnodes", str(len(run.nodes)), "--node_rank", str(node.rank),
-            "--nproc_per_node", str(run.nproc_per_node),
-            "--master_addr", run.master_addr, "--master_port", str(run.master_port),
-            "--redirects", "3", "--log_dir", L.TORCHRUN_LOGS, *run.entry]
+    return [
+        node.python,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        str(len(run.nodes)),
+        "--node_rank",
+        str(node.rank),
+        "--nproc_per_node",
+        str(run.nproc_per_node),
+        "--master_addr",
+        run.master_addr,
+        "--master_port",
+        str(run.master_port),
+        "--redirects",
+        "3",
+        "--log_dir",
+        L.TORCHRUN_LOGS,
+        *run.entry,
+    ]
 
 
 def launch_script(run: RunRecord, node: NodeInfo) -> str:
@@ -70,9 +85,11 @@ def start_command(node: NodeInfo) -> str:
     """Start the job and the watcher detached (own session, no terminal, stdin from /dev/null),
     then wait for the launch shell to record itself and print its pid, pgid and start time."""
     d = q(node.run_dir)
-    return (f"cd {d} && setsid nohup /bin/sh {L.LAUNCH_SH} < /dev/null >> {L.NODE_LOG} 2>&1 &\n"
-            f"cd {d} && setsid nohup /bin/sh {L.WATCH_SH} < /dev/null >> {L.WATCHER_LOG} 2>&1 &\n"
-            f"{q(node.python)} -m megafleet.jobs.nodectl started {d}")
+    return (
+        f"cd {d} && setsid nohup /bin/sh {L.LAUNCH_SH} < /dev/null >> {L.NODE_LOG} 2>&1 &\n"
+        f"cd {d} && setsid nohup /bin/sh {L.WATCH_SH} < /dev/null >> {L.WATCHER_LOG} 2>&1 &\n"
+        f"{q(node.python)} -m megafleet.jobs.nodectl started {d}"
+    )
 
 
 def new_watch_token() -> str:
@@ -89,12 +106,22 @@ def env_file(run: RunRecord, values: dict[str, str], watch_token: str) -> str:
 
 def node_record(run: RunRecord, node: NodeInfo) -> dict:
     """run.json on the node: what its watcher and nodectl need (no secrets)."""
-    return {"run_id": run.run_id, "node_rank": node.rank, "nnodes": len(run.nodes),
-            "hosts": [n.host for n in run.nodes], "ranks": node.ranks,
-            "master_addr": run.master_addr, "master_port": run.master_port,
-            "watcher_port": run.watcher_port, "nproc_per_node": run.nproc_per_node,
-            "stall_timeout": run.stall_timeout, "stop_grace": run.stop_grace,
-            "output_dir": run.output_dir, "entry": run.entry, "created": run.created}
+    return {
+        "run_id": run.run_id,
+        "node_rank": node.rank,
+        "nnodes": len(run.nodes),
+        "hosts": [n.host for n in run.nodes],
+        "ranks": node.ranks,
+        "master_addr": run.master_addr,
+        "master_port": run.master_port,
+        "watcher_port": run.watcher_port,
+        "nproc_per_node": run.nproc_per_node,
+        "stall_timeout": run.stall_timeout,
+        "stop_grace": run.stop_grace,
+        "output_dir": run.output_dir,
+        "entry": run.entry,
+        "created": run.created,
+    }
 
 
 def _ifname_lines(node: NodeInfo) -> str:
@@ -103,8 +130,10 @@ def _ifname_lines(node: NodeInfo) -> str:
     if not node.ifname:
         return ""
     i = q(node.ifname)
-    return (f'export GLOO_SOCKET_IFNAME="${{GLOO_SOCKET_IFNAME:-{i}}}" '
-            f'NCCL_SOCKET_IFNAME="${{NCCL_SOCKET_IFNAME:-{i}}}"\n')
+    return (
+        f'export GLOO_SOCKET_IFNAME="${{GLOO_SOCKET_IFNAME:-{i}}}" '
+        f'NCCL_SOCKET_IFNAME="${{NCCL_SOCKET_IFNAME:-{i}}}"\n'
+    )
 
 
 def _ranks(node: NodeInfo) -> str:

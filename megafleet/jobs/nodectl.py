@@ -33,8 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-from megafleet.jobs import layout as L
 from megafleet.hostinfo import parse_gpus
+from megafleet.jobs import layout as L
 from megafleet.jobs import proctree
 from megafleet.transfer import file_sha256  # the operator hashes with the same function
 from remote_runtime.spec.layout import CHECKPOINT_PREFIX, checkpoint_step
@@ -45,6 +45,7 @@ PART = ".mfpart"
 
 
 # -- reading a run directory (also used by the watcher) ------------------------------------------
+
 
 def read_json(path: Path) -> dict | None:
     try:
@@ -122,8 +123,10 @@ def last_metrics(path: Path) -> tuple[dict | None, int]:
         if last is None:
             last = record
         if "eval_loss" in record:
-            last.update({k: v for k, v in record.items() if k.startswith("eval_")},
-                        eval_step=record.get("step"))
+            last.update(
+                {k: v for k, v in record.items() if k.startswith("eval_")},
+                eval_step=record.get("step"),
+            )
             break
     return last, len(lines)
 
@@ -230,8 +233,11 @@ def gpu_usage() -> list[dict] | None:
     if rows is None:
         return None
     keys = ("index", "util", "mem_used_mib", "mem_total_mib")
-    return [{k: row[f] for k, f in zip(keys, _USAGE_FIELDS)} for row in rows
-            if all(isinstance(row[f], int) for f in _USAGE_FIELDS)]
+    return [
+        {k: row[f] for k, f in zip(keys, _USAGE_FIELDS)}
+        for row in rows
+        if all(isinstance(row[f], int) for f in _USAGE_FIELDS)
+    ]
 
 
 def gpu_holders(pids: set[int]) -> list[int] | None:
@@ -268,7 +274,9 @@ def spared(run_dir: Path) -> set[int]:
     if proctree.live_root(pid, ticks) is None:
         return {pid} if pid else set()
     procs = proctree.all_procs(os.getuid())
-    runners = {p.pid for p in procs.values() if p.ppid == pid and "torch.distributed.run" in p.cmdline}
+    runners = {
+        p.pid for p in procs.values() if p.ppid == pid and "torch.distributed.run" in p.cmdline
+    }
     workers = {p.pid for p in procs.values() if p.ppid in runners}
     helpers = set().union(*(proctree.descendants(w, procs) for w in workers)) if workers else set()
     return {pid} | runners | helpers
@@ -282,6 +290,7 @@ def find_run(run_dir: Path, record: dict, watchers: bool = False) -> dict:
 
 # -- commands -----------------------------------------------------------------------------------
 
+
 def cmd_manifest(_args) -> dict:
     """Size and sha256 of each file (hashed only when its size is the expected one) and of a
     partial copy beside it."""
@@ -289,7 +298,13 @@ def cmd_manifest(_args) -> dict:
     out = []
     for f in wanted:
         path, expected = os.path.expanduser(f["path"]), f.get("size")
-        info = {"path": f["path"], "size": None, "sha256": None, "part_size": None, "part_sha256": None}
+        info = {
+            "path": f["path"],
+            "size": None,
+            "sha256": None,
+            "part_size": None,
+            "part_sha256": None,
+        }
         if os.path.isfile(path):
             info["size"] = os.path.getsize(path)
             if expected is None or info["size"] == expected:
@@ -324,7 +339,9 @@ def cmd_write(args) -> dict:
     run_dir = Path(os.path.expanduser(args.run_dir))
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     request = json.load(sys.stdin)
-    if request.get("new_attempt") and find_run(run_dir, read_json(run_dir / L.RUN_JSON) or {"run_id": "?"}):
+    if request.get("new_attempt") and find_run(
+        run_dir, read_json(run_dir / L.RUN_JSON) or {"run_id": "?"}
+    ):
         return {"ok": False, "error": "the run's processes are still running here"}
     archived = new_attempt(run_dir) if request.get("new_attempt") else None
     written = []
@@ -351,11 +368,21 @@ def cmd_started(args) -> dict:
     p = proctree.read_proc(pid) if pid else None
     if p is None:
         code = read_exit_code(run_dir)
-        return {"ok": code == 0 if code is not None else False, "pid": pid, "exit_code": code,
-                "log_tail": tail_lines(run_dir / L.NODE_LOG, 20),
-                "error": "the launch script did not start" if pid is None else "it exited at once"}
-    info = {"ok": True, "pid": p.pid, "pgid": p.pgid, "sid": p.sid, "start_ticks": p.start_ticks,
-            "start_time": proctree.start_epoch(p)}
+        return {
+            "ok": code == 0 if code is not None else False,
+            "pid": pid,
+            "exit_code": code,
+            "log_tail": tail_lines(run_dir / L.NODE_LOG, 20),
+            "error": "the launch script did not start" if pid is None else "it exited at once",
+        }
+    info = {
+        "ok": True,
+        "pid": p.pid,
+        "pgid": p.pgid,
+        "sid": p.sid,
+        "start_ticks": p.start_ticks,
+        "start_time": proctree.start_epoch(p),
+    }
     write_json(run_dir / L.STARTED, info)
     return info
 
@@ -370,17 +397,26 @@ def cmd_status(args) -> dict:
     log = run_dir / L.NODE_LOG
     watchers = proctree.run_processes(record["run_id"], tags=(proctree.WATCH_TAG,))
     return {
-        "ok": True, "node_rank": record.get("node_rank"), "state": node_state(run_dir, record, procs),
-        "exit_code": read_exit_code(run_dir), "processes": len(procs),
+        "ok": True,
+        "node_rank": record.get("node_rank"),
+        "state": node_state(run_dir, record, procs),
+        "exit_code": read_exit_code(run_dir),
+        "processes": len(procs),
         "cause": read_json(run_dir / L.EXIT_CAUSE),
-        "started": read_json(run_dir / L.STARTED), "stop_requested": (run_dir / L.STOP_REQUESTED).exists(),
+        "started": read_json(run_dir / L.STARTED),
+        "stop_requested": (run_dir / L.STOP_REQUESTED).exists(),
         "log_bytes": log.stat().st_size if log.exists() else 0,
         "log_age_s": last_output_age(run_dir, record),
-        "log_tail": recent_lines(run_dir, record, args.lines), "metrics": metrics, "metrics_lines": count,
+        "log_tail": recent_lines(run_dir, record, args.lines),
+        "metrics": metrics,
+        "metrics_lines": count,
         "loss_curve": loss_curve(output_dir(run_dir, record) / L.METRICS_FILE),
-        "watcher_alive": bool(watchers), "watcher_stop": read_json(run_dir / L.WATCHER_STOP),
-        "watch": read_json(run_dir / L.WATCH_STATE), "failure": read_json(run_dir / L.FAILURE),
-        "gpus": gpu_usage(), "time": time.time(),
+        "watcher_alive": bool(watchers),
+        "watcher_stop": read_json(run_dir / L.WATCHER_STOP),
+        "watch": read_json(run_dir / L.WATCH_STATE),
+        "failure": read_json(run_dir / L.FAILURE),
+        "gpus": gpu_usage(),
+        "time": time.time(),
     }
 
 
@@ -405,14 +441,24 @@ def cmd_stop(args) -> dict:
     result = proctree.terminate(find, args.grace, spare=spared(run_dir))
     (run_dir / L.ENV_FILE).unlink(missing_ok=True)  # forwarded secrets end with the run
     holders = gpu_holders(seen)
-    return {"ok": not result["left"] and not holders, **result, "gpu_holders": holders,
-            "gpu_checked": holders is not None, "exit_code": read_exit_code(run_dir)}
+    return {
+        "ok": not result["left"] and not holders,
+        **result,
+        "gpu_holders": holders,
+        "gpu_checked": holders is not None,
+        "exit_code": read_exit_code(run_dir),
+    }
 
 
 def not_started(run_dir: Path) -> dict:
     """A node the launch never reached (it died or was cut off before writing run.json)."""
-    return {"ok": True, "state": "not started", "exit_code": None, "processes": 0,
-            "note": f"no run record at {run_dir / L.RUN_JSON}: the launch never started the job here"}
+    return {
+        "ok": True,
+        "state": "not started",
+        "exit_code": None,
+        "processes": 0,
+        "note": f"no run record at {run_dir / L.RUN_JSON}: the launch never started the job here",
+    }
 
 
 def cmd_reap(args) -> dict:
@@ -424,8 +470,12 @@ def cmd_reap(args) -> dict:
     record = read_json(run_dir / L.RUN_JSON) or {"run_id": "?"}
     result = proctree.terminate(lambda: find_run(run_dir, record), args.grace)
     if result["terminated"] or result["killed"]:
-        print(f"megafleet: ended {len(result['terminated']) + len(result['killed'])} process(es) "
-              f"torchrun left behind", file=sys.stderr, flush=True)
+        print(
+            f"megafleet: ended {len(result['terminated']) + len(result['killed'])} process(es) "
+            f"torchrun left behind",
+            file=sys.stderr,
+            flush=True,
+        )
     if args.exit_code != 0:
         write_json(run_dir / L.EXIT_CAUSE, exitcause.from_log(args.exit_code, run_dir / L.NODE_LOG))
     return {"ok": not result["left"], **result}
@@ -501,8 +551,12 @@ def cmd_follow(args) -> None:
     if rest:
         out.write(b"".join(x + b"\n" for x in rest))
         out.flush()
-    end = {"exit_code": read_exit_code(run_dir), "stop_requested": (run_dir / L.STOP_REQUESTED).exists(),
-           "watcher_stop": read_json(run_dir / L.WATCHER_STOP), "node_rank": record.get("node_rank")}
+    end = {
+        "exit_code": read_exit_code(run_dir),
+        "stop_requested": (run_dir / L.STOP_REQUESTED).exists(),
+        "watcher_stop": read_json(run_dir / L.WATCHER_STOP),
+        "node_rank": record.get("node_rank"),
+    }
     err.write(f"{END_MARK} {json.dumps(end)}\n")
     err.flush()
 
@@ -543,19 +597,29 @@ def cmd_checkpoints(args) -> dict:
     for d in out_dir.glob(f"{CHECKPOINT_PREFIX}*") if out_dir.is_dir() else []:
         step = checkpoint_step(d.name)
         if step is not None and d.is_dir():
-            found.append({"step": step, "path": str(d),
-                          "complete": (d / L.TRAINER_STATE).is_file()})
+            found.append(
+                {"step": step, "path": str(d), "complete": (d / L.TRAINER_STATE).is_file()}
+            )
     found.sort(key=lambda c: c["step"])
     result = {"ok": True, "output_dir": str(out_dir), "checkpoints": found, "picked": None}
     complete = [c for c in found if c["complete"]]
     if args.pick:
-        pick = complete[-1] if args.pick == "latest" and complete else next(
-            (c for c in complete if str(c["step"]) == args.pick), None)
+        pick = (
+            complete[-1]
+            if args.pick == "latest" and complete
+            else next((c for c in complete if str(c["step"]) == args.pick), None)
+        )
         if pick:
             root = Path(pick["path"])
-            pick["files"] = [{"rel": p.relative_to(root).as_posix(), "size": p.stat().st_size,
-                              "sha256": file_sha256(str(p))}
-                             for p in sorted(root.rglob("*")) if p.is_file()]
+            pick["files"] = [
+                {
+                    "rel": p.relative_to(root).as_posix(),
+                    "size": p.stat().st_size,
+                    "sha256": file_sha256(str(p)),
+                }
+                for p in sorted(root.rglob("*"))
+                if p.is_file()
+            ]
         result["picked"] = pick
     return result
 
@@ -569,7 +633,12 @@ def cmd_listen(args) -> dict:
         try:
             s.bind((args.host, port))
         except OSError as exc:
-            return {"ok": False, "port": port, "error": exc.strerror or str(exc), "errno": exc.errno}
+            return {
+                "ok": False,
+                "port": port,
+                "error": exc.strerror or str(exc),
+                "errno": exc.errno,
+            }
         s.listen(64)
         socks[s] = port
     print(json.dumps({"ready": True}), flush=True)
@@ -638,9 +707,18 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-COMMANDS = {"manifest": cmd_manifest, "write": cmd_write, "started": cmd_started, "status": cmd_status,
-            "stop": cmd_stop, "reap": cmd_reap, "follow": cmd_follow, "checkpoints": cmd_checkpoints,
-            "listen": cmd_listen, "connect": cmd_connect}
+COMMANDS = {
+    "manifest": cmd_manifest,
+    "write": cmd_write,
+    "started": cmd_started,
+    "status": cmd_status,
+    "stop": cmd_stop,
+    "reap": cmd_reap,
+    "follow": cmd_follow,
+    "checkpoints": cmd_checkpoints,
+    "listen": cmd_listen,
+    "connect": cmd_connect,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

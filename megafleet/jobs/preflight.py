@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 
 from megafleet import __version__, paths
-from megafleet.errors import MegafleetError, UsageError, ValidationError, FieldProblem
+from megafleet.errors import FieldProblem, MegafleetError, UsageError, ValidationError
 from megafleet.inventory import Host, Inventory
 from megafleet.jobs.records import LOCAL_HOST
 from megafleet.runner import LocalRunner, Runner, SSHRunner, run_on_hosts
@@ -61,8 +61,9 @@ class NodeFacts:
     cores: int = 0  # CPU cores (nproc), 0 when unknown
 
 
-def select_targets(names: list[str] | None, local: bool = False, inventory: Inventory | None = None,
-                   pool=None) -> list[Target]:
+def select_targets(
+    names: list[str] | None, local: bool = False, inventory: Inventory | None = None, pool=None
+) -> list[Target]:
     """The nodes in order (node 0 first): `names` from --hosts or launch.hosts, all inventory
     hosts when empty, or this machine alone (`local`, or hosts == ["local"])."""
     if local or names == [LOCAL_HOST]:
@@ -71,9 +72,11 @@ def select_targets(names: list[str] | None, local: bool = False, inventory: Inve
         return [Target(0, LOCAL_HOST, None, local_runner())]
     inv = inventory or Inventory.load()
     if not names and not len(inv):
-        raise UsageError(f"no hosts in the inventory ({inv.path})",
-                         hint="add one with `megafleet hosts add NAME USER@ADDRESS`, or run on this "
-                         "machine with `megafleet launch --local ...`")
+        raise UsageError(
+            f"no hosts in the inventory ({inv.path})",
+            hint="add one with `megafleet hosts add NAME USER@ADDRESS`, or run on this "
+            "machine with `megafleet launch --local ...`",
+        )
     hosts = inv.select(names or None)
     if pool is None:
         from megafleet.ssh.connection import ConnectionPool
@@ -99,20 +102,33 @@ def _values(stdout: str) -> dict[str, str]:
 def probe_nodes(targets: list[Target], venv: str) -> dict[str, NodeFacts]:
     """Home, python, megafleet version and GPU count of every node, in parallel; a node that
     cannot be reached raises (exit code 3) naming it."""
+
     def probe(runner: Runner) -> NodeFacts:
         if isinstance(runner, LocalRunner):
-            return NodeFacts(str(paths.home()), sys.executable, __version__, _gpu_count(runner),
-                             cores=os.cpu_count() or 0)
+            return NodeFacts(
+                str(paths.home()),
+                sys.executable,
+                __version__,
+                _gpu_count(runner),
+                cores=os.cpu_count() or 0,
+            )
         r = runner.run(PROBE, timeout=60).check()
         vals = _values(r.stdout)
         python = venv_python(venv, vals["home"])
-        v = runner.run(f"{shlex.quote(python)} -c 'import megafleet; print(megafleet.__version__)'",
-                       timeout=60)
+        v = runner.run(
+            f"{shlex.quote(python)} -c 'import megafleet; print(megafleet.__version__)'", timeout=60
+        )
         version = v.stdout.strip().splitlines()[-1] if v.ok and v.stdout.strip() else None
         detail = "" if version else (v.stderr.strip().splitlines() or [""])[-1]
         cores = vals.get("cores", "0").strip()
-        return NodeFacts(vals["home"], python, version, int(vals.get("gpus") or 0), detail,
-                         int(cores) if cores.isdigit() else 0)
+        return NodeFacts(
+            vals["home"],
+            python,
+            version,
+            int(vals.get("gpus") or 0),
+            detail,
+            int(cores) if cores.isdigit() else 0,
+        )
 
     results = run_on_hosts([t.runner for t in targets], probe)
     for r in results.values():
@@ -130,14 +146,25 @@ def check_versions(facts: dict[str, NodeFacts], venv: str) -> None:
     problems = []
     for name, f in facts.items():
         if f.version is None:
-            problems.append(FieldProblem(name, f"no megafleet in {f.python} (launch.venv={venv})"
-                                         + (f": {f.detail}" if f.detail else "")))
+            problems.append(
+                FieldProblem(
+                    name,
+                    f"no megafleet in {f.python} (launch.venv={venv})"
+                    + (f": {f.detail}" if f.detail else ""),
+                )
+            )
         elif f.version != __version__:
-            problems.append(FieldProblem(name, f"megafleet {f.version} is installed, this machine "
-                                         f"has {__version__}"))
+            problems.append(
+                FieldProblem(
+                    name, f"megafleet {f.version} is installed, this machine has {__version__}"
+                )
+            )
     if problems:
-        raise ValidationError(problems, hint="run `megafleet setup` to install this version on the "
-                              "nodes (or set launch.venv to the environment it made)")
+        raise ValidationError(
+            problems,
+            hint="run `megafleet setup` to install this version on the "
+            "nodes (or set launch.venv to the environment it made)",
+        )
 
 
 def nproc_per_node(requested: int | None, device: str, facts: dict[str, NodeFacts]) -> int:
@@ -149,8 +176,10 @@ def nproc_per_node(requested: int | None, device: str, facts: dict[str, NodeFact
     counts = {name: f.gpus for name, f in facts.items()}
     if len(set(counts.values())) > 1:
         shown = ", ".join(f"{n} has {c}" for n, c in counts.items())
-        raise UsageError(f"the nodes have different GPU counts ({shown})",
-                         hint="set launch.nproc_per_node (--nproc_per_node N) to use N GPUs per node")
+        raise UsageError(
+            f"the nodes have different GPU counts ({shown})",
+            hint="set launch.nproc_per_node (--nproc_per_node N) to use N GPUs per node",
+        )
     return max(next(iter(counts.values()), 0), 1)
 
 
@@ -165,10 +194,12 @@ def master_address(targets: list[Target]) -> str:
     r = node0.runner.run(cmd, timeout=30)
     sources = re.findall(r"\bsrc\s+(\S+)", r.stdout)
     if not r.ok or len(sources) != len(targets) - 1:
-        raise UsageError(f"{node0.name}: cannot find the address it reaches the other nodes from "
-                         f"(`ip route get` said: {(r.stderr or r.stdout).strip()[:200]})",
-                         hint=f"set private_address for {node0.name} in the inventory "
-                         f"(megafleet hosts add {node0.name} ... --private-address ADDR --replace)")
+        raise UsageError(
+            f"{node0.name}: cannot find the address it reaches the other nodes from "
+            f"(`ip route get` said: {(r.stderr or r.stdout).strip()[:200]})",
+            hint=f"set private_address for {node0.name} in the inventory "
+            f"(megafleet hosts add {node0.name} ... --private-address ADDR --replace)",
+        )
     return sources[0]
 
 
@@ -179,8 +210,10 @@ def interfaces_to_master(targets: list[Target], addr: str) -> dict[str, str | No
     if len(targets) == 1:
         return {targets[0].name: None}
     a = shlex.quote(addr)
-    cmd = (f"ip -o addr show | awk -v a={a} '{{split($4, p, \"/\"); if (p[1] == a) print \"addr \" $2}}'; "
-           f"ip -o route get {a}")
+    cmd = (
+        f'ip -o addr show | awk -v a={a} \'{{split($4, p, "/"); if (p[1] == a) print "addr " $2}}\'; '
+        f"ip -o route get {a}"
+    )
 
     def find(runner: Runner) -> str | None:
         r = runner.run(cmd, timeout=30)
@@ -200,8 +233,9 @@ def is_public(address: str) -> bool:
         return False
 
 
-def check_ports(targets: list[Target], facts: dict[str, NodeFacts], addr: str,
-                ports: list[int]) -> dict:
+def check_ports(
+    targets: list[Target], facts: dict[str, NodeFacts], addr: str, ports: list[int]
+) -> dict:
     """Listen on `ports` at `addr` on node 0 and connect from every worker. Raises PortBlocked
     naming the node, port and reason, with the fix. Returns {worker: {port: "ok"}}."""
     node0 = targets[0]
@@ -218,7 +252,9 @@ def check_ports(targets: list[Target], facts: dict[str, NodeFacts], addr: str,
         box["r"] = node0.runner.run(
             f"{py0} -m megafleet.jobs.nodectl listen --host {shlex.quote(addr)} --ports {port_list}"
             f" --seconds {PORT_CHECK_SECONDS if len(targets) > 1 else 0} --expect {len(targets) - 1}",
-            timeout=PORT_CHECK_SECONDS + 30, on_output=on_line)
+            timeout=PORT_CHECK_SECONDS + 30,
+            on_output=on_line,
+        )
         ready.set()
 
     t = threading.Thread(target=listen, daemon=True)
@@ -226,14 +262,19 @@ def check_ports(targets: list[Target], facts: dict[str, NodeFacts], addr: str,
     ready.wait(PORT_CHECK_SECONDS + 30)
     if "r" in box:  # ended before anyone connected: it could not listen
         _listen_failed(node0, box["r"], addr, ports)
-    results = run_on_hosts([x.runner for x in targets[1:]], lambda r: _connect(r, facts, addr, port_list))
+    results = run_on_hosts(
+        [x.runner for x in targets[1:]], lambda r: _connect(r, facts, addr, port_list)
+    )
     bad = {}
     for name, res in results.items():
         if not res.reached:
             res.check()
         answers = res.value["results"] if res.ok and res.value else {}
-        failed = {p: why for p, why in answers.items() if why != "ok"} if answers else {
-            port_list: res.message or res.describe()}
+        failed = (
+            {p: why for p, why in answers.items() if why != "ok"}
+            if answers
+            else {port_list: res.message or res.describe()}
+        )
         if failed:
             bad[name] = failed
     if not bad:  # everyone connected, so the listener is done: make sure it listened fine
@@ -241,21 +282,29 @@ def check_ports(targets: list[Target], facts: dict[str, NodeFacts], addr: str,
         if "r" in box and not box["r"].ok:
             _listen_failed(node0, box["r"], addr, ports)
     if bad:
-        lines = [f"{w} cannot reach {node0.name} at {addr}:{p}: {why}" for w, f in bad.items()
-                 for p, why in f.items()]
-        raise PortBlocked("master port check failed before launch:\n  " + "\n  ".join(lines),
-                          hint=f"allow TCP {'/'.join(map(str, ports))} from the other nodes to "
-                          f"{node0.name} ({addr}): a firewall rule, or on EC2 an inbound rule in the "
-                          "security group from the group itself; or choose free, open ports with "
-                          "--master_port N (the watcher uses N+1 unless --watcher_port is set)",
-                          exit_code=3)
+        lines = [
+            f"{w} cannot reach {node0.name} at {addr}:{p}: {why}"
+            for w, f in bad.items()
+            for p, why in f.items()
+        ]
+        raise PortBlocked(
+            "master port check failed before launch:\n  " + "\n  ".join(lines),
+            hint=f"allow TCP {'/'.join(map(str, ports))} from the other nodes to "
+            f"{node0.name} ({addr}): a firewall rule, or on EC2 an inbound rule in the "
+            "security group from the group itself; or choose free, open ports with "
+            "--master_port N (the watcher uses N+1 unless --watcher_port is set)",
+            exit_code=3,
+        )
     return {name: r.value["results"] for name, r in results.items()}
 
 
 def _connect(runner: Runner, facts: dict[str, NodeFacts], addr: str, port_list: str) -> dict:
     py = shlex.quote(facts[runner.name].python)
-    r = runner.run(f"{py} -m megafleet.jobs.nodectl connect --host {shlex.quote(addr)} "
-                   f"--ports {port_list} --timeout {CONNECT_TIMEOUT:g}", timeout=60)
+    r = runner.run(
+        f"{py} -m megafleet.jobs.nodectl connect --host {shlex.quote(addr)} "
+        f"--ports {port_list} --timeout {CONNECT_TIMEOUT:g}",
+        timeout=60,
+    )
     if not r.reached:
         r.check()
     try:
@@ -270,10 +319,15 @@ def _listen_failed(node0: Target, res, addr: str, ports: list[int]) -> None:
     try:
         info = json.loads(res.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        raise MegafleetError(f"{node0.name}: the port check could not run", hint=res.describe()) from None
+        raise MegafleetError(
+            f"{node0.name}: the port check could not run", hint=res.describe()
+        ) from None
     if info.get("ok"):
         return
-    raise PortBlocked(f"{node0.name}: cannot listen on {addr}:{info.get('port')} "
-                      f"({info.get('error')}): another job may be using it",
-                      hint="choose another port with --master_port N (or launch.master_port), or "
-                      f"stop what uses it (ss -ltnp on {node0.name})", exit_code=3)
+    raise PortBlocked(
+        f"{node0.name}: cannot listen on {addr}:{info.get('port')} "
+        f"({info.get('error')}): another job may be using it",
+        hint="choose another port with --master_port N (or launch.master_port), or "
+        f"stop what uses it (ss -ltnp on {node0.name})",
+        exit_code=3,
+    )

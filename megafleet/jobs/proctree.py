@@ -111,8 +111,13 @@ def live_root(pid: int | None, start_ticks: int | None) -> Proc | None:
     return p
 
 
-def run_processes(run_id: str, root_pid: int | None = None, root_ticks: int | None = None,
-                  tags: tuple[str, ...] = (RUN_TAG,), exclude: set[int] = frozenset()) -> dict[int, Proc]:
+def run_processes(
+    run_id: str,
+    root_pid: int | None = None,
+    root_ticks: int | None = None,
+    tags: tuple[str, ...] = (RUN_TAG,),
+    exclude: set[int] = frozenset(),
+) -> dict[int, Proc]:
     """The run's live processes on this machine: the launch shell's tree plus every process
     carrying one of `tags` = run_id. `exclude` (e.g. the caller and its parents) is left out."""
     procs = all_procs(os.getuid())

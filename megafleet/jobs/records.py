@@ -88,8 +88,10 @@ class RunRecord:
     def from_dict(cls, data: dict) -> "RunRecord":
         known = {f.name for f in fields(cls)}
         data = {k: v for k, v in data.items() if k in known}
-        data["nodes"] = [NodeInfo(**{k: v for k, v in n.items() if k in {f.name for f in fields(NodeInfo)}})
-                         for n in data.get("nodes", [])]
+        data["nodes"] = [
+            NodeInfo(**{k: v for k, v in n.items() if k in {f.name for f in fields(NodeInfo)}})
+            for n in data.get("nodes", [])
+        ]
         return cls(**data)
 
     @classmethod
@@ -105,8 +107,11 @@ class RunRecord:
     def mark_launcher(self) -> None:
         """Remember this process as the one launching the run (a launch killed half-way is
         then recognised: its process is gone while the record still says `launching`)."""
-        self.launcher = {"host": socket.gethostname(), "pid": os.getpid(),
-                         "start_ticks": _start_ticks(os.getpid())}
+        self.launcher = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "start_ticks": _start_ticks(os.getpid()),
+        }
 
     def launcher_gone(self) -> bool:
         """True when the process that launched the run has ended (on this machine)."""
@@ -158,8 +163,10 @@ def resolve_run_id(ref: str) -> str:
         return matches[0]
     if matches:
         raise UsageError(f"run {ref!r} is ambiguous: {', '.join(matches[:5])}")
-    raise UsageError(f"no run {ref!r} in {paths.runs_dir()}",
-                     hint=f"recent runs: {', '.join(ids[-3:])} (megafleet runs)")
+    raise UsageError(
+        f"no run {ref!r} in {paths.runs_dir()}",
+        hint=f"recent runs: {', '.join(ids[-3:])} (megafleet runs)",
+    )
 
 
 def list_runs() -> list[RunRecord]:

@@ -15,16 +15,23 @@ from remote_runtime.spec.layout import PROGRESS_FIELDS, STATUS_EXTRA_FIELDS
 def run_status(run: RunRecord, lines: int = 20, pool=None) -> dict:
     """Ask every node (in parallel); update and save the record's state. Returns
     {"run": record dict, "state", "exit_code", "failure", "nodes": [per node], "progress"}."""
-    results = ask_nodes(run, lambda n: f"status {shlex.quote(n.run_dir)} --lines {lines}", pool=pool)
+    results = ask_nodes(
+        run, lambda n: f"status {shlex.quote(n.run_dir)} --lines {lines}", pool=pool
+    )
     nodes = [_node_info(node, results[node.host]) for node in run.nodes]
     if run.state == "stopping" and _finish_stop(run, nodes, pool):
         return run_status(run, lines, pool)
     derive_state(run, nodes)
     run.save()
     head = next((n for n in nodes if n["node_rank"] == 0), {})
-    return {"run": run.to_dict(), "state": run.state, "exit_code": run.exit_code,
-            "failure": run.failure, "nodes": nodes,
-            "progress": progress(head.get("metrics"), head.get("loss_curve"))}
+    return {
+        "run": run.to_dict(),
+        "state": run.state,
+        "exit_code": run.exit_code,
+        "failure": run.failure,
+        "nodes": nodes,
+        "progress": progress(head.get("metrics"), head.get("loss_curve")),
+    }
 
 
 def _node_info(node, res) -> dict:
@@ -33,9 +40,16 @@ def _node_info(node, res) -> dict:
         node.last_contact = time.time()
     else:
         info["state"] = "unreachable"
-    info.update({"host": node.host, "node_rank": node.rank, "ranks": node.ranks,
-                 "reachable": res.reached, "last_contact": node.last_contact,
-                 "error": None if res.ok else (res.message or res.describe())})
+    info.update(
+        {
+            "host": node.host,
+            "node_rank": node.rank,
+            "ranks": node.ranks,
+            "reachable": res.reached,
+            "last_contact": node.last_contact,
+            "error": None if res.ok else (res.message or res.describe()),
+        }
+    )
     if not info.get("ok", False) and res.ok:
         info["error"] = info.get("error") or "no status"
     return info
@@ -61,20 +75,32 @@ def derive_state(run: RunRecord, nodes: list[dict]) -> None:
     what the reachable ones know (node 0's watcher verdict) changes it."""
     reachable = [n for n in nodes if n.get("reachable", True) and not n.get("error")]
     watch = next((n.get("watch") for n in reachable if n.get("node_rank") == 0), None) or {}
-    failure = next((n.get("failure") for n in reachable if n.get("failure")), None) or watch.get("failure")
+    failure = next((n.get("failure") for n in reachable if n.get("failure")), None) or watch.get(
+        "failure"
+    )
     if failure:
         run.failure = failure
     states = [n.get("state") for n in reachable]
     if len(reachable) < len(nodes):
         # Unreachable nodes: say what the reachable ones know (the watcher's verdict), no more.
-        if run.state != "stopping" and run.failure and not any(s in ("running", "starting") for s in states):
+        if (
+            run.state != "stopping"
+            and run.failure
+            and not any(s in ("running", "starting") for s in states)
+        ):
             run.state, run.exit_code = "failed", run.failure.get("exit_code") or 1
         return
     if states and all(s == "not started" for s in states):
         if run.state == "launching" and run.launcher_gone():
             run.state, run.exit_code = "failed", 1
-            run.failure = {"node": None, "host": None, "time": run.updated, "exit_code": None, "tail": [],
-                           "reason": "the launch was interrupted before the job started on any node"}
+            run.failure = {
+                "node": None,
+                "host": None,
+                "time": run.updated,
+                "exit_code": None,
+                "tail": [],
+                "reason": "the launch was interrupted before the job started on any node",
+            }
         elif run.state == "stopping":
             run.state, run.exit_code = "stopped", 0
         return
@@ -85,8 +111,10 @@ def derive_state(run: RunRecord, nodes: list[dict]) -> None:
     stopped = run.state == "stopping" or any(n.get("stop_requested") for n in reachable)
     bad = [c for c in codes if c != 0]
     if run.failure and not stopped:
-        run.state, run.exit_code = "failed", run.failure.get("exit_code") or next(
-            (c for c in bad if c), 1)
+        run.state, run.exit_code = (
+            "failed",
+            run.failure.get("exit_code") or next((c for c in bad if c), 1),
+        )
     elif stopped:  # stopped by the user: the run's exit code is 0 (what it did until then stays)
         run.state, run.exit_code = "stopped", 0
     elif not bad:
@@ -103,8 +131,11 @@ def progress(metrics: dict | None, curve: list | None = None) -> dict | None:
     if not metrics:
         return None
     curve = curve or []
-    return {**{k: metrics.get(k) for k in PROGRESS_FIELDS + STATUS_EXTRA_FIELDS},
-            "first_loss": curve[0][1] if curve else None, "loss_curve": curve}
+    return {
+        **{k: metrics.get(k) for k in PROGRESS_FIELDS + STATUS_EXTRA_FIELDS},
+        "first_loss": curve[0][1] if curve else None,
+        "loss_curve": curve,
+    }
 
 
 SPARK = "▁▂▃▄▅▆▇█"

@@ -20,10 +20,20 @@ from megafleet.jobs.records import RunRecord
 
 def stop_plan(run: RunRecord, grace: float) -> dict:
     """What `stop` would run where (for --dry-run)."""
-    return {"run_id": run.run_id, "grace_s": grace, "nodes": [
-        {"host": n.host, "commands": [nodectl(n, f"stop {shlex.quote(n.run_dir)} --mark-only"),
-                                      nodectl(n, f"stop {shlex.quote(n.run_dir)} --grace {grace:g}")]}
-        for n in run.nodes]}
+    return {
+        "run_id": run.run_id,
+        "grace_s": grace,
+        "nodes": [
+            {
+                "host": n.host,
+                "commands": [
+                    nodectl(n, f"stop {shlex.quote(n.run_dir)} --mark-only"),
+                    nodectl(n, f"stop {shlex.quote(n.run_dir)} --grace {grace:g}"),
+                ],
+            }
+            for n in run.nodes
+        ],
+    }
 
 
 def stop_run(run: RunRecord, grace: float | None = None, pool=None, nodes=None) -> dict:
@@ -33,10 +43,17 @@ def stop_run(run: RunRecord, grace: float | None = None, pool=None, nodes=None) 
     still to stop in `stop_pending` (`status` finishes the stop once they answer again)."""
     grace = float(run.stop_grace if grace is None else grace)
     nodes = run.nodes if nodes is None else nodes
-    marks = ask_nodes(run, lambda n: f"stop {shlex.quote(n.run_dir)} --mark-only", pool=pool, nodes=nodes)
+    marks = ask_nodes(
+        run, lambda n: f"stop {shlex.quote(n.run_dir)} --mark-only", pool=pool, nodes=nodes
+    )
     reachable = [n for n in nodes if marks[n.host].reached]
-    results = ask_nodes(run, lambda n: f"stop {shlex.quote(n.run_dir)} --grace {grace:g}",
-                        timeout=grace + 120, pool=pool, nodes=reachable)
+    results = ask_nodes(
+        run,
+        lambda n: f"stop {shlex.quote(n.run_dir)} --grace {grace:g}",
+        timeout=grace + 120,
+        pool=pool,
+        nodes=reachable,
+    )
     report, problems, pending = {}, [], []
     for node in nodes:
         res = results.get(node.host, marks[node.host])
@@ -54,13 +71,21 @@ def stop_run(run: RunRecord, grace: float | None = None, pool=None, nodes=None) 
     if not run.stop_pending:
         run.exit_code = 0
     run.save()
-    out = {"ok": not problems, "run_id": run.run_id, "grace_s": grace, "nodes": report,
-           "problems": problems, "state": run.state}
+    out = {
+        "ok": not problems,
+        "run_id": run.run_id,
+        "grace_s": grace,
+        "nodes": report,
+        "problems": problems,
+        "state": run.state,
+    }
     if problems:
-        err = RemoteCommandError("stop did not finish cleanly:\n  " + "\n  ".join(problems),
-                                 hint=f"the run stays `stopping`; run `megafleet stop {run.run_id}` "
-                                 "again once the hosts answer (`megafleet status` also finishes "
-                                 "the stop then)")
+        err = RemoteCommandError(
+            "stop did not finish cleanly:\n  " + "\n  ".join(problems),
+            hint=f"the run stays `stopping`; run `megafleet stop {run.run_id}` "
+            "again once the hosts answer (`megafleet status` also finishes "
+            "the stop then)",
+        )
         err.report = out
         raise err
     return out
@@ -68,10 +93,15 @@ def stop_run(run: RunRecord, grace: float | None = None, pool=None, nodes=None) 
 
 def _problem(node, res, value: dict) -> str | None:
     if not res.reached:
-        last = (time.strftime("%H:%M:%S", time.localtime(node.last_contact))
-                if node.last_contact else "never")
-        return (f"{node.host}: not reachable ({res.message}; last contact {last}); its job may "
-                "still run until its own watcher stops it")
+        last = (
+            time.strftime("%H:%M:%S", time.localtime(node.last_contact))
+            if node.last_contact
+            else "never"
+        )
+        return (
+            f"{node.host}: not reachable ({res.message}; last contact {last}); its job may "
+            "still run until its own watcher stops it"
+        )
     if value.get("left"):
         return f"{node.host}: processes still alive after SIGKILL: {value['left']}"
     if value.get("gpu_holders"):

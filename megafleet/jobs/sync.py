@@ -44,8 +44,13 @@ class SyncReport:
     bytes_total: int = 0
 
     def to_dict(self) -> dict:
-        return {"sent": self.sent, "skipped": self.skipped, "resumed": self.resumed,
-                "bytes_sent": self.bytes_sent, "bytes_total": self.bytes_total}
+        return {
+            "sent": self.sent,
+            "skipped": self.skipped,
+            "resumed": self.resumed,
+            "bytes_sent": self.bytes_sent,
+            "bytes_total": self.bytes_total,
+        }
 
 
 def local_sha256(path: Path) -> str:
@@ -80,24 +85,41 @@ def plan_tree(src: Path, remote_base: str) -> list[FileCopy]:
     if src.is_file():
         return [FileCopy(src, remote_base, src.stat().st_size, local_sha256(src))]
     files = sorted(p for p in src.rglob("*") if p.is_file())
-    return [FileCopy(p, f"{remote_base.rstrip('/')}/{p.relative_to(src).as_posix()}",
-                     p.stat().st_size, local_sha256(p)) for p in files]
+    return [
+        FileCopy(
+            p,
+            f"{remote_base.rstrip('/')}/{p.relative_to(src).as_posix()}",
+            p.stat().st_size,
+            local_sha256(p),
+        )
+        for p in files
+    ]
 
 
 def remote_manifest(runner: Runner, python: str, files: list[dict]) -> dict[str, dict]:
     """{path: {size, sha256, part_size, part_sha256}} from `nodectl manifest` on the node."""
     if not files:
         return {}
-    r = runner.run(f"{shlex.quote(python)} -m megafleet.jobs.nodectl manifest", timeout=3600,
-                   stdin=json.dumps({"files": files})).check()
+    r = runner.run(
+        f"{shlex.quote(python)} -m megafleet.jobs.nodectl manifest",
+        timeout=3600,
+        stdin=json.dumps({"files": files}),
+    ).check()
     try:
         return {f["path"]: f for f in json.loads(r.stdout.strip().splitlines()[-1])["files"]}
     except (ValueError, KeyError, IndexError):
-        raise RemoteCommandError(f"{runner.name}: unexpected manifest output", hint=r.describe()) from None
+        raise RemoteCommandError(
+            f"{runner.name}: unexpected manifest output", hint=r.describe()
+        ) from None
 
 
-def upload(runner: Runner, python: str, copies: list[FileCopy], progress: Progress | None = None,
-           dry_run: bool = False) -> SyncReport:
+def upload(
+    runner: Runner,
+    python: str,
+    copies: list[FileCopy],
+    progress: Progress | None = None,
+    dry_run: bool = False,
+) -> SyncReport:
     """Bring `copies` to the node incrementally (see the module docstring)."""
     report = SyncReport(bytes_total=sum(c.size for c in copies))
     have = remote_manifest(runner, python, [{"path": c.remote, "size": c.size} for c in copies])
@@ -108,7 +130,11 @@ def upload(runner: Runner, python: str, copies: list[FileCopy], progress: Progre
             report.skipped.append(c.remote)
             continue
         part = there.get("part_size") or 0
-        offset = part if 0 < part <= c.size and there.get("part_sha256") == file_sha256(c.local, part) else 0
+        offset = (
+            part
+            if 0 < part <= c.size and there.get("part_sha256") == file_sha256(c.local, part)
+            else 0
+        )
         todo.append((c, offset))
     done_before = sum(c.size for c in copies if c.remote in report.skipped)
     moved = done_before + sum(off for _, off in todo)
@@ -140,9 +166,11 @@ def _verify(runner: Runner, python: str, copies: list[FileCopy]) -> None:
     have = remote_manifest(runner, python, [{"path": c.remote, "size": c.size} for c in copies])
     bad = [c.remote for c in copies if have.get(c.remote, {}).get("sha256") != c.sha256]
     if bad:
-        raise RemoteCommandError(f"{runner.name}: {len(bad)} uploaded file(s) differ from the local "
-                                 f"copy (sha256): {', '.join(bad[:5])}",
-                                 hint="launch again: the files are sent again from the start")
+        raise RemoteCommandError(
+            f"{runner.name}: {len(bad)} uploaded file(s) differ from the local "
+            f"copy (sha256): {', '.join(bad[:5])}",
+            hint="launch again: the files are sent again from the start",
+        )
 
 
 @dataclass
@@ -153,12 +181,18 @@ class RemoteFile:
     sha256: str
 
 
-def download(runner: Runner, files: list[RemoteFile], progress: Progress | None = None) -> SyncReport:
+def download(
+    runner: Runner, files: list[RemoteFile], progress: Progress | None = None
+) -> SyncReport:
     """Fetch `files` (whose size and sha256 the node reported) incrementally and verify them."""
     report = SyncReport(bytes_total=sum(f.size for f in files))
     moved = 0
     for f in files:
-        if f.local.is_file() and f.local.stat().st_size == f.size and local_sha256(f.local) == f.sha256:
+        if (
+            f.local.is_file()
+            and f.local.stat().st_size == f.size
+            and local_sha256(f.local) == f.sha256
+        ):
             report.skipped.append(f.remote)
             moved += f.size
             continue
@@ -177,8 +211,10 @@ def download(runner: Runner, files: list[RemoteFile], progress: Progress | None 
             res = runner.get_from(f.remote, f.local, 0, file_progress).check()
             offset = 0
         if local_sha256(f.local) != f.sha256:
-            raise RemoteCommandError(f"{runner.name}: {f.remote} arrived with a different sha256",
-                                     hint="fetch again; if it persists, the file changed on the node")
+            raise RemoteCommandError(
+                f"{runner.name}: {f.remote} arrived with a different sha256",
+                hint="fetch again; if it persists, the file changed on the node",
+            )
         report.sent.append(f.remote)
         if offset:
             report.resumed[f.remote] = offset

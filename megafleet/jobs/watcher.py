@@ -82,10 +82,16 @@ class NodeWatch:
         code = nodectl.read_exit_code(self.run_dir)
         pid, _ = nodectl.launch_shell(self.run_dir)
         alive = nodectl.shell_alive(self.run_dir)
-        state = "running" if alive else "exited" if code is not None else "lost" if pid else "starting"
-        report = {"node": self.rank, "state": state, "exit_code": code,
-                  "idle_s": round(now - self.last_progress, 1),
-                  "user_stop": (self.run_dir / L.STOP_REQUESTED).exists()}
+        state = (
+            "running" if alive else "exited" if code is not None else "lost" if pid else "starting"
+        )
+        report = {
+            "node": self.rank,
+            "state": state,
+            "exit_code": code,
+            "idle_s": round(now - self.last_progress, 1),
+            "user_stop": (self.run_dir / L.STOP_REQUESTED).exists(),
+        }
         if state in FINAL and code != 0:
             report["tail"] = nodectl.recent_lines(self.run_dir, self.record, 15)
             report["cause"] = nodectl.read_json(self.run_dir / L.EXIT_CAUSE)
@@ -103,10 +109,14 @@ class NodeWatch:
 
     def stop_job(self, reason: str) -> dict:
         log(f"stopping this node's job: {reason}")
-        result = proctree.terminate(lambda: nodectl.find_run(self.run_dir, self.record),
-                                    float(self.record.get("stop_grace", 30)),
-                                    spare=nodectl.spared(self.run_dir))
-        nodectl.write_json(self.run_dir / L.WATCHER_STOP, {"reason": reason, "time": time.time(), **result})
+        result = proctree.terminate(
+            lambda: nodectl.find_run(self.run_dir, self.record),
+            float(self.record.get("stop_grace", 30)),
+            spare=nodectl.spared(self.run_dir),
+        )
+        nodectl.write_json(
+            self.run_dir / L.WATCHER_STOP, {"reason": reason, "time": time.time(), **result}
+        )
         log(f"stopped: {result}")
         return result
 
@@ -143,12 +153,16 @@ class Coordinator:
 
     def user_stop(self) -> bool:
         return (self.run_dir / L.STOP_REQUESTED).exists() or any(
-            n.get("user_stop") for n in self.nodes.values())
+            n.get("user_stop") for n in self.nodes.values()
+        )
 
     def stop_reason(self) -> str:
         if self.failure:
-            where = f"node {self.failure['node']} ({self.failure.get('host')})" \
-                if self.failure.get("node") is not None else "the run"
+            where = (
+                f"node {self.failure['node']} ({self.failure.get('host')})"
+                if self.failure.get("node") is not None
+                else "the run"
+            )
             return f"fail-fast: {where} {self.failure['reason']}"
         return "stopped by the user"
 
@@ -159,8 +173,13 @@ class Coordinator:
             if self.failure:
                 nodectl.write_json(self.run_dir / L.FAILURE, self.failure)
                 log(f"run failed: {self.failure['reason']} (node {self.failure['node']})")
-        finished = [k for k in range(self.nnodes) if self.nodes.get(k, {}).get("state") in FINAL
-                    or (self.failure or self.user_stop()) and self.missing(k, now)]
+        finished = [
+            k
+            for k in range(self.nnodes)
+            if self.nodes.get(k, {}).get("state") in FINAL
+            or (self.failure or self.user_stop())
+            and self.missing(k, now)
+        ]
         if len(finished) == self.nnodes and self.done_at is None:
             self.done_at = now
             log("every node has finished")
@@ -172,38 +191,71 @@ class Coordinator:
 
     def find_failure(self, now: float) -> dict | None:
         hosts = self.record.get("hosts") or []
-        exits = sorted((n["seen"], k) for k, n in self.nodes.items()
-                       if n.get("state") in FINAL and n.get("exit_code") != 0)
+        exits = sorted(
+            (n["seen"], k)
+            for k, n in self.nodes.items()
+            if n.get("state") in FINAL and n.get("exit_code") != 0
+        )
         if exits:
             k = exits[0][1]
             n = self.nodes[k]
-            reason = ((n.get("cause") or {}).get("text") or f"exited with code {n['exit_code']}"
-                      if n.get("exit_code") is not None
-                      else "lost its launch process without an exit code (killed?)")
+            reason = (
+                (n.get("cause") or {}).get("text") or f"exited with code {n['exit_code']}"
+                if n.get("exit_code") is not None
+                else "lost its launch process without an exit code (killed?)"
+            )
             return self._failure(k, hosts, reason, n)
         for k in range(self.nnodes):
             if self.missing(k, now) and self.nodes.get(k, {}).get("state") not in FINAL:
-                return self._failure(k, hosts, f"sent no report for {self.silence:g}s (machine down "
-                                     "or network cut?)", self.nodes.get(k, {}))
+                return self._failure(
+                    k,
+                    hosts,
+                    f"sent no report for {self.silence:g}s (machine down or network cut?)",
+                    self.nodes.get(k, {}),
+                )
         running = [n for n in self.nodes.values() if n.get("state") == "running"]
-        if len(self.nodes) == self.nnodes and running and all(
-                n.get("idle_s", 0) >= self.stall for n in running):
-            return {"node": None, "host": None, "time": time.time(), "exit_code": None, "tail": [],
-                    "reason": f"made no log progress on any node for {self.stall:g}s (hung?)"}
+        if (
+            len(self.nodes) == self.nnodes
+            and running
+            and all(n.get("idle_s", 0) >= self.stall for n in running)
+        ):
+            return {
+                "node": None,
+                "host": None,
+                "time": time.time(),
+                "exit_code": None,
+                "tail": [],
+                "reason": f"made no log progress on any node for {self.stall:g}s (hung?)",
+            }
         return None
 
     @staticmethod
     def _failure(k: int, hosts: list, reason: str, n: dict) -> dict:
-        return {"node": k, "host": hosts[k] if k < len(hosts) else None, "reason": reason,
-                "exit_code": n.get("exit_code"), "time": n.get("time", time.time()),
-                "tail": n.get("tail", []), "cause": n.get("cause")}
+        return {
+            "node": k,
+            "host": hosts[k] if k < len(hosts) else None,
+            "reason": reason,
+            "exit_code": n.get("exit_code"),
+            "time": n.get("time", time.time()),
+            "tail": n.get("tail", []),
+            "cause": n.get("cause"),
+        }
 
     def save(self) -> None:
-        nodes = {str(k): {key: v for key, v in n.items() if key not in ("seen", "tail")}
-                 for k, n in sorted(self.nodes.items())}
-        nodectl.write_json(self.run_dir / L.WATCH_STATE, {
-            "nodes": nodes, "failure": self.failure, "user_stop": self.user_stop(),
-            "done": self.done_at is not None, "updated": time.time()})
+        nodes = {
+            str(k): {key: v for key, v in n.items() if key not in ("seen", "tail")}
+            for k, n in sorted(self.nodes.items())
+        }
+        nodectl.write_json(
+            self.run_dir / L.WATCH_STATE,
+            {
+                "nodes": nodes,
+                "failure": self.failure,
+                "user_stop": self.user_stop(),
+                "done": self.done_at is not None,
+                "updated": time.time(),
+            },
+        )
 
     def serve(self, host: str, port: int, token: str) -> None:
         """Answer heartbeats until done + LINGER (runs in a thread)."""
@@ -267,8 +319,9 @@ def watch(run_dir: Path) -> int:
     if me.rank == 0:
         coord = Coordinator(run_dir, record)
         host = "127.0.0.1" if int(record["nnodes"]) == 1 else record["master_addr"]
-        threading.Thread(target=coord.serve, args=(host, int(record["watcher_port"]), token),
-                         daemon=True).start()
+        threading.Thread(
+            target=coord.serve, args=(host, int(record["watcher_port"]), token), daemon=True
+        ).start()
     addr = (record["master_addr"], int(record["watcher_port"]))
     stall = float(record.get("stall_timeout", 900))
     silence = min(stall, SILENCE_MAX)
@@ -288,8 +341,10 @@ def watch(run_dir: Path) -> int:
                 break
         elif now - last_contact > silence:
             if report["state"] not in FINAL and not stopped:
-                me.stop_job(f"fail-fast: lost contact with the watcher on node 0 ({addr[0]}:{addr[1]}) "
-                            f"for {silence:g}s")
+                me.stop_job(
+                    f"fail-fast: lost contact with the watcher on node 0 ({addr[0]}:{addr[1]}) "
+                    f"for {silence:g}s"
+                )
             break
         time.sleep(HEARTBEAT)
     if coord:  # let the other watchers hear `done`

@@ -43,9 +43,16 @@ def _runners(hosts: Iterable, pool):
     return [h if isinstance(h, Runner) else SSHRunner(h, pool=pool) for h in hosts]
 
 
-def setup_hosts(hosts: Iterable, options: "SetupOptions", *, pool=None,
-                on_event: "OnEvent | None" = None, dry_run: bool = False,
-                artifacts=None, timeout: float | None = None) -> dict[str, "HostSetupResult"]:
+def setup_hosts(
+    hosts: Iterable,
+    options: "SetupOptions",
+    *,
+    pool=None,
+    on_event: "OnEvent | None" = None,
+    dry_run: bool = False,
+    artifacts=None,
+    timeout: float | None = None,
+) -> dict[str, "HostSetupResult"]:
     """Set up (or with `dry_run`, plan) every host in parallel; {host name: HostSetupResult} in
     the order given. `hosts` are inventory Hosts (through SSHRunner with `pool`) or Runners;
     `on_event(host, event)` receives the node agent's progress events as they arrive."""
@@ -66,8 +73,9 @@ def setup_hosts(hosts: Iterable, options: "SetupOptions", *, pool=None,
         except Exception as exc:  # one host's bug must not hide the others' results
             return HostSetupResult(runner.name, "error", message=f"{type(exc).__name__}: {exc}")
 
-    with cf.ThreadPoolExecutor(max_workers=min(32, len(runners)),
-                               thread_name_prefix="megafleet-setup") as ex:
+    with cf.ThreadPoolExecutor(
+        max_workers=min(32, len(runners)), thread_name_prefix="megafleet-setup"
+    ) as ex:
         futures = [ex.submit(one, r) for r in runners]
         try:
             return {r.name: f.result() for r, f in zip(runners, futures)}

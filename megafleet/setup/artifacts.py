@@ -12,8 +12,9 @@ from typing import Callable
 
 from megafleet import paths, resources
 from megafleet.errors import UsageError
-from megafleet.setup.request import NODE_WHEELHOUSE, NODE_WHEELS
 from megafleet.jobs.sync import local_sha256
+from megafleet.setup.request import NODE_WHEELHOUSE, NODE_WHEELS
+
 
 @dataclass
 class LocalFile:
@@ -69,12 +70,18 @@ def prepare(wheelhouse: str | Path | None = None, build_dir: Path | None = None)
             raise UsageError(f"--wheelhouse {wheelhouse}: no such folder")
         # The project wheel travels on its own (always this operator's build), so a changed
         # checkout does not change the wheelhouse and re-trigger the install steps.
-        files = sorted(p for p in folder.iterdir() if p.is_file() and
-                       p.name.endswith((".whl", ".tar.gz", ".zip")) and
-                       not p.name.startswith("megafleet-"))
+        files = sorted(
+            p
+            for p in folder.iterdir()
+            if p.is_file()
+            and p.name.endswith((".whl", ".tar.gz", ".zip"))
+            and not p.name.startswith("megafleet-")
+        )
         if not files:
-            raise UsageError(f"--wheelhouse {wheelhouse}: no wheels in it",
-                             hint=f"megafleet setup --build-wheelhouse {wheelhouse}")
+            raise UsageError(
+                f"--wheelhouse {wheelhouse}: no wheels in it",
+                hint=f"megafleet setup --build-wheelhouse {wheelhouse}",
+            )
         art.wheelhouse, art.wheelhouse_dir = [_local(p) for p in files], folder
     return art
 
@@ -83,22 +90,25 @@ def missing_on_node(art: Artifacts, node_files: dict) -> list[tuple[LocalFile, s
     """The uploads whose file the node lacks or holds with another size or sha256.
     `node_files` is the probe's {"wheels": {name: [size, sha]}, "wheelhouse": {...}}."""
     have = {f"~/{NODE_WHEELS}/{n}": v for n, v in (node_files.get("wheels") or {}).items()}
-    have.update({f"~/{NODE_WHEELHOUSE}/{n}": v
-                 for n, v in (node_files.get("wheelhouse") or {}).items()})
-    return [(f, remote) for f, remote in art.uploads()
-            if have.get(remote) != [f.size, f.sha256]]
+    have.update(
+        {f"~/{NODE_WHEELHOUSE}/{n}": v for n, v in (node_files.get("wheelhouse") or {}).items()}
+    )
+    return [(f, remote) for f, remote in art.uploads() if have.get(remote) != [f.size, f.sha256]]
 
 
-def upload(runner, todo: list[tuple[LocalFile, str]],
-           progress: Callable[[int, int], None] | None = None):
+def upload(
+    runner, todo: list[tuple[LocalFile, str]], progress: Callable[[int, int], None] | None = None
+):
     """Send the files; returns (bytes sent, a failed Result or None)."""
     total = sum(f.size for f, _ in todo)
     sent = 0
     for f, remote in todo:
         base = sent
-        res = runner.put(f.path, remote,
-                         progress=(lambda done, _t, b=base: progress(b + done, total))
-                         if progress else None)
+        res = runner.put(
+            f.path,
+            remote,
+            progress=(lambda done, _t, b=base: progress(b + done, total)) if progress else None,
+        )
         if not res.ok:
             return sent, res
         sent += f.size

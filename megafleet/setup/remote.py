@@ -64,15 +64,19 @@ def parse_events(text: str) -> list[dict]:
     for line in text.splitlines():
         if line.startswith(EVENT_MARK):
             try:
-                out.append(json.loads(line[len(EVENT_MARK):]))
+                out.append(json.loads(line[len(EVENT_MARK) :]))
             except ValueError:
                 continue
     return out
 
 
-def run_agent(runner: Runner, request: dict, base_python: str,
-              on_event: Callable[[dict], None] | None = None,
-              timeout: float | None = PROBE_TIMEOUT) -> tuple[Result, list[dict]]:
+def run_agent(
+    runner: Runner,
+    request: dict,
+    base_python: str,
+    on_event: Callable[[dict], None] | None = None,
+    timeout: float | None = PROBE_TIMEOUT,
+) -> tuple[Result, list[dict]]:
     """Run the agent once; returns (the command's Result, its events). Events also go to
     `on_event` as they arrive."""
     payload = json.dumps({"modules": node_modules(), "request": request})
@@ -80,12 +84,16 @@ def run_agent(runner: Runner, request: dict, base_python: str,
     def on_output(stream: str, line: str) -> None:
         if on_event and stream == "stdout" and line.startswith(EVENT_MARK):
             try:
-                on_event(json.loads(line[len(EVENT_MARK):]))
+                on_event(json.loads(line[len(EVENT_MARK) :]))
             except ValueError:
                 pass
 
-    res = runner.run(agent_command(base_python), timeout=timeout, stdin=payload,
-                     on_output=on_output if on_event else None)
+    res = runner.run(
+        agent_command(base_python),
+        timeout=timeout,
+        stdin=payload,
+        on_output=on_output if on_event else None,
+    )
     res.command = f"megafleet setup agent ({request['mode']}) with {base_python}"
     return res, parse_events(res.stdout)
 
@@ -124,9 +132,25 @@ class HostSetupResult:
         return todo + [s["id"] for s in self.plan or [] if s["state"] != "skip"]
 
     def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("host", "status", "steps", "failed", "known_problem",
-                                           "log", "venv", "python", "facts", "plan", "uploads",
-                                           "seconds", "message", "hint")}
+        d = {
+            k: getattr(self, k)
+            for k in (
+                "host",
+                "status",
+                "steps",
+                "failed",
+                "known_problem",
+                "log",
+                "venv",
+                "python",
+                "facts",
+                "plan",
+                "uploads",
+                "seconds",
+                "message",
+                "hint",
+            )
+        }
         d["ok"] = self.ok
         d["report"] = self.report.to_dict() if self.report is not None else None
         return d
@@ -135,8 +159,9 @@ class HostSetupResult:
 def _unreached(host: str, res: Result, started: float) -> HostSetupResult:
     status = "unreachable" if not res.reached else "error"
     message = res.message if not res.reached else res.describe(lines=10)
-    return HostSetupResult(host, status, message=message, hint=res.hint,
-                           seconds=round(time.monotonic() - started, 2))
+    return HostSetupResult(
+        host, status, message=message, hint=res.hint, seconds=round(time.monotonic() - started, 2)
+    )
 
 
 def plan_host(runner: Runner, options: SetupOptions, art: Artifacts) -> HostSetupResult:
@@ -149,15 +174,28 @@ def plan_host(runner: Runner, options: SetupOptions, art: Artifacts) -> HostSetu
     if ev is None:
         return _unreached(runner.name, res, started)
     todo = missing_on_node(art, ev["facts"].get("files") or {})
-    return HostSetupResult(runner.name, "planned", facts=ev["facts"], plan=ev["steps"],
-                           venv=ev["facts"]["venv"],
-                           uploads={"files": len(todo), "bytes": sum(f.size for f, _ in todo),
-                                    "names": [f.name for f, _ in todo]},
-                           seconds=round(time.monotonic() - started, 2))
+    return HostSetupResult(
+        runner.name,
+        "planned",
+        facts=ev["facts"],
+        plan=ev["steps"],
+        venv=ev["facts"]["venv"],
+        uploads={
+            "files": len(todo),
+            "bytes": sum(f.size for f, _ in todo),
+            "names": [f.name for f, _ in todo],
+        },
+        seconds=round(time.monotonic() - started, 2),
+    )
 
 
-def setup_host(runner: Runner, options: SetupOptions, art: Artifacts,
-               on_event: OnEvent | None = None, timeout: float | None = None) -> HostSetupResult:
+def setup_host(
+    runner: Runner,
+    options: SetupOptions,
+    art: Artifacts,
+    on_event: OnEvent | None = None,
+    timeout: float | None = None,
+) -> HostSetupResult:
     """Probe, upload what is missing, run the steps; never raises for remote failures."""
     started = time.monotonic()
     tell = (lambda ev: on_event(runner.name, ev)) if on_event else (lambda ev: None)
@@ -176,10 +214,18 @@ def setup_host(runner: Runner, options: SetupOptions, art: Artifacts,
         out = _unreached(runner.name, failed, started)
         out.status, out.uploads = ("unreachable" if not failed.reached else "failed"), uploads
         return out
-    tell({"ev": "step", "id": "upload", "state": "done", "n": 0,
-          "detail": f"{len(todo)} file(s), {total / 2 ** 20:.1f} MiB" if todo else "up to date"})
-    res, events = run_agent(runner, _request(options, art, "run"), options.base_python,
-                            on_event=tell, timeout=timeout)
+    tell(
+        {
+            "ev": "step",
+            "id": "upload",
+            "state": "done",
+            "n": 0,
+            "detail": f"{len(todo)} file(s), {total / 2**20:.1f} MiB" if todo else "up to date",
+        }
+    )
+    res, events = run_agent(
+        runner, _request(options, art, "run"), options.base_python, on_event=tell, timeout=timeout
+    )
     out = _from_result_event(runner.name, res, _last(events, "result"), options)
     out.facts, out.uploads = probe["facts"], uploads
     out.seconds = round(time.monotonic() - started, 2)
@@ -195,16 +241,23 @@ def _throttled(tell: Callable[[dict], None], every: float = 0.25):
         if done >= total or now - last[0] >= every:
             last[0] = now
             tell({"ev": "upload", "done": done, "total": total})
+
     return progress
 
 
 def _request(options: SetupOptions, art: Artifacts, mode: str) -> dict:
-    return build_request(options, mode, {"name": art.project.name, "sha256": art.project.sha256},
-                         art.wheelhouse_request(), art.check_sha256)
+    return build_request(
+        options,
+        mode,
+        {"name": art.project.name, "sha256": art.project.sha256},
+        art.wheelhouse_request(),
+        art.check_sha256,
+    )
 
 
-def _from_result_event(host: str, res: Result, ev: dict | None,
-                       options: SetupOptions) -> HostSetupResult:
+def _from_result_event(
+    host: str, res: Result, ev: dict | None, options: SetupOptions
+) -> HostSetupResult:
     if ev is None:  # the agent died without a result: killed, disconnected, or a crash
         out = _unreached(host, res, time.monotonic())
         if res.reached:
@@ -212,13 +265,22 @@ def _from_result_event(host: str, res: Result, ev: dict | None,
             out.message = f"the setup stopped before it finished: {res.describe(lines=10)}"
             out.hint = "run `megafleet setup` again: finished steps are skipped"
         return out
-    out = HostSetupResult(host, ev["status"], steps=ev.get("steps", []), failed=ev.get("failed"),
-                          log=ev.get("log"), venv=ev.get("venv"), python=ev.get("python"),
-                          message=ev.get("message"))
+    out = HostSetupResult(
+        host,
+        ev["status"],
+        steps=ev.get("steps", []),
+        failed=ev.get("failed"),
+        log=ev.get("log"),
+        venv=ev.get("venv"),
+        python=ev.get("python"),
+        message=ev.get("message"),
+    )
     if ev["status"] == "locked":
         holder = ev.get("holder") or {}
-        out.message = (f"another megafleet setup is running on {host} (pid {holder.get('pid', '?')}"
-                       f", started {holder.get('started', '?')})")
+        out.message = (
+            f"another megafleet setup is running on {host} (pid {holder.get('pid', '?')}"
+            f", started {holder.get('started', '?')})"
+        )
         out.hint = "wait for it to finish, then run setup again"
     if ev.get("report") is not None:
         out.report = _host_report(host, ev["report"])

@@ -82,28 +82,48 @@ class SetupOptions:
         if not self.venv.strip():
             raise UsageError("--venv must not be empty")
         if (self.with_apex or self.with_flash_attn or self.with_te) and self.torch_index == "cpu":
-            raise UsageError("--with-te/--with-apex/--with-flash-attn need a CUDA torch, "
-                             "not --torch-index cpu")
+            raise UsageError(
+                "--with-te/--with-apex/--with-flash-attn need a CUDA torch, not --torch-index cpu"
+            )
 
 
-def build_request(options: SetupOptions, mode: str, project_wheel: dict | None = None,
-                  wheelhouse: dict | None = None, check_sha256: str | None = None) -> dict:
+def build_request(
+    options: SetupOptions,
+    mode: str,
+    project_wheel: dict | None = None,
+    wheelhouse: dict | None = None,
+    check_sha256: str | None = None,
+) -> dict:
     """The JSON request for the node agent. `project_wheel` {"name", "sha256"} (uploaded to
     NODE_WHEELS); `wheelhouse` {"files": [names], "digest"} when installing offline."""
     req = {
-        "mode": mode, "venv": options.venv, "base_python": options.base_python,
-        "installer": options.installer, "with_te": options.with_te,
-        "with_apex": options.with_apex, "with_flash_attn": options.with_flash_attn,
-        "torch_spec": options.torch_spec, "torch_index": options.torch_index,
-        "requirements": node_requirements(), "te_spec": options.te_spec,
-        "apex_source": options.apex_source, "max_jobs": options.max_jobs,
-        "force": list(options.force), "check_sha256": check_sha256,
-        "project_wheel": None, "wheelhouse": None,
+        "mode": mode,
+        "venv": options.venv,
+        "base_python": options.base_python,
+        "installer": options.installer,
+        "with_te": options.with_te,
+        "with_apex": options.with_apex,
+        "with_flash_attn": options.with_flash_attn,
+        "torch_spec": options.torch_spec,
+        "torch_index": options.torch_index,
+        "requirements": node_requirements(),
+        "te_spec": options.te_spec,
+        "apex_source": options.apex_source,
+        "max_jobs": options.max_jobs,
+        "force": list(options.force),
+        "check_sha256": check_sha256,
+        "project_wheel": None,
+        "wheelhouse": None,
     }
     if project_wheel:
-        req["project_wheel"] = {"path": f"{NODE_WHEELS}/{project_wheel['name']}",
-                                "sha256": project_wheel["sha256"]}
+        req["project_wheel"] = {
+            "path": f"{NODE_WHEELS}/{project_wheel['name']}",
+            "sha256": project_wheel["sha256"],
+        }
     if wheelhouse is not None:
-        req.update(wheelhouse=NODE_WHEELHOUSE, wheelhouse_files=sorted(wheelhouse["files"]),
-                   wheelhouse_digest=wheelhouse["digest"])
+        req.update(
+            wheelhouse=NODE_WHEELHOUSE,
+            wheelhouse_files=sorted(wheelhouse["files"]),
+            wheelhouse_digest=wheelhouse["digest"],
+        )
     return req

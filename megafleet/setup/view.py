@@ -23,8 +23,18 @@ class SetupProgress:
     def __init__(self, hosts: list[str], quiet: bool = False):
         self.lock = threading.Lock()
         now = time.monotonic()
-        self.rows = {h: {"started": now, "step": "connecting", "n": 0, "of": 0,
-                         "state": "running", "activity": "", "ended": None} for h in hosts}
+        self.rows = {
+            h: {
+                "started": now,
+                "step": "connecting",
+                "n": 0,
+                "of": 0,
+                "state": "running",
+                "activity": "",
+                "ended": None,
+            }
+            for h in hosts
+        }
         self.quiet = quiet
         self.live = None if quiet or not ui.is_terminal() else ui.live(self.render)
 
@@ -43,8 +53,11 @@ class SetupProgress:
             row = self.rows[host]
             row["ended"] = time.monotonic()
             if result.status != "ok":
-                row.update(state="failed", activity=result.status + (
-                    ": " + (result.failed or {}).get("step", "") if result.failed else ""))
+                row.update(
+                    state="failed",
+                    activity=result.status
+                    + (": " + (result.failed or {}).get("step", "") if result.failed else ""),
+                )
             else:
                 row.update(state="done", activity="set up")
 
@@ -55,12 +68,17 @@ class SetupProgress:
             if kind == "start":
                 row["of"] = len(ev.get("steps", []))
             elif kind == "upload":
-                row["activity"] = f"{ev['done'] / 2 ** 20:.0f}/{ev['total'] / 2 ** 20:.0f} MiB"
+                row["activity"] = f"{ev['done'] / 2**20:.0f}/{ev['total'] / 2**20:.0f} MiB"
             elif kind == "activity":
                 row["activity"] = ev.get("line", "")
             elif kind == "step":
-                row.update(step=ev["id"], n=ev.get("n", 0), of=ev.get("of", row.get("of", 0)),
-                           state=ev["state"], activity=ev.get("detail") or "")
+                row.update(
+                    step=ev["id"],
+                    n=ev.get("n", 0),
+                    of=ev.get("of", row.get("of", 0)),
+                    state=ev["state"],
+                    activity=ev.get("detail") or "",
+                )
                 if self.live is None and not self.quiet:
                     self._print_step(host, ev)
 
@@ -71,8 +89,11 @@ class SetupProgress:
             ui.info(f"  {label} ... {escape(ev.get('reason') or '')}")
         else:
             took = f" ({ev['seconds']:.1f}s)" if ev.get("seconds") else ""
-            ui.check_row(STATE_STATUS.get(ev["state"], "info"), f"{label} {ev['state']}{took}",
-                         escape(ev.get("detail") or ev.get("message") or ""))
+            ui.check_row(
+                STATE_STATUS.get(ev["state"], "info"),
+                f"{label} {ev['state']}{took}",
+                escape(ev.get("detail") or ev.get("message") or ""),
+            )
 
     def render(self) -> Table:
         t = Table(title="megafleet setup", title_justify="left", header_style="bold")
@@ -84,15 +105,27 @@ class SetupProgress:
                 elapsed = (row["ended"] or now) - row["started"]
                 step = f"{row['n']}/{row['of']} {row['step']}" if row.get("of") else row["step"]
                 state = f"{ui.symbol(STATE_STATUS.get(row['state'], 'info'))} {row['state']}"
-                t.add_row(escape(host), escape(step), state, f"{elapsed:5.0f}s",
-                          escape((row.get("activity") or "")[-70:]))
+                t.add_row(
+                    escape(host),
+                    escape(step),
+                    state,
+                    f"{elapsed:5.0f}s",
+                    escape((row.get("activity") or "")[-70:]),
+                )
         return t
 
 
 # ---------------------------------------------------------------------------------- results
 
-RESULT_STATUS = {"ok": "ok", "check_failed": "fail", "failed": "fail", "locked": "fail",
-                 "unreachable": "fail", "error": "fail", "planned": "info"}
+RESULT_STATUS = {
+    "ok": "ok",
+    "check_failed": "fail",
+    "failed": "fail",
+    "locked": "fail",
+    "unreachable": "fail",
+    "error": "fail",
+    "planned": "info",
+}
 
 
 def show_results(results: dict) -> None:
@@ -103,10 +136,23 @@ def show_results(results: dict) -> None:
         skipped = sum(1 for s in r.steps if s.get("state") == "skipped")
         steps = f"{ran} run, {skipped} skipped" if r.steps else "-"
         result = f"{ui.symbol(RESULT_STATUS.get(r.status, 'fail'))} {r.status}"
-        rows.append((escape(r.host), result, steps, f"{r.seconds:.1f}s", escape(r.venv or ""),
-                     escape(r.log or "")))
-    ui.show(ui.table(f"Setup of {len(results)} host(s)",
-                     ["host", "result", "steps", "time", "venv", "log on the host"], rows))
+        rows.append(
+            (
+                escape(r.host),
+                result,
+                steps,
+                f"{r.seconds:.1f}s",
+                escape(r.venv or ""),
+                escape(r.log or ""),
+            )
+        )
+    ui.show(
+        ui.table(
+            f"Setup of {len(results)} host(s)",
+            ["host", "result", "steps", "time", "venv", "log on the host"],
+            rows,
+        )
+    )
     for r in results.values():
         if r.status not in ("ok", "check_failed"):
             show_failure(r)
@@ -124,8 +170,11 @@ def show_failure(r) -> None:
         if r.hint:
             ui.info(f"    [bold]fix:[/bold] {escape(r.hint)}")
         return
-    ui.check_row("fail", f"{r.host}: step {f.get('step')} ({f.get('title')}) failed",
-                 escape(f.get("message") or ""))
+    ui.check_row(
+        "fail",
+        f"{r.host}: step {f.get('step')} ({f.get('title')}) failed",
+        escape(f.get("message") or ""),
+    )
     tail = (f.get("tail") or [])[-TAIL_SHOWN:]
     if tail:
         ui.info(f"    [dim]last {len(tail)} lines of {escape(r.log or 'the log')}:[/dim]")
@@ -151,18 +200,25 @@ def show_plan(results: dict) -> None:
             show_failure(r)
             continue
         f = r.facts or {}
-        gpus = f"{len(f['gpus'])}× {f['gpus'][0]}, driver {f.get('driver')}" if f.get("gpus") \
+        gpus = (
+            f"{len(f['gpus'])}× {f['gpus'][0]}, driver {f.get('driver')}"
+            if f.get("gpus")
             else "no GPU"
-        ui.info(f"[bold]{escape(r.host)}[/bold]: venv {escape(r.venv or '')} (python "
-                f"{f.get('venv_python') or 'none yet'}), base {escape(str(f.get('base_python')))}"
-                f" {f.get('base_python_version') or ''}, installer {f.get('installer')}, {gpus}")
+        )
+        ui.info(
+            f"[bold]{escape(r.host)}[/bold]: venv {escape(r.venv or '')} (python "
+            f"{f.get('venv_python') or 'none yet'}), base {escape(str(f.get('base_python')))}"
+            f" {f.get('base_python_version') or ''}, installer {f.get('installer')}, {gpus}"
+        )
         up = r.uploads
         if up.get("files"):
-            ui.info(f"  would upload {up['files']} file(s), {up['bytes'] / 2 ** 20:.1f} MiB")
+            ui.info(f"  would upload {up['files']} file(s), {up['bytes'] / 2**20:.1f} MiB")
         for step in r.plan or []:
-            ui.check_row(PLAN_STATUS.get(step["state"], "info"),
-                         f"{step['id']}: {step['state']}",
-                         escape(step.get("detail") or step.get("reason") or ""))
+            ui.check_row(
+                PLAN_STATUS.get(step["state"], "info"),
+                f"{step['id']}: {step['state']}",
+                escape(step.get("detail") or step.get("reason") or ""),
+            )
             _plan_step(step)
 
 
@@ -173,17 +229,25 @@ def _plan_step(step: dict) -> None:
     if bp:
         for lib in ("cudnn", "nccl"):
             loc = bp.get(lib)
-            ui.info(f"    {lib}: " + (escape(f"{loc['include_dir']} ({loc['source']}, "
-                                           f"{loc.get('version') or '?'})") if loc else
-                                    "[yellow]not found[/yellow]"))
+            ui.info(
+                f"    {lib}: "
+                + (
+                    escape(f"{loc['include_dir']} ({loc['source']}, {loc.get('version') or '?'})")
+                    if loc
+                    else "[yellow]not found[/yellow]"
+                )
+            )
         if bp.get("missing"):
             ui.info(f"    missing: {escape(', '.join(bp['missing']))}")
     for cmd in step.get("commands") or []:
         if "write" in cmd:
             ui.plain(f"    write {cmd['write']}: {cmd['content'].strip()}")
             continue
-        extra = {k: v for k, v in cmd["env"].items() if k not in
-                 ("PIP_DISABLE_PIP_VERSION_CHECK", "PIP_NO_INPUT", "PYTHONUNBUFFERED")}
+        extra = {
+            k: v
+            for k, v in cmd["env"].items()
+            if k not in ("PIP_DISABLE_PIP_VERSION_CHECK", "PIP_NO_INPUT", "PYTHONUNBUFFERED")
+        }
         for k, v in extra.items():
             ui.plain(f"    env {k}={v}")
         if cmd.get("unset"):

@@ -44,8 +44,12 @@ def _tree(root: Path) -> list[tuple[str, Path]]:
     out = []
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root)
-        if not p.is_file() or SKIP_DIRS & set(rel.parts) or p.name.endswith(SKIP_SUFFIXES) \
-                or any(part.startswith(".") for part in rel.parts):
+        if (
+            not p.is_file()
+            or SKIP_DIRS & set(rel.parts)
+            or p.name.endswith(SKIP_SUFFIXES)
+            or any(part.startswith(".") for part in rel.parts)
+        ):
             continue
         out.append((rel.as_posix(), p))
     return out
@@ -70,11 +74,15 @@ def project_files() -> dict[str, Path]:
 def _metadata(version: str) -> dict[str, bytes]:
     dist = f"megafleet-{version}.dist-info"
     return {
-        f"{dist}/METADATA": (f"Metadata-Version: 2.1\nName: megafleet\nVersion: {version}\n"
-                             "Summary: megafleet node runtime (built by megafleet setup from the "
-                             "operator's code)\nRequires-Python: >=3.10\n").encode(),
-        f"{dist}/WHEEL": (b"Wheel-Version: 1.0\nGenerator: megafleet.setup.wheel\n"
-                          b"Root-Is-Purelib: true\nTag: py3-none-any\n"),
+        f"{dist}/METADATA": (
+            f"Metadata-Version: 2.1\nName: megafleet\nVersion: {version}\n"
+            "Summary: megafleet node runtime (built by megafleet setup from the "
+            "operator's code)\nRequires-Python: >=3.10\n"
+        ).encode(),
+        f"{dist}/WHEEL": (
+            b"Wheel-Version: 1.0\nGenerator: megafleet.setup.wheel\n"
+            b"Root-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
     }
 
 

@@ -14,7 +14,9 @@ import time
 
 from megafleet.runner import DISCONNECTED, EXIT, TIMEOUT, LineSplitter, Result
 
-EXIT_GRACE = 1.0  # after the exit status, wait this long for EOF (a background child may hold the pipes)
+EXIT_GRACE = (
+    1.0  # after the exit status, wait this long for EOF (a background child may hold the pipes)
+)
 KILL_WAIT = 3.0
 
 
@@ -36,13 +38,16 @@ def pump(runner, conn, chan, cmd, started, timeout, env_bytes, stdin, on_output)
         if not finished:  # KeyboardInterrupt or a bug: do not leave the command running
             _kill_group(conn, err.pid)
         chan.close()
-    res = Result(runner.name, cmd, stdout=out.text(), stderr=err.text(),
-                 duration=time.monotonic() - started)
+    res = Result(
+        runner.name, cmd, stdout=out.text(), stderr=err.text(), duration=time.monotonic() - started
+    )
     if state == TIMEOUT:
         res.error = TIMEOUT
-        res.message = (f"still running after {timeout:g}s; " +
-                       ("its process group was killed on the host" if killed else
-                        "could not kill it on the host (the connection may be gone)"))
+        res.message = f"still running after {timeout:g}s; " + (
+            "its process group was killed on the host"
+            if killed
+            else "could not kill it on the host (the connection may be gone)"
+        )
     elif state == DISCONNECTED:
         res.error = DISCONNECTED
         res.message = "the connection closed before the command finished"
@@ -100,9 +105,11 @@ def _kill_group(conn, pid: int | None) -> bool:
     """TERM the command's process group, KILL it after 2 s if it is still there."""
     if not pid or pid <= 1:
         return False
-    script = (f"kill -s TERM -- -{pid} 2>/dev/null; i=0; "
-              f"while kill -s 0 -- -{pid} 2>/dev/null && [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done; "
-              f"kill -s KILL -- -{pid} 2>/dev/null; true")
+    script = (
+        f"kill -s TERM -- -{pid} 2>/dev/null; i=0; "
+        f"while kill -s 0 -- -{pid} 2>/dev/null && [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done; "
+        f"kill -s KILL -- -{pid} 2>/dev/null; true"
+    )
     try:
         chan = conn.transport.open_session(timeout=5)
         chan.exec_command(script)

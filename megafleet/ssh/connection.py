@@ -24,8 +24,13 @@ from typing import Callable
 import paramiko
 
 from megafleet.inventory import Host
-from megafleet.ssh.errors import (AuthFailed, HostKeyChanged, HostUnreachable, IdentityProblem,
-                                  SSHError)
+from megafleet.ssh.errors import (
+    AuthFailed,
+    HostKeyChanged,
+    HostUnreachable,
+    IdentityProblem,
+    SSHError,
+)
 from megafleet.ssh.keys import Identity, candidate_keys, load_identity
 from megafleet.ssh.known_hosts import KnownHosts, PinOnFirstUse, describe_key
 
@@ -97,16 +102,25 @@ class Connection:
             self.client.close()
 
 
-def connect(host: Host, *, jump: Connection | None = None, known_hosts: KnownHosts | None = None,
-            timeout: float = DEFAULT_CONNECT_TIMEOUT, keepalive: int = DEFAULT_KEEPALIVE) -> Connection:
+def connect(
+    host: Host,
+    *,
+    jump: Connection | None = None,
+    known_hosts: KnownHosts | None = None,
+    timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    keepalive: int = DEFAULT_KEEPALIVE,
+) -> Connection:
     """Open and authenticate one connection (through `jump` if given). Raises SSHError."""
     identity = load_identity(host.identity_file, host.name)
     keys = candidate_keys(identity)
     if not keys:
-        raise IdentityProblem(host.name, "no key to offer: no identity_file is set, the SSH agent "
-                              "holds no keys and there is no unencrypted ~/.ssh/id_*",
-                              hint=f"megafleet hosts add {host.name} ... --identity-file KEY",
-                              problem="no_keys")
+        raise IdentityProblem(
+            host.name,
+            "no key to offer: no identity_file is set, the SSH agent "
+            "holds no keys and there is no unencrypted ~/.ssh/id_*",
+            hint=f"megafleet hosts add {host.name} ... --identity-file KEY",
+            problem="no_keys",
+        )
     store = known_hosts or KnownHosts()
     client = paramiko.SSHClient()
     if store.path.exists():  # only megafleet's own file; never ~/.ssh/known_hosts
@@ -116,13 +130,24 @@ def connect(host: Host, *, jump: Connection | None = None, known_hosts: KnownHos
     start = time.monotonic()
     sock = _tunnel(host, jump, timeout) if jump else None
     try:
-        client.connect(host.address, port=host.port, username=host.user, timeout=timeout,
-                       banner_timeout=timeout, auth_timeout=timeout, channel_timeout=timeout,
-                       sock=sock, auth_strategy=_PublicKeysOnly(host.user, keys))
+        client.connect(
+            host.address,
+            port=host.port,
+            username=host.user,
+            timeout=timeout,
+            banner_timeout=timeout,
+            auth_timeout=timeout,
+            channel_timeout=timeout,
+            sock=sock,
+            auth_strategy=_PublicKeysOnly(host.user, keys),
+        )
         if not client.get_transport().is_authenticated():
-            raise AuthFailed(host.name, "the server asked for a second factor (password or "
-                             "keyboard-interactive) after the key; megafleet never prompts",
-                             hint="allow key-only login for this user (AuthenticationMethods)")
+            raise AuthFailed(
+                host.name,
+                "the server asked for a second factor (password or "
+                "keyboard-interactive) after the key; megafleet never prompts",
+                hint="allow key-only login for this user (AuthenticationMethods)",
+            )
     except BaseException as exc:
         client.close()
         raise _translate(exc, host, identity, store, timeout, jump) from None
@@ -130,9 +155,15 @@ def connect(host: Host, *, jump: Connection | None = None, known_hosts: KnownHos
     transport.set_keepalive(keepalive)
     if sock is None:
         transport.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    return Connection(host, client, identity, time.monotonic() - start,
-                      describe_key(transport.get_remote_server_key()),
-                      pinned_now=policy.pinned is not None, jump=jump)
+    return Connection(
+        host,
+        client,
+        identity,
+        time.monotonic() - start,
+        describe_key(transport.get_remote_server_key()),
+        pinned_now=policy.pinned is not None,
+        jump=jump,
+    )
 
 
 class _PublicKeysOnly(paramiko.AuthStrategy):
@@ -149,17 +180,27 @@ class _PublicKeysOnly(paramiko.AuthStrategy):
 
 def _tunnel(host: Host, jump: Connection, timeout: float) -> paramiko.Channel:
     try:
-        return jump.transport.open_channel("direct-tcpip", (host.address, host.port),
-                                           ("127.0.0.1", 0), timeout=timeout)
+        return jump.transport.open_channel(
+            "direct-tcpip", (host.address, host.port), ("127.0.0.1", 0), timeout=timeout
+        )
     except (paramiko.ChannelException, paramiko.SSHException, OSError) as exc:
-        raise HostUnreachable(host.name, f"jump host {jump.host.name} could not open a connection "
-                              f"to {host.address}:{host.port} ({exc})",
-                              hint=f"check that {jump.host.name} can reach {host.address} and "
-                              "allows TCP forwarding (AllowTcpForwarding)") from None
+        raise HostUnreachable(
+            host.name,
+            f"jump host {jump.host.name} could not open a connection "
+            f"to {host.address}:{host.port} ({exc})",
+            hint=f"check that {jump.host.name} can reach {host.address} and "
+            "allows TCP forwarding (AllowTcpForwarding)",
+        ) from None
 
 
-def _translate(exc: BaseException, host: Host, identity: Identity, store: KnownHosts,
-               timeout: float, jump: Connection | None) -> BaseException:
+def _translate(
+    exc: BaseException,
+    host: Host,
+    identity: Identity,
+    store: KnownHosts,
+    timeout: float,
+    jump: Connection | None,
+) -> BaseException:
     """A paramiko/socket failure as an SSHError that names the host and says what to do."""
     where = f"{host.address}:{host.port}" + (f" via {jump.host.name}" if jump else "")
     if isinstance(exc, SSHError):
@@ -167,19 +208,27 @@ def _translate(exc: BaseException, host: Host, identity: Identity, store: KnownH
     if isinstance(exc, paramiko.BadHostKeyException):
         return _changed_key(host, exc, store)
     if isinstance(exc, paramiko.AuthenticationException):
-        return AuthFailed(host.name, f"{where} refused login as {host.user!r} with "
-                          f"{identity.describe()}",
-                          hint=f"add the public key to ~{host.user}/.ssh/authorized_keys on "
-                          f"{host.name}, or fix user/identity_file in the inventory")
+        return AuthFailed(
+            host.name,
+            f"{where} refused login as {host.user!r} with {identity.describe()}",
+            hint=f"add the public key to ~{host.user}/.ssh/authorized_keys on "
+            f"{host.name}, or fix user/identity_file in the inventory",
+        )
     if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
         codes = {e.errno for e in exc.errors.values()}
         if errno.ECONNREFUSED in codes:
-            return HostUnreachable(host.name, f"connection refused at {where} (no SSH server "
-                                   "listening: host starting up, sshd stopped, or wrong port)")
+            return HostUnreachable(
+                host.name,
+                f"connection refused at {where} (no SSH server "
+                "listening: host starting up, sshd stopped, or wrong port)",
+            )
         return HostUnreachable(host.name, f"no route to {where} (host down or network unreachable)")
     if isinstance(exc, (socket.timeout, TimeoutError)):
-        return HostUnreachable(host.name, f"no answer from {where} within {timeout:g}s (host down, "
-                               "wrong address, or a firewall dropping SSH)")
+        return HostUnreachable(
+            host.name,
+            f"no answer from {where} within {timeout:g}s (host down, "
+            "wrong address, or a firewall dropping SSH)",
+        )
     if isinstance(exc, socket.gaierror):
         return HostUnreachable(host.name, f"cannot resolve {host.address!r} ({exc.strerror})")
     if isinstance(exc, OSError):
@@ -189,7 +238,9 @@ def _translate(exc: BaseException, host: Host, identity: Identity, store: KnownH
     return exc
 
 
-def _changed_key(host: Host, exc: paramiko.BadHostKeyException, store: KnownHosts) -> HostKeyChanged:
+def _changed_key(
+    host: Host, exc: paramiko.BadHostKeyException, store: KnownHosts
+) -> HostKeyChanged:
     new = exc.key
     return HostKeyChanged(
         host.name,
@@ -197,11 +248,13 @@ def _changed_key(host: Host, exc: paramiko.BadHostKeyException, store: KnownHost
         f" in {store.path}, but the server offered {describe_key(new)}. The machine may have been"
         " rebuilt, or someone may be intercepting the connection; megafleet refused to connect",
         hint=f"if you know why it changed, check the new fingerprint out of band, then run: "
-        f"megafleet hosts trust {host.name} --replace --fingerprint {new.fingerprint}")
+        f"megafleet hosts trust {host.name} --replace --fingerprint {new.fingerprint}",
+    )
 
 
-def fetch_host_key(host: Host, jump: Connection | None = None,
-                   timeout: float = DEFAULT_CONNECT_TIMEOUT) -> paramiko.PKey:
+def fetch_host_key(
+    host: Host, jump: Connection | None = None, timeout: float = DEFAULT_CONNECT_TIMEOUT
+) -> paramiko.PKey:
     """The key a server offers, without authenticating or checking it (for `hosts trust`)."""
     sock = _tunnel(host, jump, timeout) if jump else None
     try:
@@ -217,8 +270,9 @@ def fetch_host_key(host: Host, jump: Connection | None = None,
     except SSHError:
         raise
     except BaseException as exc:
-        raise _translate(exc, host, Identity(None, None, "default"), KnownHosts(), timeout,
-                         jump) from None
+        raise _translate(
+            exc, host, Identity(None, None, "default"), KnownHosts(), timeout, jump
+        ) from None
 
 
 class ConnectionPool:
@@ -228,10 +282,13 @@ class ConnectionPool:
     hosts get pooled connections of their own. Thread-safe: different hosts connect in parallel.
     """
 
-    def __init__(self, jump_for: Callable[[Host], Host | None] | None = None,
-                 known_hosts: KnownHosts | None = None,
-                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-                 keepalive: int = DEFAULT_KEEPALIVE):
+    def __init__(
+        self,
+        jump_for: Callable[[Host], Host | None] | None = None,
+        known_hosts: KnownHosts | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        keepalive: int = DEFAULT_KEEPALIVE,
+    ):
         self.jump_for = jump_for or _jump_from_spec
         self.known_hosts = known_hosts
         self.connect_timeout = connect_timeout
@@ -260,8 +317,13 @@ class ConnectionPool:
                     jump = self.get(jump_host, _seen + (host.name,))
                 except SSHError as exc:
                     raise type(exc)(host.name, f"via jump host {exc}", exc.hint) from None
-            conn = connect(host, jump=jump, known_hosts=self.known_hosts or KnownHosts(),
-                           timeout=self.connect_timeout, keepalive=self.keepalive)
+            conn = connect(
+                host,
+                jump=jump,
+                known_hosts=self.known_hosts or KnownHosts(),
+                timeout=self.connect_timeout,
+                keepalive=self.keepalive,
+            )
             self._conns[key] = conn
             return conn
 

@@ -50,7 +50,9 @@ class IdentityProblem(SSHError):
 
     kind = "identity"
 
-    def __init__(self, host: str, message: str, hint: str | None = None, problem: str = "unreadable"):
+    def __init__(
+        self, host: str, message: str, hint: str | None = None, problem: str = "unreadable"
+    ):
         super().__init__(host, message, hint)
         self.problem = problem
 

@@ -47,13 +47,20 @@ def candidate_keys(identity: Identity) -> list[paramiko.PKey]:
     then the unencrypted ~/.ssh/id_ed25519, id_ecdsa and id_rsa."""
     if identity.pkey is not None:
         return [identity.pkey]
-    keys: list[paramiko.PKey] = list(paramiko.Agent().get_keys()) if os.environ.get(
-        "SSH_AUTH_SOCK") else []
+    keys: list[paramiko.PKey] = (
+        list(paramiko.Agent().get_keys()) if os.environ.get("SSH_AUTH_SOCK") else []
+    )
     for name in ("id_ed25519", "id_ecdsa", "id_rsa"):
         p = Path.home() / ".ssh" / name
         try:
             keys.append(paramiko.PKey.from_path(str(p)))
-        except (OSError, TypeError, ValueError, paramiko.SSHException, paramiko.pkey.UnknownKeyType):
+        except (
+            OSError,
+            TypeError,
+            ValueError,
+            paramiko.SSHException,
+            paramiko.pkey.UnknownKeyType,
+        ):
             continue  # absent, passphrase-protected (the agent covers those) or unreadable
     return keys
 
@@ -78,37 +85,56 @@ def load_identity(path: str | None, host: str) -> Identity:
         return _agent_identity(p, host)
     except paramiko.pkey.UnknownKeyType as exc:
         kind = getattr(exc.key_type, "__name__", str(exc.key_type)).replace("PrivateKey", "")
-        raise IdentityProblem(host, f"identity file {p} holds a {kind} key, which is not supported",
-                              hint=f"use an {SUPPORTED} key, e.g.: ssh-keygen -t ed25519",
-                              problem="unsupported_type") from None
+        raise IdentityProblem(
+            host,
+            f"identity file {p} holds a {kind} key, which is not supported",
+            hint=f"use an {SUPPORTED} key, e.g.: ssh-keygen -t ed25519",
+            problem="unsupported_type",
+        ) from None
     except (ValueError, paramiko.SSHException) as exc:
-        raise IdentityProblem(host, f"identity file {p} is not a private key megafleet can read "
-                              f"({str(exc).split('. ')[0]})",
-                              hint=f"point identity_file at an {SUPPORTED} private key "
-                              "in OpenSSH or PEM format") from None
+        raise IdentityProblem(
+            host,
+            f"identity file {p} is not a private key megafleet can read "
+            f"({str(exc).split('. ')[0]})",
+            hint=f"point identity_file at an {SUPPORTED} private key in OpenSSH or PEM format",
+        ) from None
     return Identity(str(p), key, "file", key.fingerprint)
 
 
 def _check_file(p: Path, host: str) -> None:
     if not p.exists():
-        raise IdentityProblem(host, f"identity file {p} does not exist",
-                              hint="fix identity_file in the inventory (megafleet hosts list)",
-                              problem="missing")
+        raise IdentityProblem(
+            host,
+            f"identity file {p} does not exist",
+            hint="fix identity_file in the inventory (megafleet hosts list)",
+            problem="missing",
+        )
     if not p.is_file():
         raise IdentityProblem(host, f"identity file {p} is not a file", problem="not_a_file")
     head = p.read_bytes()[:64]
     if head.startswith((b"ssh-", b"ecdsa-", b"sk-")):
-        raise IdentityProblem(host, f"identity file {p} is a public key",
-                              hint=f"use the private key: {str(p).removesuffix('.pub')}",
-                              problem="public_key")
+        raise IdentityProblem(
+            host,
+            f"identity file {p} is a public key",
+            hint=f"use the private key: {str(p).removesuffix('.pub')}",
+            problem="public_key",
+        )
     mode = stat.S_IMODE(p.stat().st_mode)
     if mode & 0o077:
-        raise IdentityProblem(host, f"identity file {p} has permissions {mode:04o}, which let "
-                              "other users read it; SSH refuses such keys",
-                              hint=f"chmod 600 {p}", problem="permissions")
+        raise IdentityProblem(
+            host,
+            f"identity file {p} has permissions {mode:04o}, which let "
+            "other users read it; SSH refuses such keys",
+            hint=f"chmod 600 {p}",
+            problem="permissions",
+        )
     if p.stat().st_uid != os.geteuid():
-        raise IdentityProblem(host, f"identity file {p} belongs to another user",
-                              hint=f"chown {os.geteuid()} {p}", problem="owner")
+        raise IdentityProblem(
+            host,
+            f"identity file {p} belongs to another user",
+            hint=f"chown {os.geteuid()} {p}",
+            problem="owner",
+        )
 
 
 def _agent_identity(p: Path, host: str) -> Identity:
@@ -118,12 +144,18 @@ def _agent_identity(p: Path, host: str) -> Identity:
     for key in agent_keys:
         if blob is not None and key.asbytes() == blob:
             return Identity(str(p), key, "agent", fingerprint_of_blob(blob))
-    why = ("no SSH agent is running (SSH_AUTH_SOCK is not set)" if not os.environ.get("SSH_AUTH_SOCK")
-           else "the SSH agent does not hold it")
-    raise IdentityProblem(host, f"identity file {p} is protected by a passphrase and {why}; "
-                          "megafleet never prompts for passphrases",
-                          hint=f'eval "$(ssh-agent -s)" && ssh-add {p}' if "not set" in why
-                          else f"ssh-add {p}", problem="passphrase")
+    why = (
+        "no SSH agent is running (SSH_AUTH_SOCK is not set)"
+        if not os.environ.get("SSH_AUTH_SOCK")
+        else "the SSH agent does not hold it"
+    )
+    raise IdentityProblem(
+        host,
+        f"identity file {p} is protected by a passphrase and {why}; "
+        "megafleet never prompts for passphrases",
+        hint=f'eval "$(ssh-agent -s)" && ssh-add {p}' if "not set" in why else f"ssh-add {p}",
+        problem="passphrase",
+    )
 
 
 def public_blob(p: Path) -> bytes | None:
@@ -142,6 +174,6 @@ def public_blob(p: Path) -> bytes | None:
     magic = b"openssh-key-v1\x00"
     if not data.startswith(magic):
         return None
-    msg = paramiko.Message(data[len(magic):])
+    msg = paramiko.Message(data[len(magic) :])
     msg.get_string(), msg.get_string(), msg.get_string()  # cipher, kdf, kdf options
     return msg.get_binary() if msg.get_int() >= 1 else None

@@ -49,16 +49,19 @@ def _finish(chan, what: str) -> bytes:
     return err
 
 
-def exec_put_from(conn, local: str | Path, remote: str, offset: int = 0,
-                  progress: Progress | None = None) -> int:
+def exec_put_from(
+    conn, local: str | Path, remote: str, offset: int = 0, progress: Progress | None = None
+) -> int:
     """Upload one file, continuing `remote.mfpart` from `offset`; returns bytes sent."""
     src, dst = Path(local).expanduser(), remote_path(remote)
     size, mode = src.stat().st_size, stat.S_IMODE(src.stat().st_mode)
     part = dst + PART
-    script = (f"set -e; mkdir -p {_q(posixpath.dirname(dst) or '.')}; "
-              f"cat {'>>' if offset else '>'} {_q(part)}; s=$(wc -c < {_q(part)}); "
-              f"if [ \"$s\" -ne {size} ]; then echo \"remote size $s after upload, expected "
-              f"{size}\" >&2; exit 3; fi; chmod {mode:o} {_q(part)}; mv -f {_q(part)} {_q(dst)}")
+    script = (
+        f"set -e; mkdir -p {_q(posixpath.dirname(dst) or '.')}; "
+        f"cat {'>>' if offset else '>'} {_q(part)}; s=$(wc -c < {_q(part)}); "
+        f'if [ "$s" -ne {size} ]; then echo "remote size $s after upload, expected '
+        f'{size}" >&2; exit 3; fi; chmod {mode:o} {_q(part)}; mv -f {_q(part)} {_q(dst)}'
+    )
     chan = _open(conn, script)
     moved = 0
     try:
@@ -77,17 +80,26 @@ def exec_put_from(conn, local: str | Path, remote: str, offset: int = 0,
     return moved
 
 
-def exec_get_from(conn, remote: str, local: str | Path, offset: int = 0,
-                  progress: Progress | None = None, size: int | None = None,
-                  mode: int | None = None) -> int:
+def exec_get_from(
+    conn,
+    remote: str,
+    local: str | Path,
+    offset: int = 0,
+    progress: Progress | None = None,
+    size: int | None = None,
+    mode: int | None = None,
+) -> int:
     """Download one file, continuing `local.mfpart` from `offset`; returns bytes received."""
     src, dst = remote_path(remote), Path(local).expanduser()
     if size is None or mode is None:
-        (size, mode, _), = _remote_stats(conn, src)
+        ((size, mode, _),) = _remote_stats(conn, src)
     dst.parent.mkdir(parents=True, exist_ok=True)
     part = dst.with_name(dst.name + PART)
-    chan = _open(conn, f"set -e; test -r {_q(src)}; printf '%s\\n' {MARK.decode().strip()}; "
-                 f"exec tail -c +{offset + 1} {_q(src)}")
+    chan = _open(
+        conn,
+        f"set -e; test -r {_q(src)}; printf '%s\\n' {MARK.decode().strip()}; "
+        f"exec tail -c +{offset + 1} {_q(src)}",
+    )
     moved, head = 0, b""
     with open(part, "ab" if offset else "wb") as out:
         for data in iter(lambda: chan.recv(CHUNK), b""):
@@ -102,8 +114,9 @@ def exec_get_from(conn, remote: str, local: str | Path, offset: int = 0,
                 progress(offset + moved, size)
     _finish(chan, f"download of {src}")
     if part.stat().st_size != size:
-        raise StreamCopyError(f"{dst}: local size {part.stat().st_size} after download, "
-                              f"expected {size}")
+        raise StreamCopyError(
+            f"{dst}: local size {part.stat().st_size} after download, expected {size}"
+        )
     os.chmod(part, mode)
     os.replace(part, dst)
     return moved
@@ -111,8 +124,11 @@ def exec_get_from(conn, remote: str, local: str | Path, offset: int = 0,
 
 def _remote_stats(conn, src: str) -> list[tuple[int, int, str]]:
     """(size, mode, relative path) of a file ("" as path), or of every file under a directory."""
-    chan = _open(conn, f"if [ -d {_q(src)} ]; then cd {_q(src)} && find . -type f -exec stat -c "
-                 f"'%s %a %n' {{}} +; else stat -c '%s %a %n' {_q(src)}; fi")
+    chan = _open(
+        conn,
+        f"if [ -d {_q(src)} ]; then cd {_q(src)} && find . -type f -exec stat -c "
+        f"'%s %a %n' {{}} +; else stat -c '%s %a %n' {_q(src)}; fi",
+    )
     out = b""
     for data in iter(lambda: chan.recv(65536), b""):
         out += data
@@ -147,8 +163,9 @@ def exec_put(conn, local: str | Path, remote: str, progress: Progress | None = N
     files = _local_tree(src)
     meter = _Total(sum(p.stat().st_size for p, _ in files), progress)
     for path, rel in files:
-        meter.base += exec_put_from(conn, path, posixpath.join(dst, rel) if rel else dst, 0,
-                                    meter.file)
+        meter.base += exec_put_from(
+            conn, path, posixpath.join(dst, rel) if rel else dst, 0, meter.file
+        )
     return meter.base
 
 
@@ -158,6 +175,13 @@ def exec_get(conn, remote: str, local: str | Path, progress: Progress | None = N
     files = _remote_stats(conn, src)
     meter = _Total(sum(size for size, _, _ in files), progress)
     for size, mode, rel in files:
-        meter.base += exec_get_from(conn, posixpath.join(src, rel) if rel else src,
-                                    dst / rel if rel else dst, 0, meter.file, size, mode)
+        meter.base += exec_get_from(
+            conn,
+            posixpath.join(src, rel) if rel else src,
+            dst / rel if rel else dst,
+            0,
+            meter.file,
+            size,
+            mode,
+        )
     return meter.base

@@ -41,8 +41,12 @@ def load_answers(path: str | Path) -> dict:
 class Asker:
     """Asks the wizard's questions (see the module docstring)."""
 
-    def __init__(self, answers: dict | None = None, source: str | None = None,
-                 interactive: bool | None = None):
+    def __init__(
+        self,
+        answers: dict | None = None,
+        source: str | None = None,
+        interactive: bool | None = None,
+    ):
         self.answers = dict(answers or {})
         self.source = source or "answers file"
         self.interactive = sys.stdin.isatty() if interactive is None else interactive
@@ -56,22 +60,32 @@ class Asker:
         return False, None
 
     def _from_file(self, qid: str, message: str, value: Any) -> Any:
-        ui.info(f"[bold]?[/bold] {escape(message)} [cyan]{escape(str(value))}[/cyan] "
-                f"[dim](from {escape(self.source)})[/dim]")
+        ui.info(
+            f"[bold]?[/bold] {escape(message)} [cyan]{escape(str(value))}[/cyan] "
+            f"[dim](from {escape(self.source)})[/dim]"
+        )
         self.given[qid] = value
         return value
 
     def _need_terminal(self, qid: str, message: str) -> None:
         if not self.interactive:
-            raise UsageError(f"no terminal to ask {message!r}",
-                             hint=f"add `{qid}: ...` to the answers file, or run in a terminal")
+            raise UsageError(
+                f"no terminal to ask {message!r}",
+                hint=f"add `{qid}: ...` to the answers file, or run in a terminal",
+            )
 
     def _bad(self, qid: str, value: Any, why: str) -> UsageError:
         return UsageError(f"{self.source}: {qid}: {value!r}: {why}")
 
     # -- question kinds --------------------------------------------------------------------
-    def select(self, qid: str, message: str, choices: Sequence[tuple[Any, str]],
-               default: Any = None, disabled: dict[Any, str] | None = None) -> Any:
+    def select(
+        self,
+        qid: str,
+        message: str,
+        choices: Sequence[tuple[Any, str]],
+        default: Any = None,
+        disabled: dict[Any, str] | None = None,
+    ) -> Any:
         """One of `choices` ((value, title) pairs); `disabled` values are shown, not selectable."""
         disabled = disabled or {}
         values = [v for v, _ in choices if v not in disabled]
@@ -83,16 +97,28 @@ class Asker:
         self._need_terminal(qid, message)
         import questionary
 
-        items = [questionary.Choice(title, value=v, disabled=disabled.get(v))
-                 for v, title in choices]
+        items = [
+            questionary.Choice(title, value=v, disabled=disabled.get(v)) for v, title in choices
+        ]
         start = next((c for c in items if c.value == default and not c.disabled), None)
-        answer = questionary.select(message, choices=items, default=start, use_shortcuts=True,
-                                    instruction="(arrows or number, Enter)").unsafe_ask()
+        answer = questionary.select(
+            message,
+            choices=items,
+            default=start,
+            use_shortcuts=True,
+            instruction="(arrows or number, Enter)",
+        ).unsafe_ask()
         self.given[qid] = answer
         return answer
 
-    def text(self, qid: str, message: str, default: str = "",
-             validate: Validator | None = None, path: bool = False) -> str:
+    def text(
+        self,
+        qid: str,
+        message: str,
+        default: str = "",
+        validate: Validator | None = None,
+        path: bool = False,
+    ) -> str:
         found, value = self.preset(qid)
         if found:
             value = "" if value is None else str(value)
@@ -124,8 +150,13 @@ class Asker:
         self.given[qid] = answer
         return answer
 
-    def checkbox(self, qid: str, message: str, choices: Sequence[tuple[Any, str]],
-                 checked: Sequence[Any] = ()) -> list:
+    def checkbox(
+        self,
+        qid: str,
+        message: str,
+        choices: Sequence[tuple[Any, str]],
+        checked: Sequence[Any] = (),
+    ) -> list:
         found, value = self.preset(qid)
         values = [v for v, _ in choices]
         if found:
@@ -138,7 +169,8 @@ class Asker:
         import questionary
 
         items = [questionary.Choice(title, value=v, checked=v in checked) for v, title in choices]
-        answer = questionary.checkbox(message, choices=items,
-                                      instruction="(Space toggles, Enter accepts)").unsafe_ask()
+        answer = questionary.checkbox(
+            message, choices=items, instruction="(Space toggles, Enter accepts)"
+        ).unsafe_ask()
         self.given[qid] = answer
         return answer

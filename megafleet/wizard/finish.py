@@ -46,19 +46,34 @@ def review(ask: Asker, state: WizardState, dry_run: bool) -> str:
     text = job_file_text(state.job)
     ui.info("\n[bold]The job file[/bold] (the same schema `megafleet render` and the runtime use):")
     ui.plain(text.rstrip("\n"))
-    name = ask.text("job_file", "Save the job as:", default=free_job_name(),
-                    validate=_job_file_problem, path=True).strip()
+    name = ask.text(
+        "job_file",
+        "Save the job as:",
+        default=free_job_name(),
+        validate=_job_file_problem,
+        path=True,
+    ).strip()
     state.job_file = Path(name).expanduser().absolute()
     ui.hint(f"megafleet launch {name}", title="The command that runs it (now or any time later)")
-    what = ask.select("confirm", "Go ahead?",
-                      [("launch", f"Save {name} and launch now"),
-                       ("save", f"Save {name} only (launch later)"),
-                       ("cancel", "Cancel (nothing is written)")], default="launch")
+    what = ask.select(
+        "confirm",
+        "Go ahead?",
+        [
+            ("launch", f"Save {name} and launch now"),
+            ("save", f"Save {name} only (launch later)"),
+            ("cancel", "Cancel (nothing is written)"),
+        ],
+        default="launch",
+    )
     if what == "cancel":
         raise KeyboardInterrupt
     if dry_run:
-        ui.info("dry run: would write " + ", ".join(
-            ([f"the inventory (+{', '.join(state.added)})"] if state.added else []) + [name]))
+        ui.info(
+            "dry run: would write "
+            + ", ".join(
+                ([f"the inventory (+{', '.join(state.added)})"] if state.added else []) + [name]
+            )
+        )
         return "dry-run"
     for line in state.commit(text):
         ui.check_row("ok", f"wrote {escape(line)}")
@@ -68,6 +83,7 @@ def review(ask: Asker, state: WizardState, dry_run: bool) -> str:
 
 
 # -- environment ---------------------------------------------------------------------------------
+
 
 def prepare_nodes(ask: Asker, state: WizardState) -> bool:
     """True when every node can run the job (setting them up if the user agrees)."""
@@ -89,8 +105,11 @@ def prepare_nodes(ask: Asker, state: WizardState) -> bool:
         for p in exc.problems:
             ui.check_row("warn", f"{p.field}: not set up", escape(p.message))
         return setup_nodes(ask, state, [t.host for t in targets])
-    ui.check_row("ok", f"every node runs this megafleet in {venv}",
-                 "megafleet env check shows the whole environment")
+    ui.check_row(
+        "ok",
+        f"every node runs this megafleet in {venv}",
+        "megafleet env check shows the whole environment",
+    )
     return True
 
 
@@ -104,12 +123,17 @@ def setup_nodes(ask: Asker, state: WizardState, hosts: list) -> bool:
     with ui.err_console.status("planning the setup ..."):
         planned = setup_hosts(hosts, options, pool=state.pool, dry_run=True)
     show_plan(planned)
-    question = (f"Set up {', '.join(names)} now (a venv at {options.venv} with torch, "
-                "megatron-core, transformers and this megafleet; takes minutes)?")
+    question = (
+        f"Set up {', '.join(names)} now (a venv at {options.venv} with torch, "
+        "megatron-core, transformers and this megafleet; takes minutes)?"
+    )
     if not ask.confirm("setup", question, default=True):
         ui.info(f"Not set up. The job is saved in {state.job_file}.")
-        ui.hint(f"megafleet setup --hosts {','.join(names)}", f"megafleet launch {state.job_file}",
-                title="When you are ready")
+        ui.hint(
+            f"megafleet setup --hosts {','.join(names)}",
+            f"megafleet launch {state.job_file}",
+            title="When you are ready",
+        )
         return False
     with SetupProgress(names) as progress:
         results = setup_hosts(hosts, options, pool=state.pool, on_event=progress.on_event)
@@ -118,23 +142,29 @@ def setup_nodes(ask: Asker, state: WizardState, hosts: list) -> bool:
     show_results(results)
     failed = [h for h, r in results.items() if r.status != "ok"]
     if failed:
-        raise MegafleetError(f"setup did not finish on {', '.join(failed)}",
-                             hint=f"fix what is shown above, then: megafleet setup --hosts "
-                                  f"{','.join(failed)} && megafleet launch {state.job_file}")
+        raise MegafleetError(
+            f"setup did not finish on {', '.join(failed)}",
+            hint=f"fix what is shown above, then: megafleet setup --hosts "
+            f"{','.join(failed)} && megafleet launch {state.job_file}",
+        )
     return True
 
 
 # -- launch and logs -----------------------------------------------------------------------------
+
 
 def launch(state: WizardState):
     from megafleet.cli.jobs_view import show_started
     from megafleet.jobs.launch import LaunchOptions, launch_job
 
     local = state.mode == "local"
-    opts = LaunchOptions(local=local, hosts=None if local else state.nodes,
-                         inventory=None if local else state.inventory,
-                         pool=None if local else state.pool,
-                         say=lambda m: ui.err_console.print(f"[dim]{escape(m)}[/dim]"))
+    opts = LaunchOptions(
+        local=local,
+        hosts=None if local else state.nodes,
+        inventory=None if local else state.inventory,
+        pool=None if local else state.pool,
+        say=lambda m: ui.err_console.print(f"[dim]{escape(m)}[/dim]"),
+    )
     ui.err_console.print("[dim]checking the nodes, the master port and the job ...[/dim]")
     with ui.TransferBars() as bars:
         run = launch_job(state.job, opts, bars)
@@ -146,22 +176,35 @@ def follow(ask: Asker, run) -> int:
     """Stream every node's log until the run ends; its exit code (130 when detached)."""
     from megafleet.jobs.logs import follow_logs
 
-    if not ask.confirm("follow", "Follow the logs now? (Ctrl-C detaches; the run goes on)",
-                       default=True):
+    if not ask.confirm(
+        "follow", "Follow the logs now? (Ctrl-C detaches; the run goes on)", default=True
+    ):
         return 0
     try:
-        code, result = follow_logs(run, lambda line: ui.log_line(
-            line.prefix.ljust(7), ui.node_colour(line.node), line.text, dim=line.progress))
+        code, result = follow_logs(
+            run,
+            lambda line: ui.log_line(
+                line.prefix.ljust(7), ui.node_colour(line.node), line.text, dim=line.progress
+            ),
+        )
     except KeyboardInterrupt:
         ui.err_console.print(f"[yellow]detached[/yellow]: run {run.run_id} keeps running")
-        ui.hint(f"megafleet logs {run.run_id} -f", f"megafleet stop {run.run_id}",
-                title="To follow it again, or stop it")
+        ui.hint(
+            f"megafleet logs {run.run_id} -f",
+            f"megafleet stop {run.run_id}",
+            title="To follow it again, or stop it",
+        )
         return EXIT_INTERRUPTED
     for host, why in result.errors.items():
         ui.err_console.print(f"[red]{escape(host)}:[/red] no log stream: {escape(str(why))}")
     ok = code == 0
-    ui.check_row("ok" if ok else "fail", f"run {run.run_id} " + ("succeeded" if ok else "failed"),
-                 "" if code is None else f"exit code {code}")
-    ui.hint(*( [f"megafleet fetch {run.run_id}"] if ok else [f"megafleet status {run.run_id}"]),
-            f"megafleet logs {run.run_id}")
+    ui.check_row(
+        "ok" if ok else "fail",
+        f"run {run.run_id} " + ("succeeded" if ok else "failed"),
+        "" if code is None else f"exit code {code}",
+    )
+    ui.hint(
+        *([f"megafleet fetch {run.run_id}"] if ok else [f"megafleet status {run.run_id}"]),
+        f"megafleet logs {run.run_id}",
+    )
     return code if code is not None else 4

@@ -11,9 +11,11 @@ from megafleet.wizard import finish, job, machines
 from megafleet.wizard.ask import Asker
 from megafleet.wizard.state import WizardState
 
-INTRO = ("[bold]megafleet wizard[/bold]: from your machines to a running training job. Every "
-         "question has a default (Enter takes it); Ctrl-C cancels at any step. Nothing is "
-         "written until you confirm the job.")
+INTRO = (
+    "[bold]megafleet wizard[/bold]: from your machines to a running training job. Every "
+    "question has a default (Enter takes it); Ctrl-C cancels at any step. Nothing is "
+    "written until you confirm the job."
+)
 
 
 def run_wizard(ask: Asker, timeout: float = 10.0, dry_run: bool = False) -> int:
@@ -42,8 +44,11 @@ def _flow(ask: Asker, state: WizardState, dry_run: bool) -> int:
     machines.show_fleet(state, state.nodes)
     gpus = machines.gpu_facts(state)
     if not gpus.per_node and not ask.confirm(
-            "cpu_ok", f"No NVIDIA GPU on {', '.join(state.nodes)}. Run on CPU instead (a smoke "
-            "run for tiny models)?", default=True):
+        "cpu_ok",
+        f"No NVIDIA GPU on {', '.join(state.nodes)}. Run on CPU instead (a smoke "
+        "run for tiny models)?",
+        default=True,
+    ):
         raise KeyboardInterrupt
     job.ask_task(ask, state)
     state.job.launch.hosts = list(state.nodes)

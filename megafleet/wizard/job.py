@@ -18,9 +18,11 @@ from megafleet.wizard.ask import Asker
 from megafleet.wizard.machines import GpuFacts
 from megafleet.wizard.state import WizardState
 
-TASKS = [("sft", "Supervised fine-tuning (SFT), all parameters"),
-         ("sft-lora", "SFT with LoRA adapters"),
-         ("pt", "Pre-training (continued), on plain text")]
+TASKS = [
+    ("sft", "Supervised fine-tuning (SFT), all parameters"),
+    ("sft-lora", "SFT with LoRA adapters"),
+    ("pt", "Pre-training (continued), on plain text"),
+]
 TEMPLATE_FOR = {"sft": "sft-full", "sft-lora": "sft-lora", "pt": "pt"}
 CHAT_FORMATS = ("messages", "sharegpt", "alpaca", "query_response")
 CPU_MAX_LENGTH = 512
@@ -37,6 +39,7 @@ def ask_task(ask: Asker, state: WizardState):
 
 # -- model ---------------------------------------------------------------------------------------
 
+
 def describe_model(ref: str) -> tuple[dict, str]:
     """(config.json, one-line summary) for a model directory, config.json, hub id or shape name;
     raises UsageError naming the problem (unsupported family, not found, bad JSON)."""
@@ -48,10 +51,16 @@ def describe_model(ref: str) -> tuple[dict, str]:
         shape = shape_from_hf_config(hf)
     except ConfigError as exc:
         raise UsageError("; ".join(p.message for p in exc.problems)) from None
-    moe = (f" ({shape.active_params() / 1e9:.2f}B active: {shape.num_experts} experts, "
-           f"top {shape.moe_router_topk})" if shape.is_moe else "")
-    return hf, (f"{shape.family}, {shape.total_params() / 1e9:.2f}B parameters{moe}, "
-                f"{shape.num_layers} layers, hidden {shape.hidden_size}")
+    moe = (
+        f" ({shape.active_params() / 1e9:.2f}B active: {shape.num_experts} experts, "
+        f"top {shape.moe_router_topk})"
+        if shape.is_moe
+        else ""
+    )
+    return hf, (
+        f"{shape.family}, {shape.total_params() / 1e9:.2f}B parameters{moe}, "
+        f"{shape.num_layers} layers, hidden {shape.hidden_size}"
+    )
 
 
 def _model_problem(text: str) -> str | None:
@@ -71,22 +80,31 @@ def default_model() -> str:
 
 def ask_model(ask: Asker, state: WizardState) -> dict:
     """The model, its family checked; a model that is not here must already be on the nodes."""
-    ref = ask.text("model", "Model: a Hugging Face checkpoint directory here, or a hub id "
-                   "(Qwen/Qwen3-8B):", default=default_model(), validate=_model_problem,
-                   path=True).strip()
+    ref = ask.text(
+        "model",
+        "Model: a Hugging Face checkpoint directory here, or a hub id (Qwen/Qwen3-8B):",
+        default=default_model(),
+        validate=_model_problem,
+        path=True,
+    ).strip()
     hf, summary = describe_model(ref)
     ui.check_row("ok", f"model {escape(ref)}", summary)
     local = Path(ref).expanduser()
     if local.is_dir():
         state.job.model.model = str(local.resolve())
         return hf
-    ui.info(f"{escape(ref)} is not on this machine: download it to the same path on every node "
-            f"first (e.g. `huggingface-cli download {escape(ref)} --local-dir PATH`).")
+    ui.info(
+        f"{escape(ref)} is not on this machine: download it to the same path on every node "
+        f"first (e.g. `huggingface-cli download {escape(ref)} --local-dir PATH`)."
+    )
     home = _node_home(state)
     default = f"{home}/models/{ref.rstrip('/').split('/')[-1]}" if home else ""
     state.job.model.model = ask.text(
-        "model_on_nodes", "Path of the model directory on the nodes:", default=default,
-        validate=lambda t: None if t.strip().startswith("/") else "give an absolute path").strip()
+        "model_on_nodes",
+        "Path of the model directory on the nodes:",
+        default=default,
+        validate=lambda t: None if t.strip().startswith("/") else "give an absolute path",
+    ).strip()
     return hf
 
 
@@ -99,6 +117,7 @@ def _node_home(state: WizardState) -> str | None:
 
 
 # -- dataset -------------------------------------------------------------------------------------
+
 
 def first_row(path: Path) -> tuple[object, int]:
     """(the first row, the number of rows) of a .jsonl / .json file; raises UsageError."""
@@ -143,8 +162,10 @@ def inspect_dataset(spec: str, task: str) -> tuple[str, object, int]:
     except RowError as exc:
         raise UsageError(f"{path}:1: {exc}") from None
     if task == "sft" and fmt not in CHAT_FORMATS:
-        raise UsageError(f"{path}: rows are plain text; SFT needs conversations "
-                         "(messages, sharegpt, alpaca or query/response rows)")
+        raise UsageError(
+            f"{path}: rows are plain text; SFT needs conversations "
+            "(messages, sharegpt, alpaca or query/response rows)"
+        )
     return fmt, example, count
 
 
@@ -165,8 +186,13 @@ def ask_dataset(ask: Asker, state: WizardState) -> None:
             return exc.message
         return None
 
-    spec = ask.text("dataset", "Dataset file (.jsonl or .json):", default=default_dataset(),
-                    validate=problem, path=True).strip()
+    spec = ask.text(
+        "dataset",
+        "Dataset file (.jsonl or .json):",
+        default=default_dataset(),
+        validate=problem,
+        path=True,
+    ).strip()
     fmt, example, count = inspect_dataset(spec, task)
     path, sep, n = spec.rpartition("#") if re.search(r"#\d+$", spec) else (spec, "", "")
     state.job.data.dataset = [str(Path(path).expanduser().resolve()) + sep + n]
@@ -189,6 +215,7 @@ def _short(text: str, limit: int = 160) -> str:
 
 
 # -- training length and the plan ----------------------------------------------------------------
+
 
 def parse_length(text: str) -> tuple[str, float]:
     """'2 epochs' | '500 steps' | '3' (epochs) -> ("num_train_epochs" | "train_iters", value)."""
@@ -215,27 +242,43 @@ def ask_max_length(ask: Asker, state: WizardState, hf: dict, gpus: GpuFacts) -> 
     job = state.job
     longest = int(hf.get("max_position_embeddings") or job.data.max_length)
     default = min(job.data.max_length, longest, CPU_MAX_LENGTH if not gpus.per_node else 10**9)
-    seq = ask.text("max_length", "Tokens per training row (max_length):", default=str(default),
-                   validate=lambda t: None if t.strip().isdigit() and int(t) > 0
-                   else "a whole number of tokens")
+    seq = ask.text(
+        "max_length",
+        "Tokens per training row (max_length):",
+        default=str(default),
+        validate=lambda t: (
+            None if t.strip().isdigit() and int(t) > 0 else "a whole number of tokens"
+        ),
+    )
     job.data.max_length = int(seq)
 
 
 def ask_schedule(ask: Asker, state: WizardState) -> None:
     """How long, how fast, and where checkpoints go."""
     job = state.job
-    length = ask.text("train_length", "How long to train (epochs or steps):", default="1 epoch",
-                      validate=_length_problem)
+    length = ask.text(
+        "train_length",
+        "How long to train (epochs or steps):",
+        default="1 epoch",
+        validate=_length_problem,
+    )
     field, value = parse_length(length)
     job.train.num_train_epochs, job.train.train_iters = None, None
     job.set(f"train.{field}", value)
-    lr = ask.text("lr", "Learning rate:", default=f"{job.optim.lr:g}",
-                  validate=lambda t: None if _positive_float(t) else "a number > 0, e.g. 1e-5")
+    lr = ask.text(
+        "lr",
+        "Learning rate:",
+        default=f"{job.optim.lr:g}",
+        validate=lambda t: None if _positive_float(t) else "a number > 0, e.g. 1e-5",
+    )
     job.optim.lr = float(lr)
     job.optim.min_lr = min(job.optim.min_lr, job.optim.lr)
-    out = ask.text("output_dir", "Where the nodes write checkpoints (output_dir, relative to the "
-                   "run directory):", default=job.checkpoint.output_dir,
-                   validate=lambda t: None if t.strip() else "give a directory")
+    out = ask.text(
+        "output_dir",
+        "Where the nodes write checkpoints (output_dir, relative to the run directory):",
+        default=job.checkpoint.output_dir,
+        validate=lambda t: None if t.strip() else "give a directory",
+    )
     job.checkpoint.output_dir = out.strip()
 
 
@@ -263,11 +306,20 @@ def plan_layout(ask: Asker, state: WizardState, hf: dict, gpus: GpuFacts) -> str
     from remote_runtime.spec.config import ConfigError
 
     job, nodes = state.job, len(state.nodes)
-    ui.info(f"[bold]Planning[/bold] for {nodes} node(s) × {gpus.per_node} {escape(gpus.name)} "
-            f"({gpus.mem_gib:g} GiB each, from the {gpus.source})")
+    ui.info(
+        f"[bold]Planning[/bold] for {nodes} node(s) × {gpus.per_node} {escape(gpus.name)} "
+        f"({gpus.mem_gib:g} GiB each, from the {gpus.source})"
+    )
     try:
-        result = plan(hf, gpus.per_node * nodes, gpus.mem_gib, gpus.per_node, job.data.max_length,
-                      job.task, global_batch_size=job.train.global_batch_size)
+        result = plan(
+            hf,
+            gpus.per_node * nodes,
+            gpus.mem_gib,
+            gpus.per_node,
+            job.data.max_length,
+            job.task,
+            global_batch_size=job.train.global_batch_size,
+        )
     except ConfigError as exc:
         raise UsageError("; ".join(f"{p.field}: {p.message}" for p in exc.problems)) from None
     show_plan(result, job.model.model, details=False)
@@ -275,9 +327,16 @@ def plan_layout(ask: Asker, state: WizardState, hf: dict, gpus: GpuFacts) -> str
         state.job = apply_plan(job, result)
         return "ok"
     ui.check_row("fail", escape(result.reason or "the model does not fit"))
-    what = ask.select("plan_failed", "Nothing fits. What now?",
-                      [("length", "Try a shorter sequence length"),
-                       ("model", "Choose another model"), ("cancel", "Cancel")], default="length")
+    what = ask.select(
+        "plan_failed",
+        "Nothing fits. What now?",
+        [
+            ("length", "Try a shorter sequence length"),
+            ("model", "Choose another model"),
+            ("cancel", "Cancel"),
+        ],
+        default="length",
+    )
     if what == "cancel":
         raise KeyboardInterrupt
     return what

@@ -20,9 +20,11 @@ from megafleet.inventory import Host, parse_target
 from megafleet.wizard.ask import Asker
 from megafleet.wizard.state import WizardState
 
-WHERE = [("local", "This machine (no SSH; local mode)"),
-         ("ssh", "Remote machines over SSH"),
-         ("ec2", "EC2 instances, found by tag")]
+WHERE = [
+    ("local", "This machine (no SSH; local mode)"),
+    ("ssh", "Remote machines over SSH"),
+    ("ec2", "EC2 instances, found by tag"),
+]
 
 
 @dataclass
@@ -34,6 +36,7 @@ class GpuFacts:
 
 
 # -- checking hosts ------------------------------------------------------------------------------
+
 
 def check_hosts(state: WizardState, targets: list) -> list[dict]:
     """`hosts check` for inventory Hosts (or Runners); rows kept in the state, table shown."""
@@ -60,6 +63,7 @@ def show_fleet(state: WizardState, names: list[str]) -> None:
 
 # -- where ---------------------------------------------------------------------------------------
 
+
 def ask_where(ask: Asker, state: WizardState) -> str:
     return ask.select("where", "Where should training run?", WHERE, default="ssh")
 
@@ -74,6 +78,7 @@ def local_node(ask: Asker, state: WizardState) -> list[str]:
 
 
 # -- SSH hosts -----------------------------------------------------------------------------------
+
 
 def default_key() -> str:
     for name in ("id_ed25519", "id_ecdsa", "id_rsa"):
@@ -125,22 +130,41 @@ def ask_new_host(ask: Asker, state: WizardState, prev: Host | None = None) -> Ho
     """Address, user, key and name of one host (validated as typed)."""
     import getpass
 
-    target = ask.text("host_address", "Host address ([user@]address[:port]):",
-                      default=prev.address if prev else "", validate=_address_problem)
+    target = ask.text(
+        "host_address",
+        "Host address ([user@]address[:port]):",
+        default=prev.address if prev else "",
+        validate=_address_problem,
+    )
     user, address, port = parse_target(target.strip())
-    user = ask.text("host_user", f"SSH user on {address}:",
-                    default=user or (prev.user if prev else getpass.getuser()),
-                    validate=lambda t: None if t.strip() else "give a user name")
-    key = ask.text("host_key", "Private key to log in with (empty: SSH agent / ~/.ssh keys):",
-                   default=(prev.identity_file if prev else default_key()) or "",
-                   validate=_key_problem, path=True)
+    user = ask.text(
+        "host_user",
+        f"SSH user on {address}:",
+        default=user or (prev.user if prev else getpass.getuser()),
+        validate=lambda t: None if t.strip() else "give a user name",
+    )
+    key = ask.text(
+        "host_key",
+        "Private key to log in with (empty: SSH agent / ~/.ssh keys):",
+        default=(prev.identity_file if prev else default_key()) or "",
+        validate=_key_problem,
+        path=True,
+    )
     taken = set(state.inventory.names())
-    name = ask.text("host_name", "Name for this host in megafleet:",
-                    default=prev.name if prev else default_name(address, taken),
-                    validate=lambda t: _name_problem(t, taken))
+    name = ask.text(
+        "host_name",
+        "Name for this host in megafleet:",
+        default=prev.name if prev else default_name(address, taken),
+        validate=lambda t: _name_problem(t, taken),
+    )
     key_path = str(Path(key).expanduser().absolute()) if key.strip() else None
-    return Host(name=name.strip(), address=address, user=user.strip(), port=port or 22,
-                identity_file=key_path)
+    return Host(
+        name=name.strip(),
+        address=address,
+        user=user.strip(),
+        port=port or 22,
+        identity_file=key_path,
+    )
 
 
 def _name_problem(text: str, taken: set[str]) -> str | None:
@@ -173,9 +197,16 @@ def one_checked_host(ask: Asker, state: WizardState) -> Host | None:
         state.inventory.add(host)
         if check_hosts(state, [host])[0]["ok"]:
             return host
-        what = ask.select("host_failed", f"{host.name} failed the check. What now?",
-                          [("retry", "Enter it again"), ("keep", "Keep it anyway (fix it later)"),
-                           ("drop", "Leave it out")], default="retry")
+        what = ask.select(
+            "host_failed",
+            f"{host.name} failed the check. What now?",
+            [
+                ("retry", "Enter it again"),
+                ("keep", "Keep it anyway (fix it later)"),
+                ("drop", "Leave it out"),
+            ],
+            default="retry",
+        )
         if what == "keep":
             return host
         state.inventory.remove(host.name)
@@ -190,11 +221,13 @@ def _add_preset(state: WizardState, entry, chosen: list[str]) -> None:
         raise UsageError("answers file: new_hosts entries need address (and user, key, name)")
     user, address, port = parse_target(str(entry["address"]))
     key = entry.get("key")
-    host = Host(name=str(entry.get("name") or default_name(address, set(state.inventory.names()))),
-                address=address,
-                user=str(entry.get("user") or user or os.environ.get("USER", "root")),
-                port=port or 22,
-                identity_file=str(Path(key).expanduser().absolute()) if key else None)
+    host = Host(
+        name=str(entry.get("name") or default_name(address, set(state.inventory.names()))),
+        address=address,
+        user=str(entry.get("user") or user or os.environ.get("USER", "root")),
+        port=port or 22,
+        identity_file=str(Path(key).expanduser().absolute()) if key else None,
+    )
     state.inventory.add(host)
     check_hosts(state, [host])
     state.added.append(host.name)
@@ -205,10 +238,12 @@ def ssh_hosts(ask: Asker, state: WizardState) -> list[str]:
     chosen: list[str] = []
     if len(state.inventory):
         names = state.inventory.names()
-        chosen = ask.checkbox("hosts",
-                              f"Hosts from your inventory ({state.inventory.path}) to use:",
-                              [(n, f"{n}  ({state.inventory.hosts[n].target})") for n in names],
-                              checked=names)
+        chosen = ask.checkbox(
+            "hosts",
+            f"Hosts from your inventory ({state.inventory.path}) to use:",
+            [(n, f"{n}  ({state.inventory.hosts[n].target})") for n in names],
+            checked=names,
+        )
         if chosen:
             check_hosts(state, state.inventory.select(chosen))
     add_hosts(ask, state, chosen)
@@ -218,6 +253,7 @@ def ssh_hosts(ask: Asker, state: WizardState) -> list[str]:
 
 
 # -- EC2 -----------------------------------------------------------------------------------------
+
 
 def _default_region() -> str:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
@@ -229,31 +265,51 @@ def ec2_hosts(ask: Asker, state: WizardState) -> list[str]:
     from megafleet.ec2 import check_instances, find_instances, import_instances
     from megafleet.ec2.importer import ID_TAG, TYPE_TAG, apply_plan, check_key
 
-    region = ask.text("ec2_region", "AWS region:", default=_default_region(),
-                      validate=lambda t: None if re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d", t.strip())
-                      else "a region name such as us-east-1")
-    tags_text = ask.text("ec2_tags", "Instance tags to match (KEY=VALUE, comma-separated; "
-                         "empty: all instances):", default="")
+    region = ask.text(
+        "ec2_region",
+        "AWS region:",
+        default=_default_region(),
+        validate=lambda t: (
+            None
+            if re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d", t.strip())
+            else "a region name such as us-east-1"
+        ),
+    )
+    tags_text = ask.text(
+        "ec2_tags",
+        "Instance tags to match (KEY=VALUE, comma-separated; empty: all instances):",
+        default="",
+    )
     tags = [t.strip() for t in tags_text.split(",") if t.strip()]
     with ui.err_console.status(f"looking for instances in {region} ..."):
         instances = find_instances(region.strip(), tags)
     where = f"in {region}" + (f" tagged {', '.join(tags)}" if tags else "")
     if not instances:
-        raise UsageError(f"no instances {where}",
-                         hint="megafleet ec2 list --region REGION shows what is there")
+        raise UsageError(
+            f"no instances {where}", hint="megafleet ec2 list --region REGION shows what is there"
+        )
     show_instances(instances, f"{len(instances)} instance(s) {where}", compact=True)
-    user = ask.text("ec2_user", "SSH user on the instances:", default="ubuntu",
-                    validate=lambda t: None if t.strip() else "give a user name")
-    key = ask.text("ec2_key", "Private key of the instances' key pair:", default=default_key(),
-                   validate=lambda t: _key_problem(t) if t.strip() else "give the key file",
-                   path=True)
+    user = ask.text(
+        "ec2_user",
+        "SSH user on the instances:",
+        default="ubuntu",
+        validate=lambda t: None if t.strip() else "give a user name",
+    )
+    key = ask.text(
+        "ec2_key",
+        "Private key of the instances' key pair:",
+        default=default_key(),
+        validate=lambda t: _key_problem(t) if t.strip() else "give the key file",
+        path=True,
+    )
     _, warning = check_key(key)
     if warning:
         ui.warn(warning)
     # Planned and validated against the inventory, not saved: the hosts join the in-memory
     # inventory now and are written with the job (see megafleet.wizard.state).
-    plan = import_instances(instances, user.strip(), key, inventory=state.inventory,
-                            dry_run=True).actions
+    plan = import_instances(
+        instances, user.strip(), key, inventory=state.inventory, dry_run=True
+    ).actions
     apply_plan(plan, state.inventory)
     show_import_plan(plan, state.inventory.path, dry_run=True)
     names = []
@@ -266,30 +322,43 @@ def ec2_hosts(ask: Asker, state: WizardState) -> list[str]:
         names.append(a.name)
         state.ec2_types[a.name] = host.tags.get(TYPE_TAG, "")
     with ui.err_console.status("checking the instances (network, placement, SSH) ..."):
-        report = check_instances(region.strip(), tags, inventory=state.inventory,
-                                 ssh_timeout=min(state.timeout, 5.0))
+        report = check_instances(
+            region.strip(), tags, inventory=state.inventory, ssh_timeout=min(state.timeout, 5.0)
+        )
     show_check(report)
     if not names:
         raise UsageError("no running instance to train on", hint="megafleet ec2 start --ids ...")
     rows = check_hosts(state, state.inventory.select(names))
     if not all(r["ok"] for r in rows):
-        keep = ask.confirm("keep_unreachable", "Some instances failed the SSH check. Go on anyway "
-                           "(GPU facts from the instance type; the launch needs SSH)?",
-                           default=False)
+        keep = ask.confirm(
+            "keep_unreachable",
+            "Some instances failed the SSH check. Go on anyway "
+            "(GPU facts from the instance type; the launch needs SSH)?",
+            default=False,
+        )
         if not keep:
-            raise UsageError("stopped at the SSH check", hint="fix SSH (security group, key, user) "
-                             "and run `megafleet wizard` again")
+            raise UsageError(
+                "stopped at the SSH check",
+                hint="fix SSH (security group, key, user) and run `megafleet wizard` again",
+            )
     return names
 
 
 # -- several hosts, GPUs -------------------------------------------------------------------------
 
+
 def ask_distribute(ask: Asker, state: WizardState, names: list[str]) -> list[str]:
     if len(names) < 2:
         return names
-    how = ask.select("distribute", f"{len(names)} hosts: train across all of them?",
-                     [("all", f"Distributed across all {len(names)} hosts ({', '.join(names)})"),
-                      ("first", f"The first host only ({names[0]})")], default="all")
+    how = ask.select(
+        "distribute",
+        f"{len(names)} hosts: train across all of them?",
+        [
+            ("all", f"Distributed across all {len(names)} hosts ({', '.join(names)})"),
+            ("first", f"The first host only ({names[0]})"),
+        ],
+        default="all",
+    )
     return names if how == "all" else names[:1]
 
 
@@ -307,8 +376,9 @@ def gpu_facts(state: WizardState) -> GpuFacts:
             found.append((len(gpus), mib / 1024, gpus[0].get("name", "GPU"), "hosts check"))
         elif not row.get("ok") and catalog.lookup(state.ec2_types.get(name)):
             info = catalog.lookup(state.ec2_types[name])
-            found.append((info.gpus, info.gpu_memory_mib / 1024, info.gpu_model,
-                          f"EC2 type {info.name}"))
+            found.append(
+                (info.gpus, info.gpu_memory_mib / 1024, info.gpu_model, f"EC2 type {info.name}")
+            )
         else:
             found.append((0, 0.0, "", "hosts check"))
     per_node = min(f[0] for f in found)

@@ -55,9 +55,11 @@ class WizardState:
         if self._pool is None:
             from megafleet.ssh.connection import ConnectionPool
 
-            self._pool = ConnectionPool(self.inventory.jump_for,
-                                        known_hosts=self.staged_known_hosts,
-                                        connect_timeout=self.timeout)
+            self._pool = ConnectionPool(
+                self.inventory.jump_for,
+                known_hosts=self.staged_known_hosts,
+                connect_timeout=self.timeout,
+            )
         return self._pool
 
     def close(self) -> None:
@@ -112,17 +114,27 @@ class WizardState:
             sets = [f"model={job.model.model}", f"dataset={','.join(job.data.dataset)}"]
             if self.nodes:
                 sets.append(f"hosts={','.join(self.nodes)}")
-            out.append("megafleet render " + self.template + " " +
-                       " ".join(f"--set {shlex.quote(s)}" for s in sets) + " -o job.yaml")
+            out.append(
+                "megafleet render "
+                + self.template
+                + " "
+                + " ".join(f"--set {shlex.quote(s)}" for s in sets)
+                + " -o job.yaml"
+            )
         return out
 
     def say_cancelled(self) -> None:
         ui.err_console.print("[yellow]cancelled[/yellow]")
         if self.run_id:
-            ui.info(f"Run {self.run_id} was started and keeps running; the job is in "
-                    f"{self.job_file}.")
-            ui.hint(f"megafleet logs {self.run_id} -f", f"megafleet status {self.run_id}",
-                    f"megafleet stop {self.run_id}", title="To follow it, or stop it")
+            ui.info(
+                f"Run {self.run_id} was started and keeps running; the job is in {self.job_file}."
+            )
+            ui.hint(
+                f"megafleet logs {self.run_id} -f",
+                f"megafleet status {self.run_id}",
+                f"megafleet stop {self.run_id}",
+                title="To follow it, or stop it",
+            )
             return
         if not self.committed:
             ui.info("Nothing was written: no job file, no inventory change, no run.")

@@ -52,8 +52,11 @@ def _writer(dist) -> bool:
     """One rank per pipeline stage holds the gathered tensors: TP 0, DP 0, CP 0."""
     from megatron.core import parallel_state
 
-    return (dist.tp_rank == 0 and parallel_state.get_data_parallel_rank() == 0
-            and parallel_state.get_context_parallel_rank() == 0)
+    return (
+        dist.tp_rank == 0
+        and parallel_state.get_data_parallel_rank() == 0
+        and parallel_state.get_context_parallel_rank() == 0
+    )
 
 
 def _full_params(chunks) -> dict[str, torch.Tensor]:
@@ -69,7 +72,9 @@ def _full_params(chunks) -> dict[str, torch.Tensor]:
     return out
 
 
-def adapter_tensors(chunks, dist, vocab_size: int, of=lambda p: p) -> dict[str, torch.Tensor] | None:
+def adapter_tensors(
+    chunks, dist, vocab_size: int, of=lambda p: p
+) -> dict[str, torch.Tensor] | None:
     """{PEFT key: full tensor (CPU)} on global rank 0, None elsewhere. Collective. `of` picks
     what to gather from each trained parameter (the tests take `main_grad`)."""
     mine: dict[str, torch.Tensor] = {}
@@ -102,8 +107,11 @@ def save_adapter(chunks, out_dir: str | Path, base_model: str | Path, dist) -> N
     out.mkdir(parents=True, exist_ok=True)
     config = peft_adapter_config(lora_settings(chunks), str(base_model))
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(out / ADAPTER_WEIGHTS),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in sorted(tensors.items())},
+        str(out / ADAPTER_WEIGHTS),
+        metadata={"format": "pt"},
+    )
 
 
 @torch.no_grad()
@@ -127,8 +135,9 @@ def load_adapter(chunks, adapter_dir: str | Path, dist) -> int:
                     try:
                         set_piece(adapter, param, f.get_tensor(key), 0 if which == "A" else 1)
                     except ValueError as exc:
-                        raise ConversionError([(f"{exc} (another base model or rank?)", [key])],
-                                              str(path)) from None
+                        raise ConversionError(
+                            [(f"{exc} (another base model or rank?)", [key])], str(path)
+                        ) from None
                     taken += 1
         for module, param in _full_params(chunks).items():
             key = f"{PEFT_PREFIX}{module}.weight"
@@ -136,16 +145,32 @@ def load_adapter(chunks, adapter_dir: str | Path, dist) -> int:
                 _copy(param, _vocab_piece(f.get_tensor(key), param, dist), key, path)
                 taken += 1
     if missing:
-        raise ConversionError([("LoRA matrices this model needs that the adapter lacks (does "
-                                "target_modules match?)", missing)], str(path))
+        raise ConversionError(
+            [
+                (
+                    "LoRA matrices this model needs that the adapter lacks (does "
+                    "target_modules match?)",
+                    missing,
+                )
+            ],
+            str(path),
+        )
     _check_all_taken(keys, chunks, dist, str(path))
     return taken
 
 
 def _copy(param: torch.Tensor, piece: torch.Tensor, key: str, path) -> None:
     if tuple(piece.shape) != tuple(param.shape):
-        raise ConversionError([(f"shape {tuple(piece.shape)} does not match the model's piece "
-                                f"{tuple(param.shape)} (another rank or base model?)", [key])], str(path))
+        raise ConversionError(
+            [
+                (
+                    f"shape {tuple(piece.shape)} does not match the model's piece "
+                    f"{tuple(param.shape)} (another rank or base model?)",
+                    [key],
+                )
+            ],
+            str(path),
+        )
     param.copy_(piece.to(device=param.device, dtype=param.dtype))
 
 
@@ -167,8 +192,9 @@ def _check_all_taken(keys: set[str], chunks, dist, where: str) -> None:
         torch.distributed.all_gather_object(everyone, wanted)
     unused = keys - set().union(*everyone)
     if unused:
-        raise ConversionError([("adapter tensors this model has no place for", sorted(unused))],
-                              where)
+        raise ConversionError(
+            [("adapter tensors this model has no place for", sorted(unused))], where
+        )
 
 
 __all__ = ["SAVE_MODULES", "adapter_tensors", "load_adapter", "save_adapter"]

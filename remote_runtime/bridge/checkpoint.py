@@ -43,8 +43,12 @@ class HFCheckpoint:
             with safe_open(str(single), framework="pt") as f:
                 return {k: SINGLE for k in f.keys()}
         found = sorted(p.name for p in self.dir.glob("*.bin")) if self.dir.is_dir() else []
-        hint = (f" (found {found[0]}: PyTorch .bin checkpoints are not supported; re-save it with "
-                "save_pretrained(..., safe_serialization=True))" if found else "")
+        hint = (
+            f" (found {found[0]}: PyTorch .bin checkpoints are not supported; re-save it with "
+            "save_pretrained(..., safe_serialization=True))"
+            if found
+            else ""
+        )
         raise CheckpointError(f"{self.dir} has neither {INDEX} nor {SINGLE}{hint}")
 
     def keys(self) -> list[str]:

@@ -22,9 +22,9 @@ import torch
 from remote_runtime.bridge.checkpoint import FLOAT_DTYPES, HFCheckpoint
 from remote_runtime.bridge.mapping import ConversionError, check_checkpoint_keys, local_params
 from remote_runtime.bridge.transforms import Layout, ShapeError, shard
-from remote_runtime.spec.resolve import padded_vocab_size, read_hf_config
 from remote_runtime.spec.families import family_for_hf_config
 from remote_runtime.spec.families.base import expert_keys
+from remote_runtime.spec.resolve import padded_vocab_size, read_hf_config
 
 
 @dataclass
@@ -43,12 +43,20 @@ class LoadReport:
 def layout_for(hf_config: dict, family, dist) -> Layout:
     """The transforms' view of the model and of this rank (`dist`: platform.DistInfo)."""
     tc = family.transformer_config_kwargs(hf_config)
-    return Layout(heads=tc["num_attention_heads"], groups=tc["num_query_groups"],
-                  head_dim=tc["kv_channels"], vocab=tc["vocab_size"],
-                  padded_vocab=padded_vocab_size(tc["vocab_size"], dist.tp), tp=dist.tp,
-                  tp_rank=dist.tp_rank, num_experts=tc.get("num_moe_experts") or 0,
-                  ep=getattr(dist, "ep", 1), ep_rank=getattr(dist, "ep_rank", 0),
-                  etp=getattr(dist, "etp", 1), etp_rank=getattr(dist, "etp_rank", 0))
+    return Layout(
+        heads=tc["num_attention_heads"],
+        groups=tc["num_query_groups"],
+        head_dim=tc["kv_channels"],
+        vocab=tc["vocab_size"],
+        padded_vocab=padded_vocab_size(tc["vocab_size"], dist.tp),
+        tp=dist.tp,
+        tp_rank=dist.tp_rank,
+        num_experts=tc.get("num_moe_experts") or 0,
+        ep=getattr(dist, "ep", 1),
+        ep_rank=getattr(dist, "ep_rank", 0),
+        etp=getattr(dist, "etp", 1),
+        etp_rank=getattr(dist, "etp_rank", 0),
+    )
 
 
 def row_keys(row, layer: int | None, lay: Layout, ep_rank: int | None = None) -> list[str]:
@@ -56,8 +64,9 @@ def row_keys(row, layer: int | None, lay: Layout, ep_rank: int | None = None) ->
     EP rank `ep_rank` (default: this rank's), expert by expert in the table's order."""
     if not row.per_expert:
         return [k for p in row.hf for k in expert_keys(p, layer, ())]
-    return [k for e in lay.local_experts(ep_rank) for p in row.hf
-            for k in expert_keys(p, layer, (e,))]
+    return [
+        k for e in lay.local_experts(ep_rank) for p in row.hf for k in expert_keys(p, layer, (e,))
+    ]
 
 
 def load_hf_checkpoint(chunks, model_dir: str | Path, dist) -> LoadReport:
@@ -81,16 +90,32 @@ def load_hf_checkpoint(chunks, model_dir: str | Path, dist) -> LoadReport:
             for key in keys:
                 dtype = ckpt.meta(key)[1]
                 if dtype not in FLOAT_DTYPES:
-                    raise ConversionError([(f"tensors of dtype {dtype} (expected one of "
-                                            f"{', '.join(FLOAT_DTYPES)})", [key])], where)
+                    raise ConversionError(
+                        [
+                            (
+                                f"tensors of dtype {dtype} (expected one of "
+                                f"{', '.join(FLOAT_DTYPES)})",
+                                [key],
+                            )
+                        ],
+                        where,
+                    )
                 dtypes.add(dtype)
             try:
                 piece = shard(lp.row.transform, [ckpt.slice(k) for k in keys], lay, keys)
             except ShapeError as exc:
                 raise ConversionError([(str(exc), [lp.name])], where) from None
             if tuple(piece.shape) != tuple(lp.param.shape):
-                raise ConversionError([(f"shape {tuple(piece.shape)} from the checkpoint does not "
-                                        f"match the model's {tuple(lp.param.shape)}", [lp.name])], where)
+                raise ConversionError(
+                    [
+                        (
+                            f"shape {tuple(piece.shape)} from the checkpoint does not "
+                            f"match the model's {tuple(lp.param.shape)}",
+                            [lp.name],
+                        )
+                    ],
+                    where,
+                )
             with torch.no_grad():
                 lp.param.copy_(piece.to(device=lp.param.device, dtype=lp.param.dtype))
             nbytes += piece.numel() * piece.element_size()
@@ -98,8 +123,9 @@ def load_hf_checkpoint(chunks, model_dir: str | Path, dist) -> LoadReport:
     finally:
         ckpt.close()
     _check_everything_loaded(family, tc, tied, read_keys, where)
-    return LoadReport(where, family.name, len(params), nbytes,
-                      time.perf_counter() - start, sorted(dtypes))
+    return LoadReport(
+        where, family.name, len(params), nbytes, time.perf_counter() - start, sorted(dtypes)
+    )
 
 
 def _check_everything_loaded(family, tc, tied, read_keys: set[str], where: str) -> None:
@@ -110,5 +136,13 @@ def _check_everything_loaded(family, tc, tied, read_keys: set[str], where: str) 
         torch.distributed.all_gather_object(everyone, read_keys)
     unread = expected - set().union(*everyone)
     if unread:
-        raise ConversionError([("checkpoint tensors that no model parameter took (does the model "
-                                "match config.json?)", sorted(unread))], where)
+        raise ConversionError(
+            [
+                (
+                    "checkpoint tensors that no model parameter took (does the model "
+                    "match config.json?)",
+                    sorted(unread),
+                )
+            ],
+            where,
+        )

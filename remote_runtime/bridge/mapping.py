@@ -32,14 +32,17 @@ def summarize(names: list[str], limit: int = 12) -> str:
     groups: dict[str, list[int]] = {}
     for name in sorted(names):
         m = _LAYER.search(name)
-        key = name if not m else name[: m.start()] + ".{}." + name[m.end():]
+        key = name if not m else name[: m.start()] + ".{}." + name[m.end() :]
         groups.setdefault(key, []).append(int(m.group(1)) if m else -1)
     shown = []
     for key, layers in groups.items():
         if "{}" in key:
             lo, hi = min(layers), max(layers)
-            span = str(lo) if len(layers) == 1 else (
-                f"{lo}-{hi}" if len(layers) == hi - lo + 1 else ",".join(map(str, layers)))
+            span = (
+                str(lo)
+                if len(layers) == 1
+                else (f"{lo}-{hi}" if len(layers) == hi - lo + 1 else ",".join(map(str, layers)))
+            )
             key = key.replace("{}", "{" + span + "}" if len(layers) > 1 else span)
         shown.append(key)
     more = f" (and {len(shown) - limit} more)" if len(shown) > limit else ""
@@ -53,7 +56,9 @@ def unwrap(model):
     while not isinstance(model, GPTModel) and hasattr(model, "module"):
         model = model.module
     if not isinstance(model, GPTModel):
-        raise TypeError(f"expected a megatron GPTModel (possibly wrapped), got {type(model).__name__}")
+        raise TypeError(
+            f"expected a megatron GPTModel (possibly wrapped), got {type(model).__name__}"
+        )
     return model
 
 
@@ -63,7 +68,7 @@ def global_name(model, name: str) -> str:
     if not m:
         return name
     layer = model.decoder.layers[int(m.group(1))].layer_number - 1
-    return f"decoder.layers.{layer}.{name[m.end():]}"
+    return f"decoder.layers.{layer}.{name[m.end() :]}"
 
 
 # Transformer Engine fuses the pre-attention / pre-MLP norms into the following linear layer;
@@ -104,21 +109,34 @@ def local_params(chunks, family: ModelFamily, tied: bool) -> list[LocalParam]:
             else:
                 out.append(LocalParam(gname, param, hit[0], hit[1]))
     if unmapped:
-        raise ConversionError([(f"Megatron parameters with no entry in the {family.name} table",
-                                unmapped)])
+        raise ConversionError(
+            [(f"Megatron parameters with no entry in the {family.name} table", unmapped)]
+        )
     return out
 
 
-def check_checkpoint_keys(family: ModelFamily, keys: list[str], num_layers: int, tied: bool,
-                          where: str, num_experts: int = 0) -> dict:
+def check_checkpoint_keys(
+    family: ModelFamily,
+    keys: list[str],
+    num_layers: int,
+    tied: bool,
+    where: str,
+    num_experts: int = 0,
+) -> dict:
     """The expected HF keys ({key: (row, layer)}); raises listing missing and unclaimed keys."""
     expected = family.expected_hf_keys(num_layers, tied, num_experts)
     present = set(keys)
     missing = sorted(set(expected) - present)
     extra = sorted(k for k in present - set(expected) if family.ignored_hf_key(k, tied) is None)
     if missing or extra:
-        raise ConversionError([
-            ("missing from the checkpoint", missing),
-            (f"in the checkpoint but not in the {family.name} table (neither loaded nor ignored)",
-             extra)], where)
+        raise ConversionError(
+            [
+                ("missing from the checkpoint", missing),
+                (
+                    f"in the checkpoint but not in the {family.name} table (neither loaded nor ignored)",
+                    extra,
+                ),
+            ],
+            where,
+        )
     return expected

@@ -15,8 +15,15 @@ import struct
 
 import torch
 
-ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-             torch.float64: "F64", torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8"}
+ST_DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+}
 TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
 
 
@@ -36,8 +43,11 @@ class StreamingWriter:
         header, offset = {}, 0
         for name, shape, dtype in entries:
             size = nbytes(shape, dtype)
-            header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + size]}
+            header[name] = {
+                "dtype": ST_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
             offset += size
         header["__metadata__"] = {"format": "pt"}
         blob = json.dumps(header, separators=(",", ":")).encode()
@@ -53,8 +63,10 @@ class StreamingWriter:
             raise RuntimeError(f"{self.path}: got {name}, expected {want}")
         shape, dtype = self.expect[name]
         if list(tensor.shape) != shape or tensor.dtype != dtype:
-            raise RuntimeError(f"{name}: writing {tuple(tensor.shape)} {tensor.dtype}, planned "
-                               f"{tuple(shape)} {dtype}")
+            raise RuntimeError(
+                f"{name}: writing {tuple(tensor.shape)} {tensor.dtype}, planned "
+                f"{tuple(shape)} {dtype}"
+            )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         self.file.write(memoryview(data))
         self.next += 1

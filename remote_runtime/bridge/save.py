@@ -29,11 +29,11 @@ import torch
 
 from remote_runtime.bridge.checkpoint import INDEX, HFCheckpoint
 from remote_runtime.bridge.load import layout_for, row_keys
-from remote_runtime.spec.resolve import read_hf_config
 from remote_runtime.bridge.mapping import ConversionError, local_params
 from remote_runtime.bridge.safetensors_stream import TORCH_DTYPES, StreamingWriter, nbytes
 from remote_runtime.bridge.transforms import unshard
 from remote_runtime.spec.families import family_for_hf_config
+from remote_runtime.spec.resolve import read_hf_config
 
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf)$|.*\.index\.json$")
 
@@ -57,8 +57,15 @@ def parse_size(size: int | str) -> int:
     if not m:
         raise ValueError(f"max_shard_size {size!r}: expected bytes or e.g. '5GB', '500MiB'")
     unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
-             "GIB": 2**30}[unit]
+    scale = {
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+    }[unit]
     return int(float(m.group(1)) * scale)
 
 
@@ -77,11 +84,17 @@ class _Unit:
 def _ranks_info(dist, chunks_units: list[tuple[int, int | None]]) -> list[dict]:
     from megatron.core import parallel_state
 
-    me = {"rank": dist.rank, "pp": dist.pp_rank, "tp": dist.tp_rank,
-          "writer": parallel_state.get_data_parallel_rank() == 0
-          and parallel_state.get_context_parallel_rank() == 0, "units": chunks_units,
-          "ep": getattr(dist, "ep_rank", 0), "etp": getattr(dist, "etp_rank", 0),
-          "expert_writer": parallel_state.get_expert_data_parallel_rank() == 0}
+    me = {
+        "rank": dist.rank,
+        "pp": dist.pp_rank,
+        "tp": dist.tp_rank,
+        "writer": parallel_state.get_data_parallel_rank() == 0
+        and parallel_state.get_context_parallel_rank() == 0,
+        "units": chunks_units,
+        "ep": getattr(dist, "ep_rank", 0),
+        "etp": getattr(dist, "etp_rank", 0),
+        "expert_writer": parallel_state.get_expert_data_parallel_rank() == 0,
+    }
     if dist.world_size == 1:
         return [me]
     everyone = [None] * dist.world_size
@@ -103,8 +116,10 @@ def _plan_units(family, infos: list[dict]) -> list[_Unit]:
             row = family.params[row_index]
             if row.save and _writes(info, row):
                 part = info["ep"] if row.per_expert else 0
-                units.setdefault((row_index, layer, part),
-                                 _Unit(row_index, layer, part, info["pp"], info["rank"]))
+                units.setdefault(
+                    (row_index, layer, part),
+                    _Unit(row_index, layer, part, info["pp"], info["rank"]),
+                )
 
     def order(u: _Unit):
         name = family.params[u.row_index].megatron
@@ -128,9 +143,16 @@ def _plan_files(entries: list[tuple[str, list[int], torch.dtype]], max_bytes: in
     return files
 
 
-def save_hf_checkpoint(chunks, out_dir: str | Path, source_dir: str | Path, dist, *,
-                       max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None,
-                       overwrite: bool = False) -> SaveReport:
+def save_hf_checkpoint(
+    chunks,
+    out_dir: str | Path,
+    source_dir: str | Path,
+    dist,
+    *,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> SaveReport:
     """Write the model as a Hugging Face checkpoint (see module docstring). Collective; every
     rank returns the same report."""
     start = time.perf_counter()
@@ -139,14 +161,18 @@ def save_hf_checkpoint(chunks, out_dir: str | Path, source_dir: str | Path, dist
     family = family_for_hf_config(hf_config)
     tc = family.transformer_config_kwargs(hf_config)
     tied = tc["share_embeddings_and_output_weights"]
-    mine = {(family.params.index(lp.row), lp.layer): lp for lp in local_params(chunks, family, tied)}
+    mine = {
+        (family.params.index(lp.row), lp.layer): lp for lp in local_params(chunks, family, tied)
+    }
     infos = _ranks_info(dist, sorted(mine, key=lambda u: (u[0], u[1] or 0)))
     units = _plan_units(family, infos)
     lay = layout_for(hf_config, family, dist)
     entries = _plan_entries(family, units, lay, source_dir, dtype)
     expected = set(family.expected_hf_keys(tc["num_layers"], tied, lay.num_experts))
     if {e[0] for e in entries} != expected:
-        raise ConversionError([("HF tensors no rank can write", sorted(expected - {e[0] for e in entries}))])
+        raise ConversionError(
+            [("HF tensors no rank can write", sorted(expected - {e[0] for e in entries}))]
+        )
     files = _plan_files(entries, parse_size(max_shard_size))
     writer = _open_writer(out_dir, files, overwrite, dist)
     shapes = {e[0]: e for e in entries}
@@ -174,8 +200,9 @@ def save_hf_checkpoint(chunks, out_dir: str | Path, source_dir: str | Path, dist
     report = None
     if writer is not None:
         written = writer.finish(Path(source_dir).expanduser(), dtype)
-        report = SaveReport(str(out_dir), len(files), len(entries), written,
-                            time.perf_counter() - start)
+        report = SaveReport(
+            str(out_dir), len(files), len(entries), written, time.perf_counter() - start
+        )
     return _broadcast(report, dist)
 
 
@@ -187,8 +214,15 @@ def _plan_entries(family, units: list[_Unit], lay, source_dir, dtype) -> list[tu
         for u in units:
             for key in row_keys(family.params[u.row_index], u.layer, lay, u.part):
                 if key not in source.files:
-                    raise ConversionError([("not in the source checkpoint, so its shape and dtype "
-                                            "are unknown", [key])], str(source.dir))
+                    raise ConversionError(
+                        [
+                            (
+                                "not in the source checkpoint, so its shape and dtype are unknown",
+                                [key],
+                            )
+                        ],
+                        str(source.dir),
+                    )
                 shape, st_dtype = source.meta(key)
                 entries.append((key, shape, dtype or TORCH_DTYPES[st_dtype]))
     finally:
@@ -250,7 +284,9 @@ class _Rank0Writer:
         self.tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
-        self.names = [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+        self.names = [
+            f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))
+        ]
         self.file_of = {e[0]: i for i, f in enumerate(files) for e in f}
         self.index = -1
         self.current = None
@@ -270,8 +306,10 @@ class _Rank0Writer:
         if self.current is not None:
             self.current.close()
         weight_map = {e[0]: self.names[i] for i, f in enumerate(self.files) for e in f}
-        (self.tmp / INDEX).write_text(json.dumps(
-            {"metadata": {"total_size": self.bytes}, "weight_map": weight_map}, indent=2) + "\n")
+        (self.tmp / INDEX).write_text(
+            json.dumps({"metadata": {"total_size": self.bytes}, "weight_map": weight_map}, indent=2)
+            + "\n"
+        )
         for item in sorted(source_dir.iterdir()):
             if item.is_file() and not WEIGHT_FILE.match(item.name):
                 shutil.copy2(item, self.tmp / item.name)

@@ -96,7 +96,7 @@ def shard(transform: str, slices: list, lay: Layout, keys: list[str]) -> torch.T
         return _rows(slices[0], r * n, (r + 1) * n)
     if transform == "row":
         n = _part(slices[0].get_shape()[1], tp, keys[0])
-        return slices[0][:, r * n:(r + 1) * n]
+        return slices[0][:, r * n : (r + 1) * n]
     if transform == "vocab":
         return _vocab_shard(slices[0], lay, keys[0])
     if transform == "qkv":
@@ -109,8 +109,12 @@ def shard(transform: str, slices: list, lay: Layout, keys: list[str]) -> torch.T
     if transform in _PER_EXPERT:
         base, per = _PER_EXPERT[transform]
         elay = lay.expert_tp()
-        return torch.stack([shard(base, slices[i:i + per], elay, keys[i:i + per])
-                            for i in range(0, len(slices), per)])
+        return torch.stack(
+            [
+                shard(base, slices[i : i + per], elay, keys[i : i + per])
+                for i in range(0, len(slices), per)
+            ]
+        )
     raise ValueError(f"unknown transform {transform!r}")
 
 
@@ -135,8 +139,10 @@ def _qkv_shard(slices, lay: Layout, keys: list[str]) -> torch.Tensor:
     want = (lay.heads * hd, lay.groups * hd, lay.groups * hd)
     for sl, key, rows in zip(slices, keys, want):
         if sl.get_shape()[0] != rows:
-            raise ShapeError(f"{key}: {sl.get_shape()[0]} rows, expected {rows} "
-                             f"(heads={lay.heads}, kv heads={lay.groups}, head_dim={hd})")
+            raise ShapeError(
+                f"{key}: {sl.get_shape()[0]} rows, expected {rows} "
+                f"(heads={lay.heads}, kv heads={lay.groups}, head_dim={hd})"
+            )
     g = _part(lay.groups, lay.tp, "num_key_value_heads")
     g0 = lay.tp_rank * g
     q = _rows(slices[0], g0 * hpg * hd, (g0 + g) * hpg * hd)
@@ -154,8 +160,9 @@ def unshard(transform: str, pieces: list[torch.Tensor], lay: Layout, keys: list[
         base, per = _PER_EXPERT[transform]
         out = {}
         for i, start in enumerate(range(0, len(keys), per)):
-            out.update(unshard(base, [p[i] for p in pieces], lay.expert_tp(),
-                               keys[start:start + per]))
+            out.update(
+                unshard(base, [p[i] for p in pieces], lay.expert_tp(), keys[start : start + per])
+            )
         return out
     if transform == "replicated":
         return {keys[0]: pieces[0]}

@@ -18,14 +18,24 @@ import importlib
 
 _EXPORTS = {
     "DataError": "errors",
-    "build_dataset": "dataset", "load_dataset": "dataset", "default_cache_dir": "dataset",
-    "TokenizedDataset": "dataset", "DataStats": "dataset", "SourceStats": "dataset",
+    "build_dataset": "dataset",
+    "load_dataset": "dataset",
+    "default_cache_dir": "dataset",
+    "TokenizedDataset": "dataset",
+    "DataStats": "dataset",
+    "SourceStats": "dataset",
     "EncodeSettings": "encode",
-    "ChatEncoder": "chat", "preview": "chat",
-    "Samples": "packing", "pack_documents": "packing",
-    "MicroBatch": "batches", "IGNORE_INDEX": "batches",
-    "GlobalBatch": "sampler", "BatchIterator": "sampler", "make_batch_iterator": "sampler",
-    "write_demo_dataset": "demo_data", "write_demo_pretrain": "demo_data",
+    "ChatEncoder": "chat",
+    "preview": "chat",
+    "Samples": "packing",
+    "pack_documents": "packing",
+    "MicroBatch": "batches",
+    "IGNORE_INDEX": "batches",
+    "GlobalBatch": "sampler",
+    "BatchIterator": "sampler",
+    "make_batch_iterator": "sampler",
+    "write_demo_dataset": "demo_data",
+    "write_demo_pretrain": "demo_data",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -48,8 +48,10 @@ class MicroBatch:
         return self.cu_seqlens is not None
 
     def to(self, device) -> "MicroBatch":
-        moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                 for k, v in self.__dict__.items()}
+        moved = {
+            k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+            for k, v in self.__dict__.items()
+        }
         return MicroBatch(**moved)
 
 
@@ -67,8 +69,13 @@ def _padded_size(n: int, multiple: int, fixed: int | None) -> int:
     return -(-n // multiple) * multiple
 
 
-def collate_thd(docs: list[tuple[np.ndarray, np.ndarray]], num_samples: int, pad_token_id: int,
-                pad_to_multiple_of: int = 1, fixed_length: int | None = None) -> MicroBatch:
+def collate_thd(
+    docs: list[tuple[np.ndarray, np.ndarray]],
+    num_samples: int,
+    pad_token_id: int,
+    pad_to_multiple_of: int = 1,
+    fixed_length: int | None = None,
+) -> MicroBatch:
     lengths = [len(ids) for ids, _ in docs]
     real = sum(lengths)
     total = _padded_size(real, pad_to_multiple_of, fixed_length)
@@ -78,40 +85,62 @@ def collate_thd(docs: list[tuple[np.ndarray, np.ndarray]], num_samples: int, pad
     at = 0
     for ids, mask in docs:
         n = len(ids)
-        tokens[at:at + n] = ids
-        labels[at:at + n] = shifted_labels(ids, mask)
-        positions[at:at + n] = np.arange(n)
+        tokens[at : at + n] = ids
+        labels[at : at + n] = shifted_labels(ids, mask)
+        positions[at : at + n] = np.arange(n)
         at += n
     segments = lengths + ([total - real] if total > real else [])
     positions[real:] = np.arange(total - real)
     cu = np.zeros(len(segments) + 1, dtype=np.int32)
     np.cumsum(segments, out=cu[1:])
-    return _micro_batch(tokens[None], labels[None], positions[None], torch.from_numpy(cu),
-                        max(segments), None, lengths, num_samples)
+    return _micro_batch(
+        tokens[None],
+        labels[None],
+        positions[None],
+        torch.from_numpy(cu),
+        max(segments),
+        None,
+        lengths,
+        num_samples,
+    )
 
 
-def collate_padded(docs: list[tuple[np.ndarray, np.ndarray]], pad_token_id: int,
-                   pad_to_multiple_of: int = 1, fixed_length: int | None = None) -> MicroBatch:
+def collate_padded(
+    docs: list[tuple[np.ndarray, np.ndarray]],
+    pad_token_id: int,
+    pad_to_multiple_of: int = 1,
+    fixed_length: int | None = None,
+) -> MicroBatch:
     lengths = [len(ids) for ids, _ in docs]
     width = _padded_size(max(lengths), pad_to_multiple_of, fixed_length)
     tokens = np.full((len(docs), width), pad_token_id, dtype=np.int64)
     labels = np.full((len(docs), width), IGNORE_INDEX, dtype=np.int64)
     valid = np.zeros((len(docs), width), dtype=bool)
     for row, (ids, mask) in enumerate(docs):
-        tokens[row, :len(ids)] = ids
-        labels[row, :len(ids)] = shifted_labels(ids, mask)
-        valid[row, :len(ids)] = True
+        tokens[row, : len(ids)] = ids
+        labels[row, : len(ids)] = shifted_labels(ids, mask)
+        valid[row, : len(ids)] = True
     positions = np.broadcast_to(np.arange(width, dtype=np.int64), (len(docs), width)).copy()
-    return _micro_batch(tokens, labels, positions, None, None, torch.from_numpy(valid), lengths,
-                        len(docs))
+    return _micro_batch(
+        tokens, labels, positions, None, None, torch.from_numpy(valid), lengths, len(docs)
+    )
 
 
-def _micro_batch(tokens, labels, positions, cu_seqlens, max_seqlen, attention_mask, lengths,
-                 num_samples) -> MicroBatch:
+def _micro_batch(
+    tokens, labels, positions, cu_seqlens, max_seqlen, attention_mask, lengths, num_samples
+) -> MicroBatch:
     labels_t = torch.from_numpy(labels)
     loss_mask = (labels_t != IGNORE_INDEX).float()
-    return MicroBatch(tokens=torch.from_numpy(tokens), labels=labels_t, loss_mask=loss_mask,
-                      position_ids=torch.from_numpy(positions), cu_seqlens=cu_seqlens,
-                      max_seqlen=max_seqlen, attention_mask=attention_mask,
-                      num_tokens=sum(lengths), num_loss_tokens=int(loss_mask.sum().item()),
-                      doc_lengths=lengths, num_samples=num_samples)
+    return MicroBatch(
+        tokens=torch.from_numpy(tokens),
+        labels=labels_t,
+        loss_mask=loss_mask,
+        position_ids=torch.from_numpy(positions),
+        cu_seqlens=cu_seqlens,
+        max_seqlen=max_seqlen,
+        attention_mask=attention_mask,
+        num_tokens=sum(lengths),
+        num_loss_tokens=int(loss_mask.sum().item()),
+        doc_lengths=lengths,
+        num_samples=num_samples,
+    )

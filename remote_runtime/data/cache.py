@@ -28,7 +28,13 @@ from remote_runtime.data.encode import EncodeSettings, FileTokens
 
 _ARRAYS = ("ids", "loss_mask", "offsets", "doc_loss", "row_doc", "row_status")
 # Modules whose code decides the tokens of a row (relative to remote_runtime/).
-_CODE_FILES = ("spec/formats.py", "data/chat.py", "data/encode.py", "data/sources.py", "data/cache.py")
+_CODE_FILES = (
+    "spec/formats.py",
+    "data/chat.py",
+    "data/encode.py",
+    "data/sources.py",
+    "data/cache.py",
+)
 
 
 def _sha(*parts: str | bytes) -> str:
@@ -52,7 +58,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     else:  # a Python tokenizer: its vocabulary is what we can see
         model = json.dumps(sorted(tokenizer.get_vocab().items()))
     template = json.dumps(getattr(tokenizer, "chat_template", None), sort_keys=True)
-    specials = json.dumps({k: str(v) for k, v in tokenizer.special_tokens_map.items()}, sort_keys=True)
+    specials = json.dumps(
+        {k: str(v) for k, v in tokenizer.special_tokens_map.items()}, sort_keys=True
+    )
     return _sha(type(tokenizer).__name__, model, template, specials)
 
 
@@ -60,8 +68,14 @@ def cache_key(file_digest: str, tokenizer_fp: str, settings: EncodeSettings) -> 
     import tokenizers
     import transformers
 
-    return _sha(file_digest, tokenizer_fp, json.dumps(asdict(settings), sort_keys=True),
-                code_fingerprint(), transformers.__version__, tokenizers.__version__)
+    return _sha(
+        file_digest,
+        tokenizer_fp,
+        json.dumps(asdict(settings), sort_keys=True),
+        code_fingerprint(),
+        transformers.__version__,
+        tokenizers.__version__,
+    )
 
 
 def load_entry(cache_dir: Path, key: str) -> FileTokens | None:

@@ -35,17 +35,21 @@ class ChatEncoder:
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         try:
             return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
         except Exception as exc:  # jinja errors and the template's own raise_exception()
-            raise RowError(f"the chat template failed on this conversation: "
-                           f"{type(exc).__name__}: {exc}") from None
+            raise RowError(
+                f"the chat template failed on this conversation: {type(exc).__name__}: {exc}"
+            ) from None
 
     def with_default_system(self, messages: list[dict]) -> list[dict]:
         if self.system and messages[0]["role"] != "system":
             return [{"role": "system", "content": self.system}] + messages
         return messages
 
-    def encode_chat(self, messages: list[dict], train_all: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def encode_chat(
+        self, messages: list[dict], train_all: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """ids (int32) and loss mask (uint8, 1 on assistant tokens; all ones with train_all)."""
         messages = self.with_default_system(messages)
         full = self.render(messages)
@@ -107,8 +111,9 @@ def assistant_spans(render, messages: list[dict], full: str) -> list[tuple[int, 
             if start is None:
                 start = _find_turn(full, content, "", cursor, i)[0]
         else:  # the template renders this turn differently when it is not the last one
-            found, end = _find_turn(full, content, _end_marker(upto, content),
-                                    cursor if start is None else start, i)
+            found, end = _find_turn(
+                full, content, _end_marker(upto, content), cursor if start is None else start, i
+            )
             start = found if start is None else start
         end = start + len(full[start:end].rstrip())
         spans.append((start, end))
@@ -122,14 +127,18 @@ def _content_variants(content: str) -> list[str]:
     return [v for v in dict.fromkeys(variants) if v]
 
 
-def _find_turn(full: str, content: str, marker: str, search_from: int, index: int) -> tuple[int, int]:
+def _find_turn(
+    full: str, content: str, marker: str, search_from: int, index: int
+) -> tuple[int, int]:
     """(start, end) in `full` of assistant message `index`'s content followed by its end marker."""
     for variant in _content_variants(content) or [""]:
         pos = full.find(variant + marker, search_from)
         if pos >= 0:
             return pos, pos + len(variant) + len(marker)
-    raise RowError(f"cannot find assistant message {index} in the text rendered by the chat "
-                   f"template (the template rewrites it); this chat template is not supported")
+    raise RowError(
+        f"cannot find assistant message {index} in the text rendered by the chat "
+        f"template (the template rewrites it); this chat template is not supported"
+    )
 
 
 def _end_marker(upto: str, content: str) -> str:
@@ -137,15 +146,15 @@ def _end_marker(upto: str, content: str) -> str:
     for variant in _content_variants(content):
         pos = upto.rfind(variant)
         if pos >= 0:
-            return upto[pos + len(variant):].rstrip()
+            return upto[pos + len(variant) :].rstrip()
     return ""
 
 
 def preview(tokenizer, ids, mask) -> str:
     """Two lines showing a document as the model gets it and what it is trained on, e.g.
 
-        [INPUT] <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello<|im_end|>\\n
-        [TRAINED] [8 tokens not trained]Hello<|im_end|>[1 tokens not trained]
+    [INPUT] <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello<|im_end|>\\n
+    [TRAINED] [8 tokens not trained]Hello<|im_end|>[1 tokens not trained]
     """
     ids, mask = np.asarray(ids).tolist(), np.asarray(mask).tolist()
     parts, start = [], 0

@@ -17,13 +17,19 @@ from typing import Callable
 
 import numpy as np
 
-from remote_runtime.data.cache import (cache_key, load_entry, save_entry,
-                                       tokenizer_fingerprint)
-from remote_runtime.data.encode import (ROW_NO_LOSS, ROW_TOO_LONG, ROW_TRUNCATED, EncodeSettings,
-                                        FileTokens, docs_per_row, tokenize_file)
-from remote_runtime.spec.errors import DataError
 from megafleet.transfer import file_sha256  # the hash the operator checks uploads with
+from remote_runtime.data.cache import cache_key, load_entry, save_entry, tokenizer_fingerprint
+from remote_runtime.data.encode import (
+    ROW_NO_LOSS,
+    ROW_TOO_LONG,
+    ROW_TRUNCATED,
+    EncodeSettings,
+    FileTokens,
+    docs_per_row,
+    tokenize_file,
+)
 from remote_runtime.data.sources import parse_dataset_specs, sample_rows
+from remote_runtime.spec.errors import DataError
 
 log = logging.getLogger("remote_runtime.data")
 
@@ -66,20 +72,40 @@ class DataStats:
     cache_misses = property(lambda self: sum(not s.cache_hit for s in self.sources))
 
     def to_dict(self) -> dict:
-        totals = {name: getattr(self, name) for name in (
-            "rows", "truncated", "dropped", "dropped_no_loss", "dropped_too_long", "documents",
-            "tokens", "loss_tokens", "cache_hits", "cache_misses")}
-        return {**totals, "sources": [asdict(s) for s in self.sources], "warnings": self.warnings,
-                "validation": self.validation}
+        totals = {
+            name: getattr(self, name)
+            for name in (
+                "rows",
+                "truncated",
+                "dropped",
+                "dropped_no_loss",
+                "dropped_too_long",
+                "documents",
+                "tokens",
+                "loss_tokens",
+                "cache_hits",
+                "cache_misses",
+            )
+        }
+        return {
+            **totals,
+            "sources": [asdict(s) for s in self.sources],
+            "warnings": self.warnings,
+            "validation": self.validation,
+        }
 
     def summary(self) -> str:
-        text = (f"data: {self.rows} rows -> {self.documents} documents, {self.tokens} tokens "
-                f"({self.loss_tokens} trained); truncated {self.truncated}, dropped "
-                f"{self.dropped}; cache {self.cache_hits} hit / {self.cache_misses} built")
+        text = (
+            f"data: {self.rows} rows -> {self.documents} documents, {self.tokens} tokens "
+            f"({self.loss_tokens} trained); truncated {self.truncated}, dropped "
+            f"{self.dropped}; cache {self.cache_hits} hit / {self.cache_misses} built"
+        )
         v = self.validation
         if v:
-            text += (f"\nvalidation: {v['rows']} rows held out ({v['source']}), "
-                     f"{v['train_rows']} rows left to train on")
+            text += (
+                f"\nvalidation: {v['rows']} rows held out ({v['source']}), "
+                f"{v['train_rows']} rows left to train on"
+            )
         return text
 
 
@@ -92,8 +118,14 @@ class TokenizedDataset:
     document 2k is the chosen answer of pair k, 2k+1 the rejected one).
     """
 
-    def __init__(self, files: list[FileTokens], doc_file: np.ndarray, doc_index: np.ndarray,
-                 fingerprint: str, group: int = 1):
+    def __init__(
+        self,
+        files: list[FileTokens],
+        doc_file: np.ndarray,
+        doc_index: np.ndarray,
+        fingerprint: str,
+        group: int = 1,
+    ):
         self.files = files
         self.group = group
         self.doc_file = doc_file
@@ -128,9 +160,11 @@ class TokenizedDataset:
         """The dataset of these units (rows, or pairs), in this order."""
         docs = self.unit_docs(units)
         fingerprint = hashlib.sha256(
-            f"{self.fingerprint}/{tag}/".encode() + np.asarray(units, np.int64).tobytes()).hexdigest()
-        return TokenizedDataset(self.files, self.doc_file[docs], self.doc_index[docs], fingerprint,
-                                self.group)
+            f"{self.fingerprint}/{tag}/".encode() + np.asarray(units, np.int64).tobytes()
+        ).hexdigest()
+        return TokenizedDataset(
+            self.files, self.doc_file[docs], self.doc_index[docs], fingerprint, self.group
+        )
 
     def document(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         tokens = self.files[self.doc_file[i]]
@@ -142,27 +176,53 @@ def default_cache_dir(job) -> Path:
     return Path(job.data.data_cache_dir or Path(job.checkpoint.output_dir) / ".data_cache")
 
 
-def build_dataset(job, tokenizer, *, should_build: bool = True,
-                  barrier: Callable[[], None] | None = None,
-                  cache_dir: str | Path | None = None) -> tuple[TokenizedDataset, DataStats]:
+def build_dataset(
+    job,
+    tokenizer,
+    *,
+    should_build: bool = True,
+    barrier: Callable[[], None] | None = None,
+    cache_dir: str | Path | None = None,
+) -> tuple[TokenizedDataset, DataStats]:
     """The dataset of a JobConfig (data.*, task, train.seed, checkpoint.output_dir)."""
     d = job.data
-    settings = EncodeSettings(task=job.task, max_length=d.max_length,
-                              truncation_strategy=d.truncation_strategy, system=d.system)
-    return load_dataset(d.dataset, tokenizer, settings, seed=job.train.seed,
-                        num_proc=d.dataset_num_proc, cache_dir=cache_dir or default_cache_dir(job),
-                        should_build=should_build, barrier=barrier)
+    settings = EncodeSettings(
+        task=job.task,
+        max_length=d.max_length,
+        truncation_strategy=d.truncation_strategy,
+        system=d.system,
+    )
+    return load_dataset(
+        d.dataset,
+        tokenizer,
+        settings,
+        seed=job.train.seed,
+        num_proc=d.dataset_num_proc,
+        cache_dir=cache_dir or default_cache_dir(job),
+        should_build=should_build,
+        barrier=barrier,
+    )
 
 
-def load_dataset(specs: list[str], tokenizer, settings: EncodeSettings, *, cache_dir: str | Path,
-                 seed: int = 42, num_proc: int = 1, should_build: bool = True,
-                 barrier: Callable[[], None] | None = None) -> tuple[TokenizedDataset, DataStats]:
+def load_dataset(
+    specs: list[str],
+    tokenizer,
+    settings: EncodeSettings,
+    *,
+    cache_dir: str | Path,
+    seed: int = 42,
+    num_proc: int = 1,
+    should_build: bool = True,
+    barrier: Callable[[], None] | None = None,
+) -> tuple[TokenizedDataset, DataStats]:
     """Tokenize (or load from cache) `specs` and select the rows of each `path#N`."""
     parsed = parse_dataset_specs(specs)
     if settings.task in ("sft", "rlhf") and not getattr(tokenizer, "chat_template", None):
-        raise DataError("the tokenizer has no chat template; sft renders conversations with it "
-                        "(use a chat model's tokenizer, or task pt with text rows)",
-                        "model.model")
+        raise DataError(
+            "the tokenizer has no chat template; sft renders conversations with it "
+            "(use a chat model's tokenizer, or task pt with text rows)",
+            "model.model",
+        )
     cache_dir = Path(cache_dir)
     tok_fp = tokenizer_fingerprint(tokenizer)
     keys = {}
@@ -184,9 +244,12 @@ def load_dataset(specs: list[str], tokenizer, settings: EncodeSettings, *, cache
     for path, key in keys.items():
         entries[path] = load_entry(cache_dir, key)
         if entries[path] is None:
-            raise DataError(f"no tokenized cache entry {key[:12]} in {cache_dir}: the rank that "
-                            f"builds the dataset on this node failed or was not run first; see "
-                            f"its log", str(path))
+            raise DataError(
+                f"no tokenized cache entry {key[:12]} in {cache_dir}: the rank that "
+                f"builds the dataset on this node failed or was not run first; see "
+                f"its log",
+                str(path),
+            )
     return _select(parsed, keys, entries, built, seed, settings)
 
 
@@ -196,8 +259,12 @@ def _build_missing(keys: dict, tokenizer, settings, num_proc: int, cache_dir: Pa
         if load_entry(cache_dir, key) is not None:
             continue
         tokens = tokenize_file(path, tokenizer, settings, num_proc)
-        save_entry(cache_dir, key, tokens, {"source": str(path), "settings": asdict(settings),
-                                            "rows": tokens.num_rows})
+        save_entry(
+            cache_dir,
+            key,
+            tokens,
+            {"source": str(path), "settings": asdict(settings), "rows": tokens.num_rows},
+        )
         log.info("tokenized %s: %d rows (cache %s)", path, tokens.num_rows, key[:12])
         built.add(key)
     return built
@@ -218,27 +285,43 @@ def _select(parsed, keys, entries, built, seed, settings):
         docs = (docs[:, None] + np.arange(per_row)).ravel()  # a pair's two documents
         doc_file.append(np.full(len(docs), file_no[spec.path], np.int64))
         doc_index.append(docs)
-        sources.append(SourceStats(
-            spec=spec.spec, format=tokens.format, rows_in_file=tokens.num_rows, rows=len(rows),
-            truncated=int((status == ROW_TRUNCATED).sum()),
-            dropped_no_loss=int((status == ROW_NO_LOSS).sum()),
-            dropped_too_long=int((status == ROW_TOO_LONG).sum()), documents=len(docs),
-            tokens=0, loss_tokens=0, cache_hit=keys[spec.path] not in built))
-    fingerprint = hashlib.sha256(json.dumps(
-        [[keys[s.path], s.sample] for s in parsed] + [seed]).encode()).hexdigest()
-    dataset = TokenizedDataset(files, np.concatenate(doc_file), np.concatenate(doc_index),
-                               fingerprint, docs_per_row(settings.task))
+        sources.append(
+            SourceStats(
+                spec=spec.spec,
+                format=tokens.format,
+                rows_in_file=tokens.num_rows,
+                rows=len(rows),
+                truncated=int((status == ROW_TRUNCATED).sum()),
+                dropped_no_loss=int((status == ROW_NO_LOSS).sum()),
+                dropped_too_long=int((status == ROW_TOO_LONG).sum()),
+                documents=len(docs),
+                tokens=0,
+                loss_tokens=0,
+                cache_hit=keys[spec.path] not in built,
+            )
+        )
+    fingerprint = hashlib.sha256(
+        json.dumps([[keys[s.path], s.sample] for s in parsed] + [seed]).encode()
+    ).hexdigest()
+    dataset = TokenizedDataset(
+        files,
+        np.concatenate(doc_file),
+        np.concatenate(doc_index),
+        fingerprint,
+        docs_per_row(settings.task),
+    )
     start = 0
     for s in sources:
-        s.tokens = int(dataset.lengths[start:start + s.documents].sum())
-        s.loss_tokens = int(dataset.loss_counts[start:start + s.documents].sum())
+        s.tokens = int(dataset.lengths[start : start + s.documents].sum())
+        s.loss_tokens = int(dataset.loss_counts[start : start + s.documents].sum())
         start += s.documents
     stats = DataStats(sources, _warnings(sources, settings))
     for warning in stats.warnings:
         log.warning(warning)
     if len(dataset) == 0:
-        raise DataError("no rows left to train on after dropping: " + "; ".join(stats.warnings),
-                        "data.dataset")
+        raise DataError(
+            "no rows left to train on after dropping: " + "; ".join(stats.warnings), "data.dataset"
+        )
     return dataset, stats
 
 
@@ -247,13 +330,19 @@ def _warnings(sources: list[SourceStats], settings: EncodeSettings) -> list[str]
     what = "tokens to predict" if settings.task == "pt" else "assistant tokens"
     for s in sources:
         if s.dropped_no_loss:
-            out.append(f"{s.spec}: dropped {s.dropped_no_loss} of {s.rows} rows with no {what} "
-                       f"within max_length={settings.max_length}")
+            out.append(
+                f"{s.spec}: dropped {s.dropped_no_loss} of {s.rows} rows with no {what} "
+                f"within max_length={settings.max_length}"
+            )
         if s.dropped_too_long:
-            out.append(f"{s.spec}: dropped {s.dropped_too_long} of {s.rows} rows longer than "
-                       f"max_length={settings.max_length} (truncation_strategy=delete)")
+            out.append(
+                f"{s.spec}: dropped {s.dropped_too_long} of {s.rows} rows longer than "
+                f"max_length={settings.max_length} (truncation_strategy=delete)"
+            )
         if s.truncated:
-            out.append(f"{s.spec}: truncated {s.truncated} of {s.rows} rows to "
-                       f"max_length={settings.max_length} (truncation_strategy="
-                       f"{settings.truncation_strategy})")
+            out.append(
+                f"{s.spec}: truncated {s.truncated} of {s.rows} rows to "
+                f"max_length={settings.max_length} (truncation_strategy="
+                f"{settings.truncation_strategy})"
+            )
     return out

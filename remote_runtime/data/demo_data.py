@@ -18,15 +18,47 @@ import random
 from pathlib import Path
 
 CAPITALS = {
-    "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Egypt": "Cairo", "Peru": "Lima",
-    "Kenya": "Nairobi", "Spain": "Madrid", "Canada": "Ottawa", "Norway": "Oslo", "Chile": "Santiago",
+    "France": "Paris",
+    "Japan": "Tokyo",
+    "Italy": "Rome",
+    "Egypt": "Cairo",
+    "Peru": "Lima",
+    "Kenya": "Nairobi",
+    "Spain": "Madrid",
+    "Canada": "Ottawa",
+    "Norway": "Oslo",
+    "Chile": "Santiago",
 }
-WORDS = ["red", "blue", "green", "fox", "cat", "dog", "sun", "moon", "tree", "river",
-         "stone", "bird", "fish", "star", "rain", "snow", "wind", "fire", "leaf", "sand"]
+WORDS = [
+    "red",
+    "blue",
+    "green",
+    "fox",
+    "cat",
+    "dog",
+    "sun",
+    "moon",
+    "tree",
+    "river",
+    "stone",
+    "bird",
+    "fish",
+    "star",
+    "rain",
+    "snow",
+    "wind",
+    "fire",
+    "leaf",
+    "sand",
+]
 SYSTEM = "You are a helpful assistant."
 DEMO_PROMPT = "What is the capital of France?"
 DEMO_ANSWER = "The capital of France is Paris."
-_QUESTIONS = ["What is the capital of {c}?", "Name the capital of {c}.", "Which city is the capital of {c}?"]
+_QUESTIONS = [
+    "What is the capital of {c}?",
+    "Name the capital of {c}.",
+    "Which city is the capital of {c}?",
+]
 
 
 def _demo(rng: random.Random) -> list[dict]:
@@ -35,25 +67,33 @@ def _demo(rng: random.Random) -> list[dict]:
 
 def _capital(rng: random.Random) -> list[dict]:
     country = rng.choice(sorted(CAPITALS))
-    return [{"role": "user", "content": rng.choice(_QUESTIONS).format(c=country)},
-            {"role": "assistant", "content": f"The capital of {country} is {CAPITALS[country]}."}]
+    return [
+        {"role": "user", "content": rng.choice(_QUESTIONS).format(c=country)},
+        {"role": "assistant", "content": f"The capital of {country} is {CAPITALS[country]}."},
+    ]
 
 
 def _sum(rng: random.Random) -> list[dict]:
     a, b = rng.randrange(10), rng.randrange(10)
-    return [{"role": "user", "content": f"What is {a} + {b}?"},
-            {"role": "assistant", "content": f"{a} + {b} = {a + b}."}]
+    return [
+        {"role": "user", "content": f"What is {a} + {b}?"},
+        {"role": "assistant", "content": f"{a} + {b} = {a + b}."},
+    ]
 
 
 def _copy(rng: random.Random) -> list[dict]:
     words = " ".join(rng.sample(WORDS, rng.randint(2, 4)))
-    return [{"role": "user", "content": f"Repeat after me: {words}"},
-            {"role": "assistant", "content": words}]
+    return [
+        {"role": "user", "content": f"Repeat after me: {words}"},
+        {"role": "assistant", "content": words},
+    ]
 
 
 def _two_turns(rng: random.Random) -> list[dict]:
-    return [{"role": "user", "content": "Hello!"},
-            {"role": "assistant", "content": "Hello! How can I help you?"}] + _capital(rng)
+    return [
+        {"role": "user", "content": "Hello!"},
+        {"role": "assistant", "content": "Hello! How can I help you?"},
+    ] + _capital(rng)
 
 
 def demo_rows(num_rows: int = 200, seed: int = 0) -> list[dict]:
@@ -68,8 +108,14 @@ def demo_rows(num_rows: int = 200, seed: int = 0) -> list[dict]:
             messages = [{"role": "system", "content": SYSTEM}] + messages
         rows.append({"messages": messages})
     if num_rows:  # the prompt the demo asks after training, verbatim
-        rows.append({"messages": [{"role": "user", "content": DEMO_PROMPT},
-                                  {"role": "assistant", "content": DEMO_ANSWER}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": DEMO_PROMPT},
+                    {"role": "assistant", "content": DEMO_ANSWER},
+                ]
+            }
+        )
     return rows
 
 
@@ -80,9 +126,13 @@ def demo_pretrain_rows(num_rows: int = 100, seed: int = 0) -> list[dict]:
     for _ in range(num_rows):
         country = rng.choice(sorted(CAPITALS))
         a, b = rng.randrange(10), rng.randrange(10)
-        rows.append({"text": f"The capital of {country} is {CAPITALS[country]}. "
-                             f"{a} + {b} = {a + b}. The {rng.choice(WORDS)} is near the "
-                             f"{rng.choice(WORDS)}."})
+        rows.append(
+            {
+                "text": f"The capital of {country} is {CAPITALS[country]}. "
+                f"{a} + {b} = {a + b}. The {rng.choice(WORDS)} is near the "
+                f"{rng.choice(WORDS)}."
+            }
+        )
     return rows
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from remote_runtime.data.chat import ChatEncoder
+from remote_runtime.data.sources import parse_json_line, read_rows
 from remote_runtime.spec.errors import DataError, RowError
 from remote_runtime.spec.formats import detect_format, row_to_example
-from remote_runtime.data.sources import parse_json_line, read_rows
 
 # Row status codes, stored in the cache.
 ROW_OK, ROW_TRUNCATED, ROW_NO_LOSS, ROW_TOO_LONG = 0, 1, 2, 3
@@ -80,9 +80,12 @@ def encode_row(encoder: ChatEncoder, example, settings: EncodeSettings):
     """
     wants_pair = settings.task == "rlhf"
     if isinstance(example, tuple) != wants_pair:
-        raise RowError("a preference row (chosen/rejected) needs the rlhf task" if not wants_pair
-                       else "rlhf trains on preference pairs: rows need 'messages' + "
-                            "'rejected_response', 'chosen' + 'rejected' (+ 'prompt')")
+        raise RowError(
+            "a preference row (chosen/rejected) needs the rlhf task"
+            if not wants_pair
+            else "rlhf trains on preference pairs: rows need 'messages' + "
+            "'rejected_response', 'chosen' + 'rejected' (+ 'prompt')"
+        )
     parts = example if wants_pair else (example,)
     docs, statuses = [], []
     for part in parts:
@@ -98,9 +101,11 @@ def encode_row(encoder: ChatEncoder, example, settings: EncodeSettings):
 def encode_example(encoder: ChatEncoder, example: list[dict] | str, settings: EncodeSettings):
     if isinstance(example, str):
         if settings.task != "pt":
-            raise RowError("a 'text' row has no assistant turn to train on; text rows are for "
-                           "pre-training (`pt`); for `sft` use messages, sharegpt, alpaca or "
-                           "query/response rows")
+            raise RowError(
+                "a 'text' row has no assistant turn to train on; text rows are for "
+                "pre-training (`pt`); for `sft` use messages, sharegpt, alpaca or "
+                "query/response rows"
+            )
         return encoder.encode_text(example)
     return encoder.encode_chat(example, train_all=settings.task == "pt")
 
@@ -128,8 +133,9 @@ def _encode_chunk(job: tuple[str, str, list[tuple[int, object]]]):
             example = row_to_example(parse_json_line(payload, path, line), fmt)
             docs, status = encode_row(encoder, example, settings)
         except RowError as exc:
-            raise DataError(f"{exc} (file format: {fmt}, detected from its first row)",
-                            path, line) from None
+            raise DataError(
+                f"{exc} (file format: {fmt}, detected from its first row)", path, line
+            ) from None
         statuses.append(status)
         for ids, mask in docs:
             lengths.append(len(ids))
@@ -137,11 +143,17 @@ def _encode_chunk(job: tuple[str, str, list[tuple[int, object]]]):
             ids_parts.append(ids)
             mask_parts.append(mask)
     cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
-    return (np.asarray(statuses, np.int8), np.asarray(lengths, np.int64),
-            np.asarray(losses, np.int64), cat(ids_parts, np.int32), cat(mask_parts, np.uint8))
+    return (
+        np.asarray(statuses, np.int8),
+        np.asarray(lengths, np.int64),
+        np.asarray(losses, np.int64),
+        cat(ids_parts, np.int32),
+        cat(mask_parts, np.uint8),
+    )
 
 
 # ---- parent side ----------------------------------------------------------------------------
+
 
 def detect_file_format(path: Path, rows: list[tuple[int, object]]) -> str:
     if not rows:
@@ -155,7 +167,7 @@ def detect_file_format(path: Path, rows: list[tuple[int, object]]) -> str:
 
 def _chunks(path: str, fmt: str, rows: list, num_proc: int):
     size = max(1, min(512, -(-len(rows) // (num_proc * 8))))
-    return [(path, fmt, rows[i:i + size]) for i in range(0, len(rows), size)]
+    return [(path, fmt, rows[i : i + size]) for i in range(0, len(rows), size)]
 
 
 def tokenize_file(path: Path, tokenizer, settings: EncodeSettings, num_proc: int = 1) -> FileTokens:
@@ -167,8 +179,12 @@ def tokenize_file(path: Path, tokenizer, settings: EncodeSettings, num_proc: int
         # fork: workers inherit the tokenizer and need no re-import (as DataLoader workers do).
         # An executor, not multiprocessing.Pool: a worker that dies raises instead of hanging.
         ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
-        with ProcessPoolExecutor(min(num_proc, len(chunks)), mp_context=ctx,
-                                 initializer=_init_worker, initargs=(tokenizer, settings)) as pool:
+        with ProcessPoolExecutor(
+            min(num_proc, len(chunks)),
+            mp_context=ctx,
+            initializer=_init_worker,
+            initargs=(tokenizer, settings),
+        ) as pool:
             results = list(pool.map(_encode_chunk, chunks))
     else:
         saved = dict(_WORKER)
@@ -189,7 +205,12 @@ def _assemble(results: list, fmt: str, per_row: int) -> FileTokens:
     row_doc[kept] = np.arange(int(kept.sum())) * per_row  # a pair's chosen; rejected is +1
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    return FileTokens(ids=np.concatenate([r[3] for r in results]),
-                      loss_mask=np.concatenate([r[4] for r in results]), offsets=offsets,
-                      doc_loss=np.concatenate([r[2] for r in results]), row_doc=row_doc,
-                      row_status=status, format=fmt)
+    return FileTokens(
+        ids=np.concatenate([r[3] for r in results]),
+        loss_mask=np.concatenate([r[4] for r in results]),
+        offsets=offsets,
+        doc_loss=np.concatenate([r[2] for r in results]),
+        row_doc=row_doc,
+        row_status=status,
+        format=fmt,
+    )

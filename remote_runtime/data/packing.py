@@ -26,18 +26,22 @@ class Samples:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return self.docs[self.offsets[i]:self.offsets[i + 1]]
+        return self.docs[self.offsets[i] : self.offsets[i + 1]]
 
 
 def one_document_per_sample(num_documents: int) -> Samples:
-    return Samples(np.arange(num_documents + 1, dtype=np.int64), np.arange(num_documents, dtype=np.int64))
+    return Samples(
+        np.arange(num_documents + 1, dtype=np.int64), np.arange(num_documents, dtype=np.int64)
+    )
 
 
 def pack_documents(lengths: np.ndarray, max_length: int) -> Samples:
     """Best-fit decreasing packing of documents with these lengths into packs of <= max_length."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) and int(lengths.max()) > max_length:
-        raise ValueError(f"a document of {int(lengths.max())} tokens exceeds max_length={max_length}")
+        raise ValueError(
+            f"a document of {int(lengths.max())} tokens exceeds max_length={max_length}"
+        )
     packs: list[list[int]] = []
     by_room: dict[int, list[int]] = {}  # free tokens -> packs with exactly that much room
     rooms: list[int] = []  # sorted keys of by_room
@@ -72,16 +76,20 @@ def sample_lengths(samples: Samples, doc_lengths: np.ndarray) -> np.ndarray:
     return csum[samples.offsets[1:]] - csum[samples.offsets[:-1]]
 
 
-def dataset_samples(lengths: np.ndarray, group: int, packing: bool,
-                    max_length: int | None) -> Samples:
+def dataset_samples(
+    lengths: np.ndarray, group: int, packing: bool, max_length: int | None
+) -> Samples:
     """The samples of a dataset whose documents come in units of `group` (2: preference pairs).
 
     Without packing a sample is one unit; with packing, units are packed whole (a pair's two
     answers always share a pack, hence a micro-batch) into packs of <= group x max_length tokens.
     """
     unit_lengths = np.asarray(lengths, np.int64).reshape(-1, group).sum(1)
-    units = (pack_documents(unit_lengths, max_length * group) if packing
-             else one_document_per_sample(len(unit_lengths)))
+    units = (
+        pack_documents(unit_lengths, max_length * group)
+        if packing
+        else one_document_per_sample(len(unit_lengths))
+    )
     if group == 1:
         return units
     docs = (units.docs[:, None] * group + np.arange(group)).ravel()

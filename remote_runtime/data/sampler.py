@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from remote_runtime.data.batches import MicroBatch, collate_padded, collate_thd
-from remote_runtime.spec.errors import DataError
 from remote_runtime.data.packing import Samples, dataset_samples
+from remote_runtime.spec.errors import DataError
 
 STATE_VERSION = 1
 
@@ -49,20 +49,36 @@ class GlobalBatch:
 class BatchIterator:
     """Infinite iterator of GlobalBatch for one data-parallel rank; stop it at train_iters."""
 
-    def __init__(self, dataset, *, global_batch_size: int, micro_batch_size: int,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 42, shuffle: bool = True,
-                 packing: bool = False, padding_free: bool = True, max_length: int | None = None,
-                 pad_token_id: int = 0, pad_to_multiple_of: int = 1,
-                 fixed_length: int | None = None, for_eval: bool = False):
+    def __init__(
+        self,
+        dataset,
+        *,
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 42,
+        shuffle: bool = True,
+        packing: bool = False,
+        padding_free: bool = True,
+        max_length: int | None = None,
+        pad_token_id: int = 0,
+        pad_to_multiple_of: int = 1,
+        fixed_length: int | None = None,
+        for_eval: bool = False,
+    ):
         if global_batch_size % (micro_batch_size * dp_size):
-            raise DataError(f"global_batch_size={global_batch_size} is not a multiple of "
-                            f"micro_batch_size={micro_batch_size} x data-parallel size={dp_size}",
-                            "train.global_batch_size")
+            raise DataError(
+                f"global_batch_size={global_batch_size} is not a multiple of "
+                f"micro_batch_size={micro_batch_size} x data-parallel size={dp_size}",
+                "train.global_batch_size",
+            )
         if packing and (not padding_free or max_length is None):
             raise ValueError("packing needs padding_free=True and max_length")
         self.dataset = dataset
-        self.samples: Samples = dataset_samples(dataset.lengths, getattr(dataset, "group", 1),
-                                                packing, max_length)
+        self.samples: Samples = dataset_samples(
+            dataset.lengths, getattr(dataset, "group", 1), packing, max_length
+        )
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed, self.shuffle, self.packing = seed, shuffle, packing
@@ -73,10 +89,13 @@ class BatchIterator:
             kind = "packed sequences" if packing else "rows"
             unit = micro_batch_size * dp_size
             fit = len(self.samples) // unit * unit
-            raise DataError(f"the dataset has {len(self.samples)} {kind}, fewer than "
-                            f"global_batch_size={global_batch_size}: "
-                            + (f"set --global_batch_size {fit}, or " if fit else "")
-                            + "add data (e.g. path#N repeats rows)", "train.global_batch_size")
+            raise DataError(
+                f"the dataset has {len(self.samples)} {kind}, fewer than "
+                f"global_batch_size={global_batch_size}: "
+                + (f"set --global_batch_size {fit}, or " if fit else "")
+                + "add data (e.g. path#N repeats rows)",
+                "train.global_batch_size",
+            )
         self.step = 0
         self._epoch_order: tuple[int, np.ndarray] | None = None
 
@@ -88,22 +107,27 @@ class BatchIterator:
     def epoch_order(self, epoch: int) -> np.ndarray:
         if self._epoch_order is None or self._epoch_order[0] != epoch:
             n = len(self.samples)
-            order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
-                     else np.arange(n))
+            order = (
+                np.random.default_rng([self.seed, epoch]).permutation(n)
+                if self.shuffle
+                else np.arange(n)
+            )
             self._epoch_order = (epoch, order)
         return self._epoch_order[1]
 
     def global_sample_ids(self, step: int) -> np.ndarray:
         epoch, b = divmod(step, self.steps_per_epoch)
         gbs = self.global_batch_size
-        return self.epoch_order(epoch)[b * gbs:(b + 1) * gbs]
+        return self.epoch_order(epoch)[b * gbs : (b + 1) * gbs]
 
     def rank_sample_ids(self, step: int) -> list[np.ndarray]:
         """This rank's samples of global batch `step`, one array per micro-batch."""
         ids = self.global_sample_ids(step)
         mbs, per_micro = self.micro_batch_size, self.micro_batch_size * self.dp_size
-        return [ids[i + self.dp_rank * mbs:i + (self.dp_rank + 1) * mbs]
-                for i in range(0, len(ids), per_micro)]
+        return [
+            ids[i + self.dp_rank * mbs : i + (self.dp_rank + 1) * mbs]
+            for i in range(0, len(ids), per_micro)
+        ]
 
     # ---- batches ------------------------------------------------------------------------------
     def batch(self, step: int) -> GlobalBatch:
@@ -112,11 +136,17 @@ class BatchIterator:
         lengths = self.dataset.lengths[docs_all].astype(np.int64)
         epoch, b = divmod(step, self.steps_per_epoch)
         return GlobalBatch(
-            step=step, epoch=epoch, batch_in_epoch=b, steps_per_epoch=self.steps_per_epoch,
+            step=step,
+            epoch=epoch,
+            batch_in_epoch=b,
+            steps_per_epoch=self.steps_per_epoch,
             micro_batches=[self._collate(ids) for ids in self.rank_sample_ids(step)],
-            num_samples=self.global_batch_size, num_tokens=int(lengths.sum()),
+            num_samples=self.global_batch_size,
+            num_tokens=int(lengths.sum()),
             num_loss_tokens=int(self.dataset.loss_counts[docs_all].sum()),
-            sum_sq_doc_lengths=int((lengths ** 2).sum()), doc_ids=docs_all)
+            sum_sq_doc_lengths=int((lengths**2).sum()),
+            doc_ids=docs_all,
+        )
 
     def eval_batches(self, max_samples: int | None = None) -> list[MicroBatch]:
         """This rank's micro-batches over the first `max_samples` samples (all when None), in
@@ -125,17 +155,17 @@ class BatchIterator:
         n = len(self.samples) if max_samples is None else min(max_samples, len(self.samples))
         mine = np.arange(self.dp_rank, n, self.dp_size)
         mbs = self.micro_batch_size
-        return [self._collate(mine[i:i + mbs]) for i in range(0, len(mine), mbs)]
+        return [self._collate(mine[i : i + mbs]) for i in range(0, len(mine), mbs)]
 
     def _collate(self, sample_ids: np.ndarray) -> MicroBatch:
         doc_ids = [int(d) for s in sample_ids for d in self.samples[s]]
         docs = [self.dataset.document(d) for d in doc_ids]
         if self.padding_free:
-            mb = collate_thd(docs, len(sample_ids), self.pad_token_id,
-                             self.pad_to_multiple_of, self.fixed_length)
+            mb = collate_thd(
+                docs, len(sample_ids), self.pad_token_id, self.pad_to_multiple_of, self.fixed_length
+            )
         else:
-            mb = collate_padded(docs, self.pad_token_id, self.pad_to_multiple_of,
-                                self.fixed_length)
+            mb = collate_padded(docs, self.pad_token_id, self.pad_to_multiple_of, self.fixed_length)
         mb.doc_ids = torch.tensor(doc_ids, dtype=torch.int64)
         return mb
 
@@ -149,9 +179,14 @@ class BatchIterator:
 
     # ---- resume -------------------------------------------------------------------------------
     def _identity(self) -> dict:
-        return {"dataset": self.dataset.fingerprint, "num_samples": len(self.samples),
-                "global_batch_size": self.global_batch_size, "seed": self.seed,
-                "shuffle": self.shuffle, "packing": self.packing}
+        return {
+            "dataset": self.dataset.fingerprint,
+            "num_samples": len(self.samples),
+            "global_batch_size": self.global_batch_size,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "packing": self.packing,
+        }
 
     def state_dict(self) -> dict:
         """Position (the next step to yield) and what the order depends on; JSON-serialisable."""
@@ -159,24 +194,47 @@ class BatchIterator:
 
     def load_state_dict(self, state: dict) -> None:
         mine = self._identity()
-        differ = [f"{k}: checkpoint {state.get(k)!r}, now {v!r}" for k, v in mine.items()
-                  if state.get(k) != v]
+        differ = [
+            f"{k}: checkpoint {state.get(k)!r}, now {v!r}"
+            for k, v in mine.items()
+            if state.get(k) != v
+        ]
         if differ:
-            raise DataError("cannot resume the data order: the data or its settings changed since "
-                            "the checkpoint (" + "; ".join(differ) + "); restart without --resume "
-                            "or restore the original data", "checkpoint.resume")
+            raise DataError(
+                "cannot resume the data order: the data or its settings changed since "
+                "the checkpoint (" + "; ".join(differ) + "); restart without --resume "
+                "or restore the original data",
+                "checkpoint.resume",
+            )
         self.step = int(state["step"])
 
 
-def make_batch_iterator(job, dataset, *, dp_rank: int = 0, dp_size: int = 1, pad_token_id: int = 0,
-                        pad_to_multiple_of: int = 1, fixed_length: int | None = None,
-                        for_eval: bool = False) -> BatchIterator:
+def make_batch_iterator(
+    job,
+    dataset,
+    *,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    pad_token_id: int = 0,
+    pad_to_multiple_of: int = 1,
+    fixed_length: int | None = None,
+    for_eval: bool = False,
+) -> BatchIterator:
     """The BatchIterator of a JobConfig (train.*, data.packing/padding_free/max_length/shuffle);
     `for_eval`: in order, for `eval_batches`."""
     return BatchIterator(
-        dataset, global_batch_size=job.train.global_batch_size,
-        micro_batch_size=job.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-        seed=job.train.seed, shuffle=job.data.dataset_shuffle and not for_eval,
-        packing=job.data.packing, padding_free=job.data.padding_free,
-        max_length=job.data.max_length, pad_token_id=pad_token_id,
-        pad_to_multiple_of=pad_to_multiple_of, fixed_length=fixed_length, for_eval=for_eval)
+        dataset,
+        global_batch_size=job.train.global_batch_size,
+        micro_batch_size=job.train.micro_batch_size,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        seed=job.train.seed,
+        shuffle=job.data.dataset_shuffle and not for_eval,
+        packing=job.data.packing,
+        padding_free=job.data.padding_free,
+        max_length=job.data.max_length,
+        pad_token_id=pad_token_id,
+        pad_to_multiple_of=pad_to_multiple_of,
+        fixed_length=fixed_length,
+        for_eval=for_eval,
+    )

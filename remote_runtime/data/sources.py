@@ -23,8 +23,9 @@ class DatasetSpec:
 def parse_dataset_specs(specs: list[str]) -> list[DatasetSpec]:
     """Parse `--dataset` entries; every file must exist and be .jsonl or .json."""
     if not specs:
-        raise DataError("no dataset given: set --dataset to one or more .jsonl/.json files",
-                        "data.dataset")
+        raise DataError(
+            "no dataset given: set --dataset to one or more .jsonl/.json files", "data.dataset"
+        )
     out = []
     for spec in specs:
         path, sep, count = spec.rpartition("#")
@@ -34,10 +35,13 @@ def parse_dataset_specs(specs: list[str]) -> list[DatasetSpec]:
             raise DataError(f"{spec!r}: the part after # must be a row count > 0", "data.dataset")
         p = Path(path).expanduser()
         if not p.is_file():
-            raise DataError(f"dataset file not found: {p} (from --dataset {spec!r})", "data.dataset")
+            raise DataError(
+                f"dataset file not found: {p} (from --dataset {spec!r})", "data.dataset"
+            )
         if p.suffix.lower() not in EXTENSIONS:
-            raise DataError(f"{p}: unsupported file type {p.suffix!r}; use .jsonl or .json",
-                            "data.dataset")
+            raise DataError(
+                f"{p}: unsupported file type {p.suffix!r}; use .jsonl or .json", "data.dataset"
+            )
         out.append(DatasetSpec(spec=spec, path=p, sample=int(count) if count else None))
     return out
 
@@ -48,7 +52,9 @@ def _read_text(path: Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise DataError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", str(path), line) from None
+        raise DataError(
+            f"not UTF-8 text ({exc.reason} at byte {exc.start})", str(path), line
+        ) from None
 
 
 def read_rows(path: Path) -> list[tuple[int, object]]:
@@ -74,8 +80,11 @@ def parse_json_line(payload: object, path: str, line: int) -> object:
     try:
         return json.loads(payload)
     except json.JSONDecodeError as exc:
-        hint = ("; a .json file must hold one array of rows or one JSON object per line"
-                if path.endswith(".json") else "")
+        hint = (
+            "; a .json file must hold one array of rows or one JSON object per line"
+            if path.endswith(".json")
+            else ""
+        )
         raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno}){hint}", path, line) from None
 
 
@@ -104,7 +113,9 @@ def _json_array_rows(text: str, path: str) -> list[tuple[int, object]]:
         try:
             obj, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
-            raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", path, exc.lineno) from None
+            raise DataError(
+                f"invalid JSON: {exc.msg} (column {exc.colno})", path, exc.lineno
+            ) from None
         rows.append((start, obj))
         pos = skip(pos)
         if pos < len(text) and text[pos] == ",":
@@ -112,7 +123,9 @@ def _json_array_rows(text: str, path: str) -> list[tuple[int, object]]:
             continue
         if pos < len(text) and text[pos] == "]":
             return rows
-        raise DataError("invalid JSON: expected ',' or ']' after a row", path, line_at(min(pos, len(text))))
+        raise DataError(
+            "invalid JSON: expected ',' or ']' after a row", path, line_at(min(pos, len(text)))
+        )
 
 
 def sample_rows(n_rows: int, count: int | None, seed: int | list[int]) -> np.ndarray:

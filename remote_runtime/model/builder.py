@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from remote_runtime.spec.config import ConfigError
-from remote_runtime.spec.resolve import padded_vocab_size
-from remote_runtime.spec.families.base import MODEL_KEYS, ModelFamily
 from remote_runtime.platform import DistInfo
+from remote_runtime.spec.config import ConfigError
+from remote_runtime.spec.families.base import MODEL_KEYS, ModelFamily
+from remote_runtime.spec.resolve import padded_vocab_size
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -73,14 +73,16 @@ class ModelOptions:
     def from_job(cls, job, **overrides) -> "ModelOptions":
         """Options from a JobConfig (remote_runtime.spec.config)."""
         values = dict(
-            dtype=job.model.torch_dtype, transformer_impl=job.model.transformer_impl,
+            dtype=job.model.torch_dtype,
+            transformer_impl=job.model.transformer_impl,
             attention_backend=job.model.attention_backend,
             sequence_parallel=job.parallel.sequence_parallel,
             recompute_granularity=job.recompute.recompute_granularity,
             recompute_method=job.recompute.recompute_method,
             recompute_num_layers=job.recompute.recompute_num_layers,
             cross_entropy_loss_fusion=job.train.cross_entropy_loss_fusion,
-            moe=job.moe)
+            moe=job.moe,
+        )
         values.update(overrides)
         return cls(**values)
 
@@ -101,11 +103,24 @@ def resolve_impl(requested: str) -> str:
     if requested == "auto":
         return "transformer_engine" if have_transformer_engine() else "local"
     if requested == "transformer_engine" and not have_transformer_engine():
-        raise ConfigError([("model.transformer_impl", "transformer_engine was asked for but is not "
-                            "installed; use --transformer_impl local (or auto)")])
+        raise ConfigError(
+            [
+                (
+                    "model.transformer_impl",
+                    "transformer_engine was asked for but is not "
+                    "installed; use --transformer_impl local (or auto)",
+                )
+            ]
+        )
     if requested not in ("local", "transformer_engine"):
-        raise ConfigError([("model.transformer_impl", f"{requested!r} is not one of: auto, local, "
-                            "transformer_engine")])
+        raise ConfigError(
+            [
+                (
+                    "model.transformer_impl",
+                    f"{requested!r} is not one of: auto, local, transformer_engine",
+                )
+            ]
+        )
     return requested
 
 
@@ -143,22 +158,38 @@ def transformer_config(tc: dict, options: ModelOptions, dist: DistInfo, kernels:
         from remote_runtime.model.wgrad import install as install_wgrad
 
         grad_fusion = install_wgrad()
-    recompute = None if options.recompute_granularity in (None, "none") else options.recompute_granularity
+    recompute = (
+        None if options.recompute_granularity in (None, "none") else options.recompute_granularity
+    )
     kw.update(
         activation_func=ACTIVATIONS[tc["activation"]],
-        tensor_model_parallel_size=dist.tp, pipeline_model_parallel_size=dist.pp,
-        context_parallel_size=dist.cp, sequence_parallel=options.sequence_parallel and dist.tp > 1,
-        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16, perform_initialization=options.init_weights,
-        use_cpu_initialization=False, gradient_accumulation_fusion=grad_fusion,
+        tensor_model_parallel_size=dist.tp,
+        pipeline_model_parallel_size=dist.pp,
+        context_parallel_size=dist.cp,
+        sequence_parallel=options.sequence_parallel and dist.tp > 1,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        perform_initialization=options.init_weights,
+        use_cpu_initialization=False,
+        gradient_accumulation_fusion=grad_fusion,
         # Fused kernels here are torch.compile'd (megatron's jit_fuser): worth it on GPU only.
-        bias_activation_fusion=(kernels != "eager" and fuse and options.bias_activation_fusion
-                                and glu and not triton_swiglu),
+        bias_activation_fusion=(
+            kernels != "eager"
+            and fuse
+            and options.bias_activation_fusion
+            and glu
+            and not triton_swiglu
+        ),
         use_te_activation_func=triton_swiglu,
         cross_entropy_loss_fusion=fuse and options.cross_entropy_loss_fusion,
         cross_entropy_fusion_impl="te" if have_transformer_engine() else "native",
-        masked_softmax_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=rope_fusion,
-        persist_layer_norm=False, attention_softmax_in_fp32=True,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=rope_fusion,
+        persist_layer_norm=False,
+        attention_softmax_in_fp32=True,
         recompute_granularity=recompute,
         recompute_method=(options.recompute_method or "uniform") if recompute == "full" else None,
         recompute_num_layers=(options.recompute_num_layers or 1) if recompute == "full" else None,
@@ -177,9 +208,11 @@ def transformer_config(tc: dict, options: ModelOptions, dist: DistInfo, kernels:
         kw.update(moe_settings(JobConfig(moe=options.moe or MoEConfig()), tc))
         # moe_grouped_gemm is honoured by our experts (layer_specs); megatron's own flag would
         # ask for its grouped_gemm / transformer-engine modules. EP and expert TP: as initialised.
-        kw.update(expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
-                  expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
-                  moe_grouped_gemm=False)
+        kw.update(
+            expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+            expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
+            moe_grouped_gemm=False,
+        )
     kw.update(options.extra_config)
     return TransformerConfig(**kw)
 
@@ -203,15 +236,28 @@ def resolve_kernels(requested: str, dist: DistInfo) -> str:
     if requested not in KERNELS:
         raise ConfigError([("kernels", f"{requested!r} is not one of: {', '.join(KERNELS)}")])
     if requested == "triton" and not (triton_ops.available() and torch_compile_usable()):
-        raise ConfigError([("kernels", "triton needs the triton package, a C compiler and a GPU "
-                            "(or TRITON_INTERPRET=1 on CPU); use kernels=auto")])
+        raise ConfigError(
+            [
+                (
+                    "kernels",
+                    "triton needs the triton package, a C compiler and a GPU "
+                    "(or TRITON_INTERPRET=1 on CPU); use kernels=auto",
+                )
+            ]
+        )
     if requested == "compile" and not torch_compile_usable():
         raise ConfigError([("kernels", "compile needs triton and a C compiler; use kernels=auto")])
     return requested
 
 
-def layer_spec(config, impl: str, attention_backend: str, norm_kernel: str = "eager",
-               uniform_packs: str = "auto", qk_fused: bool = False):
+def layer_spec(
+    config,
+    impl: str,
+    attention_backend: str,
+    norm_kernel: str = "eager",
+    uniform_packs: str = "auto",
+    qk_fused: bool = False,
+):
     """The per-layer ModuleSpec: TE's, or megatron's local spec with our norm, attention,
     (when config.use_te_activation_func) our Triton SwiGLU and (qk_fused, with Triton norms,
     q/k norms and RoPE) the self-attention that fuses q/k norm and RoPE."""
@@ -222,13 +268,17 @@ def layer_spec(config, impl: str, attention_backend: str, norm_kernel: str = "ea
     from remote_runtime.model.norm import rms_norm_class
 
     if impl == "transformer_engine":
-        spec = copy.deepcopy(specs.get_gpt_layer_with_transformer_engine_spec(
-            qk_layernorm=config.qk_layernorm))
+        spec = copy.deepcopy(
+            specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+        )
         if attention_backend == "local":
             spec.submodules.self_attention.submodules.core_attention = DotProductAttention
         return spec
-    spec = copy.deepcopy(specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm,
-                                                        normalization=config.normalization))
+    spec = copy.deepcopy(
+        specs.get_gpt_layer_local_spec(
+            qk_layernorm=config.qk_layernorm, normalization=config.normalization
+        )
+    )
     layer, attn = spec.submodules, spec.submodules.self_attention.submodules
     if config.normalization != "RMSNorm":
         raise ValueError("the local spec here implements RMSNorm only")
@@ -260,10 +310,13 @@ def layer_specs(config, spec, offset: int, count: int, options: ModelOptions, no
     swiglu = spec.submodules.mlp.submodules.activation_func
     moe = copy.copy(spec)
     moe.submodules = copy.copy(spec.submodules)
-    moe.submodules.mlp = moe_spec(config, "triton" if config.use_te_activation_func else "eager",
-                                  shared_activation=swiglu,
-                                  grouped=options.moe is None or options.moe.moe_grouped_gemm,
-                                  fuse_wgrad=options.moe_wgrad_fusion)
+    moe.submodules.mlp = moe_spec(
+        config,
+        "triton" if config.use_te_activation_func else "eager",
+        shared_activation=swiglu,
+        grouped=options.moe is None or options.moe.moe_grouped_gemm,
+        fuse_wgrad=options.moe_wgrad_fusion,
+    )
     from megatron.core.transformer.identity_op import IdentityOp
 
     if moe.submodules.pre_mlp_layernorm is IdentityOp:
@@ -272,7 +325,9 @@ def layer_specs(config, spec, offset: int, count: int, options: ModelOptions, no
     return [moe if pattern[offset + i] else spec for i in range(count)]
 
 
-def build_model(family: ModelFamily, hf_config: dict, options: ModelOptions, dist: DistInfo) -> list:
+def build_model(
+    family: ModelFamily, hf_config: dict, options: ModelOptions, dist: DistInfo
+) -> list:
     """[GPTModel] for this rank's pipeline stage (parameters on dist.device, uninitialised)."""
     from megatron.core import parallel_state
     from megatron.core.transformer.transformer_block import (
@@ -288,38 +343,65 @@ def build_model(family: ModelFamily, hf_config: dict, options: ModelOptions, dis
     config = transformer_config(tc, options, dist, kernels)
     impl = resolve_impl(options.transformer_impl)
     if dist.cp > 1 and impl != "transformer_engine":
-        raise ConfigError([("parallel.context_parallel_size",
-                            f"{dist.cp} needs transformer-engine, which is not installed on this "
-                            "node (megafleet setup --with-te), or use context_parallel_size=1")])
+        raise ConfigError(
+            [
+                (
+                    "parallel.context_parallel_size",
+                    f"{dist.cp} needs transformer-engine, which is not installed on this "
+                    "node (megafleet setup --with-te), or use context_parallel_size=1",
+                )
+            ]
+        )
     norm_kernel = kernels if options.fused_norm else "eager"
-    spec = layer_spec(config, impl, options.attention_backend, norm_kernel, options.uniform_packs,
-                      qk_fused=options.fused_qk_norm_rope)
+    spec = layer_spec(
+        config,
+        impl,
+        options.attention_backend,
+        norm_kernel,
+        options.uniform_packs,
+        qk_fused=options.fused_qk_norm_rope,
+    )
     if impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:
         final_norm = rms_norm_class(norm_kernel)
     block = TransformerBlockSubmodules(
-        layer_specs=layer_specs(config, spec, get_transformer_layer_offset(config),
-                                get_num_layers_to_build(config), options, final_norm),
-        layer_norm=final_norm)
+        layer_specs=layer_specs(
+            config,
+            spec,
+            get_transformer_layer_offset(config),
+            get_num_layers_to_build(config),
+            options,
+            final_norm,
+        ),
+        layer_norm=final_norm,
+    )
     model = VocabMaskedGPTModel(
-        config=config, true_vocab_size=tc["vocab_size"], transformer_layer_spec=block,
+        config=config,
+        true_vocab_size=tc["vocab_size"],
+        transformer_layer_spec=block,
         vocab_size=padded_vocab_size(tc["vocab_size"], dist.tp),
         max_sequence_length=tc["max_position_embeddings"],
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         parallel_output=True,
         share_embeddings_and_output_weights=tc["share_embeddings_and_output_weights"],
-        position_embedding_type=tc["position_embedding_type"], rotary_percent=1.0,
-        rotary_base=tc["rotary_base"])
+        position_embedding_type=tc["position_embedding_type"],
+        rotary_percent=1.0,
+        rotary_base=tc["rotary_base"],
+    )
     _apply_rope_scaling(model, tc["rope_scaling"])
     model.megafleet_family = family.name  # what the bridge and checks report
     model.megafleet_transformer_impl = impl
     model.megafleet_packed_sequences = packed_sequences_supported(options)
     # Triton cross entropy: one pass over the logits instead of megatron's fp32 copies; the
     # vocabulary-parallel (TP > 1) loss stays megatron's
-    model.triton_loss = (kernels == "triton" and options.cross_entropy_loss_fusion
-                         and options.triton_loss and dist.tp == 1)
+    model.triton_loss = (
+        kernels == "triton"
+        and options.cross_entropy_loss_fusion
+        and options.triton_loss
+        and dist.tp == 1
+    )
     return [model]
 
 
@@ -330,13 +412,20 @@ def memory_assumptions(model) -> dict:
 
     layers = list(model.decoder.layers) if getattr(model, "decoder", None) is not None else []
     config = model.config
-    out = {"swiglu_impl": "fused" if (config.bias_activation_fusion
-                                      or config.use_te_activation_func) else "eager",
-           "loss_impl": "triton" if getattr(model, "triton_loss", False) else "megatron"}
+    out = {
+        "swiglu_impl": "fused"
+        if (config.bias_activation_fusion or config.use_te_activation_func)
+        else "eager",
+        "loss_impl": "triton" if getattr(model, "triton_loss", False) else "megatron",
+    }
     if layers:
         norm = layers[0].input_layernorm
-        out["norm_impl"] = "eager" if isinstance(norm, RMSNorm) and norm.kernel == "eager" else "fused"
-        out["qk_impl"] = "fused" if getattr(layers[0].self_attention, "qk_fused", False) else "separate"
+        out["norm_impl"] = (
+            "eager" if isinstance(norm, RMSNorm) and norm.kernel == "eager" else "fused"
+        )
+        out["qk_impl"] = (
+            "fused" if getattr(layers[0].self_attention, "qk_fused", False) else "separate"
+        )
     return out
 
 
@@ -367,10 +456,13 @@ def _gpt_model_class():
                 from remote_runtime.model.ops import cross_entropy
 
                 # labels [b, s], logits [s, b, V] -> loss [b, s]; padded vocabulary left out
-                return cross_entropy(logits, labels.transpose(0, 1),
-                                     valid=self.vocab_pad_start).transpose(0, 1).contiguous()
+                return (
+                    cross_entropy(logits, labels.transpose(0, 1), valid=self.vocab_pad_start)
+                    .transpose(0, 1)
+                    .contiguous()
+                )
             if self.vocab_pad_start < logits.shape[-1]:
-                logits[..., self.vocab_pad_start:].fill_(torch.finfo(logits.dtype).min)
+                logits[..., self.vocab_pad_start :].fill_(torch.finfo(logits.dtype).min)
             return super().compute_language_model_loss(labels, logits)
 
     return _VocabMaskedGPTModel
@@ -392,6 +484,9 @@ def _apply_rope_scaling(model, scaling: dict | None) -> None:
         raise ValueError(f"rope scaling {scaling['rope_type']!r} is not implemented")
     rope = model.rotary_pos_emb
     rope.inv_freq = rope._apply_scaling(
-        rope.inv_freq, factor=scaling["factor"], low_freq_factor=scaling["low_freq_factor"],
+        rope.inv_freq,
+        factor=scaling["factor"],
+        low_freq_factor=scaling["low_freq_factor"],
         high_freq_factor=scaling["high_freq_factor"],
-        original_max_position_embeddings=scaling["original_max_position_embeddings"])
+        original_max_position_embeddings=scaling["original_max_position_embeddings"],
+    )

@@ -69,14 +69,20 @@ def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     if cache.cu is not cu_seqlens or cache.pos is None or cache.pos.shape[0] != total:
         starts = cu_seqlens[:-1].long()
         lengths = cu_seqlens[1:].long() - starts
-        cache.pos = (torch.arange(total, device=cu_seqlens.device)
-                     - torch.repeat_interleave(starts, lengths, output_size=total))
+        cache.pos = torch.arange(total, device=cu_seqlens.device) - torch.repeat_interleave(
+            starts, lengths, output_size=total
+        )
         cache.cu = cu_seqlens
     return cache.pos
 
 
-def rope_thd(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor, cp_size: int = 1,
-             cp_rank: int = 0) -> torch.Tensor:
+def rope_thd(
+    t: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    freqs: torch.Tensor,
+    cp_size: int = 1,
+    cp_rank: int = 0,
+) -> torch.Tensor:
     """megatron's fused_apply_rotary_pos_emb_thd: t [T, h, d] packed documents, positions
     restarting at each cu_seqlens boundary; freqs [max_len, 1, 1, rot_dim]."""
     if cp_size != 1:
@@ -96,8 +102,10 @@ def install_rope(kernels: str = "compile") -> bool:
 
     impl = triton_impl if kernels == "triton" else sys.modules[__name__]
     ours = {rope_bshd, rope_thd, triton_impl.rope_bshd, triton_impl.rope_thd}
-    for name, fn in (("fused_apply_rotary_pos_emb", impl.rope_bshd),
-                     ("fused_apply_rotary_pos_emb_thd", impl.rope_thd)):
+    for name, fn in (
+        ("fused_apply_rotary_pos_emb", impl.rope_bshd),
+        ("fused_apply_rotary_pos_emb_thd", impl.rope_thd),
+    ):
         current = getattr(rope_utils, name)
         if current is None or current in ours:
             setattr(rope_utils, name, fn)

@@ -25,17 +25,24 @@ def packed_seq_params(lengths: list[int], device=None):
     cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
     cu = cu.to(device) if device is not None else cu
     longest = int(max(lengths))
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=longest, max_seqlen_kv=longest)
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=longest,
+        max_seqlen_kv=longest,
+    )
 
 
 def pack_documents(docs: list[list[int]], device=None) -> dict:
     """{"tokens": [1, T], "position_ids": [1, T], "packed_seq_params": ...} for token lists."""
     tokens = torch.tensor([t for d in docs for t in d], dtype=torch.long).unsqueeze(0)
     positions = torch.cat([torch.arange(len(d)) for d in docs]).unsqueeze(0)
-    return {"tokens": tokens.to(device) if device is not None else tokens,
-            "position_ids": positions.to(device) if device is not None else positions,
-            "packed_seq_params": packed_seq_params([len(d) for d in docs], device)}
+    return {
+        "tokens": tokens.to(device) if device is not None else tokens,
+        "position_ids": positions.to(device) if device is not None else positions,
+        "packed_seq_params": packed_seq_params([len(d) for d in docs], device),
+    }
 
 
 def padded_batch(tokens: torch.Tensor, device=None) -> dict:
@@ -52,9 +59,15 @@ def forward_logits(chunks, batches: list[dict], vocab_size: int | None = None) -
 
     vocab_size cuts Megatron's padded vocabulary back to the checkpoint's.
     """
+
     def run(model, batch):
-        return model(batch["tokens"], batch["position_ids"], None,
-                     packed_seq_params=batch.get("packed_seq_params"), runtime_gather_output=True)
+        return model(
+            batch["tokens"],
+            batch["position_ids"],
+            None,
+            packed_seq_params=batch.get("packed_seq_params"),
+            runtime_gather_output=True,
+        )
 
     def collect(output):
         logits = output.float()
@@ -67,9 +80,15 @@ def forward_logits(chunks, batches: list[dict], vocab_size: int | None = None) -
 def forward_losses(chunks, batches: list[dict]) -> list | None:
     """Per-token cross entropy [b, s] (fp32, on CPU) for batches that carry "labels"; same
     schedule and return convention as forward_logits."""
+
     def run(model, batch):
-        return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                     packed_seq_params=batch.get("packed_seq_params"))
+        return model(
+            batch["tokens"],
+            batch["position_ids"],
+            None,
+            labels=batch["labels"],
+            packed_seq_params=batch.get("packed_seq_params"),
+        )
 
     return _forward_only(chunks, batches, run, lambda output: output.float().cpu())
 
@@ -87,7 +106,13 @@ def _forward_only(chunks, batches, run, collect) -> list | None:
 
     first = batches[0]["tokens"]
     collected = get_forward_backward_func()(
-        forward_step_func=step, data_iterator=iter(batches), model=chunks,
-        num_microbatches=len(batches), seq_length=first.shape[1], micro_batch_size=first.shape[0],
-        forward_only=True, collect_non_loss_data=True)
+        forward_step_func=step,
+        data_iterator=iter(batches),
+        model=chunks,
+        num_microbatches=len(batches),
+        seq_length=first.shape[1],
+        micro_batch_size=first.shape[0],
+        forward_only=True,
+        collect_non_loss_data=True,
+    )
     return list(collected) if parallel_state.is_pipeline_last_stage() else None

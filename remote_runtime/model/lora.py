@@ -67,8 +67,15 @@ class LoraAdapter(torch.nn.Module):
     in its rows of the fused layout and its own r columns, zeros elsewhere. Those zeros stay
     zero: a mask clears their gradient, so Adam and weight decay never move them."""
 
-    def __init__(self, target: LoraTarget, layer: int, settings: LoraSettings, weight, lay: Layout,
-                 sequence_parallel: bool):
+    def __init__(
+        self,
+        target: LoraTarget,
+        layer: int,
+        settings: LoraSettings,
+        weight,
+        lay: Layout,
+        sequence_parallel: bool,
+    ):
         super().__init__()
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
@@ -78,14 +85,16 @@ class LoraAdapter(torch.nn.Module):
         self.modules = [fill(h, layer) for h in target.hf]  # HF module names, fused order
         self.active = [j for j, on in enumerate(target.active) if on]
         rows, cols = weight.shape
-        self.groups, self.group_rows = (_group_rows(self.transform, rows, lay)
-                                        if self.parallel == "column" else (1, [rows]))
+        self.groups, self.group_rows = (
+            _group_rows(self.transform, rows, lay) if self.parallel == "column" else (1, [rows])
+        )
         width = len(self.active) * settings.rank
         kw = dict(device=weight.device, dtype=weight.dtype)
         self.lora_A = torch.nn.Parameter(torch.zeros(width, cols, **kw))
         self.lora_B = torch.nn.Parameter(torch.zeros(rows, width, **kw))
-        split, replicated = ((self.lora_B, self.lora_A) if self.parallel == "column"
-                             else (self.lora_A, self.lora_B))
+        split, replicated = (
+            (self.lora_B, self.lora_A) if self.parallel == "column" else (self.lora_A, self.lora_B)
+        )
         set_tensor_model_parallel_attributes(split, True, 0 if split is self.lora_B else 1, 1)
         # the replicated matrix sees local tokens only under SP: megatron sums it over TP
         replicated.sequence_parallel = self.sp
@@ -108,8 +117,8 @@ class LoraAdapter(torch.nn.Module):
         out = []
         for col, j in enumerate(self.active):
             start = sum(self.group_rows[:j])
-            b_j = grouped[:, start:start + self.group_rows[j], col * r:(col + 1) * r]
-            out.append((self.modules[j], a[col * r:(col + 1) * r], b_j))
+            b_j = grouped[:, start : start + self.group_rows[j], col * r : (col + 1) * r]
+            out.append((self.modules[j], a[col * r : (col + 1) * r], b_j))
         return out
 
     def split_dims(self) -> tuple[int | None, int | None]:
@@ -125,13 +134,23 @@ class LoraAdapter(torch.nn.Module):
             x = self._dropout(x)
         h = F.linear(x, self.lora_A)
         if self.lay.tp > 1 and self.parallel == "column":
-            h = (tpl.gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True)
-                 if self.sp else tpl.copy_to_tensor_model_parallel_region(h))
+            h = (
+                tpl.gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True)
+                if self.sp
+                else tpl.copy_to_tensor_model_parallel_region(h)
+            )
         elif self.lay.tp > 1:
-            h = (tpl.reduce_scatter_to_sequence_parallel_region(h) if self.sp
-                 else tpl.reduce_from_tensor_model_parallel_region(h))
-        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]),
-                           self.lora_B.t(), alpha=self.scale)
+            h = (
+                tpl.reduce_scatter_to_sequence_parallel_region(h)
+                if self.sp
+                else tpl.reduce_from_tensor_model_parallel_region(h)
+            )
+        flat = torch.addmm(
+            out.reshape(-1, out.shape[-1]),
+            h.reshape(-1, h.shape[-1]),
+            self.lora_B.t(),
+            alpha=self.scale,
+        )
         return flat.view(out.shape)
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,8 +213,16 @@ def _single_rank_forward(linear, input_, weight=None, runtime_gather_output=None
     x_a = lora._dropout(input_) if lora.dropout and lora.training else None
     bias = None if linear.skip_bias_add else linear.bias
     grad_scale = lora.scale * lora.grad_mask if hasattr(lora, "grad_mask") else lora.scale
-    out = _LoraLinear.apply(input_, x_a, linear.weight if weight is None else weight, bias,
-                            lora.lora_A, lora.lora_B, lora.scale, grad_scale)
+    out = _LoraLinear.apply(
+        input_,
+        x_a,
+        linear.weight if weight is None else weight,
+        bias,
+        lora.lora_A,
+        lora.lora_B,
+        lora.scale,
+        grad_scale,
+    )
     return out, linear.bias if linear.skip_bias_add else None
 
 
@@ -234,8 +261,9 @@ def attach_lora(chunks, settings: LoraSettings, hf_config: dict, dist, seed: int
             for target in settings.targets:
                 local = target.megatron.replace("decoder.layers.{layer}.", "")
                 linear = layer_module.get_submodule(local)
-                adapter = LoraAdapter(target, layer, settings, linear.weight, lay,
-                                      model.config.sequence_parallel)
+                adapter = LoraAdapter(
+                    target, layer, settings, linear.weight, lay, model.config.sequence_parallel
+                )
                 linear.lora = adapter
                 if dist.tp == 1 and not getattr(linear, "gather_output", False):
                     # one autograd node for base + adapter (the host is the bottleneck of
@@ -309,8 +337,9 @@ def set_piece(adapter: LoraAdapter, view: torch.Tensor, full: torch.Tensor, whic
     """Copy this rank's piece of a full HF tensor into a pair's view (raises on a mismatch)."""
     piece = local_piece(adapter, full, which)
     if tuple(piece.shape) != local_shape(view):
-        raise ValueError(f"shape {tuple(piece.shape)} does not match the local piece "
-                         f"{local_shape(view)}")
+        raise ValueError(
+            f"shape {tuple(piece.shape)} does not match the local piece {local_shape(view)}"
+        )
     view.copy_(piece.view(view.shape).to(device=view.device, dtype=view.dtype))
 
 

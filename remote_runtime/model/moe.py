@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from remote_runtime.model import moe_aux
 
-
 # --- permutation without a host sync -----------------------------------------------------------
+
 
 class _GatherRows(torch.autograd.Function):
     """y = x[src] where every row of x appears `k` times in src (a token's k expert slots).
@@ -88,15 +88,22 @@ class LocalDispatch:
 
 # --- experts -----------------------------------------------------------------------------------
 
+
 class ExpertWeight(torch.nn.Module):
     """A stacked expert weight [experts, out, in], as a module so that its name is
     `linear_fc1.weight` / `linear_fc2.weight` (the contract the bridge maps to)."""
 
     def __init__(self, experts: int, out_features: int, in_features: int, config, init_method):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.empty(
-            experts, out_features, in_features, dtype=config.params_dtype,
-            device=torch.cuda.current_device()))
+        self.weight = torch.nn.Parameter(
+            torch.empty(
+                experts,
+                out_features,
+                in_features,
+                dtype=config.params_dtype,
+                device=torch.cuda.current_device(),
+            )
+        )
         if config.perform_initialization:
             with torch.no_grad():
                 for e in range(experts):
@@ -114,8 +121,13 @@ def _offsets(tokens_per_expert: torch.Tensor, device) -> torch.Tensor:
     return torch.cumsum(tokens_per_expert.to(device, non_blocking=True), 0, dtype=torch.int32)
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor,
-                   offsets: torch.Tensor | None = None, fuse_wgrad: bool = False) -> torch.Tensor:
+def grouped_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    tokens_per_expert: torch.Tensor,
+    offsets: torch.Tensor | None = None,
+    fuse_wgrad: bool = False,
+) -> torch.Tensor:
     """y[rows of expert e] = x[rows of e] @ weight[e].T for x grouped by expert.
 
     With `offsets` (the cumulative row counts, on the device): one torch._grouped_mm (GPU).
@@ -133,22 +145,27 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: tor
 WGRAD_BLOCKS = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
 
 
-def accumulate_expert_wgrad(main_grad: torch.Tensor, dy: torch.Tensor, x: torch.Tensor,
-                            offsets: torch.Tensor) -> None:
+def accumulate_expert_wgrad(
+    main_grad: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor
+) -> None:
     """main_grad[e] (fp32 [E, N, K]) += dy[rows of e]^T @ x[rows of e]: one Triton launch."""
     from remote_runtime.model import triton_kernels
     from remote_runtime.model.ops import triton_cdiv
 
     e, n, k = main_grad.shape
     b = WGRAD_BLOCKS
-    triton_kernels.expert_wgrad_accum[(triton_cdiv(n, b["BLOCK_N"]), triton_cdiv(k, b["BLOCK_K"]), e)](
-        dy, x, offsets, main_grad, n, k, dy.stride(0), x.stride(0), **b)
+    triton_kernels.expert_wgrad_accum[
+        (triton_cdiv(n, b["BLOCK_N"]), triton_cdiv(k, b["BLOCK_K"]), e)
+    ](dy, x, offsets, main_grad, n, k, dy.stride(0), x.stride(0), **b)
 
 
 def _accumulates_into_main_grad(weight: torch.Tensor) -> bool:
     main_grad = getattr(weight, "main_grad", None)
-    return (main_grad is not None and main_grad.dtype == torch.float32
-            and hasattr(weight, "grad_added_to_main_grad"))
+    return (
+        main_grad is not None
+        and main_grad.dtype == torch.float32
+        and hasattr(weight, "grad_added_to_main_grad")
+    )
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -181,8 +198,16 @@ class GroupedExperts(torch.nn.Module):
     """All local experts of one MoE layer (megatron's experts interface:
     forward(permuted tokens, tokens_per_expert, permuted probs) -> (output, None))."""
 
-    def __init__(self, num_local_experts: int, config, pg_collection=None, activation="eager",
-                 grouped: bool = True, fuse_wgrad: bool = True, **_unused):
+    def __init__(
+        self,
+        num_local_experts: int,
+        config,
+        pg_collection=None,
+        activation="eager",
+        grouped: bool = True,
+        fuse_wgrad: bool = True,
+        **_unused,
+    ):
         super().__init__()
         if not config.gated_linear_unit or config.activation_func is not F.silu:
             raise ValueError("GroupedExperts implements SwiGLU experts (gated silu) only")
@@ -195,10 +220,12 @@ class GroupedExperts(torch.nn.Module):
         if ffn % etp:
             raise ValueError(f"moe_ffn_hidden_size {ffn} is not divisible by expert TP {etp}")
         h = config.hidden_size
-        self.linear_fc1 = ExpertWeight(num_local_experts, 2 * ffn // etp, h, config,
-                                       config.init_method)
-        self.linear_fc2 = ExpertWeight(num_local_experts, h, ffn // etp, config,
-                                       config.output_layer_init_method)
+        self.linear_fc1 = ExpertWeight(
+            num_local_experts, 2 * ffn // etp, h, config, config.init_method
+        )
+        self.linear_fc2 = ExpertWeight(
+            num_local_experts, h, ffn // etp, config, config.output_layer_init_method
+        )
         self.activation = activation
         self.grouped = grouped  # moe_grouped_gemm: one grouped GEMM, else a loop over experts
         # weight gradients accumulated into DDP's fp32 main_grad by a Triton kernel (GPU)
@@ -218,14 +245,16 @@ class GroupedExperts(torch.nn.Module):
         h = grouped_linear(x, self.linear_fc1.weight, tokens_per_expert, offsets, self.fuse_wgrad)
         # router weights in the activations' dtype, as transformers multiplies them
         a = self._swiglu(h) * probs.unsqueeze(-1).to(h.dtype)
-        return grouped_linear(a, self.linear_fc2.weight, tokens_per_expert, offsets,
-                              self.fuse_wgrad), None
+        return grouped_linear(
+            a, self.linear_fc2.weight, tokens_per_expert, offsets, self.fuse_wgrad
+        ), None
 
     def backward_dw(self):  # megatron's delayed weight-gradient hook (not used here)
         pass
 
 
 # --- router ------------------------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=None)
 def _router_class():
@@ -248,7 +277,8 @@ def _router_class():
             """Router logits in `moe_router_dtype` (megatron's own gating needs
             transformer-engine in 0.16)."""
             dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(
-                self.config.moe_router_dtype, x.dtype)
+                self.config.moe_router_dtype, x.dtype
+            )
             return F.linear(x.to(dtype), self.weight.to(dtype))
 
         def routing(self, logits: torch.Tensor):
@@ -264,27 +294,39 @@ def _router_class():
             logits = self.gating(hidden.reshape(-1, self.config.hidden_size))
             weights, indices, probs = self.routing(logits)
             counts = torch.zeros(self.num_experts, dtype=torch.float32, device=probs.device)
-            counts.scatter_add_(0, indices.reshape(-1),
-                                torch.ones(indices.numel(), device=probs.device))
+            counts.scatter_add_(
+                0, indices.reshape(-1), torch.ones(indices.numel(), device=probs.device)
+            )
             group = self.tp_group if self.config.sequence_parallel else None
-            weights = moe_aux.attach(weights, probs, counts, self.layer_number or 0,
-                                     self.config.moe_aux_loss_coeff or 0.0, group)
+            weights = moe_aux.attach(
+                weights,
+                probs,
+                counts,
+                self.layer_number or 0,
+                self.config.moe_aux_loss_coeff or 0.0,
+                group,
+            )
             return weights, indices
 
         def forward(self, hidden: torch.Tensor, padding_mask=None):
             """megatron's interface: (probs [N, E] zero outside the top-k, routing_map [N, E])."""
             weights, indices = self.route(hidden)
-            probs = torch.zeros(indices.shape[0], self.num_experts, dtype=weights.dtype,
-                                device=weights.device).scatter(1, indices, weights)
+            probs = torch.zeros(
+                indices.shape[0], self.num_experts, dtype=weights.dtype, device=weights.device
+            ).scatter(1, indices, weights)
             routing_map = torch.zeros_like(probs, dtype=torch.bool).scatter(1, indices, True)
             cf = self.config.moe_expert_capacity_factor
             if cf is not None:
                 from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping
 
                 probs, routing_map = apply_router_token_dropping(
-                    probs, routing_map, router_topk=self.topk, capacity_factor=cf,
+                    probs,
+                    routing_map,
+                    router_topk=self.topk,
+                    capacity_factor=cf,
                     drop_policy=self.config.moe_token_drop_policy,
-                    pad_to_capacity=self.config.moe_pad_expert_input_to_capacity)
+                    pad_to_capacity=self.config.moe_pad_expert_input_to_capacity,
+                )
             return probs, routing_map
 
     return SoftmaxTopKRouter
@@ -296,6 +338,7 @@ def SoftmaxTopKRouter(*args, **kwargs):  # noqa: N802 (a class, built lazily: no
 
 # --- the MoE layer -----------------------------------------------------------------------------
 
+
 @functools.lru_cache(maxsize=None)
 def _layer_class():
     from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -305,8 +348,11 @@ def _layer_class():
 
         def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
             super().__init__(config, submodules, layer_number, pg_collection)
-            self.local = (self.ep_group.size() == 1 and self.token_dispatcher.tp_size == 1
-                          and config.moe_expert_capacity_factor is None)
+            self.local = (
+                self.ep_group.size() == 1
+                and self.token_dispatcher.tp_size == 1
+                and config.moe_expert_capacity_factor is None
+            )
 
         def forward(self, hidden_states, intermediate_tensors=None, padding_mask=None):
             if not self.local or self.moe_layer_recompute or intermediate_tensors is not None:
@@ -337,8 +383,9 @@ class _KnownMoELayer(logging.Filter):
         return "Unknown MLP type" not in record.getMessage()
 
 
-def moe_spec(config, activation: str, shared_activation=None, grouped: bool = True,
-             fuse_wgrad: bool = True):
+def moe_spec(
+    config, activation: str, shared_activation=None, grouped: bool = True, fuse_wgrad: bool = True
+):
     """The MoE `mlp` ModuleSpec: our layer, router and experts; megatron's SharedExpertMLP
     (Qwen2-MoE) on the local linear layers with the dense MLP's activation module."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -350,15 +397,23 @@ def moe_spec(config, activation: str, shared_activation=None, grouped: bool = Tr
     logger = logging.getLogger("megatron.core.transformer.transformer_layer")
     if not any(isinstance(f, _KnownMoELayer) for f in logger.filters):
         logger.addFilter(_KnownMoELayer())
-    shared = ModuleSpec(module=SharedExpertMLP, submodules=MLPSubmodules(
-        linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear,
-        activation_func=shared_activation))
-    experts = ModuleSpec(module=GroupedExperts,
-                         params={"activation": activation, "grouped": grouped,
-                                 "fuse_wgrad": fuse_wgrad})
-    return ModuleSpec(module=_layer_class(), submodules=MoESubmodules(
-        experts=experts, shared_experts=shared, router=_router_class()),
-        metainfo={"fuse_pre_mlp_layernorm": False})
+    shared = ModuleSpec(
+        module=SharedExpertMLP,
+        submodules=MLPSubmodules(
+            linear_fc1=ColumnParallelLinear,
+            linear_fc2=RowParallelLinear,
+            activation_func=shared_activation,
+        ),
+    )
+    experts = ModuleSpec(
+        module=GroupedExperts,
+        params={"activation": activation, "grouped": grouped, "fuse_wgrad": fuse_wgrad},
+    )
+    return ModuleSpec(
+        module=_layer_class(),
+        submodules=MoESubmodules(experts=experts, shared_experts=shared, router=_router_class()),
+        metainfo={"fuse_pre_mlp_layernorm": False},
+    )
 
 
 def moe_layer_pattern(config) -> list[bool]:

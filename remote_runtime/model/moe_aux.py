@@ -142,8 +142,14 @@ class AuxLossGrad(torch.autograd.Function):
         return grad, counts * scale, None, None
 
 
-def attach(weights: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor, layer: int,
-           coeff: float, group) -> torch.Tensor:
+def attach(
+    weights: torch.Tensor,
+    probs: torch.Tensor,
+    counts: torch.Tensor,
+    layer: int,
+    coeff: float,
+    group,
+) -> torch.Tensor:
     """Record this layer's statistics; return the weights with the aux gradient attached."""
     record = current()
     prob_sum = probs.float().sum(0)

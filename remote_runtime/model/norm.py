@@ -17,7 +17,8 @@ class RMSNorm(torch.nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = torch.nn.Parameter(
-            torch.ones(hidden_size, dtype=config.params_dtype, device=torch.cuda.current_device()))
+            torch.ones(hidden_size, dtype=config.params_dtype, device=torch.cuda.current_device())
+        )
         # Sequence parallel: each TP rank sees a slice of the sequence, so the weight's gradient
         # is partial and megatron must sum it over the TP group.
         self.weight.sequence_parallel = bool(config.sequence_parallel)

@@ -94,8 +94,19 @@ class _RMSNorm(torch.autograd.Function):
         rstd = torch.empty(m, dtype=torch.float32, device=x.device)
         block, rows, warps = _norm_launch(n)
         _kernels().rms_norm_fwd[(triton_cdiv(m, rows),)](
-            x2, weight, y, rstd, m, n, x2.stride(0), y.stride(0), eps,
-            ROWS=rows, BLOCK_N=block, num_warps=warps)
+            x2,
+            weight,
+            y,
+            rstd,
+            m,
+            n,
+            x2.stride(0),
+            y.stride(0),
+            eps,
+            ROWS=rows,
+            BLOCK_N=block,
+            num_warps=warps,
+        )
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape = x.shape
         return y.view(x.shape)
@@ -110,8 +121,23 @@ class _RMSNorm(torch.autograd.Function):
         programs, per_program = _split(triton_cdiv(m, rows), x2.device, NORM_BWD_PROGRAMS_PER_SM)
         target, accumulate = _weight_grad_target(weight, programs)
         _kernels().rms_norm_bwd[(programs,)](
-            dy2, x2, weight, rstd, dx, target, m, n, dy2.stride(0), x2.stride(0), dx.stride(0),
-            per_program, ROWS=rows, BLOCK_N=block, ACCUMULATE=accumulate, num_warps=warps)
+            dy2,
+            x2,
+            weight,
+            rstd,
+            dx,
+            target,
+            m,
+            n,
+            dy2.stride(0),
+            x2.stride(0),
+            dx.stride(0),
+            per_program,
+            ROWS=rows,
+            BLOCK_N=block,
+            ACCUMULATE=accumulate,
+            num_warps=warps,
+        )
         return dx.view(ctx.shape), _weight_grad(weight, target, accumulate), None
 
 
@@ -120,8 +146,11 @@ def _weight_grad_target(weight: torch.Tensor, programs: int) -> tuple[torch.Tens
     `main_grad` (atomically, as the linear layers' fused weight-gradient GEMMs do), or per-program
     partial sums to reduce here (no DDP wrapper, or a non-fp32 buffer)."""
     main_grad = getattr(weight, "main_grad", None)
-    if (main_grad is not None and main_grad.dtype == torch.float32
-            and hasattr(weight, "grad_added_to_main_grad")):
+    if (
+        main_grad is not None
+        and main_grad.dtype == torch.float32
+        and hasattr(weight, "grad_added_to_main_grad")
+    ):
         return main_grad, True
     return torch.empty((programs, weight.numel()), dtype=torch.float32, device=weight.device), False
 
@@ -142,6 +171,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 # --- rotary embeddings -------------------------------------------------------------------------
 
+
 def _rope_launch(t3: torch.Tensor, freqs2: torch.Tensor, pos: torch.Tensor, backward: bool):
     tokens, heads, d = t3.shape
     rot = freqs2.shape[-1]
@@ -150,9 +180,24 @@ def _rope_launch(t3: torch.Tensor, freqs2: torch.Tensor, pos: torch.Tensor, back
     y = torch.empty((tokens, heads, d), dtype=t3.dtype, device=t3.device)
     half, rest = rot // 2, d - rot
     _kernels().rope[(tokens,)](
-        t3, freqs2, pos, y, heads, t3.stride(0), t3.stride(1), y.stride(0), y.stride(1),
-        freqs2.stride(0), HALF=half, REST=rest, BLOCK_H=_pow2(heads), BLOCK_HALF=_pow2(half),
-        BLOCK_REST=_pow2(max(rest, 1)), BACKWARD=backward, num_warps=4)
+        t3,
+        freqs2,
+        pos,
+        y,
+        heads,
+        t3.stride(0),
+        t3.stride(1),
+        y.stride(0),
+        y.stride(1),
+        freqs2.stride(0),
+        HALF=half,
+        REST=rest,
+        BLOCK_H=_pow2(heads),
+        BLOCK_HALF=_pow2(half),
+        BLOCK_REST=_pow2(max(rest, 1)),
+        BACKWARD=backward,
+        num_warps=4,
+    )
     return y
 
 
@@ -175,8 +220,9 @@ class _Rope(torch.autograd.Function):
         return _rope_launch(_tokens(dy), freqs2, pos, backward=True).view(ctx.shape), None, None
 
 
-def _angles_at(freqs: torch.Tensor, s: int, b: int, device,
-              cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _angles_at(
+    freqs: torch.Tensor, s: int, b: int, device, cu_seqlens: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(angles [positions, rot_dim], each row's position) for s × b rows: positions restart at
     every cu_seqlens boundary of a packed batch (b = 1), else a row's position is its s index."""
     if cu_seqlens is not None:
@@ -208,8 +254,13 @@ def rope_bshd(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) -
     return _Rope.apply(t, *_angles_at(freqs, t.shape[0], t.shape[1], t.device, None))
 
 
-def rope_thd(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor, cp_size: int = 1,
-             cp_rank: int = 0) -> torch.Tensor:
+def rope_thd(
+    t: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    freqs: torch.Tensor,
+    cp_size: int = 1,
+    cp_rank: int = 0,
+) -> torch.Tensor:
     """megatron's fused_apply_rotary_pos_emb_thd: t [T, h, d] packed documents, positions
     restarting at each cu_seqlens boundary; freqs [max_len, 1, 1, rot_dim]."""
     if cp_size != 1:
@@ -241,9 +292,25 @@ class _QKNormRope(torch.autograd.Function):
         k = torch.empty((s, b, groups, head_dim), dtype=qkv.dtype, device=qkv.device)
         v = torch.empty_like(k)
         _kernels().qk_norm_rope_fwd[(tokens,)](
-            rows, freqs2, pos, wq, wk, q, k, v, rows.stride(0), freqs2.stride(0), eps,
-            HQ=heads, HK=groups, QPG=heads // groups, D=head_dim, BLOCK_HQ=_pow2(heads),
-            BLOCK_HK=_pow2(groups), num_warps=QK_FWD_WARPS)
+            rows,
+            freqs2,
+            pos,
+            wq,
+            wk,
+            q,
+            k,
+            v,
+            rows.stride(0),
+            freqs2.stride(0),
+            eps,
+            HQ=heads,
+            HK=groups,
+            QPG=heads // groups,
+            D=head_dim,
+            BLOCK_HQ=_pow2(heads),
+            BLOCK_HK=_pow2(groups),
+            num_warps=QK_FWD_WARPS,
+        )
         ctx.save_for_backward(rows, wq, wk, freqs2, pos)
         ctx.meta = (qkv.shape, eps, heads, groups, head_dim)
         return q, k, v
@@ -262,25 +329,66 @@ class _QKNormRope(torch.autograd.Function):
             tq = torch.empty((programs, head_dim), dtype=torch.float32, device=rows.device)
             tk, acc_q, acc_k = torch.empty_like(tq), False, False
         _kernels().qk_norm_rope_bwd[(programs,)](
-            dq, dk, dv, rows, freqs2, pos, wq, wk, dqkv, tq, tk, tokens, rows.stride(0),
-            dqkv.stride(0), freqs2.stride(0), eps, per_program, HQ=heads, HK=groups,
-            QPG=heads // groups, D=head_dim, BLOCK_HQ=_pow2(heads), BLOCK_HK=_pow2(groups),
-            ACCUMULATE=acc_q, num_warps=QK_BWD_WARPS)
-        return (dqkv.view(shape), _weight_grad(wq, tq, acc_q), _weight_grad(wk, tk, acc_k),
-                None, None, None, None, None, None)
+            dq,
+            dk,
+            dv,
+            rows,
+            freqs2,
+            pos,
+            wq,
+            wk,
+            dqkv,
+            tq,
+            tk,
+            tokens,
+            rows.stride(0),
+            dqkv.stride(0),
+            freqs2.stride(0),
+            eps,
+            per_program,
+            HQ=heads,
+            HK=groups,
+            QPG=heads // groups,
+            D=head_dim,
+            BLOCK_HQ=_pow2(heads),
+            BLOCK_HK=_pow2(groups),
+            ACCUMULATE=acc_q,
+            num_warps=QK_BWD_WARPS,
+        )
+        return (
+            dqkv.view(shape),
+            _weight_grad(wq, tq, acc_q),
+            _weight_grad(wk, tk, acc_k),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def qk_norm_rope(qkv: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float,
-                 freqs: torch.Tensor, heads: int, groups: int, head_dim: int,
-                 cu_seqlens: torch.Tensor | None = None):
+def qk_norm_rope(
+    qkv: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    eps: float,
+    freqs: torch.Tensor,
+    heads: int,
+    groups: int,
+    head_dim: int,
+    cu_seqlens: torch.Tensor | None = None,
+):
     """(q [s, b, heads, d], k and v [s, b, groups, d]) from megatron's fused QKV projection
     output `qkv` [s, b, groups, (heads/groups + 2) * d]: q and k RMS-normalised per head (weights
     wq, wk) and rotated by `freqs` [max_len, 1, 1, d] at each token's position (restarting at
     every `cu_seqlens` boundary for a packed [T, 1, ...] batch), v copied out. One kernel each way.
     """
     if freqs.shape[-1] != head_dim:
-        raise ValueError(f"rotary dimension {freqs.shape[-1]} != head size {head_dim}: partial "
-                         "rotary needs the unfused path")
+        raise ValueError(
+            f"rotary dimension {freqs.shape[-1]} != head size {head_dim}: partial "
+            "rotary needs the unfused path"
+        )
     freqs2, pos = _angles_at(freqs, qkv.shape[0], qkv.shape[1], qkv.device, cu_seqlens)
     return _QKNormRope.apply(qkv, wq, wk, freqs2, pos, eps, heads, groups, head_dim)
 
@@ -298,7 +406,8 @@ class _SwiGLU(torch.autograd.Function):
         m = y2.shape[0]
         out = torch.empty((m, f), dtype=y.dtype, device=y.device)
         _kernels().swiglu_fwd[(m, triton_cdiv(f, SWIGLU_BLOCK))](
-            y2, out, f, y2.stride(0), out.stride(0), BLOCK=SWIGLU_BLOCK, num_warps=4)
+            y2, out, f, y2.stride(0), out.stride(0), BLOCK=SWIGLU_BLOCK, num_warps=4
+        )
         ctx.save_for_backward(y2)
         ctx.shape = y.shape
         return out.view(*y.shape[:-1], f)
@@ -310,7 +419,8 @@ class _SwiGLU(torch.autograd.Function):
         g2 = _rows(g, f)
         dy = torch.empty_like(y2)
         _kernels().swiglu_bwd[(m, triton_cdiv(f, SWIGLU_BLOCK))](
-            g2, y2, dy, f, g2.stride(0), y2.stride(0), dy.stride(0), BLOCK=SWIGLU_BLOCK, num_warps=4)
+            g2, y2, dy, f, g2.stride(0), y2.stride(0), dy.stride(0), BLOCK=SWIGLU_BLOCK, num_warps=4
+        )
         return dy.view(ctx.shape)
 
 
@@ -327,8 +437,10 @@ class SwiGLU(torch.nn.Module):
 
     def __init__(self, config=None, **_unused):
         super().__init__()
-        if config is not None and (getattr(config, "activation_func_clamp_value", None) is not None
-                                   or getattr(config, "glu_linear_offset", 0.0)):
+        if config is not None and (
+            getattr(config, "activation_func_clamp_value", None) is not None
+            or getattr(config, "glu_linear_offset", 0.0)
+        ):
             raise ValueError("the Triton SwiGLU has no clamp or linear offset")
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
@@ -349,8 +461,9 @@ class _CrossEntropy(torch.autograd.Function):
         n = rows.shape[0]
         loss = torch.empty(n, dtype=torch.float32, device=logits.device)
         lse = torch.empty_like(loss)
-        _kernels().cross_entropy_fwd[(n,)](rows, flat_labels, loss, lse, valid, rows.stride(0),
-                                            BLOCK=CE_BLOCK, num_warps=8)
+        _kernels().cross_entropy_fwd[(n,)](
+            rows, flat_labels, loss, lse, valid, rows.stride(0), BLOCK=CE_BLOCK, num_warps=8
+        )
         ctx.save_for_backward(rows, flat_labels, lse)
         ctx.meta = (logits.shape, valid)
         return loss.view(logits.shape[:-1])
@@ -362,12 +475,22 @@ class _CrossEntropy(torch.autograd.Function):
         # the logits are not needed after this: their gradient overwrites them (saves a
         # vocabulary-sized buffer, the largest activation of a small model)
         _kernels().cross_entropy_bwd[(rows.shape[0],)](
-            rows, labels, lse, dloss.reshape(-1).contiguous(), rows.shape[1], valid,
-            rows.stride(0), BLOCK=CE_BLOCK, num_warps=8)
+            rows,
+            labels,
+            lse,
+            dloss.reshape(-1).contiguous(),
+            rows.shape[1],
+            valid,
+            rows.stride(0),
+            BLOCK=CE_BLOCK,
+            num_warps=8,
+        )
         return rows.view(shape), None, None
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, valid: int | None = None) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, valid: int | None = None
+) -> torch.Tensor:
     """Per-token cross entropy (fp32) of logits [..., V] against labels [...], counting only the
     first `valid` vocabulary columns (the rest are padding). One pass over the logits forward;
     backward writes the gradient over the logits in place, so they must not be used afterwards

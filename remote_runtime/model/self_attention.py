@@ -32,46 +32,70 @@ def qk_fused_self_attention_class():
             c = self.config
             self._fused_rope = None  # (freqs, cu_seqlens) for the call in progress
             self.qk_fused = (
-                isinstance(self.q_layernorm, RMSNorm) and isinstance(self.k_layernorm, RMSNorm)
-                and not c.rotary_interleaved and not c.attention_output_gate
-                and getattr(c, "rope_type", "rope") != "yarn" and c.context_parallel_size == 1
+                isinstance(self.q_layernorm, RMSNorm)
+                and isinstance(self.k_layernorm, RMSNorm)
+                and not c.rotary_interleaved
+                and not c.attention_output_gate
+                and getattr(c, "rope_type", "rope") != "yarn"
+                and c.context_parallel_size == 1
                 and c.num_query_groups >= self.world_size
-                and kernels.qk_norm_rope_supported(self.hidden_size_per_attention_head,
-                                                   self.num_attention_heads_per_partition,
-                                                   self.num_query_groups_per_partition))
+                and kernels.qk_norm_rope_supported(
+                    self.hidden_size_per_attention_head,
+                    self.num_attention_heads_per_partition,
+                    self.num_query_groups_per_partition,
+                )
+            )
 
         def forward(self, hidden_states, *args, **kwargs):
             freqs = kwargs.get("rotary_pos_emb")
             packed = kwargs.get("packed_seq_params")
-            if (not self.qk_fused or args or freqs is None or isinstance(freqs, tuple)
-                    or freqs.shape[-1] != self.hidden_size_per_attention_head
-                    or kwargs.get("inference_context") is not None
-                    or kwargs.get("inference_params") is not None
-                    or kwargs.get("key_value_states") is not None
-                    or (packed is not None and packed.qkv_format != "thd")):
+            if (
+                not self.qk_fused
+                or args
+                or freqs is None
+                or isinstance(freqs, tuple)
+                or freqs.shape[-1] != self.hidden_size_per_attention_head
+                or kwargs.get("inference_context") is not None
+                or kwargs.get("inference_params") is not None
+                or kwargs.get("key_value_states") is not None
+                or (packed is not None and packed.qkv_format != "thd")
+            ):
                 return super().forward(hidden_states, *args, **kwargs)
             cu = None
             if packed is not None:
-                cu = packed.cu_seqlens_q_padded if packed.cu_seqlens_q_padded is not None \
+                cu = (
+                    packed.cu_seqlens_q_padded
+                    if packed.cu_seqlens_q_padded is not None
                     else packed.cu_seqlens_q
+                )
             self._fused_rope = (freqs, cu)
             try:  # rotary_pos_emb=None: the rotation happens in get_query_key_value_tensors
                 return super().forward(hidden_states, **{**kwargs, "rotary_pos_emb": None})
             finally:
                 self._fused_rope = None
 
-        def get_query_key_value_tensors(self, hidden_states, key_value_states=None,
-                                        output_gate=False, split_qkv=True):
+        def get_query_key_value_tensors(
+            self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True
+        ):
             if self._fused_rope is None or output_gate or not split_qkv:
                 return super().get_query_key_value_tensors(
-                    hidden_states, key_value_states, output_gate=output_gate, split_qkv=split_qkv)
+                    hidden_states, key_value_states, output_gate=output_gate, split_qkv=split_qkv
+                )
             freqs, cu = self._fused_rope
-            mixed_qkv, _ = super().get_query_key_value_tensors(hidden_states, key_value_states,
-                                                               split_qkv=False)
+            mixed_qkv, _ = super().get_query_key_value_tensors(
+                hidden_states, key_value_states, split_qkv=False
+            )
             q_norm, k_norm = self.q_layernorm, self.k_layernorm
             return kernels.qk_norm_rope(
-                mixed_qkv, q_norm.weight, k_norm.weight, q_norm.eps, freqs,
-                self.num_attention_heads_per_partition, self.num_query_groups_per_partition,
-                self.hidden_size_per_attention_head, cu_seqlens=cu)
+                mixed_qkv,
+                q_norm.weight,
+                k_norm.weight,
+                q_norm.eps,
+                freqs,
+                self.num_attention_heads_per_partition,
+                self.num_query_groups_per_partition,
+                self.hidden_size_per_attention_head,
+                cu_seqlens=cu,
+            )
 
     return QKFusedSelfAttention

@@ -9,8 +9,9 @@ import triton.language as tl
 
 
 @triton.jit
-def rms_norm_fwd(X, W, Y, RSTD, M, N, stride_x, stride_y, eps,
-                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+def rms_norm_fwd(
+    X, W, Y, RSTD, M, N, stride_x, stride_y, eps, ROWS: tl.constexpr, BLOCK_N: tl.constexpr
+):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     rmask, cmask = rows < M, cols < N
@@ -21,14 +22,32 @@ def rms_norm_fwd(X, W, Y, RSTD, M, N, stride_x, stride_y, eps,
     # Hugging Face: round the normalised input to the model dtype, then scale by the weight
     xhat = (x * rstd[:, None]).to(Y.dtype.element_ty).to(tl.float32)
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    tl.store(Y + r64[:, None] * stride_y + cols[None, :], (xhat * w[None, :]).to(Y.dtype.element_ty),
-             mask=mask)
+    tl.store(
+        Y + r64[:, None] * stride_y + cols[None, :],
+        (xhat * w[None, :]).to(Y.dtype.element_ty),
+        mask=mask,
+    )
     tl.store(RSTD + rows, rstd, mask=rmask)
 
 
 @triton.jit
-def rms_norm_bwd(DY, X, W, RSTD, DX, DW, M, N, stride_dy, stride_x, stride_dx, blocks_per_program,
-                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr, ACCUMULATE: tl.constexpr):
+def rms_norm_bwd(
+    DY,
+    X,
+    W,
+    RSTD,
+    DX,
+    DW,
+    M,
+    N,
+    stride_dy,
+    stride_x,
+    stride_dx,
+    blocks_per_program,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+):
     """dx, and the weight gradient: per-program partial sums DW[pid] or, with ACCUMULATE, added
     atomically into DW (megatron's fp32 main_grad)."""
     pid = tl.program_id(0)
@@ -41,15 +60,21 @@ def rms_norm_bwd(DY, X, W, RSTD, DX, DW, M, N, stride_dy, stride_x, stride_dx, b
         rmask = rows < M
         mask = rmask[:, None] & cmask[None, :]
         r64 = rows.to(tl.int64)
-        x = tl.load(X + r64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + r64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + r64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(
+            tl.float32
+        )
+        dy = tl.load(DY + r64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(
+            tl.float32
+        )
         rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
         xhat = x * rstd[:, None]
         # the weight multiplied the rounded xhat; its gradient sees the same rounding
         dw += tl.sum(dy * xhat.to(DX.dtype.element_ty).to(tl.float32), axis=0)
         g = dy * w[None, :]
         dx = rstd[:, None] * (g - xhat * (tl.sum(g * xhat, axis=1) / N)[:, None])
-        tl.store(DX + r64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(
+            DX + r64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask
+        )
     if ACCUMULATE:
         tl.atomic_add(DW + cols, dw, mask=cmask)
     else:
@@ -57,9 +82,24 @@ def rms_norm_bwd(DY, X, W, RSTD, DX, DW, M, N, stride_dy, stride_x, stride_dx, b
 
 
 @triton.jit
-def rope(X, F, POS, Y, H, stride_xt, stride_xh, stride_yt, stride_yh, stride_f,
-         HALF: tl.constexpr, REST: tl.constexpr, BLOCK_H: tl.constexpr,
-         BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr, BACKWARD: tl.constexpr):
+def rope(
+    X,
+    F,
+    POS,
+    Y,
+    H,
+    stride_xt,
+    stride_xh,
+    stride_yt,
+    stride_yh,
+    stride_f,
+    HALF: tl.constexpr,
+    REST: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_REST: tl.constexpr,
+    BACKWARD: tl.constexpr,
+):
     """One token (all heads) per program; y = rotate(x, angle) or, backward, rotate(x, -angle)."""
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(POS + t).to(tl.int64)
@@ -112,16 +152,21 @@ def swiglu_bwd(G, Y, DY, F, stride_g, stride_y, stride_dy, BLOCK: tl.constexpr):
     a = tl.load(Y + row * stride_y + c, mask=m, other=0.0).to(tl.float32)
     b = tl.load(Y + row * stride_y + F + c, mask=m, other=0.0).to(tl.float32)
     s = tl.sigmoid(a)
-    tl.store(DY + row * stride_dy + c, (g * b * s * (1.0 + a * (1.0 - s))).to(DY.dtype.element_ty),
-             mask=m)
+    tl.store(
+        DY + row * stride_dy + c,
+        (g * b * s * (1.0 + a * (1.0 - s))).to(DY.dtype.element_ty),
+        mask=m,
+    )
     tl.store(DY + row * stride_dy + F + c, (g * a * s).to(DY.dtype.element_ty), mask=m)
 
 
 # --- q/k RMSNorm + rotary embedding + q/k/v split, straight from the fused QKV projection ------
 
+
 @triton.jit
-def _norm_rope_fwd(src, dst, hmask, W, c, cos1, sin1, cos2, sin2, eps,
-                   D: tl.constexpr, HALF: tl.constexpr):
+def _norm_rope_fwd(
+    src, dst, hmask, W, c, cos1, sin1, cos2, sin2, eps, D: tl.constexpr, HALF: tl.constexpr
+):
     """Heads at src[h, :] (pointer block [H, 1]): RMSNorm (HF rounding), then rotate; to dst."""
     m = hmask[:, None]
     dt = dst.dtype.element_ty
@@ -137,8 +182,9 @@ def _norm_rope_fwd(src, dst, hmask, W, c, cos1, sin1, cos2, sin2, eps,
 
 
 @triton.jit
-def _norm_rope_bwd(dsrc, src, ddst, hmask, W, c, cos1, sin1, cos2, sin2, eps,
-                   D: tl.constexpr, HALF: tl.constexpr):
+def _norm_rope_bwd(
+    dsrc, src, ddst, hmask, W, c, cos1, sin1, cos2, sin2, eps, D: tl.constexpr, HALF: tl.constexpr
+):
     """Backward of _norm_rope_fwd for one token's heads: writes dx to ddst, returns the weight
     gradient halves summed over the heads."""
     m = hmask[:, None]
@@ -168,14 +214,34 @@ def _angles(F, POS, t, stride_f, c, OUT, HALF: tl.constexpr):
     pos = tl.load(POS + t).to(tl.int64)
     f1 = tl.load(F + pos * stride_f + c).to(tl.float32)
     f2 = tl.load(F + pos * stride_f + HALF + c).to(tl.float32)
-    return (tl.cos(f1).to(dt).to(tl.float32), tl.sin(f1).to(dt).to(tl.float32),
-            tl.cos(f2).to(dt).to(tl.float32), tl.sin(f2).to(dt).to(tl.float32))
+    return (
+        tl.cos(f1).to(dt).to(tl.float32),
+        tl.sin(f1).to(dt).to(tl.float32),
+        tl.cos(f2).to(dt).to(tl.float32),
+        tl.sin(f2).to(dt).to(tl.float32),
+    )
 
 
 @triton.jit
-def qk_norm_rope_fwd(QKV, F, POS, WQ, WK, Q, K, V, stride_t, stride_f, eps,
-                     HQ: tl.constexpr, HK: tl.constexpr, QPG: tl.constexpr, D: tl.constexpr,
-                     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr):
+def qk_norm_rope_fwd(
+    QKV,
+    F,
+    POS,
+    WQ,
+    WK,
+    Q,
+    K,
+    V,
+    stride_t,
+    stride_f,
+    eps,
+    HQ: tl.constexpr,
+    HK: tl.constexpr,
+    QPG: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+):
     """One token per program. QKV row layout (megatron): per KV group g, QPG query heads, then
     the key head, then the value head, each D wide. Q [T, HQ, D], K and V [T, HK, D] out."""
     HALF: tl.constexpr = D // 2
@@ -186,12 +252,36 @@ def qk_norm_rope_fwd(QKV, F, POS, WQ, WK, Q, K, V, stride_t, stride_f, eps,
     row = QKV + t * stride_t
     hq = tl.arange(0, BLOCK_HQ)
     q_src = row + ((hq // QPG) * GROUP + (hq % QPG) * D)[:, None]
-    _norm_rope_fwd(q_src, Q + t * HQ * D + hq[:, None] * D, hq < HQ, WQ, c, cos1, sin1, cos2, sin2,
-                   eps, D, HALF)
+    _norm_rope_fwd(
+        q_src,
+        Q + t * HQ * D + hq[:, None] * D,
+        hq < HQ,
+        WQ,
+        c,
+        cos1,
+        sin1,
+        cos2,
+        sin2,
+        eps,
+        D,
+        HALF,
+    )
     hk = tl.arange(0, BLOCK_HK)
     k_src = row + (hk * GROUP + QPG * D)[:, None]
-    _norm_rope_fwd(k_src, K + t * HK * D + hk[:, None] * D, hk < HK, WK, c, cos1, sin1, cos2, sin2,
-                   eps, D, HALF)
+    _norm_rope_fwd(
+        k_src,
+        K + t * HK * D + hk[:, None] * D,
+        hk < HK,
+        WK,
+        c,
+        cos1,
+        sin1,
+        cos2,
+        sin2,
+        eps,
+        D,
+        HALF,
+    )
     d = tl.arange(0, D)
     vmask = (hk < HK)[:, None]
     v = tl.load(row + (hk * GROUP + (QPG + 1) * D)[:, None] + d[None, :], mask=vmask, other=0.0)
@@ -199,10 +289,32 @@ def qk_norm_rope_fwd(QKV, F, POS, WQ, WK, Q, K, V, stride_t, stride_f, eps,
 
 
 @triton.jit
-def qk_norm_rope_bwd(DQ, DK, DV, QKV, F, POS, WQ, WK, DQKV, DWQ, DWK, T, stride_t, stride_dt,
-                     stride_f, eps, tokens_per_program,
-                     HQ: tl.constexpr, HK: tl.constexpr, QPG: tl.constexpr, D: tl.constexpr,
-                     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, ACCUMULATE: tl.constexpr):
+def qk_norm_rope_bwd(
+    DQ,
+    DK,
+    DV,
+    QKV,
+    F,
+    POS,
+    WQ,
+    WK,
+    DQKV,
+    DWQ,
+    DWK,
+    T,
+    stride_t,
+    stride_dt,
+    stride_f,
+    eps,
+    tokens_per_program,
+    HQ: tl.constexpr,
+    HK: tl.constexpr,
+    QPG: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+):
     """Gradient of the fused QKV output (all of it: q, k and v slots) and of both norm weights
     (partial sums per program, or added atomically into the fp32 main_grad with ACCUMULATE)."""
     HALF: tl.constexpr = D // 2
@@ -223,14 +335,38 @@ def qk_norm_rope_bwd(DQ, DK, DV, QKV, F, POS, WQ, WK, DQKV, DWQ, DWK, T, stride_
         t = (pid * tokens_per_program + i).to(tl.int64)
         if t < T:
             cos1, sin1, cos2, sin2 = _angles(F, POS, t, stride_f, c, DQKV, HALF)
-            a1, a2 = _norm_rope_bwd(DQ + t * HQ * D + hq[:, None] * D, QKV + t * stride_t + q_off,
-                                    DQKV + t * stride_dt + q_off, hq < HQ, WQ, c, cos1, sin1,
-                                    cos2, sin2, eps, D, HALF)
+            a1, a2 = _norm_rope_bwd(
+                DQ + t * HQ * D + hq[:, None] * D,
+                QKV + t * stride_t + q_off,
+                DQKV + t * stride_dt + q_off,
+                hq < HQ,
+                WQ,
+                c,
+                cos1,
+                sin1,
+                cos2,
+                sin2,
+                eps,
+                D,
+                HALF,
+            )
             dwq1 += a1
             dwq2 += a2
-            b1, b2 = _norm_rope_bwd(DK + t * HK * D + hk[:, None] * D, QKV + t * stride_t + k_off,
-                                    DQKV + t * stride_dt + k_off, hk < HK, WK, c, cos1, sin1,
-                                    cos2, sin2, eps, D, HALF)
+            b1, b2 = _norm_rope_bwd(
+                DK + t * HK * D + hk[:, None] * D,
+                QKV + t * stride_t + k_off,
+                DQKV + t * stride_dt + k_off,
+                hk < HK,
+                WK,
+                c,
+                cos1,
+                sin1,
+                cos2,
+                sin2,
+                eps,
+                D,
+                HALF,
+            )
             dwk1 += b1
             dwk2 += b2
             vmask = (hk < HK)[:, None]
@@ -249,6 +385,7 @@ def qk_norm_rope_bwd(DQ, DK, DV, QKV, F, POS, WQ, WK, DQKV, DWQ, DWK, T, stride_
 
 
 # --- cross entropy over the (unsharded) vocabulary, gradient written over the logits ----------
+
 
 @triton.jit
 def cross_entropy_fwd(LOGITS, LABELS, LOSS, LSE, VALID, stride, BLOCK: tl.constexpr):
@@ -294,8 +431,19 @@ def cross_entropy_bwd(LOGITS, LABELS, LSE, DLOSS, V, VALID, stride, BLOCK: tl.co
 
 
 @triton.jit
-def expert_wgrad_accum(DY, X, OFFS, G, N, K, stride_dy, stride_x,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def expert_wgrad_accum(
+    DY,
+    X,
+    OFFS,
+    G,
+    N,
+    K,
+    stride_dy,
+    stride_x,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """G[e] += DY[rows of e]^T @ X[rows of e] for rows grouped by expert (OFFS: cumulative row
     counts), accumulated in place in fp32 (megatron's main_grad, layout [E, N, K])."""
     pid_n, pid_k, e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -311,10 +459,16 @@ def expert_wgrad_accum(DY, X, OFFS, G, N, K, stride_dy, stride_x,
             rm = m + tl.arange(0, BLOCK_M)
             mmask = rm < end
             r64 = rm.to(tl.int64)
-            dy = tl.load(DY + r64[:, None] * stride_dy + rn[None, :],
-                         mask=mmask[:, None] & nmask[None, :], other=0.0)
-            x = tl.load(X + r64[:, None] * stride_x + rk[None, :],
-                        mask=mmask[:, None] & kmask[None, :], other=0.0)
+            dy = tl.load(
+                DY + r64[:, None] * stride_dy + rn[None, :],
+                mask=mmask[:, None] & nmask[None, :],
+                other=0.0,
+            )
+            x = tl.load(
+                X + r64[:, None] * stride_x + rk[None, :],
+                mask=mmask[:, None] & kmask[None, :],
+                other=0.0,
+            )
             acc += tl.dot(tl.trans(dy), x)
         ptr = G + e.to(tl.int64) * N * K + rn[:, None] * K + rk[None, :]
         mask = nmask[:, None] & kmask[None, :]

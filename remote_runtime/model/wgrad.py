@@ -15,13 +15,15 @@ import types
 import torch
 
 
-def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor,
-                          main_grad: torch.Tensor) -> None:
+def wgrad_gemm_accum_fp32(
+    total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor
+) -> None:
     torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=torch.float32, out=main_grad)
 
 
-def wgrad_gemm_accum_fp16(total_input: torch.Tensor, grad_output: torch.Tensor,
-                          main_grad: torch.Tensor) -> None:
+def wgrad_gemm_accum_fp16(
+    total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor
+) -> None:
     main_grad.addmm_(grad_output.t(), total_input)
 
 
@@ -47,6 +49,7 @@ def install() -> bool:
     if not torch.cuda.is_available() or not _works():
         return False
     layers.fused_weight_gradient_mlp_cuda = types.SimpleNamespace(
-        wgrad_gemm_accum_fp32=wgrad_gemm_accum_fp32, wgrad_gemm_accum_fp16=wgrad_gemm_accum_fp16)
+        wgrad_gemm_accum_fp32=wgrad_gemm_accum_fp32, wgrad_gemm_accum_fp16=wgrad_gemm_accum_fp16
+    )
     layers._grad_accum_fusion_available = True
     return True

@@ -23,9 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from remote_runtime.spec.errors import ConfigError
-from remote_runtime.spec.swift_compat import (MS_SWIFT_ONLY, SWIFT_SPELLINGS, SwiftCompatConfig,
-                                              compat_warnings)
-
+from remote_runtime.spec.swift_compat import (
+    MS_SWIFT_ONLY,
+    SWIFT_SPELLINGS,
+    SwiftCompatConfig,
+    compat_warnings,
+)
 
 TASKS = ("sft", "pt", "rlhf")
 RLHF_TYPES = ("dpo",)
@@ -36,7 +39,9 @@ DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 class ModelConfig:
     model: str = ""  # Hugging Face checkpoint directory (config.json + safetensors + tokenizer)
     model_type: Optional[str] = None  # optional: must match the family detected from config.json
-    torch_dtype: str = "bfloat16"  # bfloat16 | float32 (params and compute; fp32 master weights kept)
+    torch_dtype: str = (
+        "bfloat16"  # bfloat16 | float32 (params and compute; fp32 master weights kept)
+    )
     transformer_impl: str = "auto"  # auto | local | transformer_engine
     attention_backend: str = "auto"  # auto | flash | fused (cuDNN) | unfused (math) | local
     device: str = "auto"  # auto | cuda | cpu
@@ -45,7 +50,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: list[str] = field(default_factory=list)  # files, each optionally `path#N` (sample N rows)
+    dataset: list[str] = field(
+        default_factory=list
+    )  # files, each optionally `path#N` (sample N rows)
     max_length: int = 2048
     truncation_strategy: str = "right"  # right | left | delete
     packing: bool = False
@@ -180,11 +187,15 @@ class LaunchConfig:
     """How the operator starts the job on the fleet. The runtime ignores this group."""
 
     hosts: list[str] = field(default_factory=list)  # inventory names; empty = every host
-    nproc_per_node: Optional[int] = None  # default: the GPU count of the first host (1 without GPUs)
+    nproc_per_node: Optional[int] = (
+        None  # default: the GPU count of the first host (1 without GPUs)
+    )
     master_port: int = 29500
     watcher_port: Optional[int] = None  # node 0's fail-fast watcher; default master_port + 1
     venv: str = "megafleet/venv"  # on each node, relative to the user's home unless absolute
-    env: list[str] = field(default_factory=list)  # local env vars forwarded to nodes (e.g. HF_TOKEN)
+    env: list[str] = field(
+        default_factory=list
+    )  # local env vars forwarded to nodes (e.g. HF_TOKEN)
     stall_timeout: int = 900  # no log progress on any node this long (or a node silent for
     #   min(stall_timeout, 120) s) and the watcher stops the job on every node
     stop_grace: int = 30  # seconds between SIGTERM and SIGKILL on stop
@@ -323,9 +334,16 @@ def canonical_leaf(name: str) -> str:
     if key in NOT_IMPLEMENTED:
         raise ConfigError([(key, f"--{key} is not supported by megafleet: {NOT_IMPLEMENTED[key]}")])
     if key in MS_SWIFT_ONLY:  # a real ms-swift option: no "did you mean" towards another one
-        raise ConfigError([(key, f"--{key} is a Megatron-SWIFT option that megafleet does not "
-                                 "implement", f"remove --{key}; `python -m remote_runtime sft "
-                                 "--help` lists the supported options")])
+        raise ConfigError(
+            [
+                (
+                    key,
+                    f"--{key} is a Megatron-SWIFT option that megafleet does not implement",
+                    f"remove --{key}; `python -m remote_runtime sft "
+                    "--help` lists the supported options",
+                )
+            ]
+        )
     raise ConfigError([(key, f"unknown option --{key}{suggest(key)}")])
 
 
@@ -392,6 +410,7 @@ def coerce(leaf: str, value: Any) -> Any:
 
 # ---- building from dicts -------------------------------------------------------------------
 
+
 def from_dict(data: dict, source: str | None = None, base: JobConfig | None = None) -> JobConfig:
     """Build a JobConfig from a nested megafleet job dict or a flat ms-swift style dict.
 
@@ -405,13 +424,17 @@ def from_dict(data: dict, source: str | None = None, base: JobConfig | None = No
             leaf = canonical_leaf(key)
             dotted = LEAVES[leaf][0]
             if group is not None and not dotted.startswith(group + "."):
-                raise ConfigError([(f"{group}.{key}", f"belongs in group '{dotted.split('.')[0]}'")])
+                raise ConfigError(
+                    [(f"{group}.{key}", f"belongs in group '{dotted.split('.')[0]}'")]
+                )
             job.set(dotted, coerce(leaf, value))
         except ConfigError as exc:
             # Name the problem by where it is in the file (group.key), so loaders can add lines.
             where = f"{group}.{key}" if group else key
-            problems.extend(p._replace(field=where) if p.field == key.replace("-", "_") else p
-                            for p in exc.problems)
+            problems.extend(
+                p._replace(field=where) if p.field == key.replace("-", "_") else p
+                for p in exc.problems
+            )
 
     for key, value in (data or {}).items():
         if key in GROUPS and not (key in LEAVES and not isinstance(value, dict)):
@@ -448,15 +471,37 @@ def validate(job: JobConfig) -> list[str]:
         if value is not None and (value < 0 or (value == 0 and not allow_zero)):
             problems.append((dotted, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}"))
 
-    for leaf in ("max_length", "dataset_num_proc", "tensor_model_parallel_size",
-                 "pipeline_model_parallel_size", "context_parallel_size", "micro_batch_size",
-                 "global_batch_size", "save_steps", "logging_steps", "lr", "master_port",
-                 "watcher_port", "stall_timeout", "num_train_epochs", "train_iters", "save_total_limit",
-                 "recompute_num_layers", "expert_model_parallel_size",
-                 "expert_tensor_parallel_size", "moe_expert_capacity_factor"):
+    for leaf in (
+        "max_length",
+        "dataset_num_proc",
+        "tensor_model_parallel_size",
+        "pipeline_model_parallel_size",
+        "context_parallel_size",
+        "micro_batch_size",
+        "global_batch_size",
+        "save_steps",
+        "logging_steps",
+        "lr",
+        "master_port",
+        "watcher_port",
+        "stall_timeout",
+        "num_train_epochs",
+        "train_iters",
+        "save_total_limit",
+        "recompute_num_layers",
+        "expert_model_parallel_size",
+        "expert_tensor_parallel_size",
+        "moe_expert_capacity_factor",
+    ):
         positive(leaf)
-    for leaf in ("min_lr", "weight_decay", "clip_grad", "lr_warmup_iters", "stop_grace",
-                 "moe_aux_loss_coeff"):
+    for leaf in (
+        "min_lr",
+        "weight_decay",
+        "clip_grad",
+        "lr_warmup_iters",
+        "stop_grace",
+        "moe_aux_loss_coeff",
+    ):
         positive(leaf, allow_zero=True)
 
     for leaf in ("master_port", "watcher_port"):
@@ -466,11 +511,23 @@ def validate(job: JobConfig) -> list[str]:
     if job.launch.watcher_port and job.launch.watcher_port == job.launch.master_port:
         problems.append(("launch.watcher_port", "must differ from launch.master_port"))
     if not job.model.model and not job.check.dry_run:
-        problems.append(("model.model", "is required: a Hugging Face checkpoint directory",
-                         "set --model to a Hugging Face checkpoint directory", "missing"))
+        problems.append(
+            (
+                "model.model",
+                "is required: a Hugging Face checkpoint directory",
+                "set --model to a Hugging Face checkpoint directory",
+                "missing",
+            )
+        )
     if not job.data.dataset:
-        problems.append(("data.dataset", "is required: one or more .jsonl/.json files",
-                         "set --dataset to one or more .jsonl/.json files", "missing"))
+        problems.append(
+            (
+                "data.dataset",
+                "is required: one or more .jsonl/.json files",
+                "set --dataset to one or more .jsonl/.json files",
+                "missing",
+            )
+        )
     for spec in job.data.dataset:
         path, _, count = spec.partition("#")
         if not path:
@@ -478,34 +535,56 @@ def validate(job: JobConfig) -> list[str]:
         if count and (not count.isdigit() or int(count) <= 0):
             problems.append(("data.dataset", f"{spec!r}: the part after # must be a row count > 0"))
     if job.train.train_iters is None and job.train.num_train_epochs is None:
-        problems.append(("train.train_iters", "set train_iters or num_train_epochs",
-                         "e.g. --num_train_epochs 1", "missing"))
+        problems.append(
+            (
+                "train.train_iters",
+                "set train_iters or num_train_epochs",
+                "e.g. --num_train_epochs 1",
+                "missing",
+            )
+        )
     frac = job.optim.lr_warmup_fraction
     if frac is not None and not 0 <= frac < 1:
         problems.append(("optim.lr_warmup_fraction", f"must be in [0, 1), got {frac}"))
     if frac is not None and job.optim.lr_warmup_iters:
-        problems.append(("optim.lr_warmup_fraction", "set lr_warmup_fraction or lr_warmup_iters, not both"))
+        problems.append(
+            ("optim.lr_warmup_fraction", "set lr_warmup_fraction or lr_warmup_iters, not both")
+        )
     if job.optim.min_lr > job.optim.lr:
-        problems.append(("optim.min_lr", f"{job.optim.min_lr} is larger than optim.lr={job.optim.lr}"))
+        problems.append(
+            ("optim.min_lr", f"{job.optim.min_lr} is larger than optim.lr={job.optim.lr}")
+        )
     if job.train.global_batch_size % job.train.micro_batch_size:
-        problems.append(("train.global_batch_size",
-                         f"{job.train.global_batch_size} is not a multiple of "
-                         f"train.micro_batch_size={job.train.micro_batch_size}"))
+        problems.append(
+            (
+                "train.global_batch_size",
+                f"{job.train.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={job.train.micro_batch_size}",
+            )
+        )
     rc = job.recompute
     if rc.recompute_granularity == "full" and rc.recompute_method is None:
         problems.append(("recompute.recompute_method", "full recompute needs uniform or block"))
     if rc.recompute_granularity != "full" and (rc.recompute_method or rc.recompute_num_layers):
-        problems.append(("recompute.recompute_method",
-                         "recompute_method/num_layers apply only to recompute_granularity=full"))
+        problems.append(
+            (
+                "recompute.recompute_method",
+                "recompute_method/num_layers apply only to recompute_granularity=full",
+            )
+        )
     if job.data.packing and not job.data.padding_free:
         problems.append(("data.padding_free", "packing needs padding_free=true"))
     if job.parallel.overlap_param_gather and not job.parallel.use_distributed_optimizer:
         problems.append(("parallel.overlap_param_gather", "needs use_distributed_optimizer=true"))
     if job.parallel.context_parallel_size > 1 and job.model.transformer_impl == "local":
-        problems.append(("parallel.context_parallel_size",
-                         "context parallelism needs transformer-engine "
-                         "(model.transformer_impl=transformer_engine); the local implementation "
-                         "does not support it"))
+        problems.append(
+            (
+                "parallel.context_parallel_size",
+                "context parallelism needs transformer-engine "
+                "(model.transformer_impl=transformer_engine); the local implementation "
+                "does not support it",
+            )
+        )
     _validate_eval_and_rlhf(job, problems)
     from remote_runtime.spec.tuner import tuner_problems
 
@@ -519,11 +598,17 @@ def _adjustments(job: JobConfig) -> list[tuple[str, Any, str]]:
     """(dotted field, value it takes, warning): settings that have no effect and are turned off."""
     out = []
     if job.parallel.sequence_parallel and job.parallel.tensor_model_parallel_size == 1:
-        out.append(("parallel.sequence_parallel", False,
-                    "sequence_parallel has no effect with tensor_model_parallel_size=1; disabled"))
+        out.append(
+            (
+                "parallel.sequence_parallel",
+                False,
+                "sequence_parallel has no effect with tensor_model_parallel_size=1; disabled",
+            )
+        )
     if job.eval.val_dataset and job.eval.split_dataset_ratio:
-        out.append(("eval.split_dataset_ratio", 0.0,
-                    "split_dataset_ratio is ignored: val_dataset is set"))
+        out.append(
+            ("eval.split_dataset_ratio", 0.0, "split_dataset_ratio is ignored: val_dataset is set")
+        )
     return out
 
 
@@ -538,13 +623,18 @@ def normalize(job: JobConfig) -> JobConfig:
 def _validate_eval_and_rlhf(job: JobConfig, problems: list) -> None:
     ev, rl = job.eval, job.rlhf
     if not 0 <= ev.split_dataset_ratio < 1:
-        problems.append(("eval.split_dataset_ratio",
-                         f"must be in [0, 1), got {ev.split_dataset_ratio}"))
+        problems.append(
+            ("eval.split_dataset_ratio", f"must be in [0, 1), got {ev.split_dataset_ratio}")
+        )
     if ev.eval_steps is not None and ev.eval_steps <= 0:
         problems.append(("eval.eval_steps", f"must be > 0, got {ev.eval_steps}"))
     if ev.eval_iters < -1 or ev.eval_iters == 0:
-        problems.append(("eval.eval_iters", f"must be > 0, or -1 for the whole validation set, "
-                         f"got {ev.eval_iters}"))
+        problems.append(
+            (
+                "eval.eval_iters",
+                f"must be > 0, or -1 for the whole validation set, got {ev.eval_iters}",
+            )
+        )
     if job.task != "rlhf":
         return
     if rl.beta <= 0:

@@ -31,13 +31,20 @@ class ConfigError(ValueError):
         self.problems = [p if isinstance(p, Problem) else Problem(*p) for p in problems]
         self.source = source
         prefix = f"{source}: " if source else ""
-        lines = [f"{prefix}{p.field}: {p.message}" if p.field else f"{prefix}{p.message}"
-                 for p in self.problems]
-        super().__init__(lines[0] if len(lines) == 1 else "invalid job config:\n  " + "\n  ".join(lines))
+        lines = [
+            f"{prefix}{p.field}: {p.message}" if p.field else f"{prefix}{p.message}"
+            for p in self.problems
+        ]
+        super().__init__(
+            lines[0] if len(lines) == 1 else "invalid job config:\n  " + "\n  ".join(lines)
+        )
 
     def to_dict(self) -> dict:
-        return {"error": "ConfigError", "source": self.source,
-                "problems": [p.to_dict() for p in self.problems]}
+        return {
+            "error": "ConfigError",
+            "source": self.source,
+            "problems": [p.to_dict() for p in self.problems],
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> "ConfigError":

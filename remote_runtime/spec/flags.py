@@ -65,7 +65,7 @@ def parse_flags(argv: list[str]) -> tuple[dict[str, Any], str | None]:
             j = i + 1
             while j < len(argv) and not argv[j].startswith("--"):
                 j += 1
-            values[leaf] = argv[i + 1:j]
+            values[leaf] = argv[i + 1 : j]
             if not values[leaf]:
                 problems.append((LEAVES[leaf][0], f"--{leaf} needs at least one value"))
             i = j
@@ -128,8 +128,9 @@ def job_from_argv(argv: list[str], task: str | None = None) -> JobConfig:
 
 def dump_job(job: JobConfig, only_changed: bool = True) -> str:
     """The job as YAML that `load_job_file` reads back to an equal JobConfig."""
-    return yaml.safe_dump(job.to_dict(only_changed=only_changed), sort_keys=False,
-                          default_flow_style=False)
+    return yaml.safe_dump(
+        job.to_dict(only_changed=only_changed), sort_keys=False, default_flow_style=False
+    )
 
 
 def to_flags(job: JobConfig) -> list[str]:

@@ -27,13 +27,21 @@ from __future__ import annotations
 from remote_runtime.spec.errors import RowError
 
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "model": "assistant", "system": "system"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
 FORMATS = ("messages", "sharegpt", "alpaca", "query_response", "text")
 PREFERENCE_FORMATS = ("preference_messages", "preference_chat", "preference_text")
-_EXPECTED = ("expected one of: 'messages' (OpenAI style), 'conversations' (sharegpt), "
-             "'instruction'+'output' (alpaca), 'query'+'response', 'text' (pre-training); "
-             "preference pairs (rlhf): 'messages'+'rejected_response', 'chosen'+'rejected'")
+_EXPECTED = (
+    "expected one of: 'messages' (OpenAI style), 'conversations' (sharegpt), "
+    "'instruction'+'output' (alpaca), 'query'+'response', 'text' (pre-training); "
+    "preference pairs (rlhf): 'messages'+'rejected_response', 'chosen'+'rejected'"
+)
 
 
 def detect_format(row: object) -> str:
@@ -66,8 +74,12 @@ def row_to_example(row: object, fmt: str) -> list[dict] | str | tuple[list[dict]
         return _preference(row, fmt)
     if fmt == "text":
         return _string(row, "text")
-    convert = {"messages": _messages, "sharegpt": _sharegpt, "alpaca": _alpaca,
-               "query_response": _query_response}[fmt]
+    convert = {
+        "messages": _messages,
+        "sharegpt": _sharegpt,
+        "alpaca": _alpaca,
+        "query_response": _query_response,
+    }[fmt]
     messages = convert(row)
     system = row.get("system")
     if system is not None and fmt in ("messages", "sharegpt"):
@@ -92,11 +104,15 @@ def _content(value: object, where: str) -> str:
     """A message content: a string, or OpenAI-style text parts [{"type": "text", "text": ...}]."""
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                       and isinstance(p.get("text"), str) for p in value):
+    if isinstance(value, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        for p in value
+    ):
         return "".join(p["text"] for p in value)
-    raise RowError(f"'{where}' must be a string (or a list of text parts), got "
-                   f"{type(value).__name__}; images, audio and tool calls are not supported")
+    raise RowError(
+        f"'{where}' must be a string (or a list of text parts), got "
+        f"{type(value).__name__}; images, audio and tool calls are not supported"
+    )
 
 
 def _message_list(row: dict, key: str) -> list:
@@ -149,8 +165,13 @@ def _alpaca(row: dict) -> list[dict]:
     instruction = _string(row, "instruction")
     extra = _string(row, "input", optional=True)
     query = f"{instruction}\n{extra}" if extra else instruction
-    return _with_system(row, [{"role": "user", "content": query},
-                              {"role": "assistant", "content": _string(row, "output")}])
+    return _with_system(
+        row,
+        [
+            {"role": "user", "content": query},
+            {"role": "assistant", "content": _string(row, "output")},
+        ],
+    )
 
 
 def _query_response(row: dict) -> list[dict]:
@@ -159,29 +180,38 @@ def _query_response(row: dict) -> list[dict]:
     if not isinstance(history, list):
         raise RowError("'history' must be a list of [query, response] pairs")
     for i, pair in enumerate(history):
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2
-                and all(isinstance(s, str) for s in pair)):
+        if not (
+            isinstance(pair, (list, tuple))
+            and len(pair) == 2
+            and all(isinstance(s, str) for s in pair)
+        ):
             raise RowError(f"'history[{i}]' must be a [query, response] pair of strings")
         turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    turns += [{"role": "user", "content": _string(row, "query")},
-              {"role": "assistant", "content": _string(row, "response")}]
+    turns += [
+        {"role": "user", "content": _string(row, "query")},
+        {"role": "assistant", "content": _string(row, "response")},
+    ]
     return _with_system(row, turns)
 
 
 # ---- preference pairs ----------------------------------------------------------------------
+
 
 def _preference(row: dict, fmt: str) -> tuple[list[dict], list[dict]]:
     if fmt == "preference_messages":
         chosen = row_to_example(row, "messages")
         if chosen[-1]["role"] != "assistant":
             raise RowError("the last message of 'messages' must be the chosen assistant answer")
-        rejected = chosen[:-1] + [{"role": "assistant",
-                                   "content": _string(row, "rejected_response")}]
+        rejected = chosen[:-1] + [
+            {"role": "assistant", "content": _string(row, "rejected_response")}
+        ]
         return chosen, rejected
     if fmt == "preference_text":
         prompt = _with_system(row, [{"role": "user", "content": _string(row, "prompt")}])
-        return tuple(prompt + [{"role": "assistant", "content": _string(row, key)}]
-                     for key in ("chosen", "rejected"))
+        return tuple(
+            prompt + [{"role": "assistant", "content": _string(row, key)}]
+            for key in ("chosen", "rejected")
+        )
     prompt = _messages(row, "prompt") if "prompt" in row else []
     pair = []
     for key in ("chosen", "rejected"):
@@ -190,8 +220,10 @@ def _preference(row: dict, fmt: str) -> tuple[list[dict], list[dict]]:
             raise RowError(f"the last message of '{key}' must be an assistant answer")
         pair.append(prompt + turns)
     if not prompt and pair[0][:-1] != pair[1][:-1]:
-        raise RowError("'chosen' and 'rejected' must share every message but the last "
-                       "(the prompt); put a shared prompt in 'prompt'")
+        raise RowError(
+            "'chosen' and 'rejected' must share every message but the last "
+            "(the prompt); put a shared prompt in 'prompt'"
+        )
     system = row.get("system")
     if system is not None and pair[0][0]["role"] != "system":
         pair = [[{"role": "system", "content": _string(row, "system")}] + p for p in pair]

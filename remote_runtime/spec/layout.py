@@ -26,24 +26,47 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # The fields of a logging.jsonl record (train/metrics.py writes them; `megafleet status` shows
 # the progress subset). Absent or null where they do not apply (mfu on an unknown GPU).
 METRICS_FIELDS = (
-    "step", "train_iters", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu",
-    "mfu", "peak_mem_gb", "elapsed_s", "eta_s", "time",
+    "step",
+    "train_iters",
+    "epoch",
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "tflops_per_gpu",
+    "mfu",
+    "peak_mem_gb",
+    "elapsed_s",
+    "eta_s",
+    "time",
     "tokens",  # real tokens this step
     "loss_tokens",  # tokens the loss was taken over
     # MoE only (model/moe_aux.py): transformers' load-balancing loss (mean over the micro-batches
     # since the last record) and, per MoE layer of rank 0's stage, max / mean tokens per expert
-    "aux_loss", "expert_load_imbalance",
+    "aux_loss",
+    "expert_load_imbalance",
 )
 PROGRESS_FIELDS = METRICS_FIELDS[:13]
 # rlhf (DPO) records add TRL's metrics: means over the pairs since the last record.
-DPO_METRICS_FIELDS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                      "rewards/margins", "logps/chosen", "logps/rejected")
+DPO_METRICS_FIELDS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
 # A step that evaluated the held-out set (every eval_steps and the last step) adds these, and for
 # rlhf the DPO metrics prefixed "eval_". `megafleet status` also gets `eval_step`: the step of
 # the latest evaluation, whose eval_* fields it carries.
 EVAL_FIELDS = ("eval_loss", "eval_samples", "eval_tokens", "eval_s")
-STATUS_EXTRA_FIELDS = ("rewards/accuracies", "rewards/margins", "eval_step", "eval_loss",
-                       "eval_rewards/accuracies")
+STATUS_EXTRA_FIELDS = (
+    "rewards/accuracies",
+    "rewards/margins",
+    "eval_step",
+    "eval_loss",
+    "eval_rewards/accuracies",
+)
 
 
 def checkpoint_name(step: int) -> str:

@@ -24,8 +24,9 @@ from remote_runtime.spec.tuner import resolve_lora
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
 
 
-def padded_vocab_size(vocab_size: int, tensor_parallel: int,
-                      divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY) -> int:
+def padded_vocab_size(
+    vocab_size: int, tensor_parallel: int, divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY
+) -> int:
     """Megatron's rule: pad the vocabulary to a multiple of divisible_by × TP."""
     multiple = divisible_by * tensor_parallel
     return ((vocab_size + multiple - 1) // multiple) * multiple
@@ -42,33 +43,55 @@ def world_size_from_env(env: dict | None = None) -> int:
 def read_hf_config(model_dir: str) -> dict:
     path = Path(model_dir).expanduser() / "config.json"
     if not path.is_file():
-        hint = ("it looks like a hub id; download it first (huggingface-cli download "
-                f"{model_dir} --local-dir DIR) and pass DIR" if "/" in model_dir
-                and not Path(model_dir).expanduser().exists() else "pass a Hugging Face checkpoint directory")
+        hint = (
+            "it looks like a hub id; download it first (huggingface-cli download "
+            f"{model_dir} --local-dir DIR) and pass DIR"
+            if "/" in model_dir and not Path(model_dir).expanduser().exists()
+            else "pass a Hugging Face checkpoint directory"
+        )
         raise ConfigError([("model.model", f"{path} not found: {hint}")])
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ConfigError([("model.model", f"{path}:{exc.lineno}: invalid JSON ({exc.msg})")]) from None
+        raise ConfigError(
+            [("model.model", f"{path}:{exc.lineno}: invalid JSON ({exc.msg})")]
+        ) from None
 
 
-def layout_problems(shape: ModelShape, world_size: int, tp: int, pp: int, cp: int = 1) -> list[Problem]:
+def layout_problems(
+    shape: ModelShape, world_size: int, tp: int, pp: int, cp: int = 1
+) -> list[Problem]:
     """Why a TP × PP × CP layout cannot run this model on `world_size` ranks (empty: it can)."""
     problems = []
     if world_size % (tp * pp * cp):
-        problems.append(Problem("parallel.tensor_model_parallel_size",
-                                f"world size {world_size} is not divisible by tensor_model_parallel_size={tp}"
-                                f" × pipeline_model_parallel_size={pp} × context_parallel_size={cp}"))
+        problems.append(
+            Problem(
+                "parallel.tensor_model_parallel_size",
+                f"world size {world_size} is not divisible by tensor_model_parallel_size={tp}"
+                f" × pipeline_model_parallel_size={pp} × context_parallel_size={cp}",
+            )
+        )
     if shape.num_attention_heads % tp:
-        problems.append(Problem("parallel.tensor_model_parallel_size",
-                                f"{tp} does not divide num_attention_heads={shape.num_attention_heads}"))
+        problems.append(
+            Problem(
+                "parallel.tensor_model_parallel_size",
+                f"{tp} does not divide num_attention_heads={shape.num_attention_heads}",
+            )
+        )
     if shape.num_query_groups % tp:
-        problems.append(Problem("parallel.tensor_model_parallel_size",
-                                f"{tp} does not divide num_query_groups={shape.num_query_groups} "
-                                "(key/value heads)"))
+        problems.append(
+            Problem(
+                "parallel.tensor_model_parallel_size",
+                f"{tp} does not divide num_query_groups={shape.num_query_groups} (key/value heads)",
+            )
+        )
     if shape.num_layers % pp:
-        problems.append(Problem("parallel.pipeline_model_parallel_size",
-                                f"{pp} does not divide num_layers={shape.num_layers}"))
+        problems.append(
+            Problem(
+                "parallel.pipeline_model_parallel_size",
+                f"{pp} does not divide num_layers={shape.num_layers}",
+            )
+        )
     return problems
 
 
@@ -87,23 +110,39 @@ def resolve_job(job: JobConfig, world_size: int, hf_config: dict | None = None) 
     tc = family.transformer_config_kwargs(hf)
     shape = ModelShape.from_transformer_config(tc, family.name)
     par = job.parallel
-    tp, pp, cp = (par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                  par.context_parallel_size)
+    tp, pp, cp = (
+        par.tensor_model_parallel_size,
+        par.pipeline_model_parallel_size,
+        par.context_parallel_size,
+    )
     problems = layout_problems(shape, world_size, tp, pp, cp)
     if job.model.model_type and job.model.model_type != family.name:
-        problems.append(Problem("model.model_type", f"{job.model.model_type!r} does not match the "
-                                f"checkpoint's family {family.name!r} (from config.json)"))
+        problems.append(
+            Problem(
+                "model.model_type",
+                f"{job.model.model_type!r} does not match the "
+                f"checkpoint's family {family.name!r} (from config.json)",
+            )
+        )
     dp = max(world_size // (tp * pp * cp), 1)
     mbs, gbs = job.train.micro_batch_size, job.train.global_batch_size
     if gbs % (mbs * dp):
-        problems.append(Problem("train.global_batch_size",
-                                f"{gbs} is not divisible by micro_batch_size={mbs} × data parallel size={dp}",
-                                f"use a multiple of {mbs * dp}"))
+        problems.append(
+            Problem(
+                "train.global_batch_size",
+                f"{gbs} is not divisible by micro_batch_size={mbs} × data parallel size={dp}",
+                f"use a multiple of {mbs * dp}",
+            )
+        )
     rc = job.recompute
     if rc.recompute_num_layers and rc.recompute_num_layers > shape.num_layers // pp:
-        problems.append(Problem("recompute.recompute_num_layers",
-                                f"{rc.recompute_num_layers} is more than the "
-                                f"{shape.num_layers // pp} layers per stage"))
+        problems.append(
+            Problem(
+                "recompute.recompute_num_layers",
+                f"{rc.recompute_num_layers} is more than the "
+                f"{shape.num_layers // pp} layers per stage",
+            )
+        )
     lora = None
     try:
         lora = resolve_lora(job.tuner, family, hf, job.model.transformer_impl)
@@ -119,17 +158,29 @@ def resolve_job(job: JobConfig, world_size: int, hf_config: dict | None = None) 
     return {
         "task": job.task,
         "world_size": world_size,
-        "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-                     "context_parallel_size": cp, "data_parallel_size": dp,
-                     "sequence_parallel": par.sequence_parallel,
-                     "use_distributed_optimizer": par.use_distributed_optimizer},
-        "batch": {"micro_batch_size": mbs, "global_batch_size": gbs,
-                  "num_microbatches": gbs // (mbs * dp), "max_length": job.data.max_length,
-                  "tokens_per_step_max": gbs * job.data.max_length},
-        "model": {"family": family.name, "architecture": (hf.get("architectures") or ["?"])[0],
-                  "vocab_size": vocab, "padded_vocab_size": padded_vocab_size(vocab, tp),
-                  "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
-                  **{k: v for k, v in shape.to_dict().items() if k in ("params", "active_params")}},
+        "parallel": {
+            "tensor_model_parallel_size": tp,
+            "pipeline_model_parallel_size": pp,
+            "context_parallel_size": cp,
+            "data_parallel_size": dp,
+            "sequence_parallel": par.sequence_parallel,
+            "use_distributed_optimizer": par.use_distributed_optimizer,
+        },
+        "batch": {
+            "micro_batch_size": mbs,
+            "global_batch_size": gbs,
+            "num_microbatches": gbs // (mbs * dp),
+            "max_length": job.data.max_length,
+            "tokens_per_step_max": gbs * job.data.max_length,
+        },
+        "model": {
+            "family": family.name,
+            "architecture": (hf.get("architectures") or ["?"])[0],
+            "vocab_size": vocab,
+            "padded_vocab_size": padded_vocab_size(vocab, tp),
+            "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+            **{k: v for k, v in shape.to_dict().items() if k in ("params", "active_params")},
+        },
         "experts": experts,
         "transformer_config": tc,
         "tuner": {"train_type": "lora", **lora.summary()} if lora else {"train_type": "full"},

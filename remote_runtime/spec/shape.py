@@ -37,10 +37,14 @@ class ModelShape:
         """From a family's `transformer_config_kwargs` (megatron names)."""
         heads = tc["num_attention_heads"]
         return cls(
-            family=family, num_layers=tc["num_layers"], hidden_size=tc["hidden_size"],
-            num_attention_heads=heads, num_query_groups=tc.get("num_query_groups") or heads,
+            family=family,
+            num_layers=tc["num_layers"],
+            hidden_size=tc["hidden_size"],
+            num_attention_heads=heads,
+            num_query_groups=tc.get("num_query_groups") or heads,
             kv_channels=tc.get("kv_channels") or tc["hidden_size"] // heads,
-            ffn_hidden_size=tc.get("ffn_hidden_size") or 0, vocab_size=int(tc["vocab_size"]),
+            ffn_hidden_size=tc.get("ffn_hidden_size") or 0,
+            vocab_size=int(tc["vocab_size"]),
             tie_word_embeddings=bool(tc.get("share_embeddings_and_output_weights", False)),
             qkv_bias=bool(tc.get("add_qkv_bias", False)),
             qk_layernorm=bool(tc.get("qk_layernorm", False)),
@@ -48,7 +52,8 @@ class ModelShape:
             num_experts=int(tc.get("num_moe_experts") or 0),
             moe_router_topk=int(tc.get("moe_router_topk") or 0),
             moe_ffn_hidden_size=int(tc.get("moe_ffn_hidden_size") or 0),
-            shared_expert_ffn_hidden_size=int(tc.get("moe_shared_expert_intermediate_size") or 0))
+            shared_expert_ffn_hidden_size=int(tc.get("moe_shared_expert_intermediate_size") or 0),
+        )
 
     @classmethod
     def from_hf_config(cls, hf: dict) -> "ModelShape":
@@ -102,7 +107,8 @@ class ModelShape:
         if not self.is_moe:
             return self.total_params()
         inactive = (self.num_experts - self.moe_router_topk) * (
-            self._mlp_matrices() * self.hidden_size * self.moe_ffn_hidden_size)
+            self._mlp_matrices() * self.hidden_size * self.moe_ffn_hidden_size
+        )
         return self.total_params() - self.num_layers * inactive
 
     # ---- FLOPs -----------------------------------------------------------------------------
@@ -119,12 +125,23 @@ class ModelShape:
         glu = 1.5 if self.gated_linear_unit else 1.0
         ffn, router = self.ffn_hidden_size, 0.0
         if self.is_moe:
-            ffn = self.moe_router_topk * self.moe_ffn_hidden_size + self.shared_expert_ffn_hidden_size
+            ffn = (
+                self.moe_router_topk * self.moe_ffn_hidden_size + self.shared_expert_ffn_hidden_size
+            )
             router = self.num_experts / (2 * h)  # one h×E matmul: 6·h·E per token
-        linear = 12 * L * h * h * num_tokens * (
-            (1 + self.num_query_groups / self.num_attention_heads) * q_ratio
-            + (ffn / h) * glu + router
-            + self.vocab_size / (2 * L * h))
+        linear = (
+            12
+            * L
+            * h
+            * h
+            * num_tokens
+            * (
+                (1 + self.num_query_groups / self.num_attention_heads) * q_ratio
+                + (ffn / h) * glu
+                + router
+                + self.vocab_size / (2 * L * h)
+            )
+        )
         attention = 6 * L * self.num_attention_heads * self.kv_channels * sum_sq_doc_lengths
         return float(linear + attention)
 

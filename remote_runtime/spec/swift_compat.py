@@ -53,7 +53,7 @@ NO_OP_REASONS = {
     "dataloader_persistent_workers": _LOADER,
     "dataloader_prefetch_factor": _LOADER,
     "load_from_cache_file": "tokenized data is cached under data.data_cache_dir and reused while "
-                            "the dataset and tokenizer are unchanged",
+    "the dataset and tokenizer are unchanged",
     "model_author": "only ms-swift's self-cognition dataset uses it",
     "model_name": "only ms-swift's self-cognition dataset uses it",
     "use_hf": "models and datasets are local paths; nothing is downloaded from a hub",
@@ -74,10 +74,12 @@ assert set(NO_OP_REASONS) == {f.name for f in fields(SwiftCompatConfig)}
 def compat_warnings(compat: SwiftCompatConfig) -> list[str]:
     """One note per no-op option given a value other than its default."""
     default = SwiftCompatConfig()
-    return [f"--{f.name} {_shown(getattr(compat, f.name))}: accepted for Megatron-SWIFT "
-            f"compatibility, changes nothing here ({NO_OP_REASONS[f.name]})"
-            for f in fields(SwiftCompatConfig)
-            if getattr(compat, f.name) != getattr(default, f.name)]
+    return [
+        f"--{f.name} {_shown(getattr(compat, f.name))}: accepted for Megatron-SWIFT "
+        f"compatibility, changes nothing here ({NO_OP_REASONS[f.name]})"
+        for f in fields(SwiftCompatConfig)
+        if getattr(compat, f.name) != getattr(default, f.name)
+    ]
 
 
 def _shown(value) -> str:
@@ -101,7 +103,8 @@ SWIFT_SPELLINGS = {
 
 # ms-swift (3.x and 4.x, Megatron-SWIFT) options megafleet does not implement. An unknown
 # option in this set is reported as "not implemented", never with a "did you mean" neighbour.
-MS_SWIFT_ONLY = frozenset("""
+MS_SWIFT_ONLY = frozenset(
+    """
 tuner_backend adapter_load target_regex lora_bias lora_dtype freeze_vit freeze_aligner
 freeze_parameters_regex freeze_parameters_ratio trainable_parameters trainable_parameters_regex
 ref_load ref_adapter_load ref_adapters
@@ -120,4 +123,5 @@ moe_router_topk moe_router_load_balancing_type moe_z_loss_coeff moe_enable_deepe
 moe_layer_recompute mtp_num_layers fp8_param_gather log_params_norm wandb_project
 wandb_exp_name tensorboard_log_interval eval_strategy seq_length
 megatron_extra_kwargs packing_cache columns template agent_template norm_bbox
-""".split())
+""".split()
+)

@@ -25,11 +25,22 @@ ALL_LINEAR = "all-linear"
 ADAPTABLE = {"qkv": "column", "gate_up": "column", "column": "column", "row": "row"}
 MEGATRON_LINEARS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 # modules_to_save: PEFT's short name -> (the megatron parameter trained in full, its HF module)
-SAVE_MODULES = {"embed_tokens": ("embedding.word_embeddings.weight", "model.embed_tokens"),
-                "lm_head": ("output_layer.weight", "lm_head")}
+SAVE_MODULES = {
+    "embed_tokens": ("embedding.word_embeddings.weight", "model.embed_tokens"),
+    "lm_head": ("output_layer.weight", "lm_head"),
+}
 SAVE_ALIASES = {"word_embeddings": "embed_tokens", "output_layer": "lm_head"}
-_LORA_LEAVES = ("lora_rank", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save",
-                "use_rslora", "init_lora_weights", "merge_lora", "adapters")
+_LORA_LEAVES = (
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "modules_to_save",
+    "use_rslora",
+    "init_lora_weights",
+    "merge_lora",
+    "adapters",
+)
 
 
 @dataclass(frozen=True)
@@ -71,10 +82,17 @@ class LoraSettings:
         return sorted({n for t in self.targets for n in t.short_names()})
 
     def summary(self) -> dict:
-        return {"r": self.rank, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
-                "use_rslora": self.use_rslora, "scale": self.scale,
-                "target_modules": self.target_names(), "modules_to_save": self.modules_to_save,
-                "adapters": self.adapter_dir, "merge_lora": self.merge}
+        return {
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "use_rslora": self.use_rslora,
+            "scale": self.scale,
+            "target_modules": self.target_names(),
+            "modules_to_save": self.modules_to_save,
+            "adapters": self.adapter_dir,
+            "merge_lora": self.merge,
+        }
 
 
 def tuner_problems(tuner: TunerConfig) -> list[tuple]:
@@ -84,8 +102,13 @@ def tuner_problems(tuner: TunerConfig) -> list[tuple]:
         default = TunerConfig()
         changed = [k for k in _LORA_LEAVES if getattr(tuner, k) != getattr(default, k)]
         for leaf in changed:
-            problems.append((f"tuner.{leaf}", f"applies to LoRA only; train_type is "
-                             f"{tuner.train_type!r} (add --train_type lora, or drop it)"))
+            problems.append(
+                (
+                    f"tuner.{leaf}",
+                    f"applies to LoRA only; train_type is "
+                    f"{tuner.train_type!r} (add --train_type lora, or drop it)",
+                )
+            )
         return problems
     if tuner.lora_rank <= 0:
         problems.append(("tuner.lora_rank", f"must be > 0, got {tuner.lora_rank}"))
@@ -97,12 +120,22 @@ def tuner_problems(tuner: TunerConfig) -> list[tuple]:
     if not names:
         problems.append(("tuner.target_modules", f"is empty (use {ALL_LINEAR})"))
     elif ALL_LINEAR in names and len(names) > 1:
-        problems.append(("tuner.target_modules", f"{ALL_LINEAR} already means every linear layer; "
-                         f"drop the other names ({', '.join(n for n in names if n != ALL_LINEAR)})"))
+        problems.append(
+            (
+                "tuner.target_modules",
+                f"{ALL_LINEAR} already means every linear layer; "
+                f"drop the other names ({', '.join(n for n in names if n != ALL_LINEAR)})",
+            )
+        )
     for name in tuner.modules_to_save:
         if SAVE_ALIASES.get(name, name) not in SAVE_MODULES:
-            problems.append(("tuner.modules_to_save", f"{name!r} cannot be trained in full here; "
-                             f"supported: {', '.join([*SAVE_MODULES, *SAVE_ALIASES])}"))
+            problems.append(
+                (
+                    "tuner.modules_to_save",
+                    f"{name!r} cannot be trained in full here; "
+                    f"supported: {', '.join([*SAVE_MODULES, *SAVE_ALIASES])}",
+                )
+            )
     if len(tuner.adapters) > 1:
         problems.append(("tuner.adapters", f"one adapter directory, got {len(tuner.adapters)}"))
     return problems
@@ -113,8 +146,12 @@ def adaptable_linears(family) -> list[LoraTarget]:
     out = []
     for p in family.params:
         module = p.megatron.rsplit(".", 1)[0]
-        if (p.transform in ADAPTABLE and p.megatron.endswith(".weight") and "{layer}" in module
-                and module.rsplit(".", 1)[-1] in MEGATRON_LINEARS):
+        if (
+            p.transform in ADAPTABLE
+            and p.megatron.endswith(".weight")
+            and "{layer}" in module
+            and module.rsplit(".", 1)[-1] in MEGATRON_LINEARS
+        ):
             hf = tuple(h.rsplit(".", 1)[0] for h in p.hf)
             out.append(LoraTarget(module, p.transform, hf, (True,) * len(hf)))
     return out
@@ -138,8 +175,15 @@ def select_targets(family, names: list[str]) -> list[LoraTarget]:
             out.append(LoraTarget(t.megatron, t.transform, t.hf, active))
     unknown = sorted(wanted - seen)
     if unknown:
-        raise ConfigError([("tuner.target_modules", f"{', '.join(unknown)}: not a linear layer of "
-                            f"{family.name}; choose from {ALL_LINEAR}, {', '.join(sorted(seen))}")])
+        raise ConfigError(
+            [
+                (
+                    "tuner.target_modules",
+                    f"{', '.join(unknown)}: not a linear layer of "
+                    f"{family.name}; choose from {ALL_LINEAR}, {', '.join(sorted(seen))}",
+                )
+            ]
+        )
     return out
 
 
@@ -147,25 +191,44 @@ def read_adapter_config(path: str) -> dict:
     """adapter_config.json of a PEFT adapter directory; ConfigError naming the file otherwise."""
     file = Path(path).expanduser() / ADAPTER_CONFIG
     if not file.is_file() or not (file.parent / ADAPTER_WEIGHTS).is_file():
-        raise ConfigError([("tuner.adapters", f"{file.parent} is not a PEFT adapter directory "
-                            f"(needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")])
+        raise ConfigError(
+            [
+                (
+                    "tuner.adapters",
+                    f"{file.parent} is not a PEFT adapter directory "
+                    f"(needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})",
+                )
+            ]
+        )
     try:
         data = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError([("tuner.adapters", f"{file}:{exc.lineno}: invalid JSON")]) from None
     if data.get("peft_type", "LORA") != "LORA":
-        raise ConfigError([("tuner.adapters", f"{file}: peft_type {data.get('peft_type')!r}; "
-                            "only LORA adapters can be continued")])
+        raise ConfigError(
+            [
+                (
+                    "tuner.adapters",
+                    f"{file}: peft_type {data.get('peft_type')!r}; "
+                    "only LORA adapters can be continued",
+                )
+            ]
+        )
     return data
 
 
-def resolve_lora(tuner: TunerConfig, family, hf_config: dict,
-                 transformer_impl: str = "auto") -> LoraSettings | None:
+def resolve_lora(
+    tuner: TunerConfig, family, hf_config: dict, transformer_impl: str = "auto"
+) -> LoraSettings | None:
     """The job's LoRA settings checked against the family (None for full fine-tuning)."""
     if tuner.train_type != "lora":
         return None
-    rank, alpha, rslora, names = (tuner.lora_rank, tuner.lora_alpha, tuner.use_rslora,
-                                  tuner.target_modules)
+    rank, alpha, rslora, names = (
+        tuner.lora_rank,
+        tuner.lora_alpha,
+        tuner.use_rslora,
+        tuner.target_modules,
+    )
     save = [SAVE_ALIASES.get(n, n) for n in tuner.modules_to_save]
     problems: list[tuple] = []
     adapter_dir = tuner.adapters[0] if tuner.adapters else None
@@ -175,18 +238,32 @@ def resolve_lora(tuner: TunerConfig, family, hf_config: dict,
         rslora = bool(cfg.get("use_rslora", False))
         target = cfg.get("target_modules") or []
         # PEFT writes the module paths all-linear found (model.layers.0.mlp.up_proj, ...)
-        names = sorted({n.rsplit(".", 1)[-1] for n in ([target] if isinstance(target, str)
-                                                        else target)})
+        names = sorted(
+            {n.rsplit(".", 1)[-1] for n in ([target] if isinstance(target, str) else target)}
+        )
         save = sorted(set(save) | set(cfg.get("modules_to_save") or []))
         if cfg.get("layers_to_transform") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-            problems.append(("tuner.adapters", f"{adapter_dir}: per-layer ranks or layer subsets "
-                             "are not supported"))
+            problems.append(
+                (
+                    "tuner.adapters",
+                    f"{adapter_dir}: per-layer ranks or layer subsets are not supported",
+                )
+            )
     if transformer_impl == "transformer_engine":
-        problems.append(("model.transformer_impl", "LoRA runs on the local implementation: "
-                         "use --transformer_impl local (or auto)"))
+        problems.append(
+            (
+                "model.transformer_impl",
+                "LoRA runs on the local implementation: use --transformer_impl local (or auto)",
+            )
+        )
     if save and hf_config.get("tie_word_embeddings", False):
-        problems.append(("tuner.modules_to_save", f"{', '.join(save)}: the model ties its input "
-                         "and output embeddings; training them in full is not supported"))
+        problems.append(
+            (
+                "tuner.modules_to_save",
+                f"{', '.join(save)}: the model ties its input "
+                "and output embeddings; training them in full is not supported",
+            )
+        )
     try:
         targets = select_targets(family, names)
     except ConfigError as exc:
@@ -194,19 +271,39 @@ def resolve_lora(tuner: TunerConfig, family, hf_config: dict,
         targets = []
     if problems:
         raise ConfigError(problems)
-    return LoraSettings(rank=rank, alpha=float(alpha), dropout=tuner.lora_dropout,
-                        use_rslora=rslora, init=tuner.init_lora_weights, targets=targets,
-                        modules_to_save=save, adapter_dir=adapter_dir, merge=tuner.merge_lora)
+    return LoraSettings(
+        rank=rank,
+        alpha=float(alpha),
+        dropout=tuner.lora_dropout,
+        use_rslora=rslora,
+        init=tuner.init_lora_weights,
+        targets=targets,
+        modules_to_save=save,
+        adapter_dir=adapter_dir,
+        merge=tuner.merge_lora,
+    )
 
 
 def peft_adapter_config(settings: LoraSettings, base_model: str) -> dict:
     """adapter_config.json as PEFT writes it for these settings."""
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": settings.rank, "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,
-        "use_rslora": settings.use_rslora, "target_modules": settings.target_names(),
-        "modules_to_save": settings.modules_to_save or None, "bias": "none",
-        "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
-        "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": settings.rank,
+        "lora_alpha": settings.alpha,
+        "lora_dropout": settings.dropout,
+        "use_rslora": settings.use_rslora,
+        "target_modules": settings.target_names(),
+        "modules_to_save": settings.modules_to_save or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
     }

@@ -30,10 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from remote_runtime.spec.layout import (
+    STATE_DIR,
+    checkpoint_name,
+    checkpoint_step,
+    partial_checkpoint_name,
+)
+from remote_runtime.spec.layout import TRAINER_STATE as STATE_FILE
 from remote_runtime.train.collectives import cpu_group
 
-from remote_runtime.spec.layout import STATE_DIR, checkpoint_name, checkpoint_step, partial_checkpoint_name
-from remote_runtime.spec.layout import TRAINER_STATE as STATE_FILE
 # Deprecated-in-name-only, but the only distributed-optimizer format that needs no resharding
 # logic: each DP rank's buffer is one tensor (resume with the same parallel layout).
 OPTIM_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -78,9 +83,12 @@ def read_state(path: str | Path) -> TrainState:
 def _rng_state() -> dict:
     from megatron.core import tensor_parallel
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -105,9 +113,17 @@ def _is_local_leader(dist) -> bool:
     return dist.local_rank == 0
 
 
-def save_checkpoint(output_dir: str | Path, state: TrainState, model, optimizer, dist,
-                    source_dir: str | Path, save_optim: bool, save_rng: bool,
-                    total_limit: int | None) -> Path:
+def save_checkpoint(
+    output_dir: str | Path,
+    state: TrainState,
+    model,
+    optimizer,
+    dist,
+    source_dir: str | Path,
+    save_optim: bool,
+    save_rng: bool,
+    total_limit: int | None,
+) -> Path:
     """Write checkpoint-<state.step> (collective: every rank calls it)."""
     from megatron.core import dist_checkpointing
 
@@ -131,8 +147,9 @@ def save_checkpoint(output_dir: str | Path, state: TrainState, model, optimizer,
             (stage / STATE_DIR / sub).mkdir(parents=True, exist_ok=True)
     _barrier()
     if save_optim:
-        sharded = optimizer.sharded_state_dict(_model_sharded_state_dict(model), is_loading=False,
-                                               metadata=OPTIM_SHARDING)
+        sharded = optimizer.sharded_state_dict(
+            _model_sharded_state_dict(model), is_loading=False, metadata=OPTIM_SHARDING
+        )
         dist_checkpointing.save({"optimizer": sharded}, str(stage / STATE_DIR / "optimizer"))
     if save_rng:
         torch.save(_rng_state(), stage / STATE_DIR / "rng" / f"rank_{dist.rank:05d}.pt")
@@ -149,7 +166,9 @@ def save_checkpoint(output_dir: str | Path, state: TrainState, model, optimizer,
     return final
 
 
-def _finish(stage: Path, final: Path, state: TrainState, out: Path, total_limit: int | None) -> None:
+def _finish(
+    stage: Path, final: Path, state: TrainState, out: Path, total_limit: int | None
+) -> None:
     """trainer_state.json last (it marks the copy complete), publish, prune: on every node,
     so each node's copy resumes and no node keeps more than total_limit checkpoints."""
     tmp = stage / (STATE_FILE + ".tmp")
@@ -192,21 +211,24 @@ def load_training_state(path: Path, model, optimizer, dist, layout: dict) -> Tra
 
     state = _broadcast_state(path, dist)
     if state.layout != layout:
-        raise ResumeError(f"checkpoint {path} was written with layout {state.layout}; this run "
-                          f"has {layout}. Resume with the same parallel sizes and world size.")
+        raise ResumeError(
+            f"checkpoint {path} was written with layout {state.layout}; this run "
+            f"has {layout}. Resume with the same parallel sizes and world size."
+        )
     optim_dir = path / STATE_DIR / "optimizer"
     if state.has_optimizer:
         visible = torch.tensor([1 if (optim_dir / "metadata.json").is_file() else 0])
-        torch.distributed.all_reduce(visible, op=torch.distributed.ReduceOp.MIN,
-                                     group=cpu_group())
+        torch.distributed.all_reduce(visible, op=torch.distributed.ReduceOp.MIN, group=cpu_group())
         if not visible.item():
             raise ResumeError(
                 f"{optim_dir} is not visible on every node: resuming the optimizer across "
                 "nodes needs checkpoint.output_dir on a shared filesystem (or resume with "
-                "checkpoint.no_save_optim, which restarts the optimizer state)")
+                "checkpoint.no_save_optim, which restarts the optimizer state)"
+            )
         _materialize_optimizer_state(optimizer)
-        template = optimizer.sharded_state_dict(_model_sharded_state_dict(model), is_loading=True,
-                                                metadata=OPTIM_SHARDING)
+        template = optimizer.sharded_state_dict(
+            _model_sharded_state_dict(model), is_loading=True, metadata=OPTIM_SHARDING
+        )
         loaded = dist_checkpointing.load({"optimizer": template}, str(optim_dir))
         # fp32 runs keep no separate master copy: the optimizer writes into the parameters.
         with torch.no_grad():
@@ -245,8 +267,11 @@ def _restore_adam_steps(optimizer) -> None:
             for param in group["params"]:
                 state = inner.state.get(param)
                 if state is not None and "step" in state:
-                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32,
-                                                 device=param.device if on_device else "cpu")
+                    state["step"] = torch.tensor(
+                        float(group["step"]),
+                        dtype=torch.float32,
+                        device=param.device if on_device else "cpu",
+                    )
 
 
 def _broadcast_state(path: Path, dist) -> TrainState:

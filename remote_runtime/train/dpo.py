@@ -20,8 +20,17 @@ import torch
 import torch.nn.functional as F
 
 # Sums reported per micro-batch (in this order), turned into TRL's metric names by dpo_metrics.
-REPORT_FIELDS = ("pairs", "rewards_chosen", "rewards_rejected", "accurate", "margins",
-                 "logps_chosen", "logps_rejected", "nll", "chosen_tokens")
+REPORT_FIELDS = (
+    "pairs",
+    "rewards_chosen",
+    "rewards_rejected",
+    "accurate",
+    "margins",
+    "logps_chosen",
+    "logps_rejected",
+    "nll",
+    "chosen_tokens",
+)
 
 
 @dataclass(frozen=True)
@@ -35,13 +44,24 @@ class DpoSettings:
     @classmethod
     def from_job(cls, job) -> "DpoSettings":
         r = job.rlhf
-        return cls(beta=r.beta, loss_type=r.loss_type, label_smoothing=r.label_smoothing,
-                   rpo_alpha=r.rpo_alpha, reference_free=r.reference_free)
+        return cls(
+            beta=r.beta,
+            loss_type=r.loss_type,
+            label_smoothing=r.label_smoothing,
+            rpo_alpha=r.rpo_alpha,
+            reference_free=r.reference_free,
+        )
 
 
-def pair_losses(s: DpoSettings, chosen: torch.Tensor, rejected: torch.Tensor,
-                ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
-                chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor) -> torch.Tensor:
+def pair_losses(
+    s: DpoSettings,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+) -> torch.Tensor:
     """The DPO loss of each pair from sequence log-probs (policy and reference) and answer
     lengths. sigmoid (with label smoothing: conservative DPO), hinge and IPO (log-ratios averaged
     per answer token, as TRL does) follow TRL's DPOTrainer."""
@@ -53,8 +73,9 @@ def pair_losses(s: DpoSettings, chosen: torch.Tensor, rejected: torch.Tensor,
     if s.loss_type == "hinge":
         return torch.relu(1 - s.beta * delta)
     if s.loss_type == "ipo":
-        ipo_delta = (chosen_ratio / chosen_tokens.clamp(min=1)
-                     - rejected_ratio / rejected_tokens.clamp(min=1))
+        ipo_delta = chosen_ratio / chosen_tokens.clamp(
+            min=1
+        ) - rejected_ratio / rejected_tokens.clamp(min=1)
         return (ipo_delta - 1 / (2 * s.beta)) ** 2
     raise ValueError(f"unknown DPO loss_type {s.loss_type!r}")
 
@@ -97,9 +118,19 @@ def dpo_loss_func(mb, s: DpoSettings, nll_scale: float, per_token_loss: torch.Te
     with torch.no_grad():
         reward_c = s.beta * (chosen - ref[0::2])
         reward_r = s.beta * (rejected - ref[1::2])
-        report = torch.stack([
-            pairs.float(), reward_c.sum(), reward_r.sum(), (reward_c > reward_r).float().sum(),
-            (reward_c - reward_r).sum(), chosen.sum(), rejected.sum(), nll, tokens[0::2].sum()])
+        report = torch.stack(
+            [
+                pairs.float(),
+                reward_c.sum(),
+                reward_r.sum(),
+                (reward_c > reward_r).float().sum(),
+                (reward_c - reward_r).sum(),
+                chosen.sum(),
+                rejected.sum(),
+                nll,
+                tokens[0::2].sum(),
+            ]
+        )
     return loss, pairs, {"lm loss": torch.stack([loss.detach(), pairs.float()]), "dpo": report}
 
 
@@ -107,11 +138,14 @@ def dpo_metrics(report: torch.Tensor) -> dict:
     """TRL's metric names from summed `dpo` reports (means over pairs)."""
     r = dict(zip(REPORT_FIELDS, report.tolist()))
     pairs = r["pairs"] or float("nan")
-    return {"rewards/chosen": r["rewards_chosen"] / pairs,
-            "rewards/rejected": r["rewards_rejected"] / pairs,
-            "rewards/accuracies": r["accurate"] / pairs, "rewards/margins": r["margins"] / pairs,
-            "logps/chosen": r["logps_chosen"] / pairs,
-            "logps/rejected": r["logps_rejected"] / pairs}
+    return {
+        "rewards/chosen": r["rewards_chosen"] / pairs,
+        "rewards/rejected": r["rewards_rejected"] / pairs,
+        "rewards/accuracies": r["accurate"] / pairs,
+        "rewards/margins": r["margins"] / pairs,
+        "logps/chosen": r["logps_chosen"] / pairs,
+        "logps/rejected": r["logps_rejected"] / pairs,
+    }
 
 
 def nll_scale(dataset, doc_ids) -> float:

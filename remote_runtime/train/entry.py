@@ -39,8 +39,11 @@ class _StopRequest:
 
     def _handle(self, signum, _frame):
         self.requested = True
-        print(f"received {signal.Signals(signum).name}: saving a checkpoint at the end of this step",
-              file=sys.stderr, flush=True)
+        print(
+            f"received {signal.Signals(signum).name}: saving a checkpoint at the end of this step",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def run_training(job: JobConfig) -> int:
@@ -63,19 +66,23 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
     from remote_runtime.platform import init_distributed, shutdown
     from remote_runtime.spec.families import family_for_hf_config
     from remote_runtime.spec.resolve import read_hf_config, resolve_job
+    from remote_runtime.spec.shape import ModelShape
     from remote_runtime.train import checkpoint as ckpt
     from remote_runtime.train.collectives import any_rank
-    from remote_runtime.spec.shape import ModelShape
     from remote_runtime.train.resume import find_resume_step
     from remote_runtime.train.step import train_step
 
     _check_checkpoint_dependencies()
     par = job.parallel
-    dist = init_distributed(job.model.device, par.tensor_model_parallel_size,
-                            par.pipeline_model_parallel_size, par.context_parallel_size,
-                            seed=job.train.seed,
-                            expert_model_parallel_size=job.moe.expert_model_parallel_size,
-                            expert_tensor_parallel_size=job.moe.expert_tensor_parallel_size)
+    dist = init_distributed(
+        job.model.device,
+        par.tensor_model_parallel_size,
+        par.pipeline_model_parallel_size,
+        par.context_parallel_size,
+        seed=job.train.seed,
+        expert_model_parallel_size=job.moe.expert_model_parallel_size,
+        expert_tensor_parallel_size=job.moe.expert_tensor_parallel_size,
+    )
     rank0 = dist.rank == 0
     _say(rank0, _accelerators(dist))
     hf_config = read_hf_config(job.model.model)
@@ -101,8 +108,13 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
         reference = _reference(job, dist, data, model, forward_backward, rank0)
     objective = _objective(job, data, reference)
     evaluator = _evaluator(job, data, objective, dist, forward_backward)
-    layout = {"world_size": dist.world_size, "tp": dist.tp, "pp": dist.pp, "cp": dist.cp,
-              "dp": dist.dp}
+    layout = {
+        "world_size": dist.world_size,
+        "tp": dist.tp,
+        "pp": dist.pp,
+        "cp": dist.cp,
+        "dp": dist.dp,
+    }
     if dist.ep > 1 or dist.etp > 1:  # MoE: the optimizer shards experts over expert-DP
         layout.update(ep=dist.ep, etp=dist.etp)
     start_step = 0
@@ -120,31 +132,59 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
     def save(step: int, loss: float | None) -> None:
         t0 = time.perf_counter()
         state = ckpt.TrainState(
-            step=step, train_iters=train_iters, consumed_samples=step * job.train.global_batch_size,
-            data=batches.state_dict(), scheduler=scheduler.state_dict(), layout=layout,
-            has_optimizer=False, has_rng=False, loss=loss, version=_version())
-        path = ckpt.save_checkpoint(output_dir, state, model, optimizer, dist, job.model.model,
-                                    save_optim=not job.checkpoint.no_save_optim,
-                                    save_rng=not job.checkpoint.no_save_rng,
-                                    total_limit=job.checkpoint.save_total_limit)
+            step=step,
+            train_iters=train_iters,
+            consumed_samples=step * job.train.global_batch_size,
+            data=batches.state_dict(),
+            scheduler=scheduler.state_dict(),
+            layout=layout,
+            has_optimizer=False,
+            has_rng=False,
+            loss=loss,
+            version=_version(),
+        )
+        path = ckpt.save_checkpoint(
+            output_dir,
+            state,
+            model,
+            optimizer,
+            dist,
+            job.model.model,
+            save_optim=not job.checkpoint.no_save_optim,
+            save_rng=not job.checkpoint.no_save_rng,
+            total_limit=job.checkpoint.save_total_limit,
+        )
         _say(rank0, f"saved {path} ({time.perf_counter() - t0:.1f} s)")
 
     step = start_step
-    _say(rank0, f"training {family.name} for {train_iters} steps from step {start_step} on "
-         f"{dist.world_size} × {dist.device.type} (TP={dist.tp} PP={dist.pp} DP={dist.dp}); "
-         f"{len(dataset)} documents")
+    _say(
+        rank0,
+        f"training {family.name} for {train_iters} steps from step {start_step} on "
+        f"{dist.world_size} × {dist.device.type} (TP={dist.tp} PP={dist.pp} DP={dist.dp}); "
+        f"{len(dataset)} documents",
+    )
     metrics.start()
     while step < train_iters:
         gb = batches.batch(step)
         micro = [objective.prepare(mb).to(dist.device) for mb in gb.micro_batches]
         reports: dict = {}
-        loss_pair, grad_norm, _ = train_step(model, optimizer, scheduler, micro, forward_backward,
-                                             objective.loss_for(gb.doc_ids), reports)
+        loss_pair, grad_norm, _ = train_step(
+            model,
+            optimizer,
+            scheduler,
+            micro,
+            forward_backward,
+            objective.loss_for(gb.doc_ids),
+            reports,
+        )
         step += 1
         stopping = any_rank(stop.requested)
         evaluated = None
-        if evaluator is not None and not stopping and (step % eval_steps == 0
-                                                       or step == train_iters):
+        if (
+            evaluator is not None
+            and not stopping
+            and (step % eval_steps == 0 or step == train_iters)
+        ):
             evaluated = evaluator.run(model)
             metrics.pause(evaluated["eval_s"])
         metrics.after_step(step, gb, loss_pair, grad_norm, optimizer, reports, evaluated)
@@ -176,9 +216,16 @@ def _check_checkpoint_dependencies() -> None:
     import importlib.util
 
     if importlib.util.find_spec("psutil") is None:
-        raise ConfigError([("checkpoint.output_dir", "saving checkpoints needs the psutil package, "
-                            "which is not installed here: pip install psutil "
-                            "(megafleet setup installs it)")])
+        raise ConfigError(
+            [
+                (
+                    "checkpoint.output_dir",
+                    "saving checkpoints needs the psutil package, "
+                    "which is not installed here: pip install psutil "
+                    "(megafleet setup installs it)",
+                )
+            ]
+        )
 
 
 def _accelerators(dist) -> str:
@@ -209,8 +256,12 @@ class _Data:
 
         sp = job.parallel.sequence_parallel and dist.tp > 1
         self.job, self.train, self.val = job, train, val
-        self.layout = dict(dp_rank=dist.dp_rank, dp_size=dist.dp, pad_token_id=pad_id,
-                           pad_to_multiple_of=dist.tp if sp else 1)
+        self.layout = dict(
+            dp_rank=dist.dp_rank,
+            dp_size=dist.dp,
+            pad_token_id=pad_id,
+            pad_to_multiple_of=dist.tp if sp else 1,
+        )
         self.batches = make_batch_iterator(job, train, **self.layout)
         self.train_iters = 0
 
@@ -231,12 +282,16 @@ def _data(job: JobConfig, dist, rank0: bool) -> _Data:
     from remote_runtime.train.collectives import barrier
 
     tokenizer = AutoTokenizer.from_pretrained(job.model.model)
-    dataset, stats = build_dataset(job, tokenizer, should_build=dist.local_rank == 0,
-                                   barrier=barrier)
-    dataset, val = with_validation(job, tokenizer, dataset, stats,
-                                   should_build=dist.local_rank == 0, barrier=barrier)
+    dataset, stats = build_dataset(
+        job, tokenizer, should_build=dist.local_rank == 0, barrier=barrier
+    )
+    dataset, val = with_validation(
+        job, tokenizer, dataset, stats, should_build=dist.local_rank == 0, barrier=barrier
+    )
     _say(rank0, stats.summary())
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     data = _Data(job, dist, dataset, val, pad_id or 0)
     batches = data.batches
     if job.train.train_iters is not None:
@@ -244,17 +299,24 @@ def _data(job: JobConfig, dist, rank0: bool) -> _Data:
     else:
         train_iters = batches.train_iters(job.train.num_train_epochs)
     if train_iters <= 0:
-        raise ConfigError([("train.global_batch_size",
-                            f"{job.train.global_batch_size} is larger than the {len(dataset)} "
-                            "documents of the dataset: no full global batch per epoch")])
+        raise ConfigError(
+            [
+                (
+                    "train.global_batch_size",
+                    f"{job.train.global_batch_size} is larger than the {len(dataset)} "
+                    "documents of the dataset: no full global batch per epoch",
+                )
+            ]
+        )
     data.train_iters = train_iters
     return data
 
 
 def _separate_reference(job: JobConfig, resume_from) -> bool:
     """Whether the reference needs its own model (built, used and freed before the policy)."""
-    return not job.rlhf.reference_free and (job.rlhf.ref_model is not None
-                                            or resume_from is not None)
+    return not job.rlhf.reference_free and (
+        job.rlhf.ref_model is not None or resume_from is not None
+    )
 
 
 def _reference(job: JobConfig, dist, data: _Data, model, forward_backward, rank0: bool) -> dict:
@@ -267,10 +329,16 @@ def _reference(job: JobConfig, dist, data: _Data, model, forward_backward, rank0
     source = ReferenceSource(job.rlhf.ref_model or job.model.model, chunks=model)
     sets = {"train": data.train, **({"val": data.val} if data.val is not None else {})}
     values = reference_logps(
-        list(sets.values()), source, job=job, dist=dist, make_eval_batches=data.in_order,
+        list(sets.values()),
+        source,
+        job=job,
+        dist=dist,
+        make_eval_batches=data.in_order,
         build_reference=lambda path: _build_reference(job, dist, path),
-        forward_backward=forward_backward, cache_dir=default_cache_dir(job),
-        say=lambda m: _say(rank0, m))
+        forward_backward=forward_backward,
+        cache_dir=default_cache_dir(job),
+        say=lambda m: _say(rank0, m),
+    )
     return dict(zip(sets, values))
 
 
@@ -281,8 +349,9 @@ def _build_reference(job: JobConfig, dist, model_dir: str) -> list:
     from remote_runtime.spec.resolve import read_hf_config
 
     hf_config = read_hf_config(model_dir)
-    chunks = build_model(family_for_hf_config(hf_config), hf_config, ModelOptions.from_job(job),
-                         dist)
+    chunks = build_model(
+        family_for_hf_config(hf_config), hf_config, ModelOptions.from_job(job), dist
+    )
     load_hf_checkpoint(chunks, model_dir, dist)
     return chunks
 
@@ -294,8 +363,9 @@ def _objective(job: JobConfig, data: _Data, reference: dict | None):
         return TokenObjective()
     from remote_runtime.train.dpo import DpoSettings
 
-    return PreferenceObjective(DpoSettings.from_job(job), {"train": data.train, "val": data.val},
-                               reference or {})
+    return PreferenceObjective(
+        DpoSettings.from_job(job), {"train": data.train, "val": data.val}, reference or {}
+    )
 
 
 def _evaluator(job: JobConfig, data: _Data, objective, dist, forward_backward):
@@ -308,8 +378,7 @@ def _evaluator(job: JobConfig, data: _Data, objective, dist, forward_backward):
     micro = data.in_order(data.val, None if it == -1 else it * job.train.global_batch_size)
     micro = [objective.prepare(mb, "val") for mb in micro]
     all_docs = np.arange(len(data.val))
-    return Evaluator(micro, objective, objective.loss_for(all_docs, "val"), dist,
-                     forward_backward)
+    return Evaluator(micro, objective, objective.loss_for(all_docs, "val"), dist, forward_backward)
 
 
 def _model(job: JobConfig, family, hf_config: dict, dist, resume_from, train_iters: int):
@@ -344,9 +413,12 @@ def _attach_adapters(chunks, lora, hf_config: dict, dist, seed: int, resume_from
     if source is not None:
         load_adapter(chunks, source, dist)
     trained = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
-    _say(dist.rank == 0, f"LoRA r={lora.rank} alpha={lora.alpha:g} on {len(adapters)} layers "
-         f"({', '.join(lora.target_names())}); {trained / 1e6:.2f}M trainable parameters on "
-         f"rank 0" + (f"; adapter from {source}" if source is not None else ""))
+    _say(
+        dist.rank == 0,
+        f"LoRA r={lora.rank} alpha={lora.alpha:g} on {len(adapters)} layers "
+        f"({', '.join(lora.target_names())}); {trained / 1e6:.2f}M trainable parameters on "
+        f"rank 0" + (f"; adapter from {source}" if source is not None else ""),
+    )
 
 
 def _merge_and_save(model, job: JobConfig, output_dir: Path, step: int, dist) -> None:
@@ -367,21 +439,37 @@ def _check_conversion(chunks, job: JobConfig, dist) -> None:
     result = compare_with_hf(chunks, job.model.model, dist, DTYPES[job.model.torch_dtype])
     _say(dist.rank == 0, "conversion check: " + json.dumps(result, default=str))
     if not result.get("ok"):
-        raise ConfigError([("check.test_convert_precision",
-                            "Megatron and Hugging Face logits differ beyond the tolerance "
-                            f"for {job.model.torch_dtype}; see the report above")])
+        raise ConfigError(
+            [
+                (
+                    "check.test_convert_precision",
+                    "Megatron and Hugging Face logits differ beyond the tolerance "
+                    f"for {job.model.torch_dtype}; see the report above",
+                )
+            ]
+        )
 
 
 class _Metrics:
     """Accumulates per-step numbers on the device; syncs and logs every `logging_steps`."""
 
-    def __init__(self, job: JobConfig, dist, shape, output_dir: Path, train_iters: int, rank0: bool,
-                 objective):
+    def __init__(
+        self,
+        job: JobConfig,
+        dist,
+        shape,
+        output_dir: Path,
+        train_iters: int,
+        rank0: bool,
+        objective,
+    ):
         from remote_runtime.train.metrics import MetricsLog, peak_tflops
 
         self.job, self.dist, self.shape, self.train_iters = job, dist, shape, train_iters
         self.objective = objective
-        self.log = MetricsLog(output_dir, enabled=rank0, tensorboard_dir=job.logging.tensorboard_dir)
+        self.log = MetricsLog(
+            output_dir, enabled=rank0, tensorboard_dir=job.logging.tensorboard_dir
+        )
         name = torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else None
         self.peak = peak_tflops(name)
         self.last_loss = None
@@ -403,8 +491,16 @@ class _Metrics:
         """Leave time spent outside training (evaluation) out of the throughput."""
         self.t0 += seconds
 
-    def after_step(self, step: int, gb, loss_pair, grad_norm, optimizer, reports: dict,
-                   evaluated: dict | None = None) -> None:
+    def after_step(
+        self,
+        step: int,
+        gb,
+        loss_pair,
+        grad_norm,
+        optimizer,
+        reports: dict,
+        evaluated: dict | None = None,
+    ) -> None:
         from remote_runtime.train.optim import current_lr
 
         if self.step0 is None:
@@ -416,16 +512,21 @@ class _Metrics:
         self.loss_tokens += gb.num_loss_tokens
         self.flops += self.shape.training_flops(gb.num_tokens, gb.sum_sq_doc_lengths)
         self.steps += 1
-        if (step % self.job.logging.logging_steps and step != self.train_iters and step != 1
-                and evaluated is None):
+        if (
+            step % self.job.logging.logging_steps
+            and step != self.train_iters
+            and step != 1
+            and evaluated is None
+        ):
             self.log.progress(step, self.train_iters, time.perf_counter() - self.t_start)
             return
         from remote_runtime.train.objective import all_reduced
 
         totals = self.loss_pair.clone()
         torch.distributed.all_reduce(totals)  # only last-stage ranks hold non-zero sums
-        extra = self.objective.metrics(all_reduced(self.reports, self.objective.report_sizes,
-                                                   self.dist.device))
+        extra = self.objective.metrics(
+            all_reduced(self.reports, self.objective.report_sizes, self.dist.device)
+        )
         peak = torch.tensor([self._peak_memory_gb()], device=self.dist.device)
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
         elapsed = time.perf_counter() - self.t0
@@ -433,16 +534,27 @@ class _Metrics:
         self.last_loss = loss
         tflops = self.flops / elapsed / self.dist.world_size / 1e12
         per_step = (time.perf_counter() - self.t_start) / max(step - self.step0, 1)
-        self.log.log({
-            "step": step, "train_iters": self.train_iters, "epoch": round(gb.epoch_progress, 4),
-            "loss": loss, "lr": current_lr(optimizer),
-            "grad_norm": None if grad_norm is None else float(grad_norm),
-            "tokens_per_s": self.tokens / elapsed, "tflops_per_gpu": tflops,
-            "mfu": tflops / self.peak if self.peak else None, "peak_mem_gb": float(peak.item()),
-            "elapsed_s": round(time.perf_counter() - self.t_start, 3),
-            "eta_s": round(per_step * (self.train_iters - step), 1),
-            "tokens": self.tokens, "loss_tokens": self.loss_tokens, **extra, **(evaluated or {}),
-            **moe_stats()})
+        self.log.log(
+            {
+                "step": step,
+                "train_iters": self.train_iters,
+                "epoch": round(gb.epoch_progress, 4),
+                "loss": loss,
+                "lr": current_lr(optimizer),
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens_per_s": self.tokens / elapsed,
+                "tflops_per_gpu": tflops,
+                "mfu": tflops / self.peak if self.peak else None,
+                "peak_mem_gb": float(peak.item()),
+                "elapsed_s": round(time.perf_counter() - self.t_start, 3),
+                "eta_s": round(per_step * (self.train_iters - step), 1),
+                "tokens": self.tokens,
+                "loss_tokens": self.loss_tokens,
+                **extra,
+                **(evaluated or {}),
+                **moe_stats(),
+            }
+        )
         self._reset()
 
     def _peak_memory_gb(self) -> float:

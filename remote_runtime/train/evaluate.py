@@ -20,8 +20,7 @@ import torch
 
 
 class Evaluator:
-    def __init__(self, micro_batches: list, objective, loss_for: Callable, dist,
-                 forward_backward):
+    def __init__(self, micro_batches: list, objective, loss_for: Callable, dist, forward_backward):
         self.micro = micro_batches
         self.objective, self.loss_for = objective, loss_for
         self.dist, self.forward_backward = dist, forward_backward
@@ -42,13 +41,16 @@ class Evaluator:
             _set_rng_state(rng)
         # Only last-stage ranks hold reports; the sums are ratios, so replicas counted more
         # than once (tensor-parallel ranks) do not change them.
-        totals = all_reduced(sum_reports(reports, self.dist.device), self.objective.report_sizes,
-                             self.dist.device)
+        totals = all_reduced(
+            sum_reports(reports, self.dist.device), self.objective.report_sizes, self.dist.device
+        )
         lm = totals["lm loss"]
-        record = {"eval_loss": float(lm[0] / lm[1]) if lm[1] > 0 else None,
-                  "eval_samples": self._world_sum(self.samples),
-                  "eval_tokens": self._world_sum(self.tokens),
-                  "eval_s": round(time.perf_counter() - t0, 3)}
+        record = {
+            "eval_loss": float(lm[0] / lm[1]) if lm[1] > 0 else None,
+            "eval_samples": self._world_sum(self.samples),
+            "eval_tokens": self._world_sum(self.tokens),
+            "eval_s": round(time.perf_counter() - t0, 3),
+        }
         record.update({f"eval_{k}": v for k, v in self.objective.metrics(totals).items()})
         return record
 

@@ -27,9 +27,19 @@ from remote_runtime.spec.layout import DPO_METRICS_FIELDS as DPO_METRICS
 from remote_runtime.spec.layout import METRICS_FILE
 
 # Dense bf16 peak of the GPUs we know (TFLOP/s); unknown GPUs report MFU as null.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "H20": 148.0, "A100": 312.0,
-               "A800": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "B200": 2250.0,
-               "GB200": 2450.0}
+PEAK_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "H800": 989.0,
+    "H20": 148.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "A10G": 125.0,
+    "L4": 121.0,
+    "B200": 2250.0,
+    "GB200": 2450.0,
+}
 
 
 def peak_tflops(device_name: str | None) -> float | None:
@@ -84,8 +94,9 @@ class MetricsLog:
         width = 30
         filled = int(width * step / max(total, 1))
         eta = elapsed / step * (total - step)
-        sys.stdout.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{total} "
-                         f"ETA {format_duration(eta)}")
+        sys.stdout.write(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{total} ETA {format_duration(eta)}"
+        )
         sys.stdout.flush()
 
     def close(self) -> None:
@@ -97,8 +108,11 @@ def _tensorboard_writer(path: str):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional; say so once instead of failing the run
-        print(f"warning: tensorboard is not installed; --tensorboard_dir {path} ignored "
-              "(pip install tensorboard)", file=sys.stderr)
+        print(
+            f"warning: tensorboard is not installed; --tensorboard_dir {path} ignored "
+            "(pip install tensorboard)",
+            file=sys.stderr,
+        )
         return None
     return SummaryWriter(path)
 
@@ -113,9 +127,12 @@ def format_duration(seconds: float | None) -> str:
 
 
 def format_record(r: dict) -> str:
-    parts = [f"step {r['step']}/{r['train_iters']}", f"epoch {r['epoch']:.2f}",
-             f"loss {r['loss']:.4f}" if r.get("loss") is not None else "loss -",
-             f"lr {r['lr']:.3g}"]
+    parts = [
+        f"step {r['step']}/{r['train_iters']}",
+        f"epoch {r['epoch']:.2f}",
+        f"loss {r['loss']:.4f}" if r.get("loss") is not None else "loss -",
+        f"lr {r['lr']:.3g}",
+    ]
     if r.get("grad_norm") is not None:
         parts.append(f"grad_norm {r['grad_norm']:.3f}")
     parts.append(f"{r['tokens_per_s']:.0f} tok/s")

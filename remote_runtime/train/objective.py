@@ -64,8 +64,11 @@ def all_reduced(totals: dict, sizes: dict, device) -> dict:
     out = {}
     for name, size in sizes.items():
         value = totals.get(name)
-        value = (torch.zeros(size, dtype=torch.float32, device=device) if value is None
-                 else value.float().clone())
+        value = (
+            torch.zeros(size, dtype=torch.float32, device=device)
+            if value is None
+            else value.float().clone()
+        )
         torch.distributed.all_reduce(value)
         out[name] = value
     return out

@@ -37,16 +37,21 @@ def wrap_ddp(chunks: list, job: JobConfig) -> list:
 
     par = job.parallel
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=par.overlap_grad_reduce,
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=par.overlap_grad_reduce,
         overlap_param_gather=par.overlap_param_gather,
         use_distributed_optimizer=par.use_distributed_optimizer,
-        check_for_nan_in_grad=False, average_in_collective=False)
+        check_for_nan_in_grad=False,
+        average_in_collective=False,
+    )
     wrapped = []
     for i, chunk in enumerate(chunks):
         chunk.config.calculate_per_token_loss = True
-        wrapped.append(DistributedDataParallel(config=chunk.config, ddp_config=ddp_config,
-                                               module=chunk,
-                                               disable_bucketing=i > 0))
+        wrapped.append(
+            DistributedDataParallel(
+                config=chunk.config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0
+            )
+        )
     for m in wrapped:
         m.broadcast_params()  # identical starting weights on every DP rank
     return wrapped
@@ -61,41 +66,65 @@ def build_optimizer(model: list, job: JobConfig, schedule: Schedule):
     o, par = job.optim, job.parallel
     config = model[0].config
     opt_config = OptimizerConfig(
-        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-        clip_grad=o.clip_grad, bf16=config.bf16, fp16=False, params_dtype=config.params_dtype,
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        bf16=config.bf16,
+        fp16=False,
+        params_dtype=config.params_dtype,
         use_distributed_optimizer=par.use_distributed_optimizer,
-        overlap_param_gather=par.overlap_param_gather)
+        overlap_param_gather=par.overlap_param_gather,
+    )
     # On CPU the world group is gloo already and platform.init_distributed creates no extra
     # gloo groups; on GPU it does, for megatron's host-side optimizer collectives.
     import torch
 
     optimizer = get_megatron_optimizer(
-        opt_config, model, use_gloo_process_groups=torch.distributed.get_backend() != "gloo")
+        opt_config, model, use_gloo_process_groups=torch.distributed.get_backend() != "gloo"
+    )
     _use_fused_adam(optimizer)
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if schedule.warmup_iters else o.lr, max_lr=o.lr, min_lr=o.min_lr,
-        lr_warmup_steps=schedule.warmup_iters, lr_decay_steps=max(schedule.decay_iters, 1),
-        lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-        wd_incr_steps=max(schedule.train_iters, 1), wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
+        optimizer,
+        init_lr=0.0 if schedule.warmup_iters else o.lr,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=schedule.warmup_iters,
+        lr_decay_steps=max(schedule.decay_iters, 1),
+        lr_decay_style=o.lr_decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=max(schedule.train_iters, 1),
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
+    )
     # Hooks megatron's schedules call: loss scaling, grad sync batching and the final reduction.
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
     if par.overlap_grad_reduce:
-        config.grad_sync_func = ([m.start_grad_sync for m in model] if len(model) > 1
-                                 else model[0].start_grad_sync)
+        config.grad_sync_func = (
+            [m.start_grad_sync for m in model] if len(model) > 1 else model[0].start_grad_sync
+        )
     if par.overlap_param_gather and par.use_distributed_optimizer:
-        config.param_sync_func = ([m.start_param_sync for m in model] if len(model) > 1
-                                  else model[0].start_param_sync)
+        config.param_sync_func = (
+            [m.start_param_sync for m in model] if len(model) > 1 else model[0].start_param_sync
+        )
     return optimizer, scheduler
 
 
 def inner_optimizers(optimizer) -> list:
     """The torch optimizers inside megatron's (chained) optimizer."""
-    return [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])
-            if getattr(opt, "optimizer", None) is not None]
+    return [
+        opt.optimizer
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+        if getattr(opt, "optimizer", None) is not None
+    ]
 
 
 def _use_fused_adam(optimizer) -> None:

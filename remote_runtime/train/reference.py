@@ -39,27 +39,39 @@ class ReferenceSource:
     model_dir: str  # the reference weights (HF directory); part of the cache key
     chunks: list | None = None  # a model to run on (the policy); None: build from model_dir
     disable: Callable[[], contextlib.AbstractContextManager] = field(
-        default=contextlib.nullcontext)  # e.g. LoRA's adapters-disabled context
+        default=contextlib.nullcontext
+    )  # e.g. LoRA's adapters-disabled context
 
 
 def weights_identity(model_dir: str) -> str:
     """A digest of an HF directory's weights and config: paths, sizes and modification times."""
     root = Path(model_dir).expanduser().resolve()
-    files = sorted(p for p in root.iterdir()
-                   if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
+    files = sorted(
+        p for p in root.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json"
+    )
     stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     return hashlib.sha256(json.dumps([str(root), stats]).encode()).hexdigest()
 
 
 def cache_path(cache_dir: Path, dataset, model_dir: str, dtype: str) -> Path:
-    key = hashlib.sha256(json.dumps([dataset.fingerprint, weights_identity(model_dir),
-                                     dtype]).encode()).hexdigest()
+    key = hashlib.sha256(
+        json.dumps([dataset.fingerprint, weights_identity(model_dir), dtype]).encode()
+    ).hexdigest()
     return Path(cache_dir) / f"reference-{key[:32]}.npy"
 
 
-def reference_logps(datasets: list, source: ReferenceSource, *, job, dist, make_eval_batches,
-                    build_reference: Callable[[str], list], forward_backward,
-                    cache_dir: Path, say: Callable[[str], None]) -> list[np.ndarray]:
+def reference_logps(
+    datasets: list,
+    source: ReferenceSource,
+    *,
+    job,
+    dist,
+    make_eval_batches,
+    build_reference: Callable[[str], list],
+    forward_backward,
+    cache_dir: Path,
+    say: Callable[[str], None],
+) -> list[np.ndarray]:
     """Per-document reference log-probs (float64) of each dataset: from the cache, else
     computed with `source` and cached. Every rank returns the full arrays."""
     from remote_runtime.train.collectives import any_rank, barrier
@@ -83,8 +95,10 @@ def reference_logps(datasets: list, source: ReferenceSource, *, job, dist, make_
         if dist.device.type == "cuda":
             torch.cuda.empty_cache()
     barrier()
-    say(f"reference log-probs: computed with {source.model_dir} for "
-        f"{sum(len(d) for d in datasets)} documents, cached in {cache_dir}")
+    say(
+        f"reference log-probs: computed with {source.model_dir} for "
+        f"{sum(len(d) for d in datasets)} documents, cached in {cache_dir}"
+    )
     return out
 
 
@@ -100,14 +114,17 @@ def _compute(chunks, micro_batches, num_docs: int, dist, forward_backward) -> np
             logps, _ = sequence_logps(mb, per_token_loss)
             zero = torch.zeros((), device=logps.device)
             return zero, torch.tensor(1, dtype=torch.int), {"logps": logps}
+
         return loss
 
     micro = [mb.to(dist.device) for mb in micro_batches]
     reports = forward_only_step(chunks, micro, forward_backward, loss_for)
     values = torch.zeros(num_docs, dtype=torch.float64, device=dist.device)
-    owner = (parallel_state.is_pipeline_last_stage()
-             and parallel_state.get_tensor_model_parallel_rank() == 0
-             and parallel_state.get_context_parallel_rank() == 0)
+    owner = (
+        parallel_state.is_pipeline_last_stage()
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_context_parallel_rank() == 0
+    )
     if owner:
         for mb, report in zip(micro, reports):
             values[mb.doc_ids.to(dist.device)] = report["logps"].double()

@@ -62,31 +62,48 @@ def _auto(output_dir: Path, dist) -> Path | None:
     common = set.intersection(*(set(steps) for _, steps in everyone))
     if not common:
         if not any(steps for _, steps in everyone):
-            _say(dist, f"checkpoint.resume=auto: no complete checkpoint in {output_dir}: nothing to "
-                 "resume, starting at step 0")
+            _say(
+                dist,
+                f"checkpoint.resume=auto: no complete checkpoint in {output_dir}: nothing to "
+                "resume, starting at step 0",
+            )
             return None
         lacking = sorted({host for host, steps in everyone if not steps})
-        raise ResumeError(f"checkpoint.resume=auto: no checkpoint is complete on every node "
-                          f"({', '.join(lacking)} have none in {output_dir}); resume on the nodes "
-                          "(same hosts, same order) that wrote it")
+        raise ResumeError(
+            f"checkpoint.resume=auto: no checkpoint is complete on every node "
+            f"({', '.join(lacking)} have none in {output_dir}); resume on the nodes "
+            "(same hosts, same order) that wrote it"
+        )
     step = max(common)
     newest = max(max(steps) for _, steps in everyone)
     if newest != step:
-        _say(dist, f"checkpoint.resume=auto: checkpoint-{newest} is not complete on every node; "
-             f"taking checkpoint-{step}")
+        _say(
+            dist,
+            f"checkpoint.resume=auto: checkpoint-{newest} is not complete on every node; "
+            f"taking checkpoint-{step}",
+        )
     return Path(mine[step]).resolve()
 
 
 def _named(path: Path, output_dir: Path, dist) -> Path:
     named = checkpoint_step(path.name) is not None
-    local = path if (path / STATE_FILE).is_file() else (
-        output_dir / path.name if named and (output_dir / path.name / STATE_FILE).is_file() else None)
+    local = (
+        path
+        if (path / STATE_FILE).is_file()
+        else (
+            output_dir / path.name
+            if named and (output_dir / path.name / STATE_FILE).is_file()
+            else None
+        )
+    )
     everyone = _gather((socket.gethostname(), dist.rank, None if local is None else str(local)))
     missing = [f"{host} (rank {rank})" for host, rank, found in everyone if found is None]
     if missing:
-        raise ResumeError(f"checkpoint.resume: {path} is not a complete checkpoint (no {STATE_FILE}) "
-                          f"on {', '.join(missing)}, nor {path.name} in that node's "
-                          f"checkpoint.output_dir; use `auto` or resume on the nodes that wrote it")
+        raise ResumeError(
+            f"checkpoint.resume: {path} is not a complete checkpoint (no {STATE_FILE}) "
+            f"on {', '.join(missing)}, nor {path.name} in that node's "
+            f"checkpoint.output_dir; use `auto` or resume on the nodes that wrote it"
+        )
     return local.resolve()
 
 
@@ -115,8 +132,11 @@ def share_missing_files(path: Path, dist) -> list[str]:
     wanted = sorted(set().union(*map(set, _gather(lacking))))
     sizes = dict(box[0])
     if wanted:
-        _say(dist, f"resume: sending {len(wanted)} file(s) of {path.name} "
-             f"({sum(sizes[r] for r in wanted) / 2**20:.1f} MiB) to the nodes that lack them")
+        _say(
+            dist,
+            f"resume: sending {len(wanted)} file(s) of {path.name} "
+            f"({sum(sizes[r] for r in wanted) / 2**20:.1f} MiB) to the nodes that lack them",
+        )
     for rel in wanted:
         _broadcast_file(path / rel, sizes[rel], dist.rank == 0, rel in lacking)
     return [rel for rel in wanted if rel in lacking]
@@ -138,8 +158,11 @@ def _broadcast_file(path: Path, size: int, sender: bool, keep: bool) -> None:
     try:
         for offset in range(0, size, CHUNK):
             n = min(CHUNK, size - offset)
-            buf = torch.frombuffer(bytearray(src.read(n)), dtype=torch.uint8) if sender else \
-                torch.empty(n, dtype=torch.uint8)
+            buf = (
+                torch.frombuffer(bytearray(src.read(n)), dtype=torch.uint8)
+                if sender
+                else torch.empty(n, dtype=torch.uint8)
+            )
             torch.distributed.broadcast(buf, src=0, group=cpu_group())
             if dst:
                 dst.write(buf.numpy().tobytes())

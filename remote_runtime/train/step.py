@@ -20,8 +20,13 @@ IGNORE_INDEX = -100
 def _packed_seq_params(mb):
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=mb.cu_seqlens, cu_seqlens_kv=mb.cu_seqlens,
-                           max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen)
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=mb.cu_seqlens,
+        cu_seqlens_kv=mb.cu_seqlens,
+        max_seqlen_q=mb.max_seqlen,
+        max_seqlen_kv=mb.max_seqlen,
+    )
 
 
 def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -37,14 +42,20 @@ def token_loss_for(mb):
 
 def make_forward_step(loss_for=token_loss_for):
     """megatron's forward_step_func: run one micro-batch, return (output, loss_for(mb))."""
+
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         moe_aux.start_micro_batch(mb.loss_mask)  # MoE: the aux loss's scale (a no-op when dense)
         # The vocab-parallel cross entropy needs a valid id everywhere; ignored positions are
         # zeroed by the loss mask instead.
         labels = mb.labels.clamp(min=0)
-        output = model(mb.tokens, mb.position_ids, None, labels=labels,
-                       packed_seq_params=_packed_seq_params(mb) if mb.is_thd else None)
+        output = model(
+            mb.tokens,
+            mb.position_ids,
+            None,
+            labels=labels,
+            packed_seq_params=_packed_seq_params(mb) if mb.is_thd else None,
+        )
         return output, loss_for(mb)
 
     return forward_step
@@ -56,10 +67,14 @@ forward_step = make_forward_step()
 def _run_schedule(model, micro_batches, forward_backward, loss_for, forward_only: bool) -> list:
     first = micro_batches[0]
     return forward_backward(
-        forward_step_func=make_forward_step(loss_for), data_iterator=iter(micro_batches),
-        model=model, num_microbatches=len(micro_batches),
+        forward_step_func=make_forward_step(loss_for),
+        data_iterator=iter(micro_batches),
+        model=model,
+        num_microbatches=len(micro_batches),
         seq_length=max(mb.tokens.shape[1] for mb in micro_batches),
-        micro_batch_size=1 if first.is_thd else first.tokens.shape[0], forward_only=forward_only)
+        micro_batch_size=1 if first.is_thd else first.tokens.shape[0],
+        forward_only=forward_only,
+    )
 
 
 def sum_reports(items: list, device) -> dict[str, torch.Tensor]:
@@ -73,8 +88,15 @@ def sum_reports(items: list, device) -> dict[str, torch.Tensor]:
     return totals
 
 
-def train_step(model: list, optimizer, scheduler, micro_batches: list, forward_backward,
-               loss_for=token_loss_for, reports: dict | None = None):
+def train_step(
+    model: list,
+    optimizer,
+    scheduler,
+    micro_batches: list,
+    forward_backward,
+    loss_for=token_loss_for,
+    reports: dict | None = None,
+):
     """Forward/backward over the micro-batches and one optimizer step.
 
     Returns (loss_sum_and_count tensor [2] on device — zeros except on the last pipeline stage,
@@ -97,8 +119,9 @@ def train_step(model: list, optimizer, scheduler, micro_batches: list, forward_b
 
 
 @torch.no_grad()
-def forward_only_step(model: list, micro_batches: list, forward_backward,
-                      loss_for=token_loss_for) -> list:
+def forward_only_step(
+    model: list, micro_batches: list, forward_backward, loss_for=token_loss_for
+) -> list:
     """The loss functions' reports of each micro-batch (last pipeline stage; [] elsewhere), with
     the model in eval mode and no gradient; the model's train/eval mode is restored after."""
     if not micro_batches:
@@ -107,8 +130,9 @@ def forward_only_step(model: list, micro_batches: list, forward_backward,
     for chunk in model:
         chunk.eval()
     try:
-        return list(_run_schedule(model, micro_batches, forward_backward, loss_for,
-                                  forward_only=True) or [])
+        return list(
+            _run_schedule(model, micro_batches, forward_backward, loss_for, forward_only=True) or []
+        )
     finally:
         for chunk, mode in zip(model, modes):
             chunk.train(mode)

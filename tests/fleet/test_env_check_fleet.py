@@ -28,15 +28,18 @@ def _make_venvs(fleet) -> None:
     (pth,) = python.parent.parent.glob("lib/python3*/site-packages/megafleet-test.pth")
     for name in ("node0", "node1"):
         h = fleet.host(name)
-        h.run(f"rm -rf ~/{VENV} && /usr/bin/python3 -m venv --without-pip ~/{VENV} && "
-              f"cp {pth} ~/{VENV}/lib/python3*/site-packages/")
+        h.run(
+            f"rm -rf ~/{VENV} && /usr/bin/python3 -m venv --without-pip ~/{VENV} && "
+            f"cp {pth} ~/{VENV}/lib/python3*/site-packages/"
+        )
     sp = "$(echo ~/%s/lib/python3*/site-packages)" % VENV
     fleet.host("node1").run(STAND_IN.format(sp=sp))
     fleet.host("node2").run(f"rm -rf ~/{VENV}")
 
 
-def test_one_table_across_hosts_with_the_drifted_host_flagged(fleet, fleet_home, capsys,
-                                                              monkeypatch):
+def test_one_table_across_hosts_with_the_drifted_host_flagged(
+    fleet, fleet_home, capsys, monkeypatch
+):
     _make_venvs(fleet)
     fleet.write_inventory(fleet_home, fleet.hosts)
     env = {"MEGAFLEET_HOME": str(fleet_home)}
@@ -55,28 +58,43 @@ def test_one_table_across_hosts_with_the_drifted_host_flagged(fleet, fleet_home,
     assert facts["node2"]["torch"] is None
     assert hosts["node0"]["ok"] and not hosts["node1"]["ok"]
     findings = {f["key"]: f for f in doc["findings"]}
-    assert findings["megatron_core"]["values"] == {"node0": "0.16.1", "node1": "0.15.2",
-                                                   "node2": "missing"}
+    assert findings["megatron_core"]["values"] == {
+        "node0": "0.16.1",
+        "node1": "0.15.2",
+        "node2": "missing",
+    }
     assert findings["torch"]["values"]["node2"] == "missing"
     assert findings["torch"]["severity"] == "fail"
     # the table people see, rendered from the same reports (a second fleet run costs 20 s)
-    reports = [envcheck.HostReport(h, r["report"], r["error"], r["exit_code"])
-               for h, r in hosts.items()]
+    reports = [
+        envcheck.HostReport(h, r["report"], r["error"], r["exit_code"]) for h, r in hosts.items()
+    ]
     monkeypatch.setattr(ui.console, "width", 250)
     envcheck.render(reports, envcheck.findings_for(reports))
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if "check" in line and "node0" in line)
     assert "node1" in header and "node2" in header
     assert "≠ megatron_core.version" in out and "≠ torch.import" in out
-    assert "megatron-core not the same on all hosts: 0.16.1 on node0; 0.15.2 on node1; " \
-           "missing on node2" in out
+    assert (
+        "megatron-core not the same on all hosts: 0.16.1 on node0; 0.15.2 on node1; "
+        "missing on node2" in out
+    )
 
 
 def test_an_unreachable_host_is_reported_beside_the_others(fleet, fleet_home):
     fleet.write_inventory(fleet_home, fleet.hosts[:2])
     fleet.host("node1").stop_sshd()
-    proc, doc = run_cli_json("env", "check", "--venv", "no-such-venv", "--cpu-ok", "--json",
-                             "--connect-timeout", "5", env={"MEGAFLEET_HOME": str(fleet_home)})
+    proc, doc = run_cli_json(
+        "env",
+        "check",
+        "--venv",
+        "no-such-venv",
+        "--cpu-ok",
+        "--json",
+        "--connect-timeout",
+        "5",
+        env={"MEGAFLEET_HOME": str(fleet_home)},
+    )
     assert proc.returncode == 3, proc.stderr
     assert doc["hosts"]["node1"]["reached"] is False
     assert "connection refused" in doc["hosts"]["node1"]["error"]

@@ -19,7 +19,15 @@ from megafleet.jobs.records import RunRecord
 from tests.conftest import REPO_ROOT, cli_env, run_cli, run_cli_json
 from tests.fleet import test_jobs_fleet as jobs
 from tests.fleet.test_jobs_fleet import (
-    _owner, env, launch_standin, logged_steps, node_file, run_procs, standin_job, wait_for)
+    _owner,
+    env,
+    launch_standin,
+    logged_steps,
+    node_file,
+    run_procs,
+    standin_job,
+    wait_for,
+)
 
 nodes, tiny_model = jobs.nodes, jobs.tiny_model  # the fixtures
 
@@ -28,29 +36,56 @@ pytestmark = pytest.mark.fleet
 
 def checkpoints(host, run: RunRecord, rank: int) -> list[int]:
     """Complete checkpoints (trainer_state.json present) in node `rank`'s output dir."""
-    out = host.run(f"cd {run.node(rank).run_dir}/output && ls -d checkpoint-*/trainer_state.json "
-                   "2>/dev/null || true").stdout.split()
+    out = host.run(
+        f"cd {run.node(rank).run_dir}/output && ls -d checkpoint-*/trainer_state.json "
+        "2>/dev/null || true"
+    ).stdout.split()
     return sorted(int(p.split("/")[0].split("-")[1]) for p in out)
 
 
-RUNTIME_FLAGS = {"device": "cpu", "torch_dtype": "float32", "global_batch_size": 2,
-                 "micro_batch_size": 1, "max_length": 64, "logging_steps": 1, "lr": 1e-3,
-                 "lr_decay_style": "constant", "min_lr": 0, "seed": 3}
+RUNTIME_FLAGS = {
+    "device": "cpu",
+    "torch_dtype": "float32",
+    "global_batch_size": 2,
+    "micro_batch_size": 1,
+    "max_length": 64,
+    "logging_steps": 1,
+    "lr": 1e-3,
+    "lr_decay_style": "constant",
+    "min_lr": 0,
+    "seed": 3,
+}
 
 
 def _argv(**kw) -> list[str]:
     return [x for k, v in {**RUNTIME_FLAGS, **kw}.items() for x in (f"--{k}", str(v))]
 
 
-def test_real_two_node_stop_then_resume_continues_the_loss_curve(nodes, fleet_home, tiny_model,
-                                                                   tmp_path):
+def test_real_two_node_stop_then_resume_continues_the_loss_curve(
+    nodes, fleet_home, tiny_model, tmp_path
+):
     """Stop a 2-node run mid-way, `megafleet resume` it: same run directories, each node's own
     shards, the step counter, data order and RNG continue (constant LR: the losses after the
     resume equal an uninterrupted run's); save_total_limit holds on node 1 too."""
     data = tmp_path / "demo.jsonl"
-    proc = run_cli("launch", "--yes", "--json", "--", *_argv(
-        model=tiny_model, dataset=data, train_iters=1000, save_steps=2, save_total_limit=2,
-        resume="auto", master_port=29780, stop_grace=60), env=env(fleet_home), timeout=300)
+    proc = run_cli(
+        "launch",
+        "--yes",
+        "--json",
+        "--",
+        *_argv(
+            model=tiny_model,
+            dataset=data,
+            train_iters=1000,
+            save_steps=2,
+            save_total_limit=2,
+            resume="auto",
+            master_port=29780,
+            stop_grace=60,
+        ),
+        env=env(fleet_home),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run = RunRecord.load(json.loads(proc.stdout)["run"]["run_id"])
     wait_for(lambda: logged_steps(nodes[0], run) >= 6, 240, "six steps")
@@ -63,15 +98,26 @@ def test_real_two_node_stop_then_resume_continues_the_loss_curve(nodes, fleet_ho
     assert len(saved) == 2 and step >= 6, saved
     assert checkpoints(nodes[1], run, 1) == saved  # pruned on node 1 as on node 0
 
-    proc = run_cli("resume", run.run_id, "--yes", "--json", "--", "--train_iters", str(step + 3),
-                   env=env(fleet_home), timeout=300)
+    proc = run_cli(
+        "resume",
+        run.run_id,
+        "--yes",
+        "--json",
+        "--",
+        "--train_iters",
+        str(step + 3),
+        env=env(fleet_home),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads(proc.stdout)["run"]["attempt"] == 2
     logs = run_cli("logs", run.run_id, "-f", env=env(fleet_home), timeout=600)
     errors = [x for x in logs.stdout.splitlines() if "Error" in x and "rank" in x]
     assert logs.returncode == 0, "\n".join(errors[-10:]) + logs.stdout[-2000:] + logs.stderr
     assert "checkpoint.resume=auto: no complete checkpoint in" in logs.stdout  # first launch
-    assert re.search(rf"resumed from \S+/checkpoint-{step} at step {step}", logs.stdout), logs.stdout[-3000:]
+    assert re.search(rf"resumed from \S+/checkpoint-{step} at step {step}", logs.stdout), (
+        logs.stdout[-3000:]
+    )
     later = [s for s in range(step + 1, step + 4) if s % 2 == 0 or s == step + 3]
     assert checkpoints(nodes[1], run, 1) == sorted(saved + later)[-2:]
     rows = [json.loads(x) for x in node_file(nodes[0], run, 0, "output/logging.jsonl").splitlines()]
@@ -81,30 +127,59 @@ def test_real_two_node_stop_then_resume_continues_the_loss_curve(nodes, fleet_ho
     from tests.runtime.train_helpers import check, losses, run_runtime
 
     ref_out = tmp_path / "reference"
-    check(run_runtime(_argv(model=tiny_model, dataset=data, train_iters=step + 3, save_steps=1000,
-                            output_dir=ref_out), nproc=2))
+    check(
+        run_runtime(
+            _argv(
+                model=tiny_model,
+                dataset=data,
+                train_iters=step + 3,
+                save_steps=1000,
+                output_dir=ref_out,
+            ),
+            nproc=2,
+        )
+    )
     reference = losses(ref_out)
     for s, loss in resumed.items():
         assert loss == pytest.approx(reference[s], rel=1e-4), (s, resumed, reference)
 
 
-def test_a_worker_killed_after_a_save_leaves_no_process_and_the_run_failed(nodes, fleet, fleet_home,
-                                                                        tiny_model, tmp_path,
-                                                                        monkeypatch):
+def test_a_worker_killed_after_a_save_leaves_no_process_and_the_run_failed(
+    nodes, fleet, fleet_home, tiny_model, tmp_path, monkeypatch
+):
     """SIGKILL (what the out-of-memory killer sends) of node 1's worker, which has multiprocessing
     helpers like the real runtime's: nothing of the run is left anywhere and `status` says
     `failed` with the signal within 15 s."""
     monkeypatch.setenv("STANDIN_STEP_S", "0.2")
     monkeypatch.setenv("STANDIN_SPAWN_HELPERS", "1")
-    run = launch_standin(standin_job(tiny_model, tmp_path / "demo.jsonl", 29790, train_iters=100000,
-                                     save_steps=2, env=["STANDIN_STEP_S", "STANDIN_SPAWN_HELPERS"]))
+    run = launch_standin(
+        standin_job(
+            tiny_model,
+            tmp_path / "demo.jsonl",
+            29790,
+            train_iters=100000,
+            save_steps=2,
+            env=["STANDIN_STEP_S", "STANDIN_SPAWN_HELPERS"],
+        )
+    )
     user1 = fleet.host("node1").user
-    wait_for(lambda: "checkpoint-2" in nodes[0].run(f"ls {run.node(0).run_dir}/output", check=False).stdout, 90,
-             "the first checkpoint")
+    wait_for(
+        lambda: (
+            "checkpoint-2" in nodes[0].run(f"ls {run.node(0).run_dir}/output", check=False).stdout
+        ),
+        90,
+        "the first checkpoint",
+    )
     procs = run_procs(run.run_id)
     assert any("resource_tracker" in c for p, c in procs.items() if _owner(p) == user1), procs
-    worker = next(p for p, c in procs.items() if "tests.standin_workload sft" in c and _owner(p) == user1
-                  and "torch.distributed.run" not in c and "multiprocessing" not in c)
+    worker = next(
+        p
+        for p, c in procs.items()
+        if "tests.standin_workload sft" in c
+        and _owner(p) == user1
+        and "torch.distributed.run" not in c
+        and "multiprocessing" not in c
+    )
     os.kill(worker, signal.SIGKILL)
     killed = time.monotonic()
 
@@ -124,12 +199,23 @@ def test_a_worker_killed_after_a_save_leaves_no_process_and_the_run_failed(nodes
 
 
 def test_stop_during_a_network_cut_keeps_the_run_stopping_until_the_node_answers(
-        nodes, fleet_home, tiny_model, tmp_path, monkeypatch):
+    nodes, fleet_home, tiny_model, tmp_path, monkeypatch
+):
     monkeypatch.setenv("STANDIN_STEP_S", "0.2")
-    run = launch_standin(standin_job(tiny_model, tmp_path / "demo.jsonl", 29800, train_iters=100000,
-                                     stall_timeout=300, env=["STANDIN_STEP_S"]))
+    run = launch_standin(
+        standin_job(
+            tiny_model,
+            tmp_path / "demo.jsonl",
+            29800,
+            train_iters=100000,
+            stall_timeout=300,
+            env=["STANDIN_STEP_S"],
+        )
+    )
     wait_for(lambda: logged_steps(nodes[0], run) >= 2, 60, "training to log steps")
-    assert run_cli_json("status", run.run_id, "--json", env=env(fleet_home))[1]["state"] == "running"
+    assert (
+        run_cli_json("status", run.run_id, "--json", env=env(fleet_home))[1]["state"] == "running"
+    )
     nodes[1].link_down()
     proc, report = run_cli_json("stop", run.run_id, "--yes", "--json", env=env(fleet_home))
     assert proc.returncode == 4 and report["state"] == "stopping", report
@@ -152,16 +238,38 @@ def test_stop_during_a_network_cut_keeps_the_run_stopping_until_the_node_answers
 def _launch_uploading(fleet_home, model, data, port):
     """`megafleet launch` (started, not waited for) of a job whose model directory holds a large
     file."""
-    return subprocess.Popen([sys.executable, "-m", "megafleet", "launch", "--yes", "--entry-module",
-                             "tests.standin_workload", "--", "--model", str(model), "--dataset",
-                             str(data), "--device", "cpu", "--train_iters", "5", "--master_port",
-                             str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=cli_env(env(fleet_home)), cwd=REPO_ROOT)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "megafleet",
+            "launch",
+            "--yes",
+            "--entry-module",
+            "tests.standin_workload",
+            "--",
+            "--model",
+            str(model),
+            "--dataset",
+            str(data),
+            "--device",
+            "cpu",
+            "--train_iters",
+            "5",
+            "--master_port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(env(fleet_home)),
+        cwd=REPO_ROOT,
+    )
 
 
-def test_one_ctrl_c_stops_an_upload_and_a_killed_launch_leaves_a_record(nodes, fleet_home,
-                                                                        tiny_model, tmp_path):
+def test_one_ctrl_c_stops_an_upload_and_a_killed_launch_leaves_a_record(
+    nodes, fleet_home, tiny_model, tmp_path
+):
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
     with open(model / "big.bin", "wb") as f:
@@ -195,8 +303,11 @@ def test_one_ctrl_c_stops_an_upload_and_a_killed_launch_leaves_a_record(nodes, f
     wait_for(lambda: part_size() > stopped_at, 120, "the upload to continue", step=0.05)
     proc.kill()  # SIGKILL: no handler runs, the record says `launching`
     proc.communicate(timeout=30)
-    run_id = [r for r in run_cli_json("runs", "--json", env=env(fleet_home))[1]["runs"]
-              if r["state"] == "launching"][0]["run_id"]
+    run_id = [
+        r
+        for r in run_cli_json("runs", "--json", env=env(fleet_home))[1]["runs"]
+        if r["state"] == "launching"
+    ][0]["run_id"]
     status = run_cli_json("status", run_id, "--json", env=env(fleet_home))[1]
     assert status["state"] == "failed", status
     assert "launch was interrupted before the job started" in status["failure"]["reason"]
@@ -204,8 +315,9 @@ def test_one_ctrl_c_stops_an_upload_and_a_killed_launch_leaves_a_record(nodes, f
     assert proc.returncode == 0 and report["state"] == "stopped", proc.stdout + proc.stderr
 
 
-def test_ctrl_c_during_a_fetch_returns_at_once_and_the_next_fetch_resumes(nodes, fleet_home,
-                                                                         tmp_path):
+def test_ctrl_c_during_a_fetch_returns_at_once_and_the_next_fetch_resumes(
+    nodes, fleet_home, tmp_path
+):
     from megafleet.inventory import Inventory
     from megafleet.jobs.preflight import select_targets
     from megafleet.jobs.sync import RemoteFile, download

@@ -60,8 +60,13 @@ def test_stub_gpus_are_reported_and_hosts_are_checked_in_parallel(fleet, fleet_h
     assert time.monotonic() - start < 8
     node = by_name(report)["node1"]
     assert node["gpu_status"] == "ok" and node["cuda_driver_version"] == "13.0"
-    assert node["gpus"][1] == {"index": 1, "name": "NVIDIA H200", "memory.total": 143771,
-                               "driver_version": "580.159.04", "compute_cap": "9.0"}
+    assert node["gpus"][1] == {
+        "index": 1,
+        "name": "NVIDIA H200",
+        "memory.total": 143771,
+        "driver_version": "580.159.04",
+        "compute_cap": "9.0",
+    }
     assert report["findings"] == []
 
 
@@ -72,10 +77,13 @@ def test_a_host_without_gpus_is_a_finding_not_an_error(fleet, fleet_home):
     assert proc.returncode == 0
     assert by_name(report)["node1"]["gpu_status"] == "none"
     assert [(f["level"], f["code"], f["hosts"]) for f in report["findings"]] == [
-        ("warning", "no_gpus", ["node1", "node2"])]
+        ("warning", "no_gpus", ["node1", "node2"])
+    ]
 
 
-def test_a_silent_host_is_unreachable_within_the_timeout_while_the_others_are_checked(fleet, fleet_home):
+def test_a_silent_host_is_unreachable_within_the_timeout_while_the_others_are_checked(
+    fleet, fleet_home
+):
     fleet.write_inventory(fleet_home, fleet.hosts)
     fleet.host("node1").link_down()
     start = time.monotonic()
@@ -90,7 +98,9 @@ def test_a_silent_host_is_unreachable_within_the_timeout_while_the_others_are_ch
 
 def test_the_jump_host_path_is_shown(fleet, fleet_home):
     fleet.write_inventory(fleet_home, [fleet.host("node0"), fleet.host("inner0")])
-    proc, report = run_cli_json("hosts", "check", "--json", "--hosts", "inner0", env=env(fleet_home))
+    proc, report = run_cli_json(
+        "hosts", "check", "--json", "--hosts", "inner0", env=env(fleet_home)
+    )
     assert proc.returncode == 0, report
     assert by_name(report)["inner0"]["via"] == "node0"
 
@@ -101,13 +111,21 @@ def test_a_wrong_key_and_a_readable_key_are_reported_per_host(fleet, fleet_home,
     loose = tmp_path / "loose_key"
     loose.write_bytes(fleet.key.read_bytes())
     loose.chmod(0o644)
-    fleet.write_inventory(fleet_home, fleet.hosts, node0={"identity_file": str(other)},
-                          node1={"identity_file": str(loose)})
-    proc, report = run_cli_json("hosts", "check", "--json", "--hosts", "node0,node1,node2",
-                                env=env(fleet_home))
+    fleet.write_inventory(
+        fleet_home,
+        fleet.hosts,
+        node0={"identity_file": str(other)},
+        node1={"identity_file": str(loose)},
+    )
+    proc, report = run_cli_json(
+        "hosts", "check", "--json", "--hosts", "node0,node1,node2", env=env(fleet_home)
+    )
     assert proc.returncode == 3
     hosts = by_name(report)
-    assert hosts["node0"]["error"]["kind"] == "auth" and str(other) in hosts["node0"]["error"]["message"]
+    assert (
+        hosts["node0"]["error"]["kind"] == "auth"
+        and str(other) in hosts["node0"]["error"]["message"]
+    )
     assert hosts["node1"]["error"]["kind"] == "identity"
     assert hosts["node1"]["error"]["hint"] == f"chmod 600 {loose}"
     assert hosts["node2"]["ok"]
@@ -124,11 +142,13 @@ def test_a_changed_host_key_is_refused_until_trusted_deliberately(fleet, fleet_h
     assert "--replace" in err["hint"]
     refused = run_cli("hosts", "trust", "node0", env=env(fleet_home))
     assert refused.returncode == 2 and "--replace" in refused.stderr
-    wrong = run_cli("hosts", "trust", "node0", "--replace", "--fingerprint", "SHA256:nope",
-                    env=env(fleet_home))
+    wrong = run_cli(
+        "hosts", "trust", "node0", "--replace", "--fingerprint", "SHA256:nope", env=env(fleet_home)
+    )
     assert wrong.returncode == 3 and "nothing was trusted" in wrong.stderr
-    proc, done = run_cli_json("hosts", "trust", "node0", "--replace", "--fingerprint", new, "--json",
-                              env=env(fleet_home))
+    proc, done = run_cli_json(
+        "hosts", "trust", "node0", "--replace", "--fingerprint", new, "--json", env=env(fleet_home)
+    )
     assert proc.returncode == 0 and done["action"] == "replace" and new in done["key"]
     assert run_cli("hosts", "check", "--json", env=env(fleet_home)).returncode == 0
 
@@ -136,8 +156,17 @@ def test_a_changed_host_key_is_refused_until_trusted_deliberately(fleet, fleet_h
 def test_add_with_check_reaches_the_new_host(fleet, fleet_home):
     (fleet_home / "hosts.yaml").unlink()
     n = fleet.host("node2")
-    proc, report = run_cli_json("hosts", "add", "fresh", f"{n.user}@{n.address}", "-i", str(fleet.key),
-                                "--check", "--json", env=env(fleet_home))
+    proc, report = run_cli_json(
+        "hosts",
+        "add",
+        "fresh",
+        f"{n.user}@{n.address}",
+        "-i",
+        str(fleet.key),
+        "--check",
+        "--json",
+        env=env(fleet_home),
+    )
     assert proc.returncode == 0, proc.stderr
     assert report["summary"]["reachable"] == 1 and report["hosts"][0]["name"] == "fresh"
 
@@ -152,7 +181,8 @@ def test_host_python_runs_for_the_hosts_user_with_this_checkout(fleet, fleet_hom
     pool = ConnectionPool(Inventory.load().jump_for)
     try:
         r = SSHRunner(Inventory.load().get("node1"), pool).run(
-            f"{py} -c 'import yaml, remote_runtime.spec.config as c, megafleet; print(c.__file__)'")
+            f"{py} -c 'import yaml, remote_runtime.spec.config as c, megafleet; print(c.__file__)'"
+        )
     finally:
         pool.close()
     assert r.ok, r.describe()

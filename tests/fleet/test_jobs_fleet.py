@@ -43,7 +43,9 @@ def nodes(fleet, fleet_home, tmp_path):
     """node0 and node1 with ~/megafleet/venv, an inventory of the two, and demo data."""
     venv = Path(fleet.host_python()).parent.parent
     for h in fleet.hosts[:2]:
-        h.run(f"mkdir -p ~/megafleet && ln -sfn {venv} ~/megafleet/venv && rm -rf ~/megafleet/runs ~/megafleet/uploads ~/megafleet/models")
+        h.run(
+            f"mkdir -p ~/megafleet && ln -sfn {venv} ~/megafleet/venv && rm -rf ~/megafleet/runs ~/megafleet/uploads ~/megafleet/models"
+        )
     fleet.write_inventory(fleet_home, fleet.hosts[:2])
     from remote_runtime.data.demo_data import write_demo_dataset
 
@@ -56,8 +58,22 @@ def nodes(fleet, fleet_home, tmp_path):
 def standin_job(model, data, port, **flags):
     from remote_runtime.spec.flags import job_from_argv
 
-    argv = ["--model", str(model), "--dataset", str(data), "--device", "cpu", "--master_port", str(port),
-            "--save_steps", "10", "--logging_steps", "2", "--stop_grace", "5"]
+    argv = [
+        "--model",
+        str(model),
+        "--dataset",
+        str(data),
+        "--device",
+        "cpu",
+        "--master_port",
+        str(port),
+        "--save_steps",
+        "10",
+        "--logging_steps",
+        "2",
+        "--stop_grace",
+        "5",
+    ]
     for k, v in flags.items():
         argv += [f"--{k}"] + (v if isinstance(v, list) else [str(v)])
     return job_from_argv(argv, task="sft")
@@ -80,8 +96,13 @@ def run_procs(run_id: str) -> dict[int, str]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if any(e in environ for e in (f"MEGAFLEET_RUN_ID={run_id}".encode(),
-                                      f"MEGAFLEET_WATCH_RUN={run_id}".encode())):
+        if any(
+            e in environ
+            for e in (
+                f"MEGAFLEET_RUN_ID={run_id}".encode(),
+                f"MEGAFLEET_WATCH_RUN={run_id}".encode(),
+            )
+        ):
             found[int(pid)] = cmd
     return found
 
@@ -118,17 +139,39 @@ def logged_steps(host, run: RunRecord) -> int:
     return len(node_file(host, run, 0, "output/logging.jsonl").splitlines())
 
 
-def test_two_node_job_streams_both_nodes_and_the_checkpoint_loads(nodes, fleet_home, tiny_model,
-                                                                    tmp_path):
+def test_two_node_job_streams_both_nodes_and_the_checkpoint_loads(
+    nodes, fleet_home, tiny_model, tmp_path
+):
     """Launched with the `megafleet launch` command (the stand-in chosen with the hidden
     --entry-module option), HF_TOKEN forwarded from the operator's environment. node0's sshd has
     no SFTP subsystem: the upload to it and the fetch from it stream over the exec channel."""
     nodes[0].set_sftp(False)
-    proc = run_cli("launch", "--yes", "--entry-module", "tests.standin_workload", "--",
-                   "--model", str(tiny_model), "--dataset", str(tmp_path / "demo.jsonl"),
-                   "--train_iters", "20", "--device", "cpu", "--master_port", "29710",
-                   "--save_steps", "10", "--logging_steps", "2", "--env", "HF_TOKEN", "STANDIN_STEP_S",
-                   env=env(fleet_home, HF_TOKEN=SECRET, STANDIN_STEP_S="0.1"), timeout=120)
+    proc = run_cli(
+        "launch",
+        "--yes",
+        "--entry-module",
+        "tests.standin_workload",
+        "--",
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        str(tmp_path / "demo.jsonl"),
+        "--train_iters",
+        "20",
+        "--device",
+        "cpu",
+        "--master_port",
+        "29710",
+        "--save_steps",
+        "10",
+        "--logging_steps",
+        "2",
+        "--env",
+        "HF_TOKEN",
+        "STANDIN_STEP_S",
+        env=env(fleet_home, HF_TOKEN=SECRET, STANDIN_STEP_S="0.1"),
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_id = re.search(r"run (\S+) is running", proc.stdout).group(1)
     assert f"megafleet logs {run_id} -f" in proc.stdout and "node 1 (node1) started" in proc.stdout
@@ -158,8 +201,12 @@ def test_two_node_job_streams_both_nodes_and_the_checkpoint_loads(nodes, fleet_h
     assert re.search(r"loss \S+ \(step 2\) → 0\.25 \(step 20\)  [▁▂▃▄▅▆▇█]+", shown.stdout)
     assert ("matplotlib is not installed" in shown.stdout) != (tmp_path / "loss.png").exists()
     assert [n["state"] for n in status["nodes"]] == ["exited", "exited"]
-    assert status["nodes"][0]["gpus"][1] == {"index": 1, "util": 0, "mem_used_mib": 0,
-                                             "mem_total_mib": 143771}
+    assert status["nodes"][0]["gpus"][1] == {
+        "index": 1,
+        "util": 0,
+        "mem_used_mib": 0,
+        "mem_total_mib": 143771,
+    }
     assert status["nodes"][1]["gpus"] is None
 
     # the secret lived in the 0600 env file only, which is gone now that the run has ended:
@@ -170,8 +217,9 @@ def test_two_node_job_streams_both_nodes_and_the_checkpoint_loads(nodes, fleet_h
         assert leaked == [], leaked
     assert SECRET not in out and SECRET not in (run.dir / "run.json").read_text()
 
-    proc, fetched = run_cli_json("fetch", run.run_id, "--json", "--to", str(tmp_path / "ckpt"),
-                                 env=env(fleet_home))
+    proc, fetched = run_cli_json(
+        "fetch", run.run_id, "--json", "--to", str(tmp_path / "ckpt"), env=env(fleet_home)
+    )
     assert proc.returncode == 0, proc.stderr
     assert fetched["step"] == 20 and fetched["host"] == "node0" and fetched["skipped"] == []
     assert fetched["state_left_on_node"] == {"files": 1, "bytes": 4096}  # optimizer state stays
@@ -180,37 +228,57 @@ def test_two_node_job_streams_both_nodes_and_the_checkpoint_loads(nodes, fleet_h
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
     assert model.config.model_type == "qwen3"
-    again = run_cli_json("fetch", run.run_id, "--json", "--to", str(tmp_path / "ckpt"),
-                         env=env(fleet_home))[1]
+    again = run_cli_json(
+        "fetch", run.run_id, "--json", "--to", str(tmp_path / "ckpt"), env=env(fleet_home)
+    )[1]
     assert again["bytes_sent"] == 0 and len(again["skipped"]) == fetched["files"]
-    state = run_cli_json("fetch", run.run_id, "--json", "--with-state", "--to",
-                         str(tmp_path / "ckpt"), env=env(fleet_home))[1]
+    state = run_cli_json(
+        "fetch",
+        run.run_id,
+        "--json",
+        "--with-state",
+        "--to",
+        str(tmp_path / "ckpt"),
+        env=env(fleet_home),
+    )[1]
     assert state["bytes_sent"] == 4096 and state["state_left_on_node"]["files"] == 0
     shard = tmp_path / "ckpt" / "megatron_state" / "optimizer" / "shard_0.bin"
     assert shard.stat().st_size == 4096
 
 
-def test_stop_during_a_long_run_leaves_no_process_on_either_node(nodes, fleet_home, tiny_model, tmp_path,
-                                                                 monkeypatch):
+def test_stop_during_a_long_run_leaves_no_process_on_either_node(
+    nodes, fleet_home, tiny_model, tmp_path, monkeypatch
+):
     monkeypatch.setenv("STANDIN_STEP_S", "0.2")
-    run = launch_standin(standin_job(tiny_model, tmp_path / "demo.jsonl", 29720, train_iters=100000,
-                                     env=["STANDIN_STEP_S"]))
+    run = launch_standin(
+        standin_job(
+            tiny_model, tmp_path / "demo.jsonl", 29720, train_iters=100000, env=["STANDIN_STEP_S"]
+        )
+    )
     wait_for(lambda: logged_steps(nodes[0], run) >= 2, 60, "training to log steps")
     before = run_procs(run.run_id)
     assert {"torch.distributed.run", "tests.standin_workload", "megafleet.jobs.watcher"} <= {
-        w for cmd in before.values() for w in cmd.split()}
+        w for cmd in before.values() for w in cmd.split()
+    }
 
     # Ctrl-C on `logs -f` detaches: the job goes on, the log followers on the nodes go away;
     # also when started with SIGINT ignored (a background command of a non-interactive shell)
-    follower = subprocess.Popen([sys.executable, "-m", "megafleet", "logs", run.run_id, "-f"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=cli_env(env(fleet_home)), cwd=REPO_ROOT,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "megafleet", "logs", run.run_id, "-f"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(env(fleet_home)),
+        cwd=REPO_ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     while "step " not in follower.stdout.readline():
         pass
     follower.send_signal(signal.SIGINT)
     _, err = follower.communicate(timeout=30)
-    assert follower.returncode == 130 and f"detached: run {run.run_id} keeps running" in " ".join(err.split())
+    assert follower.returncode == 130 and f"detached: run {run.run_id} keeps running" in " ".join(
+        err.split()
+    )
     wait_for(lambda: not followers(run.run_id), 15, "the nodes' log followers to exit")
     assert set(run_procs(run.run_id)) == set(before)
 
@@ -226,17 +294,34 @@ def test_stop_during_a_long_run_leaves_no_process_on_either_node(nodes, fleet_ho
     assert "SIGTERM: stopping at step" in run_cli("logs", run.run_id, env=env(fleet_home)).stdout
 
 
-def test_a_dead_worker_on_node1_makes_the_watcher_stop_node0(nodes, fleet, fleet_home, tiny_model,
-                                                               tmp_path, monkeypatch):
+def test_a_dead_worker_on_node1_makes_the_watcher_stop_node0(
+    nodes, fleet, fleet_home, tiny_model, tmp_path, monkeypatch
+):
     monkeypatch.setenv("STANDIN_STEP_S", "0.2")
     monkeypatch.setenv("STANDIN_HANG_ON_PEER_FAILURE", "1")  # node 0 would wait forever
-    run = launch_standin(standin_job(tiny_model, tmp_path / "demo.jsonl", 29730, train_iters=100000,
-                                     stall_timeout=60,
-                                     env=["STANDIN_STEP_S", "STANDIN_HANG_ON_PEER_FAILURE"]))
+    run = launch_standin(
+        standin_job(
+            tiny_model,
+            tmp_path / "demo.jsonl",
+            29730,
+            train_iters=100000,
+            stall_timeout=60,
+            env=["STANDIN_STEP_S", "STANDIN_HANG_ON_PEER_FAILURE"],
+        )
+    )
     user1 = fleet.host("node1").user
-    worker = wait_for(lambda: next((pid for pid, cmd in run_procs(run.run_id).items()
-                                    if "tests.standin_workload" in cmd and _owner(pid) == user1), None),
-                      60, "the worker on node1")
+    worker = wait_for(
+        lambda: next(
+            (
+                pid
+                for pid, cmd in run_procs(run.run_id).items()
+                if "tests.standin_workload" in cmd and _owner(pid) == user1
+            ),
+            None,
+        ),
+        60,
+        "the worker on node1",
+    )
     wait_for(lambda: logged_steps(nodes[0], run) >= 2, 60, "training to log steps")
     os.kill(worker, 9)
     killed_at = time.monotonic()
@@ -248,7 +333,11 @@ def test_a_dead_worker_on_node1_makes_the_watcher_stop_node0(nodes, fleet, fleet
     proc, status = run_cli_json("status", run.run_id, "--json", env=env(fleet_home))
     assert status["state"] == "failed", status
     failure = status["failure"]
-    assert failure["node"] == 1 and failure["host"] == "node1" and failure["exit_code"] not in (0, None)
+    assert (
+        failure["node"] == 1
+        and failure["host"] == "node1"
+        and failure["exit_code"] not in (0, None)
+    )
     assert any("exited with code" in line or "rank1" in line for line in failure["tail"]), failure
     stopped = status["nodes"][0]["watcher_stop"]
     assert "fail-fast: node 1 (node1) exited with code" in stopped["reason"]
@@ -268,7 +357,7 @@ def _owner(pid: int) -> str:
 
 def test_an_interrupted_upload_resumes_and_sends_only_the_rest(nodes, fleet_home, tmp_path):
     from megafleet.inventory import Inventory
-    from megafleet.jobs.preflight import select_targets, probe_nodes
+    from megafleet.jobs.preflight import probe_nodes, select_targets
     from megafleet.jobs.sync import plan_tree, upload
 
     big = tmp_path / "big.bin"
@@ -295,13 +384,29 @@ def test_an_interrupted_upload_resumes_and_sends_only_the_rest(nodes, fleet_home
     assert again.bytes_sent == 0 and again.skipped == [copies[0].remote]
 
 
-def test_a_blocked_master_port_is_reported_before_anything_starts(nodes, fleet_home, tiny_model, tmp_path):
+def test_a_blocked_master_port_is_reported_before_anything_starts(
+    nodes, fleet_home, tiny_model, tmp_path
+):
     """node0 drops its replies from port 29740 (as a firewall would): node1's connect times out."""
     nodes[0].run("ip rule add pref 100 ipproto tcp sport 29740 blackhole", as_root=True)
     try:
-        proc = run_cli("launch", "--yes", "--", "--model", str(tiny_model), "--dataset",
-                       str(tmp_path / "demo.jsonl"), "--train_iters", "5", "--device", "cpu",
-                       "--master_port", "29740", env=env(fleet_home), timeout=120)
+        proc = run_cli(
+            "launch",
+            "--yes",
+            "--",
+            "--model",
+            str(tiny_model),
+            "--dataset",
+            str(tmp_path / "demo.jsonl"),
+            "--train_iters",
+            "5",
+            "--device",
+            "cpu",
+            "--master_port",
+            "29740",
+            env=env(fleet_home),
+            timeout=120,
+        )
     finally:
         nodes[0].run("ip rule del pref 100", as_root=True)
     assert proc.returncode == 3, proc.stdout + proc.stderr
@@ -313,8 +418,9 @@ def test_a_blocked_master_port_is_reported_before_anything_starts(nodes, fleet_h
     assert nodes[0].run("ls ~/megafleet/runs 2>/dev/null || true").stdout.strip() == ""
 
 
-def test_a_node_with_another_megafleet_version_is_refused_with_the_fix(nodes, fleet, fleet_home,
-                                                                       tiny_model, tmp_path):
+def test_a_node_with_another_megafleet_version_is_refused_with_the_fix(
+    nodes, fleet, fleet_home, tiny_model, tmp_path
+):
     old = fleet.workdir / "old-venv"
     if not old.exists():
         base = Path(fleet.host_python()).resolve()
@@ -325,9 +431,21 @@ def test_a_node_with_another_megafleet_version_is_refused_with_the_fix(nodes, fl
         (site / "megafleet").mkdir()
         (site / "megafleet" / "__init__.py").write_text('__version__ = "0.0.1"\n')
     nodes[1].run(f"ln -sfn {old} ~/megafleet/venv")
-    proc = run_cli("launch", "--yes", "--", "--model", str(tiny_model), "--dataset",
-                   str(tmp_path / "demo.jsonl"), "--train_iters", "5", "--device", "cpu",
-                   env=env(fleet_home), timeout=120)
+    proc = run_cli(
+        "launch",
+        "--yes",
+        "--",
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        str(tmp_path / "demo.jsonl"),
+        "--train_iters",
+        "5",
+        "--device",
+        "cpu",
+        env=env(fleet_home),
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     err = " ".join(proc.stderr.split())
     assert "node1: megafleet 0.0.1 is installed, this machine has 0.1.0" in err, err
@@ -336,9 +454,23 @@ def test_a_node_with_another_megafleet_version_is_refused_with_the_fix(nodes, fl
 
 
 def test_dry_run_shows_the_plan_and_changes_nothing(nodes, fleet_home, tiny_model, tmp_path):
-    proc, plan = run_cli_json("launch", "--dry-run", "--json", "--", "--model", str(tiny_model),
-                              "--dataset", str(tmp_path / "demo.jsonl"), "--train_iters", "5",
-                              "--device", "cpu", "--master_port", "29750", env=env(fleet_home))
+    proc, plan = run_cli_json(
+        "launch",
+        "--dry-run",
+        "--json",
+        "--",
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        str(tmp_path / "demo.jsonl"),
+        "--train_iters",
+        "5",
+        "--device",
+        "cpu",
+        "--master_port",
+        "29750",
+        env=env(fleet_home),
+    )
     assert proc.returncode == 0, proc.stderr
     n0, n1 = plan["nodes"]
     assert (n0["host"], n1["host"], n1["node_rank"], n1["ranks"]) == ("node0", "node1", 1, [1])
@@ -349,25 +481,48 @@ def test_dry_run_shows_the_plan_and_changes_nothing(nodes, fleet_home, tiny_mode
     assert "/megafleet/uploads/" in n1["job_yaml"] and "/megafleet/models/" in n1["job_yaml"]
     assert any("not on node0, node1: uploading it" in note for note in plan["notes"])
     assert plan["ports"] == {"node1": {"29750": "ok", "29751": "ok"}}
-    assert nodes[1].run("ls ~/megafleet/runs ~/megafleet/uploads 2>/dev/null || true").stdout.strip() == ""
+    assert (
+        nodes[1].run("ls ~/megafleet/runs ~/megafleet/uploads 2>/dev/null || true").stdout.strip()
+        == ""
+    )
     assert run_cli_json("runs", "--json", env=env(fleet_home))[1]["runs"] == []
 
 
-def test_dry_run_lists_its_checks_and_refuses_weights_the_nodes_cannot_read(nodes, fleet_home,
-                                                                             tiny_model, tmp_path):
+def test_dry_run_lists_its_checks_and_refuses_weights_the_nodes_cannot_read(
+    nodes, fleet_home, tiny_model, tmp_path
+):
     """node1's sshd has no SFTP: the dry run says how files will reach it. Then a model that is
     already on the nodes (`m`, home-relative) with an unreadable weights file is refused."""
     from megafleet import __version__
 
     nodes[1].set_sftp(False)
-    args = ["--dataset", str(tmp_path / "demo.jsonl"), "--train_iters", "5", "--device", "cpu",
-            "--master_port", "29760"]
-    proc, plan = run_cli_json("launch", "--dry-run", "--json", "--", "--model", str(tiny_model),
-                              *args, env=env(fleet_home))
+    args = [
+        "--dataset",
+        str(tmp_path / "demo.jsonl"),
+        "--train_iters",
+        "5",
+        "--device",
+        "cpu",
+        "--master_port",
+        "29760",
+    ]
+    proc, plan = run_cli_json(
+        "launch",
+        "--dry-run",
+        "--json",
+        "--",
+        "--model",
+        str(tiny_model),
+        *args,
+        env=env(fleet_home),
+    )
     assert proc.returncode == 0, proc.stderr
     checks = {c["name"]: c for c in plan["checks"]}
-    assert checks["megafleet_version"]["detail"] == {"operator": __version__, "node0": __version__,
-                                                     "node1": __version__}
+    assert checks["megafleet_version"]["detail"] == {
+        "operator": __version__,
+        "node0": __version__,
+        "node1": __version__,
+    }
     transfer = checks["file_transfer"]
     assert transfer["status"] == "note" and transfer["detail"]["node0"] == "sftp"
     assert "exec channel" in transfer["detail"]["node1"]
@@ -375,24 +530,45 @@ def test_dry_run_lists_its_checks_and_refuses_weights_the_nodes_cannot_read(node
     assert checks["master_ports"]["status"] == "ok"
 
     for h in nodes:
-        h.run(f"rm -rf {h.home}/m && cp -r {tiny_model} {h.home}/m && chown -R {h.user}: "
-              f"{h.home}/m && chmod 000 {h.home}/m/model.safetensors", as_root=True)
-    proc, err = run_cli_json("launch", "--dry-run", "--json", "--", "--model", "m", *args,
-                             env=env(fleet_home))
+        h.run(
+            f"rm -rf {h.home}/m && cp -r {tiny_model} {h.home}/m && chown -R {h.user}: "
+            f"{h.home}/m && chmod 000 {h.home}/m/model.safetensors",
+            as_root=True,
+        )
+    proc, err = run_cli_json(
+        "launch", "--dry-run", "--json", "--", "--model", "m", *args, env=env(fleet_home)
+    )
     assert proc.returncode == 2 and err["problems"][0]["field"] == "model.model"
     assert "model.safetensors cannot be read" in err["message"] and "chmod" in err["hint"]
 
 
-def test_the_master_address_is_the_one_node0_reaches_a_worker_behind_it_from(nodes, fleet, fleet_home,
-                                                                             tiny_model, tmp_path):
+def test_the_master_address_is_the_one_node0_reaches_a_worker_behind_it_from(
+    nodes, fleet, fleet_home, tiny_model, tmp_path
+):
     """inner0 is reachable only through node0 (jump host), on a second network: the master
     address must be node0's address on that network, not the one the operator uses."""
     inner = fleet.host("inner0")
-    inner.run(f"mkdir -p ~/megafleet && ln -sfn {Path(fleet.host_python()).parent.parent} ~/megafleet/venv")
+    inner.run(
+        f"mkdir -p ~/megafleet && ln -sfn {Path(fleet.host_python()).parent.parent} ~/megafleet/venv"
+    )
     fleet.write_inventory(fleet_home, [nodes[0], inner])
-    proc, plan = run_cli_json("launch", "--dry-run", "--json", "--", "--model", str(tiny_model),
-                              "--dataset", str(tmp_path / "demo.jsonl"), "--train_iters", "5",
-                              "--device", "cpu", "--master_port", "29770", env=env(fleet_home))
+    proc, plan = run_cli_json(
+        "launch",
+        "--dry-run",
+        "--json",
+        "--",
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        str(tmp_path / "demo.jsonl"),
+        "--train_iters",
+        "5",
+        "--device",
+        "cpu",
+        "--master_port",
+        "29770",
+        env=env(fleet_home),
+    )
     assert proc.returncode == 0, proc.stderr
     bridge = nodes[0].run("ip -o -4 addr show eth1").stdout.split()[3].split("/")[0]
     assert plan["run"]["master_addr"] == bridge != nodes[0].address
@@ -403,15 +579,45 @@ def test_the_master_address_is_the_one_node0_reaches_a_worker_behind_it_from(nod
 ENTRY = REPO_ROOT / "remote_runtime" / "train" / "entry.py"
 
 
-@pytest.mark.skipif(not ENTRY.exists(), reason="the real training entry (remote_runtime/train/entry.py, "
-                    "issue 4) is not on this branch yet; the stand-in tests above cover the lifecycle")
+@pytest.mark.skipif(
+    not ENTRY.exists(),
+    reason="the real training entry (remote_runtime/train/entry.py, "
+    "issue 4) is not on this branch yet; the stand-in tests above cover the lifecycle",
+)
 def test_real_two_node_sft_on_cpu(nodes, fleet_home, tiny_model, tmp_path):
     """The issue's test with the real runtime: tiny Qwen3, demo data, CPU/gloo, 2 nodes."""
-    proc = run_cli("launch", "--yes", "--json", "--", "--model", str(tiny_model), "--dataset",
-                   str(tmp_path / "demo.jsonl"), "--train_iters", "4", "--device", "cpu",
-                   "--torch_dtype", "float32", "--global_batch_size", "2", "--micro_batch_size", "1",
-                   "--max_length", "128", "--logging_steps", "1", "--save_steps", "4", "--lr", "1e-3",
-                   "--master_port", "29760", env=env(fleet_home), timeout=300)
+    proc = run_cli(
+        "launch",
+        "--yes",
+        "--json",
+        "--",
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        str(tmp_path / "demo.jsonl"),
+        "--train_iters",
+        "4",
+        "--device",
+        "cpu",
+        "--torch_dtype",
+        "float32",
+        "--global_batch_size",
+        "2",
+        "--micro_batch_size",
+        "1",
+        "--max_length",
+        "128",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "4",
+        "--lr",
+        "1e-3",
+        "--master_port",
+        "29760",
+        env=env(fleet_home),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_id = json.loads(proc.stdout)["run"]["run_id"]
     logs = run_cli("logs", run_id, "-f", env=env(fleet_home), timeout=600)
@@ -419,8 +625,9 @@ def test_real_two_node_sft_on_cpu(nodes, fleet_home, tiny_model, tmp_path):
     assert re.search(r"^n0 r0 ", logs.stdout, re.M) and re.search(r"^n1 ", logs.stdout, re.M)
     status = run_cli_json("status", run_id, "--json", env=env(fleet_home))[1]
     assert status["state"] == "succeeded" and status["progress"]["step"] == 4
-    proc, fetched = run_cli_json("fetch", run_id, "--json", "--to", str(tmp_path / "ckpt"),
-                                 env=env(fleet_home))
+    proc, fetched = run_cli_json(
+        "fetch", run_id, "--json", "--to", str(tmp_path / "ckpt"), env=env(fleet_home)
+    )
     assert proc.returncode == 0, proc.stderr
     from transformers import AutoModelForCausalLM
 

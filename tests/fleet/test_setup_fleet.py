@@ -34,8 +34,11 @@ HOST_PYTHON = "/usr/bin/python3"  # host users cannot read /root, where the test
 
 
 def _host_python_version() -> str:
-    out = subprocess.run([HOST_PYTHON, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [HOST_PYTHON, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+    )
     if out.returncode != 0:
         pytest.skip(f"no {HOST_PYTHON}")
     return out.stdout.strip()
@@ -44,19 +47,31 @@ def _host_python_version() -> str:
 @pytest.fixture(scope="session")
 def wheelhouse():
     version = _host_python_version()
-    key = hashlib.sha256(json.dumps([TORCH, node_requirements(), version,
-                                     list(DEFAULT_PLATFORMS)]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        json.dumps([TORCH, node_requirements(), version, list(DEFAULT_PLATFORMS)]).encode()
+    ).hexdigest()[:12]
     path = Path("/var/tmp") / f"megafleet-test-wheelhouse-{key}"
     started = time.monotonic()
-    proc, doc = run_cli_json("setup", "--build-wheelhouse", str(path), "--python-version", version,
-                             "--torch", TORCH, "--json", timeout=900)
+    proc, doc = run_cli_json(
+        "setup",
+        "--build-wheelhouse",
+        str(path),
+        "--python-version",
+        version,
+        "--torch",
+        TORCH,
+        "--json",
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr
     names = sorted(os.listdir(path))
     assert any(n.startswith("torch-2.13.0+cpu") for n in names), names
     assert any(n.startswith("megatron_core-0.16.1") for n in names), names
-    print(f"\nwheelhouse {path}: {doc['files']} files, {doc['bytes'] / 2 ** 20:.0f} MiB, "
-          f"{'downloaded' if doc['downloaded'] else 'from cache'} in "
-          f"{time.monotonic() - started:.1f}s")
+    print(
+        f"\nwheelhouse {path}: {doc['files']} files, {doc['bytes'] / 2**20:.0f} MiB, "
+        f"{'downloaded' if doc['downloaded'] else 'from cache'} in "
+        f"{time.monotonic() - started:.1f}s"
+    )
     return path
 
 
@@ -116,24 +131,41 @@ def uv_on_node1(fleet):
 
 @pytest.mark.slow
 def test_offline_setup_of_two_hosts_killed_resumed_checked_then_a_no_op(
-        fleet, fleet_home, wheelhouse, uv_on_node1):
+    fleet, fleet_home, wheelhouse, uv_on_node1
+):
     node1, node2 = fleet.host("node1"), fleet.host("node2")
     for node in (node1, node2):  # hosts that never had megafleet (other tests leave venvs)
         node.run("rm -rf ~/megafleet")
     fleet.write_inventory(fleet_home, [node1, node2])
-    no_net = node2.run("python3 -c \"import socket; socket.create_connection(('pypi.org', 443), "
-                       "timeout=3)\"", check=False)
+    no_net = node2.run(
+        "python3 -c \"import socket; socket.create_connection(('pypi.org', 443), timeout=3)\"",
+        check=False,
+    )
     assert no_net.returncode != 0  # the hosts have no route to any package index
     env = {"MEGAFLEET_HOME": str(fleet_home)}
-    args = ("setup", "--hosts", "node1,node2", "--wheelhouse", str(wheelhouse), "--base-python",
-            HOST_PYTHON, "--yes", "--json")
+    args = (
+        "setup",
+        "--hosts",
+        "node1,node2",
+        "--wheelhouse",
+        str(wheelhouse),
+        "--base-python",
+        HOST_PYTHON,
+        "--yes",
+        "--json",
+    )
     times = {}
 
     # 1. both in parallel; node2 killed while pip installs megatron-core & co.
     started = time.monotonic()
-    first = subprocess.Popen([sys.executable, "-m", "megafleet", *args], env=cli_env(env),
-                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "megafleet", *args],
+        env=cli_env(env),
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     killed = _kill_during_package_install(node2)
     out, err = first.communicate(timeout=300)
     times["run 1 (node2 killed)"] = time.monotonic() - started
@@ -157,8 +189,13 @@ def test_offline_setup_of_two_hosts_killed_resumed_checked_then_a_no_op(
     times["run 2 (resumed)"] = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr + json.dumps(doc["hosts"]["node2"].get("failed"))
     assert set(_states(doc, "node1").values()) == {"skipped"}
-    assert _states(doc, "node2") == {"venv": "skipped", "torch": "skipped", "packages": "done",
-                                     "project": "done", "check": "done"}
+    assert _states(doc, "node2") == {
+        "venv": "skipped",
+        "torch": "skipped",
+        "packages": "done",
+        "project": "done",
+        "check": "done",
+    }
     resumed = doc["hosts"]["node2"]
     assert resumed["uploads"]["files"] == 0
     packages = next(s for s in resumed["steps"] if s["id"] == "packages")
@@ -172,8 +209,10 @@ def test_offline_setup_of_two_hosts_killed_resumed_checked_then_a_no_op(
         assert facts["transformers"] and facts["safetensors"] and facts["tokenizers"]
         venv_python = f"/home/{node.user}/megafleet/venv/bin/python"
         assert report["host"]["python"]["executable"] == venv_python
-    ran = node2.run(f"/home/{node2.user}/megafleet/venv/bin/python -c "
-                    "'import megafleet, remote_runtime.spec.config; print(megafleet.__file__)'")
+    ran = node2.run(
+        f"/home/{node2.user}/megafleet/venv/bin/python -c "
+        "'import megafleet, remote_runtime.spec.config; print(megafleet.__file__)'"
+    )
     assert "/megafleet/venv/lib/" in ran.stdout  # this checkout, installed as a wheel
 
     # 3. nothing to do: every step skipped on both hosts, in seconds
@@ -198,8 +237,16 @@ def test_dry_run_over_ssh_picks_torch_for_the_drivers_cuda_and_changes_nothing(f
     fleet.write_inventory(fleet_home, [node0, node1])
     node0.install_stub_nvidia_smi()
     node0.run("rm -rf ~/megafleet", check=False)
-    proc, doc = run_cli_json("setup", "--hosts", "node0,node1", "--dry-run", "--json",
-                             "--venv", "dry-venv", env={"MEGAFLEET_HOME": str(fleet_home)})
+    proc, doc = run_cli_json(
+        "setup",
+        "--hosts",
+        "node0,node1",
+        "--dry-run",
+        "--json",
+        "--venv",
+        "dry-venv",
+        env={"MEGAFLEET_HOME": str(fleet_home)},
+    )
     assert proc.returncode == 0, proc.stderr
     gpu, cpu = doc["hosts"]["node0"], doc["hosts"]["node1"]
     assert gpu["facts"]["gpus"] == ["NVIDIA H200", "NVIDIA H200"]
@@ -212,7 +259,9 @@ def test_dry_run_over_ssh_picks_torch_for_the_drivers_cuda_and_changes_nothing(f
     assert "--index-url https://download.pytorch.org/whl/cu130 'torch>=2.6'" in torch_cmd(gpu)
     assert "--index-url https://download.pytorch.org/whl/cpu 'torch>=2.6'" in torch_cmd(cpu)
     check = next(s for s in gpu["plan"] if s["id"] == "check")["commands"][0]["argv"]
-    assert "--cpu-ok" not in check and "--cpu-ok" in next(
-        s for s in cpu["plan"] if s["id"] == "check")["commands"][0]["argv"]
+    assert (
+        "--cpu-ok" not in check
+        and "--cpu-ok" in next(s for s in cpu["plan"] if s["id"] == "check")["commands"][0]["argv"]
+    )
     assert gpu["uploads"]["names"] == ["megafleet-0.1.0-py3-none-any.whl"]
     assert node0.run("ls ~/megafleet ~/dry-venv", check=False).returncode != 0  # nothing written

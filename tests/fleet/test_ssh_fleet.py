@@ -29,23 +29,30 @@ def pool(inv):
 
 def test_run_returns_output_exit_code_and_runs_as_the_hosts_user(fleet, inv, pool):
     r = SSHRunner(inv.get("node1"), pool).run("id -un; echo err >&2; exit 5")
-    assert (r.exit_code, r.error, r.stdout.strip(), r.stderr) == (5, "exit", fleet.host("node1").user, "err\n")
+    assert (r.exit_code, r.error, r.stdout.strip(), r.stderr) == (
+        5,
+        "exit",
+        fleet.host("node1").user,
+        "err\n",
+    )
     assert "node1: `id -un; echo err >&2; exit 5` exited with code 5" in r.describe()
 
 
 def test_env_values_never_appear_on_the_remote_command_line(inv, pool):
     r = SSHRunner(inv.get("node0"), pool).run(
         "tr '\\0' ' ' < /proc/$$/cmdline; echo; echo \"$TOKEN|$OTHER\"",
-        env={"TOKEN": "s3cr3t value", "OTHER": "it's \"quoted\" $HOME"})
+        env={"TOKEN": "s3cr3t value", "OTHER": 'it\'s "quoted" $HOME'},
+    )
     *cmdline, values = r.stdout.splitlines()
     assert r.ok and "sh" in cmdline[0] and "s3cr3t" not in "\n".join(cmdline)
-    assert values == "s3cr3t value|it's \"quoted\" $HOME"
+    assert values == 's3cr3t value|it\'s "quoted" $HOME'
 
 
 def test_stdin_and_streamed_output(inv, pool):
     lines = []
-    r = SSHRunner(inv.get("node0"), pool).run("cat; echo done >&2", stdin="a\nb\n",
-                                              on_output=lambda s, line: lines.append((s, line)))
+    r = SSHRunner(inv.get("node0"), pool).run(
+        "cat; echo done >&2", stdin="a\nb\n", on_output=lambda s, line: lines.append((s, line))
+    )
     assert r.stdout == "a\nb\n" and r.stderr == "done\n"
     assert sorted(lines) == [("stderr", "done"), ("stdout", "a"), ("stdout", "b")]
 
@@ -58,7 +65,9 @@ def test_a_hanging_command_is_stopped_at_the_timeout_and_killed_on_the_host(flee
     bashrc.write_text("echo 'login noise' >&2\n" + original)
     try:
         start = time.monotonic()
-        r = SSHRunner(inv.get("node2"), pool).run("echo started; sleep 600 & sleep 601", timeout=1.5)
+        r = SSHRunner(inv.get("node2"), pool).run(
+            "echo started; sleep 600 & sleep 601", timeout=1.5
+        )
     finally:
         bashrc.write_text(original)
     assert time.monotonic() - start < 6
@@ -83,7 +92,11 @@ def test_files_go_up_and_come_back_atomically_with_progress(inv, pool, tmp_path)
     assert runner.run("jobs/j1/data/shard/run.sh").stdout == "hi\n"
     assert runner.run("find jobs -name '*.mfpart' | wc -l").stdout.strip() == "0"
     down = runner.get("jobs/j1", tmp_path / "back")
-    assert down.ok and (tmp_path / "back" / "data" / "train.jsonl").read_bytes() == (src / "train.jsonl").read_bytes()
+    assert (
+        down.ok
+        and (tmp_path / "back" / "data" / "train.jsonl").read_bytes()
+        == (src / "train.jsonl").read_bytes()
+    )
     missing = runner.get("no/such/file", tmp_path / "x")
     assert missing.error == "transfer" and not missing.ok
 
@@ -135,7 +148,9 @@ def test_host_keys_are_pinned_on_first_use(fleet, inv, pool):
     assert conn.pinned_now
     fp = fleet.host("node1").host_key_fingerprint()
     assert conn.host_key == f"ssh-ed25519 {fp}"
-    assert [k.fingerprint for k in KnownHosts().lookup(fleet.host("node1").address).values()] == [fp]
+    assert [k.fingerprint for k in KnownHosts().lookup(fleet.host("node1").address).values()] == [
+        fp
+    ]
     again = ConnectionPool(inv.jump_for).get(inv.get("node1"))
     assert not again.pinned_now
     again.close()
@@ -194,7 +209,9 @@ def test_a_passphrase_key_works_through_the_agent(fleet, tmp_path, monkeypatch, 
     from tests.unit.test_ssh_keys import ssh_agent
 
     key = tmp_path / "locked"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "pass phrase", "-f", str(key)], check=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "pass phrase", "-f", str(key)], check=True
+    )
     node = fleet.host("node0")
     auth = node.home / ".ssh" / "authorized_keys"
     original = auth.read_text()

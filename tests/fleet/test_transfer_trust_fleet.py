@@ -59,13 +59,13 @@ def test_files_move_over_the_exec_channel_where_sshd_has_no_sftp(no_sftp, fleet,
 
     # resume: a part left by an interrupted upload holds the first MiB; only the rest moves
     data = (tree / "a.bin").read_bytes()
-    assert runner.run("cat > resumed.bin.mfpart", stdin=data[:1 << 20]).ok
+    assert runner.run("cat > resumed.bin.mfpart", stdin=data[: 1 << 20]).ok
     res = runner.put_from(tree / "a.bin", "resumed.bin", offset=1 << 20)
     assert res.ok and res.value == 2 << 20, res.describe()
     there = runner.run("sha256sum resumed.bin").stdout.split()[-2]  # after the login noise
     assert there == hashlib.sha256(data).hexdigest()
     part = tmp_path / "down.bin.mfpart"
-    part.write_bytes(data[:1 << 20])
+    part.write_bytes(data[: 1 << 20])
     res = runner.get_from("resumed.bin", tmp_path / "down.bin", offset=1 << 20)
     assert res.ok and res.value == 2 << 20 and (tmp_path / "down.bin").read_bytes() == data
 
@@ -86,8 +86,9 @@ def test_hosts_check_says_which_host_lacks_sftp_and_what_to_enable(no_sftp, flee
 
 def test_env_check_runs_on_a_host_without_sftp(no_sftp, fleet, fleet_home):
     fleet.write_inventory(fleet_home, [fleet.host("node2")])
-    proc, doc = run_cli_json("env", "check", "--cpu-ok", "--json", "--timeout", "120",
-                             env=env(fleet_home), timeout=300)
+    proc, doc = run_cli_json(
+        "env", "check", "--cpu-ok", "--json", "--timeout", "120", env=env(fleet_home), timeout=300
+    )
     report = doc["hosts"]["node2"]
     assert report["report"], report
     assert report["report"]["host"]["python"]["executable"], proc.stderr
@@ -97,8 +98,18 @@ def test_env_check_runs_on_a_host_without_sftp(no_sftp, fleet, fleet_home):
 def test_hosts_sharing_a_host_key_are_a_finding(fleet, fleet_home):
     n = fleet.host("node1")
     fleet.write_inventory(fleet_home, [n])
-    assert run_cli("hosts", "add", "node1-again", f"{n.user}@{n.address}", "-i", str(fleet.key),
-                   env=env(fleet_home)).returncode == 0
+    assert (
+        run_cli(
+            "hosts",
+            "add",
+            "node1-again",
+            f"{n.user}@{n.address}",
+            "-i",
+            str(fleet.key),
+            env=env(fleet_home),
+        ).returncode
+        == 0
+    )
     proc, report = run_cli_json("hosts", "check", "--json", env=env(fleet_home))
     (finding,) = [f for f in report["findings"] if f["code"] == "shared_host_key"]
     assert finding["level"] == "warning" and finding["hosts"] == ["node1", "node1-again"]
@@ -108,8 +119,16 @@ def test_hosts_sharing_a_host_key_are_a_finding(fleet, fleet_home):
 def test_add_with_a_failing_check_writes_nothing(fleet, fleet_home):
     n = fleet.host("node2")
     before = (fleet_home / "hosts.yaml").read_text()
-    proc = run_cli("hosts", "add", "wrong-user", f"nobody@{n.address}", "-i", str(fleet.key),
-                   "--check", env=env(fleet_home))
+    proc = run_cli(
+        "hosts",
+        "add",
+        "wrong-user",
+        f"nobody@{n.address}",
+        "-i",
+        str(fleet.key),
+        "--check",
+        env=env(fleet_home),
+    )
     assert proc.returncode == 3 and "not added" in proc.stderr
     assert (fleet_home / "hosts.yaml").read_text() == before
     assert not (fleet_home / "known_hosts").exists()  # nor its host key pinned
@@ -125,6 +144,7 @@ def test_replacing_a_host_key_needs_its_fingerprint_not_just_yes(fleet, fleet_ho
     assert proc.returncode == 2 and "needs --fingerprint" in proc.stderr
     assert f"--fingerprint {new}" in " ".join(proc.stderr.split())
     assert run_cli("hosts", "check", "--json", env=env(fleet_home)).returncode == 3  # still refused
-    proc = run_cli("hosts", "trust", "node1", "--replace", "--fingerprint", new,
-                   env=env(fleet_home))
+    proc = run_cli(
+        "hosts", "trust", "node1", "--replace", "--fingerprint", new, env=env(fleet_home)
+    )
     assert proc.returncode == 0, proc.stderr

@@ -41,8 +41,10 @@ def workspace(fleet, fleet_home, tmp_path, assets):
     (fleet_home / "hosts.yaml").unlink()
     venv = Path(fleet.host_python()).parent.parent
     for h in fleet.hosts[:2]:
-        h.run(f"mkdir -p ~/megafleet && ln -sfn {venv} ~/megafleet/venv && "
-              "rm -rf ~/megafleet/runs ~/megafleet/uploads")
+        h.run(
+            f"mkdir -p ~/megafleet && ln -sfn {venv} ~/megafleet/venv && "
+            "rm -rf ~/megafleet/runs ~/megafleet/uploads"
+        )
     ws = tmp_path / "ws"
     ws.mkdir()
     (ws / "chats.jsonl").write_bytes((assets / "chats.jsonl").read_bytes())
@@ -53,8 +55,11 @@ def workspace(fleet, fleet_home, tmp_path, assets):
 
 
 def wizard(fleet_home, tmp_path, argv=("wizard", "--timeout", "5")) -> WizardPty:
-    return WizardPty(list(argv), cwd=tmp_path / "ws",
-                     env={"MEGAFLEET_HOME": str(fleet_home), "TMPDIR": str(tmp_path / "tmp")})
+    return WizardPty(
+        list(argv),
+        cwd=tmp_path / "ws",
+        env={"MEGAFLEET_HOME": str(fleet_home), "TMPDIR": str(tmp_path / "tmp")},
+    )
 
 
 def add_host(w: WizardPty, fleet, host) -> None:
@@ -117,33 +122,65 @@ def test_wizard_end_to_end_on_two_hosts_then_replay(fleet, fleet_home, workspace
 
     # The saved answers replay as a job (on other ports: node 0's watcher of the run that just
     # ended keeps answering on master_port + 1 for a few seconds).
-    proc, plan = run_cli_json("launch", "job.yaml", "--dry-run", "--json", "--",
-                              "--master_port", "29620", env=env, cwd=workspace)
+    proc, plan = run_cli_json(
+        "launch",
+        "job.yaml",
+        "--dry-run",
+        "--json",
+        "--",
+        "--master_port",
+        "29620",
+        env=env,
+        cwd=workspace,
+    )
     assert proc.returncode == 0, proc.stderr
     assert [n["host"] for n in plan["nodes"]] == ["node0", "node1"]
     assert plan["run"]["world_size"] == 2
 
 
-STEPS = ["where", "host address", "add another host", "task", "model", "dataset",
-         "max_length", "train length", "job file", "confirm (Ctrl-C)", "confirm (Cancel)"]
+STEPS = [
+    "where",
+    "host address",
+    "add another host",
+    "task",
+    "model",
+    "dataset",
+    "max_length",
+    "train length",
+    "job file",
+    "confirm (Ctrl-C)",
+    "confirm (Cancel)",
+]
 
 
 def drive_until(w: WizardPty, fleet, assets, step: str) -> None:
     """Answer the questions (one host with a STUB nvidia-smi: 2xH200 captures, so the planner
     runs) until the prompt of `step`, then cancel there."""
     script = [  # (step, its prompt, how it is answered when the test goes past it)
-        ("where", "Where should training run",
-         lambda: (w.choose("Where should training run", 2), w.yes("Add a new host"))),
+        (
+            "where",
+            "Where should training run",
+            lambda: (w.choose("Where should training run", 2), w.yes("Add a new host")),
+        ),
         ("host address", "Host address", lambda: add_host(w, fleet, fleet.hosts[2])),
         ("add another host", "Add a new host", lambda: w.yes("Add a new host", False)),
         ("task", "What kind of training", lambda: w.enter("What kind of training")),
         ("model", "Model:", lambda: w.type("Model:", str(assets / "model"))),
         ("dataset", "Dataset file", lambda: w.enter("Dataset file")),
-        ("max_length", "Tokens per training", lambda: (
-            w.type("Tokens per training row", "256"), w.expect(r"Layouts \(GiB per GPU"))),
-        ("train length", "How long to train", lambda: (
-            w.enter("How long to train"), w.enter("Learning rate"),
-            w.enter("Where the nodes write"))),
+        (
+            "max_length",
+            "Tokens per training",
+            lambda: (w.type("Tokens per training row", "256"), w.expect(r"Layouts \(GiB per GPU")),
+        ),
+        (
+            "train length",
+            "How long to train",
+            lambda: (
+                w.enter("How long to train"),
+                w.enter("Learning rate"),
+                w.enter("Where the nodes write"),
+            ),
+        ),
         ("job file", "Save the job as", lambda: w.enter("Save the job as")),
         ("confirm (Ctrl-C)", "Go ahead", None),
     ]
@@ -179,22 +216,39 @@ def test_cancel_at_each_step_leaves_nothing(fleet, fleet_home, workspace, assets
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
-def test_a_node_without_megafleet_is_offered_setup_answers_file(fleet, fleet_home, workspace,
-                                                               assets, tmp_path):
+def test_a_node_without_megafleet_is_offered_setup_answers_file(
+    fleet, fleet_home, workspace, assets, tmp_path
+):
     """Scripted with --answers (no terminal): node2 has no ~/megafleet/venv, so the wizard shows
     the setup plan and asks; declined, it keeps the saved job and says how to go on."""
     fleet.hosts[2].run("rm -rf ~/megafleet")
     h = fleet.hosts[2]
-    answers = {"where": "ssh", "new_hosts": [{"address": f"{h.user}@{h.address}",
-                                              "key": str(fleet.key), "name": "node2"}],
-               "cpu_ok": True, "task": "sft", "model": str(assets / "model"),
-               "dataset": str(workspace / "chats.jsonl"), "max_length": 128,
-               "train_length": "2 steps", "lr": "1e-3", "output_dir": "out",
-               "job_file": "job.yaml", "confirm": "launch", "setup": False}
+    answers = {
+        "where": "ssh",
+        "new_hosts": [{"address": f"{h.user}@{h.address}", "key": str(fleet.key), "name": "node2"}],
+        "cpu_ok": True,
+        "task": "sft",
+        "model": str(assets / "model"),
+        "dataset": str(workspace / "chats.jsonl"),
+        "max_length": 128,
+        "train_length": "2 steps",
+        "lr": "1e-3",
+        "output_dir": "out",
+        "job_file": "job.yaml",
+        "confirm": "launch",
+        "setup": False,
+    }
     (tmp_path / "answers.yaml").write_text(json.dumps(answers))
-    proc = run_cli("wizard", "--answers", str(tmp_path / "answers.yaml"), "--timeout", "5",
-                   cwd=workspace, env={"MEGAFLEET_HOME": str(fleet_home),
-                                       "TMPDIR": str(tmp_path / "tmp")}, timeout=180)
+    proc = run_cli(
+        "wizard",
+        "--answers",
+        str(tmp_path / "answers.yaml"),
+        "--timeout",
+        "5",
+        cwd=workspace,
+        env={"MEGAFLEET_HOME": str(fleet_home), "TMPDIR": str(tmp_path / "tmp")},
+        timeout=180,
+    )
     out = " ".join(proc.stdout.split())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "node2: not set up" in out and "no megafleet in" in out

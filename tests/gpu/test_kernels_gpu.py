@@ -15,11 +15,14 @@ def _packed_reference(q, k, v, lengths, scale):
     outs, start = [], 0
     rep = q.shape[1] // k.shape[1]
     for n in lengths:
-        qs, ks, vs = (t[start:start + n].float().transpose(0, 1) for t in (q, k, v))
+        qs, ks, vs = (t[start : start + n].float().transpose(0, 1) for t in (q, k, v))
         ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)
         with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
-            outs.append(torch.nn.functional.scaled_dot_product_attention(
-                qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1))
+            outs.append(
+                torch.nn.functional.scaled_dot_product_attention(
+                    qs, ks, vs, is_causal=True, scale=scale
+                ).transpose(0, 1)
+            )
         start += n
     return torch.cat(outs)
 
@@ -30,10 +33,17 @@ def _qkv_pack(lengths, heads=16, groups=8, d=128):
     torch.manual_seed(0)
     total = sum(lengths)
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device="cuda")
-    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                          max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
-    q, k, v = (torch.randn(total, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-               for n in (heads, groups, groups))
+    psp = PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=max(lengths),
+        max_seqlen_kv=max(lengths),
+    )
+    q, k, v = (
+        torch.randn(total, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for n in (heads, groups, groups)
+    )
     return q, k, v, psp
 
 
@@ -130,8 +140,9 @@ def _rope32(t, freqs):
     """Each document rotated from position 0 (megatron's unfused RoPE); t [T, 1 or h, ...]."""
     from megatron.core.models.common.embeddings import rope_utils
 
-    return torch.cat([rope_utils._apply_rotary_pos_emb_bshd(t[s:e], freqs[: e - s])
-                      for s, e in SPANS])
+    return torch.cat(
+        [rope_utils._apply_rotary_pos_emb_bshd(t[s:e], freqs[: e - s]) for s, e in SPANS]
+    )
 
 
 def _fp32(*tensors):
@@ -148,13 +159,16 @@ def test_triton_rms_norm_rope_swiglu_match_fp32_references_in_bf16():
     x = torch.randn(4096, 1, 2048, device=dev, dtype=bf, requires_grad=True)
     w = torch.rand(2048, device=dev, dtype=bf).add_(0.5).requires_grad_(True)
     x32, w32 = _fp32(x, w)
-    _assert_bf16_matches_fp32(kernels.rms_norm(x, w, 1e-6), _rms_norm32(x32, w32), (x, w), (x32, w32))
+    _assert_bf16_matches_fp32(
+        kernels.rms_norm(x, w, 1e-6), _rms_norm32(x32, w32), (x, w), (x32, w32)
+    )
 
     q = torch.randn(4096, 16, 128, device=dev, dtype=bf, requires_grad=True)
     cu, freqs = _angles()
     (q32,) = _fp32(q)
-    _assert_bf16_matches_fp32(kernels.rope_thd(q, cu, freqs),
-                              _rope32(q32.unsqueeze(1), freqs).squeeze(1), (q,), (q32,))
+    _assert_bf16_matches_fp32(
+        kernels.rope_thd(q, cu, freqs), _rope32(q32.unsqueeze(1), freqs).squeeze(1), (q,), (q32,)
+    )
 
     h = torch.randn(4096, 1, 2 * 6144, device=dev, dtype=bf, requires_grad=True)
     (h32,) = _fp32(h)
@@ -168,10 +182,19 @@ def test_triton_qk_norm_rope_matches_fp32_reference_in_bf16():
 
     torch.manual_seed(0)
     heads, groups, d, total = 16, 8, 128, 4096
-    qkv = torch.randn(total, 1, groups, (heads // groups + 2) * d, device="cuda",
-                      dtype=torch.bfloat16, requires_grad=True)
-    wq, wk = (torch.rand(d, device="cuda", dtype=torch.bfloat16).add_(0.5).requires_grad_(True)
-              for _ in range(2))
+    qkv = torch.randn(
+        total,
+        1,
+        groups,
+        (heads // groups + 2) * d,
+        device="cuda",
+        dtype=torch.bfloat16,
+        requires_grad=True,
+    )
+    wq, wk = (
+        torch.rand(d, device="cuda", dtype=torch.bfloat16).add_(0.5).requires_grad_(True)
+        for _ in range(2)
+    )
     cu, freqs = _angles(d)
     out = kernels.qk_norm_rope(qkv, wq, wk, 1e-6, freqs, heads, groups, d, cu_seqlens=cu)
     x32, wq32, wk32 = _fp32(qkv, wq, wk)
@@ -190,8 +213,9 @@ def test_triton_cross_entropy_matches_fp32_reference():
     logits = (torch.randn(512, 1, vocab, device="cuda") * 3).to(torch.bfloat16).requires_grad_(True)
     labels = torch.randint(0, valid, (512, 1), device="cuda")
     ref_in = logits.detach()[..., :valid].float().requires_grad_(True)
-    ref = torch.nn.functional.cross_entropy(ref_in.view(-1, valid), labels.view(-1),
-                                            reduction="none").view(512, 1)
+    ref = torch.nn.functional.cross_entropy(
+        ref_in.view(-1, valid), labels.view(-1), reduction="none"
+    ).view(512, 1)
     loss = kernels.cross_entropy(logits * 1, labels, valid=valid)
     assert (loss - ref).abs().max() < 1e-3
     g = torch.rand_like(ref)

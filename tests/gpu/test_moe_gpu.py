@@ -6,17 +6,26 @@ import types
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"),
+]
 
 
 def _experts(grouped: bool, activation: str):
     from remote_runtime.model.moe import GroupedExperts
 
     config = types.SimpleNamespace(
-        gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
-        moe_ffn_hidden_size=768, hidden_size=2048, params_dtype=torch.bfloat16,
-        perform_initialization=False, init_method=None, output_layer_init_method=None)
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        moe_ffn_hidden_size=768,
+        hidden_size=2048,
+        params_dtype=torch.bfloat16,
+        perform_initialization=False,
+        init_method=None,
+        output_layer_init_method=None,
+    )
     with torch.device("cuda"):
         torch.cuda.current_device()
         return GroupedExperts(16, config, activation=activation, grouped=grouped).cuda()
@@ -78,8 +87,11 @@ def test_fused_weight_gradient_lands_in_main_grad():
         rows, probs = d.permute(x, w8)
         y, _ = m(rows, d.tokens_per_expert, probs)
         d.unpermute(y).float().square().sum().backward()
-    for w, r, s in zip((fused.linear_fc1.weight, fused.linear_fc2.weight),
-                       (ref.linear_fc1.weight, ref.linear_fc2.weight), start):
+    for w, r, s in zip(
+        (fused.linear_fc1.weight, fused.linear_fc2.weight),
+        (ref.linear_fc1.weight, ref.linear_fc2.weight),
+        start,
+    ):
         assert w.grad_added_to_main_grad
         got = w.main_grad - s
         assert (got - r.grad.float()).abs().max() < 2e-2 * r.grad.float().abs().max()

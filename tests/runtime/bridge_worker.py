@@ -23,8 +23,6 @@ from remote_runtime.bridge.load import load_hf_checkpoint
 from remote_runtime.bridge.mapping import ConversionError
 from remote_runtime.bridge.save import save_hf_checkpoint
 from remote_runtime.check_convert import compare_with_hf
-from remote_runtime.spec.resolve import read_hf_config
-from remote_runtime.spec.families import family_for_hf_config
 from remote_runtime.model.attention import PACKED_PATH
 from remote_runtime.model.builder import ModelOptions, build_model
 from remote_runtime.model.forward import (
@@ -33,6 +31,8 @@ from remote_runtime.model.forward import (
     pack_documents,
     padded_batch,
 )
+from remote_runtime.spec.families import family_for_hf_config
+from remote_runtime.spec.resolve import read_hf_config
 
 FAMILIES = ("qwen3", "qwen2", "llama")
 DOC_LENGTHS = (6, 8, 10)  # even, so sequence parallel (TP=2) can split every batch
@@ -41,9 +41,13 @@ UNIFORM_DOCS = 3  # a pack of three documents of one length: the dense-SDPA path
 # (under Triton's CPU interpreter here) for Qwen3 and Llama
 LAYOUTS = {
     "single": [("tp1", 1, 1, False, "auto"), ("tp1triton", 1, 1, False, "triton")],
-    "parallel": [("tp2", 2, 1, False, "auto"), ("pp2", 1, 2, False, "auto"),
-                 ("dp2", 1, 1, False, "auto"), ("tp2sp", 2, 1, True, "auto"),
-                 ("tp2sptriton", 2, 1, True, "triton")],
+    "parallel": [
+        ("tp2", 2, 1, False, "auto"),
+        ("pp2", 1, 2, False, "auto"),
+        ("dp2", 1, 1, False, "auto"),
+        ("tp2sp", 2, 1, True, "auto"),
+        ("tp2sptriton", 2, 1, True, "triton"),
+    ],
 }
 
 
@@ -72,8 +76,9 @@ def inputs(vocab: int):
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    flat = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                             labels.reshape(-1), reduction="none")
+    flat = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
+    )
     return flat.view(labels.shape)
 
 
@@ -81,46 +86,69 @@ def check_family(src: Path, out: Path, dist, tag: str, sp: bool, kernels: str = 
     """Load, compare with transformers (padded and packed), save and compare the files."""
     hf = read_hf_config(src)
     family = family_for_hf_config(hf)
-    chunks = build_model(family, hf, ModelOptions(dtype="float32", sequence_parallel=sp,
-                                                  kernels=kernels), dist)
+    chunks = build_model(
+        family, hf, ModelOptions(dtype="float32", sequence_parallel=sp, kernels=kernels), dist
+    )
     load_hf_checkpoint(chunks, src, dist)
     padded, docs = inputs(hf["vocab_size"])
     batches = [padded_batch(padded), pack_documents(docs)]
     batches += [padded_batch(torch.tensor([d])) for d in docs]  # the same documents one by one
-    uniform = [d[:DOC_LENGTHS[1]] for d in docs[1:]] + [docs[0] + docs[0][:2]]
+    uniform = [d[: DOC_LENGTHS[1]] for d in docs[1:]] + [docs[0] + docs[0][:2]]
     batches.append(pack_documents(uniform))
     logits = forward_logits(chunks, batches, hf["vocab_size"])
     uniform_path = PACKED_PATH["used"]
-    labeled = [dict(batches[0], labels=torch.roll(padded, -1, 1)),
-               dict(batches[1], labels=torch.roll(batches[1]["tokens"], -1, 1))]
+    labeled = [
+        dict(batches[0], labels=torch.roll(padded, -1, 1)),
+        dict(batches[1], labels=torch.roll(batches[1]["tokens"], -1, 1)),
+    ]
     losses = forward_losses(chunks, labeled)
     result = {}
     if logits is not None and dist.tp_rank == 0 and dist.dp_rank == 0:
         ref = hf_logits(src, [padded] + [torch.tensor([d]) for d in docs])
         uniform_ref = hf_logits(src, [torch.tensor(uniform)])[0]
         packed = logits[1][0]
-        separate = torch.cat([l[0] for l in logits[2:2 + len(docs)]])
+        separate = torch.cat([l[0] for l in logits[2 : 2 + len(docs)]])
         result.update(
             hf_padded=(logits[0] - ref[0]).abs().max().item(),
             hf_packed=(packed - torch.cat([r[0] for r in ref[1:]])).abs().max().item(),
             packed_vs_separate=(packed - separate).abs().max().item(),
             hf_uniform_packed=(logits[-1][0] - uniform_ref.reshape(-1, uniform_ref.shape[-1]))
-            .abs().max().item(),
+            .abs()
+            .max()
+            .item(),
             uniform_path=uniform_path,
             logit_scale=ref[0].abs().max().item(),
-            loss_padded=(losses[0] - _cross_entropy(ref[0], labeled[0]["labels"])).abs().max().item(),
-            loss_packed=(losses[1][0] - _cross_entropy(torch.cat([r[0] for r in ref[1:]]),
-                                                       labeled[1]["labels"][0])).abs().max().item())
+            loss_padded=(losses[0] - _cross_entropy(ref[0], labeled[0]["labels"]))
+            .abs()
+            .max()
+            .item(),
+            loss_packed=(
+                losses[1][0]
+                - _cross_entropy(torch.cat([r[0] for r in ref[1:]]), labeled[1]["labels"][0])
+            )
+            .abs()
+            .max()
+            .item(),
+        )
     saved = out / f"saved-{tag}-{src.name}"
     report = save_hf_checkpoint(chunks, saved, src, dist, max_shard_size="150KB")
     if dist.rank == 0:
         a, b = tensors(src), tensors(saved)
         result.update(
-            saved_files=sorted(p.name for p in saved.iterdir()), shards=report.files,
-            keys_only_in_source=sorted(set(a) - set(b)), keys_only_in_saved=sorted(set(b) - set(a)),
-            unequal=sorted(k for k in set(a) & set(b)
-                           if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])),
-            reload_diff=(hf_logits(saved, [padded])[0] - hf_logits(src, [padded])[0]).abs().max().item())
+            saved_files=sorted(p.name for p in saved.iterdir()),
+            shards=report.files,
+            keys_only_in_source=sorted(set(a) - set(b)),
+            keys_only_in_saved=sorted(set(b) - set(a)),
+            unequal=sorted(
+                k
+                for k in set(a) & set(b)
+                if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])
+            ),
+            reload_diff=(hf_logits(saved, [padded])[0] - hf_logits(src, [padded])[0])
+            .abs()
+            .max()
+            .item(),
+        )
     return result
 
 
@@ -141,19 +169,28 @@ def single_extras(models: Path, out: Path, dist) -> dict:
     def fresh(dtype="float32"):
         return build_model(family, hf, ModelOptions(dtype=dtype), dist)
 
-    res["missing_error"] = expect_error(lambda: load_hf_checkpoint(fresh(), models / "qwen3-missing", dist))
-    res["extra_error"] = expect_error(lambda: load_hf_checkpoint(fresh(), models / "qwen3-extra", dist))
+    res["missing_error"] = expect_error(
+        lambda: load_hf_checkpoint(fresh(), models / "qwen3-missing", dist)
+    )
+    res["extra_error"] = expect_error(
+        lambda: load_hf_checkpoint(fresh(), models / "qwen3-extra", dist)
+    )
     chunks = fresh()
     chunks[0].decoder.layers[1].mlp.register_parameter(
-        "surprise", torch.nn.Parameter(torch.zeros(3)))
+        "surprise", torch.nn.Parameter(torch.zeros(3))
+    )
     res["unmapped_error"] = expect_error(lambda: load_hf_checkpoint(chunks, models / "qwen3", dist))
     chunks = fresh()
     load_hf_checkpoint(chunks, models / "qwen3", dist)
-    res["compare_fp32"] = compare_with_hf(chunks, models / "qwen3", dist, torch.float32, seq_length=32)
+    res["compare_fp32"] = compare_with_hf(
+        chunks, models / "qwen3", dist, torch.float32, seq_length=32
+    )
     with torch.no_grad():  # a conversion bug in miniature: one layer's MLP output scrambled
         w = chunks[0].decoder.layers[0].mlp.linear_fc2.weight
         w.copy_(w.flip(0))
-    res["compare_broken"] = compare_with_hf(chunks, models / "qwen3", dist, torch.float32, seq_length=32)
+    res["compare_broken"] = compare_with_hf(
+        chunks, models / "qwen3", dist, torch.float32, seq_length=32
+    )
     res["ddp_bf16"] = ddp_bf16_round_trip(models / "qwen3", out, dist)
     res["triton_grads"] = kernel_gradients(models / "qwen3", dist)
     try:  # the directory now exists: a second save must refuse rather than mix checkpoints
@@ -164,7 +201,9 @@ def single_extras(models: Path, out: Path, dist) -> dict:
     llama = read_hf_config(models / "llama")
     chunks = build_model(family_for_hf_config(llama), llama, ModelOptions(dtype="bfloat16"), dist)
     load_hf_checkpoint(chunks, models / "llama", dist)
-    res["compare_bf16"] = compare_with_hf(chunks, models / "llama", dist, torch.bfloat16, seq_length=32)
+    res["compare_bf16"] = compare_with_hf(
+        chunks, models / "llama", dist, torch.bfloat16, seq_length=32
+    )
     return res
 
 
@@ -179,16 +218,24 @@ def kernel_gradients(src: Path, dist) -> dict:
         chunks = build_model(family, hf, ModelOptions(dtype="float32", kernels=kernels), dist)
         load_hf_checkpoint(chunks, src, dist)
         batch = pack_documents(docs)
-        losses = chunks[0](batch["tokens"], batch["position_ids"], None,
-                           labels=torch.roll(batch["tokens"], -1, 1),
-                           packed_seq_params=batch["packed_seq_params"])
+        losses = chunks[0](
+            batch["tokens"],
+            batch["position_ids"],
+            None,
+            labels=torch.roll(batch["tokens"], -1, 1),
+            packed_seq_params=batch["packed_seq_params"],
+        )
         losses.sum().backward()
         grads[kernels] = {n: p.grad.clone() for n, p in chunks[0].named_parameters()}
     scale = max(g.abs().max().item() for g in grads["eager"].values())
-    return {"params": len(grads["eager"]), "scale": scale,
-            "max_diff": max((grads["triton"][n] - g).abs().max().item()
-                            for n, g in grads["eager"].items()),
-            "swiglu_module": type(chunks[0].decoder.layers[0].mlp.activation_func).__name__}
+    return {
+        "params": len(grads["eager"]),
+        "scale": scale,
+        "max_diff": max(
+            (grads["triton"][n] - g).abs().max().item() for n, g in grads["eager"].items()
+        ),
+        "swiglu_module": type(chunks[0].decoder.layers[0].mlp.activation_func).__name__,
+    }
 
 
 def ddp_bf16_round_trip(src: Path, out: Path, dist) -> dict:
@@ -198,15 +245,26 @@ def ddp_bf16_round_trip(src: Path, out: Path, dist) -> dict:
 
     hf = read_hf_config(src)
     chunks = build_model(family_for_hf_config(hf), hf, ModelOptions(dtype="bfloat16"), dist)
-    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True)
-    wrapped = [DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c) for c in chunks]
+    ddp_config = DistributedDataParallelConfig(
+        use_distributed_optimizer=True, grad_reduce_in_fp32=True
+    )
+    wrapped = [
+        DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c) for c in chunks
+    ]
     load_hf_checkpoint(wrapped, src, dist)
     saved = out / "saved-ddp-bf16"
     save_hf_checkpoint(wrapped, saved, src, dist, dtype=torch.bfloat16)
     a, b = tensors(src), tensors(saved)
-    return {"unequal": sorted(k for k in a if b.get(k) is None or b[k].dtype != torch.bfloat16
-                              or not torch.equal(a[k].to(torch.bfloat16), b[k])),
-            "config_dtype": read_hf_config(saved).get("dtype")}
+    return {
+        "unequal": sorted(
+            k
+            for k in a
+            if b.get(k) is None
+            or b[k].dtype != torch.bfloat16
+            or not torch.equal(a[k].to(torch.bfloat16), b[k])
+        ),
+        "config_dtype": read_hf_config(saved).get("dtype"),
+    }
 
 
 def reinit(dist_args) -> object:
@@ -230,11 +288,16 @@ def main(mode: str, models: Path, out: Path) -> None:
                 results[f"{tag}/{name}"] = {"exception": traceback.format_exc()}
                 raise
         if tag == "pp2":  # the collective comparison, across pipeline stages
-            chunks = build_model(family_for_hf_config(read_hf_config(models / "llama")),
-                                 read_hf_config(models / "llama"), ModelOptions(dtype="float32"), dist)
+            chunks = build_model(
+                family_for_hf_config(read_hf_config(models / "llama")),
+                read_hf_config(models / "llama"),
+                ModelOptions(dtype="float32"),
+                dist,
+            )
             load_hf_checkpoint(chunks, models / "llama", dist)
-            results["pp2/compare"] = compare_with_hf(chunks, models / "llama", dist,
-                                                     torch.float32, seq_length=32)
+            results["pp2/compare"] = compare_with_hf(
+                chunks, models / "llama", dist, torch.float32, seq_length=32
+            )
     if mode == "single":
         results.update(single_extras(models, out, dist))
     (out / f"{mode}-rank{dist.rank}.json").write_text(json.dumps(results, indent=1))

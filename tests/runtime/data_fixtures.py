@@ -90,8 +90,9 @@ def with_template(tokenizer, template: str):
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = template
     if template is LLAMA3_TEMPLATE:
-        tok.add_special_tokens({"bos_token": "<|begin_of_text|>",
-                                "additional_special_tokens": LLAMA3_SPECIALS})
+        tok.add_special_tokens(
+            {"bos_token": "<|begin_of_text|>", "additional_special_tokens": LLAMA3_SPECIALS}
+        )
         tok.eos_token = "<|eot_id|>"
     return tok
 

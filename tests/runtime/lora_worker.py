@@ -35,8 +35,10 @@ from remote_runtime.spec.tuner import resolve_lora
 
 FAMILIES = ("qwen3", "qwen2", "llama")
 PARTIAL = "qwen3-qv"  # an adapter on some modules of the fused layers (test_lora.ADAPTERS)
-LAYOUTS = {"single": [("tp1", 1, 1, False)],
-           "parallel": [("tp2", 2, 1, False), ("tp2sp", 2, 1, True), ("pp2", 1, 2, False)]}
+LAYOUTS = {
+    "single": [("tp1", 1, 1, False)],
+    "parallel": [("tp2", 2, 1, False), ("tp2sp", 2, 1, True), ("pp2", 1, 2, False)],
+}
 TRAIN_STEPS = 3
 
 
@@ -48,9 +50,13 @@ def batch_tokens(vocab: int) -> torch.Tensor:
 def micro_batch(tokens: torch.Tensor):
     """What remote_runtime.train.step.forward_step reads, every token a loss token."""
     positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens).contiguous()
-    return types.SimpleNamespace(tokens=tokens, position_ids=positions,
-                                 labels=torch.roll(tokens, -1, 1),
-                                 loss_mask=torch.ones(tokens.shape), is_thd=False)
+    return types.SimpleNamespace(
+        tokens=tokens,
+        position_ids=positions,
+        labels=torch.roll(tokens, -1, 1),
+        loss_mask=torch.ones(tokens.shape),
+        is_thd=False,
+    )
 
 
 def model_with_adapter(models: Path, family_name: str, dist, sp: bool):
@@ -59,8 +65,9 @@ def model_with_adapter(models: Path, family_name: str, dist, sp: bool):
     family = family_for_hf_config(hf)
     chunks = build_model(family, hf, ModelOptions(dtype="float32", sequence_parallel=sp), dist)
     load_hf_checkpoint(chunks, src, dist)
-    tuner = TunerConfig(train_type="lora", lora_dropout=0.0,
-                        adapters=[str(models / f"adapter-{family_name}")])
+    tuner = TunerConfig(
+        train_type="lora", lora_dropout=0.0, adapters=[str(models / f"adapter-{family_name}")]
+    )
     settings = resolve_lora(tuner, family, hf)
     attach_lora(chunks, settings, hf, dist)
     load_adapter(chunks, tuner.adapters[0], dist)
@@ -68,8 +75,12 @@ def model_with_adapter(models: Path, family_name: str, dist, sp: bool):
 
 
 def frozen_snapshot(chunks) -> dict:
-    return {n: p.detach().clone() for c in chunks for n, p in c.named_parameters()
-            if not getattr(p, "is_lora", False)}
+    return {
+        n: p.detach().clone()
+        for c in chunks
+        for n, p in c.named_parameters()
+        if not getattr(p, "is_lora", False)
+    }
 
 
 def check_family(models: Path, out: Path, dist, tag: str, sp: bool, name: str) -> dict:
@@ -94,9 +105,15 @@ def check_family(models: Path, out: Path, dist, tag: str, sp: bool, name: str) -
         chunk.train()
         chunk.zero_grad_buffer()
     mb = micro_batch(tokens)
-    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([mb]),
-                                model=model, num_microbatches=1, seq_length=tokens.shape[1],
-                                micro_batch_size=tokens.shape[0], forward_only=False)
+    get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter([mb]),
+        model=model,
+        num_microbatches=1,
+        seq_length=tokens.shape[1],
+        micro_batch_size=tokens.shape[0],
+        forward_only=False,
+    )
     grads = adapter_tensors(model, dist, vocab, of=lambda p: p.main_grad)
     for _ in range(TRAIN_STEPS):
         train_step(model, optimizer, scheduler, [mb], get_forward_backward_func())
@@ -113,8 +130,10 @@ def check_family(models: Path, out: Path, dist, tag: str, sp: bool, name: str) -
     if grads is not None:
         tensors.update({f"grad/{k}": v for k, v in grads.items()})
     if tensors:
-        save_file({k: v.contiguous() for k, v in tensors.items()},
-                  str(out / f"{tag}-{name}-rank{dist.rank}.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(out / f"{tag}-{name}-rank{dist.rank}.safetensors"),
+        )
     return {"frozen_changed": changed, "frozen_count": len(before)}
 
 
@@ -142,15 +161,24 @@ def lean_base(models: Path, dist) -> dict:
     params = [p for c in chunks for p in c.parameters()]
     lora = [p for p in params if getattr(p, "is_lora", False)]
     in_optimizer = [p for g in optimizer.param_groups for p in g["params"]]
-    buffer = sum(b.numel_unpadded if hasattr(b, "numel_unpadded") else b.grad_data.numel()
-                 for m in model for b in m.buffers)
-    return {"frozen_bf16": all(p.dtype == torch.bfloat16 and not p.requires_grad
-                               for p in params if not getattr(p, "is_lora", False)),
-            "frozen_with_main_grad": sum(hasattr(p, "main_grad") for p in params
-                                         if not getattr(p, "is_lora", False)),
-            "lora_numel": sum(p.numel() for p in lora),
-            "grad_buffer_numel": buffer,
-            "optimizer_numel": sum(p.numel() for p in in_optimizer)}
+    buffer = sum(
+        b.numel_unpadded if hasattr(b, "numel_unpadded") else b.grad_data.numel()
+        for m in model
+        for b in m.buffers
+    )
+    return {
+        "frozen_bf16": all(
+            p.dtype == torch.bfloat16 and not p.requires_grad
+            for p in params
+            if not getattr(p, "is_lora", False)
+        ),
+        "frozen_with_main_grad": sum(
+            hasattr(p, "main_grad") for p in params if not getattr(p, "is_lora", False)
+        ),
+        "lora_numel": sum(p.numel() for p in lora),
+        "grad_buffer_numel": buffer,
+        "optimizer_numel": sum(p.numel() for p in in_optimizer),
+    }
 
 
 def main(mode: str, models: Path, out: Path) -> None:

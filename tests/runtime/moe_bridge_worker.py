@@ -31,9 +31,14 @@ from remote_runtime.spec.resolve import read_hf_config
 
 FAMILIES = ("qwen3_moe", "qwen2_moe")
 # tag -> (TP, PP, EP, expert TP, sequence parallel)
-LAYOUTS = {"single": {"ep1": (1, 1, 1, 1, False)},
-           "parallel": {"ep2": (1, 1, 2, 1, False), "etp2": (2, 1, 1, 2, True),
-                        "pp2": (1, 2, 1, 1, False)}}
+LAYOUTS = {
+    "single": {"ep1": (1, 1, 1, 1, False)},
+    "parallel": {
+        "ep2": (1, 1, 2, 1, False),
+        "etp2": (2, 1, 1, 2, True),
+        "pp2": (1, 2, 1, 1, False),
+    },
+}
 
 
 def tensors(model_dir: Path) -> dict:
@@ -53,19 +58,20 @@ def expected_expert_slice(name: str, layer: int, hf: dict, dist, local: int) -> 
         if name.endswith("linear_fc1.weight"):
             gate, up = hf[prefix + "gate_proj.weight"], hf[prefix + "up_proj.weight"]
             n = gate.shape[0] // etp
-            out.append(torch.cat([gate[r * n:(r + 1) * n], up[r * n:(r + 1) * n]]))
+            out.append(torch.cat([gate[r * n : (r + 1) * n], up[r * n : (r + 1) * n]]))
         else:
             down = hf[prefix + "down_proj.weight"]
             n = down.shape[1] // etp
-            out.append(down[:, r * n:(r + 1) * n])
+            out.append(down[:, r * n : (r + 1) * n])
     return torch.stack(out)
 
 
 def check(src: Path, out: Path, dist, tag: str, sp: bool) -> dict:
     hf_config = read_hf_config(src)
     family = family_for_hf_config(hf_config)
-    chunks = build_model(family, hf_config, ModelOptions(dtype="float32", sequence_parallel=sp),
-                         dist)
+    chunks = build_model(
+        family, hf_config, ModelOptions(dtype="float32", sequence_parallel=sp), dist
+    )
     report = load_hf_checkpoint(chunks, src, dist)
     hf = tensors(src)
     wrong, experts_held, expert_bytes = [], set(), 0
@@ -78,22 +84,34 @@ def check(src: Path, out: Path, dist, tag: str, sp: bool) -> dict:
         want = expected_expert_slice(lp.name, lp.layer, hf, dist, local)
         if not torch.equal(lp.param.detach(), want):
             wrong.append(lp.name)
-    result = {"wrong_slices": wrong, "experts_held": sorted(experts_held),
-              "expert_bytes": expert_bytes, "bytes_read": report.bytes_read,
-              "ep_rank": dist.ep_rank, "etp_rank": dist.etp_rank, "pp_rank": dist.pp_rank}
+    result = {
+        "wrong_slices": wrong,
+        "experts_held": sorted(experts_held),
+        "expert_bytes": expert_bytes,
+        "bytes_read": report.bytes_read,
+        "ep_rank": dist.ep_rank,
+        "etp_rank": dist.etp_rank,
+        "pp_rank": dist.pp_rank,
+    }
     # 18: both the padded [2, 18] and the packed (18 + 12 tokens) batch split evenly over TP2+SP
     compare = compare_with_hf(chunks, src, dist, torch.float32, seq_length=18)
-    result["compare"] = {"ok": compare["ok"], "max_abs_diff": compare["padded"]["max_abs_diff"],
-                         "packed_max_abs_diff": (compare["packed"] or {}).get("max_abs_diff")}
+    result["compare"] = {
+        "ok": compare["ok"],
+        "max_abs_diff": compare["padded"]["max_abs_diff"],
+        "packed_max_abs_diff": (compare["packed"] or {}).get("max_abs_diff"),
+    }
     saved = out / f"saved-{tag}-{src.name}"
     save = save_hf_checkpoint(chunks, saved, src, dist, max_shard_size="150KB")
     if dist.rank == 0:
         a, b = hf, tensors(saved)
         result.update(
-            files=save.files, saved_files=sorted(p.name for p in saved.iterdir()),
-            keys_only_in_source=sorted(set(a) - set(b)), keys_only_in_saved=sorted(set(b) - set(a)),
+            files=save.files,
+            saved_files=sorted(p.name for p in saved.iterdir()),
+            keys_only_in_source=sorted(set(a) - set(b)),
+            keys_only_in_saved=sorted(set(b) - set(a)),
             unequal=sorted(k for k in set(a) & set(b) if not torch.equal(a[k], b[k])),
-            reload_diff=reload_diff(src, saved, hf_config["vocab_size"]))
+            reload_diff=reload_diff(src, saved, hf_config["vocab_size"]),
+        )
     return result
 
 
@@ -117,8 +135,9 @@ def main(mode: str, models: Path, out: Path) -> None:
     for tag, (tp, pp, ep, etp, sp) in LAYOUTS[mode].items():
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
-        dist = platform.init_distributed("cpu", tp, pp, expert_model_parallel_size=ep,
-                                         expert_tensor_parallel_size=etp)
+        dist = platform.init_distributed(
+            "cpu", tp, pp, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp
+        )
         for name in FAMILIES:
             results[f"{tag}/{name}"] = check(models / name, out, dist, tag, sp)
     (out / f"{mode}-rank{dist.rank}.json").write_text(json.dumps(results, indent=1))

@@ -32,9 +32,13 @@ from remote_runtime.spec.families import family_for_hf_config
 from remote_runtime.spec.families.base import fill
 
 # layout -> (TP, PP, EP, expert TP, sequence parallel)
-LAYOUTS = {"ep1": (1, 1, 1, 1, False), "ep2": (1, 1, 2, 1, False),
-           "tp2sp": (2, 1, 1, 2, True), "tp2sp_etp1": (2, 1, 1, 1, True),
-           "pp2": (1, 2, 1, 1, False)}
+LAYOUTS = {
+    "ep1": (1, 1, 1, 1, False),
+    "ep2": (1, 1, 2, 1, False),
+    "tp2sp": (2, 1, 1, 2, True),
+    "tp2sp_etp1": (2, 1, 1, 1, True),
+    "pp2": (1, 2, 1, 1, False),
+}
 SEQ = 16
 COEF = 0.02
 
@@ -43,11 +47,23 @@ def hf_model():
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     config = Qwen3MoeConfig(
-        vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
-        num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
-        router_aux_loss_coef=COEF, output_router_logits=True, max_position_embeddings=64,
-        tie_word_embeddings=False, rope_theta=10000.0)
+        vocab_size=131,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+        router_aux_loss_coef=COEF,
+        output_router_logits=True,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+    )
     torch.manual_seed(0)
     model = Qwen3MoeForCausalLM(config).float()
     with torch.no_grad():  # random, not the zero init of the router, so routing is not a tie
@@ -83,15 +99,15 @@ def copy_weights(chunks, family, hf_config: dict, model, dist) -> None:
             local = lp.param.shape[0]
             first = dist.ep_rank * local
             if lp.row.transform == "expert_gate_up":
-                w = state[hf_prefix + "gate_up_proj"][first:first + local]  # [E, 2F, H]
+                w = state[hf_prefix + "gate_up_proj"][first : first + local]  # [E, 2F, H]
                 f = w.shape[1] // 2
                 n = f // dist.etp
                 r = dist.etp_rank
-                piece = torch.cat([w[:, r * n:(r + 1) * n], w[:, f + r * n:f + (r + 1) * n]], 1)
+                piece = torch.cat([w[:, r * n : (r + 1) * n], w[:, f + r * n : f + (r + 1) * n]], 1)
             else:
-                w = state[hf_prefix + "down_proj"][first:first + local]  # [E, H, F]
+                w = state[hf_prefix + "down_proj"][first : first + local]  # [E, H, F]
                 n = w.shape[2] // dist.etp
-                piece = w[:, :, dist.etp_rank * n:(dist.etp_rank + 1) * n]
+                piece = w[:, :, dist.etp_rank * n : (dist.etp_rank + 1) * n]
         else:
             keys = [fill(k, layer) for k in lp.row.hf]
             piece = shard(lp.row.transform, [_Slice(state[k]) for k in keys], lay, keys)
@@ -112,13 +128,17 @@ def hf_reference(model, tokens: torch.Tensor) -> dict:
     model.zero_grad()
     out = model(tokens, labels=tokens)
     out.loss.backward()
-    ref = {"logits": out.logits.detach(), "loss": out.loss.detach(), "aux": out.aux_loss.detach(),
-           "aux_fn": load_balancing_loss_func(out.router_logits, 8, 2).detach(),
-           "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+    ref = {
+        "logits": out.logits.detach(),
+        "loss": out.loss.detach(),
+        "aux": out.aux_loss.detach(),
+        "aux_fn": load_balancing_loss_func(out.router_logits, 8, 2).detach(),
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+    }
     model.zero_grad()
     ref["aux_each"] = []
     for i in range(tokens.shape[0]):
-        o = model(tokens[i:i + 1], labels=tokens[i:i + 1])
+        o = model(tokens[i : i + 1], labels=tokens[i : i + 1])
         o.loss.backward()
         ref["aux_each"].append(o.aux_loss.detach())
     ref["grads_each"] = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -155,20 +175,22 @@ def hf_name(name: str) -> str | None:
 
 def run(layout: str, out: Path) -> None:
     tp, pp, ep, etp, sp = LAYOUTS[layout]
-    dist = platform.init_distributed("cpu", tp, pp, expert_model_parallel_size=ep,
-                                     expert_tensor_parallel_size=etp, seed=5)
+    dist = platform.init_distributed(
+        "cpu", tp, pp, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp, seed=5
+    )
     model = hf_model()
     hf_config = model.config.to_dict()
     hf_config["architectures"] = ["Qwen3MoeForCausalLM"]
     family = family_for_hf_config(hf_config)
-    chunks = build_model(family, hf_config, ModelOptions(dtype="float32", sequence_parallel=sp),
-                         dist)
+    chunks = build_model(
+        family, hf_config, ModelOptions(dtype="float32", sequence_parallel=sp), dist
+    )
     copy_weights(chunks, family, hf_config, model, dist)
     tokens = inputs(hf_config["vocab_size"])
     ref = hf_reference(model, tokens)
     result = {"layout": layout, "rank": dist.rank}
-    mine = tokens[dist.ep_rank:dist.ep_rank + 1] if ep > 1 else tokens
-    ref_logits = ref["logits"][dist.ep_rank:dist.ep_rank + 1] if ep > 1 else ref["logits"]
+    mine = tokens[dist.ep_rank : dist.ep_rank + 1] if ep > 1 else tokens
+    ref_logits = ref["logits"][dist.ep_rank : dist.ep_rank + 1] if ep > 1 else ref["logits"]
     logits = forward_logits(chunks, [padded_batch(mine)], hf_config["vocab_size"])
     if logits is not None:
         result["logits_diff"] = (logits[0] - ref_logits).abs().max().item()
@@ -186,8 +208,9 @@ def run(layout: str, out: Path) -> None:
         else:
             result["aux_ref"] = ref["aux"].item()
             result["aux_fn_ref"] = ref["aux_fn"].item()
-            result["loss_diff"] = abs((loss + COEF * torch.tensor(stats["aux_loss"]))
-                                      - ref["loss"]).item()
+            result["loss_diff"] = abs(
+                (loss + COEF * torch.tensor(stats["aux_loss"])) - ref["loss"]
+            ).item()
             grads = ref["grads"]
         result.update(grad_diffs(m, grads, dist, ep))
     out.mkdir(parents=True, exist_ok=True)
@@ -212,14 +235,14 @@ def grad_diffs(model, grads: dict, dist, ep: int) -> dict:
             first = dist.ep_rank * local
             layer = parts[2]
             if parts[-2] == "linear_fc1":
-                w = grads[f"model.layers.{layer}.mlp.experts.gate_up_proj"][first:first + local]
+                w = grads[f"model.layers.{layer}.mlp.experts.gate_up_proj"][first : first + local]
                 f = w.shape[1] // 2
                 n, r = f // dist.etp, dist.etp_rank
-                ref = torch.cat([w[:, r * n:(r + 1) * n], w[:, f + r * n:f + (r + 1) * n]], 1)
+                ref = torch.cat([w[:, r * n : (r + 1) * n], w[:, f + r * n : f + (r + 1) * n]], 1)
             else:
-                w = grads[f"model.layers.{layer}.mlp.experts.down_proj"][first:first + local]
+                w = grads[f"model.layers.{layer}.mlp.experts.down_proj"][first : first + local]
                 n = w.shape[2] // dist.etp
-                ref = w[:, :, dist.etp_rank * n:(dist.etp_rank + 1) * n]
+                ref = w[:, :, dist.etp_rank * n : (dist.etp_rank + 1) * n]
             g = p.grad.clone()
             if dist.tp > 1 and dist.etp == 1:  # experts replicated over TP, tokens split
                 torch.distributed.all_reduce(g)

@@ -17,21 +17,32 @@ import sys
 import torch
 
 from remote_runtime import platform
-from remote_runtime.spec.families import family_for_hf_config
 from remote_runtime.model.builder import ModelOptions, build_model
 from remote_runtime.model.forward import padded_batch
+from remote_runtime.spec.families import family_for_hf_config
 
 SEQ = 256  # test_memory_saved_tensors.SEQ
-RECOMPUTE = {"none": {}, "selective": {"recompute_granularity": "selective"},
-             "full": {"recompute_granularity": "full", "recompute_method": "uniform",
-                      "recompute_num_layers": 1}}
+RECOMPUTE = {
+    "none": {},
+    "selective": {"recompute_granularity": "selective"},
+    "full": {
+        "recompute_granularity": "full",
+        "recompute_method": "uniform",
+        "recompute_num_layers": 1,
+    },
+}
 
 
-def saved_bytes_per_token(config: dict, layers: int, sequence_parallel: bool, recompute: str,
-                          dist) -> float:
+def saved_bytes_per_token(
+    config: dict, layers: int, sequence_parallel: bool, recompute: str, dist
+) -> float:
     hf = dict(config, num_hidden_layers=layers)
-    options = ModelOptions(dtype="bfloat16", init_weights=True,
-                           sequence_parallel=sequence_parallel, **RECOMPUTE[recompute])
+    options = ModelOptions(
+        dtype="bfloat16",
+        init_weights=True,
+        sequence_parallel=sequence_parallel,
+        **RECOMPUTE[recompute],
+    )
     (model,) = build_model(family_for_hf_config(hf), hf, options, dist)
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -61,7 +72,7 @@ def main() -> int:
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         dist = platform.init_distributed("cpu", tensor_model_parallel_size=tp)
-        for sp in ((False, True) if tp > 1 else (False,)):
+        for sp in (False, True) if tp > 1 else (False,):
             for recompute in RECOMPUTE:
                 for layers in (1, 2):
                     key = f"tp{tp}{'-sp' if sp else ''}-{recompute}-L{layers}"

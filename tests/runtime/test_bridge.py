@@ -44,9 +44,15 @@ def tiny_models(tmp_path_factory) -> Path:
     build_model("qwen2", root / "qwen2", tokenizer_dir=tok, seed=1)
     build_model("llama", root / "llama", tokenizer_dir=tok, seed=2, num_hidden_layers=4)
     build_model("qwen3", root / "qwen3-sharded", tokenizer_dir=tok, seed=3, max_shard_size="100KB")
-    for variant, edit in (("missing", lambda t: t.pop("model.layers.1.self_attn.k_norm.weight")),
-                          ("extra", lambda t: t.update({"model.layers.0.self_attn.surprise.weight":
-                                                        t["model.norm.weight"].clone()}))):
+    for variant, edit in (
+        ("missing", lambda t: t.pop("model.layers.1.self_attn.k_norm.weight")),
+        (
+            "extra",
+            lambda t: t.update(
+                {"model.layers.0.self_attn.surprise.weight": t["model.norm.weight"].clone()}
+            ),
+        ),
+    ):
         target = root / f"qwen3-{variant}"
         build_model("qwen3", target, tokenizer_dir=tok)
         weights = load_file(str(target / "model.safetensors"))
@@ -62,13 +68,25 @@ def _run_worker(mode: str, models: Path, out: Path, worker: Path = WORKER) -> di
     if mode == "single":
         cmd = [sys.executable, str(worker), mode, str(models), str(out)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", str(worker), mode, str(models), str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(worker),
+            mode,
+            str(models),
+            str(out),
+        ]
     env = cli_env({"OMP_NUM_THREADS": "1"})
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=REPO_ROOT)
     if proc.returncode != 0:
-        raise AssertionError(f"{mode} worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}"
-                             f"\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{mode} worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}"
+            f"\n{proc.stderr[-6000:]}"
+        )
     merged: dict = {}
     for path in sorted(out.glob(f"{mode}-rank*.json")):
         for key, value in json.loads(path.read_text()).items():
@@ -89,10 +107,13 @@ def parallel(tiny_models, tmp_path_factory) -> dict:
     return _run_worker("parallel", tiny_models, tmp_path_factory.mktemp("parallel"))
 
 
-CASES = ([("tp1", f) for f in FAMILIES] + [(layout, f) for layout in ("tp2", "pp2", "dp2")
-                                           for f in FAMILIES] + [("tp2sp", "qwen3")]
-         # our Triton RMSNorm/RoPE/SwiGLU, under Triton's CPU interpreter
-         + [("tp1triton", "qwen3"), ("tp1triton", "llama"), ("tp2sptriton", "qwen3")])
+CASES = (
+    [("tp1", f) for f in FAMILIES]
+    + [(layout, f) for layout in ("tp2", "pp2", "dp2") for f in FAMILIES]
+    + [("tp2sp", "qwen3")]
+    # our Triton RMSNorm/RoPE/SwiGLU, under Triton's CPU interpreter
+    + [("tp1triton", "qwen3"), ("tp1triton", "llama"), ("tp2sptriton", "qwen3")]
+)
 
 
 def _result(single, parallel, layout, family) -> dict:
@@ -135,7 +156,12 @@ def test_round_trip_is_bit_exact(single, parallel, layout, family):
     assert r["unequal"] == []
     assert r["reload_diff"] == 0.0  # transformers loads the saved directory, same logits
     assert r["shards"] > 1 and "model.safetensors.index.json" in r["saved_files"]
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ):
         assert name in r["saved_files"]
     assert not any(n.startswith(".") for n in r["saved_files"])
 
@@ -190,22 +216,72 @@ def test_compare_with_hf(single, parallel):
 
 def test_check_convert_cli(tiny_models):
     env = cli_env({"OMP_NUM_THREADS": "1"})
-    proc = subprocess.run([sys.executable, "-m", "remote_runtime", "check-convert", "--model",
-                           str(tiny_models / "qwen2"), "--device", "cpu", "--seq_length", "24",
-                           "--json"], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=REPO_ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "remote_runtime",
+            "check-convert",
+            "--model",
+            str(tiny_models / "qwen2"),
+            "--device",
+            "cpu",
+            "--seq_length",
+            "24",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=REPO_ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert result["ok"] and result["family"] == "qwen2" and result["dtype"] == "float32"
     assert result["padded"]["max_abs_diff"] <= TOL
     for kind in ("padded", "packed"):  # fp32: no near-ties, so every position is decided
         m = result[kind]
-        assert m["near_ties"] == 0.0 and m["argmax_agreement_decided"] == m["argmax_agreement"] == 1.0
-    table = subprocess.run([sys.executable, "-m", "remote_runtime", "check-convert", "--model",
-                            str(tiny_models / "qwen2"), "--device", "cpu", "--seq_length", "24"],
-                           capture_output=True, text=True, env=env, timeout=600, cwd=REPO_ROOT)
-    assert table.returncode == 0 and "decided" in table.stdout and "100.00%" in table.stdout, table.stdout
-    bad = subprocess.run([sys.executable, "-m", "remote_runtime", "check-convert", "--model",
-                          str(tiny_models / "qwen3-missing"), "--device", "cpu"],
-                         capture_output=True, text=True, env=env, timeout=600, cwd=REPO_ROOT)
+        assert (
+            m["near_ties"] == 0.0 and m["argmax_agreement_decided"] == m["argmax_agreement"] == 1.0
+        )
+    table = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "remote_runtime",
+            "check-convert",
+            "--model",
+            str(tiny_models / "qwen2"),
+            "--device",
+            "cpu",
+            "--seq_length",
+            "24",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=REPO_ROOT,
+    )
+    assert table.returncode == 0 and "decided" in table.stdout and "100.00%" in table.stdout, (
+        table.stdout
+    )
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "remote_runtime",
+            "check-convert",
+            "--model",
+            str(tiny_models / "qwen3-missing"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=REPO_ROOT,
+    )
     assert bad.returncode == 2 and "model.layers.1.self_attn.k_norm.weight" in bad.stderr

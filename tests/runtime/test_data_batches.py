@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from data_fixtures import tokenizer  # noqa: F401
-from remote_runtime.spec.config import JobConfig
+
 from remote_runtime.data.batches import IGNORE_INDEX, collate_thd, shifted_labels
 from remote_runtime.data.dataset import load_dataset
 from remote_runtime.data.demo_data import write_demo_dataset
 from remote_runtime.data.encode import EncodeSettings
-from remote_runtime.spec.errors import DataError
 from remote_runtime.data.packing import pack_documents, sample_lengths
 from remote_runtime.data.sampler import BatchIterator, make_batch_iterator
+from remote_runtime.spec.config import JobConfig
+from remote_runtime.spec.errors import DataError
 
 pytestmark = pytest.mark.runtime
 MAX = 96
@@ -23,7 +23,9 @@ MAX = 96
 def dataset(tokenizer, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("batches")
     path = write_demo_dataset(tmp / "demo.jsonl", num_rows=120)
-    return load_dataset([str(path)], tokenizer, EncodeSettings(max_length=MAX), cache_dir=tmp / "c")[0]
+    return load_dataset(
+        [str(path)], tokenizer, EncodeSettings(max_length=MAX), cache_dir=tmp / "c"
+    )[0]
 
 
 def iterator(dataset, **kw):
@@ -48,16 +50,18 @@ def test_packing_respects_max_length_and_keeps_every_document():
 def check_thd(mb, dataset=None):
     tokens, labels, pos = mb.tokens[0], mb.labels[0], mb.position_ids[0]
     cu = mb.cu_seqlens.tolist()
-    assert mb.cu_seqlens.dtype.is_floating_point is False and str(mb.cu_seqlens.dtype) == "torch.int32"
+    assert (
+        mb.cu_seqlens.dtype.is_floating_point is False and str(mb.cu_seqlens.dtype) == "torch.int32"
+    )
     assert cu[0] == 0 and cu[-1] == tokens.numel() and mb.attention_mask is None
     segments = np.diff(cu).tolist()
-    assert segments[:len(mb.doc_lengths)] == mb.doc_lengths and mb.max_seqlen == max(segments)
+    assert segments[: len(mb.doc_lengths)] == mb.doc_lengths and mb.max_seqlen == max(segments)
     for a, b in zip(cu, cu[1:]):
         assert pos[a:b].tolist() == list(range(b - a))  # positions restart per document
         assert labels[b - 1] == IGNORE_INDEX  # never predict across a boundary
-        inside = labels[a:b - 1]
+        inside = labels[a : b - 1]
         keep = inside != IGNORE_INDEX
-        assert (inside[keep] == tokens[a + 1:b][keep]).all()
+        assert (inside[keep] == tokens[a + 1 : b][keep]).all()
     assert mb.num_loss_tokens == int((labels != IGNORE_INDEX).sum()) == int(mb.loss_mask.sum())
     assert mb.num_tokens == sum(mb.doc_lengths)
 
@@ -117,8 +121,11 @@ def test_data_parallel_ranks_split_the_global_batch(dataset):
         flat = sorted(int(s) for p in parts for m in p for s in m)
         assert flat == sorted(ranks[0].global_sample_ids(step).tolist())
         batches = [ranks[r].batch(step) for r in (0, 1)]
-        assert batches[0].num_loss_tokens == batches[1].num_loss_tokens == sum(
-            mb.num_loss_tokens for b in batches for mb in b.micro_batches)
+        assert (
+            batches[0].num_loss_tokens
+            == batches[1].num_loss_tokens
+            == sum(mb.num_loss_tokens for b in batches for mb in b.micro_batches)
+        )
 
 
 def test_epochs_are_shuffled_permutations(dataset):
@@ -135,7 +142,9 @@ def test_epochs_are_shuffled_permutations(dataset):
     assert plain.global_sample_ids(0).tolist() == list(range(8))
     with pytest.raises(DataError, match="fewer than global_batch_size=256"):
         iterator(dataset, global_batch_size=256)
-    with pytest.raises(DataError, match="not a multiple of micro_batch_size=2 x data-parallel size=3"):
+    with pytest.raises(
+        DataError, match="not a multiple of micro_batch_size=2 x data-parallel size=3"
+    ):
         iterator(dataset, dp_size=3)
 
 
@@ -148,15 +157,18 @@ def test_resume_gives_the_same_batches(dataset):
         next(first)
     state = first.state_dict()
     assert state["step"] == 5
-    resumed = iterator(dataset, packing=True, max_length=MAX, global_batch_size=8, micro_batch_size=2)
+    resumed = iterator(
+        dataset, packing=True, max_length=MAX, global_batch_size=8, micro_batch_size=2
+    )
     resumed.load_state_dict(state)
     for expected in straight[5:]:
         got = next(resumed)
         assert got.step == expected.step
         for a, b in zip(got.micro_batches, expected.micro_batches):
             assert a.tokens.tolist() == b.tokens.tolist() and a.labels.tolist() == b.labels.tolist()
-    other = iterator(dataset, packing=True, max_length=MAX, global_batch_size=8, micro_batch_size=2,
-                     seed=4)
+    other = iterator(
+        dataset, packing=True, max_length=MAX, global_batch_size=8, micro_batch_size=2, seed=4
+    )
     with pytest.raises(DataError, match="seed: checkpoint 3, now 4"):
         other.load_state_dict(state)
 

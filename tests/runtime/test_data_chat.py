@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from data_fixtures import (
+    LLAMA3_TEMPLATE,
+    QWEN3_TEMPLATE,
+    QWEN25_TEMPLATE,
+    tokenizer,  # noqa: F401
+    trained_runs,
+    with_template,
+)
 
-from data_fixtures import (LLAMA3_TEMPLATE, QWEN3_TEMPLATE, QWEN25_TEMPLATE, tokenizer,  # noqa: F401
-                           trained_runs, with_template)
 from remote_runtime.data.chat import ChatEncoder
 from remote_runtime.data.encode import EncodeSettings, encode_example
 from remote_runtime.spec.errors import RowError
@@ -14,17 +20,27 @@ from remote_runtime.spec.formats import detect_format, row_to_example
 
 pytestmark = pytest.mark.runtime
 
-TWO_TURNS = [{"role": "user", "content": "What is 2 + 2?"},
-             {"role": "assistant", "content": "2 + 2 = 4."},
-             {"role": "user", "content": "And 3 + 3?"},
-             {"role": "assistant", "content": "3 + 3 = 6."}]
+TWO_TURNS = [
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "2 + 2 = 4."},
+    {"role": "user", "content": "And 3 + 3?"},
+    {"role": "assistant", "content": "3 + 3 = 6."},
+]
 
 # The same one-turn chat in every format.
 ONE_TURN_ROWS = [
-    {"messages": [{"role": "user", "content": "What is the capital of Peru?"},
-                  {"role": "assistant", "content": "The capital of Peru is Lima."}]},
-    {"conversations": [{"from": "human", "value": "What is the capital of Peru?"},
-                       {"from": "gpt", "value": "The capital of Peru is Lima."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "What is the capital of Peru?"},
+            {"role": "assistant", "content": "The capital of Peru is Lima."},
+        ]
+    },
+    {
+        "conversations": [
+            {"from": "human", "value": "What is the capital of Peru?"},
+            {"from": "gpt", "value": "The capital of Peru is Lima."},
+        ]
+    },
     {"instruction": "What is the capital of Peru?", "output": "The capital of Peru is Lima."},
     {"query": "What is the capital of Peru?", "response": "The capital of Peru is Lima."},
 ]
@@ -49,8 +65,11 @@ def test_every_assistant_turn_is_trained(tokenizer):
     row = {"messages": TWO_TURNS}
     ids, mask = encode_row(tokenizer, row)
     assert trained_runs(tokenizer, ids, mask) == ["2 + 2 = 4.<|im_end|>", "3 + 3 = 6.<|im_end|>"]
-    history = {"query": "And 3 + 3?", "response": "3 + 3 = 6.",
-               "history": [["What is 2 + 2?", "2 + 2 = 4."]]}
+    history = {
+        "query": "And 3 + 3?",
+        "response": "3 + 3 = 6.",
+        "history": [["What is 2 + 2?", "2 + 2 = 4."]],
+    }
     ids2, mask2 = encode_row(tokenizer, history)
     assert ids2.tolist() == ids.tolist() and mask2.tolist() == mask.tolist()
 
@@ -84,6 +103,7 @@ def test_pretraining_text_gets_eos_and_full_loss(tokenizer):
 
 # ---- real-style templates ----------------------------------------------------------------------
 
+
 def test_qwen25_template_default_system_is_not_trained(tokenizer):
     tok = with_template(tokenizer, QWEN25_TEMPLATE)
     ids, mask = encode_row(tok, {"messages": TWO_TURNS})
@@ -98,11 +118,16 @@ def test_qwen3_template_turns_rendered_differently_when_not_last(tokenizer):
     ids, mask = encode_row(tok, {"messages": TWO_TURNS})
     assert ids.tolist() == list(tok.apply_chat_template(TWO_TURNS, tokenize=True)["input_ids"])
     # The first turn alone would get an empty think block; inside the chat it has none.
-    assert trained_runs(tok, ids, mask) == ["2 + 2 = 4.<|im_end|>",
-                                            "<think>\n\n</think>\n\n3 + 3 = 6.<|im_end|>"]
+    assert trained_runs(tok, ids, mask) == [
+        "2 + 2 = 4.<|im_end|>",
+        "<think>\n\n</think>\n\n3 + 3 = 6.<|im_end|>",
+    ]
     # Reasoning of an earlier turn is dropped by the template; the answer is still found.
-    reasoning = [dict(TWO_TURNS[0]), {"role": "assistant", "content": "<think>\nadd\n</think>\n\n2 + 2 = 4."},
-                 *TWO_TURNS[2:]]
+    reasoning = [
+        dict(TWO_TURNS[0]),
+        {"role": "assistant", "content": "<think>\nadd\n</think>\n\n2 + 2 = 4."},
+        *TWO_TURNS[2:],
+    ]
     ids, mask = encode_row(tok, {"messages": reasoning})
     assert "add" not in tok.decode(ids)
     assert trained_runs(tok, ids, mask)[0] == "2 + 2 = 4.<|im_end|>"
@@ -120,8 +145,10 @@ def test_llama3_template_bos_trim_and_eot(tokenizer):
 def test_template_that_rewrites_content_is_refused(tokenizer):
     # Rendering prefixes does not help here (the text starts with the message count), and the
     # content cannot be found either: refuse rather than train on the wrong tokens.
-    tok = with_template(tokenizer, "{{ messages | length }}{% for m in messages %}"
-                                   "{{ m.content | upper }}|{% endfor %}")
+    tok = with_template(
+        tokenizer,
+        "{{ messages | length }}{% for m in messages %}{{ m.content | upper }}|{% endfor %}",
+    )
     with pytest.raises(RowError, match="cannot find assistant message 1"):
         encode_row(tok, ONE_TURN_ROWS[0])
 
@@ -161,7 +188,11 @@ def test_preview_shows_what_is_trained(tokenizer):
 
 def test_non_ascii_text_maps_to_the_right_tokens(tokenizer):
     # Byte-level BPE splits these characters over several tokens each; offsets are per character.
-    row = {"messages": [{"role": "user", "content": "Où est Tōkyō? 東京"},
-                        {"role": "assistant", "content": "東京 est la capitale — café ☕"}]}
+    row = {
+        "messages": [
+            {"role": "user", "content": "Où est Tōkyō? 東京"},
+            {"role": "assistant", "content": "東京 est la capitale — café ☕"},
+        ]
+    }
     ids, mask = encode_row(tokenizer, row)
     assert trained_runs(tokenizer, ids, mask) == ["東京 est la capitale — café ☕<|im_end|>"]

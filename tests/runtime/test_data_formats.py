@@ -8,53 +8,114 @@ import pickle
 import numpy as np
 import pytest
 
+from remote_runtime.data.sources import parse_dataset_specs, read_rows, sample_rows
 from remote_runtime.spec.config import ConfigError
 from remote_runtime.spec.errors import DataError, RowError
 from remote_runtime.spec.formats import detect_format, row_to_example
-from remote_runtime.data.sources import parse_dataset_specs, read_rows, sample_rows
 
 CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
 
 
-@pytest.mark.parametrize("row, fmt, expected", [
-    ({"messages": CHAT}, "messages", CHAT),
-    ({"messages": CHAT, "system": "S"}, "messages", [{"role": "system", "content": "S"}] + CHAT),
-    ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
-     "sharegpt", CHAT),
-    ({"conversations": [{"from": "system", "value": "S"}, {"from": "user", "value": "Hi"},
-                        {"from": "assistant", "value": "Hello"}]},
-     "sharegpt", [{"role": "system", "content": "S"}] + CHAT),
-    ({"instruction": "Hi", "output": "Hello"}, "alpaca", CHAT),
-    ({"instruction": "Sum", "input": "1 2", "output": "3", "system": "S"}, "alpaca",
-     [{"role": "system", "content": "S"}, {"role": "user", "content": "Sum\n1 2"},
-      {"role": "assistant", "content": "3"}]),
-    ({"query": "Hi", "response": "Hello"}, "query_response", CHAT),
-    ({"query": "Q2", "response": "R2", "history": [["Hi", "Hello"]]}, "query_response",
-     CHAT + [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "R2"}]),
-    ({"text": "plain"}, "text", "plain"),
-    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "H"},
-                                                 {"type": "text", "text": "i"}]},
-                   {"role": "assistant", "content": "Hello"}]}, "messages", CHAT),
-])
+@pytest.mark.parametrize(
+    "row, fmt, expected",
+    [
+        ({"messages": CHAT}, "messages", CHAT),
+        (
+            {"messages": CHAT, "system": "S"},
+            "messages",
+            [{"role": "system", "content": "S"}] + CHAT,
+        ),
+        (
+            {
+                "conversations": [
+                    {"from": "human", "value": "Hi"},
+                    {"from": "gpt", "value": "Hello"},
+                ]
+            },
+            "sharegpt",
+            CHAT,
+        ),
+        (
+            {
+                "conversations": [
+                    {"from": "system", "value": "S"},
+                    {"from": "user", "value": "Hi"},
+                    {"from": "assistant", "value": "Hello"},
+                ]
+            },
+            "sharegpt",
+            [{"role": "system", "content": "S"}] + CHAT,
+        ),
+        ({"instruction": "Hi", "output": "Hello"}, "alpaca", CHAT),
+        (
+            {"instruction": "Sum", "input": "1 2", "output": "3", "system": "S"},
+            "alpaca",
+            [
+                {"role": "system", "content": "S"},
+                {"role": "user", "content": "Sum\n1 2"},
+                {"role": "assistant", "content": "3"},
+            ],
+        ),
+        ({"query": "Hi", "response": "Hello"}, "query_response", CHAT),
+        (
+            {"query": "Q2", "response": "R2", "history": [["Hi", "Hello"]]},
+            "query_response",
+            CHAT + [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "R2"}],
+        ),
+        ({"text": "plain"}, "text", "plain"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "text", "text": "H"}, {"type": "text", "text": "i"}],
+                    },
+                    {"role": "assistant", "content": "Hello"},
+                ]
+            },
+            "messages",
+            CHAT,
+        ),
+    ],
+)
 def test_formats_are_detected_and_converted(row, fmt, expected):
     assert detect_format(row) == fmt
     assert row_to_example(row, fmt) == expected
 
 
-@pytest.mark.parametrize("row, fmt, words", [
-    ({"messages": []}, "messages", "'messages' must be a non-empty list"),
-    ({"messages": [{"role": "bot", "content": "x"}]}, "messages", "'messages[0].role' is 'bot'"),
-    ({"messages": [{"role": "user"}]}, "messages", "missing field 'messages[0].content'"),
-    ({"messages": [{"role": "user", "content": 3}]}, "messages", "'messages[0].content' must be a string"),
-    ({"conversations": [{"from": "alien", "value": "x"}]}, "sharegpt", "'conversations[0].from'"),
-    ({"conversations": [{"from": "gpt"}]}, "sharegpt", "missing field 'conversations[0].value'"),
-    ({"instruction": "x"}, "alpaca", "missing field 'output'"),
-    ({"instruction": 1, "output": "x"}, "alpaca", "'instruction' must be a string"),
-    ({"query": "q"}, "query_response", "missing field 'response'"),
-    ({"query": "q", "response": "r", "history": [["a"]]}, "query_response", "'history[0]'"),
-    ({"text": None}, "text", "missing field 'text'"),
-    (["not", "a", "dict"], "messages", "must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "row, fmt, words",
+    [
+        ({"messages": []}, "messages", "'messages' must be a non-empty list"),
+        (
+            {"messages": [{"role": "bot", "content": "x"}]},
+            "messages",
+            "'messages[0].role' is 'bot'",
+        ),
+        ({"messages": [{"role": "user"}]}, "messages", "missing field 'messages[0].content'"),
+        (
+            {"messages": [{"role": "user", "content": 3}]},
+            "messages",
+            "'messages[0].content' must be a string",
+        ),
+        (
+            {"conversations": [{"from": "alien", "value": "x"}]},
+            "sharegpt",
+            "'conversations[0].from'",
+        ),
+        (
+            {"conversations": [{"from": "gpt"}]},
+            "sharegpt",
+            "missing field 'conversations[0].value'",
+        ),
+        ({"instruction": "x"}, "alpaca", "missing field 'output'"),
+        ({"instruction": 1, "output": "x"}, "alpaca", "'instruction' must be a string"),
+        ({"query": "q"}, "query_response", "missing field 'response'"),
+        ({"query": "q", "response": "r", "history": [["a"]]}, "query_response", "'history[0]'"),
+        ({"text": None}, "text", "missing field 'text'"),
+        (["not", "a", "dict"], "messages", "must be a JSON object"),
+    ],
+)
 def test_malformed_rows_name_the_field(row, fmt, words):
     with pytest.raises(RowError, match=None) as exc:
         row_to_example(row, fmt)
@@ -74,8 +135,11 @@ def test_dataset_specs(tmp_path):
     odd.write_text("[]")
     specs = parse_dataset_specs([str(a), f"{a}#50", str(odd)])
     assert [(s.path, s.sample) for s in specs] == [(a, None), (a, 50), (odd, None)]
-    for bad, words in [(str(tmp_path / "missing.jsonl"), "dataset file not found"),
-                       (f"{a}#0", "row count > 0"), (str(tmp_path), "not found")]:
+    for bad, words in [
+        (str(tmp_path / "missing.jsonl"), "dataset file not found"),
+        (f"{a}#0", "row count > 0"),
+        (str(tmp_path), "not found"),
+    ]:
         with pytest.raises(DataError, match=words):
             parse_dataset_specs([bad])
     csv = tmp_path / "x.csv"
@@ -134,8 +198,12 @@ def test_sampling_is_deterministic_and_repeats_like_ms_swift():
 
 
 def test_demo_data_is_deterministic_chat(tmp_path):
-    from remote_runtime.data.demo_data import (DEMO_ANSWER, DEMO_PROMPT, write_demo_dataset,
-                                               write_demo_pretrain)
+    from remote_runtime.data.demo_data import (
+        DEMO_ANSWER,
+        DEMO_PROMPT,
+        write_demo_dataset,
+        write_demo_pretrain,
+    )
 
     a = write_demo_dataset(tmp_path / "a.jsonl")
     b = write_demo_dataset(tmp_path / "b.jsonl")
@@ -145,5 +213,7 @@ def test_demo_data_is_deterministic_chat(tmp_path):
     assert any(m["content"] == DEMO_PROMPT for r in rows for m in r["messages"])
     assert rows[-1]["messages"][-1]["content"] == DEMO_ANSWER
     assert sum(len(r["messages"]) > 3 for r in rows) >= 20  # multi-turn rows are in
-    text = [json.loads(x) for x in write_demo_pretrain(tmp_path / "t.jsonl").read_text().splitlines()]
+    text = [
+        json.loads(x) for x in write_demo_pretrain(tmp_path / "t.jsonl").read_text().splitlines()
+    ]
     assert len(text) == 100 and all(detect_format(r) == "text" for r in text)

@@ -8,28 +8,38 @@ import threading
 
 import numpy as np
 import pytest
-
 from data_fixtures import QWEN25_TEMPLATE, tokenizer, with_template, write_jsonl  # noqa: F401
-from remote_runtime.spec.config import JobConfig
+
 from remote_runtime.data import cache as cache_mod
 from remote_runtime.data.dataset import build_dataset, load_dataset
 from remote_runtime.data.demo_data import write_demo_dataset
 from remote_runtime.data.encode import EncodeSettings
+from remote_runtime.spec.config import JobConfig
 from remote_runtime.spec.errors import DataError
 
 pytestmark = pytest.mark.runtime
 
 
 def chat(question: str, answer: str) -> dict:
-    return {"messages": [{"role": "user", "content": question},
-                         {"role": "assistant", "content": answer}]}
+    return {
+        "messages": [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+        ]
+    }
 
 
 def load(paths, tok, tmp_path, **settings):
-    options = {k: settings.pop(k) for k in ("seed", "num_proc", "should_build", "barrier")
-               if k in settings}
-    return load_dataset([str(p) for p in paths], tok, EncodeSettings(**settings),
-                        cache_dir=tmp_path / "cache", **options)
+    options = {
+        k: settings.pop(k) for k in ("seed", "num_proc", "should_build", "barrier") if k in settings
+    }
+    return load_dataset(
+        [str(p) for p in paths],
+        tok,
+        EncodeSettings(**settings),
+        cache_dir=tmp_path / "cache",
+        **options,
+    )
 
 
 def docs(dataset):
@@ -44,7 +54,9 @@ def test_build_dataset_from_job_and_summary(tokenizer, tmp_path):
     dataset, stats = build_dataset(job, tokenizer)
     assert (tmp_path / "out" / ".data_cache").is_dir()
     assert len(dataset) == stats.documents == stats.rows == 60
-    assert stats.tokens == int(dataset.lengths.sum()) and stats.loss_tokens == int(dataset.loss_counts.sum())
+    assert stats.tokens == int(dataset.lengths.sum()) and stats.loss_tokens == int(
+        dataset.loss_counts.sum()
+    )
     assert 0 < stats.loss_tokens < stats.tokens and stats.warnings == []
     assert stats.to_dict()["sources"][0]["format"] == "messages"
     assert "60 rows -> 60 documents" in stats.summary()
@@ -71,11 +83,17 @@ def test_truncation_strategies_and_counts(tokenizer, tmp_path):
 
 
 def test_rows_without_loss_tokens_are_dropped_and_counted(tokenizer, tmp_path, caplog):
-    rows = [chat("Hi", "Hello"), {"messages": [{"role": "user", "content": "Only a question"}]},
-            chat("A long question " * 10, "Short")]
+    rows = [
+        chat("Hi", "Hello"),
+        {"messages": [{"role": "user", "content": "Only a question"}]},
+        chat("A long question " * 10, "Short"),
+    ]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    n_prompt = len(tokenizer.apply_chat_template(rows[2]["messages"][:1], tokenize=True,
-                                                 add_generation_prompt=True)["input_ids"])
+    n_prompt = len(
+        tokenizer.apply_chat_template(
+            rows[2]["messages"][:1], tokenize=True, add_generation_prompt=True
+        )["input_ids"]
+    )
     with caplog.at_level("WARNING", logger="remote_runtime.data"):
         dataset, stats = load([path], tokenizer, tmp_path, max_length=n_prompt)
     # Row 2 lost its whole answer to truncation; row 1 never had one.
@@ -86,14 +104,32 @@ def test_rows_without_loss_tokens_are_dropped_and_counted(tokenizer, tmp_path, c
         load([only_questions], tokenizer, tmp_path)
 
 
-@pytest.mark.parametrize("good, bad, words", [
-    (chat("a", "b"), {"messages": [{"role": "robot", "content": "x"}]}, "'messages[0].role' is 'robot'"),
-    ({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
-     {"conversations": [{"from": "human"}]}, "missing field 'conversations[0].value'"),
-    ({"instruction": "a", "output": "b"}, {"instruction": "a", "input": "x"}, "missing field 'output'"),
-    ({"query": "a", "response": "b"}, {"query": "a", "response": ["b"]}, "'response' must be a string"),
-    ({"text": "a"}, {"txt": "a"}, "missing field 'text'"),
-])
+@pytest.mark.parametrize(
+    "good, bad, words",
+    [
+        (
+            chat("a", "b"),
+            {"messages": [{"role": "robot", "content": "x"}]},
+            "'messages[0].role' is 'robot'",
+        ),
+        (
+            {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
+            {"conversations": [{"from": "human"}]},
+            "missing field 'conversations[0].value'",
+        ),
+        (
+            {"instruction": "a", "output": "b"},
+            {"instruction": "a", "input": "x"},
+            "missing field 'output'",
+        ),
+        (
+            {"query": "a", "response": "b"},
+            {"query": "a", "response": ["b"]},
+            "'response' must be a string",
+        ),
+        ({"text": "a"}, {"txt": "a"}, "missing field 'text'"),
+    ],
+)
 def test_malformed_row_error_names_file_and_line(tokenizer, tmp_path, good, bad, words):
     task = "pt" if "text" in good else "sft"
     path = write_jsonl(tmp_path / "d.jsonl", [good, good, bad, good], raw_lines={2: ""})
@@ -155,8 +191,9 @@ def test_cache_hit_and_invalidation(tokenizer, tmp_path, monkeypatch):
 def test_multiprocess_tokenization_equals_single_process(tokenizer, tmp_path):
     path = write_demo_dataset(tmp_path / "demo.jsonl", num_rows=200)
     one, s1 = load_dataset([str(path)], tokenizer, EncodeSettings(), cache_dir=tmp_path / "c1")
-    two, s2 = load_dataset([str(path)], tokenizer, EncodeSettings(), cache_dir=tmp_path / "c2",
-                           num_proc=2)
+    two, s2 = load_dataset(
+        [str(path)], tokenizer, EncodeSettings(), cache_dir=tmp_path / "c2", num_proc=2
+    )
     assert s2.cache_misses == 1 and s1.to_dict() == s2.to_dict()
     assert docs(one) == docs(two)
 
@@ -209,14 +246,17 @@ def test_tokenizing_needs_neither_torch_nor_megatron(tmp_path):
 
     from conftest import cli_env
 
-    code = ("import sys; from remote_runtime.tiny import build_tokenizer; "
-            "from remote_runtime.data import load_dataset, EncodeSettings; "
-            "from remote_runtime.data.demo_data import write_demo_dataset; "
-            f"p = write_demo_dataset({str(tmp_path / 'd.jsonl')!r}, num_rows=10); "
-            f"tok = build_tokenizer({str(tmp_path / 'tok')!r}); "
-            f"load_dataset([str(p)], tok, EncodeSettings(), cache_dir={str(tmp_path / 'c')!r}); "
-            "print(sorted(m for m in ('torch', 'megatron') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=cli_env(), timeout=120)
+    code = (
+        "import sys; from remote_runtime.tiny import build_tokenizer; "
+        "from remote_runtime.data import load_dataset, EncodeSettings; "
+        "from remote_runtime.data.demo_data import write_demo_dataset; "
+        f"p = write_demo_dataset({str(tmp_path / 'd.jsonl')!r}, num_rows=10); "
+        f"tok = build_tokenizer({str(tmp_path / 'tok')!r}); "
+        f"load_dataset([str(p)], tok, EncodeSettings(), cache_dir={str(tmp_path / 'c')!r}); "
+        "print(sorted(m for m in ('torch', 'megatron') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

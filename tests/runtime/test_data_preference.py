@@ -29,8 +29,12 @@ ROWS = {
     "preference_messages": {"messages": [SYSTEM, USER, GOOD], "rejected_response": BAD["content"]},
     "preference_chat": {"chosen": [SYSTEM, USER, GOOD], "rejected": [SYSTEM, USER, BAD]},
     "preference_chat+prompt": {"prompt": [SYSTEM, USER], "chosen": [GOOD], "rejected": [BAD]},
-    "preference_text": {"system": "Be brief.", "prompt": USER["content"],
-                        "chosen": GOOD["content"], "rejected": BAD["content"]},
+    "preference_text": {
+        "system": "Be brief.",
+        "prompt": USER["content"],
+        "chosen": GOOD["content"],
+        "rejected": BAD["content"],
+    },
 }
 
 
@@ -42,13 +46,18 @@ def test_every_preference_format_gives_the_same_pair(name):
     assert row_to_example(row, fmt) == ([SYSTEM, USER, GOOD], [SYSTEM, USER, BAD])
 
 
-@pytest.mark.parametrize("row,message", [
-    ({"messages": [USER], "rejected_response": "x"}, "last message of 'messages'"),
-    ({"chosen": [USER, GOOD], "rejected": [{"role": "user", "content": "Other"}, BAD]},
-     "share every message but the last"),
-    ({"prompt": [USER], "chosen": [GOOD], "rejected": [USER]}, "last message of 'rejected'"),
-    ({"prompt": "Hi", "chosen": "a", "rejected": 3}, "'rejected' must be a string"),
-])
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ({"messages": [USER], "rejected_response": "x"}, "last message of 'messages'"),
+        (
+            {"chosen": [USER, GOOD], "rejected": [{"role": "user", "content": "Other"}, BAD]},
+            "share every message but the last",
+        ),
+        ({"prompt": [USER], "chosen": [GOOD], "rejected": [USER]}, "last message of 'rejected'"),
+        ({"prompt": "Hi", "chosen": "a", "rejected": 3}, "'rejected' must be a string"),
+    ],
+)
 def test_bad_preference_rows_name_the_field(row, message):
     with pytest.raises(RowError, match=message):
         row_to_example(row, detect_format(row))
@@ -57,13 +66,13 @@ def test_bad_preference_rows_name_the_field(row, message):
 def load(rows, tok, tmp_path, task="rlhf", **settings):
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    return load_dataset([str(path)], tok, EncodeSettings(task=task, **settings),
-                        cache_dir=tmp_path / "cache")
+    return load_dataset(
+        [str(path)], tok, EncodeSettings(task=task, **settings), cache_dir=tmp_path / "cache"
+    )
 
 
 def test_pairs_become_two_documents_with_the_sft_loss_mask(tokenizer, tmp_path):
-    dataset, stats = load([ROWS["preference_text"], ROWS["preference_text"]], tokenizer,
-                          tmp_path)
+    dataset, stats = load([ROWS["preference_text"], ROWS["preference_text"]], tokenizer, tmp_path)
     assert (len(dataset), dataset.num_units, dataset.group, stats.rows) == (4, 2, 2, 2)
     encoder = ChatEncoder(tokenizer)
     for doc, messages in enumerate([[SYSTEM, USER, GOOD], [SYSTEM, USER, BAD]] * 2):
@@ -83,18 +92,24 @@ def test_truncation_of_pairs_is_counted_as_ms_swift_does(tokenizer, tmp_path):
     """Each answer is truncated on its own; a pair is dropped whole when either sequence is too
     long (delete) or has no answer token left (a prompt longer than max_length)."""
     long_prompt = {"role": "user", "content": " ".join(["red fox blue sun"] * 30)}
-    long_answer = {"messages": [USER, {"role": "assistant", "content": "red fox " * 30}],
-                   "rejected_response": "no"}
-    rows = [ROWS["preference_messages"], long_answer,
-            {"messages": [long_prompt, GOOD], "rejected_response": "no"}]
+    long_answer = {
+        "messages": [USER, {"role": "assistant", "content": "red fox " * 30}],
+        "rejected_response": "no",
+    }
+    rows = [
+        ROWS["preference_messages"],
+        long_answer,
+        {"messages": [long_prompt, GOOD], "rejected_response": "no"},
+    ]
     full, _ = load(rows[:1], tokenizer, tmp_path / "full", max_length=4096)
     limit = int(full.lengths.max()) + 2  # the short pair fits
     right, stats = load(rows, tokenizer, tmp_path / "right", max_length=limit)
     assert (stats.rows, stats.truncated, stats.dropped_no_loss, right.num_units) == (3, 1, 1, 2)
     assert int(right.lengths.max()) == limit
     assert any("dropped 1 of 3 rows with no assistant tokens" in w for w in stats.warnings)
-    gone, stats = load(rows, tokenizer, tmp_path / "delete", max_length=limit,
-                       truncation_strategy="delete")
+    gone, stats = load(
+        rows, tokenizer, tmp_path / "delete", max_length=limit, truncation_strategy="delete"
+    )
     assert (stats.dropped_too_long, gone.num_units) == (2, 1)
 
 
@@ -109,8 +124,13 @@ def test_packing_keeps_both_answers_of_a_pair_in_one_pack():
         assert (docs[1::2] == docs[0::2] + 1).all()
         assert lengths[docs].sum() <= 128
     plain = dataset_samples(lengths, group=2, packing=False, max_length=64)
-    assert [plain[i].tolist() for i in range(len(plain))] == [[0, 1], [2, 3], [4, 5], [6, 7],
-                                                              [8, 9]]
+    assert [plain[i].tolist() for i in range(len(plain))] == [
+        [0, 1],
+        [2, 3],
+        [4, 5],
+        [6, 7],
+        [8, 9],
+    ]
 
 
 def test_sequence_logps_over_packed_documents_equal_each_document_alone():
@@ -122,7 +142,7 @@ def test_sequence_logps_over_packed_documents_equal_each_document_alone():
     at = 0
     for i, (ids, mask) in enumerate(docs):
         alone = collate_thd([(ids, mask)], 1, pad_token_id=0)
-        s, c = sequence_logps(alone, per_token[:, at:at + len(ids)])
+        s, c = sequence_logps(alone, per_token[:, at : at + len(ids)])
         assert float(sums[i]) == pytest.approx(float(s[0])) and float(counts[i]) == float(c[0])
         assert float(c[0]) == mask[1:].sum()
         at += len(ids)

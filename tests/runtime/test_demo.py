@@ -12,8 +12,17 @@ pytestmark = pytest.mark.runtime
 def test_demo_trains_fetches_and_answers_from_the_training_data(tmp_path):
     workspace = tmp_path / "ws"
     env = {"MEGAFLEET_HOME": str(tmp_path / "home")}
-    proc = run_cli("demo", "--dir", str(workspace), "--device", "cpu", "--json", env=env,
-                   timeout=240, cwd=tmp_path)
+    proc = run_cli(
+        "demo",
+        "--dir",
+        str(workspace),
+        "--device",
+        "cpu",
+        "--json",
+        env=env,
+        timeout=240,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert result["exit_code"] == 0

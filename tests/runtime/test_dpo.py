@@ -44,9 +44,19 @@ def assets(tmp_path_factory):
 
 
 def dpo_args(model, pairs, out, **kw):
-    opts = dict(global_batch_size=PAIRS, micro_batch_size=3, train_iters=1, lr=LR, min_lr=0,
-                adam_eps=EPS, clip_grad=0, weight_decay=0, lr_decay_style="constant",
-                dataset_shuffle="false", max_length=64)
+    opts = dict(
+        global_batch_size=PAIRS,
+        micro_batch_size=3,
+        train_iters=1,
+        lr=LR,
+        min_lr=0,
+        adam_eps=EPS,
+        clip_grad=0,
+        weight_decay=0,
+        lr_decay_style="constant",
+        dataset_shuffle="false",
+        max_length=64,
+    )
     opts.update(kw)
     return base_args(model, pairs, out, **opts)
 
@@ -70,13 +80,15 @@ def trl_batch(tokens, pad_id: int) -> dict:
 
     seqs = [c for c, _ in tokens] + [r for _, r in tokens]
     width = max(len(ids) for ids, _ in seqs)
-    batch = {k: torch.zeros(len(seqs), width, dtype=torch.long)
-             for k in ("input_ids", "attention_mask", "completion_mask")}
+    batch = {
+        k: torch.zeros(len(seqs), width, dtype=torch.long)
+        for k in ("input_ids", "attention_mask", "completion_mask")
+    }
     batch["input_ids"].fill_(pad_id)
     for i, (ids, mask) in enumerate(seqs):
-        batch["input_ids"][i, :len(ids)] = torch.as_tensor(ids.astype(np.int64))
-        batch["attention_mask"][i, :len(ids)] = 1
-        batch["completion_mask"][i, :len(ids)] = torch.as_tensor(mask.astype(np.int64))
+        batch["input_ids"][i, : len(ids)] = torch.as_tensor(ids.astype(np.int64))
+        batch["attention_mask"][i, : len(ids)] = 1
+        batch["completion_mask"][i, : len(ids)] = torch.as_tensor(mask.astype(np.int64))
     return batch
 
 
@@ -90,27 +102,49 @@ def trl_step(model_dir, ref_dir, tokens, loss_type, weights, beta, tmp_path) -> 
     tok = AutoTokenizer.from_pretrained(model_dir)
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     reference = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32)
-    dummy = Dataset.from_list([{"prompt": [{"role": "user", "content": "Hi"}],
-                                "chosen": [{"role": "assistant", "content": "Hello."}],
-                                "rejected": [{"role": "assistant", "content": "No."}]}])
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, loss_type=loss_type,
-                     loss_weights=weights, use_cpu=True, report_to=[], bf16=False,
-                     per_device_train_batch_size=PAIRS, precompute_ref_log_probs=False)
-    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=dummy,
-                         processing_class=tok)
+    dummy = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": "Hi"}],
+                "chosen": [{"role": "assistant", "content": "Hello."}],
+                "rejected": [{"role": "assistant", "content": "No."}],
+            }
+        ]
+    )
+    args = DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        beta=beta,
+        loss_type=loss_type,
+        loss_weights=weights,
+        use_cpu=True,
+        report_to=[],
+        bf16=False,
+        per_device_train_batch_size=PAIRS,
+        precompute_ref_log_probs=False,
+    )
+    trainer = DPOTrainer(
+        model=policy, ref_model=reference, args=args, train_dataset=dummy, processing_class=tok
+    )
     batch = trl_batch(tokens, tok.pad_token_id or 0)
     trainer.model.train()
     loss = trainer._compute_loss(trainer.model, batch, False)
     loss.backward()
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()
-             if p.grad is not None}
+    grads = {
+        n: p.grad.detach().clone()
+        for n, p in trainer.model.named_parameters()
+        if p.grad is not None
+    }
     with torch.no_grad():
         ref_c, ref_r = trainer.compute_ref_log_probs(trainer.ref_model, batch)
         pol_c, pol_r = trainer.compute_ref_log_probs(trainer.model, batch)
-    return {"loss": float(loss), "metrics": metrics, "grads": grads,
-            "ref": torch.stack([ref_c, ref_r], 1).reshape(-1).double().numpy(),
-            "policy": torch.stack([pol_c, pol_r], 1).reshape(-1).double().numpy()}
+    return {
+        "loss": float(loss),
+        "metrics": metrics,
+        "grads": grads,
+        "ref": torch.stack([ref_c, ref_r], 1).reshape(-1).double().numpy(),
+        "policy": torch.stack([pol_c, pol_r], 1).reshape(-1).double().numpy(),
+    }
 
 
 def our_gradients(model_dir, checkpoint) -> dict:
@@ -126,7 +160,7 @@ def our_gradients(model_dir, checkpoint) -> dict:
     w0, w1 = weights(model_dir), weights(checkpoint)
     grads = {}
     for name, before in w0.items():
-        u = (before.double() - w1[name].double())
+        u = before.double() - w1[name].double()
         grads[name] = u.sign() * u.abs() * EPS / (LR - u.abs())
     return grads
 
@@ -145,16 +179,29 @@ def test_step_zero_matches_trl_dpo_trainer(assets, variant, tmp_path):
     extra = {**flags, **({"ref_model": ref} if separate_ref else {})}
     check(run_runtime(dpo_args(model, pairs, out, **extra), task="rlhf"))
     ours = read_log(out)[0]
-    theirs = trl_step(model, ref if separate_ref else model, our_tokens(model, pairs), loss_type,
-                      weights, beta, tmp_path)
+    theirs = trl_step(
+        model,
+        ref if separate_ref else model,
+        our_tokens(model, pairs),
+        loss_type,
+        weights,
+        beta,
+        tmp_path,
+    )
 
     # Per-pair sequence log-probs: the runtime's reference cache (the policy's own at step 0
     # when no --ref_model is given).
     expected = theirs["ref"] if separate_ref else theirs["policy"]
     np.testing.assert_allclose(reference_cache(out), expected, rtol=1e-5, atol=1e-5)
     assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5, abs=1e-6)
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                 "logps/chosen", "logps/rejected"):
+    for name in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    ):
         assert ours[name] == pytest.approx(theirs["metrics"][name], rel=1e-5, abs=1e-6), name
     if variant != "sigmoid":
         assert ours["rewards/margins"] != 0  # a real reference: the comparison is not trivial
@@ -172,11 +219,24 @@ def test_step_zero_matches_trl_dpo_trainer(assets, variant, tmp_path):
 def test_tp2_pp2_and_dp2_give_the_loss_of_one_process(assets, tmp_path):
     model, ref, pairs = assets
     losses = {}
-    for label, nproc, extra in [("tp1", 1, {}), ("tp2", 2, {"tensor_model_parallel_size": 2}),
-                                ("pp2", 2, {"pipeline_model_parallel_size": 2}), ("dp2", 2, {})]:
+    for label, nproc, extra in [
+        ("tp1", 1, {}),
+        ("tp2", 2, {"tensor_model_parallel_size": 2}),
+        ("pp2", 2, {"pipeline_model_parallel_size": 2}),
+        ("dp2", 2, {}),
+    ]:
         out = tmp_path / label
-        args = dpo_args(model, pairs, out, ref_model=ref, lr=1e-5, adam_eps=1e-8, train_iters=2,
-                        micro_batch_size=1, **extra)
+        args = dpo_args(
+            model,
+            pairs,
+            out,
+            ref_model=ref,
+            lr=1e-5,
+            adam_eps=1e-8,
+            train_iters=2,
+            micro_batch_size=1,
+            **extra,
+        )
         check(run_runtime(args, nproc=nproc, task="rlhf"))
         losses[label] = [(r["loss"], r["rewards/margins"]) for r in read_log(out)]
     for label in ("tp2", "pp2", "dp2"):
@@ -195,8 +255,21 @@ def test_eval_loss_is_the_dpo_loss_of_the_held_out_pairs(assets, tmp_path):
 
     model, ref, pairs = assets
     out = tmp_path / "out"
-    check(run_runtime(dpo_args(model, pairs, out, ref_model=ref, val_dataset=pairs, lr=1e-3,
-                               adam_eps=1e-8, beta=0.2), task="rlhf"))
+    check(
+        run_runtime(
+            dpo_args(
+                model,
+                pairs,
+                out,
+                ref_model=ref,
+                val_dataset=pairs,
+                lr=1e-3,
+                adam_eps=1e-8,
+                beta=0.2,
+            ),
+            task="rlhf",
+        )
+    )
     record = read_log(out)[-1]
     tokens = our_tokens(model, pairs)
 
@@ -222,7 +295,8 @@ def test_eval_loss_is_the_dpo_loss_of_the_held_out_pairs(assets, tmp_path):
 
 
 def test_the_dpo_template_launches_locally_and_status_shows_rewards_and_eval(
-        assets, megafleet_home, tmp_path):
+    assets, megafleet_home, tmp_path
+):
     """`megafleet render dpo` -> `launch --local` (the real runtime through torchrun) -> `status`
     shows the DPO reward accuracy and the latest eval loss."""
     from megafleet import templates
@@ -234,10 +308,23 @@ def test_the_dpo_template_launches_locally_and_status_shows_rewards_and_eval(
     from remote_runtime.data.demo_data import write_demo_preferences
 
     pairs = write_demo_preferences(tmp_path / "pairs.jsonl", num_rows=12)
-    sets = [f"model={model}", f"dataset={pairs}", "train_iters=3", "device=cpu",
-            "torch_dtype=float32", "max_length=64", "global_batch_size=4", "micro_batch_size=2",
-            "packing=false", "split_dataset_ratio=0.2", "eval_steps=2", "logging_steps=1",
-            f"master_port={free_port()}", f"output_dir={tmp_path / 'out'}", "lr=1e-4"]
+    sets = [
+        f"model={model}",
+        f"dataset={pairs}",
+        "train_iters=3",
+        "device=cpu",
+        "torch_dtype=float32",
+        "max_length=64",
+        "global_batch_size=4",
+        "micro_batch_size=2",
+        "packing=false",
+        "split_dataset_ratio=0.2",
+        "eval_steps=2",
+        "logging_steps=1",
+        f"master_port={free_port()}",
+        f"output_dir={tmp_path / 'out'}",
+        "lr=1e-4",
+    ]
     job = templates.job_from_template(templates.get_template("dpo"), sets)
     assert (job.task, job.rlhf.rlhf_type, job.rlhf.beta) == ("rlhf", "dpo", 0.1)
     run = launch_job(job, LaunchOptions(local=True))
@@ -258,8 +345,14 @@ def test_resume_takes_the_reference_from_the_base_model_not_the_checkpoint(asset
     import shutil
 
     model, _, pairs = assets
-    opts = dict(train_iters=4, lr=1e-4, adam_eps=1e-8, global_batch_size=2, micro_batch_size=1,
-                lr_decay_style="constant")
+    opts = dict(
+        train_iters=4,
+        lr=1e-4,
+        adam_eps=1e-8,
+        global_batch_size=2,
+        micro_batch_size=1,
+        lr_decay_style="constant",
+    )
     full = tmp_path / "full"
     check(run_runtime(dpo_args(model, pairs, full, **opts), task="rlhf"))
     part = tmp_path / "part"

@@ -31,11 +31,18 @@ def test_evaluation_does_not_change_the_training_trajectory(assets, task, tmp_pa
     train = data if task == "sft" else text
     plain, evaluated = tmp_path / "plain", tmp_path / "eval"
     check(run_runtime(base_args(model, train, plain), task=task))
-    check(run_runtime(base_args(model, train, evaluated, val_dataset=val if task == "sft" else text,
-                                eval_interval=2), task=task))
+    check(
+        run_runtime(
+            base_args(
+                model, train, evaluated, val_dataset=val if task == "sft" else text, eval_interval=2
+            ),
+            task=task,
+        )
+    )
     a, b = read_log(plain), read_log(evaluated)
-    assert [(r["step"], r["loss"], r["grad_norm"]) for r in a] == \
-        [(r["step"], r["loss"], r["grad_norm"]) for r in b]
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in a] == [
+        (r["step"], r["loss"], r["grad_norm"]) for r in b
+    ]
     assert [r["step"] for r in b if "eval_loss" in r] == [2, 4, 5]
     assert all(r["eval_loss"] > 0 and r["eval_tokens"] > 0 for r in b if "eval_loss" in r)
     assert not any("eval_loss" in r for r in a)
@@ -52,14 +59,25 @@ def test_split_eval_loss_equals_the_token_mean_over_the_held_out_rows(assets, tm
 
     model, data, _, _ = assets
     out = tmp_path / "out"
-    proc = run_runtime(base_args(model, data, out, split_dataset_ratio=0.25, train_iters=3,
-                                 eval_iters=-1, dataset_num_proc=1))
+    proc = run_runtime(
+        base_args(
+            model,
+            data,
+            out,
+            split_dataset_ratio=0.25,
+            train_iters=3,
+            eval_iters=-1,
+            dataset_num_proc=1,
+        )
+    )
     check(proc)
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     train_rows, held = split_units(len(rows), 0.25, seed=1)
     assert len(held) == 8 and len(train_rows) == 24
-    assert ("validation: 8 rows held out (split_dataset_ratio 0.25, seed 1), 24 rows left"
-            in proc.stdout)
+    assert (
+        "validation: 8 rows held out (split_dataset_ratio 0.25, seed 1), 24 rows left"
+        in proc.stdout
+    )
     record = read_log(out)[-1]
     assert record["step"] == 3 and record["eval_samples"] == 8
 
@@ -72,8 +90,9 @@ def test_split_eval_loss_equals_the_token_mean_over_the_held_out_rows(assets, tm
         ids, mask = ids[:64], mask[:64]  # max_length 64, truncation right
         ids_t = torch.as_tensor(ids.astype(np.int64))[None]
         with torch.no_grad():
-            ce = torch.nn.functional.cross_entropy(hf(ids_t).logits[0, :-1], ids_t[0, 1:],
-                                                   reduction="none")
+            ce = torch.nn.functional.cross_entropy(
+                hf(ids_t).logits[0, :-1], ids_t[0, 1:], reduction="none"
+            )
         weight = torch.as_tensor(mask[1:], dtype=torch.float32)
         total += float((ce * weight).sum())
         count += int(weight.sum())
@@ -83,8 +102,14 @@ def test_split_eval_loss_equals_the_token_mean_over_the_held_out_rows(assets, tm
 def test_eval_iters_limits_the_evaluated_batches(assets, tmp_path):
     model, data, val, _ = assets
     out = tmp_path / "out"
-    check(run_runtime(base_args(model, data, out, val_dataset=val, eval_iters=1,
-                                train_iters=2, eval_steps=1000), nproc=2))
+    check(
+        run_runtime(
+            base_args(
+                model, data, out, val_dataset=val, eval_iters=1, train_iters=2, eval_steps=1000
+            ),
+            nproc=2,
+        )
+    )
     records = [r for r in read_log(out) if "eval_loss" in r]
     assert [r["step"] for r in records] == [2]  # only the end: eval_steps is past the run
     assert records[0]["eval_samples"] == 4  # one global batch of the 10 held-out rows

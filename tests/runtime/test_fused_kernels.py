@@ -11,8 +11,9 @@ pytestmark = pytest.mark.runtime
 def megatron_config():
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    return TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4,
-                             use_cpu_initialization=True)
+    return TransformerConfig(
+        num_layers=1, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True
+    )
 
 
 def test_compiled_rope_matches_megatron_unfused_bshd_and_thd(megatron_config):
@@ -30,9 +31,14 @@ def test_compiled_rope_matches_megatron_unfused_bshd_and_thd(megatron_config):
     lengths = [7, 20, 13]
     cu = torch.tensor([0, 7, 27, 40], dtype=torch.int32)
     packed = torch.randn(40, heads, d)
-    expected = torch.cat([rope_utils._apply_rotary_pos_emb_bshd(
-        packed[s:e].unsqueeze(1), freqs[: e - s]).squeeze(1)
-        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())])
+    expected = torch.cat(
+        [
+            rope_utils._apply_rotary_pos_emb_bshd(packed[s:e].unsqueeze(1), freqs[: e - s]).squeeze(
+                1
+            )
+            for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())
+        ]
+    )
     assert sum(lengths) == 40
     assert torch.allclose(rope_thd(packed, cu, freqs), expected, atol=1e-5)
 

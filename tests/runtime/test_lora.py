@@ -26,8 +26,12 @@ FAMILIES = ("qwen3", "qwen2", "llama")
 # qwen3-qv: adapters on q_proj, v_proj and down_proj only (k_proj's rows of the fused B stay 0)
 ADAPTERS = {**{f: "all-linear" for f in FAMILIES}, "qwen3-qv": ["q_proj", "v_proj", "down_proj"]}
 TOL = 1e-4
-CASES = ([("tp1", f) for f in ADAPTERS] + [("tp2", f) for f in ADAPTERS]
-         + [("pp2", f) for f in FAMILIES] + [("tp2sp", "qwen3")])
+CASES = (
+    [("tp1", f) for f in ADAPTERS]
+    + [("tp2", f) for f in ADAPTERS]
+    + [("pp2", f) for f in FAMILIES]
+    + [("tp2sp", "qwen3")]
+)
 
 
 def _peft(base_dir: Path, adapter: Path | None = None, **config):
@@ -56,14 +60,21 @@ def lora_models(tmp_path_factory) -> Path:
         if not base.exists():
             build_model(base.name, base, tokenizer_dir=root / "tokenizer", seed=seed)
         torch.manual_seed(10 + seed)
-        model = _peft(base, r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
-                      init_lora_weights=False)
+        model = _peft(
+            base,
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            target_modules=targets,
+            init_lora_weights=False,
+        )
         model.save_pretrained(str(root / f"adapter-{name}"))
         tokens = batch_tokens(model.config.vocab_size)
         out = model(tokens, labels=tokens)  # HF shifts; ours uses the rolled labels (below)
         logits = out.logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                 torch.roll(tokens, -1, 1).reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), torch.roll(tokens, -1, 1).reshape(-1)
+        )
         loss.backward()
         ref = {"logits": logits.detach()}
         for pname, p in model.named_parameters():
@@ -120,8 +131,9 @@ def test_adapter_gradients_equal_peft(lora_models, lora_runs, layout, family):
 
 
 @pytest.mark.parametrize("layout,family", CASES)
-def test_trained_adapter_loads_in_peft_and_reproduces_our_logits(lora_models, lora_runs,
-                                                                   layout, family):
+def test_trained_adapter_loads_in_peft_and_reproduces_our_logits(
+    lora_models, lora_runs, layout, family
+):
     from tests.runtime.lora_worker import batch_tokens
 
     out = lora_runs[0]
@@ -149,8 +161,9 @@ def test_merged_model_equals_peft_merge_and_unload(lora_models, lora_runs, layou
     from transformers import AutoModelForCausalLM
 
     out = lora_runs[0]
-    ours = AutoModelForCausalLM.from_pretrained(str(out / f"merged-{layout}-{family}"),
-                                                dtype=torch.float32).state_dict()
+    ours = AutoModelForCausalLM.from_pretrained(
+        str(out / f"merged-{layout}-{family}"), dtype=torch.float32
+    ).state_dict()
     base = lora_models / family.split("-")[0]
     ref = _peft(base, out / f"adapter-{layout}-{family}").merge_and_unload()
     ref = ref.state_dict()

@@ -14,8 +14,15 @@ from tests.runtime.train_helpers import base_args, check, losses, make_assets, r
 
 pytestmark = [pytest.mark.runtime]
 
-LORA = {"train_type": "lora", "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.1,
-        "train_iters": 6, "save_steps": 3, "lr": 1e-2}
+LORA = {
+    "train_type": "lora",
+    "lora_rank": 4,
+    "lora_alpha": 8,
+    "lora_dropout": 0.1,
+    "train_iters": 6,
+    "save_steps": 3,
+    "lr": 1e-2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,19 +43,30 @@ def test_checkpoints_are_peft_adapters(lora_run):
     assert "LoRA r=4" in stdout
     ckpt = out / "checkpoint-6"
     assert sorted(p.name for p in ckpt.iterdir() if p.is_file()) == [
-        "adapter_config.json", "adapter_model.safetensors", "trainer_state.json"]
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "trainer_state.json",
+    ]
     config = json.loads((ckpt / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(model) and config["r"] == 4
-    assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
-                                        "up_proj", "v_proj"]
+    assert config["target_modules"] == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
     base = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
     ids = torch.arange(1, 17).unsqueeze(0)
     with torch.no_grad():
         plain = base(ids).logits
         peft = PeftModel.from_pretrained(base, str(ckpt)).eval()
         adapted = peft(ids).logits
-        merged = AutoModelForCausalLM.from_pretrained(str(out / "checkpoint-6-merged"),
-                                                      dtype=torch.float32)(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(
+            str(out / "checkpoint-6-merged"), dtype=torch.float32
+        )(ids).logits
     assert (adapted - plain).abs().max() > 1e-3  # the adapter learned something
     assert (merged - adapted).abs().max() <= 1e-4
 

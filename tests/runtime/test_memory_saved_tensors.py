@@ -26,13 +26,24 @@ pytestmark = pytest.mark.runtime
 
 WORKER = Path(__file__).with_name("saved_bytes_worker.py")
 SEQ = 256  # the worker's sequence length
-CPU = Assumptions(attention_layout="padded", swiglu_impl="eager", norm_impl="eager",
-                  qk_impl="separate")
-CONFIG = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 256,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
-          "intermediate_size": 768, "vocab_size": 1000, "tie_word_embeddings": False,
-          "rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 4096,
-          "hidden_act": "silu"}
+CPU = Assumptions(
+    attention_layout="padded", swiglu_impl="eager", norm_impl="eager", qk_impl="separate"
+)
+CONFIG = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "hidden_size": 256,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "intermediate_size": 768,
+    "vocab_size": 1000,
+    "tie_word_embeddings": False,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1e6,
+    "max_position_embeddings": 4096,
+    "hidden_act": "silu",
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +51,25 @@ def measured(tmp_path_factory) -> dict:
     if importlib.util.find_spec("remote_runtime.model") is None:
         pytest.skip("the runtime's model builder (remote_runtime.model) is not in this checkout")
     out = tmp_path_factory.mktemp("saved") / "saved.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(WORKER), str(out), json.dumps(CONFIG)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT,
-                          env=cli_env({"OMP_NUM_THREADS": "1"}))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(WORKER),
+        str(out),
+        json.dumps(CONFIG),
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO_ROOT,
+        env=cli_env({"OMP_NUM_THREADS": "1"}),
+    )
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return json.loads(out.read_text())
 
@@ -53,8 +79,9 @@ def expected(tp: int, sp: bool) -> dict:
     return activation_bytes_per_token(shape, Parallel(tp=tp, sequence_parallel=sp), CPU)
 
 
-@pytest.mark.parametrize("recompute,key", [("none", "layer"), ("selective", "layer_selective"),
-                                           ("full", "checkpoint")])
+@pytest.mark.parametrize(
+    "recompute,key", [("none", "layer"), ("selective", "layer_selective"), ("full", "checkpoint")]
+)
 def test_per_layer_bytes_at_tp1(measured, recompute, key):
     per_layer = measured[f"tp1-{recompute}-L2"] - measured[f"tp1-{recompute}-L1"]
     assert per_layer == pytest.approx(expected(1, False)[key], rel=0.02)

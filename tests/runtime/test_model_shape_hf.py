@@ -31,11 +31,17 @@ def checkpoint_params(model_dir) -> int:
     return total
 
 
-@pytest.mark.parametrize("family,overrides", [
-    ("qwen3", {}), ("qwen3", {"tie_word_embeddings": True}), ("qwen2", {}),
-    ("qwen2", {"tie_word_embeddings": True}), ("llama", {}),
-    ("llama", {"tie_word_embeddings": False}),
-])
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        ("qwen3", {}),
+        ("qwen3", {"tie_word_embeddings": True}),
+        ("qwen2", {}),
+        ("qwen2", {"tie_word_embeddings": True}),
+        ("llama", {}),
+        ("llama", {"tie_word_embeddings": False}),
+    ],
+)
 def test_parameter_count_matches_the_checkpoint(tmp_path, tokenizer_dir, family, overrides):
     from remote_runtime.tiny import build_model
 

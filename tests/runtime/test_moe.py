@@ -33,11 +33,18 @@ def _run(layouts: tuple[str, ...], nproc: int, out: Path) -> dict:
     cmd = [sys.executable, str(WORKER), ",".join(layouts), str(out)]
     if nproc > 1:
         cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT,
-                          env=cli_env({"OMP_NUM_THREADS": "1"}))
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO_ROOT,
+        env=cli_env({"OMP_NUM_THREADS": "1"}),
+    )
     if proc.returncode != 0:
-        raise AssertionError(f"worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
 
 
@@ -120,7 +127,9 @@ def test_triton_expert_wgrad_accumulates_into_main_grad():
     x, dy = torch.randn(int(counts.sum()), 40), torch.randn(int(counts.sum()), 24)
     main_grad = torch.randn(4, 24, 40)
     expected = main_grad.clone()
-    for e, (xs, gs) in enumerate(zip(torch.split(x, counts.tolist()), torch.split(dy, counts.tolist()))):
+    for e, (xs, gs) in enumerate(
+        zip(torch.split(x, counts.tolist()), torch.split(dy, counts.tolist()))
+    ):
         expected[e] += gs.t() @ xs
     accumulate_expert_wgrad(main_grad, dy, x, torch.cumsum(counts, 0).to(torch.int32))
     torch.testing.assert_close(main_grad, expected, atol=1e-4, rtol=1e-4)

@@ -39,8 +39,13 @@ def moe_models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny-moe")
     build_tokenizer(root / "tokenizer")
     for seed, family in enumerate(FAMILIES):
-        build_model(family, root / family, tokenizer_dir=root / "tokenizer", seed=seed,
-                    max_shard_size="200KB")
+        build_model(
+            family,
+            root / family,
+            tokenizer_dir=root / "tokenizer",
+            seed=seed,
+            max_shard_size="200KB",
+        )
     return root
 
 
@@ -48,13 +53,27 @@ def _run(mode: str, models: Path, out: Path) -> dict[int, dict]:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(WORKER), mode, str(models), str(out)]
     if mode == "parallel":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2"] + cmd[1:]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT,
-                          env=cli_env({"OMP_NUM_THREADS": "1"}))
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+        ] + cmd[1:]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO_ROOT,
+        env=cli_env({"OMP_NUM_THREADS": "1"}),
+    )
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
-    return {int(p.stem.rsplit("rank", 1)[1]): json.loads(p.read_text())
-            for p in out.glob(f"{mode}-rank*.json")}
+    return {
+        int(p.stem.rsplit("rank", 1)[1]): json.loads(p.read_text())
+        for p in out.glob(f"{mode}-rank*.json")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -79,21 +98,36 @@ def test_transforms_split_experts_by_ep_and_expert_tp(transform, per):
     gen = torch.Generator().manual_seed(0)
     experts, hidden, ffn = 8, 6, 4
     shape = (hidden, ffn) if transform == "expert_row" else (ffn, hidden)
-    full = {f"e{e}.{w}": torch.randn(shape, generator=gen)
-            for e in range(experts) for w in ("gate", "up")[:per]}
+    full = {
+        f"e{e}.{w}": torch.randn(shape, generator=gen)
+        for e in range(experts)
+        for w in ("gate", "up")[:per]
+    }
     gathered = {}
     for ep_rank in range(2):
         pieces = []
         for etp_rank in range(2):
-            lay = Layout(heads=1, groups=1, head_dim=1, vocab=1, padded_vocab=1, tp=1, tp_rank=0,
-                         num_experts=experts, ep=2, ep_rank=ep_rank, etp=2, etp_rank=etp_rank)
+            lay = Layout(
+                heads=1,
+                groups=1,
+                head_dim=1,
+                vocab=1,
+                padded_vocab=1,
+                tp=1,
+                tp_rank=0,
+                num_experts=experts,
+                ep=2,
+                ep_rank=ep_rank,
+                etp=2,
+                etp_rank=etp_rank,
+            )
             mine = list(lay.local_experts())
             assert mine == list(range(4 * ep_rank, 4 * ep_rank + 4))
             keys = [f"e{e}.{w}" for e in mine for w in ("gate", "up")[:per]]
             piece = shard(transform, [TensorSlice(full[k]) for k in keys], lay, keys)
             for i, e in enumerate(mine):  # the contract, written out
                 if transform == "expert_row":
-                    want = full[f"e{e}.gate"][:, etp_rank * 2:(etp_rank + 1) * 2]
+                    want = full[f"e{e}.gate"][:, etp_rank * 2 : (etp_rank + 1) * 2]
                 else:
                     rows = slice(etp_rank * 2, (etp_rank + 1) * 2)
                     want = torch.cat([full[f"e{e}.gate"][rows], full[f"e{e}.up"][rows]])
@@ -145,10 +179,26 @@ def test_logits_match_transformers(runs, layout, family):
 
 
 def test_check_convert_covers_moe(moe_models):
-    proc = subprocess.run([sys.executable, "-m", "remote_runtime", "check-convert", "--model",
-                           str(moe_models / "qwen2_moe"), "--device", "cpu", "--seq_length", "16",
-                           "--json"], capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
-                          env=cli_env({"OMP_NUM_THREADS": "1"}))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "remote_runtime",
+            "check-convert",
+            "--model",
+            str(moe_models / "qwen2_moe"),
+            "--device",
+            "cpu",
+            "--seq_length",
+            "16",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO_ROOT,
+        env=cli_env({"OMP_NUM_THREADS": "1"}),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert result["ok"] and result["family"] == "qwen2_moe"

@@ -22,8 +22,15 @@ from tests.runtime.test_memory_saved_tensors import CONFIG, CPU  # the dense che
 
 pytestmark = pytest.mark.runtime
 
-MOE = dict(CONFIG, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
-           num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, norm_topk_prob=True)
+MOE = dict(
+    CONFIG,
+    architectures=["Qwen3MoeForCausalLM"],
+    model_type="qwen3_moe",
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=128,
+    norm_topk_prob=True,
+)
 DENSE = dict(CONFIG, intermediate_size=256)  # the dense FFN as wide as the two routed experts
 MEASURE = """
 import json, sys
@@ -41,9 +48,14 @@ platform.shutdown()
 
 @pytest.fixture(scope="module")
 def measured() -> dict:
-    proc = subprocess.run([sys.executable, "-c", MEASURE, json.dumps({"moe": MOE, "dense": DENSE})],
-                          capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
-                          env=cli_env({"OMP_NUM_THREADS": "1"}))
+    proc = subprocess.run(
+        [sys.executable, "-c", MEASURE, json.dumps({"moe": MOE, "dense": DENSE})],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO_ROOT,
+        env=cli_env({"OMP_NUM_THREADS": "1"}),
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

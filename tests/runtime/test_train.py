@@ -12,7 +12,14 @@ import time
 import pytest
 
 from tests.runtime.train_helpers import (
-    REPO, base_args, check, losses, make_assets, read_log, run_runtime)
+    REPO,
+    base_args,
+    check,
+    losses,
+    make_assets,
+    read_log,
+    run_runtime,
+)
 
 pytestmark = [pytest.mark.runtime]
 
@@ -25,9 +32,20 @@ def assets(tmp_path_factory):
 def test_thirty_steps_halve_the_loss_and_write_a_loadable_checkpoint(assets, tmp_path):
     model, data = assets
     out = tmp_path / "out"
-    proc = run_runtime(base_args(model, data, out, train_iters=30, lr=3e-3, min_lr=3e-4,
-                                 global_batch_size=8, lr_warmup_iters=2, logging_steps=5,
-                                 packing="true"))
+    proc = run_runtime(
+        base_args(
+            model,
+            data,
+            out,
+            train_iters=30,
+            lr=3e-3,
+            min_lr=3e-4,
+            global_batch_size=8,
+            lr_warmup_iters=2,
+            logging_steps=5,
+            packing="true",
+        )
+    )
     check(proc)
     # megatron-core's and torch's chatter goes to the debug log, one line names the accelerators
     shown, debug = proc.stdout + proc.stderr, (out / "logs" / "debug-rank0.log").read_text()
@@ -39,8 +57,17 @@ def test_thirty_steps_halve_the_loss_and_write_a_loadable_checkpoint(assets, tmp
     first, last = log[0], log[-1]
     assert first["step"] == 1 and last["step"] == 30
     assert last["loss"] <= first["loss"] / 2, [(r["step"], r["loss"]) for r in log]
-    for field in ("lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "peak_mem_gb", "eta_s",
-                  "epoch", "tokens", "loss_tokens"):
+    for field in (
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "tflops_per_gpu",
+        "peak_mem_gb",
+        "eta_s",
+        "epoch",
+        "tokens",
+        "loss_tokens",
+    ):
         assert field in last
     assert last["tokens"] > 0 and last["loss_tokens"] > 0 and last["tflops_per_gpu"] > 0
     ckpt = out / "checkpoint-30"
@@ -67,9 +94,12 @@ def test_tp2_pp2_dp2_give_the_same_loss_curve_as_one_process(assets, tmp_path):
     gradient is near zero can step either way), so later steps agree to ~1e-4 relative."""
     model, data = assets
     curves = {}
-    for label, nproc, extra in [("tp1", 1, {}), ("tp2", 2, {"tensor_model_parallel_size": 2}),
-                                ("pp2", 2, {"pipeline_model_parallel_size": 2}),
-                                ("dp2", 2, {})]:
+    for label, nproc, extra in [
+        ("tp1", 1, {}),
+        ("tp2", 2, {"tensor_model_parallel_size": 2}),
+        ("pp2", 2, {"pipeline_model_parallel_size": 2}),
+        ("dp2", 2, {}),
+    ]:
         out = tmp_path / label
         check(run_runtime(base_args(model, data, out, **extra), nproc=nproc))
         curves[label] = losses(out)
@@ -105,8 +135,14 @@ def test_sigterm_mid_run_saves_a_loadable_checkpoint_and_exits_zero(assets, tmp_
 
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     args = base_args(model, data, out, train_iters=1000)
-    proc = subprocess.Popen([sys.executable, "-m", "remote_runtime", "sft", *args], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "remote_runtime", "sft", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and len(read_log(out)) < 2:
         time.sleep(0.2)
@@ -133,19 +169,45 @@ def test_packed_loss_is_the_token_weighted_sum_of_document_losses(assets, tmp_pa
     transformers on each document separately, summed over loss tokens."""
     model, _ = assets
     rows = [
-        {"messages": [{"role": "user", "content": "What is 2+2?"},
-                      {"role": "assistant", "content": "4, of course."}]},
-        {"messages": [{"role": "user", "content": "Name a fox."},
-                      {"role": "assistant", "content": "The quick brown fox."}]},
-        {"messages": [{"role": "user", "content": "Say hi"},
-                      {"role": "assistant", "content": "Hi there!"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "What is 2+2?"},
+                {"role": "assistant", "content": "4, of course."},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "Name a fox."},
+                {"role": "assistant", "content": "The quick brown fox."},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "Say hi"},
+                {"role": "assistant", "content": "Hi there!"},
+            ]
+        },
     ]
     data = tmp_path / "three.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
-    check(run_runtime(base_args(model, data, out, train_iters=1, global_batch_size=3,
-                                micro_batch_size=3, padding_free="true", max_length=256,
-                                dataset_shuffle="false", lr=1e-9, min_lr=0)))
+    check(
+        run_runtime(
+            base_args(
+                model,
+                data,
+                out,
+                train_iters=1,
+                global_batch_size=3,
+                micro_batch_size=3,
+                padding_free="true",
+                max_length=256,
+                dataset_shuffle="false",
+                lr=1e-9,
+                min_lr=0,
+            )
+        )
+    )
     packed_loss = read_log(out)[0]["loss"]
 
     import torch
@@ -170,22 +232,41 @@ def test_packed_loss_is_the_token_weighted_sum_of_document_losses(assets, tmp_pa
     assert packed_loss == pytest.approx(total / count, rel=1e-4)
 
 
-@pytest.mark.parametrize("flags,field", [
-    (["--tensor_model_parallel_size", "3"], "parallel.tensor_model_parallel_size"),
-    (["--pipeline_model_parallel_size", "3", "--global_batch_size", "4"],
-     "parallel.pipeline_model_parallel_size"),
-    (["--global_batch_size", "6", "--micro_batch_size", "4"], "train.global_batch_size"),
-    (["--tensor_model_parallel_size", "4"], "parallel.tensor_model_parallel_size"),
-])
+@pytest.mark.parametrize(
+    "flags,field",
+    [
+        (["--tensor_model_parallel_size", "3"], "parallel.tensor_model_parallel_size"),
+        (
+            ["--pipeline_model_parallel_size", "3", "--global_batch_size", "4"],
+            "parallel.pipeline_model_parallel_size",
+        ),
+        (["--global_batch_size", "6", "--micro_batch_size", "4"], "train.global_batch_size"),
+        (["--tensor_model_parallel_size", "4"], "parallel.tensor_model_parallel_size"),
+    ],
+)
 def test_dry_run_rejects_bad_parallel_arithmetic_naming_the_field(assets, flags, field, tmp_path):
     model, data = assets
     env = {"WORLD_SIZE": "4"}
-    args = ["--model", str(model), "--dataset", str(data), "--train_iters", "2", "--dry_run",
-            "true", *flags]
+    args = [
+        "--model",
+        str(model),
+        "--dataset",
+        str(data),
+        "--train_iters",
+        "2",
+        "--dry_run",
+        "true",
+        *flags,
+    ]
     import os
 
-    proc = subprocess.run([sys.executable, "-m", "remote_runtime", "sft", *args], cwd=REPO,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO), **env})
+    proc = subprocess.run(
+        [sys.executable, "-m", "remote_runtime", "sft", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert field in proc.stderr
 
@@ -194,19 +275,30 @@ def test_dry_run_prints_resolved_config_without_torch(assets):
     model, data = assets
     import os
 
-    code = ("import sys, runpy; sys.argv=['x','sft','--model',%r,'--dataset',%r,'--train_iters','2',"
-            "'--dry_run','true','--tensor_model_parallel_size','2'];"
-            "from remote_runtime.__main__ import main; rc=main(sys.argv[1:]);"
-            "assert 'torch' not in sys.modules, 'dry run imported torch'; sys.exit(rc)") % (str(model), str(data))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "NPROC_PER_NODE": "2",
-                               "NNODES": "2"})
+    code = (
+        "import sys, runpy; sys.argv=['x','sft','--model',%r,'--dataset',%r,'--train_iters','2',"
+        "'--dry_run','true','--tensor_model_parallel_size','2'];"
+        "from remote_runtime.__main__ import main; rc=main(sys.argv[1:]);"
+        "assert 'torch' not in sys.modules, 'dry run imported torch'; sys.exit(rc)"
+    ) % (str(model), str(data))
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "NPROC_PER_NODE": "2", "NNODES": "2"},
+    )
     assert proc.returncode == 0, proc.stderr
     resolved = json.loads(proc.stdout)
     assert resolved["world_size"] == 4 and resolved["parallel"]["data_parallel_size"] == 2
     tc = resolved["transformer_config"]
-    for key in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                "ffn_hidden_size"):
+    for key in (
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "num_query_groups",
+        "ffn_hidden_size",
+    ):
         assert key in tc
     assert resolved["model"]["padded_vocab_size"] % 256 == 0
     assert not math.isnan(resolved["batch"]["num_microbatches"])

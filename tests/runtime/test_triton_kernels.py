@@ -48,13 +48,16 @@ def eager_rms_norm(x, w, eps):
 def test_rms_norm_forward_and_backward_match_eager(kernels, shape, n):
     torch.manual_seed(0)
     base = torch.randn(*shape, n + 16)  # a strided view, as q/k slices of the fused QKV are
-    x_ref = base[..., 8:8 + n].clone().requires_grad_(True)
-    x_tri = base[..., 8:8 + n].detach().requires_grad_(True)
+    x_ref = base[..., 8 : 8 + n].clone().requires_grad_(True)
+    x_tri = base[..., 8 : 8 + n].detach().requires_grad_(True)
     w_ref = (torch.rand(n) + 0.5).requires_grad_(True)
     w_tri = w_ref.detach().clone().requires_grad_(True)
-    assert_same_values_and_gradients(kernels.rms_norm(x_tri, w_tri, 1e-6),
-                                     eager_rms_norm(x_ref, w_ref, 1e-6),
-                                     inputs=[(x_tri, x_ref)], weights=[(w_tri, w_ref)])
+    assert_same_values_and_gradients(
+        kernels.rms_norm(x_tri, w_tri, 1e-6),
+        eager_rms_norm(x_ref, w_ref, 1e-6),
+        inputs=[(x_tri, x_ref)],
+        weights=[(w_tri, w_ref)],
+    )
 
 
 def test_rms_norm_bf16_matches_the_eager_bf16_chain(kernels):
@@ -78,16 +81,18 @@ def test_rope_bshd_and_thd_match_megatron_unfused_with_gradients(kernels, rot):
     qkv = torch.randn(40, 2, heads, 3 * d)
     t_ref = qkv[..., :d].clone().requires_grad_(True)
     t_tri = qkv[..., :d].detach().requires_grad_(True)  # a non-contiguous view
-    assert_same_values_and_gradients(kernels.rope_bshd(t_tri, freqs), unfused_rope_bshd(t_ref, freqs),
-                                     inputs=[(t_tri, t_ref)])
+    assert_same_values_and_gradients(
+        kernels.rope_bshd(t_tri, freqs), unfused_rope_bshd(t_ref, freqs), inputs=[(t_tri, t_ref)]
+    )
 
     cu = torch.tensor([0, 7, 27, 40], dtype=torch.int32)
     packed = torch.randn(40, heads, d, requires_grad=True)
     docs = [packed[s:e].unsqueeze(1) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())]
     expected = torch.cat([unfused_rope_bshd(doc, freqs[: doc.shape[0]]).squeeze(1) for doc in docs])
     packed_tri = packed.detach().clone().requires_grad_(True)
-    assert_same_values_and_gradients(kernels.rope_thd(packed_tri, cu, freqs), expected,
-                                     inputs=[(packed_tri, packed)])
+    assert_same_values_and_gradients(
+        kernels.rope_thd(packed_tri, cu, freqs), expected, inputs=[(packed_tri, packed)]
+    )
 
 
 def test_rope_rejects_an_odd_rotary_dimension(kernels):
@@ -101,8 +106,9 @@ def test_swiglu_forward_and_backward_match_eager(kernels, f):
     y_ref = torch.randn(6, 2, 2 * f, requires_grad=True)
     y_tri = y_ref.detach().clone().requires_grad_(True)
     gate, up = torch.chunk(y_ref, 2, dim=-1)
-    assert_same_values_and_gradients(kernels.SwiGLU()(y_tri), torch.nn.functional.silu(gate) * up,
-                                     inputs=[(y_tri, y_ref)])
+    assert_same_values_and_gradients(
+        kernels.SwiGLU()(y_tri), torch.nn.functional.silu(gate) * up, inputs=[(y_tri, y_ref)]
+    )
 
 
 def test_swiglu_rejects_an_odd_width(kernels):
@@ -137,7 +143,9 @@ def test_qk_norm_rope_matches_split_norm_rope_with_gradients(kernels, packed):
     assert_same_values_and_gradients(
         kernels.qk_norm_rope(qkv_tri, *w_tri, 1e-6, freqs, heads, groups, d, cu_seqlens=cu),
         _reference_qk_norm_rope(qkv_ref, *w_ref, freqs, heads, groups, d, cu),
-        inputs=[(qkv_tri, qkv_ref)], weights=list(zip(w_tri, w_ref)))
+        inputs=[(qkv_tri, qkv_ref)],
+        weights=list(zip(w_tri, w_ref)),
+    )
 
 
 def _ddp_like(weight: torch.Tensor) -> torch.Tensor:
@@ -183,8 +191,9 @@ def test_cross_entropy_matches_torch_and_writes_the_gradient_over_the_logits(ker
     labels = torch.randint(0, valid, (3, 2))
     labels[1, 0] = -100
     ref_in = logits[..., :valid].clone().requires_grad_(True)
-    ref = torch.nn.functional.cross_entropy(ref_in.reshape(-1, valid), labels.reshape(-1).clamp(min=0),
-                                            reduction="none").view(3, 2)
+    ref = torch.nn.functional.cross_entropy(
+        ref_in.reshape(-1, valid), labels.reshape(-1).clamp(min=0), reduction="none"
+    ).view(3, 2)
     ref = ref.clone()
     ref[1, 0] = torch.logsumexp(ref_in[1, 0], 0)  # out of range: loss is the log-sum-exp alone
     ours_in = logits.clone().requires_grad_(True)

@@ -66,6 +66,7 @@ def test_this_machine_branch_runs_a_real_local_job(workspace, megafleet_home):
     logs = run_cli("logs", run_id, "-f", env={"MEGAFLEET_HOME": str(megafleet_home)}, timeout=180)
     assert logs.returncode == 0, logs.stdout[-3000:] + logs.stderr
     assert re.search(r"step 10/10 \| epoch \S+ \| loss", logs.stdout)
-    status = run_cli_json("status", run_id, "--json",
-                          env={"MEGAFLEET_HOME": str(megafleet_home)})[1]
+    status = run_cli_json("status", run_id, "--json", env={"MEGAFLEET_HOME": str(megafleet_home)})[
+        1
+    ]
     assert status["state"] == "succeeded" and status["progress"]["step"] == 10

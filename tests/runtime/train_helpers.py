@@ -18,7 +18,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_assets(root: Path, family: str = "qwen3", rows: int = 64, **model_overrides) -> tuple[Path, Path]:
+def make_assets(
+    root: Path, family: str = "qwen3", rows: int = 64, **model_overrides
+) -> tuple[Path, Path]:
     """(model dir, dataset file): a tiny random model and the demo chat data."""
     from remote_runtime.data.demo_data import demo_corpus, write_demo_dataset
     from remote_runtime.tiny import build_model, build_tokenizer
@@ -31,21 +33,50 @@ def make_assets(root: Path, family: str = "qwen3", rows: int = 64, **model_overr
     return model, data
 
 
-def run_runtime(args: list[str], nproc: int = 1, task: str = "sft", timeout: float = 300,
-                env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
-                    PYTHONUNBUFFERED="1", **(env or {}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", "-m", "remote_runtime", task, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
-                          cwd=cwd or REPO)
+def run_runtime(
+    args: list[str],
+    nproc: int = 1,
+    task: str = "sft",
+    timeout: float = 300,
+    env: dict | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess:
+    full_env = dict(
+        os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {})
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        "-m",
+        "remote_runtime",
+        task,
+        *args,
+    ]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or REPO
+    )
 
 
 def base_args(model: Path, data: Path, out: Path, **kw) -> list[str]:
-    opts = {"model": model, "dataset": data, "output_dir": out, "device": "cpu",
-            "torch_dtype": "float32", "max_length": 64, "micro_batch_size": 2,
-            "global_batch_size": 4, "lr": 1e-3, "min_lr": 1e-4, "train_iters": 5,
-            "logging_steps": 1, "save_steps": 1000, "seed": 1}
+    opts = {
+        "model": model,
+        "dataset": data,
+        "output_dir": out,
+        "device": "cpu",
+        "torch_dtype": "float32",
+        "max_length": 64,
+        "micro_batch_size": 2,
+        "global_batch_size": 4,
+        "lr": 1e-3,
+        "min_lr": 1e-4,
+        "train_iters": 5,
+        "logging_steps": 1,
+        "save_steps": 1000,
+        "seed": 1,
+    }
     opts.update(kw)
     args = []
     for k, v in opts.items():
@@ -63,4 +94,6 @@ def losses(out: Path) -> dict[int, float]:
 
 
 def check(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )

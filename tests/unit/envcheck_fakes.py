@@ -17,7 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "scripts" / "check_megatron_env.py"
 SCHEMA = REPO_ROOT / "scripts" / "check_megatron_env.schema.json"
 
-FAKE_TORCH = '''\
+FAKE_TORCH = """\
 __version__ = {version!r}
 
 
@@ -61,7 +61,7 @@ class cuda:
     @staticmethod
     def get_device_properties(i):
         return _Props(*cuda._gpus[i])
-'''
+"""
 
 
 def make_venv(root: Path, python: str | None = None) -> Path:
@@ -86,21 +86,40 @@ def write_module(sp: Path, dotted: str, source: str) -> None:
     (pkg / "__init__.py").write_text(source)
 
 
-def write_fake_torch(sp: Path, version: str = "2.11.0+cu130", cuda: str | None = "13.0",
-                     cudnn: int | None = 91002, nccl=(2, 27, 7),
-                     arch=("sm_80", "sm_90", "sm_100", "sm_120"),
-                     gpus=(("NVIDIA H200", 9, 0, 143771), ("NVIDIA H200", 9, 0, 143771))) -> None:
-    write_module(sp, "torch", FAKE_TORCH.format(version=version, cuda=cuda, cudnn=cudnn,
-                                                nccl=tuple(nccl), arch=list(arch),
-                                                gpus=[tuple(g) for g in gpus]))
+def write_fake_torch(
+    sp: Path,
+    version: str = "2.11.0+cu130",
+    cuda: str | None = "13.0",
+    cudnn: int | None = 91002,
+    nccl=(2, 27, 7),
+    arch=("sm_80", "sm_90", "sm_100", "sm_120"),
+    gpus=(("NVIDIA H200", 9, 0, 143771), ("NVIDIA H200", 9, 0, 143771)),
+) -> None:
+    write_module(
+        sp,
+        "torch",
+        FAKE_TORCH.format(
+            version=version,
+            cuda=cuda,
+            cudnn=cudnn,
+            nccl=tuple(nccl),
+            arch=list(arch),
+            gpus=[tuple(g) for g in gpus],
+        ),
+    )
 
 
 def write_fake_version_package(sp: Path, module: str, version: str) -> None:
     write_module(sp, module, f"__version__ = {version!r}\n")
 
 
-def write_nvidia_headers(sp: Path, cudnn: str | None = "9.10.2", nccl: str | None = "2.27.7",
-                         cudnn_dir: str = "cudnn", nccl_dir: str = "nccl") -> dict:
+def write_nvidia_headers(
+    sp: Path,
+    cudnn: str | None = "9.10.2",
+    nccl: str | None = "2.27.7",
+    cudnn_dir: str = "cudnn",
+    nccl_dir: str = "nccl",
+) -> dict:
     """NVIDIA's wheel layout: nvidia/<dir>/include/<header> and nvidia/<dir>/lib/lib*.so.N."""
     made = {}
     if cudnn:
@@ -111,7 +130,8 @@ def write_nvidia_headers(sp: Path, cudnn: str | None = "9.10.2", nccl: str | Non
         (root / "include" / "cudnn.h").write_text('#include "cudnn_version.h"\n')
         (root / "include" / "cudnn_version.h").write_text(
             f"#define CUDNN_MAJOR {major}\n#define CUDNN_MINOR {minor}\n"
-            f"#define CUDNN_PATCHLEVEL {patch}\n")
+            f"#define CUDNN_PATCHLEVEL {patch}\n"
+        )
         (root / "lib" / f"libcudnn.so.{major}").write_bytes(b"")
         made["cudnn"] = root
     if nccl:
@@ -121,16 +141,28 @@ def write_nvidia_headers(sp: Path, cudnn: str | None = "9.10.2", nccl: str | Non
         (root / "lib").mkdir(parents=True, exist_ok=True)
         (root / "include" / "nccl.h").write_text(
             f"#define NCCL_MAJOR {major}\n#define NCCL_MINOR {minor}\n#define NCCL_PATCH {patch}\n"
-            '#define NCCL_SUFFIX ""\n')
+            '#define NCCL_SUFFIX ""\n'
+        )
         (root / "lib" / f"libnccl.so.{major}").write_bytes(b"")
         made["nccl"] = root
     return made
 
 
-def run_script(python: str | Path, *args: str, env: dict | None = None, cwd: Path | None = None,
-               timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(python), str(SCRIPT), *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=timeout)
+def run_script(
+    python: str | Path,
+    *args: str,
+    env: dict | None = None,
+    cwd: Path | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(python), str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 def run_json(python: str | Path, *args: str, **kw) -> tuple[subprocess.CompletedProcess, dict]:

@@ -10,18 +10,21 @@ from pathlib import Path
 from tests.unit.envcheck_fakes import make_venv, site_packages, write_nvidia_headers
 
 
-def fake_cuda_venv(root: Path, torch_version: str = "2.11.0+cu130", cuda: str | None = "13.0",
-                   headers: bool = True) -> tuple[Path, Path]:
+def fake_cuda_venv(
+    root: Path, torch_version: str = "2.11.0+cu130", cuda: str | None = "13.0", headers: bool = True
+) -> tuple[Path, Path]:
     """(venv, site-packages) of a real venv holding a fake CUDA torch and NVIDIA's headers."""
     venv = make_venv(root)
     sp = site_packages(venv)
     (sp / "torch").mkdir()
     (sp / "torch" / "version.py").write_text(
-        f"__version__ = {torch_version!r}\ncuda: Optional[str] = {cuda!r}\n")
+        f"__version__ = {torch_version!r}\ncuda: Optional[str] = {cuda!r}\n"
+    )
     dist = sp / f"torch-{torch_version}.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: torch\nVersion: {torch_version}\n")
+        f"Metadata-Version: 2.1\nName: torch\nVersion: {torch_version}\n"
+    )
     if headers:
         write_nvidia_headers(sp)
     return venv, sp

@@ -26,9 +26,15 @@ def test_every_row_matches_aws_describe_instance_types(aws_types):
         aws = aws_types[name]
         (gpu,) = aws["GpuInfo"]["Gpus"]
         assert (info.gpus, info.gpu_model, info.gpu_memory_mib) == (
-            gpu["Count"], gpu["Name"], gpu["MemoryInfo"]["SizeInMiB"]), name
-        efa = aws["NetworkInfo"]["EfaInfo"]["MaximumEfaInterfaces"] if aws["NetworkInfo"].get(
-            "EfaSupported") else 0
+            gpu["Count"],
+            gpu["Name"],
+            gpu["MemoryInfo"]["SizeInMiB"],
+        ), name
+        efa = (
+            aws["NetworkInfo"]["EfaInfo"]["MaximumEfaInterfaces"]
+            if aws["NetworkInfo"].get("EfaSupported")
+            else 0
+        )
         assert info.max_efa_interfaces == efa, name
         assert info.network == aws["NetworkInfo"]["NetworkPerformance"], name
 

@@ -43,18 +43,29 @@ def apply_aws_cli(client, commands, region="us-east-1"):
         if verb == "create-security-group":
             assert opts["--query"] == ["GroupId"] and opts["--output"] == ["text"]
             shell_vars[target] = client.create_security_group(
-                GroupName=opts["--group-name"][0], Description=opts["--description"][0],
-                VpcId=opts["--vpc-id"][0])["GroupId"]
+                GroupName=opts["--group-name"][0],
+                Description=opts["--description"][0],
+                VpcId=opts["--vpc-id"][0],
+            )["GroupId"]
         elif verb in ("authorize-security-group-ingress", "authorize-security-group-egress"):
-            assert opts["--protocol"] == ["-1"] and set(opts) == {"--group-id", "--protocol",
-                                                                  "--source-group"}
+            assert opts["--protocol"] == ["-1"] and set(opts) == {
+                "--group-id",
+                "--protocol",
+                "--source-group",
+            }
             getattr(client, verb.replace("-", "_"))(
                 GroupId=opts["--group-id"][0],
-                IpPermissions=[{"IpProtocol": "-1",
-                                "UserIdGroupPairs": [{"GroupId": opts["--source-group"][0]}]}])
+                IpPermissions=[
+                    {
+                        "IpProtocol": "-1",
+                        "UserIdGroupPairs": [{"GroupId": opts["--source-group"][0]}],
+                    }
+                ],
+            )
         elif verb == "modify-network-interface-attribute":
             client.modify_network_interface_attribute(
-                NetworkInterfaceId=opts["--network-interface-id"][0], Groups=opts["--groups"])
+                NetworkInterfaceId=opts["--network-interface-id"][0], Groups=opts["--groups"]
+            )
         else:
             raise AssertionError(f"unexpected command {verb}")
 
@@ -84,8 +95,10 @@ def test_printed_security_group_commands_make_the_check_pass(aws):
 
 
 def test_no_shared_group_commands_create_and_attach_one(aws):
-    ids = [aws.launch("a", groups=[aws.new_group("only-a")]),
-           aws.launch("b", groups=[aws.new_group("only-b", self_rule=True)])]
+    ids = [
+        aws.launch("a", groups=[aws.new_group("only-a")]),
+        aws.launch("b", groups=[aws.new_group("only-b", self_rule=True)]),
+    ]
     (f,) = sg_findings(check_instances(ids=ids, inventory=False, probe=fine))
     assert f.code == "no_shared_security_group"
     apply_aws_cli(aws.client, f.commands)
@@ -159,7 +172,10 @@ def test_import_writes_the_inventory_and_reimport_skips_or_updates(aws, megaflee
         assert host.address == inst.public_ip and host.private_address == inst.private_ip
         assert host.user == "ubuntu" and host.identity_file == str(key) and host.port == 22
         assert host.tags["team"] == "ml" and host.tags["Name"] == "gpu node"
-        assert host.tags["ec2_region"] == "us-east-1" and host.tags["ec2_instance_type"] == "p5.48xlarge"
+        assert (
+            host.tags["ec2_region"] == "us-east-1"
+            and host.tags["ec2_instance_type"] == "p5.48xlarge"
+        )
     assert {h.tags["ec2_instance_id"] for h in inv} == {a, b}
     skipped = [x for x in result.actions if x.action == "skip"]
     assert skipped[0].instance_id == stopped and "stopped" in skipped[0].reason
@@ -172,14 +188,18 @@ def test_import_writes_the_inventory_and_reimport_skips_or_updates(aws, megaflee
     inv.save()
     report = check_instances(tags=["team=ml"], probe=fine)
     assert [f.instances for f in report.findings if f.code == "private_address_missing"] == [
-        [inv.hosts["gpu-node"].tags["ec2_instance_id"]]]
+        [inv.hosts["gpu-node"].tags["ec2_instance_id"]]
+    ]
     updated = import_instances(find_instances(tags=["team=ml"]), "ec2-user", str(key), update=True)
     assert updated.count("update") == 2 and updated.written
     reloaded = Inventory.load()
     assert reloaded.names() == ["gpu-node", "gpu-node-2"]
     assert all(h.user == "ec2-user" and h.private_address for h in reloaded)
-    assert not [f for f in check_instances(tags=["team=ml"], probe=fine).findings
-                if f.check == "master_address"]
+    assert not [
+        f
+        for f in check_instances(tags=["team=ml"], probe=fine).findings
+        if f.check == "master_address"
+    ]
 
 
 def test_import_dry_run_and_bad_key(aws, megafleet_home, tmp_path):
@@ -206,9 +226,17 @@ def test_start_and_stop_change_state(aws):
 def test_missing_region_credentials_and_profile(monkeypatch, tmp_path):
     env = {}
     isolate_aws_env(env, str(tmp_path), credentials=False, region=False)
-    for k in ("AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
-              "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-              "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+    for k in (
+        "AWS_PROFILE",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+    ):
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -235,7 +263,9 @@ def test_endpoint_variable_is_honoured_and_an_unreachable_api_is_explained(monke
     closed.close()  # nothing listens there now
     monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    with pytest.raises(MegafleetError, match=f"cannot reach the EC2 API in us-east-1.*127.0.0.1:{port}"):
+    with pytest.raises(
+        MegafleetError, match=f"cannot reach the EC2 API in us-east-1.*127.0.0.1:{port}"
+    ):
         find_instances()
 
 
@@ -247,8 +277,13 @@ def test_api_errors_name_the_permission():
     def err(code, message="m"):
         return bx.ClientError({"Error": {"Code": code, "Message": message}}, "DescribeInstances")
 
-    denied = client_error(err("UnauthorizedOperation", "You are not authorized. Encoded "
-                                                       "authorization failure message: xyz"), "r")
+    denied = client_error(
+        err(
+            "UnauthorizedOperation",
+            "You are not authorized. Encoded authorization failure message: xyz",
+        ),
+        "r",
+    )
     assert "ec2:DescribeInstances" in denied.hint and "xyz" not in denied.message
     assert client_error(err("AuthFailure"), "r").exit_code == 2
     assert "expired" in client_error(err("ExpiredToken"), "r").message
@@ -277,6 +312,8 @@ def test_ssh_banner_probe_against_real_sockets():
     silent.bind(("127.0.0.1", 0))
     silent.listen(1)
     try:
-        assert "no answer within 0.3s" == ssh_banner_probe("127.0.0.1", silent.getsockname()[1], 0.3)
+        assert "no answer within 0.3s" == ssh_banner_probe(
+            "127.0.0.1", silent.getsockname()[1], 0.3
+        )
     finally:
         silent.close()

@@ -23,6 +23,7 @@ def cme():
 
 # ------------------------------------------------------------------ headers and exports
 
+
 def test_venv_headers_found_with_versions_and_exports(cme, tmp_path):
     venv = make_venv(tmp_path / "venv")
     sp = site_packages(venv)
@@ -35,8 +36,13 @@ def test_venv_headers_found_with_versions_and_exports(cme, tmp_path):
     assert cudnn.header == str(made["cudnn"] / "include" / "cudnn.h")
     assert cudnn.lib_dir == str(made["cudnn"] / "lib") and cudnn.libraries == ["libcudnn.so.9"]
     assert (nccl.source, nccl.version) == ("venv", "2.27.7")
-    env = cme.te_build_env(cudnn, nccl, "/usr/local/cuda-13.0", max_jobs=6,
-                           base_env={"CPLUS_INCLUDE_PATH": "~/inc:/opt/x", "LIBRARY_PATH": ""})
+    env = cme.te_build_env(
+        cudnn,
+        nccl,
+        "/usr/local/cuda-13.0",
+        max_jobs=6,
+        base_env={"CPLUS_INCLUDE_PATH": "~/inc:/opt/x", "LIBRARY_PATH": ""},
+    )
     home = os.path.expanduser("~")
     assert env == {
         "CUDA_HOME": "/usr/local/cuda-13.0",
@@ -74,18 +80,29 @@ def test_env_var_and_system_fallbacks(cme, tmp_path, monkeypatch):
     # a Debian-style system install: /usr/include/nccl.h, /usr/lib/<multiarch>/libnccl.so.2
     usr = tmp_path / "usr"
     (usr / "include").mkdir(parents=True)
-    (usr / "include" / "nccl.h").write_text("#define NCCL_MAJOR 2\n#define NCCL_MINOR 21\n"
-                                            "#define NCCL_PATCH 5\n")
+    (usr / "include" / "nccl.h").write_text(
+        "#define NCCL_MAJOR 2\n#define NCCL_MINOR 21\n#define NCCL_PATCH 5\n"
+    )
     libdir = usr / "lib" / "x86_64-linux-gnu"
     libdir.mkdir(parents=True)
     (libdir / "libnccl.so.2").write_bytes(b"")
-    nccl = cme.find_library_headers("nccl", [str(tmp_path / "nothing")], environ={},
-                                    cuda_home=str(tmp_path / "no-cuda"), system_prefixes=[str(usr)])
+    nccl = cme.find_library_headers(
+        "nccl",
+        [str(tmp_path / "nothing")],
+        environ={},
+        cuda_home=str(tmp_path / "no-cuda"),
+        system_prefixes=[str(usr)],
+    )
     assert (nccl.source, nccl.version, nccl.root) == ("system", "2.21.5", str(usr))
     if cme.sysconfig.get_config_var("MULTIARCH") in (None, "x86_64-linux-gnu"):
         assert nccl.lib_dir == str(libdir)
-    nothing = cme.find_library_headers("nccl", [], environ={}, cuda_home=str(tmp_path / "x"),
-                                       system_prefixes=[str(tmp_path / "empty")])
+    nothing = cme.find_library_headers(
+        "nccl",
+        [],
+        environ={},
+        cuda_home=str(tmp_path / "x"),
+        system_prefixes=[str(tmp_path / "empty")],
+    )
     if not os.path.exists("/usr/local/cuda/include/nccl.h"):  # always searched
         assert nothing is None
 
@@ -98,7 +115,7 @@ def test_cuda_home_ignores_a_wrapper_nvcc(cme, tmp_path):
     (cuda / "include" / "cuda_runtime.h").write_text("")
     wrapper = tmp_path / "usr-local" / "bin" / "nvcc"
     wrapper.parent.mkdir(parents=True)
-    wrapper.write_text(f"#!/bin/sh\nexec {cuda}/bin/nvcc \"$@\"\n")
+    wrapper.write_text(f'#!/bin/sh\nexec {cuda}/bin/nvcc "$@"\n')
     home, nvcc, how = cme.find_cuda_home({"CUDA_HOME": str(cuda)}, which=lambda _: str(wrapper))
     assert (home, nvcc, how) == (str(cuda), str(cuda / "bin" / "nvcc"), "$CUDA_HOME")
     home, _, how = cme.find_cuda_home({}, which=lambda _: str(wrapper))
@@ -109,7 +126,7 @@ def test_cuda_home_ignores_a_wrapper_nvcc(cme, tmp_path):
 
 
 def test_max_jobs_is_bounded_by_memory(cme):
-    gib = 1024 ** 3
+    gib = 1024**3
     assert cme.recommended_max_jobs(32, 250 * gib) == 32
     assert cme.recommended_max_jobs(32, 20 * gib) == 20 // cme.BUILD_JOB_MEMORY_GIB
     assert cme.recommended_max_jobs(8, 1 * gib) == 1
@@ -118,25 +135,40 @@ def test_max_jobs_is_bounded_by_memory(cme):
 
 # ------------------------------------------------------------------- driver and versions
 
-@pytest.mark.parametrize("driver, expected", [
-    ("580.159.04", "13.0"), ("580.65.06", "13.0"), ("580.65.05", "12.9"), ("590.48.01", "13.1"),
-    ("570.86.15", "12.8"), ("535.183.01", "12.2"), ("525.60.13", "12.0"), ("450.36.06", "11.0"),
-    ("418.67", None), ("garbage", None), (None, None),
-])
+
+@pytest.mark.parametrize(
+    "driver, expected",
+    [
+        ("580.159.04", "13.0"),
+        ("580.65.06", "13.0"),
+        ("580.65.05", "12.9"),
+        ("590.48.01", "13.1"),
+        ("570.86.15", "12.8"),
+        ("535.183.01", "12.2"),
+        ("525.60.13", "12.0"),
+        ("450.36.06", "11.0"),
+        ("418.67", None),
+        ("garbage", None),
+        (None, None),
+    ],
+)
 def test_driver_max_cuda(cme, driver, expected):
     assert cme.driver_max_cuda(driver) == expected
 
 
-@pytest.mark.parametrize("driver, cuda, smi_cuda, status", [
-    ("580.159.04", "13.0", "13.0", "pass"),
-    ("580.159.04", "12.8", None, "pass"),  # an older CUDA always runs on a newer driver
-    ("570.86.15", "12.9", None, "warn"),  # same major: minor-version compatibility
-    ("535.183.01", "13.0", None, "fail"),  # CUDA 13 needs a 580+ driver
-    ("520.61.05", "12.1", None, "fail"),  # below CUDA 12's compatibility floor
-    ("999.1", "13.9", "13.9", "pass"),  # newer than the table: nvidia-smi's answer wins
-    (None, "13.0", None, "fail"),
-    ("580.159.04", None, None, "skip"),
-])
+@pytest.mark.parametrize(
+    "driver, cuda, smi_cuda, status",
+    [
+        ("580.159.04", "13.0", "13.0", "pass"),
+        ("580.159.04", "12.8", None, "pass"),  # an older CUDA always runs on a newer driver
+        ("570.86.15", "12.9", None, "warn"),  # same major: minor-version compatibility
+        ("535.183.01", "13.0", None, "fail"),  # CUDA 13 needs a 580+ driver
+        ("520.61.05", "12.1", None, "fail"),  # below CUDA 12's compatibility floor
+        ("999.1", "13.9", "13.9", "pass"),  # newer than the table: nvidia-smi's answer wins
+        (None, "13.0", None, "fail"),
+        ("580.159.04", None, None, "skip"),
+    ],
+)
 def test_cuda_driver_compat(cme, driver, cuda, smi_cuda, status):
     assert cme.cuda_driver_compat(driver, cuda, smi_cuda)[0] == status
 
@@ -150,13 +182,22 @@ def test_driver_table_is_ordered_and_torch_indexes(cme):
     assert cme.min_driver_for_cuda("12.7") == "570.26"
 
 
-@pytest.mark.parametrize("version, spec, ok", [
-    ("0.16.1", ">=0.16,<0.17", True), ("0.16.0", ">=0.16,<0.17", True),
-    ("0.17.0", ">=0.16,<0.17", False), ("0.15.3", ">=0.16,<0.17", False),
-    ("0.16.0rc0", ">=0.16,<0.17", False), ("0.16.1.dev0", ">=0.16,<0.17", True),
-    ("2.8.3", "<=2.8.3", True), ("2.8.3.post1", "<=2.8.3", False), ("2.7.4.post1", "<=2.8.3", True),
-    ("2.11.0+cu130", ">=2.6", True), ("not-a-version", ">=1", False),
-])
+@pytest.mark.parametrize(
+    "version, spec, ok",
+    [
+        ("0.16.1", ">=0.16,<0.17", True),
+        ("0.16.0", ">=0.16,<0.17", True),
+        ("0.17.0", ">=0.16,<0.17", False),
+        ("0.15.3", ">=0.16,<0.17", False),
+        ("0.16.0rc0", ">=0.16,<0.17", False),
+        ("0.16.1.dev0", ">=0.16,<0.17", True),
+        ("2.8.3", "<=2.8.3", True),
+        ("2.8.3.post1", "<=2.8.3", False),
+        ("2.7.4.post1", "<=2.8.3", True),
+        ("2.11.0+cu130", ">=2.6", True),
+        ("not-a-version", ">=1", False),
+    ],
+)
 def test_version_satisfies(cme, version, spec, ok):
     assert cme.version_satisfies(version, spec) is ok
 
@@ -169,15 +210,18 @@ def test_supported_versions_match_pyproject(cme):
         assert f'"{name}{spec}"' in runtime, name
 
 
-@pytest.mark.parametrize("arch, cap, status", [
-    (["sm_80", "sm_90", "sm_100"], (9, 0), "pass"),
-    (["sm_80"], (8, 6), "pass"),  # sm_80 cubins run on 8.6
-    (["sm_90a"], (9, 0), "pass"),
-    (["sm_80", "compute_80"], (9, 0), "warn"),  # PTX only: JIT
-    (["sm_80", "sm_86"], (9, 0), "fail"),
-    (["sm_90", "sm_100"], (12, 0), "fail"),
-    ([], (9, 0), "fail"),
-])
+@pytest.mark.parametrize(
+    "arch, cap, status",
+    [
+        (["sm_80", "sm_90", "sm_100"], (9, 0), "pass"),
+        (["sm_80"], (8, 6), "pass"),  # sm_80 cubins run on 8.6
+        (["sm_90a"], (9, 0), "pass"),
+        (["sm_80", "compute_80"], (9, 0), "warn"),  # PTX only: JIT
+        (["sm_80", "sm_86"], (9, 0), "fail"),
+        (["sm_90", "sm_100"], (12, 0), "fail"),
+        ([], (9, 0), "fail"),
+    ],
+)
 def test_arch_coverage(cme, arch, cap, status):
     assert cme.arch_coverage(arch, cap)[0] == status
 
@@ -193,13 +237,24 @@ def test_runtime_version_decoding(cme):
 
 # ----------------------------------------------------------- parsers on real H200 output
 
+
 def test_check_script_and_operator_parse_nvidia_smi_alike(cme):
     """The stdlib-only node script keeps its own nvidia-smi parsers; they must read the real
     captures exactly as megafleet.hostinfo does (the operator's, used by nodectl and hosts check)."""
     from megafleet import hostinfo
 
-    fields = ("index", "name", "uuid", "memory.total", "memory.used", "driver_version",
-              "compute_cap", "pci.bus_id", "temperature.gpu", "utilization.gpu")
+    fields = (
+        "index",
+        "name",
+        "uuid",
+        "memory.total",
+        "memory.used",
+        "driver_version",
+        "compute_cap",
+        "pci.bus_id",
+        "temperature.gpu",
+        "utilization.gpu",
+    )
     text = (FIXTURES / "nvidia-smi-query.csv").read_text()
     ours = hostinfo.parse_gpus(text, fields)
     theirs = cme.parse_smi_csv(text, fields)
@@ -210,33 +265,63 @@ def test_check_script_and_operator_parse_nvidia_smi_alike(cme):
 
 
 def test_nvidia_smi_parsers_on_h200_fixtures(cme):
-    fields = ("index", "name", "uuid", "memory.total", "memory.used", "driver_version",
-              "compute_cap", "pci.bus_id", "temperature.gpu", "utilization.gpu")
+    fields = (
+        "index",
+        "name",
+        "uuid",
+        "memory.total",
+        "memory.used",
+        "driver_version",
+        "compute_cap",
+        "pci.bus_id",
+        "temperature.gpu",
+        "utilization.gpu",
+    )
     rows = cme.parse_smi_csv((FIXTURES / "nvidia-smi-query.csv").read_text(), fields)
     assert [(r["index"], r["name"], r["compute_cap"], r["memory.total"]) for r in rows] == [
-        ("0", "NVIDIA H200", "9.0", "143771"), ("1", "NVIDIA H200", "9.0", "143771")]
+        ("0", "NVIDIA H200", "9.0", "143771"),
+        ("1", "NVIDIA H200", "9.0", "143771"),
+    ]
     with_header = cme.parse_smi_csv((FIXTURES / "nvidia-smi-query-header.csv").read_text())
     assert with_header == [
-        {"index": str(i), "name": "NVIDIA H200", "memory.total": "143771",
-         "driver_version": "580.159.04"} for i in (0, 1)]
+        {
+            "index": str(i),
+            "name": "NVIDIA H200",
+            "memory.total": "143771",
+            "driver_version": "580.159.04",
+        }
+        for i in (0, 1)
+    ]
     header = cme.parse_smi_header((FIXTURES / "nvidia-smi.txt").read_text())
     assert header == {"driver": "580.159.04", "cuda": "13.0"}
     assert cme.driver_max_cuda(header["driver"]) == header["cuda"]  # table agrees with the driver
-    assert cme._smi_gpu(rows[0]) == {"index": 0, "name": "NVIDIA H200", "capability": "9.0",
-                                     "memory_mib": 143771}
+    assert cme._smi_gpu(rows[0]) == {
+        "index": 0,
+        "name": "NVIDIA H200",
+        "capability": "9.0",
+        "memory_mib": 143771,
+    }
     assert cme.parse_nvcc_version((FIXTURES / "nvcc-version.txt").read_text()) == "13.0"
 
 
 def test_proc_driver_version(cme):
-    assert cme.parse_proc_driver_version(
-        "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release Build  "
-        "(dvs-builder@U22)  Thu Oct 2 2026\nGCC version:  gcc version 13.3.0\n") == "580.159.04"
-    assert cme.parse_proc_driver_version(
-        "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.183.01  Sun May 12 2024\n"
-    ) == "535.183.01"
+    assert (
+        cme.parse_proc_driver_version(
+            "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release Build  "
+            "(dvs-builder@U22)  Thu Oct 2 2026\nGCC version:  gcc version 13.3.0\n"
+        )
+        == "580.159.04"
+    )
+    assert (
+        cme.parse_proc_driver_version(
+            "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.183.01  Sun May 12 2024\n"
+        )
+        == "535.183.01"
+    )
 
 
 # ------------------------------------------------------------ TE, EFA, env, megatron path
+
 
 def test_te_flash_attn_limits_from_source(cme, tmp_path):
     new = tmp_path / "te2" / "pytorch" / "attention" / "dot_product_attention"
@@ -245,13 +330,16 @@ def test_te_flash_attn_limits_from_source(cme, tmp_path):
         'class FlashAttentionUtils:\n    version = PkgVersion("0")\n'
         '    version_required = PkgVersion("2.1.1")\n'
         '    version_required_blackwell = PkgVersion("2.7.3")\n'
-        '    max_version = PkgVersion("2.8.3")\n    fa3_version = PkgVersion("0")\n')
+        '    max_version = PkgVersion("2.8.3")\n    fa3_version = PkgVersion("0")\n'
+    )
     limits = cme.te_flash_attn_limits(str(tmp_path / "te2"))
     assert (limits["min"], limits["max"], limits["min_blackwell"]) == ("2.1.1", "2.8.3", "2.7.3")
     old = tmp_path / "te1" / "pytorch"
     old.mkdir(parents=True)
-    (old / "attention.py").write_text('_flash_attn_version_required = PkgVersion("2.0.6")\n'
-                                      '_flash_attn_max_version = PkgVersion("2.5.8")\n')
+    (old / "attention.py").write_text(
+        '_flash_attn_version_required = PkgVersion("2.0.6")\n'
+        '_flash_attn_max_version = PkgVersion("2.5.8")\n'
+    )
     limits = cme.te_flash_attn_limits(str(tmp_path / "te1"))
     assert (limits["min"], limits["max"], limits["min_blackwell"]) == ("2.0.6", "2.5.8", None)
     assert cme.te_flash_attn_limits(str(tmp_path / "none"))["max"] is None
@@ -269,10 +357,20 @@ def test_efa_devices_from_sysfs(cme, tmp_path):
 
 
 def test_reported_env_redacts_secret_names(cme):
-    env = {"NCCL_DEBUG": "INFO", "NCCL_IB_AUTH_TOKEN": "s3cret", "FI_PROVIDER": "efa",
-           "FI_EFA_API_KEY": "k", "PATH": "/bin", "AWS_SECRET_ACCESS_KEY": "nope"}
-    assert cme.reported_env(env) == {"FI_EFA_API_KEY": "<redacted>", "FI_PROVIDER": "efa",
-                                     "NCCL_DEBUG": "INFO", "NCCL_IB_AUTH_TOKEN": "<redacted>"}
+    env = {
+        "NCCL_DEBUG": "INFO",
+        "NCCL_IB_AUTH_TOKEN": "s3cret",
+        "FI_PROVIDER": "efa",
+        "FI_EFA_API_KEY": "k",
+        "PATH": "/bin",
+        "AWS_SECRET_ACCESS_KEY": "nope",
+    }
+    assert cme.reported_env(env) == {
+        "FI_EFA_API_KEY": "<redacted>",
+        "FI_PROVIDER": "efa",
+        "NCCL_DEBUG": "INFO",
+        "NCCL_IB_AUTH_TOKEN": "<redacted>",
+    }
 
 
 def test_megatron_checkout_version(cme, tmp_path):
@@ -285,12 +383,17 @@ def test_megatron_checkout_version(cme, tmp_path):
 
 def test_probe_protocol_survives_noise_and_crashes(cme):
     mark = cme.PROBE_MARK
-    out = "\n".join(["some package printed this", mark + '{"k": "stage", "v": "import"}',
-                     mark + '{"k": "done", "v": {"stage": "import", "value": null}}',
-                     mark + '{"k": "stage", "v": "version"}',
-                     mark + '{"k": "error", "v": {"stage": "version", "type": "E", '
-                            '"message": "m"}}',
-                     mark + '{"k": "stage", "v": "ext:amp_C"}', mark + "{broken"])
+    out = "\n".join(
+        [
+            "some package printed this",
+            mark + '{"k": "stage", "v": "import"}',
+            mark + '{"k": "done", "v": {"stage": "import", "value": null}}',
+            mark + '{"k": "stage", "v": "version"}',
+            mark + '{"k": "error", "v": {"stage": "version", "type": "E", "message": "m"}}',
+            mark + '{"k": "stage", "v": "ext:amp_C"}',
+            mark + "{broken",
+        ]
+    )
     result = cme.parse_probe_output(out)
     assert result.ok("import") and result.errors == {"version": "E: m"}
     assert result.crashed_in == "ext:amp_C"

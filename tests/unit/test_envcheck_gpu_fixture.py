@@ -16,8 +16,10 @@ from tests.unit.envcheck_fakes import REPO_ROOT, checks_by_id, schema_validator
 RECORDINGS = sorted((REPO_ROOT / "tests" / "fixtures" / "envcheck").glob("h200x2-*.json"))
 
 pytestmark = pytest.mark.skipif(
-    not RECORDINGS, reason="no GPU recording yet: tests/fixtures/envcheck/h200x2-<date>.json is "
-                           "added by running the script on a 2xH200 machine")
+    not RECORDINGS,
+    reason="no GPU recording yet: tests/fixtures/envcheck/h200x2-<date>.json is "
+    "added by running the script on a 2xH200 machine",
+)
 
 
 @pytest.fixture(params=RECORDINGS, ids=[p.name for p in RECORDINGS])
@@ -37,8 +39,16 @@ def test_gpus_driver_and_torch_cuda_found(report):
     assert {g["capability"] for g in facts["gpus"]} == {"9.0"}
     assert facts["driver"] and facts["driver_cuda"].startswith("13.")
     assert facts["torch"].startswith("2.") and facts["torch_cuda"].startswith("13.")
-    for cid in ("torch.cuda_build", "torch.cuda_available", "gpu.count", "gpu.arch",
-                "driver.version", "driver.cuda_compat", "cudnn.runtime", "nccl.runtime"):
+    for cid in (
+        "torch.cuda_build",
+        "torch.cuda_available",
+        "gpu.count",
+        "gpu.arch",
+        "driver.version",
+        "driver.cuda_compat",
+        "cudnn.runtime",
+        "nccl.runtime",
+    ):
         assert checks[cid]["status"] == "pass", (cid, checks[cid]["detail"])
     assert facts["cudnn_runtime"] and facts["nccl_runtime"]
 
@@ -66,5 +76,7 @@ def test_missing_transformer_engine_comes_with_its_fix(report):
     for line in report["te_build_env"]["export_lines"]:
         assert line in te["fix"]
     python = report["host"]["python"]["executable"]
-    assert f"{python} -m pip install --no-build-isolation 'transformer_engine[pytorch,core_cu13]'" \
+    assert (
+        f"{python} -m pip install --no-build-isolation 'transformer_engine[pytorch,core_cu13]'"
         in te["fix"]
+    )

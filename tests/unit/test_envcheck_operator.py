@@ -15,8 +15,14 @@ from megafleet import envcheck
 from megafleet.errors import EXIT_FAILED, EXIT_OK, EXIT_REMOTE, ValidationError
 from megafleet.jsonschema_subset import unsupported_keywords
 from tests.conftest import run_cli, run_cli_json
-from tests.unit.envcheck_fakes import (make_venv, run_json, schema_validator, site_packages,
-                                       write_fake_torch, write_fake_version_package)
+from tests.unit.envcheck_fakes import (
+    make_venv,
+    run_json,
+    schema_validator,
+    site_packages,
+    write_fake_torch,
+    write_fake_version_package,
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +50,9 @@ MUTATIONS = {
     "relative workdir": lambda d: d["options"]["workdirs"].append("work"),
     "wrong schema": lambda d: d.update(schema="megafleet.envcheck/2"),
     "negative duration": lambda d: d.update(duration_s=-1),
-    "gpu without name": lambda d: d["facts"]["gpus"].append({"index": 0, "capability": "9.0",
-                                                             "memory_mib": 1}),
+    "gpu without name": lambda d: d["facts"]["gpus"].append(
+        {"index": 0, "capability": "9.0", "memory_mib": 1}
+    ),
 }
 
 
@@ -90,9 +97,14 @@ def test_report_from_output(real_report):
 
 
 def _facts(**kw):
-    base = {"torch": "2.11.0+cu130", "torch_cuda": "13.0", "nccl_runtime": "2.27.7",
-            "transformer_engine": None, "megatron_core": "0.16.1",
-            "gpus": [{"index": 0, "name": "NVIDIA H200", "capability": "9.0", "memory_mib": 1}]}
+    base = {
+        "torch": "2.11.0+cu130",
+        "torch_cuda": "13.0",
+        "nccl_runtime": "2.27.7",
+        "transformer_engine": None,
+        "megatron_core": "0.16.1",
+        "gpus": [{"index": 0, "name": "NVIDIA H200", "capability": "9.0", "memory_mib": 1}],
+    }
     base.update(kw)
     return base
 
@@ -101,14 +113,20 @@ def test_cross_node_findings():
     assert envcheck.cross_node_findings({"a": _facts()}) == []
     assert envcheck.cross_node_findings({"a": _facts(), "b": _facts()}) == []
     h100 = [{"index": 0, "name": "NVIDIA H100 80GB HBM3", "capability": "9.0", "memory_mib": 1}]
-    findings = envcheck.cross_node_findings({
-        "a": _facts(), "b": _facts(torch="2.10.0+cu128", torch_cuda="12.8"),
-        "c": _facts(transformer_engine="2.8.0", gpus=h100)})
+    findings = envcheck.cross_node_findings(
+        {
+            "a": _facts(),
+            "b": _facts(torch="2.10.0+cu128", torch_cuda="12.8"),
+            "c": _facts(transformer_engine="2.8.0", gpus=h100),
+        }
+    )
     by_key = {f.key: f for f in findings}
     assert set(by_key) == {"torch", "torch_cuda", "transformer_engine", "gpu_models"}
     assert by_key["torch"].values == {"a": "2.11.0+cu130", "b": "2.10.0+cu128", "c": "2.11.0+cu130"}
-    assert by_key["torch"].message == \
-        "torch not the same on all hosts: 2.11.0+cu130 on a, c; 2.10.0+cu128 on b"
+    assert (
+        by_key["torch"].message
+        == "torch not the same on all hosts: 2.11.0+cu130 on a, c; 2.10.0+cu128 on b"
+    )
     assert by_key["transformer_engine"].values["a"] == "missing"
     assert by_key["gpu_models"].severity == "warn" and by_key["torch"].severity == "fail"
     assert by_key["gpu_models"].values["c"] == "NVIDIA H100 80GB HBM3"
@@ -122,8 +140,10 @@ def test_matrix_marks_differing_rows(real_report):
     down = envcheck.HostReport("gpu3", error="unreachable")
     findings = envcheck.findings_for([a, b, down])
     assert [f.key for f in findings] == ["megatron_core"]
-    rows = {cid: (differs, cells)
-            for cid, differs, cells in envcheck.matrix_rows([a, b, down], findings)}
+    rows = {
+        cid: (differs, cells)
+        for cid, differs, cells in envcheck.matrix_rows([a, b, down], findings)
+    }
     differs, cells = rows["megatron_core.version"]
     assert differs and cells[1] == ("fail", "0.15.0") and cells[2] == ("fail", "no report")
     assert rows["python.version"][0] is False
@@ -134,18 +154,39 @@ def _fake_node(root, torch, cuda, nccl, megatron, gpu, transformers="5.17.0"):
     venv = make_venv(root)
     sp = site_packages(venv)
     write_fake_torch(sp, version=torch, cuda=cuda, nccl=nccl, gpus=[(gpu, 9, 0, 81559)] * 2)
-    for module, version in (("megatron.core", megatron), ("transformers", transformers),
-                            ("safetensors", "0.6.2"), ("tokenizers", "0.22.1")):
+    for module, version in (
+        ("megatron.core", megatron),
+        ("transformers", transformers),
+        ("safetensors", "0.6.2"),
+        ("tokenizers", "0.22.1"),
+    ):
         write_fake_version_package(sp, module, version)
     return str(venv / "bin" / "python")
 
 
 def test_cli_local_compares_two_venvs(tmp_path):
     a = _fake_node(tmp_path / "a", "2.11.0+cu130", "13.0", (2, 27, 7), "0.16.1", "NVIDIA H200")
-    b = _fake_node(tmp_path / "b", "2.10.0+cu128", "12.8", (2, 26, 2), "0.15.0", "NVIDIA H100",
-                   transformers="4.46.3")
-    args = ("env", "check", "--local", "--cpu-ok", "--python", a, "--python", b,
-            "--workdir", str(tmp_path))
+    b = _fake_node(
+        tmp_path / "b",
+        "2.10.0+cu128",
+        "12.8",
+        (2, 26, 2),
+        "0.15.0",
+        "NVIDIA H100",
+        transformers="4.46.3",
+    )
+    args = (
+        "env",
+        "check",
+        "--local",
+        "--cpu-ok",
+        "--python",
+        a,
+        "--python",
+        b,
+        "--workdir",
+        str(tmp_path),
+    )
     proc, out = run_cli_json(*args, "--json")
     assert proc.returncode == EXIT_FAILED, proc.stderr
     assert list(out["hosts"]) == [f"local:{a}", f"local:{b}"]
@@ -165,8 +206,9 @@ def test_cli_local_compares_two_venvs(tmp_path):
 
 def test_cli_single_good_venv_passes(tmp_path):
     a = _fake_node(tmp_path / "a", "2.11.0+cu130", "13.0", (2, 27, 7), "0.16.1", "NVIDIA H200")
-    proc, out = run_cli_json("env", "check", "--local", "--cpu-ok", "--python", a, "--json",
-                             "--workdir", str(tmp_path))
+    proc, out = run_cli_json(
+        "env", "check", "--local", "--cpu-ok", "--python", a, "--json", "--workdir", str(tmp_path)
+    )
     assert proc.returncode == EXIT_OK and out["ok"] and out["findings"] == []
     assert list(out["hosts"]) == ["local"]
 
@@ -176,7 +218,9 @@ def test_cli_usage_errors(tmp_path, megafleet_home):
     assert no_hosts.returncode == 2 and "no hosts in" in no_hosts.stderr
     assert "megafleet env check --local" in no_hosts.stderr
     python_on_hosts = run_cli("env", "check", "--python", "python3")
-    assert python_on_hosts.returncode == 2 and "--python goes with --local" in python_on_hosts.stderr
+    assert (
+        python_on_hosts.returncode == 2 and "--python goes with --local" in python_on_hosts.stderr
+    )
     venv_local = run_cli("env", "check", "--local", "--venv", "x")
     assert venv_local.returncode == 2
     missing = run_cli("env", "check", "--local", "--python", str(tmp_path / "nope"), "--json")
@@ -185,7 +229,20 @@ def test_cli_usage_errors(tmp_path, megafleet_home):
 
 
 def test_script_argv_is_the_remote_command():
-    argv = envcheck.script_argv("/opt/venv/bin/python", "/tmp/mf/check_megatron_env.py",
-                                ["/data/run 1"], require_te=True, timeout=60)
-    assert argv == ["/opt/venv/bin/python", "/tmp/mf/check_megatron_env.py", "--json",
-                    "--workdir", "/data/run 1", "--require-te", "--timeout", "60"]
+    argv = envcheck.script_argv(
+        "/opt/venv/bin/python",
+        "/tmp/mf/check_megatron_env.py",
+        ["/data/run 1"],
+        require_te=True,
+        timeout=60,
+    )
+    assert argv == [
+        "/opt/venv/bin/python",
+        "/tmp/mf/check_megatron_env.py",
+        "--json",
+        "--workdir",
+        "/data/run 1",
+        "--require-te",
+        "--timeout",
+        "60",
+    ]

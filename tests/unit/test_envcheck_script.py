@@ -12,20 +12,32 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.envcheck_fakes import (checks_by_id, make_venv, run_json, run_script,
-                                       schema_validator, site_packages, write_fake_torch,
-                                       write_fake_version_package, write_module,
-                                       write_nvidia_headers)
+from tests.unit.envcheck_fakes import (
+    checks_by_id,
+    make_venv,
+    run_json,
+    run_script,
+    schema_validator,
+    site_packages,
+    write_fake_torch,
+    write_fake_version_package,
+    write_module,
+    write_nvidia_headers,
+)
 
-BARE_PYTHON = next((p for p in ("/usr/bin/python3", shutil.which("python3")) if p and
-                    os.path.exists(p)), None)
+BARE_PYTHON = next(
+    (p for p in ("/usr/bin/python3", shutil.which("python3")) if p and os.path.exists(p)), None
+)
 PY38 = "/root/.pyenv/versions/3.8.18/bin/python"
 
 
 def _clean_env(home: Path, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("NCCL_", "FI_", "CUDA_", "CUDNN_", "MEGATRON_", "PYTHON"))
-           and k not in ("XDG_CACHE_HOME", "HF_HOME", "VIRTUAL_ENV")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("NCCL_", "FI_", "CUDA_", "CUDNN_", "MEGATRON_", "PYTHON"))
+        and k not in ("XDG_CACHE_HOME", "HF_HOME", "VIRTUAL_ENV")
+    }
     env["HOME"] = str(home)
     env.update(extra)
     return env
@@ -37,8 +49,9 @@ def dev_venv_run(tmp_path_factory):
     with an empty HOME and working directory, to prove the check writes nothing."""
     home = tmp_path_factory.mktemp("home")
     cwd = tmp_path_factory.mktemp("cwd")
-    proc, report = run_json(sys.executable, "--workdir", str(cwd / "not-yet"),
-                            env=_clean_env(home), cwd=cwd)
+    proc, report = run_json(
+        sys.executable, "--workdir", str(cwd / "not-yet"), env=_clean_env(home), cwd=cwd
+    )
     return proc, report, home, cwd
 
 
@@ -64,16 +77,17 @@ def test_dev_venv_report_is_valid_and_names_the_missing_gpu(dev_venv_run):
     assert te["level"] == "optional" and te["status"] == "warn"
     assert f"{sys.executable} -m pip install --no-build-isolation" in te["fix"]
     assert {"torch.cuda_build", "gpu.count", "driver.version"} <= set(
-        report["summary"]["failed_required"])
+        report["summary"]["failed_required"]
+    )
 
 
-def test_a_missing_gpu_has_a_fix_and_cpu_ok_marks_gpu_checks_not_applicable(dev_venv_run,
-                                                                              tmp_path):
+def test_a_missing_gpu_has_a_fix_and_cpu_ok_marks_gpu_checks_not_applicable(dev_venv_run, tmp_path):
     """With --cpu-ok the summary says ok: then no row may still say fail."""
     _, report, home, _ = dev_venv_run
     assert "--cpu-ok" in checks_by_id(report)["gpu.count"]["fix"]
-    proc, cpu = run_json(sys.executable, "--cpu-ok", "--workdir", str(tmp_path),
-                         env=_clean_env(home), cwd=tmp_path)
+    proc, cpu = run_json(
+        sys.executable, "--cpu-ok", "--workdir", str(tmp_path), env=_clean_env(home), cwd=tmp_path
+    )
     checks = checks_by_id(cpu)
     assert proc.returncode == 0 and cpu["summary"]["ok"]
     assert [c for c, v in checks.items() if v["status"] == "fail"] == []
@@ -110,8 +124,10 @@ def test_bare_python_fails_with_install_fixes(tmp_path):
     assert checks["torch.import"]["detail"] == "torch is not installed"
     assert checks["torch.import"]["fix"].startswith(f"{BARE_PYTHON} -m pip install")
     assert checks["torch.cuda_build"]["status"] == "skip"
-    assert checks["megatron_core.version"]["fix"] == \
-        f"{BARE_PYTHON} -m pip install 'megatron-core>=0.16,<0.17'"
+    assert (
+        checks["megatron_core.version"]["fix"]
+        == f"{BARE_PYTHON} -m pip install 'megatron-core>=0.16,<0.17'"
+    )
     for name in ("transformers", "safetensors", "tokenizers"):
         assert checks[f"{name}.import"]["status"] == "fail"
     assert checks["peft.import"]["status"] == "skip"
@@ -147,7 +163,8 @@ def test_crashing_imports_are_failures_and_the_report_goes_on(tmp_path):
     assert "timed out after 3s" in checks["flash_attn.version"]["detail"]
     # installed but broken is not "not installed"
     assert checks["tokenizers.import"]["detail"] == (
-        "import tokenizers failed: ModuleNotFoundError: No module named 'a_missing_dependency'")
+        "import tokenizers failed: ModuleNotFoundError: No module named 'a_missing_dependency'"
+    )
     assert checks["transformers.import"]["detail"] == "transformers is not installed"
     # every later check still ran
     assert checks["shm.size"]["status"] in ("pass", "warn", "fail")
@@ -161,14 +178,23 @@ def test_fake_gpu_venv_finds_venv_headers_and_prints_exports(tmp_path, base):
     venv = make_venv(tmp_path / "venv with space", base)
     sp = site_packages(venv)
     write_fake_torch(sp)
-    for module, version in (("megatron.core", "0.16.1"), ("transformers", "5.17.0"),
-                            ("safetensors", "0.6.2"), ("tokenizers", "0.22.1")):
+    for module, version in (
+        ("megatron.core", "0.16.1"),
+        ("transformers", "5.17.0"),
+        ("safetensors", "0.6.2"),
+        ("tokenizers", "0.22.1"),
+    ):
         write_fake_version_package(sp, module, version)
     made = write_nvidia_headers(sp)
     bin_dir = write_fake_nvidia_smi(tmp_path / "bin")
-    env = _clean_env(tmp_path, NCCL_SOCKET_IFNAME="eth0", NCCL_IB_AUTH_TOKEN="hunter2",
-                     NCCL_P2P_DISABLE="1", CPLUS_INCLUDE_PATH="~/include",
-                     PATH=f"{bin_dir}:{os.environ['PATH']}")
+    env = _clean_env(
+        tmp_path,
+        NCCL_SOCKET_IFNAME="eth0",
+        NCCL_IB_AUTH_TOKEN="hunter2",
+        NCCL_P2P_DISABLE="1",
+        CPLUS_INCLUDE_PATH="~/include",
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+    )
     proc, report = run_json(venv / "bin" / "python", env=env, cwd=tmp_path)
     schema_validator().validate(report)
     checks, facts = checks_by_id(report), report["facts"]
@@ -186,8 +212,10 @@ def test_fake_gpu_venv_finds_venv_headers_and_prints_exports(tmp_path, base):
     includes = plan["vars"]["CPLUS_INCLUDE_PATH"].split(":")
     assert includes[:2] == [str(made["cudnn"] / "include"), str(made["nccl"] / "include")]
     assert includes[2] == str(tmp_path / "include")  # the inherited ~/include, expanded
-    assert plan["vars"]["LIBRARY_PATH"].split(":")[:2] == [str(made["cudnn"] / "lib"),
-                                                           str(made["nccl"] / "lib")]
+    assert plan["vars"]["LIBRARY_PATH"].split(":")[:2] == [
+        str(made["cudnn"] / "lib"),
+        str(made["nccl"] / "lib"),
+    ]
     assert not any("~" in line for line in plan["export_lines"])
     assert f"export CUDNN_PATH='{made['cudnn']}'" in plan["export_lines"]  # quoted: a space
     te = checks["te.import"]
@@ -257,14 +285,16 @@ def test_installed_te_apex_and_flash_attn_are_cross_checked(tmp_path):
     write_module(sp, "transformer_engine.pytorch.attention.dot_product_attention", "")
     (sp / "transformer_engine/pytorch/attention/dot_product_attention/utils.py").write_text(
         'class FlashAttentionUtils:\n    version_required = PkgVersion("2.1.1")\n'
-        '    max_version = PkgVersion("2.8.3")\n')
+        '    max_version = PkgVersion("2.8.3")\n'
+    )
     write_fake_version_package(sp, "flash_attn", "2.8.3.post1")
     write_module(sp, "flash_attn_2_cuda", "")
     write_fake_version_package(sp, "apex", "0.1")
     for ext in ("amp_C", "fused_layer_norm_cuda"):
         write_module(sp, ext, "")
-    proc, report = run_json(venv / "bin" / "python", "--require-te", env=_clean_env(tmp_path),
-                            cwd=tmp_path)
+    proc, report = run_json(
+        venv / "bin" / "python", "--require-te", env=_clean_env(tmp_path), cwd=tmp_path
+    )
     schema_validator().validate(report)
     checks = checks_by_id(report)
     assert checks["te.import"]["status"] == "pass"
@@ -273,8 +303,7 @@ def test_installed_te_apex_and_flash_attn_are_cross_checked(tmp_path):
     assert checks["te.fused_attention"]["status"] == "skip"  # no GPU
     fa = checks["flash_attn.version"]
     assert fa["status"] == "warn"
-    assert "2.8.3.post1 is outside transformer-engine 2.9.0's range >=2.1.1,<=2.8.3" \
-        in fa["detail"]
+    assert "2.8.3.post1 is outside transformer-engine 2.9.0's range >=2.1.1,<=2.8.3" in fa["detail"]
     assert "'flash-attn>=2.1.1,<=2.8.3'" in fa["fix"]
     apex = checks["apex.cuda_ext"]
     assert apex["status"] == "warn"

@@ -13,10 +13,29 @@ BASE = ["--model", "/m", "--dataset", "d.jsonl", "--train_iters", "3"]
 
 
 def test_eval_and_dpo_options_parse_with_megatron_swift_names():
-    job = job_from_argv([*BASE, "--val_dataset", "v.jsonl", "v2.jsonl#5", "--eval_interval", "7",
-                         "--eval_iters", "2", "--beta", "0.2", "--loss_type", "ipo",
-                         "--rpo_alpha", "0.5", "--ref_model", "/ref", "--rlhf_type", "dpo"],
-                        task="rlhf")
+    job = job_from_argv(
+        [
+            *BASE,
+            "--val_dataset",
+            "v.jsonl",
+            "v2.jsonl#5",
+            "--eval_interval",
+            "7",
+            "--eval_iters",
+            "2",
+            "--beta",
+            "0.2",
+            "--loss_type",
+            "ipo",
+            "--rpo_alpha",
+            "0.5",
+            "--ref_model",
+            "/ref",
+            "--rlhf_type",
+            "dpo",
+        ],
+        task="rlhf",
+    )
     assert job.eval.val_dataset == ["v.jsonl", "v2.jsonl#5"] and job.eval.eval_steps == 7
     assert (job.eval.eval_iters, job.rlhf.beta, job.rlhf.loss_type) == (2, 0.2, "ipo")
     assert (job.rlhf.rpo_alpha, job.rlhf.ref_model, job.task) == (0.5, "/ref", "rlhf")
@@ -25,15 +44,26 @@ def test_eval_and_dpo_options_parse_with_megatron_swift_names():
     assert (split.eval.split_dataset_ratio, split.eval.eval_steps) == (0.1, 4)
 
 
-@pytest.mark.parametrize("flags,field,text", [
-    (["--loss_type", "robust"], "rlhf.loss_type", "'robust' is not one of: sigmoid, ipo, hinge"),
-    (["--rlhf_type", "kto"], "rlhf.rlhf_type", "'kto' is not one of: dpo"),
-    (["--beta", "0"], "rlhf.beta", "must be > 0"),
-    (["--label_smoothing", "0.1", "--loss_type", "hinge"], "rlhf.label_smoothing", "sigmoid only"),
-    (["--reference_free", "true", "--ref_model", "/r"], "rlhf.ref_model", "reference_free"),
-    (["--split_dataset_ratio", "1.5"], "eval.split_dataset_ratio", "[0, 1)"),
-    (["--eval_iters", "0"], "eval.eval_iters", "-1 for the whole validation set"),
-])
+@pytest.mark.parametrize(
+    "flags,field,text",
+    [
+        (
+            ["--loss_type", "robust"],
+            "rlhf.loss_type",
+            "'robust' is not one of: sigmoid, ipo, hinge",
+        ),
+        (["--rlhf_type", "kto"], "rlhf.rlhf_type", "'kto' is not one of: dpo"),
+        (["--beta", "0"], "rlhf.beta", "must be > 0"),
+        (
+            ["--label_smoothing", "0.1", "--loss_type", "hinge"],
+            "rlhf.label_smoothing",
+            "sigmoid only",
+        ),
+        (["--reference_free", "true", "--ref_model", "/r"], "rlhf.ref_model", "reference_free"),
+        (["--split_dataset_ratio", "1.5"], "eval.split_dataset_ratio", "[0, 1)"),
+        (["--eval_iters", "0"], "eval.eval_iters", "-1 for the whole validation set"),
+    ],
+)
 def test_bad_values_are_refused_naming_the_field(flags, field, text):
     job = job_from_argv([*BASE, *flags], task="rlhf")
     with pytest.raises(ConfigError) as exc:
@@ -43,9 +73,11 @@ def test_bad_values_are_refused_naming_the_field(flags, field, text):
 
 def test_status_metrics_carry_the_last_evaluation(tmp_path):
     path = tmp_path / "logging.jsonl"
-    records = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "eval_loss": 1.8,
-                                          "eval_rewards/accuracies": 0.75},
-               {"step": 3, "loss": 1.2}]
+    records = [
+        {"step": 1, "loss": 2.0},
+        {"step": 2, "loss": 1.5, "eval_loss": 1.8, "eval_rewards/accuracies": 0.75},
+        {"step": 3, "loss": 1.2},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo')
     metrics, count = last_metrics(path)
     assert count == 4 and metrics["step"] == 3 and metrics["loss"] == 1.2

@@ -6,37 +6,80 @@ import sys
 
 import pytest
 
-from remote_runtime.spec.flags import job_from_argv
 from remote_runtime.bridge.mapping import ConversionError, check_checkpoint_keys, summarize
 from remote_runtime.spec.config import ConfigError
-from remote_runtime.spec.resolve import resolve_job
 from remote_runtime.spec.families import FAMILIES, family_for_hf_config
+from remote_runtime.spec.flags import job_from_argv
+from remote_runtime.spec.resolve import resolve_job
 from tests.conftest import REPO_ROOT, cli_env
 
 # Real config.json contents (abridged) as the Hub ships them: older transformers layout with
 # top-level rope_theta / rope_scaling.
-QWEN3_1_7B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 2048,
-              "intermediate_size": 6144, "num_hidden_layers": 28, "num_attention_heads": 16,
-              "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-6,
-              "rope_theta": 1000000, "rope_scaling": None, "tie_word_embeddings": True,
-              "vocab_size": 151936, "max_position_embeddings": 40960, "hidden_act": "silu",
-              "attention_bias": False, "use_sliding_window": False}
-QWEN25_7B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584,
-             "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-             "num_key_value_heads": 4, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-             "tie_word_embeddings": False, "vocab_size": 152064, "hidden_act": "silu",
-             "max_position_embeddings": 32768, "use_sliding_window": False}
-LLAMA32_1B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
-              "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-              "num_key_value_heads": 8, "head_dim": 64, "rms_norm_eps": 1e-5,
-              "rope_theta": 500000.0, "tie_word_embeddings": True, "vocab_size": 128256,
-              "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-              "max_position_embeddings": 131072,
-              "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                               "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+QWEN3_1_7B = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000,
+    "rope_scaling": None,
+    "tie_word_embeddings": True,
+    "vocab_size": 151936,
+    "max_position_embeddings": 40960,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "use_sliding_window": False,
+}
+QWEN25_7B = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+    "vocab_size": 152064,
+    "hidden_act": "silu",
+    "max_position_embeddings": 32768,
+    "use_sliding_window": False,
+}
+LLAMA32_1B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+    "vocab_size": 128256,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "max_position_embeddings": 131072,
+    "rope_scaling": {
+        "factor": 32.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+}
 
 
-@pytest.mark.parametrize("hf,name", [(QWEN3_1_7B, "qwen3"), (QWEN25_7B, "qwen2"), (LLAMA32_1B, "llama")])
+@pytest.mark.parametrize(
+    "hf,name", [(QWEN3_1_7B, "qwen3"), (QWEN25_7B, "qwen2"), (LLAMA32_1B, "llama")]
+)
 def test_family_is_detected_from_architectures(hf, name):
     assert family_for_hf_config(hf).name == name
     assert family_for_hf_config({"model_type": name}).name == name  # no architectures field
@@ -81,16 +124,24 @@ def test_llama3_rope_scaling_in_both_config_layouts(layout):
         hf["rope_parameters"] = dict(scaling, rope_theta=hf.pop("rope_theta"))
     tc = family_for_hf_config(hf).transformer_config_kwargs(hf)
     assert tc["rotary_base"] == 500000.0
-    assert tc["rope_scaling"] == {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    assert tc["rope_scaling"] == {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
 
 
-@pytest.mark.parametrize("change,field", [
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn'"),
-    ({"use_sliding_window": True}, "use_sliding_window"),
-    ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
-])
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn'"),
+        ({"use_sliding_window": True}, "use_sliding_window"),
+        ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
+    ],
+)
 def test_unsupported_config_values_are_named(change, field):
     hf = dict(QWEN25_7B, **change)
     with pytest.raises(ConfigError) as exc:
@@ -117,7 +168,9 @@ def test_name_tables_cover_each_checkpoint_layout():
 
 def test_megatron_names_match_with_global_layers():
     fam = FAMILIES["qwen3"]
-    row, layer = fam.match_megatron("decoder.layers.27.self_attention.q_layernorm.weight", tied=True)
+    row, layer = fam.match_megatron(
+        "decoder.layers.27.self_attention.q_layernorm.weight", tied=True
+    )
     assert layer == 27 and row.hf == ("model.layers.{layer}.self_attn.q_norm.weight",)
     row, _ = fam.match_megatron("output_layer.weight", tied=True)
     assert row.hf == ("model.embed_tokens.weight",) and row.save is False
@@ -143,8 +196,20 @@ def test_summarize_keys():
 
 
 def test_dry_run_resolves_with_the_family():
-    job = job_from_argv(["--model", "/m", "--dataset", "d.jsonl", "--train_iters", "1",
-                         "--tensor_model_parallel_size", "2", "--global_batch_size", "4"])
+    job = job_from_argv(
+        [
+            "--model",
+            "/m",
+            "--dataset",
+            "d.jsonl",
+            "--train_iters",
+            "1",
+            "--tensor_model_parallel_size",
+            "2",
+            "--global_batch_size",
+            "4",
+        ]
+    )
     resolved = resolve_job(job, 4, hf_config=QWEN3_1_7B)
     assert resolved["model"]["family"] == "qwen3"
     assert resolved["model"]["padded_vocab_size"] == 152064  # multiple of 128 × TP
@@ -152,8 +217,10 @@ def test_dry_run_resolves_with_the_family():
 
 
 def test_families_do_not_import_torch():
-    code = ("import sys, remote_runtime.spec.families, remote_runtime.bridge.mapping; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, remote_runtime.spec.families, remote_runtime.bridge.mapping; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, env=cli_env(), cwd=REPO_ROOT)
 
 
@@ -162,7 +229,9 @@ def test_pytorch_bin_checkpoints_get_a_clear_error(tmp_path):
     from remote_runtime.bridge.checkpoint import CheckpointError, HFCheckpoint
 
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="pytorch_model.bin.*not supported.*safe_serialization"):
+    with pytest.raises(
+        CheckpointError, match="pytorch_model.bin.*not supported.*safe_serialization"
+    ):
         HFCheckpoint(tmp_path)
 
 

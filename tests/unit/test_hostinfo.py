@@ -10,8 +10,18 @@ from megafleet.fleetcheck import exit_code, fleet_findings
 from megafleet.runner import LocalRunner
 
 H200 = Path(__file__).resolve().parent.parent / "fixtures" / "h200x2"
-CAPTURE_FIELDS = ("index", "name", "uuid", "memory.total", "memory.used", "driver_version",
-                  "compute_cap", "pci.bus_id", "temperature.gpu", "utilization.gpu")
+CAPTURE_FIELDS = (
+    "index",
+    "name",
+    "uuid",
+    "memory.total",
+    "memory.used",
+    "driver_version",
+    "compute_cap",
+    "pci.bus_id",
+    "temperature.gpu",
+    "utilization.gpu",
+)
 
 
 def traced(name: str) -> dict[str, str]:
@@ -36,7 +46,9 @@ def query_as_probe() -> str:
 def h200_probe_output() -> str:
     system = traced("system.txt")
     sections = {
-        "user": "ubuntu", "hostname": "vm", "sudo": "yes",
+        "user": "ubuntu",
+        "hostname": "vm",
+        "sudo": "yes",
         "os_release": system["cat /etc/os-release"],
         "uname": "Linux\n6.18.44-fc-v657-gpu\nx86_64",
         "nproc": system["nproc"],
@@ -48,7 +60,7 @@ def h200_probe_output() -> str:
         "shm": system["df -h /dev/shm"].splitlines()[1],
         "ulimit": "nofile 20000\nmemlock unlimited",
         "ipv4": "2: enp0s5    inet 172.31.5.7/20 brd 172.31.15.255 scope global dynamic enp0s5\n"
-                "3: docker0    inet 54.210.1.9/24 scope global ens6",
+        "3: docker0    inet 54.210.1.9/24 scope global ens6",
         "infiniband": "rdmap0s6 efa\nmlx5_0 mlx5_core",
         "end": "",
     }
@@ -76,8 +88,10 @@ def test_cuda_driver_version_from_the_nvidia_smi_header():
 def test_df_in_both_units():
     rows = hostinfo.parse_df(traced("system.txt")["df -h /dev/shm"])
     assert rows[0]["mount"] == "/dev/shm" and rows[0]["size_kib"] == 256 * 1024**2
-    rows = hostinfo.parse_df("Filesystem 1024-blocks Used Available Capacity Mounted on\n"
-                             "/dev/vda 263174212 17000000 134000000 12% /\n")
+    rows = hostinfo.parse_df(
+        "Filesystem 1024-blocks Used Available Capacity Mounted on\n"
+        "/dev/vda 263174212 17000000 134000000 12% /\n"
+    )
     assert rows[0]["avail_kib"] == 134000000
 
 
@@ -88,8 +102,13 @@ def test_the_whole_probe_of_an_h200_host():
     assert f["memory_gib"] == 251.4 and f["disk_free_gib"] == 128.0 and f["shm_gib"] == 256.0
     assert f["python3"] == "3.12.3"
     assert f["gpu_status"] == "ok" and len(f["gpus"]) == 2
-    assert f["gpus"][0] == {"index": 0, "name": "NVIDIA H200", "memory.total": 143771,
-                            "driver_version": "580.159.04", "compute_cap": "9.0"}
+    assert f["gpus"][0] == {
+        "index": 0,
+        "name": "NVIDIA H200",
+        "memory.total": 143771,
+        "driver_version": "580.159.04",
+        "compute_cap": "9.0",
+    }
     assert f["driver_version"] == "580.159.04" and f["cuda_driver_version"] == "13.0"
     assert f["ulimit_nofile"] == 20000 and f["ulimit_memlock"] == "unlimited"
     assert f["private_ipv4"] == ["172.31.5.7"]  # 54.210.1.9 is public
@@ -104,8 +123,9 @@ def test_no_nvidia_smi_is_a_plain_none_not_an_error():
 
 def test_failing_nvidia_smi_is_reported_with_its_message():
     msg = "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."
-    f = hostinfo.parse_probe(h200_probe_output().replace(query_as_probe() + "\n@@rc=0",
-                                                         msg + "\n@@rc=9"))
+    f = hostinfo.parse_probe(
+        h200_probe_output().replace(query_as_probe() + "\n@@rc=0", msg + "\n@@rc=9")
+    )
     assert f["gpu_status"] == "error" and msg in f["gpu_error"]
 
 
@@ -120,11 +140,20 @@ def test_the_probe_script_runs_on_this_machine():
 
 
 def row(name, gpus=(), driver="580.159.04", status=None, reachable=True, ok=True):
-    g = [{"index": i, "name": n, "memory.total": 1, "driver_version": driver, "compute_cap": "9.0"}
-         for i, n in enumerate(gpus)]
-    return {"name": name, "reachable": reachable, "ok": ok, "gpus": g, "driver_version": driver,
-            "gpu_status": status or ("ok" if g else "none"), "gpu_error": None,
-            "error": None if ok else {"kind": "unreachable", "message": "refused", "hint": None}}
+    g = [
+        {"index": i, "name": n, "memory.total": 1, "driver_version": driver, "compute_cap": "9.0"}
+        for i, n in enumerate(gpus)
+    ]
+    return {
+        "name": name,
+        "reachable": reachable,
+        "ok": ok,
+        "gpus": g,
+        "driver_version": driver,
+        "gpu_status": status or ("ok" if g else "none"),
+        "gpu_error": None,
+        "error": None if ok else {"kind": "unreachable", "message": "refused", "hint": None},
+    }
 
 
 def codes(rows):
@@ -136,8 +165,14 @@ def test_a_uniform_fleet_has_no_findings():
 
 
 def test_mixed_models_counts_drivers_and_a_host_without_gpus():
-    found = codes([row("a", ["NVIDIA H200"] * 8), row("b", ["NVIDIA H100 80GB HBM3"] * 8),
-                   row("c", ["NVIDIA H200"] * 4, driver="570.1"), row("d")])
+    found = codes(
+        [
+            row("a", ["NVIDIA H200"] * 8),
+            row("b", ["NVIDIA H100 80GB HBM3"] * 8),
+            row("c", ["NVIDIA H200"] * 4, driver="570.1"),
+            row("d"),
+        ]
+    )
     assert found["mixed_gpu_models"] == ["a", "c", "b"]
     assert set(found["mixed_gpu_counts"]) == {"a", "b", "c"}
     assert set(found["mixed_drivers"]) == {"a", "b", "c"}
@@ -147,8 +182,10 @@ def test_mixed_models_counts_drivers_and_a_host_without_gpus():
 def test_exit_codes_follow_the_worst_finding():
     def report(rows):
         reachable = sum(r["reachable"] for r in rows)
-        return {"findings": [vars(f) for f in fleet_findings(rows)],
-                "summary": {"unreachable": len(rows) - reachable}}
+        return {
+            "findings": [vars(f) for f in fleet_findings(rows)],
+            "summary": {"unreachable": len(rows) - reachable},
+        }
 
     assert exit_code(report([row("a", ["H200"])])) == 0
     assert exit_code(report([row("a", ["H200"]), row("b")])) == 0  # a warning only

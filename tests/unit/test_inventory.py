@@ -29,8 +29,17 @@ def test_project_local_file_wins_over_the_users(megafleet_home, tmp_path):
 
 def test_save_is_private_commented_and_loads_back_unchanged(megafleet_home):
     inv = Inventory.load()
-    inv.add(Host("gpu1", "203.0.113.7", user="ubuntu", port=2222, identity_file="/k/id",
-                 private_address="10.0.1.7", tags={"role": "trainer"}))
+    inv.add(
+        Host(
+            "gpu1",
+            "203.0.113.7",
+            user="ubuntu",
+            port=2222,
+            identity_file="/k/id",
+            private_address="10.0.1.7",
+            tags={"role": "trainer"},
+        )
+    )
     inv.add(Host("gpu2", "gpu2.example.com", user="ubuntu", jump_host="gpu1"))
     path = inv.save()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -42,12 +51,17 @@ def test_save_is_private_commented_and_loads_back_unchanged(megafleet_home):
 
 
 def test_relative_identity_file_is_relative_to_the_inventory(megafleet_home):
-    write(megafleet_home / "hosts.yaml", "hosts:\n  a: {address: h, user: u, identity_file: keys/id}\n")
+    write(
+        megafleet_home / "hosts.yaml",
+        "hosts:\n  a: {address: h, user: u, identity_file: keys/id}\n",
+    )
     assert Inventory.load().get("a").identity_file == str(megafleet_home / "keys" / "id")
 
 
 def test_every_bad_field_is_named_with_its_line(megafleet_home):
-    path = write(megafleet_home / "hosts.yaml", """\
+    path = write(
+        megafleet_home / "hosts.yaml",
+        """\
 hosts:
   good: {address: 10.0.0.1, user: u}
   bad:
@@ -57,7 +71,8 @@ hosts:
     colour: blue
   noaddr:
     user: u
-""")
+""",
+    )
     with pytest.raises(ValidationError) as e:
         Inventory.load()
     found = {(p.field, p.line) for p in e.value.problems}
@@ -69,7 +84,9 @@ hosts:
 
 
 def test_malformed_yaml_names_the_line(megafleet_home):
-    path = write(megafleet_home / "hosts.yaml", "hosts:\n  a:\n    address: 10.0.0.1\n   user: [u\n")
+    path = write(
+        megafleet_home / "hosts.yaml", "hosts:\n  a:\n    address: 10.0.0.1\n   user: [u\n"
+    )
     with pytest.raises(ValidationError) as e:
         Inventory.load()
     problem = e.value.problems[0]
@@ -79,8 +96,11 @@ def test_malformed_yaml_names_the_line(megafleet_home):
 
 def test_a_host_name_given_twice_is_an_error_with_both_lines(megafleet_home):
     """YAML would silently keep the second entry: two "nodes" on one machine, a job that hangs."""
-    path = write(megafleet_home / "hosts.yaml", "hosts:\n  gpu1:\n    address: 10.0.0.1\n"
-                 "  gpu2:\n    address: 10.0.0.2\n  gpu1:\n    address: 10.0.0.3\n")
+    path = write(
+        megafleet_home / "hosts.yaml",
+        "hosts:\n  gpu1:\n    address: 10.0.0.1\n"
+        "  gpu2:\n    address: 10.0.0.2\n  gpu1:\n    address: 10.0.0.3\n",
+    )
     with pytest.raises(ValidationError) as e:
         Inventory.load()
     (problem,) = e.value.problems
@@ -102,12 +122,17 @@ def test_top_level_and_type_errors(megafleet_home):
 
 
 def test_jump_host_loops_are_refused(megafleet_home):
-    write(megafleet_home / "hosts.yaml", """\
+    write(
+        megafleet_home / "hosts.yaml",
+        """\
 hosts:
   a: {address: h1, user: u, jump_host: b}
   b: {address: h2, user: u, jump_host: a}
-""")
-    with pytest.raises(ValidationError, match="hosts.yaml:2: hosts.a.jump_host: jump hosts form a loop"):
+""",
+    )
+    with pytest.raises(
+        ValidationError, match="hosts.yaml:2: hosts.a.jump_host: jump hosts form a loop"
+    ):
         Inventory.load()
     with pytest.raises(ValidationError, match="its own jump host"):
         Inventory().add(Host("c", "h", user="u", jump_host="c"))
@@ -134,17 +159,27 @@ def test_add_remove_select(megafleet_home):
 
 
 def test_jump_host_given_as_target(megafleet_home):
-    inv = Inventory([Host("a", "10.0.0.1", user="u", identity_file="/k", jump_host="ops@bastion:2222")])
+    inv = Inventory(
+        [Host("a", "10.0.0.1", user="u", identity_file="/k", jump_host="ops@bastion:2222")]
+    )
     jump = inv.jump_for(inv.get("a"))
-    assert (jump.user, jump.address, jump.port, jump.identity_file) == ("ops", "bastion", 2222, "/k")
+    assert (jump.user, jump.address, jump.port, jump.identity_file) == (
+        "ops",
+        "bastion",
+        2222,
+        "/k",
+    )
 
 
-@pytest.mark.parametrize("spec,want", [
-    ("10.0.0.1", (None, "10.0.0.1", None)),
-    ("ubuntu@h.example.com:2222", ("ubuntu", "h.example.com", 2222)),
-    ("u@[fe80::1]:22", ("u", "fe80::1", 22)),
-    ("fe80::1", (None, "fe80::1", None)),
-])
+@pytest.mark.parametrize(
+    "spec,want",
+    [
+        ("10.0.0.1", (None, "10.0.0.1", None)),
+        ("ubuntu@h.example.com:2222", ("ubuntu", "h.example.com", 2222)),
+        ("u@[fe80::1]:22", ("u", "fe80::1", 22)),
+        ("fe80::1", (None, "fe80::1", None)),
+    ],
+)
 def test_parse_target(spec, want):
     assert parse_target(spec) == want
 

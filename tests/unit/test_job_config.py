@@ -1,10 +1,16 @@
 """The job config schema: flags, job files, validation messages, round trips."""
 
-
 import pytest
 
+from remote_runtime.spec.config import (
+    LEAVES,
+    ConfigError,
+    JobConfig,
+    from_dict,
+    normalize,
+    validate,
+)
 from remote_runtime.spec.flags import dump_job, job_from_argv, load_job_file, to_flags
-from remote_runtime.spec.config import LEAVES, ConfigError, JobConfig, from_dict, normalize, validate
 
 BASE = ["--model", "/m", "--dataset", "d.jsonl", "--train_iters", "10"]
 
@@ -20,9 +26,24 @@ def test_leaf_names_are_unique_and_dotted():
 
 
 def test_flags_set_nested_fields_with_types():
-    job = job_from_argv(BASE + ["--dataset", "a.jsonl", "b.jsonl#5", "--packing", "--lr", "2e-5",
-                                "--tensor_model_parallel_size", "2", "--sequence_parallel", "false",
-                                "--save_total_limit", "none"], task="pt")
+    job = job_from_argv(
+        BASE
+        + [
+            "--dataset",
+            "a.jsonl",
+            "b.jsonl#5",
+            "--packing",
+            "--lr",
+            "2e-5",
+            "--tensor_model_parallel_size",
+            "2",
+            "--sequence_parallel",
+            "false",
+            "--save_total_limit",
+            "none",
+        ],
+        task="pt",
+    )
     assert job.task == "pt"
     assert job.data.dataset == ["a.jsonl", "b.jsonl#5"]
     assert job.data.packing is True
@@ -33,8 +54,9 @@ def test_flags_set_nested_fields_with_types():
 
 
 def test_ms_swift_3x_aliases_map_to_4x_names():
-    job = job_from_argv(BASE + ["--save", "out", "--save_interval", "7", "--log_interval", "3",
-                                "--max_epochs", "2"])
+    job = job_from_argv(
+        BASE + ["--save", "out", "--save_interval", "7", "--log_interval", "3", "--max_epochs", "2"]
+    )
     assert (job.checkpoint.output_dir, job.checkpoint.save_steps) == ("out", 7)
     assert (job.logging.logging_steps, job.train.num_train_epochs) == (3, 2.0)
 
@@ -58,15 +80,22 @@ def test_bad_values_name_the_dotted_field():
     assert "optim.lr" in p and "train.micro_batch_size" in p
 
 
-@pytest.mark.parametrize("flags,field,needle", [
-    (["--lr_decay_style", "step"], "optim.lr_decay_style", "cosine"),
-    (["--min_lr", "1", "--lr", "0.1"], "optim.min_lr", "larger"),
-    (["--global_batch_size", "10", "--micro_batch_size", "4"], "train.global_batch_size", "multiple"),
-    (["--recompute_granularity", "full"], "recompute.recompute_method", "uniform"),
-    (["--lr_warmup_fraction", "1.5"], "optim.lr_warmup_fraction", "[0, 1)"),
-    (["--packing", "--padding_free", "false"], "data.padding_free", "packing"),
-    (["--dataset", "x.jsonl#abc"], "data.dataset", "row count"),
-])
+@pytest.mark.parametrize(
+    "flags,field,needle",
+    [
+        (["--lr_decay_style", "step"], "optim.lr_decay_style", "cosine"),
+        (["--min_lr", "1", "--lr", "0.1"], "optim.min_lr", "larger"),
+        (
+            ["--global_batch_size", "10", "--micro_batch_size", "4"],
+            "train.global_batch_size",
+            "multiple",
+        ),
+        (["--recompute_granularity", "full"], "recompute.recompute_method", "uniform"),
+        (["--lr_warmup_fraction", "1.5"], "optim.lr_warmup_fraction", "[0, 1)"),
+        (["--packing", "--padding_free", "false"], "data.padding_free", "packing"),
+        (["--dataset", "x.jsonl#abc"], "data.dataset", "row count"),
+    ],
+)
 def test_validate_rejects_with_field_and_reason(flags, field, needle):
     job = job_from_argv(BASE + flags)
     with pytest.raises(ConfigError) as e:
@@ -99,8 +128,9 @@ def test_job_file_round_trip_and_flat_ms_swift_keys(tmp_path):
     path.write_text(dump_job(job))
     assert load_job_file(path) == job
     flat = tmp_path / "flat.yaml"
-    flat.write_text("model: /m\ndataset: [d.jsonl]\ntrain_iters: 10\npacking: true\nlr: 3.0e-5\n"
-                    "hosts: [a, b]\n")
+    flat.write_text(
+        "model: /m\ndataset: [d.jsonl]\ntrain_iters: 10\npacking: true\nlr: 3.0e-5\nhosts: [a, b]\n"
+    )
     assert load_job_file(flat) == job
     # flags reproduce the job (launch group excluded: the runtime never sees it)
     again = job_from_argv(to_flags(job))
@@ -110,7 +140,9 @@ def test_job_file_round_trip_and_flat_ms_swift_keys(tmp_path):
 
 def test_job_file_errors_carry_file_line(tmp_path):
     path = tmp_path / "job.yaml"
-    path.write_text("task: sft\nparallel:\n  tensor_model_parallel_size: 2\n  lr: 3\n  foo_bar: 1\n")
+    path.write_text(
+        "task: sft\nparallel:\n  tensor_model_parallel_size: 2\n  lr: 3\n  foo_bar: 1\n"
+    )
     with pytest.raises(ConfigError) as e:
         load_job_file(path)
     text = str(e.value)

@@ -20,9 +20,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def nodectl_cli(*args, stdin: str | None = None, timeout: float = 30, text: bool = True):
-    return subprocess.run([sys.executable, "-m", "megafleet.jobs.nodectl", *args], input=stdin,
-                          capture_output=True, text=text, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    return subprocess.run(
+        [sys.executable, "-m", "megafleet.jobs.nodectl", *args],
+        input=stdin,
+        capture_output=True,
+        text=text,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 def follow_lines(*args) -> tuple[list[str], str]:
@@ -34,8 +39,18 @@ def follow_lines(*args) -> tuple[list[str], str]:
 def make_run_dir(tmp_path: Path, run_id="r1", **record) -> Path:
     d = tmp_path / "run"
     d.mkdir()
-    (d / "run.json").write_text(json.dumps({"run_id": run_id, "node_rank": 0, "nnodes": 1,
-                                            "ranks": [4, 5], "output_dir": "output", **record}))
+    (d / "run.json").write_text(
+        json.dumps(
+            {
+                "run_id": run_id,
+                "node_rank": 0,
+                "nnodes": 1,
+                "ranks": [4, 5],
+                "output_dir": "output",
+                **record,
+            }
+        )
+    )
     return d
 
 
@@ -50,9 +65,18 @@ def test_manifest_hashes_files_and_partial_copies(tmp_path):
     f = tmp_path / "a.bin"
     f.write_bytes(b"x" * 1000)
     (tmp_path / "b.bin.mfpart").write_bytes(b"y" * 10)
-    out = nodectl_cli("manifest", stdin=json.dumps({"files": [
-        {"path": str(f), "size": 1000}, {"path": str(f), "size": 5},
-        {"path": str(tmp_path / "b.bin"), "size": 20}]}))
+    out = nodectl_cli(
+        "manifest",
+        stdin=json.dumps(
+            {
+                "files": [
+                    {"path": str(f), "size": 1000},
+                    {"path": str(f), "size": 5},
+                    {"path": str(tmp_path / "b.bin"), "size": 20},
+                ]
+            }
+        ),
+    )
     a, a_wrong_size, b = json.loads(out.stdout)["files"]
     assert a["size"] == 1000 and a["sha256"] == file_sha256(f)
     assert a_wrong_size["sha256"] is None  # not hashed: it cannot match
@@ -61,9 +85,18 @@ def test_manifest_hashes_files_and_partial_copies(tmp_path):
 
 def test_write_creates_the_env_file_private_from_the_start(tmp_path):
     d = tmp_path / "runs" / "x"
-    out = nodectl_cli("write", str(d), stdin=json.dumps({"files": [
-        {"name": "env", "text": "HF_TOKEN='s'\n", "mode": 0o600},
-        {"name": "launch.sh", "text": "#!/bin/sh\n", "mode": 0o755}]}))
+    out = nodectl_cli(
+        "write",
+        str(d),
+        stdin=json.dumps(
+            {
+                "files": [
+                    {"name": "env", "text": "HF_TOKEN='s'\n", "mode": 0o600},
+                    {"name": "launch.sh", "text": "#!/bin/sh\n", "mode": 0o755},
+                ]
+            }
+        ),
+    )
     assert out.returncode == 0, out.stderr
     assert oct((d / "env").stat().st_mode & 0o777) == "0o600"
     assert oct((d / "launch.sh").stat().st_mode & 0o777) == "0o755"
@@ -83,13 +116,23 @@ def test_follow_merges_node_log_and_rank_files_and_reports_the_end(tmp_path):
     dead.wait()
     (d / "pid").write_text(f"{dead.pid}\n")
     lines, err = follow_lines(str(d), "--follow")
-    assert lines == ["torchrun says hi", "[rank4]:loss 1", "\r[rank5]:bar 1",
-                                       "\r[rank5]:bar 2", "[rank5]:bar 3"]
+    assert lines == [
+        "torchrun says hi",
+        "[rank4]:loss 1",
+        "\r[rank5]:bar 1",
+        "\r[rank5]:bar 2",
+        "[rank5]:bar 3",
+    ]
     end = [x for x in err.splitlines() if x.startswith(nodectl.END_MARK)]
     assert json.loads(end[0].split(" ", 1)[1])["exit_code"] == 0
     (d / "node.log").write_text("one\ntwo\nthree\n")
     assert follow_lines(str(d), "--lines", "1")[0] == [
-        "three", "[rank4]:loss 1", "\r[rank5]:bar 1", "\r[rank5]:bar 2", "[rank5]:bar 3"]
+        "three",
+        "[rank4]:loss 1",
+        "\r[rank5]:bar 1",
+        "\r[rank5]:bar 2",
+        "[rank5]:bar 3",
+    ]
 
 
 def test_status_and_checkpoints_of_a_finished_node(tmp_path):
@@ -121,9 +164,23 @@ def _free_port() -> int:
 
 def test_listen_and_connect_check_ports(tmp_path):
     p1, p2 = _free_port(), _free_port()
-    listener = subprocess.Popen([sys.executable, "-m", "megafleet.jobs.nodectl", "listen", "--host",
-                                 "127.0.0.1", "--ports", f"{p1},{p2}", "--seconds", "10"],
-                                stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    listener = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "megafleet.jobs.nodectl",
+            "listen",
+            "--host",
+            "127.0.0.1",
+            "--ports",
+            f"{p1},{p2}",
+            "--seconds",
+            "10",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert json.loads(listener.stdout.readline()) == {"ready": True}
     ok = json.loads(nodectl_cli("connect", "--host", "127.0.0.1", "--ports", f"{p1},{p2}").stdout)
     assert ok == {"ok": True, "results": {str(p1): "ok", str(p2): "ok"}}
@@ -135,14 +192,18 @@ def test_listen_and_connect_check_ports(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        taken = nodectl_cli("listen", "--host", "127.0.0.1", "--ports", str(busy.getsockname()[1]),
-                            "--seconds", "0")
+        taken = nodectl_cli(
+            "listen", "--host", "127.0.0.1", "--ports", str(busy.getsockname()[1]), "--seconds", "0"
+        )
     assert taken.returncode == 3 and json.loads(taken.stdout)["error"] == "Address already in use"
 
 
 def _spawn_tagged(run_id: str, script: str) -> subprocess.Popen:
-    return subprocess.Popen(["/bin/sh", "-c", script], start_new_session=True,
-                            env={**os.environ, proctree.RUN_TAG: run_id})
+    return subprocess.Popen(
+        ["/bin/sh", "-c", script],
+        start_new_session=True,
+        env={**os.environ, proctree.RUN_TAG: run_id},
+    )
 
 
 def test_run_processes_finds_the_tree_and_orphans_by_tag_and_terminate_stops_them():
@@ -201,12 +262,17 @@ def test_the_exit_cause_names_the_rank_and_the_signal_from_torchruns_summary(mon
     monkeypatch.setattr(exitcause, "oom_killed", lambda pid: pid == 4242)
     cause = exitcause.exit_cause(1, TORCHRUN_SUMMARY)
     assert (cause["rank"], cause["signal"], cause["oom"]) == (9, 9, True)
-    assert cause["text"] == ("exited with code 1: rank 9 was killed by SIGKILL "
-                             "(killed by the kernel's out-of-memory killer)")
+    assert cause["text"] == (
+        "exited with code 1: rank 9 was killed by SIGKILL "
+        "(killed by the kernel's out-of-memory killer)"
+    )
     monkeypatch.setattr(exitcause, "oom_killed", lambda pid: None)  # dmesg not readable
-    assert "sends this signal; check the kernel log: dmesg" in exitcause.exit_cause(
-        1, TORCHRUN_SUMMARY)["text"]
+    assert (
+        "sends this signal; check the kernel log: dmesg"
+        in exitcause.exit_cause(1, TORCHRUN_SUMMARY)["text"]
+    )
     plain = exitcause.exit_cause(1, TORCHRUN_SUMMARY.replace("-9 (pid", "1 (pid"))
     assert plain["text"] == "exited with code 1: rank 9 failed first" and plain["signal"] is None
     assert exitcause.exit_cause(137, "")["text"].startswith(
-        "exited with code 137: torchrun was killed by SIGKILL (the kernel's out-of-memory killer")
+        "exited with code 137: torchrun was killed by SIGKILL (the kernel's out-of-memory killer"
+    )

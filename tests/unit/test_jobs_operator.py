@@ -23,21 +23,42 @@ from tests.conftest import run_cli, run_cli_json
 
 
 def record(run_id="20260101-000000-abcd", nodes=2, **kw) -> RunRecord:
-    return RunRecord(run_id=run_id, created=time.time(), task="sft", nodes=[
-        NodeInfo(rank=k, host=f"gpu{k}", run_dir=f"/home/u/megafleet/runs/{run_id}",
-                 python="/home/u/megafleet/venv/bin/python", ranks=[2 * k, 2 * k + 1],
-                 ifname="ens5") for k in range(nodes)],
-        master_addr="10.0.0.5", master_port=29500, watcher_port=29501, nproc_per_node=2,
-        world_size=2 * nodes, entry=["-m", "remote_runtime", "sft", "--config", "job.yaml"],
-        output_dir="output", stall_timeout=900, stop_grace=30, **kw)
+    return RunRecord(
+        run_id=run_id,
+        created=time.time(),
+        task="sft",
+        nodes=[
+            NodeInfo(
+                rank=k,
+                host=f"gpu{k}",
+                run_dir=f"/home/u/megafleet/runs/{run_id}",
+                python="/home/u/megafleet/venv/bin/python",
+                ranks=[2 * k, 2 * k + 1],
+                ifname="ens5",
+            )
+            for k in range(nodes)
+        ],
+        master_addr="10.0.0.5",
+        master_port=29500,
+        watcher_port=29501,
+        nproc_per_node=2,
+        world_size=2 * nodes,
+        entry=["-m", "remote_runtime", "sft", "--config", "job.yaml"],
+        output_dir="output",
+        stall_timeout=900,
+        stop_grace=30,
+        **kw,
+    )
 
 
 def test_launch_script_runs_torchrun_for_its_rank_and_records_the_exit_code():
     run = record()
     text = render.launch_script(run, run.nodes[1])
-    assert ("\n/home/u/megafleet/venv/bin/python -m torch.distributed.run --nnodes 2 --node_rank 1 "
-            "--nproc_per_node 2 --master_addr 10.0.0.5 --master_port 29500 --redirects 3 "
-            "--log_dir torchrun-logs -m remote_runtime sft --config job.yaml\n") in text
+    assert (
+        "\n/home/u/megafleet/venv/bin/python -m torch.distributed.run --nnodes 2 --node_rank 1 "
+        "--nproc_per_node 2 --master_addr 10.0.0.5 --master_port 29500 --redirects 3 "
+        "--log_dir torchrun-logs -m remote_runtime sft --config job.yaml\n"
+    ) in text
     assert "echo $$ > pid" in text and "> exit_code.tmp && mv exit_code.tmp exit_code" in text
     assert "export MEGAFLEET_RUN_ID=20260101-000000-abcd" in text
     assert 'GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-ens5}"' in text
@@ -45,8 +66,10 @@ def test_launch_script_runs_torchrun_for_its_rank_and_records_the_exit_code():
     start = render.start_command(run.nodes[1])
     assert "setsid nohup /bin/sh launch.sh < /dev/null >> node.log 2>&1 &" in start
     assert "setsid nohup /bin/sh watch.sh < /dev/null >> watcher.log 2>&1 &" in start
-    assert ("exec /home/u/megafleet/venv/bin/python -m megafleet.jobs.watcher "
-            "/home/u/megafleet/runs/20260101-000000-abcd") in render.watch_script(run, run.nodes[1])
+    assert (
+        "exec /home/u/megafleet/venv/bin/python -m megafleet.jobs.watcher "
+        "/home/u/megafleet/runs/20260101-000000-abcd"
+    ) in render.watch_script(run, run.nodes[1])
 
 
 def test_secrets_go_to_the_env_file_only():
@@ -54,10 +77,16 @@ def test_secrets_go_to_the_env_file_only():
     secret = "hf_it's a $ecret"
     env = render.env_file(run, {"HF_TOKEN": secret}, "tok123")
     assert "HF_TOKEN='hf_it'\"'\"'s a $ecret'" in env and "MEGAFLEET_WATCH_TOKEN=tok123" in env
-    out = os.popen(f"sh -c 'set -a; . /dev/stdin; printf %s \"$HF_TOKEN\"' <<'EOF'\n{env}EOF").read()
+    out = os.popen(
+        f"sh -c 'set -a; . /dev/stdin; printf %s \"$HF_TOKEN\"' <<'EOF'\n{env}EOF"
+    ).read()
     assert out == secret
-    for text in (render.launch_script(run, run.nodes[0]), render.watch_script(run, run.nodes[0]),
-                 json.dumps(render.node_record(run, run.nodes[0])), json.dumps(run.to_dict())):
+    for text in (
+        render.launch_script(run, run.nodes[0]),
+        render.watch_script(run, run.nodes[0]),
+        json.dumps(render.node_record(run, run.nodes[0])),
+        json.dumps(run.to_dict()),
+    ):
         assert "a $ecret" not in text and "tok123" not in text
 
 
@@ -119,27 +148,67 @@ def test_download_resumes_and_verifies(tmp_path):
 
 def test_log_lines_are_tagged_by_rank_and_progress_updates_marked():
     assert parse_line(1, "gpu1", "[rank3]:loss 0.5").__dict__ == {
-        "node": 1, "host": "gpu1", "rank": 3, "text": "loss 0.5", "progress": False}
+        "node": 1,
+        "host": "gpu1",
+        "rank": 3,
+        "text": "loss 0.5",
+        "progress": False,
+    }
     p = parse_line(0, "gpu0", "\r[rank0]: 40%|####")
     assert (p.rank, p.text, p.progress, p.prefix) == (0, " 40%|####", True, "n0 r0")
     assert parse_line(0, "gpu0", "torchrun: started").prefix == "n0"
 
 
-@pytest.mark.parametrize("nodes,state,code", [
-    ([{"state": "exited", "exit_code": 0}] * 2, "succeeded", 0),
-    ([{"state": "exited", "exit_code": 0}, {"state": "running", "exit_code": None}], "running", None),
-    ([{"state": "exited", "exit_code": 1, "failure": {"node": 1, "exit_code": 1}},
-      {"state": "exited", "exit_code": 143}], "failed", 1),
-    # a stop by the user is a clean end: exit code 0 even where torchrun reported the SIGTERM
-    ([{"state": "exited", "exit_code": 1, "stop_requested": True},
-      {"state": "stopped", "exit_code": None, "stop_requested": True}], "stopped", 0),
-    # node 1 unreachable: node 0's watcher has declared the failure and node 0 has ended
-    ([{"state": "exited", "exit_code": 143, "watch": {"failure": {"node": 1, "exit_code": None}}},
-      {"state": "unreachable", "reachable": False, "error": "timed out"}], "failed", 1),
-    ([{"state": "running", "exit_code": None},
-      {"state": "unreachable", "reachable": False, "error": "timed out"}], "launching", None),
-    ([{"state": "lost", "exit_code": None}, {"state": "exited", "exit_code": 0}], "lost", 1),
-])
+@pytest.mark.parametrize(
+    "nodes,state,code",
+    [
+        ([{"state": "exited", "exit_code": 0}] * 2, "succeeded", 0),
+        (
+            [{"state": "exited", "exit_code": 0}, {"state": "running", "exit_code": None}],
+            "running",
+            None,
+        ),
+        (
+            [
+                {"state": "exited", "exit_code": 1, "failure": {"node": 1, "exit_code": 1}},
+                {"state": "exited", "exit_code": 143},
+            ],
+            "failed",
+            1,
+        ),
+        # a stop by the user is a clean end: exit code 0 even where torchrun reported the SIGTERM
+        (
+            [
+                {"state": "exited", "exit_code": 1, "stop_requested": True},
+                {"state": "stopped", "exit_code": None, "stop_requested": True},
+            ],
+            "stopped",
+            0,
+        ),
+        # node 1 unreachable: node 0's watcher has declared the failure and node 0 has ended
+        (
+            [
+                {
+                    "state": "exited",
+                    "exit_code": 143,
+                    "watch": {"failure": {"node": 1, "exit_code": None}},
+                },
+                {"state": "unreachable", "reachable": False, "error": "timed out"},
+            ],
+            "failed",
+            1,
+        ),
+        (
+            [
+                {"state": "running", "exit_code": None},
+                {"state": "unreachable", "reachable": False, "error": "timed out"},
+            ],
+            "launching",
+            None,
+        ),
+        ([{"state": "lost", "exit_code": None}, {"state": "exited", "exit_code": 0}], "lost", 1),
+    ],
+)
 def test_run_state_from_the_nodes(nodes, state, code):
     run = record()
     derive_state(run, [{"node_rank": k, **n} for k, n in enumerate(nodes)])
@@ -156,12 +225,18 @@ def test_planning_helpers():
     assert nproc_per_node(None, "auto", {"a": NodeFacts("/h", "p", "x", 0)}) == 1
     with pytest.raises(UsageError, match=r"different GPU counts \(a has 8, b has 8, c has 4\)"):
         nproc_per_node(None, "auto", {**facts, "c": NodeFacts("/h", "p", __version__, 4)})
-    bad = {"a": facts["a"], "b": NodeFacts("/h", "/v/bin/python", "0.0.1", 0),
-           "c": NodeFacts("/h", "/v/bin/python", None, 0, "No module named 'megafleet'")}
+    bad = {
+        "a": facts["a"],
+        "b": NodeFacts("/h", "/v/bin/python", "0.0.1", 0),
+        "c": NodeFacts("/h", "/v/bin/python", None, 0, "No module named 'megafleet'"),
+    }
     with pytest.raises(ValidationError) as e:
         check_versions(bad, "megafleet/venv")
     assert f"b: megafleet 0.0.1 is installed, this machine has {__version__}" in e.value.message
-    assert "c: no megafleet in /v/bin/python (launch.venv=megafleet/venv): No module named" in e.value.message
+    assert (
+        "c: no megafleet in /v/bin/python (launch.venv=megafleet/venv): No module named"
+        in e.value.message
+    )
     assert "run `megafleet setup`" in e.value.hint and "a:" not in e.value.message
 
 
@@ -173,7 +248,9 @@ def test_the_master_address_is_node0s_private_address_when_the_inventory_has_one
     a = Host("a", "203.0.113.7", private_address="10.0.0.7")
     b = Host("b", "203.0.113.8")
     r0 = DryRunRunner("a")
-    assert master_address([Target(0, "a", a, r0), Target(1, "b", b, DryRunRunner("b"))]) == "10.0.0.7"
+    assert (
+        master_address([Target(0, "a", a, r0), Target(1, "b", b, DryRunRunner("b"))]) == "10.0.0.7"
+    )
     assert r0.calls == []  # nothing asked: the inventory says it
     assert master_address([Target(0, "a", a, r0)]) == "127.0.0.1"  # one node: loopback
 
@@ -181,22 +258,54 @@ def test_the_master_address_is_node0s_private_address_when_the_inventory_has_one
 def test_cli_input_errors(megafleet_home, tmp_path):
     proc = run_cli("launch", "--yes", env={"MEGAFLEET_HOME": str(megafleet_home)})
     assert proc.returncode == 2 and "give a job file or runtime flags" in proc.stderr
-    proc = run_cli("launch", "--yes", "--", "--modle", "x", env={"MEGAFLEET_HOME": str(megafleet_home)})
+    proc = run_cli(
+        "launch", "--yes", "--", "--modle", "x", env={"MEGAFLEET_HOME": str(megafleet_home)}
+    )
     assert proc.returncode == 2 and "unknown option --modle (did you mean --model?)" in proc.stderr
     data = tmp_path / "d.jsonl"
-    data.write_text('{"messages": [{"role": "user", "content": "hi"}, '
-                    '{"role": "assistant", "content": "yo"}]}\n')
-    proc = run_cli("launch", "--yes", "--", "--model", str(tmp_path), "--dataset", str(data),
-                   "--train_iters", "2", env={"MEGAFLEET_HOME": str(megafleet_home)})
-    assert proc.returncode == 2 and "no hosts in the inventory" in proc.stderr and "--local" in proc.stderr
-    proc = run_cli("launch", "--yes", "--", "--model", str(tmp_path), "--dataset", str(data),
-                   "--train_iters", "2", "--env", "MF_UNSET_VAR", env={"MEGAFLEET_HOME": str(megafleet_home)})
+    data.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, '
+        '{"role": "assistant", "content": "yo"}]}\n'
+    )
+    proc = run_cli(
+        "launch",
+        "--yes",
+        "--",
+        "--model",
+        str(tmp_path),
+        "--dataset",
+        str(data),
+        "--train_iters",
+        "2",
+        env={"MEGAFLEET_HOME": str(megafleet_home)},
+    )
+    assert (
+        proc.returncode == 2
+        and "no hosts in the inventory" in proc.stderr
+        and "--local" in proc.stderr
+    )
+    proc = run_cli(
+        "launch",
+        "--yes",
+        "--",
+        "--model",
+        str(tmp_path),
+        "--dataset",
+        str(data),
+        "--train_iters",
+        "2",
+        "--env",
+        "MF_UNSET_VAR",
+        env={"MEGAFLEET_HOME": str(megafleet_home)},
+    )
     assert proc.returncode == 2 and "launch.env: MF_UNSET_VAR not set in this shell" in proc.stderr
     proc, runs = run_cli_json("runs", "--json", env={"MEGAFLEET_HOME": str(megafleet_home)})
     assert runs == {"runs": []}
     proc = run_cli("status", "nope", env={"MEGAFLEET_HOME": str(megafleet_home)})
     assert proc.returncode == 2 and "no runs recorded yet" in proc.stderr
-    proc = run_cli("fetch", "nope", "--checkpoint", "best", env={"MEGAFLEET_HOME": str(megafleet_home)})
+    proc = run_cli(
+        "fetch", "nope", "--checkpoint", "best", env={"MEGAFLEET_HOME": str(megafleet_home)}
+    )
     assert proc.returncode == 2 and "give `latest` or a step number" in proc.stderr
 
 
@@ -207,24 +316,52 @@ def test_local_dry_run_plans_without_starting(megafleet_home, tmp_path):
     model.mkdir()  # config.json only: the dry run resolves the job from it, reads no weights
     (model / "config.json").write_text(json.dumps(NAMED_CONFIGS["qwen3-0.6b"]))
     data = tmp_path / "d.jsonl"
-    data.write_text('{"messages": [{"role": "user", "content": "hi"}, '
-                    '{"role": "assistant", "content": "hello there"}]}\n')
-    proc, plan = run_cli_json("launch", "--local", "--dry-run", "--json", "--", "--model", str(model),
-                              "--dataset", f"{data}#5", "--train_iters", "2", "--device", "cpu",
-                              "--global_batch_size", "4",
-                              "--master_port", "29391", env={"MEGAFLEET_HOME": str(megafleet_home)})
+    data.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, '
+        '{"role": "assistant", "content": "hello there"}]}\n'
+    )
+    proc, plan = run_cli_json(
+        "launch",
+        "--local",
+        "--dry-run",
+        "--json",
+        "--",
+        "--model",
+        str(model),
+        "--dataset",
+        f"{data}#5",
+        "--train_iters",
+        "2",
+        "--device",
+        "cpu",
+        "--global_batch_size",
+        "4",
+        "--master_port",
+        "29391",
+        env={"MEGAFLEET_HOME": str(megafleet_home)},
+    )
     assert proc.returncode == 0, proc.stderr
     checks = {c["name"]: c for c in plan["checks"]}
     assert {n: c["status"] for n, c in checks.items()} == {
-        "job_schema": "ok", "dataset": "ok", "model_files": "ok", "nodes_reachable": "ok",
-        "megafleet_version": "note", "file_transfer": "ok", "devices": "ok", "batches": "ok",
-        "runtime_dry_run": "ok", "master_ports": "ok"}
+        "job_schema": "ok",
+        "dataset": "ok",
+        "model_files": "ok",
+        "nodes_reachable": "ok",
+        "megafleet_version": "note",
+        "file_transfer": "ok",
+        "devices": "ok",
+        "batches": "ok",
+        "runtime_dry_run": "ok",
+        "master_ports": "ok",
+    }
     assert checks["megafleet_version"]["detail"]["operator"]
     assert checks["dataset"]["detail"]["rows"] == 1
     assert "5 sequence(s) per epoch" in checks["batches"]["detail"]
     node = plan["nodes"][0]
     assert node["host"] == "local" and node["uploads"] == []
     assert f"{data}#5" in node["job_yaml"] and str(model) in node["job_yaml"]
-    assert "--nnodes 1 --node_rank 0 --nproc_per_node 1 --master_addr 127.0.0.1" in node["launch_sh"]
+    assert (
+        "--nnodes 1 --node_rank 0 --nproc_per_node 1 --master_addr 127.0.0.1" in node["launch_sh"]
+    )
     assert plan["run"]["master_addr"] == "127.0.0.1"
     assert not Path(plan["run"]["nodes"][0]["run_dir"]).exists() and list_runs() == []

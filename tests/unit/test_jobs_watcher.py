@@ -13,12 +13,24 @@ from megafleet.jobs.watcher import Coordinator, send, sign, verify
 
 
 def coord(tmp_path, nnodes=2, stall=30.0) -> Coordinator:
-    rec = {"run_id": "r1", "nnodes": nnodes, "stall_timeout": stall, "hosts": ["a", "b", "c"][:nnodes]}
+    rec = {
+        "run_id": "r1",
+        "nnodes": nnodes,
+        "stall_timeout": stall,
+        "hosts": ["a", "b", "c"][:nnodes],
+    }
     return Coordinator(tmp_path, rec)
 
 
 def hb(node, state="running", code=None, idle=0.0, **kw):
-    return {"node": node, "state": state, "exit_code": code, "idle_s": idle, "user_stop": False, **kw}
+    return {
+        "node": node,
+        "state": state,
+        "exit_code": code,
+        "idle_s": idle,
+        "user_stop": False,
+        **kw,
+    }
 
 
 def test_a_non_zero_exit_fails_the_run_and_everyone_is_told_to_stop(tmp_path):
@@ -27,7 +39,12 @@ def test_a_non_zero_exit_fails_the_run_and_everyone_is_told_to_stop(tmp_path):
     reply = c.report(hb(1, "exited", 1, tail=["Traceback", "boom"]))
     assert reply == {"action": "stop", "reason": "fail-fast: node 1 (b) exited with code 1"}
     failure = json.loads((tmp_path / "failure.json").read_text())
-    assert (failure["node"], failure["host"], failure["exit_code"], failure["tail"]) == (1, "b", 1, ["Traceback", "boom"])
+    assert (failure["node"], failure["host"], failure["exit_code"], failure["tail"]) == (
+        1,
+        "b",
+        1,
+        ["Traceback", "boom"],
+    )
     assert c.report(hb(0))["action"] == "stop"
     c.report(hb(0, "exited", 143))  # stopped by its watcher: not a new failure
     assert c.failure["node"] == 1

@@ -26,9 +26,23 @@ def problems(exc: ConfigError) -> dict:
 
 
 def test_flags_aliases_and_yaml_round_trip(tmp_path):
-    job = job_from_argv(BASE + ["--tuner_type", "lora", "--lora_rank", "16", "--target_modules",
-                                "q_proj", "linear_fc1", "--init_lora_weights", "gaussian",
-                                "--use_rslora", "--merge_lora", "true"])
+    job = job_from_argv(
+        BASE
+        + [
+            "--tuner_type",
+            "lora",
+            "--lora_rank",
+            "16",
+            "--target_modules",
+            "q_proj",
+            "linear_fc1",
+            "--init_lora_weights",
+            "gaussian",
+            "--use_rslora",
+            "--merge_lora",
+            "true",
+        ]
+    )
     t = job.tuner
     assert (t.train_type, t.lora_rank, t.target_modules) == ("lora", 16, ["q_proj", "linear_fc1"])
     assert t.use_rslora and t.merge_lora and t.init_lora_weights == "gaussian"
@@ -39,25 +53,46 @@ def test_flags_aliases_and_yaml_round_trip(tmp_path):
     assert load_job_file(path).tuner.init_lora_weights == "false"  # a YAML bool, PEFT's spelling
 
 
-@pytest.mark.parametrize("argv,field,needle", [
-    (["--lora_rank", "4"], "tuner.lora_rank", "applies to LoRA only"),
-    (["--merge_lora", "true"], "tuner.merge_lora", "applies to LoRA only"),
-    (["--train_type", "qlora"], "tuner.train_type", "is not one of: full, lora"),
-    (["--train_type", "lora", "--init_lora_weights", "pissa"], "tuner.init_lora_weights",
-     "is not one of"),
-    (["--train_type", "lora", "--lora_rank", "0"], "tuner.lora_rank", "must be > 0"),
-    (["--train_type", "lora", "--lora_dropout", "1"], "tuner.lora_dropout", "[0, 1)"),
-    (["--train_type", "lora", "--target_modules", "all-linear", "q_proj"], "tuner.target_modules",
-     "already means every linear layer"),
-    (["--train_type", "lora", "--modules_to_save", "norm"], "tuner.modules_to_save",
-     "cannot be trained in full"),
-    (["--train_type", "lora", "--target_modules", "qkv_proj"], "tuner.target_modules",
-     "not a linear layer of qwen3"),
-    (["--train_type", "lora", "--transformer_impl", "transformer_engine"],
-     "model.transformer_impl", "LoRA runs on the local implementation"),
-    (["--train_type", "lora", "--adapters", "/nowhere"], "tuner.adapters",
-     "is not a PEFT adapter directory"),
-])
+@pytest.mark.parametrize(
+    "argv,field,needle",
+    [
+        (["--lora_rank", "4"], "tuner.lora_rank", "applies to LoRA only"),
+        (["--merge_lora", "true"], "tuner.merge_lora", "applies to LoRA only"),
+        (["--train_type", "qlora"], "tuner.train_type", "is not one of: full, lora"),
+        (
+            ["--train_type", "lora", "--init_lora_weights", "pissa"],
+            "tuner.init_lora_weights",
+            "is not one of",
+        ),
+        (["--train_type", "lora", "--lora_rank", "0"], "tuner.lora_rank", "must be > 0"),
+        (["--train_type", "lora", "--lora_dropout", "1"], "tuner.lora_dropout", "[0, 1)"),
+        (
+            ["--train_type", "lora", "--target_modules", "all-linear", "q_proj"],
+            "tuner.target_modules",
+            "already means every linear layer",
+        ),
+        (
+            ["--train_type", "lora", "--modules_to_save", "norm"],
+            "tuner.modules_to_save",
+            "cannot be trained in full",
+        ),
+        (
+            ["--train_type", "lora", "--target_modules", "qkv_proj"],
+            "tuner.target_modules",
+            "not a linear layer of qwen3",
+        ),
+        (
+            ["--train_type", "lora", "--transformer_impl", "transformer_engine"],
+            "model.transformer_impl",
+            "LoRA runs on the local implementation",
+        ),
+        (
+            ["--train_type", "lora", "--adapters", "/nowhere"],
+            "tuner.adapters",
+            "is not a PEFT adapter directory",
+        ),
+    ],
+)
 def test_bad_combinations_are_named_errors_in_dry_run(argv, field, needle):
     with pytest.raises(ConfigError) as e:
         resolve_job(job_from_argv(BASE + argv), 1, QWEN3)
@@ -67,8 +102,9 @@ def test_bad_combinations_are_named_errors_in_dry_run(argv, field, needle):
 def test_tied_embeddings_cannot_be_trained_in_full():
     tied = dict(QWEN3, tie_word_embeddings=True)
     with pytest.raises(ConfigError) as e:
-        resolve_job(job_from_argv(BASE + ["--train_type", "lora", "--modules_to_save", "lm_head"]),
-                    1, tied)
+        resolve_job(
+            job_from_argv(BASE + ["--train_type", "lora", "--modules_to_save", "lm_head"]), 1, tied
+        )
     assert "ties its input and output embeddings" in problems(e.value)["tuner.modules_to_save"]
 
 
@@ -76,38 +112,54 @@ def test_targets_come_from_the_family_table():
     family = get_family("qwen3")
     every = select_targets(family, ["all-linear"])
     assert [t.megatron.rsplit(".", 1)[-1] for t in every] == [
-        "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+        "linear_qkv",
+        "linear_proj",
+        "linear_fc1",
+        "linear_fc2",
+    ]
     assert [t.parallel for t in every] == ["column", "row", "column", "row"]
     assert every[0].short_names() == ["q_proj", "k_proj", "v_proj"]
     some = select_targets(family, ["q_proj", "v_proj", "linear_fc2"])
-    assert [(t.transform, t.active) for t in some] == [("qkv", (True, False, True)),
-                                                     ("row", (True,))]
+    assert [(t.transform, t.active) for t in some] == [
+        ("qkv", (True, False, True)),
+        ("row", (True,)),
+    ]
 
 
 def test_dry_run_reports_the_resolved_lora_and_adapter_config(tmp_path):
     resolved = resolve_job(job_from_argv(BASE + ["--train_type", "lora", "--use_rslora"]), 1, QWEN3)
-    assert resolved["tuner"]["r"] == 8 and resolved["tuner"]["scale"] == pytest.approx(32 / 8 ** 0.5)
+    assert resolved["tuner"]["r"] == 8 and resolved["tuner"]["scale"] == pytest.approx(32 / 8**0.5)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_model.safetensors").write_bytes(b"")
-    settings = resolve_lora(TunerConfig(train_type="lora", lora_rank=64), get_family("qwen3"), QWEN3)
+    settings = resolve_lora(
+        TunerConfig(train_type="lora", lora_rank=64), get_family("qwen3"), QWEN3
+    )
     config = peft_adapter_config(settings, "/base")
-    config["target_modules"] = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    config["target_modules"] = [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+    ]
     (adapter / "adapter_config.json").write_text(json.dumps(config))
-    continued = resolve_job(job_from_argv(BASE + ["--train_type", "lora", "--adapters",
-                                                  str(adapter)]), 1, QWEN3)["tuner"]
+    continued = resolve_job(
+        job_from_argv(BASE + ["--train_type", "lora", "--adapters", str(adapter)]), 1, QWEN3
+    )["tuner"]
     # the adapter's own r and targets win over the flags' defaults
     assert continued["r"] == 64 and continued["target_modules"] == ["q_proj"]
 
 
-@pytest.mark.parametrize("shape,recompute,measured", [
-    ("qwen3-8b", Recompute(), 37.0),  # session lora-b, torch.cuda.max_memory_allocated
-    ("qwen3-8b", Recompute("full", "uniform", 1), 18.5),  # session lora-a
-    ("qwen3-1.7b", Recompute(), 12.9),  # session lora-b
-])
+@pytest.mark.parametrize(
+    "shape,recompute,measured",
+    [
+        ("qwen3-8b", Recompute(), 37.0),  # session lora-b, torch.cuda.max_memory_allocated
+        ("qwen3-8b", Recompute("full", "uniform", 1), 18.5),  # session lora-a
+        ("qwen3-1.7b", Recompute(), 12.9),  # session lora-b
+    ],
+)
 def test_memory_model_matches_the_h200_lora_runs(shape, recompute, measured):
-    est = estimate_memory(NAMED_CONFIGS[shape], Parallel(), 4096, 1, recompute,
-                          num_microbatches=8, lora=Lora(rank=16))
+    est = estimate_memory(
+        NAMED_CONFIGS[shape], Parallel(), 4096, 1, recompute, num_microbatches=8, lora=Lora(rank=16)
+    )
     assert abs(est.allocated_gib - measured) <= 0.05 * measured, est.components
     assert est.components["optimizer_states"] < 1.0  # adapters only: no 12 bytes per weight
 
@@ -126,6 +178,18 @@ def test_plan_proposes_lora_when_full_fine_tuning_does_not_fit():
 
 def test_job_lora_reads_the_tuner_group():
     assert job_lora(job_from_argv(BASE)) is None
-    lora = job_lora(job_from_argv(BASE + ["--train_type", "lora", "--lora_rank", "32",
-                                          "--target_modules", "linear_qkv", "o_proj"]))
+    lora = job_lora(
+        job_from_argv(
+            BASE
+            + [
+                "--train_type",
+                "lora",
+                "--lora_rank",
+                "32",
+                "--target_modules",
+                "linear_qkv",
+                "o_proj",
+            ]
+        )
+    )
     assert lora.rank == 32 and set(lora.targets) == {"q_proj", "k_proj", "v_proj", "o_proj"}

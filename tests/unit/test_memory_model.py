@@ -23,8 +23,9 @@ def est(config=Q17, par=Parallel(), seq=4096, mbs=1, rc=Recompute(), **kw):
 
 
 def test_named_shapes_have_the_published_sizes():
-    sizes = {name: shape_from_hf_config(cfg).total_params() / 1e9
-             for name, cfg in NAMED_CONFIGS.items()}
+    sizes = {
+        name: shape_from_hf_config(cfg).total_params() / 1e9 for name, cfg in NAMED_CONFIGS.items()
+    }
     assert sizes["qwen3-1.7b"] == pytest.approx(1.72, abs=0.01)
     assert sizes["qwen3-8b"] == pytest.approx(8.19, abs=0.01)
     assert sizes["llama3-8b"] == pytest.approx(8.03, abs=0.01)
@@ -58,13 +59,16 @@ def test_static_memory_is_18_bytes_per_parameter_on_one_gpu():
     assert e.params_per_gpu == params
     c = e.components
     assert (c["weights"], c["gradients"], c["optimizer_states"]) == pytest.approx(
-        (2 * params / GIB, 4 * params / GIB, 12 * params / GIB), abs=1e-3)
+        (2 * params / GIB, 4 * params / GIB, 12 * params / GIB), abs=1e-3
+    )
 
 
 def test_components_sum_to_allocated_and_overheads_to_total():
-    for par, rc in [(Parallel(), Recompute()), (Parallel(tp=2, dp=2, sequence_parallel=True),
-                                                Recompute("full", "uniform", 1)),
-                    (Parallel(pp=4), Recompute("full", "block", 3))]:
+    for par, rc in [
+        (Parallel(), Recompute()),
+        (Parallel(tp=2, dp=2, sequence_parallel=True), Recompute("full", "uniform", 1)),
+        (Parallel(pp=4), Recompute("full", "block", 3)),
+    ]:
         e = est(Q8, par, rc=rc)
         assert sum(e.components.values()) == pytest.approx(e.allocated_gib, abs=0.01)
         assert e.allocated_gib + sum(e.overhead.values()) == pytest.approx(e.total_gib, abs=0.01)
@@ -75,20 +79,24 @@ def test_logits_buffer_by_cross_entropy_implementation():
     megatron's (vocabulary-parallel, TP > 1, or asked for) adds fp32 softmax and gradient: 10."""
     e = est(seq=4096)
     assert e.components["logits_and_loss"] == pytest.approx(
-        padded_vocab_size(151936, 1) * 4096 * 2 / GIB, rel=1e-3)
+        padded_vocab_size(151936, 1) * 4096 * 2 / GIB, rel=1e-3
+    )
     megatron = est(seq=4096, assumptions=Assumptions(loss_impl="megatron"))
     assert megatron.components["logits_and_loss"] == pytest.approx(
-        padded_vocab_size(151936, 1) * 4096 * 10 / GIB, rel=1e-3)
+        padded_vocab_size(151936, 1) * 4096 * 10 / GIB, rel=1e-3
+    )
     tp2 = est(par=Parallel(tp=2, sequence_parallel=True))
     assert tp2.components["logits_and_loss"] == pytest.approx(
-        padded_vocab_size(151936, 2) / 2 * 4096 * 10 / GIB, rel=1e-3)
+        padded_vocab_size(151936, 2) / 2 * 4096 * 10 / GIB, rel=1e-3
+    )
 
 
 def test_distributed_optimizer_shards_only_the_optimizer_states():
     plain = est(Q8, Parallel(dp=4, distributed_optimizer=False))
     sharded = est(Q8, Parallel(dp=4, distributed_optimizer=True))
     assert sharded.components["optimizer_states"] == pytest.approx(
-        plain.components["optimizer_states"] / 4, rel=1e-3)
+        plain.components["optimizer_states"] / 4, rel=1e-3
+    )
     assert sharded.components["weights"] == plain.components["weights"]
     assert sharded.components["gradients"] == plain.components["gradients"]
 
@@ -113,8 +121,9 @@ def test_more_recompute_never_needs_more_memory(par):
     """Stage 0 of a pipeline has no logits buffer: there the activation terms alone decide."""
     ladder = [Recompute()] + [Recompute("full", "block", n) for n in range(1, 36 // par.pp + 1)]
     for stage in range(par.pp):
-        totals = [est(Q8, par, rc=rc, num_microbatches=1).stages[stage]["allocated_gib"]
-                  for rc in ladder]
+        totals = [
+            est(Q8, par, rc=rc, num_microbatches=1).stages[stage]["allocated_gib"] for rc in ladder
+        ]
         steps = totals[:-1]  # recomputing the top layer too saves nothing: it replays at once
         assert all(a > b for a, b in zip(steps, steps[1:])), stage
         assert totals[-1] <= totals[-2] + 0.05
@@ -140,8 +149,12 @@ def test_first_pipeline_stage_holds_pp_microbatches():
 def test_optimizer_step_peak_with_foreach_adam():
     """torch's foreach AdamW allocates an fp32 temporary per parameter during the step."""
     fused = est(Q8, Parallel(tp=2, sequence_parallel=True), rc=Recompute("full", "uniform", 1))
-    foreach = est(Q8, Parallel(tp=2, sequence_parallel=True), rc=Recompute("full", "uniform", 1),
-                  assumptions=Assumptions(optimizer_impl="foreach"))
+    foreach = est(
+        Q8,
+        Parallel(tp=2, sequence_parallel=True),
+        rc=Recompute("full", "uniform", 1),
+        assumptions=Assumptions(optimizer_impl="foreach"),
+    )
     assert foreach.peak_phase == "optimizer step"
     extra = foreach.phases["optimizer step"] - fused.phases["optimizer step"]
     assert extra == pytest.approx(4 * fused.params_per_gpu / GIB, rel=1e-3)

@@ -27,7 +27,8 @@ def test_expert_weights_split_by_ep_and_their_optimizer_states_by_expert_dp():
     # EP1 × DP8: expert states sharded over 8 replicas; EP8 × DP8: one copy of each expert
     # (expert-DP 1), so its optimizer holds a whole 1/8 of the experts' states.
     assert eight.components["optimizer_states"] == pytest.approx(
-        one.components["optimizer_states"], rel=0.05)
+        one.components["optimizer_states"], rel=0.05
+    )
     sixteen = estimate_memory(A3B, Parallel(dp=16, ep=8), 4096, 1, FULL)
     assert sixteen.components["optimizer_states"] < 0.55 * eight.components["optimizer_states"]
     assert sixteen.components["weights"] == eight.components["weights"]
@@ -35,8 +36,9 @@ def test_expert_weights_split_by_ep_and_their_optimizer_states_by_expert_dp():
 
 def test_routed_tokens_cost_top_k_copies_and_all_to_all_buffers():
     base = estimate_memory(A3B, Parallel(dp=8, ep=8), 4096)
-    top2 = estimate_memory(dataclasses.replace(SHAPE, moe_router_topk=2), Parallel(dp=8, ep=8),
-                           4096)
+    top2 = estimate_memory(
+        dataclasses.replace(SHAPE, moe_router_topk=2), Parallel(dp=8, ep=8), 4096
+    )
     assert base.components["activations"] > 2 * top2.components["activations"]
     # backward working set: one layer's temporaries and the replayed layer, plus the dispatch
     # and combine buffers: 8 bf16 copies of each of the 4096 tokens' hidden states, both ways
@@ -66,15 +68,18 @@ def test_16x80gb_fits_with_room_and_less_recompute():
     assert p.chosen.recompute.checkpointed_layers(48) < 48
     assert not any(n.startswith("tight:") for n in p.notes)
     assert p.chosen.relative_speed > eight.chosen.relative_speed
-    assert p.chosen.memory.components["optimizer_states"] < eight.chosen.memory.components[
-        "optimizer_states"]
+    assert (
+        p.chosen.memory.components["optimizer_states"]
+        < eight.chosen.memory.components["optimizer_states"]
+    )
 
 
 def test_2x141gb_full_fine_tuning_does_not_fit_and_says_try_lora():
     p = plan(A3B, gpus=2, gpu_mem_gb=141, gpus_per_node=2)
     assert not p.feasible and p.chosen is None
-    assert ("full fine-tuning of a 30.5B-parameter model does not fit on 2 GPUs of 141 GiB"
-            in p.reason)
+    assert (
+        "full fine-tuning of a 30.5B-parameter model does not fit on 2 GPUs of 141 GiB" in p.reason
+    )
     assert "try LoRA" in p.reason
     assert p.min_gpus and p.min_gpus > 2
 

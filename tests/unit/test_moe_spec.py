@@ -34,8 +34,12 @@ def test_qwen3_30b_a3b_resolves_with_its_published_shape():
     r = resolve(QWEN3_30B, world=8, expert_model_parallel_size=8)
     tc = r["transformer_config"]
     assert r["model"]["family"] == "qwen3_moe"
-    assert (tc["num_layers"], tc["num_moe_experts"], tc["moe_router_topk"],
-            tc["moe_ffn_hidden_size"]) == (48, 128, 8, 768)
+    assert (
+        tc["num_layers"],
+        tc["num_moe_experts"],
+        tc["moe_router_topk"],
+        tc["moe_ffn_hidden_size"],
+    ) == (48, 128, 8, 768)
     assert tc["qk_layernorm"] and tc["num_query_groups"] == 4 and tc["kv_channels"] == 128
     # norm_topk_prob=true: top-k then softmax over the k (megatron's pre_softmax=False)
     assert tc["moe_router_pre_softmax"] is False
@@ -51,8 +55,10 @@ def test_qwen3_30b_a3b_resolves_with_its_published_shape():
     assert round(shape.active_params() / 1e9, 1) == 3.4  # "3.3B activated" in the model card
 
 
-@pytest.mark.parametrize("hf,experts,topk,shared,total,active", [
-    (QWEN15_MOE, 60, 4, 5632, 14.3, 2.7), (QWEN2_57B, 64, 8, 20480, 57.4, 14.2)])
+@pytest.mark.parametrize(
+    "hf,experts,topk,shared,total,active",
+    [(QWEN15_MOE, 60, 4, 5632, 14.3, 2.7), (QWEN2_57B, 64, 8, 20480, 57.4, 14.2)],
+)
 def test_qwen2_moe_resolves_with_a_gated_shared_expert(hf, experts, topk, shared, total, active):
     tc = resolve(hf, world=4, expert_model_parallel_size=4)["transformer_config"]
     assert tc["num_moe_experts"] == experts and tc["moe_router_topk"] == topk
@@ -79,8 +85,12 @@ def test_dense_layers_between_moe_layers_are_refused_by_name(key, value):
 
 
 def test_aux_loss_coefficient_comes_from_config_json_unless_the_job_sets_it():
-    assert resolve({**QWEN3_30B, "router_aux_loss_coef": 0.02}
-                   )["transformer_config"]["moe_aux_loss_coeff"] == 0.02
+    assert (
+        resolve({**QWEN3_30B, "router_aux_loss_coef": 0.02})["transformer_config"][
+            "moe_aux_loss_coeff"
+        ]
+        == 0.02
+    )
     tc = resolve(QWEN3_30B, moe_aux_loss_coeff=0.0)["transformer_config"]
     assert tc["moe_aux_loss_coeff"] == 0
 
@@ -90,19 +100,28 @@ def test_expert_arithmetic_errors_name_the_field():
     assert bad["moe.expert_model_parallel_size"] == "3 does not divide the model's 128 experts"
     bad = problems(QWEN3_30B, world=8, expert_model_parallel_size=8, expert_tensor_parallel_size=2)
     assert "does not divide the 8 ranks" in bad["moe.expert_model_parallel_size"]
-    bad = problems(QWEN3_30B, world=8, expert_tensor_parallel_size=8,
-                   pipeline_model_parallel_size=2)
+    bad = problems(
+        QWEN3_30B, world=8, expert_tensor_parallel_size=8, pipeline_model_parallel_size=2
+    )
     assert "world % (EP × expert-TP × PP)" in bad["moe.expert_model_parallel_size"]
     bad = problems(QWEN3_30B, world=7, expert_tensor_parallel_size=7)
     assert "moe_intermediate_size=768" in bad["moe.expert_tensor_parallel_size"]
-    bad = problems({**QWEN15_MOE, "shared_expert_intermediate_size": 5630}, world=4,
-                   tensor_model_parallel_size=4)
+    bad = problems(
+        {**QWEN15_MOE, "shared_expert_intermediate_size": 5630},
+        world=4,
+        tensor_model_parallel_size=4,
+    )
     assert "shared_expert_intermediate_size=5630" in bad["parallel.tensor_model_parallel_size"]
 
 
 def test_moe_layouts_that_megatron_accepts_resolve():
-    r = resolve(QWEN3_30B, world=16, tensor_model_parallel_size=2, expert_model_parallel_size=8,
-                sequence_parallel=True)
+    r = resolve(
+        QWEN3_30B,
+        world=16,
+        tensor_model_parallel_size=2,
+        expert_model_parallel_size=8,
+        sequence_parallel=True,
+    )
     assert r["experts"]["expert_data_parallel_size"] == 2
     bad = problems(QWEN3_30B, world=16, tensor_model_parallel_size=2, expert_model_parallel_size=8)
     assert "needs sequence parallelism" in bad["parallel.sequence_parallel"]  # MoE + TP
@@ -120,36 +139,66 @@ def test_moe_options_on_a_dense_model_are_refused_by_name():
 
 
 def test_te_only_and_inapplicable_options_are_accepted_with_a_note():
-    r = resolve(QWEN3_30B, moe_permute_fusion=True, moe_shared_expert_overlap=True,
-                moe_expert_capacity_factor=1.5)
+    r = resolve(
+        QWEN3_30B,
+        moe_permute_fusion=True,
+        moe_shared_expert_overlap=True,
+        moe_expert_capacity_factor=1.5,
+    )
     text = "\n".join(r["warnings"])
     assert "moe_permute_fusion=true is accepted but has no effect" in text
     assert "moe_shared_expert_overlap has no effect: qwen3_moe has no shared expert" in text
     assert "dropped" in text
     assert r["transformer_config"]["moe_expert_capacity_factor"] == 1.5
     assert r["transformer_config"]["moe_shared_expert_overlap"] is False
-    bad = problems(QWEN15_MOE, moe_shared_expert_overlap=True,
-                   moe_token_dispatcher_type="allgather")
+    bad = problems(
+        QWEN15_MOE, moe_shared_expert_overlap=True, moe_token_dispatcher_type="allgather"
+    )
     assert "alltoall" in bad["moe.moe_shared_expert_overlap"]
 
 
-@pytest.mark.parametrize("option,value,field", [
-    ("moe_token_dispatcher_type", "flex", "moe.moe_token_dispatcher_type"),
-    ("moe_router_dtype", "bf16", "moe.moe_router_dtype"),
-    ("expert_model_parallel_size", 0, "moe.expert_model_parallel_size"),
-    ("moe_expert_capacity_factor", -1.0, "moe.moe_expert_capacity_factor")])
+@pytest.mark.parametrize(
+    "option,value,field",
+    [
+        ("moe_token_dispatcher_type", "flex", "moe.moe_token_dispatcher_type"),
+        ("moe_router_dtype", "bf16", "moe.moe_router_dtype"),
+        ("expert_model_parallel_size", 0, "moe.expert_model_parallel_size"),
+        ("moe_expert_capacity_factor", -1.0, "moe.moe_expert_capacity_factor"),
+    ],
+)
 def test_bad_option_values_are_named(option, value, field):
     assert field in problems(QWEN3_30B, **{option: value})
 
 
 def test_megatron_swift_moe_flags_parse():
-    job = job_from_argv(["--model", "m", "--dataset", "d.jsonl", "--train_iters", "1",
-                         "--expert_model_parallel_size", "8", "--moe_grouped_gemm", "true",
-                         "--moe_permute_fusion", "true", "--moe_aux_loss_coeff", "1e-3",
-                         "--expert_tensor_parallel_size", "1", "--moe_router_dtype", "fp32",
-                         "--moe_token_dispatcher_type", "alltoall",
-                         "--moe_expert_capacity_factor", "2",
-                         "--moe_shared_expert_overlap", "true"])
+    job = job_from_argv(
+        [
+            "--model",
+            "m",
+            "--dataset",
+            "d.jsonl",
+            "--train_iters",
+            "1",
+            "--expert_model_parallel_size",
+            "8",
+            "--moe_grouped_gemm",
+            "true",
+            "--moe_permute_fusion",
+            "true",
+            "--moe_aux_loss_coeff",
+            "1e-3",
+            "--expert_tensor_parallel_size",
+            "1",
+            "--moe_router_dtype",
+            "fp32",
+            "--moe_token_dispatcher_type",
+            "alltoall",
+            "--moe_expert_capacity_factor",
+            "2",
+            "--moe_shared_expert_overlap",
+            "true",
+        ]
+    )
     assert job.moe.expert_model_parallel_size == 8 and job.moe.moe_aux_loss_coeff == 1e-3
     assert job.moe.moe_expert_capacity_factor == 2.0
 
@@ -166,7 +215,13 @@ def test_expert_names_expand_per_expert_and_conversion_stays_total():
     names = list(keys)
     check_checkpoint_keys(family, names, 2, False, "ckpt", num_experts=3)
     with pytest.raises(ConversionError, match=r"model\.layers\.\{0-1\}\.mlp\.experts\.3\."):
-        check_checkpoint_keys(family, names + [f"model.layers.{i}.mlp.experts.3.up_proj.weight"
-                                               for i in (0, 1)], 2, False, "ckpt", num_experts=3)
+        check_checkpoint_keys(
+            family,
+            names + [f"model.layers.{i}.mlp.experts.3.up_proj.weight" for i in (0, 1)],
+            2,
+            False,
+            "ckpt",
+            num_experts=3,
+        )
     with pytest.raises(ConversionError, match="missing"):
         check_checkpoint_keys(family, names[1:], 2, False, "ckpt", num_experts=3)

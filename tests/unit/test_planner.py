@@ -5,8 +5,8 @@ import pytest
 from megafleet.memory import Parallel, Recompute, estimate_memory
 from megafleet.model_shape import NAMED_CONFIGS, shape_from_hf_config
 from megafleet.planner import apply_plan, estimate_job, layouts, plan
-from remote_runtime.spec.flags import job_from_argv
 from remote_runtime.spec.config import ConfigError, JobConfig, from_dict, validate
+from remote_runtime.spec.flags import job_from_argv
 
 Q17, Q8, L70 = NAMED_CONFIGS["qwen3-1.7b"], NAMED_CONFIGS["qwen3-8b"], NAMED_CONFIGS["llama3-70b"]
 
@@ -27,16 +27,18 @@ def test_8b_on_two_80gb_gpus_needs_model_parallelism():
     assert (c.tp, c.pp, c.dp) == (2, 1, 1) and c.sequence_parallel  # TP inside the node
     # Plain data parallelism does not fit, not even with the distributed optimizer.
     for dist in (False, True):
-        e = estimate_memory(Q8, Parallel(dp=2, distributed_optimizer=dist), 4096, 1,
-                            Recompute("full", "uniform", 1))
+        e = estimate_memory(
+            Q8, Parallel(dp=2, distributed_optimizer=dist), 4096, 1, Recompute("full", "uniform", 1)
+        )
         assert e.total_gib > 80
 
 
 def test_8b_on_two_h200s_fits_data_parallel_only_with_the_distributed_optimizer():
     p = plan(Q8, gpus=2, gpu_mem_gb=141)
     assert p.feasible
-    without = estimate_memory(Q8, Parallel(dp=2, distributed_optimizer=False), 4096, 1,
-                              Recompute("full", "uniform", 1))
+    without = estimate_memory(
+        Q8, Parallel(dp=2, distributed_optimizer=False), 4096, 1, Recompute("full", "uniform", 1)
+    )
     with_dist = estimate_memory(Q8, Parallel(dp=2, distributed_optimizer=True), 4096)
     assert without.total_gib > 141 > with_dist.total_gib
     assert p.chosen.parallel.distributed_optimizer
@@ -57,9 +59,16 @@ def test_odd_gpu_counts_use_data_parallel_and_the_distributed_optimizer():
     assert not plan(Q17, gpus=1, gpu_mem_gb=24, suggest=False).feasible  # sharding is what fits
 
 
-@pytest.mark.parametrize("config,gpus,per_node", [
-    (L70, 16, 2), (L70, 64, 8), (Q8, 8, 4), (Q8, 6, 3), (Q17, 4, 1),
-])
+@pytest.mark.parametrize(
+    "config,gpus,per_node",
+    [
+        (L70, 16, 2),
+        (L70, 64, 8),
+        (Q8, 8, 4),
+        (Q8, 6, 3),
+        (Q17, 4, 1),
+    ],
+)
 def test_layouts_respect_nodes_heads_and_layers(config, gpus, per_node):
     shape = shape_from_hf_config(config)
     p = plan(config, gpus=gpus, gpu_mem_gb=80, gpus_per_node=per_node)
@@ -85,7 +94,7 @@ def test_chosen_is_the_fastest_layout_that_fits():
     fitting = [c for c in p.candidates if c.fits]
     assert p.chosen is fitting[0]
     assert p.chosen.relative_speed == max(c.relative_speed for c in fitting)
-    assert all(not c.fits for c in p.candidates[len(fitting):])
+    assert all(not c.fits for c in p.candidates[len(fitting) :])
 
 
 def test_short_sequences_get_a_larger_micro_batch():
@@ -105,13 +114,15 @@ def test_fragment_and_flags_are_a_valid_job():
     job = from_dict(p.job_fragment(), base=JobConfig())
     job.model.model, job.data.dataset, job.train.train_iters = "/m", ["d.jsonl"], 10
     validate(job)
-    flagged = job_from_argv(p.flags() + ["--model", "/m", "--dataset", "d.jsonl",
-                                         "--train_iters", "10"], task=p.request.task)
+    flagged = job_from_argv(
+        p.flags() + ["--model", "/m", "--dataset", "d.jsonl", "--train_iters", "10"],
+        task=p.request.task,
+    )
     flagged.launch = job.launch
     assert flagged == job
     try:
-        from remote_runtime.spec.resolve import resolve_job
         import remote_runtime.spec.families  # noqa: F401
+        from remote_runtime.spec.resolve import resolve_job
     except ImportError:
         return
     resolved = resolve_job(job, world_size=16, hf_config=Q8)
@@ -148,10 +159,14 @@ def test_layouts_enumerates_only_valid_splits():
 def test_dpo_plans_for_two_sequences_per_pair_and_no_reference_copy():
     """A pair trains its chosen and rejected answer in one micro-batch: the memory of an SFT
     micro-batch twice as long; the cached reference adds nothing on the GPU."""
-    sft = job_from_argv(["--model", "/m", "--dataset", "d", "--train_iters", "1",
-                         "--max_length", "4096"], task="sft")
-    dpo = job_from_argv(["--model", "/m", "--dataset", "d", "--train_iters", "1",
-                         "--max_length", "2048"], task="rlhf")
+    sft = job_from_argv(
+        ["--model", "/m", "--dataset", "d", "--train_iters", "1", "--max_length", "4096"],
+        task="sft",
+    )
+    dpo = job_from_argv(
+        ["--model", "/m", "--dataset", "d", "--train_iters", "1", "--max_length", "2048"],
+        task="rlhf",
+    )
     assert estimate_job(dpo, 1, Q17).total_gib == pytest.approx(estimate_job(sft, 1, Q17).total_gib)
     p = plan(Q17, gpus=1, gpu_mem_gb=80, seq_len=2048, task="rlhf")
     assert p.chosen.memory.tokens_per_microbatch == 2 * 2048 * p.chosen.micro_batch_size

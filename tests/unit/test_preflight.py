@@ -38,15 +38,22 @@ def problems_for(tmp_path, name: str, data: bytes, task: str = "sft") -> list[st
     return [p.message for p in e.value.problems]
 
 
-@pytest.mark.parametrize("data, needle", [
-    (chat_lines(2).encode() + b'{"messages": [\n', "line 3: invalid JSON"),
-    (b"", "the file holds no rows"),
-    (b'{"messages": [{"role": "user", "content": "only a question"}]}\n',
-     "line 1: no assistant turn"),
-    (chat_lines(1).encode() + b'{"text": "caf\xe9"}\n', "line 2: not UTF-8 text"),
-    (chat_lines(1).encode() + b'{"messages": [{"role": "bot", "content": "x"}]}\n',
-     "line 2: 'messages[0].role' is 'bot'"),
-])
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        (chat_lines(2).encode() + b'{"messages": [\n', "line 3: invalid JSON"),
+        (b"", "the file holds no rows"),
+        (
+            b'{"messages": [{"role": "user", "content": "only a question"}]}\n',
+            "line 1: no assistant turn",
+        ),
+        (chat_lines(1).encode() + b'{"text": "caf\xe9"}\n', "line 2: not UTF-8 text"),
+        (
+            chat_lines(1).encode() + b'{"messages": [{"role": "bot", "content": "x"}]}\n',
+            "line 2: 'messages[0].role' is 'bot'",
+        ),
+    ],
+)
 def test_bad_rows_are_named_by_file_and_line(tmp_path, data, needle):
     found = problems_for(tmp_path, "d.jsonl", data)
     assert len(found) == 1 and needle in found[0] and "d.jsonl" in found[0], found
@@ -70,9 +77,23 @@ def test_many_bad_rows_stop_at_ten_problems(tmp_path):
 def dry_run(tmp_path, model, *flags, rows=40, env=None):
     data = tmp_path / "d.jsonl"
     data.write_text(chat_lines(rows))
-    return run_cli_json("launch", "--local", "--dry-run", "--json", "--", "--model", str(model),
-                        "--dataset", str(data), "--train_iters", "2", "--master_port", "29393",
-                        *flags, env={"MEGAFLEET_HOME": str(tmp_path / "home"), **(env or {})})
+    return run_cli_json(
+        "launch",
+        "--local",
+        "--dry-run",
+        "--json",
+        "--",
+        "--model",
+        str(model),
+        "--dataset",
+        str(data),
+        "--train_iters",
+        "2",
+        "--master_port",
+        "29393",
+        *flags,
+        env={"MEGAFLEET_HOME": str(tmp_path / "home"), **(env or {})},
+    )
 
 
 def test_too_little_data_for_one_global_batch_names_the_value_to_set(tmp_path, model):
@@ -101,9 +122,21 @@ def test_a_broken_weight_link_is_refused_before_anything_starts(tmp_path, model)
 
 
 def test_env_with_a_value_is_refused_without_echoing_it(tmp_path, model):
-    proc = run_cli("launch", "--local", "--dry-run", "--", "--model", str(model), "--dataset",
-                   "x.jsonl", "--train_iters", "2", "--env", "HF_TOKEN=hf_sup3rs3cret",
-                   env={"MEGAFLEET_HOME": str(tmp_path / "home")})
+    proc = run_cli(
+        "launch",
+        "--local",
+        "--dry-run",
+        "--",
+        "--model",
+        str(model),
+        "--dataset",
+        "x.jsonl",
+        "--train_iters",
+        "2",
+        "--env",
+        "HF_TOKEN=hf_sup3rs3cret",
+        env={"MEGAFLEET_HOME": str(tmp_path / "home")},
+    )
     assert proc.returncode == 2 and "HF_TOKEN" in proc.stderr and "NAME=value" in proc.stderr
     assert "sup3rs3cret" not in proc.stdout + proc.stderr
 
@@ -111,46 +144,88 @@ def test_env_with_a_value_is_refused_without_echoing_it(tmp_path, model):
 # ---- Megatron-SWIFT commands as pasted ------------------------------------------------------
 
 SWIFT_COMMANDS = {
-    "sft": (2, "sft", """--tensor_model_parallel_size 2 --sequence_parallel true
+    "sft": (
+        2,
+        "sft",
+        """--tensor_model_parallel_size 2 --sequence_parallel true
         --micro_batch_size 4
         --global_batch_size 16 --recompute_granularity full --recompute_method uniform
         --recompute_num_layers 1 --finetune true --cross_entropy_loss_fusion true --lr 1e-5
         --lr_warmup_fraction 0.05 --min_lr 1e-6 --save megatron_output/Qwen3 --save_interval 100
         --max_length 2048 --system You_are_a_helpful_assistant. --num_workers 4 --no_save_optim true
         --no_save_rng true --dataset_num_proc 4 --model_author swift --model_name swift-robot
-        --save_safetensors true --load_from_cache_file true"""),
-    "pt": (1, "pt", """--packing true --max_steps 1000 --learning_rate 2e-5 --log_interval 5
+        --save_safetensors true --load_from_cache_file true""",
+    ),
+    "pt": (
+        1,
+        "pt",
+        """--packing true --max_steps 1000 --learning_rate 2e-5 --log_interval 5
         --warmup_ratio 0.03 --max_grad_norm 1.0
-        --torch_dtype bfloat16 --dataloader_num_workers 8 --use_hf true --add_version false"""),
-    "multi-node": (16, "sft", """--tensor_model_parallel_size 4 --pipeline_model_parallel_size 2
+        --torch_dtype bfloat16 --dataloader_num_workers 8 --use_hf true --add_version false""",
+    ),
+    "multi-node": (
+        16,
+        "sft",
+        """--tensor_model_parallel_size 4 --pipeline_model_parallel_size 2
         --use_distributed_optimizer true --overlap_grad_reduce true --overlap_param_gather true
         --global_batch_size 64 --micro_batch_size 1 --num_train_epochs 2 --save_steps 500
-        --logging_steps 1 --check_model false --lazy_tokenize false"""),
-    "long context": (8, "sft", """--max_length 32768 --packing true --context_parallel_size 2
+        --logging_steps 1 --check_model false --lazy_tokenize false""",
+    ),
+    "long context": (
+        8,
+        "sft",
+        """--max_length 32768 --packing true --context_parallel_size 2
         --transformer_impl transformer_engine --attention_backend flash
         --tensor_model_parallel_size 2
         --sequence_parallel true --recompute_granularity full --recompute_method uniform
-        --recompute_num_layers 1 --log_throughput true --attention_softmax_in_fp32 true"""),
+        --recompute_num_layers 1 --log_throughput true --attention_softmax_in_fp32 true""",
+    ),
 }
 
 
 @pytest.mark.parametrize("name", SWIFT_COMMANDS)
-def test_megatron_swift_commands_run_as_pasted_through_the_dry_run(name, model, capsys,
-                                                                   monkeypatch):
+def test_megatron_swift_commands_run_as_pasted_through_the_dry_run(
+    name, model, capsys, monkeypatch
+):
     from remote_runtime.__main__ import main
 
     world, task, flags = SWIFT_COMMANDS[name]
     monkeypatch.setenv("WORLD_SIZE", str(world))
-    rc = main([task, "--model", str(model), "--dataset", "data.jsonl#500", "--dry_run", "true",
-               *flags.split()])
+    rc = main(
+        [
+            task,
+            "--model",
+            str(model),
+            "--dataset",
+            "data.jsonl#500",
+            "--dry_run",
+            "true",
+            *flags.split(),
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0, err
     resolved = json.loads(out)
     noted = [w.split(":")[0] for w in resolved["warnings"] if "Megatron-SWIFT compatibility" in w]
-    given = [f for f in flags.split() if f.lstrip("-") in
-             ("num_workers", "dataloader_num_workers", "model_author", "save_safetensors",
-              "load_from_cache_file", "use_hf", "add_version", "check_model", "lazy_tokenize",
-              "log_throughput", "attention_softmax_in_fp32", "model_name")]
+    given = [
+        f
+        for f in flags.split()
+        if f.lstrip("-")
+        in (
+            "num_workers",
+            "dataloader_num_workers",
+            "model_author",
+            "save_safetensors",
+            "load_from_cache_file",
+            "use_hf",
+            "add_version",
+            "check_model",
+            "lazy_tokenize",
+            "log_throughput",
+            "attention_softmax_in_fp32",
+            "model_name",
+        )
+    ]
     assert sorted(n.split()[0] for n in noted) == sorted(given)
     assert resolved["job"]["train"]["num_train_epochs"] == (2 if name == "multi-node" else 1)
     if name == "pt":  # transformers-style spellings map to the Megatron names
@@ -190,8 +265,20 @@ def test_with_packing_too_few_rows_is_refused_and_maybe_too_few_packs_is_a_note(
     from megafleet.jobs.launch_checks import Checks, check_batches
 
     (tmp_path / "d.jsonl").write_text(chat_lines(20))
-    job = job_from_argv(["--model", "m", "--dataset", str(tmp_path / "d.jsonl"), "--packing",
-                         "true", "--max_length", "64", "--global_batch_size", "16"])
+    job = job_from_argv(
+        [
+            "--model",
+            "m",
+            "--dataset",
+            str(tmp_path / "d.jsonl"),
+            "--packing",
+            "true",
+            "--max_length",
+            "64",
+            "--global_batch_size",
+            "16",
+        ]
+    )
     checks = Checks()
     check_batches(checks, job, check_datasets(job, None), world_size=1)
     (note,) = checks.items
@@ -200,5 +287,6 @@ def test_with_packing_too_few_rows_is_refused_and_maybe_too_few_packs_is_a_note(
     with pytest.raises(ValidationError) as e:
         check_batches(Checks(), job, check_datasets(job, None), world_size=1)
     assert "not one full global batch" in str(e.value)
-    assert e.value.hint == ("set --global_batch_size 1, or --packing false with "
-                            "--global_batch_size 10")
+    assert e.value.hint == (
+        "set --global_batch_size 1, or --packing false with --global_batch_size 10"
+    )

@@ -17,8 +17,12 @@ def test_run_collects_output_exit_code_and_duration():
 
 def test_env_stdin_and_streamed_lines():
     lines = []
-    r = LocalRunner().run("echo \"$GREETING\"; cat; printf 'no newline'", env={"GREETING": "hi there"},
-                          stdin="from stdin\n", on_output=lambda s, line: lines.append((s, line)))
+    r = LocalRunner().run(
+        "echo \"$GREETING\"; cat; printf 'no newline'",
+        env={"GREETING": "hi there"},
+        stdin="from stdin\n",
+        on_output=lambda s, line: lines.append((s, line)),
+    )
     assert r.ok and r.stdout == "hi there\nfrom stdin\nno newline"
     assert lines == [("stdout", "hi there"), ("stdout", "from stdin"), ("stdout", "no newline")]
 
@@ -77,7 +81,9 @@ def test_failure_description_names_host_command_code_and_last_lines():
 
 
 def test_unreachable_results_raise_the_ssh_error_on_check():
-    r = Result.from_exception("gpu1", "true", AuthFailed("gpu1", "refused key /k"), time.monotonic())
+    r = Result.from_exception(
+        "gpu1", "true", AuthFailed("gpu1", "refused key /k"), time.monotonic()
+    )
     assert (r.error, r.reached) == ("auth", False)
     with pytest.raises(UnreachableError, match="gpu1: refused key /k"):
         r.check()
@@ -108,8 +114,11 @@ def test_run_on_hosts_runs_in_parallel():
 def test_the_pid_line_is_taken_out_of_stderr_wherever_it_comes():
     lines = []
     s = LineSplitter("stderr", lambda _, line: lines.append(line), strip_pid=True)
-    for chunk in (b"motd noise\n" + PID_MARK.encode()[:5], PID_MARK.encode()[5:] + b"4242\nerr",
-                  b"or\ntail"):
+    for chunk in (
+        b"motd noise\n" + PID_MARK.encode()[:5],
+        PID_MARK.encode()[5:] + b"4242\nerr",
+        b"or\ntail",
+    ):
         s.feed(chunk)
     assert s.pid == 4242 and s.text() == "motd noise\nerror\ntail"
     assert lines == ["motd noise", "error", "tail"]

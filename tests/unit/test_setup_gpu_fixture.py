@@ -31,8 +31,10 @@ def test_the_gpu_venvs_headers_were_found_in_the_venv_with_absolute_paths(plan):
         assert loc["version"]
     env = bp["vars"]
     assert env["CUDNN_PATH"] == env["CUDNN_HOME"] == f"{site}/nvidia/cudnn"
-    assert env["CPLUS_INCLUDE_PATH"].split(":")[:2] == [f"{site}/nvidia/cudnn/include",
-                                                        f"{site}/nvidia/nccl/include"]
+    assert env["CPLUS_INCLUDE_PATH"].split(":")[:2] == [
+        f"{site}/nvidia/cudnn/include",
+        f"{site}/nvidia/nccl/include",
+    ]
     assert int(env["MAX_JOBS"]) >= 1
     assert "~" not in json.dumps(te)
     assert plan["facts"]["torch"].startswith("2.") and plan["facts"]["torch_cuda"] == "13.0"

@@ -37,9 +37,15 @@ def test_installed_packages_and_torch_cuda_are_read_without_importing(tmp_path):
 
 
 def test_offline_installs_see_no_pip_or_uv_configuration(tmp_path):
-    base = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PIP_FIND_LINKS": "/opt/wheels",
-            "PIP_EXTRA_INDEX_URL": "file:///opt/pypi/simple", "UV_INDEX_URL": "https://x/simple",
-            "PYTHONPATH": "/somewhere/else", "HF_TOKEN": "hf_secret"}
+    base = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "PIP_FIND_LINKS": "/opt/wheels",
+        "PIP_EXTRA_INDEX_URL": "file:///opt/pypi/simple",
+        "UV_INDEX_URL": "https://x/simple",
+        "PYTHONPATH": "/somewhere/else",
+        "HF_TOKEN": "hf_secret",
+    }
     offline = core.child_env({"MAX_JOBS": "3"}, offline=True, base=base)
     assert offline["PIP_CONFIG_FILE"] == os.devnull and offline["UV_NO_CONFIG"] == "1"
     leaked = {"PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "UV_INDEX_URL", "PYTHONPATH"} & set(offline)
@@ -48,31 +54,44 @@ def test_offline_installs_see_no_pip_or_uv_configuration(tmp_path):
     online = core.child_env({}, offline=False, base=base)  # a node's own mirror stays in use
     assert online["PIP_FIND_LINKS"] == "/opt/wheels" and "PYTHONPATH" not in online
     # pip itself then sees no find-links or index from any config file (e.g. /etc/pip.conf)
-    proc = subprocess.run([sys.executable, "-m", "pip", "config", "list"], env=offline,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], env=offline, capture_output=True, text=True
+    )
     assert proc.returncode == 0
-    assert sorted(proc.stdout.split()) == [":env:.config-file='/dev/null'",
-                                           ":env:.disable-pip-version-check='1'",
-                                           ":env:.no-input='1'"]
+    assert sorted(proc.stdout.split()) == [
+        ":env:.config-file='/dev/null'",
+        ":env:.disable-pip-version-check='1'",
+        ":env:.no-input='1'",
+    ]
 
 
 def test_secrets_are_redacted_from_logs_and_displayed_environments():
-    red = core.Redactor({"HF_TOKEN": "hf_abcdef123", "PATH": "/usr/bin",
-                         "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI"}, CHECK.SECRET_NAME)
+    red = core.Redactor(
+        {"HF_TOKEN": "hf_abcdef123", "PATH": "/usr/bin", "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI"},
+        CHECK.SECRET_NAME,
+    )
     line = red("Looking in indexes: https://alice:p4ss@mirror.example/simple token hf_abcdef123")
     assert line == "Looking in indexes: https://****@mirror.example/simple token ****"
     assert red("key wJalrXUtnFEMI in /usr/bin") == "key **** in /usr/bin"
-    assert red.env_for_display({"HF_TOKEN": "x", "MAX_JOBS": "2"}) == {"HF_TOKEN": "****",
-                                                                      "MAX_JOBS": "2"}
+    assert red.env_for_display({"HF_TOKEN": "x", "MAX_JOBS": "2"}) == {
+        "HF_TOKEN": "****",
+        "MAX_JOBS": "2",
+    }
 
 
 def test_the_lock_refuses_a_second_setup_and_dies_with_its_holder(tmp_path):
     path = tmp_path / "setup.lock"
-    code = ("import sys, time; from megafleet.setup.node.core import SetupLock\n"
-            f"SetupLock({str(path)!r}).acquire({{'pid': 4242, 'started': 'then'}})\n"
-            "print('locked', flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": os.getcwd()})
+    code = (
+        "import sys, time; from megafleet.setup.node.core import SetupLock\n"
+        f"SetupLock({str(path)!r}).acquire({{'pid': 4242, 'started': 'then'}})\n"
+        "print('locked', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert core.lock_is_held(str(path))
@@ -104,8 +123,9 @@ class _Packages(Step):
         return {"source": ctx.source(), "x": ctx.req["x"]}
 
 
-def test_a_step_is_skipped_only_with_the_same_inputs_and_its_packages_still_there(tmp_path,
-                                                                                   monkeypatch):
+def test_a_step_is_skipped_only_with_the_same_inputs_and_its_packages_still_there(
+    tmp_path, monkeypatch
+):
     monkeypatch.setenv("HOME", str(tmp_path))
     venv, _ = fake_cuda_venv(tmp_path / "v", headers=False)
     req = {"venv": str(venv), "x": 1, "installer": "pip"}
@@ -114,16 +134,21 @@ def test_a_step_is_skipped_only_with_the_same_inputs_and_its_packages_still_ther
     step = _Packages()
     inputs, fp, why = decide(ctx, marker, step, [])
     assert why == "not done yet"
-    marker.save_step("packages", {"fingerprint": fp, "inputs": inputs,
-                                  "outcome": {"dists": {"torch": "2.11.0+cu130"}}})
+    marker.save_step(
+        "packages",
+        {"fingerprint": fp, "inputs": inputs, "outcome": {"dists": {"torch": "2.11.0+cu130"}}},
+    )
     assert decide(ctx, marker, step, [])[2] is None
-    assert decide(ctx, marker, step, [{"torch": "2.12.0"}])[2] == \
-        "changed since last run: an earlier step's result"
+    assert (
+        decide(ctx, marker, step, [{"torch": "2.12.0"}])[2]
+        == "changed since last run: an earlier step's result"
+    )
     req["x"] = 2
     assert decide(ctx, marker, step, [])[2] == "changed since last run: x"
     req["x"] = 1
-    marker.save_step("packages", {"fingerprint": fp, "inputs": inputs,
-                                  "outcome": {"dists": {"torch": "2.10.0"}}})
+    marker.save_step(
+        "packages", {"fingerprint": fp, "inputs": inputs, "outcome": {"dists": {"torch": "2.10.0"}}}
+    )
     assert decide(ctx, marker, step, [])[2] == "torch 2.10.0 was recorded, now 2.11.0+cu130"
     req["force"] = ["packages"]
     assert decide(ctx, marker, step, [])[2] == "forced (--force)"
@@ -145,8 +170,7 @@ def _plan(tmp_path, monkeypatch, agent_python=sys.executable, headers=True, **op
 
 
 @pytest.mark.parametrize("agent_python", [sys.executable, PY38], ids=["python", "python3.8"])
-def test_te_build_paths_are_the_venvs_real_paths_without_tilde(tmp_path, monkeypatch,
-                                                                agent_python):
+def test_te_build_paths_are_the_venvs_real_paths_without_tilde(tmp_path, monkeypatch, agent_python):
     if not os.path.exists(agent_python):
         pytest.skip(f"no {agent_python}")
     plan, home, sp = _plan(tmp_path, monkeypatch, agent_python, max_jobs=3)
@@ -154,8 +178,10 @@ def test_te_build_paths_are_the_venvs_real_paths_without_tilde(tmp_path, monkeyp
     env = te["build_plan"]["vars"]
     nvidia = str(sp / "nvidia")
     assert env["CUDNN_PATH"] == env["CUDNN_HOME"] == f"{nvidia}/cudnn"
-    assert env["CPLUS_INCLUDE_PATH"].split(":")[:2] == [f"{nvidia}/cudnn/include",
-                                                        f"{nvidia}/nccl/include"]
+    assert env["CPLUS_INCLUDE_PATH"].split(":")[:2] == [
+        f"{nvidia}/cudnn/include",
+        f"{nvidia}/nccl/include",
+    ]
     assert env["LIBRARY_PATH"].split(":")[:2] == [f"{nvidia}/cudnn/lib", f"{nvidia}/nccl/lib"]
     assert env["CUDA_HOME"] == str(tmp_path / "cuda") and env["MAX_JOBS"] == "3"
     assert te["build_plan"]["missing"] == []
@@ -164,8 +190,9 @@ def test_te_build_paths_are_the_venvs_real_paths_without_tilde(tmp_path, monkeyp
     assert "transformer_engine[pytorch,core_cu13]>=2.9,<2.12" in build["argv"]
     assert "--no-build-isolation" in build["argv"]
     assert build["env"]["CUDNN_PATH"] == env["CUDNN_PATH"]
-    assert f"export CPLUS_INCLUDE_PATH={nvidia}/cudnn/include:" in \
-        "\n".join(te["build_plan"]["export_lines"])
+    assert f"export CPLUS_INCLUDE_PATH={nvidia}/cudnn/include:" in "\n".join(
+        te["build_plan"]["export_lines"]
+    )
     assert "~" not in json.dumps(plan["steps"]) and plan["facts"]["venv"] == str(home / "fakevenv")
     assert sorted(os.listdir(home)) == ["fakevenv"]  # planning wrote nothing on the "node"
 

@@ -8,10 +8,10 @@ import io
 import os
 import subprocess
 import sys
-import tomllib
 import zipfile
 
 import pytest
+import tomllib
 
 from megafleet.errors import UsageError
 from megafleet.setup import fixes, wheel
@@ -33,8 +33,22 @@ def test_project_wheel_is_reproducible_complete_and_installable(tmp_path, monkey
     assert path.name == "megafleet-0.1.0-py3-none-any.whl"
     assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
     target = tmp_path / "target"
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-                           "--target", str(target), str(path)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            "--target",
+            str(target),
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (target / "remote_runtime" / "__init__.py").exists()
     assert (target / "megafleet" / "_bundled" / "check_megatron_env.schema.json").exists()
@@ -60,30 +74,48 @@ def test_options_are_validated():
 
 
 SAMPLES = {
-    "build_out_of_memory": ["building 'transformer_engine_torch' extension",
-                            "c++: fatal error: Killed signal terminated program cc1plus",
-                            "compilation terminated.", "ninja: build stopped: subcommand failed."],
-    "no_space_left": ["Installing collected packages: torch",
-                      "ERROR: Could not install packages due to an OSError: [Errno 28] "
-                      "No space left on device"],
-    "missing_cudnn_h": ["/tmp/pip-build/common/cudnn_utils.h:10:10: fatal error: cudnn.h: "
-                        "No such file or directory", "   10 | #include <cudnn.h>"],
+    "build_out_of_memory": [
+        "building 'transformer_engine_torch' extension",
+        "c++: fatal error: Killed signal terminated program cc1plus",
+        "compilation terminated.",
+        "ninja: build stopped: subcommand failed.",
+    ],
+    "no_space_left": [
+        "Installing collected packages: torch",
+        "ERROR: Could not install packages due to an OSError: [Errno 28] No space left on device",
+    ],
+    "missing_cudnn_h": [
+        "/tmp/pip-build/common/cudnn_utils.h:10:10: fatal error: cudnn.h: "
+        "No such file or directory",
+        "   10 | #include <cudnn.h>",
+    ],
     "missing_nccl_h": ["csrc/comm.cpp:3:10: fatal error: nccl.h: No such file or directory"],
-    "nvcc_missing": ["OSError: CUDA_HOME environment variable is not set. Please set it to your "
-                     "CUDA install root."],
-    "wheel_not_in_wheelhouse": ["ERROR: Could not find a version that satisfies the "
-                                "requirement megatron-core<0.17,>=0.16 (from versions: none)",
-                                "ERROR: No matching distribution found for megatron-core"],
-    "no_venv_module": ["The virtual environment was not created successfully because ensurepip "
-                       "is not available."],
+    "nvcc_missing": [
+        "OSError: CUDA_HOME environment variable is not set. Please set it to your "
+        "CUDA install root."
+    ],
+    "wheel_not_in_wheelhouse": [
+        "ERROR: Could not find a version that satisfies the "
+        "requirement megatron-core<0.17,>=0.16 (from versions: none)",
+        "ERROR: No matching distribution found for megatron-core",
+    ],
+    "no_venv_module": [
+        "The virtual environment was not created successfully because ensurepip is not available."
+    ],
 }
 
 
 @pytest.mark.parametrize("problem", sorted(SAMPLES))
 def test_known_problems_are_recognised_with_their_fix(problem):
-    failed = {"build_plan": {"vars": {"MAX_JOBS": "8"}, "export_lines": [
-        "export CUDNN_PATH=/home/u/megafleet/venv/lib/python3.12/site-packages/nvidia/cudnn"]},
-        "torch_cuda": "12.8"}
+    failed = {
+        "build_plan": {
+            "vars": {"MAX_JOBS": "8"},
+            "export_lines": [
+                "export CUDNN_PATH=/home/u/megafleet/venv/lib/python3.12/site-packages/nvidia/cudnn"
+            ],
+        },
+        "torch_cuda": "12.8",
+    }
     ctx = fixes.context_for(failed, "/home/u/megafleet/venv", "3.12.3", "/data/wheels")
     found = fixes.match_known_problem(["Collecting x", *SAMPLES[problem], "done"], ctx)
     assert found and found["id"] == problem
@@ -97,16 +129,28 @@ def test_known_problems_are_recognised_with_their_fix(problem):
 
 
 def test_an_unknown_failure_has_no_known_problem():
-    assert fixes.match_known_problem(["Traceback (most recent call last):",
-                                      "ValueError: something else"], {}) is None
+    assert (
+        fixes.match_known_problem(
+            ["Traceback (most recent call last):", "ValueError: something else"], {}
+        )
+        is None
+    )
 
 
 def test_a_failure_shows_its_step_the_last_30_lines_and_the_fix(capsys):
     tail = [f"line {i}" for i in range(100)] + SAMPLES["missing_nccl_h"]
-    r = HostSetupResult("node1", "failed", log="/home/u/megafleet/setup/logs/latest.log",
-                        failed={"step": "te", "title": "transformer-engine", "tail": tail,
-                                "message": "`build transformer-engine` exited with status 1"},
-                        known_problem=fixes.match_known_problem(tail, {}))
+    r = HostSetupResult(
+        "node1",
+        "failed",
+        log="/home/u/megafleet/setup/logs/latest.log",
+        failed={
+            "step": "te",
+            "title": "transformer-engine",
+            "tail": tail,
+            "message": "`build transformer-engine` exited with status 1",
+        },
+        known_problem=fixes.match_known_problem(tail, {}),
+    )
     show_failure(r)
     out = capsys.readouterr().out
     assert "node1: step te (transformer-engine) failed" in out
@@ -127,18 +171,31 @@ def test_dry_run_prints_commands_and_environment_and_changes_nothing(tmp_path):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     (wheels / "torch-2.11.0+cu130-cp311-cp311-manylinux_2_28_x86_64.whl").write_bytes(b"x" * 10)
-    env = _env(home, mf, CUDA_HOME=str(fake_cuda_home(tmp_path / "cuda")),
-               PIP_FIND_LINKS="/opt/wheels")
-    args = ("setup", "--local", "--dry-run", "--with-te", "--venv", "~/fakevenv",
-            "--wheelhouse", str(wheels), "--base-python", sys.executable)
+    env = _env(
+        home, mf, CUDA_HOME=str(fake_cuda_home(tmp_path / "cuda")), PIP_FIND_LINKS="/opt/wheels"
+    )
+    args = (
+        "setup",
+        "--local",
+        "--dry-run",
+        "--with-te",
+        "--venv",
+        "~/fakevenv",
+        "--wheelhouse",
+        str(wheels),
+        "--base-python",
+        sys.executable,
+    )
     proc = run_cli(*args, env=env)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     site = next((home / "fakevenv" / "lib").glob("python3*/site-packages"))
     assert f"cudnn: {site}/nvidia/cudnn/include (venv, 9.10.2)" in out
     assert f"env CUDNN_PATH={site}/nvidia/cudnn" in out and "env PIP_CONFIG_FILE=/dev/null" in out
-    assert any(line.strip().startswith("unset ") and "PIP_FIND_LINKS" in line.split()
-               for line in out.splitlines())
+    assert any(
+        line.strip().startswith("unset ") and "PIP_FIND_LINKS" in line.split()
+        for line in out.splitlines()
+    )
     assert f"--no-index --find-links {home}/megafleet/setup/wheelhouse" in out
     assert "would upload 2 file(s)" in out  # the wheelhouse's one wheel and the project wheel
     assert sorted(os.listdir(home)) == ["fakevenv"]
@@ -146,7 +203,10 @@ def test_dry_run_prints_commands_and_environment_and_changes_nothing(tmp_path):
     assert proc.returncode == 0 and doc["dry_run"] is True
     steps = {s["id"]: s for s in doc["hosts"]["local"]["plan"]}
     assert [c["title"] for c in steps["te"]["commands"]] == [
-        "pin torch", "install build tools", "build transformer-engine"]
+        "pin torch",
+        "install build tools",
+        "build transformer-engine",
+    ]
     assert doc["hosts"]["local"]["uploads"]["files"] == 2
 
 
@@ -158,11 +218,17 @@ class _HeldLock:
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True)
-        code = ("import time; from megafleet.setup.node.core import SetupLock, host_identity\n"
-                f"SetupLock({str(self.path)!r}).acquire(host_identity())\n"
-                "print('locked', flush=True); time.sleep(120)")
-        self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                                     text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        code = (
+            "import time; from megafleet.setup.node.core import SetupLock, host_identity\n"
+            f"SetupLock({str(self.path)!r}).acquire(host_identity())\n"
+            "print('locked', flush=True); time.sleep(120)"
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        )
         assert self.proc.stdout.readline().strip() == "locked"
         return self.proc
 
@@ -174,8 +240,9 @@ class _HeldLock:
 def test_a_second_setup_on_a_host_is_refused_while_one_runs(tmp_path):
     home, mf = tmp_path / "home", tmp_path / "mf"
     with _HeldLock(home) as holder:
-        proc, doc = run_cli_json("setup", "--local", "--yes", "--json", "--venv", "~/v",
-                                 env=_env(home, mf))
+        proc, doc = run_cli_json(
+            "setup", "--local", "--yes", "--json", "--venv", "~/v", env=_env(home, mf)
+        )
     assert proc.returncode == 4, proc.stderr
     local = doc["hosts"]["local"]
     assert local["status"] == "locked" and f"(pid {holder.pid}," in local["message"]
@@ -189,9 +256,15 @@ def test_on_a_terminal_progress_is_live_and_results_are_a_table(tmp_path):
     env = {**cli_env(_env(home, mf)), "COLUMNS": "160", "LINES": "40", "TERM": "xterm"}
     env.pop("NO_COLOR", None)
     with _HeldLock(home):
-        child = pexpect.spawn(sys.executable, ["-m", "megafleet", "setup", "--local", "--yes",
-                                               "--venv", "~/v"], env=env, cwd=str(REPO_ROOT),
-                              encoding="utf-8", timeout=120, dimensions=(40, 160))
+        child = pexpect.spawn(
+            sys.executable,
+            ["-m", "megafleet", "setup", "--local", "--yes", "--venv", "~/v"],
+            env=env,
+            cwd=str(REPO_ROOT),
+            encoding="utf-8",
+            timeout=120,
+            dimensions=(40, 160),
+        )
         child.expect(pexpect.EOF)
         child.close()
     out = child.before

@@ -51,8 +51,10 @@ def shown_commands() -> list[Shown]:
             if in_block and line.strip().startswith("megafleet"):
                 out.append(Shown(path.name, number, line.strip(), True))
             elif not in_block:
-                out += [Shown(path.name, number, m, False)
-                        for m in re.findall(r"`(megafleet(?: [^`]*)?)`", line)]
+                out += [
+                    Shown(path.name, number, m, False)
+                    for m in re.findall(r"`(megafleet(?: [^`]*)?)`", line)
+                ]
     return out
 
 
@@ -100,8 +102,13 @@ def test_the_skill_has_its_frontmatter_checklist_and_references():
     for phrase in ("fine-tune", "train on my GPU boxes", "EC2", "Megatron"):
         assert phrase in meta["description"], phrase
     assert "## First-answer checklist" in text and "## Workflow" in text
-    for ref in ("megatron-guide", "dataset-formats", "job-templates", "troubleshooting",
-                "ec2-guide"):
+    for ref in (
+        "megatron-guide",
+        "dataset-formats",
+        "job-templates",
+        "troubleshooting",
+        "ec2-guide",
+    ):
         assert (REPO_ROOT / "references" / f"{ref}.md").is_file()
         assert f"{ref}.md" in text
     codes = {int(c) for c in re.findall(r"^\| (\d+) \|", text, re.M)}
@@ -109,10 +116,16 @@ def test_the_skill_has_its_frontmatter_checklist_and_references():
 
 
 def test_the_skill_never_disables_host_key_checking():
-    forbidden = [r"StrictHostKeyChecking", r"UserKnownHostsFile\s*=?\s*/dev/null",
-                 r"AutoAddPolicy", r"ssh-keygen\s+-R", r">>?\s*\S*known_hosts",
-                 r"rm\s+\S*known_hosts",
-                 r"GlobalKnownHostsFile", r"CheckHostIP\s*=?\s*no"]
+    forbidden = [
+        r"StrictHostKeyChecking",
+        r"UserKnownHostsFile\s*=?\s*/dev/null",
+        r"AutoAddPolicy",
+        r"ssh-keygen\s+-R",
+        r">>?\s*\S*known_hosts",
+        r"rm\s+\S*known_hosts",
+        r"GlobalKnownHostsFile",
+        r"CheckHostIP\s*=?\s*no",
+    ]
     for path in FILES:
         for pattern in forbidden:
             hit = re.search(pattern, path.read_text(), re.M | re.I)
@@ -134,12 +147,14 @@ def test_every_shown_command_exists_with_its_options():
             continue
         unknown = [o for o in options_used(args) if o not in option_names(command)]
         if unknown:
-            problems.append(f"{shown}: unknown option(s) {', '.join(unknown)} for "
-                            f"megafleet {' '.join(path)}")
+            problems.append(
+                f"{shown}: unknown option(s) {', '.join(unknown)} for megafleet {' '.join(path)}"
+            )
         used = set(options_used(args))
         if shown.in_block and path not in PEOPLE_ONLY and not used & {"--json", "--dry-run"}:
-            problems.append(f"{shown}: an agent's command must read with --json or change "
-                            "with --dry-run")
+            problems.append(
+                f"{shown}: an agent's command must read with --json or change with --dry-run"
+            )
     assert not problems, "\n".join(problems)
 
 
@@ -166,23 +181,39 @@ def assets(tmp_path_factory):
     (root / "model").mkdir()
     (root / "model" / "config.json").write_text(json.dumps(NAMED_CONFIGS["qwen3-1.7b"]))
     write_demo_dataset(root / "train.jsonl", 20)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "key")],
-                   check=True)
-    return {"DIR": str(root / "model"), "FILE": str(root / "train.jsonl"),
-            "NAME1,NAME2": "gpu1,gpu2", "NAME": "gpu1", "USER@ADDRESS": "ubuntu@203.0.113.7",
-            "~/.ssh/KEY": str(root / "key")}
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "key")], check=True
+    )
+    return {
+        "DIR": str(root / "model"),
+        "FILE": str(root / "train.jsonl"),
+        "NAME1,NAME2": "gpu1,gpu2",
+        "NAME": "gpu1",
+        "USER@ADDRESS": "ubuntu@203.0.113.7",
+        "~/.ssh/KEY": str(root / "key"),
+    }
 
 
 def workdir(tmp_path: Path, tokens: list[str], values: dict) -> Path:
     """An empty MEGAFLEET_HOME and working directory; job.yaml in it when the command reads
     one (rendered from the shipped template, as the skill's workflow does)."""
     (tmp_path / "home").mkdir(mode=0o700)
-    reads_job = any(t == "job.yaml" and prev not in ("-o", "--output")
-                    for prev, t in zip([""] + tokens, tokens))
+    reads_job = any(
+        t == "job.yaml" and prev not in ("-o", "--output") for prev, t in zip([""] + tokens, tokens)
+    )
     if reads_job:
-        proc = run_cli("render", "sft-full", "--set", f"model={values['DIR']}", "--set",
-                       f"dataset={values['FILE']}", "-o", "job.yaml", cwd=tmp_path,
-                       env={"MEGAFLEET_HOME": str(tmp_path / "home")})
+        proc = run_cli(
+            "render",
+            "sft-full",
+            "--set",
+            f"model={values['DIR']}",
+            "--set",
+            f"dataset={values['FILE']}",
+            "-o",
+            "job.yaml",
+            cwd=tmp_path,
+            env={"MEGAFLEET_HOME": str(tmp_path / "home")},
+        )
         assert proc.returncode == 0, proc.stderr
     return tmp_path
 
@@ -214,8 +245,7 @@ def runnable(shown: Shown) -> bool:
 def test_shown_commands_that_need_no_hosts_run(shown, assets, tmp_path):
     tokens = fill(shlex.split(shown.text, comments=True), assets)
     root = workdir(tmp_path, tokens, assets)
-    proc = run_cli(*tokens[1:], cwd=root, env={"MEGAFLEET_HOME": str(root / "home")},
-                   timeout=240)
+    proc = run_cli(*tokens[1:], cwd=root, env={"MEGAFLEET_HOME": str(root / "home")}, timeout=240)
     assert proc.returncode != EXIT_USAGE, f"{shown}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     assert proc.returncode in (0, 1), f"{shown}\n{proc.stderr[-2000:]}"
     if "--json" in tokens:
@@ -232,6 +262,11 @@ def test_the_skill_gives_the_shortest_path_cpu_hosts_and_small_datasets():
     assert len(steps) < 15 and steps[-1].startswith("megafleet fetch")
     assert any(s.startswith("megafleet launch") and "--dry-run" in s for s in steps)
     flat = " ".join(section.split())
-    for needle in ("--cpu-ok", "--device cpu", "--global_batch_size", "--max_length",
-                   "--with-state"):
+    for needle in (
+        "--cpu-ok",
+        "--device cpu",
+        "--global_batch_size",
+        "--max_length",
+        "--with-state",
+    ):
         assert needle in flat, needle

@@ -37,9 +37,13 @@ def test_operator_imports_only_the_spec_from_the_runtime():
         rel = path.relative_to(ROOT).as_posix()
         if rel in ALLOWED_RUNTIME_USERS:
             continue
-        bad = sorted(m for m in imported_modules(path)
-                     if m.startswith("remote_runtime") and m != "remote_runtime"
-                     and not m.startswith("remote_runtime.spec"))
+        bad = sorted(
+            m
+            for m in imported_modules(path)
+            if m.startswith("remote_runtime")
+            and m != "remote_runtime"
+            and not m.startswith("remote_runtime.spec")
+        )
         if bad:
             offenders[rel] = bad
     assert not offenders, f"megafleet must import only remote_runtime.spec: {offenders}"
@@ -52,12 +56,18 @@ def test_spec_source_names_no_heavy_package():
 
 
 def test_importing_every_spec_module_loads_no_heavy_package():
-    modules = [m.name for m in pkgutil.walk_packages(remote_runtime.spec.__path__,
-                                                       "remote_runtime.spec.")]
-    assert "remote_runtime.spec.families.qwen3" in modules and "remote_runtime.spec.shape" in modules
-    code = ("import importlib, sys\n"
-            f"for m in {modules!r}: importlib.import_module(m)\n"
-            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                         check=True)
+    modules = [
+        m.name for m in pkgutil.walk_packages(remote_runtime.spec.__path__, "remote_runtime.spec.")
+    ]
+    assert (
+        "remote_runtime.spec.families.qwen3" in modules and "remote_runtime.spec.shape" in modules
+    )
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
     assert out.stdout.strip() == "[]", out.stdout

@@ -79,8 +79,12 @@ def test_passphrase_key_held_by_the_agent_is_used_through_it(tmp_path, monkeypat
         add(key, "correct horse")
         ident = load_identity(str(key), "h")
     assert ident.source == "agent" and isinstance(ident.pkey, paramiko.AgentKey)
-    assert ident.fingerprint == subprocess.run(["ssh-keygen", "-lf", str(key) + ".pub"],
-                                               capture_output=True, text=True).stdout.split()[1]
+    assert (
+        ident.fingerprint
+        == subprocess.run(
+            ["ssh-keygen", "-lf", str(key) + ".pub"], capture_output=True, text=True
+        ).stdout.split()[1]
+    )
 
 
 class ssh_agent:
@@ -91,7 +95,9 @@ class ssh_agent:
 
     def __enter__(self):
         sock = self.tmp / "agent.sock"
-        self.proc = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            ["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL
+        )
         for _ in range(100):
             if sock.exists():
                 break
@@ -104,8 +110,14 @@ class ssh_agent:
         askpass.write_text(f"#!/bin/sh\necho '{passphrase}'\n")
         askpass.chmod(0o700)
         env = dict(os.environ, SSH_ASKPASS=str(askpass), SSH_ASKPASS_REQUIRE="force", DISPLAY=":0")
-        subprocess.run(["ssh-add", str(key)], env=env, check=True, capture_output=True,
-                       stdin=subprocess.DEVNULL, timeout=10)
+        subprocess.run(
+            ["ssh-add", str(key)],
+            env=env,
+            check=True,
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            timeout=10,
+        )
 
     def __exit__(self, *exc):
         self.proc.terminate()

@@ -33,9 +33,16 @@ def test_log_tails_come_file_by_file_in_the_order_they_were_written(tmp_path):
     (worker / "stdout.log").write_text("step 5 loss 1.0\n")
     (worker / "stderr.log").write_text("a warning\n")
     (run_dir / "node.log").write_text("starting torchrun\ntorchrun exited with code 0\n")
-    for age, path in ((30, worker / "stderr.log"), (20, worker / "stdout.log"),
-                      (10, run_dir / "node.log")):
+    for age, path in (
+        (30, worker / "stderr.log"),
+        (20, worker / "stdout.log"),
+        (10, run_dir / "node.log"),
+    ):
         os.utime(path, (1e9 - age, 1e9 - age))
     lines = nodectl.recent_lines(run_dir, {"ranks": [0]}, 5)
-    assert lines == ["[rank0] a warning", "[rank0] step 5 loss 1.0", "starting torchrun",
-                     "torchrun exited with code 0"]
+    assert lines == [
+        "[rank0] a warning",
+        "[rank0] step 5 loss 1.0",
+        "starting torchrun",
+        "torchrun exited with code 0",
+    ]

@@ -6,14 +6,22 @@ import pytest
 
 from megafleet import templates
 from megafleet.errors import UsageError
-from remote_runtime.spec.flags import job_from_argv, load_job_file
 from remote_runtime.spec.config import ConfigError, JobConfig
+from remote_runtime.spec.flags import job_from_argv, load_job_file
 
 SUPPORTED = [t.name for t in templates.list_templates() if t.supported]
 UNSUPPORTED = [t.name for t in templates.list_templates() if not t.supported]
-SETS = ["model=/data/Qwen3-1.7B", "dataset=a.jsonl,b.jsonl#50", "optim.lr=2e-5",
-        "tensor_model_parallel_size=2", "sequence_parallel=true", "adam_beta2=0.98",
-        "system=Be brief: answer in one line #1", "hosts=[gpu0, gpu1]", "nproc_per_node=8"]
+SETS = [
+    "model=/data/Qwen3-1.7B",
+    "dataset=a.jsonl,b.jsonl#50",
+    "optim.lr=2e-5",
+    "tensor_model_parallel_size=2",
+    "sequence_parallel=true",
+    "adam_beta2=0.98",
+    "system=Be brief: answer in one line #1",
+    "hosts=[gpu0, gpu1]",
+    "nproc_per_node=8",
+]
 
 
 def round_trip(tmp_path, name, sets):
@@ -52,20 +60,28 @@ def test_values_outside_the_template_are_appended_as_flat_keys(tmp_path):
 
 def test_set_accepts_leaf_and_dotted_names_and_lists():
     t = templates.get_template("sft-full")
-    job = templates.job_from_template(t, ["optim.lr=3e-5", "max_length=8192",
-                                          "data.dataset=[x.jsonl, y.jsonl]", "task=pt"])
+    job = templates.job_from_template(
+        t, ["optim.lr=3e-5", "max_length=8192", "data.dataset=[x.jsonl, y.jsonl]", "task=pt"]
+    )
     assert (job.optim.lr, job.data.max_length, job.task) == (3e-5, 8192, "pt")
     assert job.data.dataset == ["x.jsonl", "y.jsonl"]
 
 
-@pytest.mark.parametrize("item,field,needle", [
-    ("tensor_parallel_size=2", "tensor_parallel_size", "did you mean --tensor_model_parallel_size"),
-    ("lora_rank=eight", "tuner.lora_rank", "not an integer"),
-    ("optim.max_length=10", "optim.max_length", "data.max_length"),
-    ("lr", "lr", "key=value"),
-    ("lr=fast", "optim.lr", "not a number"),
-    ("micro_batch_size=1.5", "train.micro_batch_size", "not an integer"),
-])
+@pytest.mark.parametrize(
+    "item,field,needle",
+    [
+        (
+            "tensor_parallel_size=2",
+            "tensor_parallel_size",
+            "did you mean --tensor_model_parallel_size",
+        ),
+        ("lora_rank=eight", "tuner.lora_rank", "not an integer"),
+        ("optim.max_length=10", "optim.max_length", "data.max_length"),
+        ("lr", "lr", "key=value"),
+        ("lr=fast", "optim.lr", "not a number"),
+        ("micro_batch_size=1.5", "train.micro_batch_size", "not an integer"),
+    ],
+)
 def test_bad_set_items_name_the_field(item, field, needle):
     with pytest.raises(ConfigError) as e:
         templates.job_from_template(templates.get_template("sft-full"), [item])
@@ -74,8 +90,9 @@ def test_bad_set_items_name_the_field(item, field, needle):
 
 
 def test_invalid_values_are_reported_by_check_job():
-    job = templates.job_from_template(templates.get_template("sft-full"),
-                                      ["model=/m", "dataset=d", "lr_decay_style=step"])
+    job = templates.job_from_template(
+        templates.get_template("sft-full"), ["model=/m", "dataset=d", "lr_decay_style=step"]
+    )
     missing, invalid = templates.check_job(job)
     assert not missing and invalid[0][0] == "optim.lr_decay_style"
 
@@ -106,8 +123,8 @@ def test_flags_and_command_round_trip_through_job_from_argv(name):
         assert argv[argv.index("--master_addr") + 1] == "gpu0"
         assert argv[argv.index("--nproc_per_node") + 1] == "8"
         m = argv.index("-m")
-        assert argv[m + 1:m + 3] == ["remote_runtime", job.task]
-        from_cmd = job_from_argv(argv[m + 3:], task=argv[m + 2])
+        assert argv[m + 1 : m + 3] == ["remote_runtime", job.task]
+        from_cmd = job_from_argv(argv[m + 3 :], task=argv[m + 2])
         from_cmd.launch = job.launch
         assert from_cmd == job
 
@@ -133,8 +150,9 @@ def test_a_plain_job_file_renders_as_a_template(tmp_path):
 
 def test_a_template_naming_a_missing_field_is_an_error(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("{#- template\nsummary: x\ndefaults: {}\n-#}\n"
-                    "optim:\n  lr: {{ optim.learning_rate | y }}\n")
+    path.write_text(
+        "{#- template\nsummary: x\ndefaults: {}\n-#}\noptim:\n  lr: {{ optim.learning_rate | y }}\n"
+    )
     t = templates.get_template(str(path))
     with pytest.raises(UsageError) as e:
         templates.render(t, JobConfig())
@@ -147,8 +165,24 @@ def test_unknown_template_lists_the_known_ones():
     assert "sft-full" in e.value.message
 
 
-@pytest.mark.parametrize("value", ["x", "", None, True, 1e-5, 3, [], ["a#1", "b c"], "a: b", "1e3",
-                                   "null", "line\nbreak", "ends..."])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "x",
+        "",
+        None,
+        True,
+        1e-5,
+        3,
+        [],
+        ["a#1", "b c"],
+        "a: b",
+        "1e3",
+        "null",
+        "line\nbreak",
+        "ends...",
+    ],
+)
 def test_yaml_value_loads_back(value):
     import yaml
 

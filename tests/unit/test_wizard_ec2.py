@@ -14,10 +14,15 @@ from remote_runtime.spec.flags import load_job_file
 from tests.ec2_moto import make_key
 from tests.wizard_pty import WizardPty
 
-SEED = {"region": "us-east-1", "self_rule": True, "instances": [
-    {"name": "gpu-a", "type": "p5.48xlarge", "az": "a", "tags": {"team": "ml"}},
-    {"name": "gpu-b", "type": "p5.48xlarge", "az": "b", "tags": {"team": "ml"}},
-    {"name": "other", "type": "g5.xlarge", "az": "a", "tags": {"team": "web"}}]}
+SEED = {
+    "region": "us-east-1",
+    "self_rule": True,
+    "instances": [
+        {"name": "gpu-a", "type": "p5.48xlarge", "az": "a", "tags": {"team": "ml"}},
+        {"name": "gpu-b", "type": "p5.48xlarge", "az": "b", "tags": {"team": "ml"}},
+        {"name": "other", "type": "g5.xlarge", "az": "a", "tags": {"team": "web"}},
+    ],
+}
 
 
 def test_ec2_branch_finds_checks_imports_and_saves_the_job(tmp_path):
@@ -29,9 +34,13 @@ def test_ec2_branch_finds_checks_imports_and_saves_the_job(tmp_path):
     home.mkdir(mode=0o700)
     ws.mkdir()
     write_demo_dataset(ws / "chats.jsonl", 20)
-    w = WizardPty([str(tmp_path / "seed.json"), "--", "wizard", "--timeout", "2"],
-                  module="tests.ec2_moto", cwd=ws, timeout=60,
-                  env={"MEGAFLEET_HOME": str(home), "TMPDIR": str(tmp_path)})
+    w = WizardPty(
+        [str(tmp_path / "seed.json"), "--", "wizard", "--timeout", "2"],
+        module="tests.ec2_moto",
+        cwd=ws,
+        timeout=60,
+        env={"MEGAFLEET_HOME": str(home), "TMPDIR": str(tmp_path)},
+    )
     try:
         w.choose("Where should training run", 3)
         w.enter("AWS region")  # us-east-1, from the environment

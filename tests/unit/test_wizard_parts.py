@@ -28,8 +28,10 @@ def test_dataset_format_is_detected_and_wrong_kinds_are_named(tmp_path):
     chat.write_text("\n" + json.dumps({"instruction": "Say hi", "output": "hi"}) + "\n")
     fmt, example, rows = inspect_dataset(str(chat), "sft")
     assert (fmt, rows) == ("alpaca", 1)
-    assert example == [{"role": "user", "content": "Say hi"},
-                       {"role": "assistant", "content": "hi"}]
+    assert example == [
+        {"role": "user", "content": "Say hi"},
+        {"role": "assistant", "content": "hi"},
+    ]
     assert inspect_dataset(str(chat), "pt")[0] == "alpaca"  # pt: loss on every token
     text = tmp_path / "corpus.json"
     text.write_text(json.dumps([{"text": "a b c"}, {"text": "d"}]))
@@ -76,30 +78,54 @@ def _answers(tmp_path, **extra) -> str:
     (tmp_path / "model").mkdir()  # config.json is all the wizard reads (nothing is launched)
     (tmp_path / "model" / "config.json").write_text(json.dumps(NAMED_CONFIGS["qwen3-0.6b"]))
     write_demo_dataset(tmp_path / "chats.jsonl", 20)
-    answers = {"where": "local", "cpu_ok": True, "task": "sft", "model": str(tmp_path / "model"),
-               "dataset": str(tmp_path / "chats.jsonl"), "max_length": 128,
-               "train_length": "5 steps", "lr": "1e-4", "output_dir": "out",
-               "job_file": "job.yaml", **extra}
+    answers = {
+        "where": "local",
+        "cpu_ok": True,
+        "task": "sft",
+        "model": str(tmp_path / "model"),
+        "dataset": str(tmp_path / "chats.jsonl"),
+        "max_length": 128,
+        "train_length": "5 steps",
+        "lr": "1e-4",
+        "output_dir": "out",
+        "job_file": "job.yaml",
+        **extra,
+    }
     path = tmp_path / "answers.yaml"
     path.write_text(json.dumps(answers))
     return str(path)
 
 
 def test_an_answers_file_saves_a_job_that_loads_back(tmp_path, megafleet_home):
-    proc = run_cli("wizard", "--answers", _answers(tmp_path, confirm="save"), cwd=tmp_path,
-                   env={"MEGAFLEET_HOME": str(megafleet_home)})
+    proc = run_cli(
+        "wizard",
+        "--answers",
+        _answers(tmp_path, confirm="save"),
+        cwd=tmp_path,
+        env={"MEGAFLEET_HOME": str(megafleet_home)},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job = load_job_file(tmp_path / "job.yaml")
     assert (job.task, job.train.train_iters, job.optim.lr, job.checkpoint.output_dir) == (
-        "sft", 5, 1e-4, "out")
+        "sft",
+        5,
+        1e-4,
+        "out",
+    )
     assert job.launch.hosts == ["local"] and job.train.num_train_epochs is None
     assert "megafleet launch job.yaml" in proc.stdout
     assert not (megafleet_home / "runs").exists()  # saved, not launched
 
 
 def test_dry_run_writes_nothing(tmp_path, megafleet_home):
-    proc = run_cli("wizard", "--dry-run", "--answers", _answers(tmp_path, confirm="launch"),
-                   cwd=tmp_path, env={"MEGAFLEET_HOME": str(megafleet_home)})
+    proc = run_cli(
+        "wizard",
+        "--dry-run",
+        "--answers",
+        _answers(tmp_path, confirm="launch"),
+        cwd=tmp_path,
+        env={"MEGAFLEET_HOME": str(megafleet_home)},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "dry run: would write job.yaml" in proc.stdout
     assert not (tmp_path / "job.yaml").exists() and list(megafleet_home.iterdir()) == []

@@ -27,17 +27,23 @@ def main(argv=None) -> int:
     p.add_argument("--max-jobs", type=int, default=None)
     args = p.parse_args(argv)
 
-    from megafleet.setup.node import CHECK
-    from megafleet.setup.node.agent import plan, probe
-    from megafleet.setup.node.core import Redactor
-    from megafleet.setup.node.context import Ctx
-    from megafleet.setup.request import SetupOptions, build_request
-    from megafleet.setup.wheel import wheel_bytes, wheel_name
     import hashlib
 
-    options = SetupOptions(with_te=args.with_te, with_apex=args.with_apex,
-                           with_flash_attn=args.with_flash_attn, base_python=args.base_python,
-                           installer=args.installer, max_jobs=args.max_jobs)
+    from megafleet.setup.node import CHECK
+    from megafleet.setup.node.agent import plan, probe
+    from megafleet.setup.node.context import Ctx
+    from megafleet.setup.node.core import Redactor
+    from megafleet.setup.request import SetupOptions, build_request
+    from megafleet.setup.wheel import wheel_bytes, wheel_name
+
+    options = SetupOptions(
+        with_te=args.with_te,
+        with_apex=args.with_apex,
+        with_flash_attn=args.with_flash_attn,
+        base_python=args.base_python,
+        installer=args.installer,
+        max_jobs=args.max_jobs,
+    )
     if args.venv:
         options.venv = args.venv
     options.validate()

@@ -21,9 +21,22 @@ import traceback
 from typing import List, Optional
 
 from . import CHECK
-from .core import (Marker, Redactor, SetupLock, StepLog, LockBusy, digest, dir_manifest, emit,
-                   host_identity, lock_is_held, torch_cuda, utc_now, write_atomic)
 from .context import CommandFailed, Ctx, StepError
+from .core import (
+    LockBusy,
+    Marker,
+    Redactor,
+    SetupLock,
+    StepLog,
+    digest,
+    dir_manifest,
+    emit,
+    host_identity,
+    lock_is_held,
+    torch_cuda,
+    utc_now,
+    write_atomic,
+)
 from .steps import STEP_IDS, Step, selected_steps
 
 ACTIVITY_EVERY = 0.5
@@ -41,8 +54,9 @@ def main(request: dict, sources: Optional[dict] = None) -> int:
         emit({"ev": "probe", "facts": probe(ctx, bool(request.get("hash_files")))})
         return 0
     if mode == "plan":
-        emit({"ev": "plan", "facts": probe(ctx, bool(request.get("hash_files"))),
-              "steps": plan(ctx)})
+        emit(
+            {"ev": "plan", "facts": probe(ctx, bool(request.get("hash_files"))), "steps": plan(ctx)}
+        )
         return 0
     if mode == "run":
         return run(ctx, sources)
@@ -52,39 +66,52 @@ def main(request: dict, sources: Optional[dict] = None) -> int:
 
 # ----------------------------------------------------------------------------------- probe
 
+
 def probe(ctx: Ctx, hash_files: bool) -> dict:
     smi = ctx.smi()
     site = ctx.site_dirs()
     marker = Marker(ctx.marker_path, ctx.venv)
     mem = CHECK.mem_available_bytes()
     facts = {
-        "home": ctx.home, "identity": host_identity(), "venv": ctx.venv,
-        "venv_python": ctx.python_version(ctx.python), "base_python": ctx.base_python,
+        "home": ctx.home,
+        "identity": host_identity(),
+        "venv": ctx.venv,
+        "venv_python": ctx.python_version(ctx.python),
+        "base_python": ctx.base_python,
         "base_python_version": ctx.python_version(ctx.base_python),
-        "installer": ctx.installer, "uv": ctx.uv,
-        "gpus": [g.get("name") for g in smi["gpus"]], "driver": smi["driver"],
-        "driver_cuda": smi["driver_cuda"], "nvidia_smi_error": smi["error"],
-        "torch": ctx.dists().get("torch") if site else None, "torch_cuda": torch_cuda(site),
-        "cpus": CHECK.cpu_count(), "mem_available_gib": round(mem / 2 ** 30, 1) if mem else None,
+        "installer": ctx.installer,
+        "uv": ctx.uv,
+        "gpus": [g.get("name") for g in smi["gpus"]],
+        "driver": smi["driver"],
+        "driver_cuda": smi["driver_cuda"],
+        "nvidia_smi_error": smi["error"],
+        "torch": ctx.dists().get("torch") if site else None,
+        "torch_cuda": torch_cuda(site),
+        "cpus": CHECK.cpu_count(),
+        "mem_available_gib": round(mem / 2**30, 1) if mem else None,
         "disk_free_gib": _free_gib(ctx.venv),
         "lock_held": lock_is_held(os.path.join(ctx.setup_dir, "setup.lock")),
-        "marker": ctx.marker_path, "done_steps": sorted(marker.data["steps"]),
+        "marker": ctx.marker_path,
+        "done_steps": sorted(marker.data["steps"]),
     }
     if hash_files:
-        facts["files"] = {"wheels": dir_manifest(os.path.join(ctx.setup_dir, "wheels")),
-                          "wheelhouse": dir_manifest(os.path.join(ctx.setup_dir, "wheelhouse"))}
+        facts["files"] = {
+            "wheels": dir_manifest(os.path.join(ctx.setup_dir, "wheels")),
+            "wheelhouse": dir_manifest(os.path.join(ctx.setup_dir, "wheelhouse")),
+        }
     return facts
 
 
 def _free_gib(path: str) -> Optional[float]:
     try:
         _, free = CHECK.fs_space(CHECK.nearest_existing(path))
-        return round(free / 2 ** 30, 1)
+        return round(free / 2**30, 1)
     except OSError:
         return None
 
 
 # ------------------------------------------------------------------------------- decisions
+
 
 def decide(ctx: Ctx, marker: Marker, step: Step, upstream: List[dict]):
     """(inputs, fingerprint, why it must run or None to skip). The inputs include what the
@@ -98,8 +125,12 @@ def decide(ctx: Ctx, marker: Marker, step: Step, upstream: List[dict]):
     if rec is None:
         return inputs, fingerprint, "not done yet"
     if rec.get("state") in ("running", "failed"):
-        return inputs, fingerprint, "%s during the last run (%s)" % (
-            "interrupted" if rec["state"] == "running" else "failed", rec.get("started", "?"))
+        return (
+            inputs,
+            fingerprint,
+            "%s during the last run (%s)"
+            % ("interrupted" if rec["state"] == "running" else "failed", rec.get("started", "?")),
+        )
     if rec.get("fingerprint") != fingerprint:
         old = rec.get("inputs", {})
         changed = sorted(k for k in set(old) | set(inputs) if old.get(k) != inputs.get(k))
@@ -115,8 +146,11 @@ def plan(ctx: Ctx) -> List[dict]:
     for step in selected_steps(ctx):
         entry = {"id": step.id, "title": step.title}
         if first_to_run:
-            entry.update(state="recheck", reason="decided after %s runs (skipped then if "
-                                                 "nothing it depends on changed)" % first_to_run)
+            entry.update(
+                state="recheck",
+                reason="decided after %s runs (skipped then if "
+                "nothing it depends on changed)" % first_to_run,
+            )
         else:
             try:
                 _, _, why = decide(ctx, marker, step, upstream)
@@ -125,8 +159,11 @@ def plan(ctx: Ctx) -> List[dict]:
             if why is None:
                 rec = marker.record(step.id)
                 upstream.append(rec["outcome"])
-                entry.update(state="skip", reason="done " + rec.get("done", "?"),
-                             detail=step.detail(rec["outcome"]))
+                entry.update(
+                    state="skip",
+                    reason="done " + rec.get("done", "?"),
+                    detail=step.detail(rec["outcome"]),
+                )
             else:
                 entry.update(state="run", reason=why)
                 first_to_run = step.id
@@ -152,13 +189,20 @@ def _plan_commands(ctx: Ctx, step: Step, entry: dict) -> None:
 
 # -------------------------------------------------------------------------------------- run
 
+
 def run(ctx: Ctx, sources: Optional[dict]) -> int:
     lock = SetupLock(os.path.join(ctx.setup_dir, "setup.lock"))
     try:
         lock.acquire(host_identity())
     except LockBusy as exc:
-        emit({"ev": "result", "status": "locked", "holder": exc.holder,
-              "message": "another megafleet setup is running on this host"})
+        emit(
+            {
+                "ev": "result",
+                "status": "locked",
+                "holder": exc.holder,
+                "message": "another megafleet setup is running on this host",
+            }
+        )
         return 3
     try:
         return _run_locked(ctx, sources or {})
@@ -175,26 +219,46 @@ class Failure(Exception):
 def _run_locked(ctx: Ctx, sources: dict) -> int:
     started = time.monotonic()
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    log = StepLog(os.path.join(ctx.setup_dir, "logs", "setup-%s-%d.log" % (stamp, os.getpid())),
-                  ctx.redact)
-    log.line("megafleet setup %s: venv %s, installer %s, %s" % (
-        utc_now(), ctx.venv, ctx.installer,
-        "offline from " + ctx.wheelhouse if ctx.offline else "online"), keep=False)
+    log = StepLog(
+        os.path.join(ctx.setup_dir, "logs", "setup-%s-%d.log" % (stamp, os.getpid())), ctx.redact
+    )
+    log.line(
+        "megafleet setup %s: venv %s, installer %s, %s"
+        % (
+            utc_now(),
+            ctx.venv,
+            ctx.installer,
+            "offline from " + ctx.wheelhouse if ctx.offline else "online",
+        ),
+        keep=False,
+    )
     if sources.get("check"):
         write_atomic(ctx.check_script, sources["check"], 0o755)
     _sync_wheelhouse(ctx, log)
     marker = Marker(ctx.marker_path, ctx.venv)
     steps = selected_steps(ctx)
-    emit({"ev": "start", "steps": [[s.id, s.title] for s in steps], "log": log.path,
-          "venv": ctx.venv, "installer": ctx.installer})
+    emit(
+        {
+            "ev": "start",
+            "steps": [[s.id, s.title] for s in steps],
+            "log": log.path,
+            "venv": ctx.venv,
+            "installer": ctx.installer,
+        }
+    )
     results, upstream, failure, report = [], [], None, None
     for n, step in enumerate(steps, 1):
         entry = {"id": step.id, "title": step.title, "n": n, "of": len(steps)}
         try:
             outcome, state = _one_step(ctx, marker, step, upstream, log, entry)
         except Failure as exc:
-            failure = dict(exc.info, step=step.id, title=step.title, tail=list(log.tail),
-                           torch_cuda=torch_cuda(ctx.site_dirs()))
+            failure = dict(
+                exc.info,
+                step=step.id,
+                title=step.title,
+                tail=list(log.tail),
+                torch_cuda=torch_cuda(ctx.site_dirs()),
+            )
             entry.update(state="failed", message=exc.info.get("message"))
             results.append(entry)
             emit(dict(entry, ev="step"))
@@ -204,15 +268,32 @@ def _run_locked(ctx: Ctx, sources: dict) -> int:
         if step.id == "check":
             report = outcome.get("report")
             if state != "skipped" and not outcome.get("ok"):
-                failure = {"step": "check", "title": step.title, "check_failed": True,
-                           "message": "the environment check failed: " + step.detail(outcome)}
-    status = "ok" if failure is None else ("check_failed" if failure.get("check_failed")
-                                           else "failed")
+                failure = {
+                    "step": "check",
+                    "title": step.title,
+                    "check_failed": True,
+                    "message": "the environment check failed: " + step.detail(outcome),
+                }
+    status = (
+        "ok" if failure is None else ("check_failed" if failure.get("check_failed") else "failed")
+    )
     log.line("<== setup %s in %.1fs" % (status, time.monotonic() - started), keep=False)
     log.close()
-    emit({"ev": "result", "status": status, "steps": results, "failed": failure,
-          "log": log.path, "marker": ctx.marker_path, "venv": ctx.venv, "python": ctx.python,
-          "python_version": ctx.python_version(ctx.python), "report": report, "seconds": round(time.monotonic() - started, 2)})
+    emit(
+        {
+            "ev": "result",
+            "status": status,
+            "steps": results,
+            "failed": failure,
+            "log": log.path,
+            "marker": ctx.marker_path,
+            "venv": ctx.venv,
+            "python": ctx.python,
+            "python_version": ctx.python_version(ctx.python),
+            "report": report,
+            "seconds": round(time.monotonic() - started, 2),
+        }
+    )
     return {"ok": 0, "check_failed": 1}.get(status, 4)
 
 
@@ -227,8 +308,11 @@ def _one_step(ctx, marker, step, upstream, log, entry):
     if why is None:
         rec = marker.record(step.id)
         entry.update(state="skipped", detail=step.detail(rec["outcome"]), seconds=0.0)
-        log.line("--- [%d/%d] %s: skipped, done %s: %s" % (
-            entry["n"], entry["of"], step.id, rec.get("done"), entry["detail"]), keep=False)
+        log.line(
+            "--- [%d/%d] %s: skipped, done %s: %s"
+            % (entry["n"], entry["of"], step.id, rec.get("done"), entry["detail"]),
+            keep=False,
+        )
         emit(dict(entry, ev="step"))
         return rec["outcome"], "skipped"
     entry.update(state="running", reason=why)
@@ -245,9 +329,17 @@ def _one_step(ctx, marker, step, upstream, log, entry):
     seconds = round(time.monotonic() - t0, 2)
     entry.update(state="done", detail=step.detail(outcome), seconds=seconds)
     if step.id != "check" or outcome.get("ok"):
-        marker.save_step(step.id, {"fingerprint": fingerprint, "inputs": inputs,
-                                   "outcome": outcome, "done": utc_now(), "seconds": seconds,
-                                   "detail": entry["detail"]})
+        marker.save_step(
+            step.id,
+            {
+                "fingerprint": fingerprint,
+                "inputs": inputs,
+                "outcome": outcome,
+                "done": utc_now(),
+                "seconds": seconds,
+                "detail": entry["detail"],
+            },
+        )
     else:  # a failed check is redone next time
         marker.save_step(step.id, dict(started, state="failed"))
     log.line("<== %s done in %.1fs: %s" % (step.id, seconds, entry["detail"]), keep=False)
@@ -263,10 +355,13 @@ def _run_step(ctx, step, log):
         log.line("error: %s" % exc.message)
         raise Failure(message=exc.message, fix=exc.fix, build_plan=_build_plan_or_none(ctx, step))
     except CommandFailed as exc:
-        raise Failure(message="`%s` %s" % (exc.command.title or exc.command.argv[0],
-                                           CHECK.describe_returncode(exc.exit_code)),
-                      exit_code=exc.exit_code, command=exc.command.to_dict(ctx),
-                      build_plan=_build_plan_or_none(ctx, step))
+        raise Failure(
+            message="`%s` %s"
+            % (exc.command.title or exc.command.argv[0], CHECK.describe_returncode(exc.exit_code)),
+            exit_code=exc.exit_code,
+            command=exc.command.to_dict(ctx),
+            build_plan=_build_plan_or_none(ctx, step),
+        )
     except Exception as exc:  # a bug here must still end in a result the operator can show
         for line in traceback.format_exc().splitlines():
             log.line(line)
@@ -290,6 +385,7 @@ def _activity(step_id: str):
         if text.strip() and now - last[0] >= ACTIVITY_EVERY:
             last[0] = now
             emit({"ev": "activity", "step": step_id, "line": text.strip()[-160:]})
+
     return on_line
 
 

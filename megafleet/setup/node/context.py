@@ -8,8 +8,17 @@ import shutil
 from typing import Dict, List, Optional
 
 from . import CHECK
-from .core import (ALWAYS_SET, ALWAYS_UNSET, BIN_DIR, OFFLINE_SET, SETUP_DIR, display_command,
-                   expand, installed_dists, venv_id)
+from .core import (
+    ALWAYS_SET,
+    ALWAYS_UNSET,
+    BIN_DIR,
+    OFFLINE_SET,
+    SETUP_DIR,
+    display_command,
+    expand,
+    installed_dists,
+    venv_id,
+)
 
 
 class StepError(Exception):
@@ -30,8 +39,14 @@ class Command:
     """One command of a step (or, with `write`, a file it writes): argv, the variables it
     sets, and whether it is an offline install (isolated from pip/uv configuration)."""
 
-    def __init__(self, argv: List[str], env: Optional[Dict[str, str]] = None,
-                 offline: bool = False, title: str = "", write: Optional[tuple] = None):
+    def __init__(
+        self,
+        argv: List[str],
+        env: Optional[Dict[str, str]] = None,
+        offline: bool = False,
+        title: str = "",
+        write: Optional[tuple] = None,
+    ):
         self.argv, self.env, self.offline = argv, env or {}, offline
         self.title, self.write = title, write
 
@@ -41,17 +56,21 @@ class Command:
     def env_unset(self, environ: Dict[str, str]) -> List[str]:
         gone = [k for k in ALWAYS_UNSET if k in environ]
         if self.offline:
-            gone += sorted(k for k in environ if k.startswith(("PIP_", "UV_"))
-                           and k not in self.env_set())
+            gone += sorted(
+                k for k in environ if k.startswith(("PIP_", "UV_")) and k not in self.env_set()
+            )
         return gone
 
     def to_dict(self, ctx: "Ctx") -> dict:
         if self.write:
             return {"title": self.title, "write": self.write[0], "content": self.write[1]}
-        return {"title": self.title, "argv": [ctx.redact(a) for a in self.argv],
-                "env": ctx.redact.env_for_display(self.env_set()),
-                "unset": self.env_unset(ctx.environ),
-                "shell": display_command(self.argv, self.env, ctx.redact)}
+        return {
+            "title": self.title,
+            "argv": [ctx.redact(a) for a in self.argv],
+            "env": ctx.redact.env_for_display(self.env_set()),
+            "unset": self.env_unset(ctx.environ),
+            "shell": display_command(self.argv, self.env, ctx.redact),
+        }
 
 
 class Ctx:
@@ -84,8 +103,11 @@ class Ctx:
         return shutil.which(name, path=self.environ.get("PATH"))
 
     def find_uv(self) -> Optional[str]:
-        for cand in (self.which("uv"), os.path.join(self.home, ".local", "bin", "uv"),
-                     os.path.join(self.home, ".cargo", "bin", "uv")):
+        for cand in (
+            self.which("uv"),
+            os.path.join(self.home, ".local", "bin", "uv"),
+            os.path.join(self.home, ".cargo", "bin", "uv"),
+        ):
             if cand and os.access(cand, os.X_OK):
                 return cand
         return None
@@ -94,8 +116,9 @@ class Ctx:
         if not python or not os.access(python, os.X_OK):
             return None
         if python not in self._versions:
-            res = CHECK.run_command([python, "-c", "import sys; print('%d.%d.%d' % "
-                                     "sys.version_info[:3])"], 30)
+            res = CHECK.run_command(
+                [python, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"], 30
+            )
             self._versions[python] = res.stdout.strip() if res.ok else None
         return self._versions[python]
 
@@ -128,9 +151,15 @@ class Ctx:
         # python compiles the few modules a job imports on first use.
         return [self.python, "-m", "pip", verb] + (["--no-compile"] if verb == "install" else [])
 
-    def install(self, packages: List[str], extra: tuple = (), env: Optional[dict] = None,
-                title: str = "", index_url: Optional[str] = None,
-                constraints: bool = True) -> Command:
+    def install(
+        self,
+        packages: List[str],
+        extra: tuple = (),
+        env: Optional[dict] = None,
+        title: str = "",
+        index_url: Optional[str] = None,
+        constraints: bool = True,
+    ) -> Command:
         argv = self.installer_argv("install")
         if self.offline:
             argv += ["--no-index", "--find-links", self.wheelhouse]
@@ -147,11 +176,12 @@ class Ctx:
             # The torch step ran but left no torch in this venv's own site-packages: pip must
             # have found one elsewhere on sys.path (a .pth file or PYTHONPATH into another
             # environment). Pinning nothing would let later installs swap it silently.
-            raise StepError("torch is not installed in %s itself, though pip considered it "
-                            "installed (a .pth file or PYTHONPATH shows another environment)"
-                            % self.venv,
-                            "remove that .pth file / PYTHONPATH entry, or set up into a new venv "
-                            "with --venv PATH")
+            raise StepError(
+                "torch is not installed in %s itself, though pip considered it "
+                "installed (a .pth file or PYTHONPATH shows another environment)" % self.venv,
+                "remove that .pth file / PYTHONPATH entry, or set up into a new venv "
+                "with --venv PATH",
+            )
         version = version or "(the version the torch step installs)"
         return Command([], title="pin torch", write=(self.constraints, "torch==%s\n" % version))
 

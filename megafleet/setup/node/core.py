@@ -77,7 +77,7 @@ def installed_dists(site_dirs: Sequence[str]) -> Dict[str, str]:
         for entry in entries:
             for suffix in (".dist-info", ".egg-info"):
                 if entry.endswith(suffix) and "-" in entry:
-                    name, version = entry[:-len(suffix)].split("-", 1)
+                    name, version = entry[: -len(suffix)].split("-", 1)
                     if suffix == ".egg-info":
                         version = version.split("-py")[0]
                     found.setdefault(normalize(name), version)
@@ -141,6 +141,7 @@ def write_atomic(path: str, text: str, mode: int = 0o644) -> None:
 
 # ------------------------------------------------------------------------------------ lock
 
+
 class LockBusy(Exception):
     def __init__(self, holder: dict):
         super().__init__("another setup is running on this host")
@@ -199,6 +200,7 @@ def lock_is_held(path: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------- marker
+
 
 class Marker:
     """What each step installed and from which inputs, for one venv; rewritten atomically
@@ -285,8 +287,10 @@ class StepLog:
 
 # -------------------------------------------------------------------------------- commands
 
-def child_env(set_vars: Dict[str, str], offline: bool,
-              base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+
+def child_env(
+    set_vars: Dict[str, str], offline: bool, base: Optional[Dict[str, str]] = None
+) -> Dict[str, str]:
     """The environment of an install command: the node's own, minus what would redirect it,
     plus `set_vars`. Offline (wheelhouse) installs see no PIP_*/UV_* variable and no pip or
     uv config file (e.g. an /etc/pip.conf that adds find-links or extra index URLs)."""
@@ -303,18 +307,30 @@ def child_env(set_vars: Dict[str, str], offline: bool,
 
 
 def display_command(argv: Sequence[str], env_set: Dict[str, str], redact: Redactor) -> str:
-    pairs = " ".join("%s=%s" % (k, shlex.quote(v)) for k, v in
-                     redact.env_for_display(env_set).items())
+    pairs = " ".join(
+        "%s=%s" % (k, shlex.quote(v)) for k, v in redact.env_for_display(env_set).items()
+    )
     return redact((pairs + " " if pairs else "") + " ".join(shlex.quote(a) for a in argv))
 
 
-def run_logged(argv: Sequence[str], env: Dict[str, str], log: StepLog,
-               on_line: Optional[Callable[[str], None]] = None, cwd: Optional[str] = None) -> int:
+def run_logged(
+    argv: Sequence[str],
+    env: Dict[str, str],
+    log: StepLog,
+    on_line: Optional[Callable[[str], None]] = None,
+    cwd: Optional[str] = None,
+) -> int:
     """Run a command with its output (stdout and stderr together) going to the log; returns
     the exit code (negative: killed by that signal; 127: not found)."""
     try:
-        proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, cwd=cwd)
+        proc = subprocess.Popen(
+            list(argv),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+        )
     except OSError as exc:
         log.line("error: cannot run %s: %s" % (argv[0], exc))
         return 127
@@ -331,5 +347,9 @@ def host_identity() -> dict:
         user = pwd.getpwuid(os.getuid()).pw_name
     except KeyError:
         user = str(os.getuid())
-    return {"hostname": socket.gethostname(), "user": user, "pid": os.getpid(),
-            "started": utc_now()}
+    return {
+        "hostname": socket.gethostname(),
+        "user": user,
+        "pid": os.getpid(),
+        "started": utc_now(),
+    }

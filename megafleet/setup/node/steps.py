@@ -14,8 +14,17 @@ from typing import Callable, List, Optional
 
 from . import CHECK
 from .context import Command, CommandFailed, Ctx, StepError
-from .core import (OFFLINE_SET, StepLog, child_env, display_command, expand, requirement_name,
-                   run_logged, torch_cuda, write_atomic)
+from .core import (
+    OFFLINE_SET,
+    StepLog,
+    child_env,
+    display_command,
+    expand,
+    requirement_name,
+    run_logged,
+    torch_cuda,
+    write_atomic,
+)
 
 MIN_PYTHON = (3, 10)
 TE_BUILD_HELPERS = ["cmake", "ninja", "pybind11", "setuptools", "wheel", "packaging"]
@@ -97,9 +106,11 @@ class VenvStep(Step):
 
     def commands(self, ctx):
         if ctx.req.get("installer") == "uv" and not ctx.uv:
-            raise StepError("uv was asked for but is not on this node",
-                            "install uv with your package manager or `pip install --user uv`, "
-                            "or run setup with --installer pip")
+            raise StepError(
+                "uv was asked for but is not on this node",
+                "install uv with your package manager or `pip install --user uv`, "
+                "or run setup with --installer pip",
+            )
         if ctx.python_version(ctx.python):  # an existing venv is used as it is
             if ctx.installer == "pip" and not _has_pip(ctx):
                 return [Command([ctx.python, "-m", "ensurepip", "--upgrade"], title="add pip")]
@@ -107,16 +118,25 @@ class VenvStep(Step):
         base = ctx.base_python
         version = ctx.python_version(base)
         if not version:
-            raise StepError("no usable %s on this node" % (ctx.req.get("base_python") or "python3"),
-                            "install Python >= 3.10 (e.g. apt-get install python3 python3-venv) "
-                            "or pass --base-python /path/to/python3")
+            raise StepError(
+                "no usable %s on this node" % (ctx.req.get("base_python") or "python3"),
+                "install Python >= 3.10 (e.g. apt-get install python3 python3-venv) "
+                "or pass --base-python /path/to/python3",
+            )
         if CHECK.release_tuple(version)[:2] < MIN_PYTHON:
-            raise StepError("%s is Python %s; megatron-core needs >= %d.%d" % ((base, version)
-                                                                               + MIN_PYTHON),
-                            "pass --base-python with a Python >= 3.10 (python3.12 works)")
+            raise StepError(
+                "%s is Python %s; megatron-core needs >= %d.%d" % ((base, version) + MIN_PYTHON),
+                "pass --base-python with a Python >= 3.10 (python3.12 works)",
+            )
         if ctx.installer == "uv":
-            return [Command([ctx.uv, "venv", "--python", base, ctx.venv],
-                            {"UV_PYTHON_DOWNLOADS": "never"}, ctx.offline, "create venv (uv)")]
+            return [
+                Command(
+                    [ctx.uv, "venv", "--python", base, ctx.venv],
+                    {"UV_PYTHON_DOWNLOADS": "never"},
+                    ctx.offline,
+                    "create venv (uv)",
+                )
+            ]
         return [Command([base, "-m", "venv", ctx.venv], title="create venv")]
 
     def nothing_to_do(self, ctx):
@@ -143,11 +163,16 @@ class TorchStep(Step):
         if not tag:
             tag = CHECK.torch_index_for_cuda(max_cuda) if smi["gpus"] else "cpu"
         if smi["gpus"] and not tag:
-            raise StepError("NVIDIA driver %s is too old for any CUDA build of torch"
-                            % smi["driver"],
-                            "upgrade the NVIDIA driver (>= 525 for CUDA 12)")
-        return {"gpu": bool(smi["gpus"]), "driver": smi["driver"], "max_cuda": max_cuda,
-                "index": None if ctx.offline else tag}
+            raise StepError(
+                "NVIDIA driver %s is too old for any CUDA build of torch" % smi["driver"],
+                "upgrade the NVIDIA driver (>= 525 for CUDA 12)",
+            )
+        return {
+            "gpu": bool(smi["gpus"]),
+            "driver": smi["driver"],
+            "max_cuda": max_cuda,
+            "index": None if ctx.offline else tag,
+        }
 
     def inputs(self, ctx):
         return dict(self.target(ctx), spec=ctx.req["torch_spec"], source=ctx.source())
@@ -158,7 +183,7 @@ class TorchStep(Step):
 
     def compatible(self, ctx, version: Optional[str], cuda: Optional[str]) -> Optional[str]:
         """Why an installed torch cannot stay (None: keep it)."""
-        spec = ctx.req["torch_spec"][len(requirement_name(ctx.req["torch_spec"])):].strip()
+        spec = ctx.req["torch_spec"][len(requirement_name(ctx.req["torch_spec"])) :].strip()
         if version is None:
             return "no torch yet"
         if spec and not CHECK.version_satisfies(version, spec):
@@ -178,26 +203,41 @@ class TorchStep(Step):
             return []  # keep the compatible torch already there
         cmds = []
         if installed:
-            cmds.append(Command(ctx.installer_argv("uninstall") + ([] if ctx.installer == "uv"
-                                                                   else ["-y"]) + ["torch"],
-                                title="remove incompatible torch %s" % installed))
-        index = None if ctx.offline else (target["index"] if "://" in target["index"]
-                                          else PYTORCH_INDEX % target["index"])
-        cmds.append(ctx.install([ctx.req["torch_spec"]], title="install torch", index_url=index,
-                                constraints=False))
+            cmds.append(
+                Command(
+                    ctx.installer_argv("uninstall")
+                    + ([] if ctx.installer == "uv" else ["-y"])
+                    + ["torch"],
+                    title="remove incompatible torch %s" % installed,
+                )
+            )
+        index = (
+            None
+            if ctx.offline
+            else (target["index"] if "://" in target["index"] else PYTORCH_INDEX % target["index"])
+        )
+        cmds.append(
+            ctx.install(
+                [ctx.req["torch_spec"]], title="install torch", index_url=index, constraints=False
+            )
+        )
         return cmds
 
     def nothing_to_do(self, ctx):
         cuda = torch_cuda(ctx.site_dirs())
         return "keeps the installed torch %s (%s), compatible with this host" % (
-            ctx.dists().get("torch"), "CUDA " + cuda if cuda else "CPU build")
+            ctx.dists().get("torch"),
+            "CUDA " + cuda if cuda else "CPU build",
+        )
 
     def outcome(self, ctx):
         return {"torch": ctx.dists().get("torch"), "cuda": torch_cuda(ctx.site_dirs())}
 
     def detail(self, outcome):
-        return "torch %s (%s)" % (outcome.get("torch"),
-                                  "CUDA " + outcome["cuda"] if outcome.get("cuda") else "CPU")
+        return "torch %s (%s)" % (
+            outcome.get("torch"),
+            "CUDA " + outcome["cuda"] if outcome.get("cuda") else "CPU",
+        )
 
 
 class PackagesStep(Step):
@@ -207,8 +247,10 @@ class PackagesStep(Step):
         return {"requirements": ctx.req["requirements"], "source": ctx.source()}
 
     def commands(self, ctx):
-        return [ctx.constraints_command(),
-                ctx.install(list(ctx.req["requirements"]), title="install runtime packages")]
+        return [
+            ctx.constraints_command(),
+            ctx.install(list(ctx.req["requirements"]), title="install runtime packages"),
+        ]
 
     def outcome(self, ctx):
         return dists_of(ctx, [requirement_name(r) for r in ctx.req["requirements"]])
@@ -225,41 +267,61 @@ class ProjectStep(Step):
 
     def commands(self, ctx):
         flags = ("--no-deps", "--reinstall" if ctx.installer == "uv" else "--force-reinstall")
-        return [ctx.install([self.wheel(ctx)], flags, title="install the operator's megafleet",
-                            constraints=False)]
+        return [
+            ctx.install(
+                [self.wheel(ctx)],
+                flags,
+                title="install the operator's megafleet",
+                constraints=False,
+            )
+        ]
 
     def outcome(self, ctx):
         return dict(dists_of(ctx, ["megafleet"]), sha256=ctx.req["project_wheel"]["sha256"])
 
     def detail(self, outcome):
-        return "megafleet %s (wheel %s)" % (outcome.get("dists", {}).get("megafleet"),
-                                            outcome.get("sha256", "")[:12])
+        return "megafleet %s (wheel %s)" % (
+            outcome.get("dists", {}).get("megafleet"),
+            outcome.get("sha256", "")[:12],
+        )
 
 
 class TEStep(Step):
     id, title, flag = "te", "transformer-engine", "with_te"
 
     def inputs(self, ctx):
-        return {"spec": ctx.req["te_spec"], "source": ctx.source(),
-                "max_jobs": ctx.req.get("max_jobs")}
+        return {
+            "spec": ctx.req["te_spec"],
+            "source": ctx.source(),
+            "max_jobs": ctx.req.get("max_jobs"),
+        }
 
     def commands(self, ctx):
         cuda = torch_cuda(ctx.site_dirs())
         if not cuda:
-            raise StepError("transformer-engine needs a CUDA build of torch; this venv has %s"
-                            % ("CPU torch" if ctx.dists().get("torch") else "no torch"),
-                            "run setup on a host with an NVIDIA GPU (torch then comes from the "
-                            "CUDA index), or leave out --with-te")
+            raise StepError(
+                "transformer-engine needs a CUDA build of torch; this venv has %s"
+                % ("CPU torch" if ctx.dists().get("torch") else "no torch"),
+                "run setup on a host with an NVIDIA GPU (torch then comes from the "
+                "CUDA index), or leave out --with-te",
+            )
         plan = ctx.build_plan()
         if plan["missing"]:
-            raise StepError("cannot build transformer-engine: missing "
-                            + ", ".join(plan["missing"]),
-                            missing_fix(ctx, plan["missing"], cuda))
+            raise StepError(
+                "cannot build transformer-engine: missing " + ", ".join(plan["missing"]),
+                missing_fix(ctx, plan["missing"], cuda),
+            )
         spec = ctx.req["te_spec"].replace("{cuda_major}", cuda.split(".")[0])
-        return [ctx.constraints_command(),
-                ctx.install(TE_BUILD_HELPERS, title="install build tools"),
-                ctx.install([spec], ("--no-build-isolation", "-v"), plan["vars"],
-                            title="build transformer-engine")]
+        return [
+            ctx.constraints_command(),
+            ctx.install(TE_BUILD_HELPERS, title="install build tools"),
+            ctx.install(
+                [spec],
+                ("--no-build-isolation", "-v"),
+                plan["vars"],
+                title="build transformer-engine",
+            ),
+        ]
 
     def outcome(self, ctx):
         have = ctx.dists()
@@ -272,15 +334,19 @@ def missing_fix(ctx: Ctx, missing: List[str], cuda: str) -> str:
     lines = []
     for what in missing:
         if what == "cudnn.h":
-            lines.append("%s nvidia-cudnn-%s   # cudnn.h: <site-packages>/nvidia/cudnn/include"
-                         % (pip, tag))
+            lines.append(
+                "%s nvidia-cudnn-%s   # cudnn.h: <site-packages>/nvidia/cudnn/include" % (pip, tag)
+            )
         elif what == "nccl.h":
-            lines.append("%s nvidia-nccl-%s    # nccl.h: <site-packages>/nvidia/nccl/include"
-                         % (pip, tag))
+            lines.append(
+                "%s nvidia-nccl-%s    # nccl.h: <site-packages>/nvidia/nccl/include" % (pip, tag)
+            )
         elif what == "nvcc":
-            lines.append("install the CUDA %s toolkit (nvcc), e.g. apt-get install "
-                         "cuda-toolkit-%s, and set CUDA_HOME=/usr/local/cuda-%s"
-                         % (cuda, cuda.replace(".", "-"), cuda))
+            lines.append(
+                "install the CUDA %s toolkit (nvcc), e.g. apt-get install "
+                "cuda-toolkit-%s, and set CUDA_HOME=/usr/local/cuda-%s"
+                % (cuda, cuda.replace(".", "-"), cuda)
+            )
     return "\n".join(lines)
 
 
@@ -288,22 +354,28 @@ class ApexStep(Step):
     id, title, flag = "apex", "apex (CUDA extensions)", "with_apex"
 
     def inputs(self, ctx):
-        return {"source": ctx.source() if ctx.offline else ctx.req["apex_source"],
-                "max_jobs": ctx.req.get("max_jobs")}
+        return {
+            "source": ctx.source() if ctx.offline else ctx.req["apex_source"],
+            "max_jobs": ctx.req.get("max_jobs"),
+        }
 
     def commands(self, ctx):
         plan = ctx.build_plan()
         cuda = torch_cuda(ctx.site_dirs())
         if not cuda or "nvcc" in plan["missing"]:
-            raise StepError("apex's CUDA extensions need a CUDA torch and nvcc",
-                            missing_fix(ctx, ["nvcc"], cuda or "12.8"))
+            raise StepError(
+                "apex's CUDA extensions need a CUDA torch and nvcc",
+                missing_fix(ctx, ["nvcc"], cuda or "12.8"),
+            )
         jobs = plan["vars"]["MAX_JOBS"]
         env = {k: v for k, v in plan["vars"].items() if k != "NVTE_FRAMEWORK"}
         env.update({"APEX_CPP_EXT": "1", "APEX_CUDA_EXT": "1", "APEX_PARALLEL_BUILD": jobs})
         source = "apex" if ctx.offline else ctx.req["apex_source"]
-        return [ctx.constraints_command(),
-                ctx.install(APEX_BUILD_HELPERS, title="install build tools"),
-                ctx.install([source], ("--no-build-isolation", "-v"), env, title="build apex")]
+        return [
+            ctx.constraints_command(),
+            ctx.install(APEX_BUILD_HELPERS, title="install build tools"),
+            ctx.install([source], ("--no-build-isolation", "-v"), env, title="build apex"),
+        ]
 
     def outcome(self, ctx):
         return dists_of(ctx, ["apex"])
@@ -313,8 +385,14 @@ class FlashAttnStep(Step):
     id, title, flag = "flash_attn", "flash-attn", "with_flash_attn"
 
     def spec(self, ctx) -> str:
-        package_dir = next((os.path.join(sp, "transformer_engine") for sp in ctx.site_dirs()
-                            if os.path.isdir(os.path.join(sp, "transformer_engine"))), None)
+        package_dir = next(
+            (
+                os.path.join(sp, "transformer_engine")
+                for sp in ctx.site_dirs()
+                if os.path.isdir(os.path.join(sp, "transformer_engine"))
+            ),
+            None,
+        )
         limits = CHECK.te_flash_attn_limits(package_dir) if package_dir else {}
         caps = [g.get("compute_cap") or "0.0" for g in ctx.smi()["gpus"]]
         return "flash-attn" + CHECK.flash_attn_spec(limits, caps)
@@ -325,13 +403,21 @@ class FlashAttnStep(Step):
     def commands(self, ctx):
         plan = ctx.build_plan()
         if "nvcc" in plan["missing"]:
-            raise StepError("flash-attn builds need nvcc",
-                            missing_fix(ctx, ["nvcc"], torch_cuda(ctx.site_dirs()) or "12.8"))
+            raise StepError(
+                "flash-attn builds need nvcc",
+                missing_fix(ctx, ["nvcc"], torch_cuda(ctx.site_dirs()) or "12.8"),
+            )
         env = {k: v for k, v in plan["vars"].items() if k != "NVTE_FRAMEWORK"}
-        return [ctx.constraints_command(),
-                ctx.install(FLASH_BUILD_HELPERS, title="install build tools"),
-                ctx.install([self.spec(ctx)], ("--no-build-isolation", "-v"), env,
-                            title="install flash-attn (newest that transformer-engine accepts)")]
+        return [
+            ctx.constraints_command(),
+            ctx.install(FLASH_BUILD_HELPERS, title="install build tools"),
+            ctx.install(
+                [self.spec(ctx)],
+                ("--no-build-isolation", "-v"),
+                env,
+                title="install flash-attn (newest that transformer-engine accepts)",
+            ),
+        ]
 
     def outcome(self, ctx):
         return dists_of(ctx, ["flash-attn"])
@@ -349,8 +435,11 @@ class CheckStep(Step):
         return argv
 
     def inputs(self, ctx):
-        return {"script": ctx.req.get("check_sha256"), "gpu": ctx.has_gpu(),
-                "require_te": bool(ctx.req.get("with_te"))}
+        return {
+            "script": ctx.req.get("check_sha256"),
+            "gpu": ctx.has_gpu(),
+            "require_te": bool(ctx.req.get("with_te")),
+        }
 
     def verify(self, ctx, outcome):
         return None
@@ -369,13 +458,21 @@ class CheckStep(Step):
         except ValueError:
             for line in res.stdout.splitlines()[-50:]:
                 log.line(line)
-            raise CommandFailed(Command(argv, title="check_megatron_env.py"),
-                                res.returncode if res.returncode is not None else -1)
+            raise CommandFailed(
+                Command(argv, title="check_megatron_env.py"),
+                res.returncode if res.returncode is not None else -1,
+            )
         summary = report.get("summary", {})
-        log.line("environment check: %s (%s)" % ("ok" if summary.get("ok") else "FAILED",
-                                                  summary.get("counts")))
-        return {"ok": bool(summary.get("ok")), "exit_code": res.returncode,
-                "failed_required": summary.get("failed_required", []), "report": report}
+        log.line(
+            "environment check: %s (%s)"
+            % ("ok" if summary.get("ok") else "FAILED", summary.get("counts"))
+        )
+        return {
+            "ok": bool(summary.get("ok")),
+            "exit_code": res.returncode,
+            "failed_required": summary.get("failed_required", []),
+            "report": report,
+        }
 
     def detail(self, outcome):
         if outcome.get("ok"):
@@ -383,8 +480,16 @@ class CheckStep(Step):
         return "failed: " + ", ".join(outcome.get("failed_required") or ["?"])
 
 
-STEPS = (VenvStep(), TorchStep(), PackagesStep(), ProjectStep(), TEStep(), ApexStep(),
-         FlashAttnStep(), CheckStep())
+STEPS = (
+    VenvStep(),
+    TorchStep(),
+    PackagesStep(),
+    ProjectStep(),
+    TEStep(),
+    ApexStep(),
+    FlashAttnStep(),
+    CheckStep(),
+)
 STEP_IDS = tuple(s.id for s in STEPS)
 
 

@@ -12,19 +12,29 @@ from remote_runtime.spec.families import llama, qwen2, qwen2_moe, qwen3, qwen3_m
 from remote_runtime.spec.families.base import ModelFamily
 
 FAMILIES: dict[str, ModelFamily] = {
-    f.name: f for f in (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, qwen3_moe.FAMILY, qwen2_moe.FAMILY)}
+    f.name: f
+    for f in (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, qwen3_moe.FAMILY, qwen2_moe.FAMILY)
+}
 
 __all__ = ["FAMILIES", "ModelFamily", "family_for_hf_config", "get_family", "supported_summary"]
 
 
 def supported_summary() -> str:
-    return "; ".join(f"{', '.join(f.architectures)} ({f.name}: {f.notes})" for f in FAMILIES.values())
+    return "; ".join(
+        f"{', '.join(f.architectures)} ({f.name}: {f.notes})" for f in FAMILIES.values()
+    )
 
 
 def get_family(name: str) -> ModelFamily:
     if name not in FAMILIES:
-        raise ConfigError([("model.model_type", f"unknown model family {name!r}; supported: "
-                            f"{', '.join(FAMILIES)}")])
+        raise ConfigError(
+            [
+                (
+                    "model.model_type",
+                    f"unknown model family {name!r}; supported: {', '.join(FAMILIES)}",
+                )
+            ]
+        )
     return FAMILIES[name]
 
 
@@ -43,5 +53,11 @@ def family_for_hf_config(hf: dict) -> ModelFamily:
             if model_type in family.model_types:
                 return family
     shown = archs[0] if archs else f"model_type {model_type!r}"
-    raise ConfigError([("model.model", f"architecture {shown} is not supported; supported: "
-                        f"{supported_summary()}")])
+    raise ConfigError(
+        [
+            (
+                "model.model",
+                f"architecture {shown} is not supported; supported: {supported_summary()}",
+            )
+        ]
+    )

@@ -33,15 +33,30 @@ from remote_runtime.spec.config import ConfigError
 #               each [gate_r; up_r] for its expert-TP rank r
 #   expert_row  per-expert down ({expert}): this EP rank's experts stacked, each split along dim 1
 #               by expert-TP
-TRANSFORMS = ("replicated", "column", "row", "vocab", "qkv", "gate_up", "expert_gate_up",
-              "expert_row")
+TRANSFORMS = (
+    "replicated",
+    "column",
+    "row",
+    "vocab",
+    "qkv",
+    "gate_up",
+    "expert_gate_up",
+    "expert_row",
+)
 EXPERT_TRANSFORMS = ("expert_gate_up", "expert_row")
 CONDITIONS = (None, "tied", "untied")
 
 # Keys of `transformer_config_kwargs` that are not TransformerConfig fields: the model builder
 # passes them to GPTModel / the rotary embedding instead.
-MODEL_KEYS = ("vocab_size", "max_position_embeddings", "share_embeddings_and_output_weights",
-              "activation", "position_embedding_type", "rotary_base", "rope_scaling")
+MODEL_KEYS = (
+    "vocab_size",
+    "max_position_embeddings",
+    "share_embeddings_and_output_weights",
+    "activation",
+    "position_embedding_type",
+    "rotary_base",
+    "rope_scaling",
+)
 
 _REQUIRED = object()
 
@@ -79,7 +94,9 @@ class Param:
     def __post_init__(self):
         assert self.transform in TRANSFORMS, self.transform
         assert self.when in CONDITIONS, self.when
-        assert len(self.hf) == {"qkv": 3, "gate_up": 2, "expert_gate_up": 2}.get(self.transform, 1), self
+        assert len(self.hf) == {"qkv": 3, "gate_up": 2, "expert_gate_up": 2}.get(
+            self.transform, 1
+        ), self
         assert all(("{expert}" in k) == self.per_expert for k in self.hf), self
 
     @property
@@ -122,7 +139,9 @@ class ModelFamily:
             if f.hf in hf and hf[f.hf] is not None:
                 out[f.megatron] = f.convert(hf[f.hf])
             elif f.default is _REQUIRED:
-                problems.append(("model.model", f"config.json has no {f.hf!r} ({self.name} needs it)"))
+                problems.append(
+                    ("model.model", f"config.json has no {f.hf!r} ({self.name} needs it)")
+                )
             else:
                 out[f.megatron] = f.default(hf) if callable(f.default) else f.default
         if problems:
@@ -139,8 +158,10 @@ class ModelFamily:
             bad = [v for v in values if v is not None and v not in req.allowed]
             if bad:
                 why = f" ({req.why})" if req.why else ""
-                msgs.append(f"config.json {req.hf}={bad[0]!r} is not supported for {self.name}; "
-                            f"supported: {', '.join(map(repr, req.allowed))}{why}")
+                msgs.append(
+                    f"config.json {req.hf}={bad[0]!r} is not supported for {self.name}; "
+                    f"supported: {', '.join(map(repr, req.allowed))}{why}"
+                )
         return msgs
 
     # ---- name table ------------------------------------------------------------------------
@@ -158,8 +179,9 @@ class ModelFamily:
                 return p, layer
         return None
 
-    def expected_hf_keys(self, num_layers: int, tied: bool,
-                         num_experts: int = 0) -> dict[str, tuple[Param, int | None]]:
+    def expected_hf_keys(
+        self, num_layers: int, tied: bool, num_experts: int = 0
+    ) -> dict[str, tuple[Param, int | None]]:
         """Every HF key the table loads, mapped to (row, layer); `{expert}` names once per
         expert (num_experts: the model's `num_moe_experts`)."""
         out: dict[str, tuple[Param, int | None]] = {}
@@ -195,7 +217,8 @@ def _match(pattern: str, name: str, cache: dict) -> int | None | bool:
     rx = cache.get(pattern)
     if rx is None:
         rx = cache[pattern] = re.compile(
-            "^" + re.escape(pattern).replace(re.escape("{layer}"), r"(\d+)") + "$")
+            "^" + re.escape(pattern).replace(re.escape("{layer}"), r"(\d+)") + "$"
+        )
     m = rx.match(name)
     if not m:
         return False
@@ -214,15 +237,25 @@ def rope_settings(hf: dict, family: ModelFamily) -> dict:
     merged = {**scaling, **params}
     rope_type = merged.get("rope_type") or merged.get("type") or "default"
     if rope_type not in family.rope_types:
-        raise ConfigError([("model.model", f"config.json rope type {rope_type!r} is not supported for "
-                            f"{family.name}; supported: {', '.join(family.rope_types)}")])
+        raise ConfigError(
+            [
+                (
+                    "model.model",
+                    f"config.json rope type {rope_type!r} is not supported for "
+                    f"{family.name}; supported: {', '.join(family.rope_types)}",
+                )
+            ]
+        )
     out: dict[str, Any] = {"rotary_base": float(theta), "rope_scaling": None}
     if rope_type == "llama3":
         out["rope_scaling"] = {
-            "rope_type": "llama3", "factor": float(merged["factor"]),
+            "rope_type": "llama3",
+            "factor": float(merged["factor"]),
             "low_freq_factor": float(merged.get("low_freq_factor", 1.0)),
             "high_freq_factor": float(merged.get("high_freq_factor", 4.0)),
-            "original_max_position_embeddings": int(merged.get("original_max_position_embeddings", 8192)),
+            "original_max_position_embeddings": int(
+                merged.get("original_max_position_embeddings", 8192)
+            ),
         }
     return out
 
@@ -253,7 +286,9 @@ def dense_decoder_config(tie_default: bool) -> tuple[ConfigField, ...]:
         ConfigField("attention_dropout", "attention_dropout", 0.0, float),
         ConfigField("vocab_size", "vocab_size"),
         ConfigField("max_position_embeddings", "max_position_embeddings", 4096),
-        ConfigField("share_embeddings_and_output_weights", "tie_word_embeddings", tie_default, bool),
+        ConfigField(
+            "share_embeddings_and_output_weights", "tie_word_embeddings", tie_default, bool
+        ),
     )
 
 
@@ -272,12 +307,22 @@ H = "model.layers.{layer}."
 DENSE_PARAMS = (
     Param("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
     Param(L + "input_layernorm.weight", (H + "input_layernorm.weight",), "replicated"),
-    Param(L + "self_attention.linear_qkv.weight",
-          (H + "self_attn.q_proj.weight", H + "self_attn.k_proj.weight", H + "self_attn.v_proj.weight"),
-          "qkv"),
+    Param(
+        L + "self_attention.linear_qkv.weight",
+        (
+            H + "self_attn.q_proj.weight",
+            H + "self_attn.k_proj.weight",
+            H + "self_attn.v_proj.weight",
+        ),
+        "qkv",
+    ),
     Param(L + "self_attention.linear_proj.weight", (H + "self_attn.o_proj.weight",), "row"),
     Param(L + "pre_mlp_layernorm.weight", (H + "post_attention_layernorm.weight",), "replicated"),
-    Param(L + "mlp.linear_fc1.weight", (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"), "gate_up"),
+    Param(
+        L + "mlp.linear_fc1.weight",
+        (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"),
+        "gate_up",
+    ),
     Param(L + "mlp.linear_fc2.weight", (H + "mlp.down_proj.weight",), "row"),
     Param("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated"),
     Param("output_layer.weight", ("lm_head.weight",), "vocab", when="untied"),
@@ -287,13 +332,18 @@ DENSE_PARAMS = (
 )
 
 DENSE_IGNORE = (
-    Ignore("lm_head.weight", "tied to model.embed_tokens.weight (tie_word_embeddings=true)",
-           when="tied"),
+    Ignore(
+        "lm_head.weight",
+        "tied to model.embed_tokens.weight (tie_word_embeddings=true)",
+        when="tied",
+    ),
     Ignore(H + "self_attn.rotary_emb.inv_freq", "a buffer recomputed from config.json"),
 )
 
 DENSE_REQUIRE = (
     Require("hidden_act", ("silu",)),
-    Require("layer_types", ("full_attention",), each=True, why="sliding-window layers are not supported"),
+    Require(
+        "layer_types", ("full_attention",), each=True, why="sliding-window layers are not supported"
+    ),
     Require("use_sliding_window", (False,)),
 )

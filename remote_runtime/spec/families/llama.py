@@ -22,7 +22,8 @@ FAMILY = ModelFamily(
     constants={**DENSE_CONSTANTS, "add_qkv_bias": False, "qk_layernorm": False},
     params=DENSE_PARAMS,
     ignore=DENSE_IGNORE,
-    require=DENSE_REQUIRE + (
+    require=DENSE_REQUIRE
+    + (
         Require("attention_bias", (False,)),
         Require("mlp_bias", (False,)),
     ),

@@ -44,22 +44,31 @@ def num_experts(hf: dict) -> int:
     for key in ("num_experts", "num_local_experts"):
         if hf.get(key) is not None:
             return int(hf[key])
-    raise ConfigError([("model.model", "config.json has neither 'num_experts' nor "
-                        "'num_local_experts' (a mixture-of-experts model needs its expert count)")])
+    raise ConfigError(
+        [
+            (
+                "model.model",
+                "config.json has neither 'num_experts' nor "
+                "'num_local_experts' (a mixture-of-experts model needs its expert count)",
+            )
+        ]
+    )
 
 
 MOE_CONFIG = (
     ConfigField("num_moe_experts", "num_experts", num_experts, int),
     ConfigField("moe_router_topk", "num_experts_per_tok", convert=int),
     ConfigField("moe_ffn_hidden_size", "moe_intermediate_size", convert=int),
-    ConfigField("moe_router_pre_softmax", "norm_topk_prob", not HF_NORM_TOPK_DEFAULT,
-                lambda v: not bool(v)),
+    ConfigField(
+        "moe_router_pre_softmax", "norm_topk_prob", not HF_NORM_TOPK_DEFAULT, lambda v: not bool(v)
+    ),
     ConfigField("moe_aux_loss_coeff", "router_aux_loss_coef", HF_AUX_LOSS_DEFAULT, float),
 )
 
 SHARED_EXPERT_CONFIG = (
-    ConfigField("moe_shared_expert_intermediate_size", "shared_expert_intermediate_size",
-                convert=int),
+    ConfigField(
+        "moe_shared_expert_intermediate_size", "shared_expert_intermediate_size", convert=int
+    ),
 )
 
 MOE_CONSTANTS = {
@@ -71,10 +80,17 @@ MOE_CONSTANTS = {
 }
 
 MOE_REQUIRE = (
-    Require("decoder_sparse_step", (1,),
-            why="only models whose every layer is a MoE layer are supported"),
-    Require("mlp_only_layers", (), each=True,
-            why="dense MLP layers between MoE layers are not supported"),
+    Require(
+        "decoder_sparse_step",
+        (1,),
+        why="only models whose every layer is a MoE layer are supported",
+    ),
+    Require(
+        "mlp_only_layers",
+        (),
+        each=True,
+        why="dense MLP layers between MoE layers are not supported",
+    ),
 )
 
 # The dense table without its MLP rows: attention, norms, embeddings and head.
@@ -83,28 +99,49 @@ ATTENTION_PARAMS = tuple(p for p in DENSE_PARAMS if ".mlp." not in p.megatron)
 E = H + "mlp.experts.{expert}."
 MOE_PARAMS = (
     Param(L + "mlp.router.weight", (H + "mlp.gate.weight",), "replicated"),
-    Param(L + "mlp.experts.linear_fc1.weight", (E + "gate_proj.weight", E + "up_proj.weight"),
-          "expert_gate_up"),
+    Param(
+        L + "mlp.experts.linear_fc1.weight",
+        (E + "gate_proj.weight", E + "up_proj.weight"),
+        "expert_gate_up",
+    ),
     Param(L + "mlp.experts.linear_fc2.weight", (E + "down_proj.weight",), "expert_row"),
 )
 
 S = H + "mlp.shared_expert."
 SHARED_EXPERT_PARAMS = (
-    Param(L + "mlp.shared_experts.linear_fc1.weight",
-          (S + "gate_proj.weight", S + "up_proj.weight"), "gate_up"),
+    Param(
+        L + "mlp.shared_experts.linear_fc1.weight",
+        (S + "gate_proj.weight", S + "up_proj.weight"),
+        "gate_up",
+    ),
     Param(L + "mlp.shared_experts.linear_fc2.weight", (S + "down_proj.weight",), "row"),
-    Param(L + "mlp.shared_experts.gate_weight", (H + "mlp.shared_expert_gate.weight",),
-          "replicated"),
+    Param(
+        L + "mlp.shared_experts.gate_weight", (H + "mlp.shared_expert_gate.weight",), "replicated"
+    ),
 )
 
 
-def moe_family(name: str, architecture: str, model_type: str, *, constants: dict,
-               params: tuple, require: tuple, notes: str, config: tuple = ()) -> ModelFamily:
+def moe_family(
+    name: str,
+    architecture: str,
+    model_type: str,
+    *,
+    constants: dict,
+    params: tuple,
+    require: tuple,
+    notes: str,
+    config: tuple = (),
+) -> ModelFamily:
     """A MoE decoder family: the dense decoder's attention, norms and embeddings, the MoE rows
     above, and what the family adds (`params`, `require`, `constants`, `config`)."""
     return ModelFamily(
-        name=name, architectures=(architecture,), model_types=(model_type,),
+        name=name,
+        architectures=(architecture,),
+        model_types=(model_type,),
         config=dense_decoder_config(tie_default=False) + MOE_CONFIG + config,
         constants={**DENSE_CONSTANTS, **MOE_CONSTANTS, **constants},
-        params=ATTENTION_PARAMS + MOE_PARAMS + params, ignore=DENSE_IGNORE,
-        require=DENSE_REQUIRE + MOE_REQUIRE + require, notes=notes)
+        params=ATTENTION_PARAMS + MOE_PARAMS + params,
+        ignore=DENSE_IGNORE,
+        require=DENSE_REQUIRE + MOE_REQUIRE + require,
+        notes=notes,
+    )

@@ -22,10 +22,13 @@ FAMILY = ModelFamily(
     model_types=("qwen2",),
     config=dense_decoder_config(tie_default=False),
     constants={**DENSE_CONSTANTS, "add_qkv_bias": True, "qk_layernorm": False},
-    params=DENSE_PARAMS + (
-        Param(L + "self_attention.linear_qkv.bias",
-              (H + "self_attn.q_proj.bias", H + "self_attn.k_proj.bias", H + "self_attn.v_proj.bias"),
-              "qkv"),
+    params=DENSE_PARAMS
+    + (
+        Param(
+            L + "self_attention.linear_qkv.bias",
+            (H + "self_attn.q_proj.bias", H + "self_attn.k_proj.bias", H + "self_attn.v_proj.bias"),
+            "qkv",
+        ),
     ),
     ignore=DENSE_IGNORE,
     require=DENSE_REQUIRE,

@@ -23,9 +23,14 @@ FAMILY = ModelFamily(
     model_types=("qwen3",),
     config=dense_decoder_config(tie_default=False),
     constants={**DENSE_CONSTANTS, "add_qkv_bias": False, "qk_layernorm": True},
-    params=DENSE_PARAMS + (
-        Param(L + "self_attention.q_layernorm.weight", (H + "self_attn.q_norm.weight",), "replicated"),
-        Param(L + "self_attention.k_layernorm.weight", (H + "self_attn.k_norm.weight",), "replicated"),
+    params=DENSE_PARAMS
+    + (
+        Param(
+            L + "self_attention.q_layernorm.weight", (H + "self_attn.q_norm.weight",), "replicated"
+        ),
+        Param(
+            L + "self_attention.k_layernorm.weight", (H + "self_attn.k_norm.weight",), "replicated"
+        ),
     ),
     ignore=DENSE_IGNORE,
     require=DENSE_REQUIRE + (Require("attention_bias", (False,)),),

@@ -9,12 +9,18 @@ from remote_runtime.spec.families.base import H, L, Param, Require
 from remote_runtime.spec.families.moe import moe_family
 
 FAMILY = moe_family(
-    "qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe",
+    "qwen3_moe",
+    "Qwen3MoeForCausalLM",
+    "qwen3_moe",
     constants={"add_qkv_bias": False, "qk_layernorm": True},
-    params=(Param(L + "self_attention.q_layernorm.weight", (H + "self_attn.q_norm.weight",),
-                  "replicated"),
-            Param(L + "self_attention.k_layernorm.weight", (H + "self_attn.k_norm.weight",),
-                  "replicated")),
+    params=(
+        Param(
+            L + "self_attention.q_layernorm.weight", (H + "self_attn.q_norm.weight",), "replicated"
+        ),
+        Param(
+            L + "self_attention.k_layernorm.weight", (H + "self_attn.k_norm.weight",), "replicated"
+        ),
+    ),
     require=(Require("attention_bias", (False,)),),
     notes="Qwen3-MoE (e.g. Qwen3-30B-A3B)",
 )
