@@ -130,7 +130,8 @@ def main(argv=None) -> int:
         if r["available"]:
             print(
                 f"{r['kernel']:>13}: fwd {r['fwd_ms']:7.3f} ms {r['fwd_tflops']:6.1f} TF/s | "
-                f"bwd {r['bwd_ms']:7.3f} ms {r['bwd_tflops']:6.1f} TF/s | err {r['rel_err_vs_first']}"
+                f"bwd {r['bwd_ms']:7.3f} ms {r['bwd_tflops']:6.1f} TF/s | "
+                f"err {r['rel_err_vs_first']}"
             )
         else:
             print(f"{r['kernel']:>13}: not available: {r['reason']}")

@@ -105,7 +105,8 @@ def implementations():
 
 
 def one_document(tokens: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cu_seqlens, rotary angles [tokens, 1, 1, head_dim]) of one packed document (Qwen3's base)."""
+    """(cu_seqlens, rotary angles [tokens, 1, 1, head_dim]) of one packed document
+    (Qwen3's base)."""
     cu = torch.tensor([0, tokens], dtype=torch.int32, device=device)
     inv = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
     f = torch.outer(torch.arange(tokens, device=device).float(), inv)

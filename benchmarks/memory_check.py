@@ -2,10 +2,10 @@
 
     python benchmarks/memory_check.py benchmarks/results/throughput-*.json [--tolerance 0.2]
 
-Reads the JSON of `benchmarks/train_throughput.py` (one run object, a list of runs, an
-object with a "runs" list, or a list of such objects; any other JSON file is skipped) and, for every megatron run in it,
-prints the estimate beside the measured peak and the relative error. Exit 0 when every checked
-run is within the tolerance (and at least --min-runs were checked), 1 otherwise.
+Reads the JSON of `benchmarks/train_throughput.py` (one run object, a list of runs, an object with a
+"runs" list, or a list of such objects; any other JSON file is skipped) and, for every megatron run
+in it, prints the estimate beside the measured peak and the relative error. Exit 0 when every
+checked run is within the tolerance (and at least --min-runs were checked), 1 otherwise.
 
 What a run must say (either spelling is accepted; groups may also be nested as "parallel",
 "recompute", "train"):

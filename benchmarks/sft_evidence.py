@@ -5,10 +5,11 @@ curves compared.
     python benchmarks/sft_evidence.py --shape qwen3-0.6b --steps 200 \
         --layouts tp1:1,tp2:2,dp2:2 --out /tmp/sft-evidence --json result.json
 
-Each layout is `name:nproc[:flags]`, flags separated by `+` (e.g. `tp2:2:--tensor_model_parallel_size+2`);
-the names tp1/tp2/pp2/dp2 expand to the usual flags. Records per layout: the loss curve (every
-`--log-every` steps), tokens/s, TFLOP/s per GPU, MFU and peak memory from logging.jsonl, the
-wall time, and the largest relative loss difference to the first layout.
+Each layout is `name:nproc[:flags]`, flags separated by `+` (e.g.
+`tp2:2:--tensor_model_parallel_size+2`); the names tp1/tp2/pp2/dp2 expand to the usual flags.
+Records per layout: the loss curve (every `--log-every` steps), tokens/s, TFLOP/s per GPU, MFU and
+peak memory from logging.jsonl, the wall time, and the largest relative loss difference to the first
+layout.
 """
 
 from __future__ import annotations
@@ -130,7 +131,9 @@ def run_layout(
     (out / f"{name}.log").write_text(proc.stdout + "\n" + proc.stderr)
     log_path = run_dir / "logging.jsonl"
     records = (
-        [json.loads(l) for l in log_path.read_text().splitlines()] if log_path.exists() else []
+        [json.loads(line) for line in log_path.read_text().splitlines()]
+        if log_path.exists()
+        else []
     )
     timed = [r for r in records if r["step"] > args.log_every]  # skip the compile/warm-up window
     summary = {
@@ -198,7 +201,8 @@ def main(argv=None) -> int:
         print(
             f"{name}: exit {r['exit_code']} wall {r['wall_s']} s tok/s {r.get('tokens_per_s')} "
             f"MFU {r.get('mfu')} peak {r.get('peak_mem_gb')} GB "
-            f"loss {min(r['losses'].items(), default=(0, None))} -> {max(r['losses'].items(), default=(0, None))}",
+            f"loss {min(r['losses'].items(), default=(0, None))} -> "
+            f"{max(r['losses'].items(), default=(0, None))}",
             flush=True,
         )
         if args.json:  # after every layout, so a time limit loses only the run in progress

@@ -4,13 +4,13 @@
     torchrun --standalone --nproc_per_node 2 benchmarks/train_throughput.py --shape qwen3-8b \
         --tp 2 --sp --json out.json
 
-Both sides do full fine-tuning (or, with `--lora`, LoRA r=16 alpha 32 on q/k/v/o/gate/up/down:
-our adapters vs PEFT, fused AdamW on the adapters) in bf16 of a randomly initialised model of the named shape, on
-sequences of `--seq-len` tokens (`--docs-per-seq` documents packed per sequence for the runtime;
-Hugging Face gets one document per sequence, the same FLOPs when docs-per-seq is 1), with
-`--global-batch` sequences per optimizer step. Reported per side: tokens/s (all GPUs),
-TFLOP/s per GPU and MFU (Megatron's formula, causal attention halved, peak 989 TFLOP/s on
-H100/H200), peak memory (torch.cuda.max_memory_allocated, GiB), and the runtime/HF ratio.
+Both sides do full fine-tuning (or, with `--lora`, LoRA r=16 alpha 32 on q/k/v/o/gate/up/down: our
+adapters vs PEFT, fused AdamW on the adapters) in bf16 of a randomly initialised model of the named
+shape, on sequences of `--seq-len` tokens (`--docs-per-seq` documents packed per sequence for the
+runtime; Hugging Face gets one document per sequence, the same FLOPs when docs-per-seq is 1), with
+`--global-batch` sequences per optimizer step. Reported per side: tokens/s (all GPUs), TFLOP/s per
+GPU and MFU (Megatron's formula, causal attention halved, peak 989 TFLOP/s on H100/H200), peak
+memory (torch.cuda.max_memory_allocated, GiB), and the runtime/HF ratio.
 
 The runtime keeps fp32 master weights, fp32 gradient buffers and Adam states (megatron's
 mixed precision); Hugging Face trains in pure bf16 with fused AdamW (its usual bf16 setup).
@@ -286,7 +286,8 @@ def run_runtime(args, cfg: dict) -> dict:
     peak = torch.tensor([res["peak_mem_gb"]], device=dist.device)
     torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
     res["peak_mem_gb"] = round(float(peak.item()), 2)
-    del model, optimizer, micro
+    # free the memory; rebinding (not `del`) since the step() closure shares these names
+    model = optimizer = micro = None
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -420,7 +421,8 @@ def run_hf(args, cfg: dict) -> dict:
             **kwargs,
         },
     )
-    del model, optimizer, batches
+    # free the memory; rebinding (not `del`) since the step() closure shares these names
+    model = optimizer = batches = None
     gc.collect()
     torch.cuda.empty_cache()
     return res
@@ -462,7 +464,10 @@ def environment() -> dict:
 
 
 def print_table(runs: list[dict]) -> None:
-    head = f"{'impl':8} {'label':18} {'shape':11} {'layout':14} {'tok/s':>9} {'TFLOP/s/GPU':>11} {'MFU':>6} {'peak GiB':>8}"
+    head = (
+        f"{'impl':8} {'label':18} {'shape':11} {'layout':14} {'tok/s':>9} "
+        f"{'TFLOP/s/GPU':>11} {'MFU':>6} {'peak GiB':>8}"
+    )
     print(head)
     for r in runs:
         layout = f"TP{r['tp']} PP{r['pp']} DP{r['dp']}" + (
@@ -470,8 +475,8 @@ def print_table(runs: list[dict]) -> None:
         )
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         print(
-            f"{r['impl']:8} {r['label'][:18]:18} {r['shape']:11} {layout:14} {r['tokens_per_s']:9.0f} "
-            f"{r['tflops_per_gpu']:11.1f} {mfu:>6} {r['peak_mem_gb']:8.1f}"
+            f"{r['impl']:8} {r['label'][:18]:18} {r['shape']:11} {layout:14} "
+            f"{r['tokens_per_s']:9.0f} {r['tflops_per_gpu']:11.1f} {mfu:>6} {r['peak_mem_gb']:8.1f}"
         )
 
 

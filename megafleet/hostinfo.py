@@ -21,19 +21,28 @@ s() { printf '\n@@mf:%s@@\n' "$1"; }
 W={workdir}
 s user; id -un
 s hostname; hostname 2>/dev/null || cat /proc/sys/kernel/hostname
-s sudo; if command -v sudo >/dev/null 2>&1 && sudo -n true >/dev/null 2>&1; then echo yes; else echo no; fi
+s sudo
+if command -v sudo >/dev/null 2>&1 && sudo -n true >/dev/null 2>&1; then echo yes; else echo no; fi
 s os_release; cat /etc/os-release 2>/dev/null
 s uname; uname -s; uname -r; uname -m
 s nproc; nproc 2>/dev/null || getconf _NPROCESSORS_ONLN
 s meminfo; grep -E '^(MemTotal|MemAvailable):' /proc/meminfo
-s workdir; d="$W"; while [ ! -d "$d" ]; do d=$(dirname "$d"); done; echo "$W"; df -Pk "$d" | tail -n 1
+s workdir
+d="$W"; while [ ! -d "$d" ]; do d=$(dirname "$d"); done; echo "$W"; df -Pk "$d" | tail -n 1
 s python3; command -v python3 && python3 -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])'
-s gpus; if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi --query-gpu={fields} --format=csv,noheader,nounits 2>&1; echo "@@rc=$?"; else echo "@@absent"; fi
+s gpus
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi --query-gpu={fields} --format=csv,noheader,nounits 2>&1; echo "@@rc=$?"
+else echo "@@absent"; fi
 s nvidia_smi; command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi 2>/dev/null | head -n 6
 s shm; df -Pk /dev/shm 2>/dev/null | tail -n 1
 s ulimit; echo "nofile $(ulimit -n)"; echo "memlock $(ulimit -l)"
 s ipv4; ip -4 -o addr show scope global 2>/dev/null || hostname -I 2>/dev/null
-s infiniband; for d in /sys/class/infiniband/*; do [ -e "$d" ] || continue; echo "$(basename "$d") $(basename "$(readlink -f "$d/device/driver")")"; done
+s infiniband
+for d in /sys/class/infiniband/*; do
+  [ -e "$d" ] || continue
+  echo "$(basename "$d") $(basename "$(readlink -f "$d/device/driver")")"
+done
 s end
 """
 

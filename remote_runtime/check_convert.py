@@ -5,11 +5,11 @@
         [--expert_model_parallel_size EP] [--expert_tensor_parallel_size ETP] \
         [--torch_dtype bfloat16|float32] [--json]
 
-Loads the checkpoint into megatron-core (split over TP × PP, MoE experts over EP × expert-TP) and into transformers, runs both on
-the same tokens, once as a padded batch and once packed (documents back to back, THD), and
-reports max / mean absolute logit differences and how often the two agree on the top token.
-Exits 1 when the differences exceed the dtype's tolerance. `compare_with_hf` is the reusable
-part: training calls it for `--test_convert_precision true` on a model it has just loaded.
+Loads the checkpoint into megatron-core (split over TP × PP, MoE experts over EP × expert-TP) and
+into transformers, runs both on the same tokens, once as a padded batch and once packed (documents
+back to back, THD), and reports max / mean absolute logit differences and how often the two agree on
+the top token. Exits 1 when the differences exceed the dtype's tolerance. `compare_with_hf` is the
+reusable part: training calls it for `--test_convert_precision true` on a model it has just loaded.
 """
 
 from __future__ import annotations

@@ -233,9 +233,12 @@ case "$1" in
   -L) cat "$D/nvidia-smi-L.txt" ;;
   --query-gpu=*)
     cols=""
-    for f in $(echo "${{1#--query-gpu=}}" | tr ',' ' '); do c=$(col "$f") || exit 2; cols="$cols $c"; done
+    for f in $(echo "${{1#--query-gpu=}}" | tr ',' ' '); do
+      c=$(col "$f") || exit 2; cols="$cols $c"
+    done
     awk -F', ' -v cols="$cols" 'BEGIN {{ n = split(cols, c, " ") }}
-      {{ line = ""; for (i = 1; i <= n; i++) line = line (i > 1 ? ", " : "") $c[i]; print line }}' \\
+      {{ line = ""; for (i = 1; i <= n; i++) line = line (i > 1 ? ", " : "") $c[i]
+         print line }}' \\
       "$D/nvidia-smi-query.csv" ;;
   *) echo "stub nvidia-smi: unsupported arguments: $*" >&2; exit 2 ;;
 esac
@@ -441,7 +444,8 @@ SetEnv PATH={h.bin_dir}:{HOST_PATH}
     def write_inventory(
         self, home: Path, hosts: list[FleetHost] | None = None, **changes: dict
     ) -> Path:
-        """Write `home`/hosts.yaml for `hosts` (default: all); `node0={"port": 2}` changes fields."""
+        """Write `home`/hosts.yaml for `hosts` (default: all); `node0={"port": 2}` changes
+        fields."""
         hosts = self.all_hosts if hosts is None else hosts
         path = Path(home) / "hosts.yaml"
         entries = {h.name: {**h.inventory_entry(), **changes.get(h.name, {})} for h in hosts}

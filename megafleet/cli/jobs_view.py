@@ -1,4 +1,5 @@
-"""How the job commands look on a terminal (tables and hints; the data comes from megafleet.jobs)."""
+"""How the job commands look on a terminal (tables and hints; the data comes from
+megafleet.jobs)."""
 
 from __future__ import annotations
 

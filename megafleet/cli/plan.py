@@ -332,7 +332,8 @@ def show_plan(result: Plan, ref: str, current: dict | None = None, details: bool
     flags = result.flags()
     ui.hint(
         "megafleet plan ... -o job.yaml   (write a job with these settings)",
-        f"megafleet render {'sft-lora' if result.request.lora else 'sft-moe' if s.is_moe else 'sft-full'} "
+        "megafleet render "
+        f"{'sft-lora' if result.request.lora else 'sft-moe' if s.is_moe else 'sft-full'} "
         "--set model=DIR --set dataset=FILE "
         + " ".join(f"--set {f[2:]}={v}" for f, v in zip(flags[::2], flags[1::2])),
     )

@@ -311,7 +311,10 @@ def place_files(job, run: RunRecord, targets, facts, notes: list[str]):
             if not local.exists():
                 node_jobs[t.name].data.dataset.append(spec)
                 continue
-            base = f"{facts[t.name].home.rstrip('/')}/{L.WORKDIR}/{L.UPLOADS}/{upload_key(local)}/{local.name}"
+            base = (
+                f"{facts[t.name].home.rstrip('/')}/{L.WORKDIR}/{L.UPLOADS}/"
+                f"{upload_key(local)}/{local.name}"
+            )
             copies[t.name] += plan_tree(local, base)
             node_jobs[t.name].data.dataset.append(base + sep + count)
     _place_model(job, targets, facts, node_jobs, copies, notes)
@@ -351,7 +354,10 @@ def _place_model(job, targets, facts, node_jobs, copies, notes) -> None:
         " uploading it (incrementally)"
     )
     for t in lacking:
-        base = f"{facts[t.name].home.rstrip('/')}/{L.WORKDIR}/{L.MODELS}/{local.resolve().name}-{upload_key(local)}"
+        base = (
+            f"{facts[t.name].home.rstrip('/')}/{L.WORKDIR}/{L.MODELS}/"
+            f"{local.resolve().name}-{upload_key(local)}"
+        )
         copies[t.name] += [FileCopy(c.local, base + c.remote, c.size, c.sha256) for c in tree]
         node_jobs[t.name].model.model = base
 

@@ -186,8 +186,8 @@ def check_batches(checks: Checks, job, report, world_size: int) -> None:
     fix = (
         f"set --global_batch_size {fit}"
         if fit
-        else f"the data holds fewer sequences than one step needs (micro_batch_size × data parallel "
-        f"= {unit}): add data"
+        else "the data holds fewer sequences than one step needs "
+        f"(micro_batch_size × data parallel = {unit}): add data"
     )
     if job.data.packing and rows_fit > fit:
         fix += f", or --packing false with --global_batch_size {rows_fit}"

@@ -19,10 +19,12 @@
         watcher.log                   the watcher's own log
         watcher_stop.json             why this node's watcher stopped its job (fail-fast)
         watch.json, failure.json      node 0 only: every node's state; the first failure
-        attempts/<n>/                 these per-launch files of earlier launches (`megafleet resume`)
+        attempts/<n>/                 these per-launch files of earlier launches
+                                      (`megafleet resume`)
         output/                       the job's output_dir when relative: logging.jsonl,
                                       checkpoint-<step>/ (rank 0's node)
-      uploads/<key>/<file>            dataset copies, reused by later runs (key: the operator's path)
+      uploads/<key>/<file>            dataset copies, reused by later runs (key: the operator's
+                                      path)
       models/<name>-<key>/            model copies uploaded from the operator
 """
 

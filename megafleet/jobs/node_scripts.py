@@ -58,7 +58,8 @@ set -a
 set +a
 unset {L.WATCH_TOKEN_VAR}
 export MEGAFLEET_RUN_ID={q(run.run_id)} MEGAFLEET_NODE_RANK={node.rank} PYTHONUNBUFFERED=1
-{_ifname_lines(node)}echo "megafleet: node {node.rank}/{n} ({node.host}) starting torchrun at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+{_ifname_lines(node)}echo "megafleet: node {node.rank}/{n} ({node.host}) \
+starting torchrun at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 {" ".join(q(a) for a in torchrun_argv(run, node))}
 rc=$?
 {q(node.python)} -m megafleet.jobs.nodectl reap . --exit-code "$rc" > /dev/null

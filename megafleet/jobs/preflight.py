@@ -211,7 +211,8 @@ def interfaces_to_master(targets: list[Target], addr: str) -> dict[str, str | No
         return {targets[0].name: None}
     a = shlex.quote(addr)
     cmd = (
-        f'ip -o addr show | awk -v a={a} \'{{split($4, p, "/"); if (p[1] == a) print "addr " $2}}\'; '
+        f"ip -o addr show | awk -v a={a} "
+        f'\'{{split($4, p, "/"); if (p[1] == a) print "addr " $2}}\'; '
         f"ip -o route get {a}"
     )
 
@@ -251,7 +252,8 @@ def check_ports(
     def listen():
         box["r"] = node0.runner.run(
             f"{py0} -m megafleet.jobs.nodectl listen --host {shlex.quote(addr)} --ports {port_list}"
-            f" --seconds {PORT_CHECK_SECONDS if len(targets) > 1 else 0} --expect {len(targets) - 1}",
+            f" --seconds {PORT_CHECK_SECONDS if len(targets) > 1 else 0}"
+            f" --expect {len(targets) - 1}",
             timeout=PORT_CHECK_SECONDS + 30,
             on_output=on_line,
         )

@@ -146,9 +146,10 @@ def signal_all(pids, sig: int) -> list[int]:
 
 
 def terminate(find, grace: float, spare: set[int] = frozenset(), poll: float = 0.2) -> dict:
-    """Stop what `find()` returns: SIGTERM to all but `spare` (the launch shell and torchrun:
-    they end by themselves once the workers have, see nodectl.spared), SIGKILL to everything left after `grace` seconds,
-    then wait up to 10 s for the processes to vanish. Returns {"terminated", "killed", "left"}."""
+    """Stop what `find()` returns: SIGTERM to all but `spare` (the launch shell and torchrun: they
+    end by themselves once the workers have, see nodectl.spared), SIGKILL to everything left after
+    `grace` seconds, then wait up to 10 s for the processes to vanish.
+    Returns {"terminated", "killed", "left"}."""
     termed = signal_all([p for p in find() if p not in spare], signal.SIGTERM)
     deadline = time.monotonic() + grace
     left = find()

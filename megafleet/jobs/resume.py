@@ -1,14 +1,14 @@
 """`megafleet resume RUN [-- FLAGS]`: continue a run from its newest complete checkpoint.
 
-The run keeps its id, its hosts in the same order and each node's run directory; the job is
-the one recorded at its launch (`$MEGAFLEET_HOME/runs/<id>/job.yaml`) with runtime flags given
-after `--` on top (a larger `--train_iters`, say), and `checkpoint.resume=auto`. On the nodes,
-the previous launch's state files move to `attempts/<n>/`, node.log continues, and the runtime
-takes the newest step complete on every node, sends each node what only rank 0's node holds
-(the weights, the optimizer checkpoint's metadata, rank 0's shard file), and loads every rank's own optimizer shard
-and RNG state: the data order, the RNG and the step counter continue ("resumed from ... at
-step N" in the log). A changed layout is refused before anything starts: other hosts or
-another order, another process count per node, other parallel sizes.
+The run keeps its id, its hosts in the same order and each node's run directory; the job is the one
+recorded at its launch (`$MEGAFLEET_HOME/runs/<id>/job.yaml`) with runtime flags given after `--` on
+top (a larger `--train_iters`, say), and `checkpoint.resume=auto`. On the nodes, the previous
+launch's state files move to `attempts/<n>/`, node.log continues, and the runtime takes the newest
+step complete on every node, sends each node what only rank 0's node holds (the weights, the
+optimizer checkpoint's metadata, rank 0's shard file), and loads every rank's own optimizer shard
+and RNG state: the data order, the RNG and the step counter continue ("resumed from ... at step N"
+in the log). A changed layout is refused before anything starts: other hosts or another order,
+another process count per node, other parallel sizes.
 """
 
 from __future__ import annotations

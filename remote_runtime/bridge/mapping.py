@@ -133,7 +133,8 @@ def check_checkpoint_keys(
             [
                 ("missing from the checkpoint", missing),
                 (
-                    f"in the checkpoint but not in the {family.name} table (neither loaded nor ignored)",
+                    f"in the checkpoint but not in the {family.name} table "
+                    "(neither loaded nor ignored)",
                     extra,
                 ),
             ],

@@ -142,7 +142,8 @@ def _find_turn(
 
 
 def _end_marker(upto: str, content: str) -> str:
-    """What the template writes after an assistant content (e.g. '<|im_end|>'), trailing space cut."""
+    """What the template writes after an assistant content (e.g. '<|im_end|>'), trailing space
+    cut."""
     for variant in _content_variants(content):
         pos = upto.rfind(variant)
         if pos >= 0:

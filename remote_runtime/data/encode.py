@@ -26,7 +26,8 @@ ROW_OK, ROW_TRUNCATED, ROW_NO_LOSS, ROW_TOO_LONG = 0, 1, 2, 3
 
 @dataclass(frozen=True)
 class EncodeSettings:
-    """Everything besides the data and the tokenizer that changes the tokens (part of the cache key)."""
+    """Everything besides the data and the tokenizer that changes the tokens (part of the cache
+    key)."""
 
     task: str = "sft"  # sft, rlhf: loss on assistant tokens; pt: loss on every token
     max_length: int = 2048

@@ -1,4 +1,5 @@
-"""Dataset specs (`path#N`), reading .jsonl/.json rows with their line numbers, and `#N` sampling."""
+"""Dataset specs (`path#N`), reading .jsonl/.json rows with their line numbers, and `#N`
+sampling."""
 
 from __future__ import annotations
 

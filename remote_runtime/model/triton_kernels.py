@@ -134,13 +134,13 @@ def rope(
 
 
 @triton.jit
-def swiglu_fwd(Y, O, F, stride_y, stride_o, BLOCK: tl.constexpr):
+def swiglu_fwd(Y, Out, F, stride_y, stride_o, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = c < F
     a = tl.load(Y + row * stride_y + c, mask=m, other=0.0).to(tl.float32)
     b = tl.load(Y + row * stride_y + F + c, mask=m, other=0.0).to(tl.float32)
-    tl.store(O + row * stride_o + c, (a * tl.sigmoid(a) * b).to(O.dtype.element_ty), mask=m)
+    tl.store(Out + row * stride_o + c, (a * tl.sigmoid(a) * b).to(Out.dtype.element_ty), mask=m)
 
 
 @triton.jit

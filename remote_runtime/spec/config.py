@@ -2,9 +2,10 @@
 
 A job is a `JobConfig` composed of one small dataclass per component. Every leaf field is named
 after the Megatron-SWIFT (ms-swift 3.12+/4.x) argument it stands for, and leaf names are unique
-across groups, so `--tensor_model_parallel_size 2` on a command line, `tensor_model_parallel_size: 2`
-in a flat ms-swift YAML and `parallel: {tensor_model_parallel_size: 2}` in a megafleet job file all
-set `parallel.tensor_model_parallel_size`.
+across groups, so `--tensor_model_parallel_size 2` on a command line,
+`tensor_model_parallel_size: 2` in a flat ms-swift YAML and
+`parallel: {tensor_model_parallel_size: 2}` in a megafleet job file all set
+`parallel.tensor_model_parallel_size`.
 
 This module imports neither torch nor megatron: the operator validates jobs with it. Building a
 config has no side effects; `validate()` raises one `ConfigError` listing every bad field by its
@@ -280,7 +281,9 @@ ALIASES = {
 
 # Megatron-SWIFT options that exist there but not (yet) here: an error, never silently ignored.
 NOT_IMPLEMENTED = {
-    "virtual_pipeline_model_parallel_size": "interleaved pipeline schedules are not implemented yet",
+    "virtual_pipeline_model_parallel_size": (
+        "interleaved pipeline schedules are not implemented yet"
+    ),
     "decoder_first_pipeline_num_layers": "uneven pipeline stages are not implemented yet",
     "decoder_last_pipeline_num_layers": "uneven pipeline stages are not implemented yet",
     "fp16": "fp16 training is not implemented; use --torch_dtype bfloat16",
@@ -292,7 +295,9 @@ NOT_IMPLEMENTED = {
     "new_special_tokens": "adding tokens is not implemented yet",
     "loss_scale": "custom loss scales are not implemented yet; loss covers assistant tokens",
     "load": "loading Megatron-format checkpoints is not implemented; use --model (HF) or --resume",
-    "mcore_model": "loading Megatron-format checkpoints is not implemented; use --model (HF directory)",
+    "mcore_model": (
+        "loading Megatron-format checkpoints is not implemented; use --model (HF directory)"
+    ),
     "use_precision_aware_optimizer": "the precision-aware optimizer is not implemented yet",
     "optimizer_cpu_offload": "optimizer CPU offload is not implemented yet",
 }

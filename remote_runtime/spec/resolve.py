@@ -1,11 +1,11 @@
 """Resolve a job against config.json and a world size, without weights, torch or a GPU.
 
-`resolve_job` is the single place where a job meets its model: the family is found, the
-parallel arithmetic checked (`layout_problems`: world = TP·PP·CP·DP, heads and query groups
-divisible by TP, layers by PP; the planner enumerates layouts with the same function), batch
-sizes checked against the data-parallel size; for MoE models the expert layout (`experts.py`). The runtime calls it at every start, `--dry_run
-true` prints its result, and the operator calls it before launching, so a bad job fails on the
-laptop, not on the cluster.
+`resolve_job` is the single place where a job meets its model: the family is found, the parallel
+arithmetic checked (`layout_problems`: world = TP·PP·CP·DP, heads and query groups divisible by TP,
+layers by PP; the planner enumerates layouts with the same function), batch sizes checked against
+the data-parallel size; for MoE models the expert layout (`experts.py`). The runtime calls it at
+every start, `--dry_run true` prints its result, and the operator calls it before launching, so a
+bad job fails on the laptop, not on the cluster.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ Layout of `<output_dir>/checkpoint-<step>/`:
     config.json, *.safetensors, model.safetensors.index.json, tokenizer files, ...  (HF, rank 0)
     (LoRA runs: adapter_config.json + adapter_model.safetensors instead, a PEFT adapter)
     megatron_state/optimizer/      megatron-core distributed checkpoint of the optimizer
-                                   (fp32 master weights and Adam moments; every rank writes its shard)
+                                   (fp32 master weights and Adam moments; every rank writes
+                                   its shard)
     megatron_state/rng/rank_<r>.pt RNG states of each rank
     trainer_state.json             step, data position, LR schedule, layout; written LAST
 

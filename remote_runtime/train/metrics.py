@@ -58,7 +58,8 @@ def peak_tflops(device_name: str | None) -> float | None:
 
 
 class MetricsLog:
-    """Appends records to <output_dir>/logging.jsonl (METRICS_FILE) and prints a readable line (rank 0 only)."""
+    """Appends records to <output_dir>/logging.jsonl (METRICS_FILE) and prints a readable line
+    (rank 0 only)."""
 
     def __init__(self, output_dir: str | Path, enabled: bool, tensorboard_dir: str | None = None):
         self.enabled = enabled

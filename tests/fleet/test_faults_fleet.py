@@ -1,6 +1,7 @@
 """Runs that survive faults, on the namespace fleet (issue 19): a 2-node stop-then-resume of
 the real runtime with pruning on every node, a SIGKILLed worker, a network cut during `stop`,
-Ctrl-C and SIGKILL during a launch's upload. Fixtures and helpers: tests/fleet/test_jobs_fleet.py."""
+Ctrl-C and SIGKILL during a launch's upload. Fixtures and helpers:
+tests/fleet/test_jobs_fleet.py."""
 
 from __future__ import annotations
 

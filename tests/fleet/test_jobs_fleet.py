@@ -44,7 +44,8 @@ def nodes(fleet, fleet_home, tmp_path):
     venv = Path(fleet.host_python()).parent.parent
     for h in fleet.hosts[:2]:
         h.run(
-            f"mkdir -p ~/megafleet && ln -sfn {venv} ~/megafleet/venv && rm -rf ~/megafleet/runs ~/megafleet/uploads ~/megafleet/models"
+            f"mkdir -p ~/megafleet && ln -sfn {venv} ~/megafleet/venv"
+            " && rm -rf ~/megafleet/runs ~/megafleet/uploads ~/megafleet/models"
         )
     fleet.write_inventory(fleet_home, fleet.hosts[:2])
     from remote_runtime.data.demo_data import write_demo_dataset
@@ -549,7 +550,8 @@ def test_the_master_address_is_the_one_node0_reaches_a_worker_behind_it_from(
     address must be node0's address on that network, not the one the operator uses."""
     inner = fleet.host("inner0")
     inner.run(
-        f"mkdir -p ~/megafleet && ln -sfn {Path(fleet.host_python()).parent.parent} ~/megafleet/venv"
+        "mkdir -p ~/megafleet && "
+        f"ln -sfn {Path(fleet.host_python()).parent.parent} ~/megafleet/venv"
     )
     fleet.write_inventory(fleet_home, [nodes[0], inner])
     proc, plan = run_cli_json(

@@ -107,7 +107,7 @@ def check_family(src: Path, out: Path, dist, tag: str, sp: bool, kernels: str = 
         ref = hf_logits(src, [padded] + [torch.tensor([d]) for d in docs])
         uniform_ref = hf_logits(src, [torch.tensor(uniform)])[0]
         packed = logits[1][0]
-        separate = torch.cat([l[0] for l in logits[2 : 2 + len(docs)]])
+        separate = torch.cat([lg[0] for lg in logits[2 : 2 + len(docs)]])
         result.update(
             hf_padded=(logits[0] - ref[0]).abs().max().item(),
             hf_packed=(packed - torch.cat([r[0] for r in ref[1:]])).abs().max().item(),

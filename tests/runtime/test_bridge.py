@@ -1,12 +1,12 @@
 """HF <-> megatron-core on CPU with real megatron-core, transformers as the reference.
 
-For each family (tiny random models: GQA, odd vocabulary, Qwen3 with head_dim != hidden/heads,
-Llama with llama3 rope scaling and tied embeddings): Megatron logits match transformers within
-1e-4 (fp32) at TP=1, TP=2, TP=2 + sequence parallel, PP=2 and DP=2 (and with our Triton
-kernels at TP=1 and TP=2 + sequence parallel, under Triton's CPU interpreter); a packed batch of three
-documents gives the same logits as three separate forwards; HF -> Megatron -> HF is bit-exact
-for every tensor (also from a sharded checkpoint) and transformers loads the result; missing,
-extra and unmapped tensors are errors that name them.
+For each family (tiny random models: GQA, odd vocabulary, Qwen3 with head_dim != hidden/heads, Llama
+with llama3 rope scaling and tied embeddings): Megatron logits match transformers within 1e-4 (fp32)
+at TP=1, TP=2, TP=2 + sequence parallel, PP=2 and DP=2 (and with our Triton kernels at TP=1 and TP=2
++ sequence parallel, under Triton's CPU interpreter); a packed batch of three documents gives the
+same logits as three separate forwards; HF -> Megatron -> HF is bit-exact for every tensor (also
+from a sharded checkpoint) and transformers loads the result; missing, extra and unmapped tensors
+are errors that name them.
 
 The megatron work runs in `bridge_worker.py`, once in one process and once in two gloo
 processes, because megatron's state is per process; these tests assert on its measurements.

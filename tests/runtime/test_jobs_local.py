@@ -106,7 +106,8 @@ def test_a_local_run_from_launch_to_fetch(megafleet_home, model_and_data, tmp_pa
 
 
 def test_a_hung_local_run_is_stopped_by_the_watcher(megafleet_home, model_and_data, monkeypatch):
-    """A step that never ends (60 s > stall_timeout 4 s): no log progress, so the watcher stops it."""
+    """A step that never ends (60 s > stall_timeout 4 s): no log progress, so the watcher stops
+    it."""
     model, data = model_and_data
     monkeypatch.setenv("STANDIN_STEP_S", "60")
     run = launch_job(

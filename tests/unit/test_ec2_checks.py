@@ -133,7 +133,8 @@ def test_missing_self_rules_give_exact_commands_with_the_real_group_id():
         f["sg_missing_self_egress"]
         .commands[0]
         .startswith(
-            "aws ec2 authorize-security-group-egress --region us-east-1 --profile ml --group-id sg-1"
+            "aws ec2 authorize-security-group-egress --region us-east-1 --profile ml"
+            " --group-id sg-1"
         )
     )
 

@@ -232,7 +232,8 @@ def test_separate_process_launcher_and_lazy_boto3(tmp_path):
     probe = (
         "import sys\nfrom megafleet.cli import main\nfor argv in (['--help'], ['ec2', '--help'],"
         " ['ec2', 'check', '--help']):\n    try:\n        main(argv)\n    except SystemExit:\n"
-        "        pass\nprint('boto3' in sys.modules, 'botocore' in sys.modules, 'moto' in sys.modules)"
+        "        pass\nprint('boto3' in sys.modules, 'botocore' in sys.modules,"
+        " 'moto' in sys.modules)"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe],

@@ -240,7 +240,8 @@ def test_runtime_version_decoding(cme):
 
 def test_check_script_and_operator_parse_nvidia_smi_alike(cme):
     """The stdlib-only node script keeps its own nvidia-smi parsers; they must read the real
-    captures exactly as megafleet.hostinfo does (the operator's, used by nodectl and hosts check)."""
+    captures exactly as megafleet.hostinfo does (the operator's, used by nodectl and hosts
+    check)."""
     from megafleet import hostinfo
 
     fields = (

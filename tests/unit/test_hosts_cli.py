@@ -148,8 +148,8 @@ def test_check_with_no_hosts_says_how_to_add_one(megafleet_home, tmp_path):
 def test_help_does_not_import_paramiko():
     code = (
         "import sys\nfrom megafleet.cli import main\ntry:\n    main(['hosts', '--help'])\n"
-        "except SystemExit:\n    pass\nprint(json.dumps(sorted(m for m in sys.modules if m.split('.')[0]"
-        " in ('paramiko', 'torch', 'boto3', 'megatron'))))"
+        "except SystemExit:\n    pass\nprint(json.dumps(sorted(m for m in sys.modules"
+        " if m.split('.')[0] in ('paramiko', 'torch', 'boto3', 'megatron'))))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", "import json\n" + code],

@@ -1,5 +1,6 @@
 """Operator-side job pieces without hosts: the rendered node files, run records, incremental and
-resumable copies (LocalRunner), log-line parsing, run states, planning helpers and CLI input errors."""
+resumable copies (LocalRunner), log-line parsing, run states, planning helpers and CLI input
+errors."""
 
 from __future__ import annotations
 

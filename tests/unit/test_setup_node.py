@@ -211,7 +211,8 @@ def test_missing_headers_block_the_te_step_with_the_wheel_to_install(tmp_path, m
 
 def test_node_agent_hashes_files_as_the_operator_does(tmp_path):
     """The stdlib-only node agent keeps its own sha256 helper; the operator compares its
-    manifests against megafleet.transfer.file_sha256, so the two must agree (also past one block)."""
+    manifests against megafleet.transfer.file_sha256, so the two must agree (also past one
+    block)."""
     from megafleet.transfer import file_sha256
 
     f = tmp_path / "wheel.whl"

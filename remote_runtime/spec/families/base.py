@@ -5,9 +5,9 @@ A family says three things and nothing imperative:
 * `config`: pairs (Megatron key <- config.json key), plus constants and the config.json values we
   support (`Require`), from which `transformer_config_kwargs` builds the model's settings;
 * `params`: the name table, one `Param` per Megatron parameter, with `{layer}` wildcards, the HF
-  tensor(s) it comes from (an `{expert}` wildcard in an HF name: one tensor per expert, stacked
-  into one Megatron parameter of the layer's local experts) and the name of a shared transform (`TRANSFORMS`, implemented once in
-  `remote_runtime.bridge.transforms`);
+  tensor(s) it comes from (an `{expert}` wildcard in an HF name: one tensor per expert, stacked into
+  one Megatron parameter of the layer's local experts) and the name of a shared transform
+  (`TRANSFORMS`, implemented once in `remote_runtime.bridge.transforms`);
 * `ignore`: HF keys that are deliberately not loaded, each with the reason.
 
 Conversion is total: `expected_hf_keys` lists every HF tensor the table needs, and the bridge
