@@ -241,7 +241,7 @@ def layout(chunk, hf_config: dict, dist) -> Layout:
     from remote_runtime.bridge.load import layout_for
     from remote_runtime.spec.families import family_for_hf_config
 
-    return layout_for(hf_config, family_for_hf_config(hf_config), dist.tp, dist.tp_rank)
+    return layout_for(hf_config, family_for_hf_config(hf_config), dist)
 
 
 def attach_lora(chunks, settings: LoraSettings, hf_config: dict, dist, seed: int = 42) -> list:
