@@ -290,3 +290,60 @@ def test_with_packing_too_few_rows_is_refused_and_maybe_too_few_packs_is_a_note(
     assert e.value.hint == (
         "set --global_batch_size 1, or --packing false with --global_batch_size 10"
     )
+
+
+# MoE, LoRA and DPO commands as Megatron-SWIFT's examples write them (model and data replaced).
+FEATURE_COMMANDS = {
+    "moe": (
+        16,
+        "sft",
+        "qwen3-30b-a3b",
+        """--tensor_model_parallel_size 2 --sequence_parallel true --expert_model_parallel_size 8
+        --moe_grouped_gemm true --moe_shared_expert_overlap true --moe_aux_loss_coeff 1e-3
+        --moe_permute_fusion true --micro_batch_size 1 --global_batch_size 16 --packing true
+        --recompute_granularity full --recompute_method uniform --recompute_num_layers 1
+        --finetune true --lr 1e-5 --min_lr 1e-6 --max_length 8192 --save_safetensors true""",
+    ),
+    "lora": (
+        2,
+        "sft",
+        "qwen3-0.6b",
+        """--train_type lora --lora_rank 8 --lora_alpha 32 --target_modules all-linear
+        --tensor_model_parallel_size 2 --sequence_parallel true --micro_batch_size 1
+        --global_batch_size 16 --lr 1e-4 --lr_warmup_fraction 0.05 --min_lr 1e-5
+        --max_length 2048 --merge_lora false --save_safetensors true""",
+    ),
+    "dpo": (
+        2,
+        "rlhf",
+        "qwen3-0.6b",
+        """--rlhf_type dpo --beta 0.1 --rpo_alpha 0.1 --loss_type sigmoid
+        --tensor_model_parallel_size 2 --micro_batch_size 2 --global_batch_size 16
+        --lr 1e-5 --max_length 8192 --finetune true --save_safetensors true""",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", FEATURE_COMMANDS)
+def test_moe_lora_and_dpo_commands_run_as_pasted_through_the_dry_run(
+    name, tmp_path, capsys, monkeypatch
+):
+    from remote_runtime.__main__ import main
+
+    world, task, shape, flags = FEATURE_COMMANDS[name]
+    model = tmp_path / shape
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(NAMED_CONFIGS[shape]))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    argv = [task, "--model", str(model), "--dataset", "data.jsonl", "--dry_run", "true"]
+    rc = main(argv + flags.split())
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    resolved = json.loads(out)
+    if name == "moe":
+        assert resolved["model"]["active_params"] < resolved["model"]["params"] / 8
+        assert resolved["job"]["moe"]["expert_model_parallel_size"] == 8
+    if name == "lora":
+        assert resolved["tuner"]["train_type"] == "lora"
+    if name == "dpo":
+        assert resolved["task"] == "rlhf" and resolved["job"]["rlhf"]["beta"] == 0.1
