@@ -129,6 +129,10 @@ def check_file(path: Path, task: str, count) -> tuple[FileReport, list[str]]:
 
 
 def _measure(report: FileReport, example, task: str, count) -> None:
+    if isinstance(example, tuple):  # a preference pair: the chosen and the rejected conversation
+        for conversation in example:
+            _measure(report, conversation, task, count)
+        return
     if isinstance(example, str):  # a text row
         if task != "pt":
             from remote_runtime.spec.errors import RowError

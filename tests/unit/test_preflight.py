@@ -347,3 +347,24 @@ def test_moe_lora_and_dpo_commands_run_as_pasted_through_the_dry_run(
         assert resolved["tuner"]["train_type"] == "lora"
     if name == "dpo":
         assert resolved["task"] == "rlhf" and resolved["job"]["rlhf"]["beta"] == 0.1
+
+
+def test_preference_pairs_are_checked_and_counted_on_the_operator(tmp_path):
+    rows = [
+        {"prompt": "What is 2+2?", "chosen": "four", "rejected": "five"},
+        {
+            "messages": [
+                {"role": "user", "content": "Capital of France?"},
+                {"role": "assistant", "content": "Paris"},
+            ],
+            "rejected_response": "Lyon",
+        },
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    job = job_from_argv(["--model", "m", "--dataset", str(path)], task="rlhf")
+    report = check_datasets(job, None)
+    assert report.rows == 2
+    (file,) = report.files
+    # both answers of each pair are trained on; the prompts count twice (once per sequence)
+    assert 0 < file.trainable_tokens < file.total_tokens
