@@ -350,15 +350,9 @@ def test_moe_lora_and_dpo_commands_run_as_pasted_through_the_dry_run(
 
 
 def test_preference_pairs_are_checked_and_counted_on_the_operator(tmp_path):
-    rows = [
+    rows = [  # one format per file (detected from the first row)
         {"prompt": "What is 2+2?", "chosen": "four", "rejected": "five"},
-        {
-            "messages": [
-                {"role": "user", "content": "Capital of France?"},
-                {"role": "assistant", "content": "Paris"},
-            ],
-            "rejected_response": "Lyon",
-        },
+        {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Lyon"},
     ]
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
