@@ -56,6 +56,8 @@ def job(model, data, port, **flags):
         "2",
         "--save_steps",
         "5",
+        "--global_batch_size",  # the one-row dataset: launch refuses a batch it cannot fill
+        "1",
     ]
     for k, v in flags.items():
         argv += [f"--{k}"] + (v if isinstance(v, list) else [str(v)])
