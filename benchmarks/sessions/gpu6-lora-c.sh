@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU session 6 (nvidia-h200, 2026-12-04, lead): session lora-c's measurement on the merged main:
+# GPU session 6 (nvidia-h200, 2026-12-04, lead): run twice; the first call found LoRA broken by the
+# merge (layout_for), the second (after the fix, without the moe step) measured LoRA.
 # the TP=1 path that runs base GEMM and adapter as one autograd node (model/lora.py _LoraLinear).
 source benchmarks/sessions/prelude.sh
 T="python3 benchmarks/train_throughput.py --lora --seq-len 4096 --global-batch 8 --warmup 2 --steps 5"
