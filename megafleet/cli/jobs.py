@@ -79,7 +79,7 @@ def launch(args, hosts, local, follow, entry_module, as_json, dry_run, yes) -> N
     that every worker reaches the master port, and runs the runtime's dry run.
     """
     from megafleet.cli import jobs_view
-    from megafleet.jobs.launch import LaunchOptions, plan_launch, start_run
+    from megafleet.jobs.launch import LaunchOptions, plan_launch
 
     job = job_from_args(args)
     say = (lambda m: None) if as_json else (lambda m: ui.err_console.print(f"[dim]{m}[/dim]"))
@@ -91,17 +91,7 @@ def launch(args, hosts, local, follow, entry_module, as_json, dry_run, yes) -> N
     if dry_run:
         ui.emit_json(plan.describe()) if as_json else jobs_view.show_plan(plan, dry_run=True)
         return
-    if not as_json:
-        jobs_view.show_plan(plan)
-    _confirm(yes, f"start run {plan.run.run_id} on {len(plan.run.nodes)} node(s)?")
-    with ui.TransferBars(enabled=not as_json) as bars:
-        run = start_run(plan, bars, say)
-    if as_json:
-        ui.emit_json({"run": run.to_dict(), "notes": plan.notes})
-    else:
-        jobs_view.show_started(run)
-    if follow:
-        _follow(run, None, None, as_json)
+    _start_and_report(plan, "start", yes, as_json, follow, say)
 
 
 @click.command("resume", context_settings={"ignore_unknown_options": True})
@@ -117,8 +107,7 @@ def resume(run_ref, args, follow, as_json, yes) -> None:
     launch, with runtime flags after `--` on top (e.g. a larger --train_iters) and
     checkpoint.resume=auto. A changed layout (hosts, processes per node, parallel sizes) is
     refused. The log says "resumed from ... at step N" (or that there was nothing to resume)."""
-    from megafleet.cli import jobs_view
-    from megafleet.jobs.launch import plan_launch, start_run
+    from megafleet.jobs.launch import plan_launch
     from megafleet.jobs.records import RunRecord
     from megafleet.jobs.resume import check_not_running, resume_job, resume_options
 
@@ -131,9 +120,17 @@ def resume(run_ref, args, follow, as_json, yes) -> None:
         f"{', '.join(n.host for n in previous.nodes)} ..."
     )
     plan = plan_launch(job, resume_options(previous, say))
+    _start_and_report(plan, "resume", yes, as_json, follow, say)
+
+
+def _start_and_report(plan, verb: str, yes: bool, as_json: bool, follow: bool, say) -> None:
+    """Show the plan, confirm, upload and start every node, report the run; follow its logs."""
+    from megafleet.cli import jobs_view
+    from megafleet.jobs.launch import start_run
+
     if not as_json:
         jobs_view.show_plan(plan)
-    _confirm(yes, f"resume run {plan.run.run_id} on {len(plan.run.nodes)} node(s)?")
+    _confirm(yes, f"{verb} run {plan.run.run_id} on {len(plan.run.nodes)} node(s)?")
     with ui.TransferBars(enabled=not as_json) as bars:
         run = start_run(plan, bars, say)
     if as_json:
