@@ -58,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--impl", default="runtime-dpo,runtime-sft,trl")
     p.add_argument("--json")
+    p.add_argument("--profile", help="write a torch.profiler summary of 2 runtime steps here")
     p.add_argument("--label", default="")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     return p.parse_args(argv)
@@ -197,6 +198,8 @@ def run_runtime(args, cfg, pairs, objective_name: str) -> dict:
 
     tt.reset_memory_stats()
     step_time = tt.timed(step, args.warmup, args.steps)
+    if args.profile:
+        tt.profile_steps(step, args.profile, dist.rank)
     total = torch.stack(losses).sum(0)
     extra["mean_loss"] = round(float(total[0] / total[1]), 4)
     extra["optimizer"] = "megatron distributed Adam, fp32 master weights/grads/states"
