@@ -392,7 +392,8 @@ def plan(
         if result.min_gpus:
             n, nodes = result.min_gpus, math.ceil(result.min_gpus / node_size)
             where = "one node" if nodes == 1 else f"{nodes} nodes of {node_size}"
-            result.reason += f"; it would fit on {n} such GPUs ({where})"
+            what = "full fine-tuning" if result.lora_alternative is not None else "it"
+            result.reason += f"; {what} would fit on {n} such GPUs ({where})"
     return result
 
 

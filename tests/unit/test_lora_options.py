@@ -167,6 +167,8 @@ def test_memory_model_matches_the_h200_lora_runs(shape, recompute, measured):
 def test_plan_proposes_lora_when_full_fine_tuning_does_not_fit():
     full = plan(NAMED_CONFIGS["qwen3-8b"], 1, 40, seq_len=4096)
     assert not full.feasible and "LoRA" in full.reason
+    # the GPU count that would do names what it is for (full fine-tuning), not "it" after LoRA
+    assert "; full fine-tuning would fit on 4 such GPUs" in full.reason
     alt = full.lora_alternative
     assert alt.feasible and alt.job_fragment()["tuner"]["train_type"] == "lora"
     assert "--train_type" in alt.flags()
