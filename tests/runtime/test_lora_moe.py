@@ -1,0 +1,343 @@
+"""LoRA on mixture-of-experts models (tiny Qwen3-MoE and Qwen2-MoE: 8 experts, top 2) on CPU,
+fp32, against PEFT 0.21 and transformers 5.
+
+The adapter is a random per-expert one as PEFT saves it (init_lora_weights=False: A and B as
+nn.Linear) on q/k/v/o, every routed expert's gate/up/down and Qwen2-MoE's shared expert, written
+here (`base_model.model.model.layers.L.mlp.experts.N.gate_proj.lora_A.weight`, ...); our runtime
+continues it (`--adapters`), at EP1 (one process), TP2 + SP (expert TP 2) and EP2 (two gloo
+processes; `lora_worker.py`, modes single-moe and parallel-moe).
+
+The reference: for Qwen3-MoE, PEFT itself (`PeftModel.from_pretrained` converts the per-expert
+adapter onto transformers 5's fused experts: gate/up a rank-2r block-diagonal adapter on
+`gate_up_proj`); its gradients are mapped back to per-expert gate/up/down. For Qwen2-MoE PEFT 0.21.2
+cannot: its conversion table has no entry for qwen2_moe itself (only for models mapped onto it),
+and the shared expert's gate_proj would collide with the experts' name; there the reference is
+transformers on the merged weights W + scale·B·A as functions of the adapter (autograd gives the
+adapter gradients), checked against PEFT on Qwen3-MoE (`test_merged_weight_reference_is_peft`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.runtime.test_bridge import _run_worker as run_worker
+
+pytestmark = pytest.mark.runtime
+
+WORKER = Path(__file__).with_name("lora_worker.py")
+FAMILIES = ("qwen3_moe", "qwen2_moe")
+CASES = [(layout, f) for layout in ("ep1", "tp2sp", "ep2") for f in FAMILIES]
+RANK, ALPHA = 4, 8
+SCALE = ALPHA / RANK
+TOL = 1e-4
+PEFT_LOADS = "qwen3_moe"  # the family PEFT 0.21.2 converts per-expert adapters for
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def _hf(base: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+
+
+def adapter_shapes(model) -> dict[str, tuple[int, int]]:
+    """{HF module: (out, in)} of every module an all-linear adapter covers, the routed experts
+    one by one (v4 names, as PEFT saves them)."""
+    cfg = model.config
+    h, f = cfg.hidden_size, cfg.moe_intermediate_size
+    shapes = {}
+    for name, mod in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(mod, torch.nn.Linear) and leaf in ATTENTION + MLP:
+            shapes[name] = tuple(mod.weight.shape)
+    for layer in range(cfg.num_hidden_layers):
+        for e in range(cfg.num_experts):
+            for leaf, shape in zip(MLP, ((f, h), (f, h), (h, f))):
+                shapes[f"model.layers.{layer}.mlp.experts.{e}.{leaf}"] = shape
+    return shapes
+
+
+def key(module: str, which: str) -> str:
+    return f"base_model.model.{module}.lora_{which}.weight"
+
+
+def random_adapter(model, out: Path, seed: int) -> dict[str, torch.Tensor]:
+    """A per-expert adapter as PEFT writes one with init_lora_weights=False."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for module, (rows, cols) in adapter_shapes(model).items():
+        for which, shape in (("A", (RANK, cols)), ("B", (rows, RANK))):
+            bound = 1 / shape[1] ** 0.5  # nn.Linear's kaiming_uniform(a=sqrt(5))
+            tensors[key(module, which)] = (torch.rand(shape, generator=gen) * 2 - 1) * bound
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(model.name_or_path),
+        "r": RANK,
+        "lora_alpha": ALPHA,
+        "lora_dropout": 0.0,
+        "target_modules": list(ATTENTION + MLP),
+        "bias": "none",
+        "init_lora_weights": False,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return tensors
+
+
+def merged_state(model, adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base weights plus scale·B·A of every adapted module, in transformers 5's layout
+    (experts fused: gate_up_proj [E, 2F, H], down_proj [E, H, F]); differentiable in the adapter."""
+    state = dict(model.state_dict())
+    cfg = model.config
+
+    def delta(module):
+        return SCALE * adapter[key(module, "B")] @ adapter[key(module, "A")]
+
+    for module in adapter_shapes(model):
+        if ".mlp.experts." not in module:
+            state[module + ".weight"] = state[module + ".weight"] + delta(module)
+    for layer in range(cfg.num_hidden_layers):
+        p = f"model.layers.{layer}.mlp.experts."
+        experts = range(cfg.num_experts)
+        gate_up = [
+            torch.cat([delta(f"{p}{e}.gate_proj"), delta(f"{p}{e}.up_proj")]) for e in experts
+        ]
+        state[p + "gate_up_proj"] = state[p + "gate_up_proj"] + torch.stack(gate_up)
+        down = torch.stack([delta(f"{p}{e}.down_proj") for e in experts])
+        state[p + "down_proj"] = state[p + "down_proj"] + down
+    return state
+
+
+def mean_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Our runtime's loss on the worker's batch (labels rolled, every token counted)."""
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), torch.roll(tokens, -1, 1).reshape(-1)
+    )
+
+
+def merged_reference(model, adapter: dict, tokens: torch.Tensor) -> dict:
+    """Logits and adapter gradients of transformers on the merged weights."""
+    leaves = {k: v.clone().requires_grad_(True) for k, v in adapter.items()}
+    logits = torch.func.functional_call(model, merged_state(model, leaves), (tokens,)).logits
+    mean_loss(logits, tokens).backward()
+    return {"logits": logits.detach(), **{f"grad/{k}": v.grad for k, v in leaves.items()}}
+
+
+def peft_per_expert_grads(model, cfg) -> dict[str, torch.Tensor]:
+    """PEFT's adapter gradients under per-expert names: the fused gate_up_proj adapter (A
+    [E·2r, H] rows expert-major, B [2F, 2r·E] columns rank-major, block-diagonal in gate/up) and
+    down_proj's ([E·r, F], [H, r·E]) cut back into each expert's gate/up/down pairs."""
+    e, r, f = cfg.num_experts, RANK, cfg.moe_intermediate_size
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        name = name.replace(".default", "")
+        if ".mlp.experts." not in name:
+            out["grad/" + name] = p.grad
+            continue
+        prefix, which = name.split(".mlp.experts.")[0], name.split(".lora_")[1][0]
+        fused = ".base_layer." in name  # gate_up_proj (the inner wrapper), else down_proj
+        g = p.grad
+        n = 2 * r if fused else r
+        g = g.view(e, n, -1) if which == "A" else g.view(g.shape[0], n, e).permute(2, 0, 1)
+        for x in range(e):
+            module = f"{prefix}.mlp.experts.{x}.".replace("base_model.model.", "")
+            if not fused:
+                out["grad/" + key(module + "down_proj", which)] = g[x]
+                continue
+            for j, leaf in enumerate(("gate_proj", "up_proj")):
+                ranks = slice(j * r, (j + 1) * r)
+                block = g[x, ranks] if which == "A" else g[x, j * f : (j + 1) * f, ranks]
+                out["grad/" + key(module + leaf, which)] = block
+    return out
+
+
+def peft_model(base: Path, adapter: Path):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(_hf(base), str(adapter), is_trainable=True)
+
+
+@pytest.fixture(scope="session")
+def moe_models(tmp_path_factory) -> Path:
+    """Base models (aux loss off: the reference loss is the LM loss), a random per-expert
+    adapter each, and the reference logits and gradients (PEFT's for Qwen3-MoE too)."""
+    from safetensors.torch import save_file
+
+    from remote_runtime.tiny import build_model, build_tokenizer
+    from tests.runtime.lora_worker import batch_tokens
+
+    root = tmp_path_factory.mktemp("lora-moe")
+    build_tokenizer(root / "tokenizer")
+    for seed, family in enumerate(FAMILIES):
+        base = root / family
+        build_model(
+            family, base, tokenizer_dir=root / "tokenizer", seed=seed, router_aux_loss_coef=0.0
+        )
+        model = _hf(base)
+        adapter = random_adapter(model, root / f"adapter-{family}", seed=20 + seed)
+        tokens = batch_tokens(model.config.vocab_size)
+        ref = merged_reference(model, adapter, tokens)
+        if family == PEFT_LOADS:
+            peft = peft_model(base, root / f"adapter-{family}")
+            logits = peft(tokens).logits
+            mean_loss(logits, tokens).backward()
+            ref["peft_logits"] = logits.detach()
+            ref.update(
+                {"peft_" + k: v for k, v in peft_per_expert_grads(peft, model.config).items()}
+            )
+        save_file(
+            {k: v.contiguous() for k, v in ref.items()}, str(root / f"ref-{family}.safetensors")
+        )
+    return root
+
+
+@pytest.fixture(scope="session")
+def moe_runs(moe_models, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("lora-moe-out")
+    results = run_worker("single-moe", moe_models, out, WORKER)
+    results.update(run_worker("parallel-moe", moe_models, out, WORKER))
+    return out, results
+
+
+def _tensors(out: Path, tag: str, family: str) -> dict:
+    from safetensors.torch import load_file
+
+    found = {}
+    for path in out.glob(f"{tag}-{family}-rank*.safetensors"):
+        found.update(load_file(str(path)))
+    return found
+
+
+def _ref(models: Path, family: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(models / f"ref-{family}.safetensors"))
+
+
+def _flat(logits: torch.Tensor) -> torch.Tensor:
+    return logits.reshape(-1, logits.shape[-1])
+
+
+def _reference_logits(models: Path, family: str, adapter: Path) -> torch.Tensor:
+    """transformers' logits with an adapter directory: through PEFT where it loads one."""
+    from safetensors.torch import load_file
+
+    from tests.runtime.lora_worker import batch_tokens
+
+    base = models / family
+    with torch.no_grad():
+        if family == PEFT_LOADS:
+            model = peft_model(base, adapter).eval()
+            return model(batch_tokens(model.config.vocab_size)).logits
+        model = _hf(base)
+        state = merged_state(model, load_file(str(adapter / "adapter_model.safetensors")))
+        tokens = batch_tokens(model.config.vocab_size)
+        return torch.func.functional_call(model, state, (tokens,)).logits
+
+
+def test_merged_weight_reference_is_peft(moe_models):
+    """On Qwen3-MoE PEFT loads the per-expert adapter onto the fused experts (rank 2r on
+    gate_up_proj) and its logits and gradients equal the merged-weight reference's."""
+    ref = _ref(moe_models, PEFT_LOADS)
+    assert (ref["peft_logits"] - ref["logits"]).abs().max() <= TOL
+    grads = {k: v for k, v in ref.items() if k.startswith("grad/")}
+    assert sorted("peft_" + k for k in grads) == sorted(k for k in ref if k.startswith("peft_g"))
+    assert any(".mlp.experts.7.up_proj.lora_B" in k for k in grads)
+    scale = max(g.abs().max().item() for g in grads.values())
+    assert max((ref["peft_" + k] - g).abs().max().item() for k, g in grads.items()) <= TOL * scale
+
+
+@pytest.mark.parametrize("layout,family", CASES)
+def test_logits_equal_reference(moe_models, moe_runs, layout, family):
+    ours, ref = _tensors(moe_runs[0], layout, family), _ref(moe_models, family)
+    expected = ref.get("peft_logits", ref["logits"])
+    assert expected.abs().max() > 1.0
+    assert (_flat(ours["logits"]) - _flat(expected)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("layout,family", CASES)
+def test_adapter_gradients_equal_reference(moe_models, moe_runs, layout, family):
+    ours, ref = _tensors(moe_runs[0], layout, family), _ref(moe_models, family)
+    prefix = "peft_grad/" if family == PEFT_LOADS else "grad/"
+    grads = {k.removeprefix("peft_"): v for k, v in ref.items() if k.startswith(prefix)}
+    experts = 2 * 8 * 3 * 2  # layers x experts x gate/up/down x A/B
+    assert len(grads) == experts + 2 * 2 * (7 if family == "qwen2_moe" else 4)
+    assert sorted(k for k in ours if k.startswith("grad/")) == sorted(grads)
+    scale = max(g.abs().max().item() for g in grads.values())
+    assert scale > 1e-3
+    worst = max((ours[k] - g).abs().max().item() for k, g in grads.items())
+    assert worst <= TOL * scale, (worst, scale)
+
+
+@pytest.mark.parametrize("layout,family", CASES)
+def test_trained_adapter_loads_in_peft_and_reproduces_our_logits(
+    moe_models, moe_runs, layout, family
+):
+    out = moe_runs[0]
+    ours = _tensors(out, layout, family)
+    adapter = out / f"adapter-{layout}-{family}"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == sorted(ATTENTION + MLP)
+    assert config["r"] == RANK and config["lora_alpha"] == ALPHA
+    assert (_flat(ours["trained"]) - _flat(ours["logits"])).abs().max() > 1e-2  # it trained
+    logits = _reference_logits(moe_models, family, adapter)
+    assert (_flat(logits) - _flat(ours["trained"])).abs().max() <= TOL
+
+
+def test_saved_adapter_has_the_per_expert_layout(moe_models, moe_runs):
+    """The names PEFT and vLLM read: every expert's gate/up/down pairs, nothing fused."""
+    from safetensors import safe_open
+
+    for layout, family in CASES:
+        path = moe_runs[0] / f"adapter-{layout}-{family}" / "adapter_model.safetensors"
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+        ref = _ref(moe_models, family)
+        assert keys == {k.removeprefix("grad/") for k in ref if k.startswith("grad/")}
+        assert "base_model.model.model.layers.1.mlp.experts.7.down_proj.lora_B.weight" in keys
+
+
+@pytest.mark.parametrize("layout,family", CASES)
+def test_frozen_weights_are_bit_identical_after_training(moe_runs, layout, family):
+    r = moe_runs[1][f"{layout}/{family}"]
+    assert r["frozen_count"] > 0 and r["frozen_changed"] == []
+
+
+@pytest.mark.parametrize("layout,family", CASES)
+def test_merged_model_equals_peft_merge_and_unload(moe_models, moe_runs, layout, family):
+    from safetensors.torch import load_file
+
+    out = moe_runs[0]
+    ours = _hf(out / f"merged-{layout}-{family}").state_dict()
+    adapter = out / f"adapter-{layout}-{family}"
+    base = moe_models / family
+    if family == PEFT_LOADS:
+        ref = peft_model(base, adapter).merge_and_unload().state_dict()
+    else:
+        model = _hf(base)
+        with torch.no_grad():
+            ref = merged_state(model, load_file(str(adapter / "adapter_model.safetensors")))
+    assert sorted(ours) == sorted(ref)
+    assert max((ours[k] - ref[k]).abs().max().item() for k in ref) <= 1e-5
+    merged = _tensors(out, layout, family)
+    assert (_flat(merged["merged"]) - _flat(merged["trained"])).abs().max() <= TOL
+
+
+def test_frozen_moe_base_is_lean(moe_runs):
+    """bf16 Qwen3-MoE base: no gradient buffer, optimizer entry or main_grad for frozen
+    weights (experts included); expert adapters are in DDP's expert buffer."""
+    r = moe_runs[1]["lean"]
+    assert r["frozen_bf16"] and r["frozen_with_main_grad"] == 0
+    assert r["grad_buffer_numel"] == r["lora_numel"] > 0
+    assert r["optimizer_numel"] == r["lora_numel"]
