@@ -341,3 +341,48 @@ def test_frozen_moe_base_is_lean(moe_runs):
     assert r["frozen_bf16"] and r["frozen_with_main_grad"] == 0
     assert r["grad_buffer_numel"] == r["lora_numel"] > 0
     assert r["optimizer_numel"] == r["lora_numel"]
+
+
+def test_grouped_gemm_path_equals_the_loop_and_skips_the_frozen_weight_gradient(monkeypatch):
+    """The GPU path of an expert adapter (torch._grouped_mm with the experts' offsets; its bf16
+    forward and backward run on CPU too) equals the per-expert loop, adds no weight-gradient
+    GEMM for the frozen expert weight, and keeps the off-diagonal gate/up blocks of B at zero."""
+    from remote_runtime.bridge.transforms import Layout
+    from remote_runtime.model import moe
+    from remote_runtime.model.lora import LoraAdapter, init_adapter
+    from remote_runtime.spec.tuner import LoraSettings, LoraTarget
+
+    experts = "model.layers.{layer}.mlp.experts.{expert}."
+    target = LoraTarget(
+        "decoder.layers.{layer}.mlp.experts.linear_fc1",
+        "expert_gate_up",
+        (experts + "gate_proj", experts + "up_proj"),
+        (True, True),
+    )
+    settings = LoraSettings(4, 8.0, 0.0, False, "false", [target])
+    weight = torch.randn(4, 2 * 24, 32, dtype=torch.bfloat16)  # 4 local experts, F=24, H=32
+    lay = Layout(1, 1, 1, 1, 1, tp=1, tp_rank=0, num_experts=8, ep=2, ep_rank=1)
+    adapter = LoraAdapter(target, 3, settings, weight, lay, False)
+    init_adapter(adapter, "false", 0)
+    assert adapter.pairs()[0][0] == "model.layers.3.mlp.experts.4.gate_proj"  # EP rank 1
+    assert adapter.lora_A.shape == (4, 8, 32) and adapter.lora_A.allreduce is False
+    tokens_per_expert = torch.tensor([5, 0, 9, 2])
+    x = torch.randn(16, 32, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(16, 48, dtype=torch.bfloat16)
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results = []
+    for offsets in (moe._offsets(tokens_per_expert, x.device), None):
+        for t in (x, adapter.lora_A, adapter.lora_B):
+            t.grad = None
+        base = moe.grouped_linear(x, weight, tokens_per_expert, offsets, fuse_wgrad=True)
+        adapter.add_grouped(x, base, tokens_per_expert, offsets).backward(dy)
+        results.append([x.grad, adapter.lora_A.grad, adapter.lora_B.grad])
+    # forward: W, A, B; backward: dx for all three, dA and dB, nothing for the frozen W
+    assert len(calls) == 3 + 5
+    for grouped, loop in zip(*results):
+        torch.testing.assert_close(grouped, loop, rtol=0, atol=0)
+    gate_up_b = results[0][2].view(4, 2, 24, 2, 4)  # [expert, gate/up rows, F, gate/up cols, r]
+    assert gate_up_b[:, 0, :, 1].abs().max() == 0 and gate_up_b[:, 1, :, 0].abs().max() == 0
+    assert gate_up_b[:, 0, :, 0].abs().max() > 0
