@@ -4,8 +4,9 @@
     torchrun --standalone --nproc_per_node 2 benchmarks/train_throughput.py --shape qwen3-8b \
         --tp 2 --sp --json out.json
 
-Both sides do full fine-tuning (or, with `--lora`, LoRA r=16 alpha 32 on q/k/v/o/gate/up/down: our
-adapters vs PEFT, fused AdamW on the adapters) in bf16 of a randomly initialised model of the named
+Both sides do full fine-tuning (or, with `--lora`, LoRA r=16 alpha 32 on q/k/v/o/gate/up/down, on
+MoE shapes every routed expert's gate/up/down too: our adapters vs PEFT, fused AdamW on the
+adapters) in bf16 of a randomly initialised model of the named
 shape, on sequences of `--seq-len` tokens (`--docs-per-seq` documents packed per sequence for the
 runtime; Hugging Face gets one document per sequence, the same FLOPs when docs-per-seq is 1), with
 `--global-batch` sequences per optimizer step. Reported per side: tokens/s (all GPUs), TFLOP/s per
@@ -340,6 +341,12 @@ def lora_summary(args) -> dict | None:
 # ---- Hugging Face ---------------------------------------------------------------------------
 
 
+# MoE: the module names, not all-linear (which PEFT 0.21 maps onto the router too). On
+# transformers 5's fused experts PEFT turns gate/up/down into target_parameters: a rank-2r adapter
+# on each expert's gate_up_proj and rank r on down_proj, as many parameters and FLOPs as ours.
+HF_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 def run_hf(args, cfg: dict) -> dict:
     import transformers
     from transformers import AutoModelForCausalLM
@@ -379,7 +386,7 @@ def run_hf(args, cfg: dict) -> dict:
                 r=args.lora_rank,
                 lora_alpha=args.lora_alpha,
                 lora_dropout=args.lora_dropout,
-                target_modules="all-linear",
+                target_modules=HF_LORA_MODULES if moe else "all-linear",
                 task_type="CAUSAL_LM",
             ),
         )

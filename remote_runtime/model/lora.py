@@ -194,6 +194,10 @@ class LoraAdapter(torch.nn.Module):
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout, True)
         a, b = self.lora_A, self.lora_B
+        if offsets is not None and (a.shape[1] * a.element_size()) % 16:
+            # torch._grouped_mm needs 16-byte aligned rows (bf16: n·r a multiple of 8); smaller
+            # ranks take the per-expert loop (one host sync)
+            offsets = None
         if self.lay.tp > 1:  # expert TP: the replicated matrix's gradient is a partial sum
             from megatron.core import parallel_state
             from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
