@@ -310,14 +310,18 @@ def resolve_lora(
 
 
 def peft_adapter_config(settings: LoraSettings, base_model: str) -> dict:
-    """adapter_config.json as PEFT writes it for these settings."""
+    """adapter_config.json as PEFT writes it for these settings. With expert adapters the
+    dropout is written as 0: PEFT loads them onto transformers 5's fused experts as parameter
+    adapters (ParamWrapper), which refuse any other value; it only matters for training, and a
+    continued run takes its dropout from the job."""
+    experts = any(t.per_expert for t in settings.targets)
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": settings.rank,
         "lora_alpha": settings.alpha,
-        "lora_dropout": settings.dropout,
+        "lora_dropout": 0.0 if experts else settings.dropout,
         "use_rslora": settings.use_rslora,
         "target_modules": settings.target_names(),
         "modules_to_save": settings.modules_to_save or None,

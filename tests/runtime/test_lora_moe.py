@@ -386,3 +386,35 @@ def test_grouped_gemm_path_equals_the_loop_and_skips_the_frozen_weight_gradient(
     gate_up_b = results[0][2].view(4, 2, 24, 2, 4)  # [expert, gate/up rows, F, gate/up cols, r]
     assert gate_up_b[:, 0, :, 1].abs().max() == 0 and gate_up_b[:, 1, :, 0].abs().max() == 0
     assert gate_up_b[:, 0, :, 0].abs().max() > 0
+
+
+def test_runtime_trains_saves_merges_and_resumes_lora_at_ep2(tmp_path):
+    """`torchrun -m remote_runtime sft --train_type lora --expert_model_parallel_size 2`: the
+    checkpoint is a per-expert PEFT adapter that PEFT loads, `--merge_lora` writes a model
+    transformers loads with the same logits, and `--resume auto` continues the adapter and its
+    optimizer state (expert adapters sharded by EP) to the same losses."""
+    import shutil
+
+    from tests.runtime.train_helpers import base_args, check, losses, make_assets, run_runtime
+
+    model, data = make_assets(tmp_path, "qwen3_moe")
+    lora = dict(train_type="lora", lora_rank=4, lora_alpha=8, lora_dropout=0.1, lr=1e-2)
+    lora.update(train_iters=4, save_steps=2, expert_model_parallel_size=2)
+    out = tmp_path / "out"
+    check(run_runtime(base_args(model, data, out, merge_lora="true", **lora), nproc=2))
+    ckpt = out / "checkpoint-4"
+    ids = torch.arange(1, 17).unsqueeze(0)
+    with torch.no_grad():
+        plain = _hf(model)(ids).logits
+        adapted = peft_model(model, ckpt).eval()(ids).logits
+        merged = _hf(out / "checkpoint-4-merged")(ids).logits
+    assert (adapted - plain).abs().max() > 1e-3
+    assert (merged - adapted).abs().max() <= TOL
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    check(run_runtime(base_args(model, data, resumed, resume="auto", **lora), nproc=2))
+    full, cont = losses(out), losses(resumed)
+    assert sorted(cont) == [3, 4]
+    for step in (3, 4):
+        assert abs(cont[step] - full[step]) <= 1e-5 * abs(full[step]), (step, cont, full)
