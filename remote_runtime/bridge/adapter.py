@@ -7,7 +7,11 @@ The directory is what `peft.PeftModel.from_pretrained(base, out_dir)` loads: ada
 and adapter_model.safetensors with PEFT's names (`base_model.model.<module>.lora_A.weight`,
 and `base_model.model.<module>.weight` for modules trained in full). Each adapter matrix is
 gathered over tensor parallelism by its owning stage and sent to rank 0 as one object per stage
-(adapters are megabytes, not gigabytes).
+(adapters are megabytes, not gigabytes). Expert adapters are written per expert
+(`mlp.experts.N.gate_proj`, ..., the layout PEFT converts onto transformers 5's fused experts and
+vLLM reads), gathered over expert TP and sent by each expert-parallel rank for its own experts.
+On a large MoE model they are gigabytes (Qwen3-30B-A3B r16: 844M parameters): still one object
+per rank, which a sharded per-rank writer would avoid.
 """
 
 from __future__ import annotations

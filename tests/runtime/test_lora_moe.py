@@ -25,6 +25,14 @@ import pytest
 import torch
 
 from tests.runtime.test_bridge import _run_worker as run_worker
+from tests.runtime.test_lora import (
+    _ref,
+    _tensors,
+    assert_gradients_match,
+    assert_lean,
+    assert_merged_matches,
+)
+from tests.runtime.test_lora import _vocab as _flat
 
 pytestmark = pytest.mark.runtime
 
@@ -210,25 +218,6 @@ def moe_runs(moe_models, tmp_path_factory) -> tuple[Path, dict]:
     return out, results
 
 
-def _tensors(out: Path, tag: str, family: str) -> dict:
-    from safetensors.torch import load_file
-
-    found = {}
-    for path in out.glob(f"{tag}-{family}-rank*.safetensors"):
-        found.update(load_file(str(path)))
-    return found
-
-
-def _ref(models: Path, family: str) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(models / f"ref-{family}.safetensors"))
-
-
-def _flat(logits: torch.Tensor) -> torch.Tensor:
-    return logits.reshape(-1, logits.shape[-1])
-
-
 def _reference_logits(models: Path, family: str, adapter: Path) -> torch.Tensor:
     """transformers' logits with an adapter directory: through PEFT where it loads one."""
     from safetensors.torch import load_file
@@ -273,11 +262,7 @@ def test_adapter_gradients_equal_reference(moe_models, moe_runs, layout, family)
     grads = {k.removeprefix("peft_"): v for k, v in ref.items() if k.startswith(prefix)}
     experts = 2 * 8 * 3 * 2  # layers x experts x gate/up/down x A/B
     assert len(grads) == experts + 2 * 2 * (7 if family == "qwen2_moe" else 4)
-    assert sorted(k for k in ours if k.startswith("grad/")) == sorted(grads)
-    scale = max(g.abs().max().item() for g in grads.values())
-    assert scale > 1e-3
-    worst = max((ours[k] - g).abs().max().item() for k, g in grads.items())
-    assert worst <= TOL * scale, (worst, scale)
+    assert_gradients_match(ours, grads)
 
 
 @pytest.mark.parametrize("layout,family", CASES)
@@ -328,19 +313,13 @@ def test_merged_model_equals_peft_merge_and_unload(moe_models, moe_runs, layout,
         model = _hf(base)
         with torch.no_grad():
             ref = merged_state(model, load_file(str(adapter / "adapter_model.safetensors")))
-    assert sorted(ours) == sorted(ref)
-    assert max((ours[k] - ref[k]).abs().max().item() for k in ref) <= 1e-5
-    merged = _tensors(out, layout, family)
-    assert (_flat(merged["merged"]) - _flat(merged["trained"])).abs().max() <= TOL
+    assert_merged_matches(ours, ref, _tensors(out, layout, family))
 
 
 def test_frozen_moe_base_is_lean(moe_runs):
     """bf16 Qwen3-MoE base: no gradient buffer, optimizer entry or main_grad for frozen
     weights (experts included); expert adapters are in DDP's expert buffer."""
-    r = moe_runs[1]["lean"]
-    assert r["frozen_bf16"] and r["frozen_with_main_grad"] == 0
-    assert r["grad_buffer_numel"] == r["lora_numel"] > 0
-    assert r["optimizer_numel"] == r["lora_numel"]
+    assert_lean(moe_runs[1]["lean"])
 
 
 def test_grouped_gemm_path_equals_the_loop_and_skips_the_frozen_weight_gradient(monkeypatch):
