@@ -74,6 +74,11 @@ def parse_args(argv=None):
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument(
+        "--lora-targets",
+        help="HF module names, comma-separated (default: every linear layer; on MoE shapes also "
+        "every expert's gate/up/down). q_proj,k_proj,v_proj,o_proj: attention only",
+    )
     p.add_argument("--profile", help="write a torch.profiler summary of 2 runtime steps here")
     p.add_argument("--json", help="append the results to this JSON file")
     p.add_argument("--label", default="")
@@ -323,7 +328,7 @@ def lora_tuner(args):
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=["all-linear"],
+        target_modules=args.lora_targets.split(",") if args.lora_targets else ["all-linear"],
     )
 
 
@@ -334,7 +339,7 @@ def lora_summary(args) -> dict | None:
         "r": args.lora_rank,
         "lora_alpha": args.lora_alpha,
         "lora_dropout": args.lora_dropout,
-        "target_modules": "all-linear (q k v o gate up down)",
+        "target_modules": args.lora_targets or "all-linear (q k v o gate up down)",
     }
 
 
@@ -386,7 +391,13 @@ def run_hf(args, cfg: dict) -> dict:
                 r=args.lora_rank,
                 lora_alpha=args.lora_alpha,
                 lora_dropout=args.lora_dropout,
-                target_modules=HF_LORA_MODULES if moe else "all-linear",
+                target_modules=(
+                    args.lora_targets.split(",")
+                    if args.lora_targets
+                    else HF_LORA_MODULES
+                    if moe
+                    else "all-linear"
+                ),
                 task_type="CAUSAL_LM",
             ),
         )
