@@ -111,9 +111,19 @@ def estimate_run(run: dict):
     asm = dataclasses.replace(Assumptions(), **(run.get("assumptions") or {}))
     seq = int(_field(run, "seq_len", "max_length", "seq_length"))
     shape = shape_from_hf_config(model_config_of(run))
-    lora = Lora(rank=int(run["lora"]["r"])) if run.get("lora") else None  # train_throughput --lora
+    lora = _lora(run.get("lora"))
     est = estimate_memory(shape, par, seq, mbs, rc, num_microbatches=m, assumptions=asm, lora=lora)
     return est, par, rc, seq, mbs
+
+
+def _lora(summary: dict | None) -> Lora | None:
+    """train_throughput --lora: r, and the --lora-targets list when it was not all-linear."""
+    if not summary:
+        return None
+    targets = summary.get("target_modules") or ""
+    if targets.startswith("all-linear"):
+        return Lora(rank=int(summary["r"]))
+    return Lora(rank=int(summary["r"]), targets=tuple(targets.split(",")))
 
 
 def measured_gib(run: dict) -> float:

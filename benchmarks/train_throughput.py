@@ -4,8 +4,9 @@
     torchrun --standalone --nproc_per_node 2 benchmarks/train_throughput.py --shape qwen3-8b \
         --tp 2 --sp --json out.json
 
-Both sides do full fine-tuning (or, with `--lora`, LoRA r=16 alpha 32 on q/k/v/o/gate/up/down: our
-adapters vs PEFT, fused AdamW on the adapters) in bf16 of a randomly initialised model of the named
+Both sides do full fine-tuning (or, with `--lora`, LoRA r=16 alpha 32 on q/k/v/o/gate/up/down, on
+MoE shapes every routed expert's gate/up/down too: our adapters vs PEFT, fused AdamW on the
+adapters) in bf16 of a randomly initialised model of the named
 shape, on sequences of `--seq-len` tokens (`--docs-per-seq` documents packed per sequence for the
 runtime; Hugging Face gets one document per sequence, the same FLOPs when docs-per-seq is 1), with
 `--global-batch` sequences per optimizer step. Reported per side: tokens/s (all GPUs), TFLOP/s per
@@ -73,6 +74,11 @@ def parse_args(argv=None):
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument(
+        "--lora-targets",
+        help="HF module names, comma-separated (default: every linear layer; on MoE shapes also "
+        "every expert's gate/up/down). q_proj,k_proj,v_proj,o_proj: attention only",
+    )
     p.add_argument("--profile", help="write a torch.profiler summary of 2 runtime steps here")
     p.add_argument("--json", help="append the results to this JSON file")
     p.add_argument("--label", default="")
@@ -322,7 +328,7 @@ def lora_tuner(args):
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=["all-linear"],
+        target_modules=args.lora_targets.split(",") if args.lora_targets else ["all-linear"],
     )
 
 
@@ -333,11 +339,17 @@ def lora_summary(args) -> dict | None:
         "r": args.lora_rank,
         "lora_alpha": args.lora_alpha,
         "lora_dropout": args.lora_dropout,
-        "target_modules": "all-linear (q k v o gate up down)",
+        "target_modules": args.lora_targets or "all-linear (q k v o gate up down)",
     }
 
 
 # ---- Hugging Face ---------------------------------------------------------------------------
+
+
+# MoE: the module names, not all-linear (which PEFT 0.21 maps onto the router too). On
+# transformers 5's fused experts PEFT turns gate/up/down into target_parameters: a rank-2r adapter
+# on each expert's gate_up_proj and rank r on down_proj, as many parameters and FLOPs as ours.
+HF_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def run_hf(args, cfg: dict) -> dict:
@@ -379,7 +391,13 @@ def run_hf(args, cfg: dict) -> dict:
                 r=args.lora_rank,
                 lora_alpha=args.lora_alpha,
                 lora_dropout=args.lora_dropout,
-                target_modules="all-linear",
+                target_modules=(
+                    args.lora_targets.split(",")
+                    if args.lora_targets
+                    else HF_LORA_MODULES
+                    if moe
+                    else "all-linear"
+                ),
                 task_type="CAUSAL_LM",
             ),
         )

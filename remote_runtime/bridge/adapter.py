@@ -7,7 +7,11 @@ The directory is what `peft.PeftModel.from_pretrained(base, out_dir)` loads: ada
 and adapter_model.safetensors with PEFT's names (`base_model.model.<module>.lora_A.weight`,
 and `base_model.model.<module>.weight` for modules trained in full). Each adapter matrix is
 gathered over tensor parallelism by its owning stage and sent to rank 0 as one object per stage
-(adapters are megabytes, not gigabytes).
+(adapters are megabytes, not gigabytes). Expert adapters are written per expert
+(`mlp.experts.N.gate_proj`, ..., the layout PEFT converts onto transformers 5's fused experts and
+vLLM reads), gathered over expert TP and sent by each expert-parallel rank for its own experts.
+On a large MoE model they are gigabytes (Qwen3-30B-A3B r16: 844M parameters): still one object
+per rank, which a sharded per-rank writer would avoid.
 """
 
 from __future__ import annotations
@@ -40,11 +44,12 @@ def _tp_group():
     return parallel_state.get_tensor_model_parallel_group()
 
 
-def _gather(local: torch.Tensor, dim: int | None, dist) -> torch.Tensor:
-    if dim is None or dist.tp == 1:
+def _gather(local: torch.Tensor, dim: int | None, size: int, group=None) -> torch.Tensor:
+    """The whole tensor from its `size` pieces split along `dim` over `group` (TP default)."""
+    if dim is None or size == 1:
         return local.detach().clone()  # a copy: gradients live in buffers reused next step
-    pieces = [torch.empty_like(local) for _ in range(dist.tp)]
-    torch.distributed.all_gather(pieces, local.detach().contiguous(), group=_tp_group())
+    pieces = [torch.empty_like(local) for _ in range(size)]
+    torch.distributed.all_gather(pieces, local.detach().contiguous(), group=group or _tp_group())
     return torch.cat(pieces, dim=dim)
 
 
@@ -56,6 +61,17 @@ def _writer(dist) -> bool:
         dist.tp_rank == 0
         and parallel_state.get_data_parallel_rank() == 0
         and parallel_state.get_context_parallel_rank() == 0
+    )
+
+
+def _expert_writer() -> bool:
+    """One rank per stage and expert-parallel rank holds its experts' gathered adapters:
+    expert TP 0, expert-data-parallel 0."""
+    from megatron.core import parallel_state
+
+    return (
+        parallel_state.get_expert_tensor_parallel_rank() == 0
+        and parallel_state.get_expert_data_parallel_rank() == 0
     )
 
 
@@ -77,18 +93,21 @@ def adapter_tensors(
 ) -> dict[str, torch.Tensor] | None:
     """{PEFT key: full tensor (CPU)} on global rank 0, None elsewhere. Collective. `of` picks
     what to gather from each trained parameter (the tests take `main_grad`)."""
-    mine: dict[str, torch.Tensor] = {}
+    dense: dict[str, torch.Tensor] = {}
+    experts: dict[str, torch.Tensor] = {}
     for adapter in adapters_of(chunks):
-        dim_a, dim_b = adapter.split_dims()
+        dims, size, group = adapter.split_dims(), adapter.lay.tp, adapter.tp_group()
+        mine = experts if adapter.experts else dense
         for module, a, b in adapter.pairs(of):
-            full_a, full_b = _gather(get_piece(a), dim_a, dist), _gather(get_piece(b), dim_b, dist)
-            mine[peft_key(module, "A")], mine[peft_key(module, "B")] = full_a.cpu(), full_b.cpu()
+            for which, view, dim in (("A", a, dims[0]), ("B", b, dims[1])):
+                mine[peft_key(module, which)] = _gather(get_piece(view), dim, size, group).cpu()
     for module, param in _full_params(chunks).items():
-        mine[f"{PEFT_PREFIX}{module}.weight"] = _gather(of(param), 0, dist)[:vocab_size].cpu()
+        dense[f"{PEFT_PREFIX}{module}.weight"] = _gather(of(param), 0, dist.tp)[:vocab_size].cpu()
     if dist.world_size == 1:
-        return mine
+        return {**dense, **experts}
+    mine = {**(dense if _writer(dist) else {}), **(experts if _expert_writer() else {})}
     everyone = [None] * dist.world_size if dist.rank == 0 else None
-    torch.distributed.gather_object(mine if _writer(dist) else {}, everyone, dst=0)
+    torch.distributed.gather_object(mine, everyone, dst=0)
     if dist.rank != 0:
         return None
     return {k: v for part in everyone for k, v in part.items()}

@@ -24,13 +24,20 @@ runs them as one low-rank product: A = [A_q; A_k; A_v] and a B laid out like the
 (megatron's per-group q/k/v interleave, or [gate_r; up_r]) with each module's B in its own
 column block, so the output lands in the layer's layout with two small GEMMs.
 
-MoE (grouped experts) needs an adapter per local expert with the token-to-expert grouping of the
-expert MLP: `LoraAdapter` stays per-layer; an expert adapter would hold [E_local, r, in] /
-[E_local, out, r] tensors applied with the same grouped GEMM (torch._grouped_mm) as the experts.
+Routed experts (GroupedExperts in model/moe.py): the adapter of a stacked expert weight
+[E_local, out, in] holds one such fused pair per local expert, lora_A [E_local, n·r, in] and
+lora_B [E_local, out, n·r] (gate and up: two rank-r pairs, as the dense gate_up), marked like
+the expert weights (`allreduce=False`: reduced over the expert-data-parallel group). The expert
+MLP applies it on its tokens grouped by expert with the same grouped GEMM and offsets as the
+weight (x A_eᵀ, then B_eᵀ: two torch._grouped_mm on GPU, no host sync). Expert TP splits B of fc1
+and A of fc2 like the dense layers; the tokens are the same on every expert-TP rank (fc1) or the
+output a partial sum the dispatcher reduces (fc2), so no collective runs on the rank-r path and
+only the replicated matrix's gradient, a partial sum over those ranks, is all-reduced.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import zlib
@@ -56,7 +63,7 @@ def _group_rows(transform: str, rows: int, lay: Layout) -> tuple[int, list[int]]
     if transform == "qkv":
         hd = lay.head_dim
         return lay.groups // lay.tp, [lay.heads_per_group * hd, hd, hd]
-    if transform == "gate_up":
+    if transform in ("gate_up", "expert_gate_up"):
         return 1, [rows // 2, rows // 2]
     return 1, [rows]
 
@@ -79,27 +86,37 @@ class LoraAdapter(torch.nn.Module):
         super().__init__()
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
+        # a stacked expert weight [E_local, out, in]: one pair per local expert, split by
+        # expert TP (lay: the expert-TP size and rank as tp, tp_rank)
+        self.experts = weight.shape[0] if target.per_expert else 0
+        self.first_expert = lay.ep_rank * self.experts
+        if self.experts:
+            lay = dataclasses.replace(lay, tp=lay.etp, tp_rank=lay.etp_rank)
         self.transform, self.parallel, self.lay = target.transform, target.parallel, lay
-        self.sp = sequence_parallel and lay.tp > 1
+        self.sp = sequence_parallel and lay.tp > 1 and not self.experts
         self.rank, self.scale, self.dropout = settings.rank, settings.scale, settings.dropout
         self.modules = [fill(h, layer) for h in target.hf]  # HF module names, fused order
         self.active = [j for j, on in enumerate(target.active) if on]
-        rows, cols = weight.shape
+        rows, cols = weight.shape[-2:]
         self.groups, self.group_rows = (
             _group_rows(self.transform, rows, lay) if self.parallel == "column" else (1, [rows])
         )
         width = len(self.active) * settings.rank
+        lead = (self.experts,) if self.experts else ()
         kw = dict(device=weight.device, dtype=weight.dtype)
-        self.lora_A = torch.nn.Parameter(torch.zeros(width, cols, **kw))
-        self.lora_B = torch.nn.Parameter(torch.zeros(rows, width, **kw))
+        self.lora_A = torch.nn.Parameter(torch.zeros(*lead, width, cols, **kw))
+        self.lora_B = torch.nn.Parameter(torch.zeros(*lead, rows, width, **kw))
         split, replicated = (
             (self.lora_B, self.lora_A) if self.parallel == "column" else (self.lora_A, self.lora_B)
         )
-        set_tensor_model_parallel_attributes(split, True, 0 if split is self.lora_B else 1, 1)
+        dim = (0 if split is self.lora_B else 1) + len(lead)
+        set_tensor_model_parallel_attributes(split, True, dim, 1)
         # the replicated matrix sees local tokens only under SP: megatron sums it over TP
         replicated.sequence_parallel = self.sp
         for p in (self.lora_A, self.lora_B):
             p.is_lora = True
+            if self.experts:  # megatron's expert marker: reduced over expert-data-parallel
+                p.allreduce = False
         mask = torch.zeros_like(self.lora_B)
         for _, _, b in self.pairs(lambda p: mask):
             b.fill_(1)
@@ -108,10 +125,20 @@ class LoraAdapter(torch.nn.Module):
             self.lora_B.register_hook(lambda grad: grad * self.grad_mask)
 
     def pairs(self, of=lambda p: p) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-        """(HF module, A_j, B_j) views of `of(lora_A)`, `of(lora_B)` for each adapted module:
-        A_j [r, in]; B_j [groups, rows per group, r] (a writable view; reshape it to the
-        module's local [rows, r])."""
+        """(HF module, A_j, B_j) views of `of(lora_A)`, `of(lora_B)` for each adapted module
+        (of each local expert: `{expert}` filled with its global number): A_j [r, in]; B_j
+        [groups, rows per group, r] (a writable view; reshape it to the module's local
+        [rows, r])."""
         a, b = of(self.lora_A), of(self.lora_B)
+        if not self.experts:
+            return self._pairs(a, b)
+        return [
+            (module.replace("{expert}", str(self.first_expert + e)), a_j, b_j)
+            for e in range(self.experts)
+            for module, a_j, b_j in self._pairs(a[e], b[e])
+        ]
+
+    def _pairs(self, a: torch.Tensor, b: torch.Tensor) -> list:
         r = self.rank
         grouped = b.view(self.groups, sum(self.group_rows), b.shape[-1])
         out = []
@@ -153,6 +180,44 @@ class LoraAdapter(torch.nn.Module):
         )
         return flat.view(out.shape)
 
+    def add_grouped(
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        tokens_per_expert: torch.Tensor,
+        offsets: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """An expert weight's output `out` plus the local experts' adapters for their rows of
+        `x` (grouped by expert): (x A_eᵀ) B_eᵀ with the expert MLP's grouped GEMM and offsets."""
+        from remote_runtime.model.moe import grouped_linear
+
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout, True)
+        a, b = self.lora_A, self.lora_B
+        if offsets is not None and (a.shape[1] * a.element_size()) % 16:
+            # torch._grouped_mm needs 16-byte aligned rows (bf16: n·r a multiple of 8); smaller
+            # ranks take the per-expert loop (one host sync)
+            offsets = None
+        if self.lay.tp > 1:  # expert TP: the replicated matrix's gradient is a partial sum
+            from megatron.core import parallel_state
+            from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+            group = parallel_state.get_expert_tensor_parallel_group()
+            if self.parallel == "column":
+                a = copy_to_tensor_model_parallel_region(a, group)
+            else:
+                b = copy_to_tensor_model_parallel_region(b, group)
+        h = grouped_linear(x, a, tokens_per_expert, offsets)
+        return torch.add(out, grouped_linear(h, b, tokens_per_expert, offsets), alpha=self.scale)
+
+    def tp_group(self):
+        """The group this adapter's split matrix is split over (expert TP for experts)."""
+        from megatron.core import parallel_state
+
+        if self.experts:
+            return parallel_state.get_expert_tensor_parallel_group()
+        return parallel_state.get_tensor_model_parallel_group()
+
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         """Replicated inputs (column layer, no SP) take one mask on all TP ranks (the default
         generator, in step across TP); partitioned inputs the per-rank tensor-parallel one."""
@@ -165,7 +230,8 @@ class LoraAdapter(torch.nn.Module):
 
     @torch.no_grad()
     def merge_into(self, weight: torch.Tensor) -> None:
-        """weight += scale · B A (the local pieces; fp32 product, rounded once)."""
+        """weight += scale · B A (the local pieces, per expert for experts; fp32 product,
+        rounded once)."""
         delta = self.lora_B.float() @ self.lora_A.float()
         weight.copy_((weight.float() + self.scale * delta).to(weight.dtype))
 
@@ -265,7 +331,9 @@ def attach_lora(chunks, settings: LoraSettings, hf_config: dict, dist, seed: int
                     target, layer, settings, linear.weight, lay, model.config.sequence_parallel
                 )
                 linear.lora = adapter
-                if dist.tp == 1 and not getattr(linear, "gather_output", False):
+                if adapter.experts:
+                    pass  # GroupedExperts.forward applies it (grouped by expert)
+                elif dist.tp == 1 and not getattr(linear, "gather_output", False):
                     # one autograd node for base + adapter (the host is the bottleneck of
                     # small models at TP = 1); this instance's forward only
                     linear.forward = functools.partial(_single_rank_forward, linear)

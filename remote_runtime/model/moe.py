@@ -184,8 +184,10 @@ class _GroupedLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, offsets = ctx.saved_tensors
         dy = dy.contiguous()
-        dx = torch._grouped_mm(dy, weight, offs=offsets)
-        if ctx.fuse_wgrad and _accumulates_into_main_grad(weight):
+        dx = torch._grouped_mm(dy, weight, offs=offsets) if ctx.needs_input_grad[0] else None
+        if not ctx.needs_input_grad[1]:  # a frozen weight (LoRA): no weight-gradient GEMM
+            dw = None
+        elif ctx.fuse_wgrad and _accumulates_into_main_grad(weight):
             accumulate_expert_wgrad(weight.main_grad, dy, x, offsets)
             weight.grad_added_to_main_grad = True
             dw = torch.empty_like(weight)  # a placeholder: DDP's hook skips its add
@@ -242,12 +244,16 @@ class GroupedExperts(torch.nn.Module):
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, probs: torch.Tensor):
         grouped = self.grouped and grouped_mm_usable(x)
         offsets = _offsets(tokens_per_expert, x.device) if grouped else None
-        h = grouped_linear(x, self.linear_fc1.weight, tokens_per_expert, offsets, self.fuse_wgrad)
+        fc1, fc2 = self.linear_fc1, self.linear_fc2
+        h = grouped_linear(x, fc1.weight, tokens_per_expert, offsets, self.fuse_wgrad)
+        if hasattr(fc1, "lora"):  # LoRA adapters per expert (remote_runtime/model/lora.py)
+            h = fc1.lora.add_grouped(x, h, tokens_per_expert, offsets)
         # router weights in the activations' dtype, as transformers multiplies them
         a = self._swiglu(h) * probs.unsqueeze(-1).to(h.dtype)
-        return grouped_linear(
-            a, self.linear_fc2.weight, tokens_per_expert, offsets, self.fuse_wgrad
-        ), None
+        y = grouped_linear(a, fc2.weight, tokens_per_expert, offsets, self.fuse_wgrad)
+        if hasattr(fc2, "lora"):
+            y = fc2.lora.add_grouped(a, y, tokens_per_expert, offsets)
+        return y, None
 
     def backward_dw(self):  # megatron's delayed weight-gradient hook (not used here)
         pass

@@ -148,14 +148,6 @@ def resolve_job(job: JobConfig, world_size: int, hf_config: dict | None = None) 
         lora = resolve_lora(job.tuner, family, hf, job.model.transformer_impl)
     except ConfigError as exc:
         problems.extend(exc.problems)
-    if lora is not None and shape.is_moe:
-        problems.append(
-            Problem(
-                "tuner.train_type",
-                f"LoRA on mixture-of-experts models ({family.name}) is not implemented yet",
-                "use --train_type full with expert parallelism (megafleet plan shows the layout)",
-            )
-        )
     moe_problems, moe_warnings, experts = check_moe(job, tc, world_size, family.name)
     problems += moe_problems
     warnings = warnings + moe_warnings

@@ -3,9 +3,12 @@ family's name table (`resolve_lora`). Torch-free: the operator validates jobs wi
 
 Adapters sit on megatron's linear layers. A fused layer carries one adapter per Hugging Face
 module it is made of (`linear_qkv`: q_proj, k_proj, v_proj; `linear_fc1`: gate_proj, up_proj), so
-the saved adapter is the one PEFT would have trained. Which HF modules make up a megatron layer,
-and how its weight is split under tensor parallelism, comes from the family table (`Param.hf`,
-`Param.transform`): no per-model names here.
+the saved adapter is the one PEFT would have trained. On a mixture-of-experts model the routed
+experts' stacked weights (`mlp.experts.linear_fc1/fc2`) carry one such adapter per expert (HF
+`mlp.experts.{expert}.gate_proj`, ...); an HF name (gate_proj) selects the dense or shared-expert
+module and the experts' alike, as PEFT's target_modules does. The router is never adapted.
+Which HF modules make up a megatron layer, and how its weight is split under tensor parallelism,
+comes from the family table (`Param.hf`, `Param.transform`): no per-model names here.
 """
 
 from __future__ import annotations
@@ -22,7 +25,15 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ALL_LINEAR = "all-linear"
 # Transforms of the family table that are linear layers inside a decoder layer, how the LoRA
 # pair is split under tensor parallelism: column-parallel layers split B, row-parallel split A.
-ADAPTABLE = {"qkv": "column", "gate_up": "column", "column": "column", "row": "row"}
+# The routed experts' stacked weights (one adapter per expert) split the same way under expert TP.
+ADAPTABLE = {
+    "qkv": "column",
+    "gate_up": "column",
+    "column": "column",
+    "row": "row",
+    "expert_gate_up": "column",
+    "expert_row": "row",
+}
 MEGATRON_LINEARS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 # modules_to_save: PEFT's short name -> (the megatron parameter trained in full, its HF module)
 SAVE_MODULES = {
@@ -55,6 +66,11 @@ class LoraTarget:
     @property
     def parallel(self) -> str:
         return ADAPTABLE[self.transform]
+
+    @property
+    def per_expert(self) -> bool:
+        """A routed experts' weight: one adapter per expert (`{expert}` in the HF names)."""
+        return "{expert}" in self.hf[0]
 
     def short_names(self) -> list[str]:
         return [h.rsplit(".", 1)[-1] for h, on in zip(self.hf, self.active) if on]
@@ -242,6 +258,15 @@ def resolve_lora(
             {n.rsplit(".", 1)[-1] for n in ([target] if isinstance(target, str) else target)}
         )
         save = sorted(set(save) | set(cfg.get("modules_to_save") or []))
+        if cfg.get("target_parameters"):
+            problems.append(
+                (
+                    "tuner.adapters",
+                    f"{adapter_dir}: an adapter on fused expert parameters (target_parameters "
+                    f"{', '.join(sorted(cfg['target_parameters']))}) is not supported; continue "
+                    "one saved per expert (mlp.experts.N.gate_proj, ...), as megafleet writes",
+                )
+            )
         if cfg.get("layers_to_transform") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
             problems.append(
                 (
@@ -285,14 +310,18 @@ def resolve_lora(
 
 
 def peft_adapter_config(settings: LoraSettings, base_model: str) -> dict:
-    """adapter_config.json as PEFT writes it for these settings."""
+    """adapter_config.json as PEFT writes it for these settings. With expert adapters the
+    dropout is written as 0: PEFT loads them onto transformers 5's fused experts as parameter
+    adapters (ParamWrapper), which refuse any other value; it only matters for training, and a
+    continued run takes its dropout from the job."""
+    experts = any(t.per_expert for t in settings.targets)
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": settings.rank,
         "lora_alpha": settings.alpha,
-        "lora_dropout": settings.dropout,
+        "lora_dropout": 0.0 if experts else settings.dropout,
         "use_rslora": settings.use_rslora,
         "target_modules": settings.target_names(),
         "modules_to_save": settings.modules_to_save or None,

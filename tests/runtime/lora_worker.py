@@ -1,6 +1,7 @@
-"""The megatron side of tests/runtime/test_lora.py, run in separate processes (see
-bridge_worker.py for why): one process for TP=1, two gloo processes for TP=2, TP=2 with
-sequence parallelism and PP=2.
+"""The megatron side of tests/runtime/test_lora.py and test_lora_moe.py, run in separate
+processes (see bridge_worker.py for why): one process for TP=1, two gloo processes for TP=2, TP=2
+with sequence parallelism and PP=2; for the MoE families (modes *-moe) one process for EP=1, two
+for TP=2 + SP (expert TP 2) and EP=2.
 
 For each family it loads the tiny base model, adds our adapters, loads the PEFT adapter the test
 made (random A and B), and records: logits, adapter gradients of one mean-loss backward, then
@@ -8,7 +9,7 @@ after three Adam steps the saved adapter, the logits, whether any frozen weight 
 merged model. Tensors go to `<out>/<tag>-<family>.safetensors` (rank 0), numbers to
 `<out>/<mode>-rank<r>.json`.
 
-    python lora_worker.py single|parallel MODELS_DIR OUT_DIR
+    python lora_worker.py single|parallel|single-moe|parallel-moe MODELS_DIR OUT_DIR
 """
 
 from __future__ import annotations
@@ -35,9 +36,13 @@ from remote_runtime.spec.tuner import resolve_lora
 
 FAMILIES = ("qwen3", "qwen2", "llama")
 PARTIAL = "qwen3-qv"  # an adapter on some modules of the fused layers (test_lora.ADAPTERS)
+MOE_FAMILIES = ("qwen3_moe", "qwen2_moe")
+# mode -> [(tag, TP, PP, sequence parallel, EP)]
 LAYOUTS = {
-    "single": [("tp1", 1, 1, False)],
-    "parallel": [("tp2", 2, 1, False), ("tp2sp", 2, 1, True), ("pp2", 1, 2, False)],
+    "single": [("tp1", 1, 1, False, 1)],
+    "parallel": [("tp2", 2, 1, False, 1), ("tp2sp", 2, 1, True, 1), ("pp2", 1, 2, False, 1)],
+    "single-moe": [("ep1", 1, 1, False, 1)],
+    "parallel-moe": [("tp2sp", 2, 1, True, 1), ("ep2", 1, 1, False, 2)],
 }
 TRAIN_STEPS = 3
 
@@ -99,6 +104,9 @@ def check_family(models: Path, out: Path, dist, tag: str, sp: bool, name: str) -
     job = JobConfig()
     job.parallel.sequence_parallel = sp
     job.optim.lr, job.optim.weight_decay = 1e-2, 0.0
+    # EP2 has two data-parallel ranks: the distributed optimizer would reduce-scatter, leaving
+    # each rank only its shard of main_grad
+    job.parallel.use_distributed_optimizer = dist.dp == 1
     model = wrap_ddp(chunks, job)
     optimizer, scheduler = build_optimizer(model, job, Schedule(TRAIN_STEPS, 0, TRAIN_STEPS))
     for chunk in model:
@@ -137,19 +145,19 @@ def check_family(models: Path, out: Path, dist, tag: str, sp: bool, name: str) -
     return {"frozen_changed": changed, "frozen_count": len(before)}
 
 
-def reinit(tp: int, pp: int):
+def reinit(tp: int, pp: int, ep: int = 1):
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    return platform.init_distributed("cpu", tp, pp)
+    return platform.init_distributed("cpu", tp, pp, expert_model_parallel_size=ep)
 
 
-def lean_base(models: Path, dist) -> dict:
+def lean_base(models: Path, dist, name: str = "qwen3") -> dict:
     """bf16 base with adapters inside DDP + distributed optimizer: what holds memory."""
     from remote_runtime.train.optim import Schedule, build_optimizer, wrap_ddp
 
-    src = models / "qwen3"
+    src = models / name
     hf = read_hf_config(src)
     family = family_for_hf_config(hf)
     chunks = build_model(family, hf, ModelOptions(dtype="bfloat16"), dist)
@@ -164,7 +172,7 @@ def lean_base(models: Path, dist) -> dict:
     buffer = sum(
         b.numel_unpadded if hasattr(b, "numel_unpadded") else b.grad_data.numel()
         for m in model
-        for b in m.buffers
+        for b in [*m.buffers, *m.expert_parallel_buffers]
     )
     return {
         "frozen_bf16": all(
@@ -184,13 +192,18 @@ def lean_base(models: Path, dist) -> dict:
 def main(mode: str, models: Path, out: Path) -> None:
     results = {}
     dist = None
-    for tag, tp, pp, sp in LAYOUTS[mode]:
-        dist = reinit(tp, pp)
-        names = ("qwen3",) if sp else FAMILIES if pp > 1 else (*FAMILIES, PARTIAL)
+    for tag, tp, pp, sp, ep in LAYOUTS[mode]:
+        dist = reinit(tp, pp, ep)
+        if mode.endswith("moe"):
+            names = MOE_FAMILIES
+        else:
+            names = ("qwen3",) if sp else FAMILIES if pp > 1 else (*FAMILIES, PARTIAL)
         for name in names:
             results[f"{tag}/{name}"] = check_family(models, out, dist, tag, sp, name)
     if mode == "single":
         results["lean"] = lean_base(models, dist)
+    if mode == "single-moe":
+        results["lean"] = lean_base(models, dist, "qwen3_moe")
     (out / f"{mode}-rank{dist.rank}.json").write_text(json.dumps(results, indent=1))
     platform.shutdown()
 

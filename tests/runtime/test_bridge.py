@@ -65,7 +65,7 @@ def _run_worker(mode: str, models: Path, out: Path, worker: Path = WORKER) -> di
     """Run a worker script (one process for `single`, else two under torchrun); its
     `<mode>-rank*.json` measurements merged."""
     out.mkdir(parents=True, exist_ok=True)
-    if mode == "single":
+    if mode.startswith("single"):
         cmd = [sys.executable, str(worker), mode, str(models), str(out)]
     else:
         cmd = [

@@ -123,6 +123,12 @@ def test_adapter_gradients_equal_peft(lora_models, lora_runs, layout, family):
     ours, ref = _tensors(lora_runs[0], layout, family), _ref(lora_models, family)
     grads = {k: v for k, v in ref.items() if k.startswith("grad/")}
     assert len(grads) == 2 * 2 * (3 if family.endswith("-qv") else 7)
+    assert_gradients_match(ours, grads)
+
+
+def assert_gradients_match(ours: dict, grads: dict) -> None:
+    """Our `grad/<PEFT key>` tensors are exactly `grads`' keys, each within TOL of the largest
+    reference gradient."""
     assert sorted(k for k in ours if k.startswith("grad/")) == sorted(grads)
     scale = max(g.abs().max().item() for g in grads.values())
     assert scale > 1e-3
@@ -166,16 +172,24 @@ def test_merged_model_equals_peft_merge_and_unload(lora_models, lora_runs, layou
     ).state_dict()
     base = lora_models / family.split("-")[0]
     ref = _peft(base, out / f"adapter-{layout}-{family}").merge_and_unload()
-    ref = ref.state_dict()
+    assert_merged_matches(ours, ref.state_dict(), _tensors(out, layout, family))
+
+
+def assert_merged_matches(ours: dict, ref: dict, logits: dict) -> None:
+    """Our merged HF state dict equals the reference's; our model's logits after merging equal
+    those with the adapters."""
     assert sorted(ours) == sorted(ref)
     assert max((ours[k] - ref[k]).abs().max().item() for k in ref) <= 1e-5
-    merged = _tensors(out, layout, family)
-    assert (_vocab(merged["merged"]) - _vocab(merged["trained"])).abs().max() <= TOL
+    assert (_vocab(logits["merged"]) - _vocab(logits["trained"])).abs().max() <= TOL
 
 
 def test_frozen_base_is_lean(lora_runs):
     """bf16 base: no gradient buffer, no optimizer entry, no main_grad for frozen weights."""
-    r = lora_runs[1]["lean"]
+    assert_lean(lora_runs[1]["lean"])
+
+
+def assert_lean(r: dict) -> None:
+    """What lora_worker.lean_base measured: only the adapters hold gradients and states."""
     assert r["frozen_bf16"] and r["frozen_with_main_grad"] == 0
     assert r["grad_buffer_numel"] == r["lora_numel"] > 0
     assert r["optimizer_numel"] == r["lora_numel"]

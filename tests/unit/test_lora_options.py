@@ -126,6 +126,47 @@ def test_targets_come_from_the_family_table():
     ]
 
 
+def test_moe_targets_are_attention_experts_and_shared_expert_never_the_router():
+    qwen3 = select_targets(get_family("qwen3_moe"), ["all-linear"])
+    assert [(t.megatron.split("{layer}.")[1], t.per_expert) for t in qwen3] == [
+        ("self_attention.linear_qkv", False),
+        ("self_attention.linear_proj", False),
+        ("mlp.experts.linear_fc1", True),
+        ("mlp.experts.linear_fc2", True),
+    ]
+    assert qwen3[2].short_names() == ["gate_proj", "up_proj"]
+    assert [t.parallel for t in qwen3[2:]] == ["column", "row"]
+    # an HF name selects the shared expert's module and the routed experts' alike (as PEFT)
+    gate = select_targets(get_family("qwen2_moe"), ["gate_proj"])
+    assert [(t.megatron.split("{layer}.")[1], t.active) for t in gate] == [
+        ("mlp.experts.linear_fc1", (True, False)),
+        ("mlp.shared_experts.linear_fc1", (True, False)),
+    ]
+    with pytest.raises(ConfigError) as e:
+        select_targets(get_family("qwen3_moe"), ["gate"])  # the router is not adaptable
+    assert "not a linear layer" in problems(e.value)["tuner.target_modules"]
+
+
+def test_lora_on_moe_resolves_and_a_fused_expert_adapter_is_a_named_refusal(tmp_path):
+    a3b = NAMED_CONFIGS["qwen3-30b-a3b"]
+    lora = BASE + ["--train_type", "lora", "--expert_model_parallel_size", "2"]
+    resolved = resolve_job(job_from_argv(lora), 2, a3b)
+    assert resolved["tuner"]["target_modules"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    assert resolved["experts"]["expert_model_parallel_size"] == 2
+    # what PEFT saves for an adapter trained on transformers 5's fused experts
+    adapter = tmp_path / "fused"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}
+    config["target_parameters"] = ["gate_up_proj", "down_proj"]
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError) as e:
+        resolve_job(job_from_argv(lora + ["--adapters", str(adapter)]), 2, a3b)
+    assert "fused expert parameters" in problems(e.value)["tuner.adapters"]
+
+
 def test_dry_run_reports_the_resolved_lora_and_adapter_config(tmp_path):
     resolved = resolve_job(job_from_argv(BASE + ["--train_type", "lora", "--use_rslora"]), 1, QWEN3)
     assert resolved["tuner"]["r"] == 8 and resolved["tuner"]["scale"] == pytest.approx(32 / 8**0.5)

@@ -84,6 +84,25 @@ def test_2x141gb_full_fine_tuning_does_not_fit_and_says_try_lora():
     assert p.min_gpus and p.min_gpus > 2
 
 
+def test_qwen3_30b_a3b_lora_fits_on_2x80gb_with_expert_adapters_split_by_ep():
+    """Issue 17: r=16 on attention and every expert's gate/up/down (844M adapter parameters,
+    almost all in the 128 experts x 48 layers) on two 80 GB GPUs, and the plan resolves."""
+    from megafleet.memory import Lora, lora_layer_param_split, lora_layer_params
+
+    dense, experts = lora_layer_param_split(SHAPE, Lora())
+    assert dense == 16 * (2 * (2048 + 4096) + 2 * (2048 + 512))  # q, o; k, v
+    assert experts == 128 * 16 * 3 * (2048 + 768)
+    assert SHAPE.num_layers * lora_layer_params(SHAPE, Lora()) == pytest.approx(844e6, rel=1e-3)
+    assert lora_layer_param_split(SHAPE, Lora(), ep=2)[1] == experts // 2
+    p = plan(A3B, gpus=2, gpu_mem_gb=80, gpus_per_node=2, lora=Lora())
+    assert p.feasible and p.chosen.parallel.ep == 2
+    assert p.chosen.memory.total_gib < p.chosen.limit_gib < 80
+    job = apply_plan(from_dict({"model": "m", "dataset": ["d.jsonl"], "train_iters": 1}), p)
+    assert job.tuner.train_type == "lora"
+    resolved = resolve_job(job, 2, dict(A3B))
+    assert {"gate_proj", "q_proj"} <= set(resolved["tuner"]["target_modules"])
+
+
 @pytest.mark.parametrize("gpus", [8, 16])
 def test_the_plan_is_a_job_the_resolver_accepts_and_estimates_the_same(gpus):
     p = plan(A3B, gpus=gpus, gpu_mem_gb=80, gpus_per_node=8)
