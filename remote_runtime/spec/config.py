@@ -652,11 +652,3 @@ def _validate_eval_and_rlhf(job: JobConfig, problems: list) -> None:
         problems.append(("rlhf.rpo_alpha", f"must be >= 0, got {rl.rpo_alpha}"))
     if rl.reference_free and rl.ref_model:
         problems.append(("rlhf.ref_model", "reference_free=true uses no reference model"))
-    if job.tuner.train_type == "lora":
-        problems.append(
-            (
-                "tuner.train_type",
-                "DPO with LoRA is not implemented yet; DPO trains the full model",
-                "use --train_type full for rlhf, or LoRA with sft",
-            )
-        )

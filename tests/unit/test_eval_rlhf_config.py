@@ -87,31 +87,28 @@ def test_status_metrics_carry_the_last_evaluation(tmp_path):
     assert "eval_loss" not in last_metrics(path)[0]
 
 
-def test_dpo_with_lora_and_lora_on_moe_are_named_refusals():
-    from remote_runtime.spec.config import ConfigError, JobConfig, validate
+def test_dpo_with_lora_is_accepted_and_lora_on_moe_stays_a_named_refusal():
+    from remote_runtime.spec.config import JobConfig
     from remote_runtime.spec.resolve import resolve_job
     from remote_runtime.tiny import TINY_SHAPES
 
-    job = JobConfig(task="rlhf")
-    job.model.model, job.data.dataset = "/m", ["pairs.jsonl"]
-    job.tuner.train_type = "lora"
-    with pytest.raises(ConfigError) as e:
-        validate(job)
-    assert any(
-        p.field == "tuner.train_type" and "DPO with LoRA" in p.message for p in e.value.problems
-    )
-    sft = JobConfig()
-    sft.model.model, sft.data.dataset = "/m", ["d.jsonl"]
-    sft.tuner.train_type = "lora"
+    for spelling in ("--train_type", "--tuner_type"):
+        job = job_from_argv([*BASE, spelling, "lora", "--merge_lora", "true"], task="rlhf")
+        assert (job.task, job.tuner.train_type, job.tuner.merge_lora) == ("rlhf", "lora", True)
+        assert validate(job) == []
     hf = dict(
         TINY_SHAPES["qwen3_moe"][1],
         architectures=["Qwen3MoeForCausalLM"],
         model_type="qwen3_moe",
         vocab_size=301,
     )
-    with pytest.raises(ConfigError) as e:
-        resolve_job(sft, 1, hf_config=hf)
-    assert any(
-        p.field == "tuner.train_type" and "mixture-of-experts" in p.message
-        for p in e.value.problems
-    )
+    for task in ("sft", "rlhf"):
+        moe = JobConfig(task=task)
+        moe.model.model, moe.data.dataset = "/m", ["d.jsonl"]
+        moe.tuner.train_type = "lora"
+        with pytest.raises(ConfigError) as e:
+            resolve_job(moe, 1, hf_config=hf)
+        assert any(
+            p.field == "tuner.train_type" and "mixture-of-experts" in p.message
+            for p in e.value.problems
+        )
