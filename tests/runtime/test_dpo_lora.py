@@ -195,3 +195,31 @@ def test_lora_dpo_tp2_gives_the_loss_of_one_process(lora_runs):
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], rel=1e-4, abs=1e-7)
     np.testing.assert_allclose(reference_cache(two), reference_cache(one), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "ref_model,resumed,adapter,modules_to_save,separate",
+    [
+        (None, False, None, [], False),  # fresh adapter: the policy, adapters disabled
+        (None, True, None, [], False),  # resumed: still the base under the adapters
+        (None, False, "/a", [], False),  # continued adapter: the base, not the adapter
+        (None, True, None, ["lm_head"], True),  # trained lm_head loaded: build the base
+        (None, False, "/a", ["embed_tokens"], True),
+        (None, False, None, ["lm_head"], False),  # fresh: lm_head is still the base's
+        ("/ref", False, None, [], True),  # --ref_model: that model
+    ],
+)
+def test_which_lora_runs_build_a_separate_reference_model(
+    ref_model, resumed, adapter, modules_to_save, separate
+):
+    from remote_runtime.spec.config import JobConfig
+    from remote_runtime.spec.tuner import LoraSettings
+    from remote_runtime.train.entry import _separate_reference
+
+    job = JobConfig(task="rlhf")
+    job.rlhf.ref_model = ref_model
+    lora = LoraSettings(4, 8.0, 0.0, False, "true", [], modules_to_save, adapter)
+    assert _separate_reference(job, "/ckpt" if resumed else None, lora) is separate
+    assert _separate_reference(job, "/ckpt" if resumed else None, None) is (
+        resumed or bool(ref_model)
+    )
