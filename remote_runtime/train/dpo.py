@@ -81,14 +81,20 @@ def pair_losses(
 
 
 def document_sums(mb, values: torch.Tensor) -> torch.Tensor:
-    """Per real document of the micro-batch, the sum of `values` (shaped like mb.tokens)."""
+    """Per real document of the micro-batch, the sum of `values` (shaped like mb.tokens).
+
+    Runs without a host sync (a data-dependent shape, e.g. repeat_interleave over the segment
+    lengths, would stall the CPU until the forward pass finished, once per micro-batch)."""
     n_docs = len(mb.doc_lengths)
     if not mb.is_thd:
         return values.sum(dim=1)[:n_docs]
+    flat = values.reshape(-1)
     cu = mb.cu_seqlens.to(values.device).long()
-    segment = torch.repeat_interleave(torch.arange(len(cu) - 1, device=values.device), cu.diff())
+    # the segment of token t: the i with cu[i] <= t < cu[i + 1]
+    position = torch.arange(flat.numel(), device=values.device)
+    segment = torch.searchsorted(cu, position, right=True) - 1
     sums = torch.zeros(len(cu) - 1, dtype=values.dtype, device=values.device)
-    sums.index_add_(0, segment, values.reshape(-1))
+    sums.index_add_(0, segment, flat)
     return sums[:n_docs]
 
 
@@ -114,7 +120,8 @@ def dpo_loss_func(mb, s: DpoSettings, nll_scale: float, per_token_loss: torch.Te
     loss = losses.sum()
     if s.rpo_alpha:
         loss = loss + s.rpo_alpha * nll_scale * nll
-    pairs = torch.tensor(len(chosen), dtype=torch.int, device=logps.device)
+    # torch.full fills on the device; torch.tensor(n, device=cuda) copies from the host and syncs
+    pairs = torch.full((), len(chosen), dtype=torch.int, device=logps.device)
     with torch.no_grad():
         reward_c = s.beta * (chosen - ref[0::2])
         reward_r = s.beta * (rejected - ref[1::2])
