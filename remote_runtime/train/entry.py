@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from remote_runtime.spec.config import ConfigError, JobConfig, normalize
+from remote_runtime.spec.config import ConfigError, JobConfig, normalize, uses_reference
 from remote_runtime.spec.layout import RUN_CONFIG
 
 log = logging.getLogger("remote_runtime.train")
@@ -321,7 +321,7 @@ def _separate_reference(job: JobConfig, resume_from, lora) -> bool:
     the adapters would not restore them). Otherwise the policy itself runs the pass before its
     first step, with LoRA's adapters disabled: the reference is then the base model."""
     rl = job.rlhf
-    if rl.reference_free:
+    if not uses_reference(rl):
         return False
     if rl.ref_model is not None:
         return True
@@ -340,7 +340,7 @@ def _reference(job: JobConfig, dist, data: _Data, model, forward_backward, rank0
     from remote_runtime.model.lora import adapters_disabled, lora_settings
     from remote_runtime.train.reference import ReferenceSource, reference_logps
 
-    if job.rlhf.reference_free:
+    if not uses_reference(job.rlhf):
         return {}
     # LoRA: the policy with its adapters disabled is the base model (no second model)
     disable = (
