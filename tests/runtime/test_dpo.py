@@ -152,6 +152,27 @@ def trl_trainer_step(
     }
 
 
+def answer_logps(model_dir, tokens):
+    """(sums, counts) [pairs, 2] (chosen, rejected) of answer-token log-probs by transformers
+    (float64 log-softmax)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    sums, counts = [], []
+    for pair in tokens:
+        for ids, mask in pair:
+            ids_t = torch.as_tensor(ids.astype(np.int64))[None]
+            with torch.no_grad():
+                lp = torch.log_softmax(hf(ids_t).logits[0, :-1].double(), -1)
+            picked = lp.gather(1, ids_t[0, 1:, None])[:, 0]
+            m = torch.as_tensor(mask[1:], dtype=torch.double)
+            sums.append(float((picked * m).sum()))
+            counts.append(float(m.sum()))
+    as_pairs = lambda v: torch.tensor(v, dtype=torch.double).reshape(-1, 2)  # noqa: E731
+    return as_pairs(sums), as_pairs(counts)
+
+
 def our_gradients(model_dir, checkpoint) -> dict:
     """g from one Adam step: u = w0 - w1 = lr·g/(|g|+eps)  =>  g = sign(u)·|u|·eps/(lr-|u|)."""
     from safetensors.torch import load_file
@@ -254,9 +275,7 @@ def test_tp2_pp2_and_dp2_give_the_loss_of_one_process(dpo_assets, tmp_path):
 def test_eval_loss_is_the_dpo_loss_of_the_held_out_pairs(dpo_assets, tmp_path):
     """The end-of-training eval on a val_dataset equals the DPO loss computed by hand with
     transformers: the trained checkpoint against the reference model, pair by pair."""
-    import torch
     import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM
 
     model, ref, pairs = dpo_assets
     out = tmp_path / "out"
@@ -277,20 +296,7 @@ def test_eval_loss_is_the_dpo_loss_of_the_held_out_pairs(dpo_assets, tmp_path):
     )
     record = read_log(out)[-1]
     tokens = our_tokens(model, pairs)
-
-    def logps(model_dir):
-        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        out = []
-        for pair in tokens:
-            for ids, mask in pair:
-                ids_t = torch.as_tensor(ids.astype(np.int64))[None]
-                with torch.no_grad():
-                    lp = torch.log_softmax(hf(ids_t).logits[0, :-1].double(), -1)
-                picked = lp.gather(1, ids_t[0, 1:, None])[:, 0]
-                out.append(float((picked * torch.as_tensor(mask[1:], dtype=torch.double)).sum()))
-        return torch.tensor(out, dtype=torch.double).reshape(-1, 2)
-
-    policy, reference = logps(out / "checkpoint-1"), logps(ref)
+    policy, reference = answer_logps(out / "checkpoint-1", tokens)[0], answer_logps(ref, tokens)[0]
     delta = (policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1])
     expected = float(-F.logsigmoid(0.2 * delta).mean())
     assert record["eval_loss"] == pytest.approx(expected, rel=1e-5)

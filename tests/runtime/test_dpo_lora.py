@@ -15,26 +15,20 @@ import numpy as np
 import pytest
 import torch
 
+from remote_runtime.spec.layout import DPO_METRICS_FIELDS
 from tests.runtime.test_dpo import EPS, LR, dpo_args, our_tokens, reference_cache, trl_trainer_step
 from tests.runtime.train_helpers import check, read_log, run_runtime
 
 pytestmark = [pytest.mark.runtime]
 
 ADAPTER = "adapter_model.safetensors"
-# name -> (runtime flags, whether --ref_model is given)
+# name -> (runtime flags, whether --ref_model is given); hinge shares ipo's and sigmoid's path
+# (pair_losses, compared with TRL for full fine-tuning in test_dpo.py)
 VARIANTS = {
     "sigmoid": ({"merge_lora": "true"}, False),
     "ipo": ({"loss_type": "ipo", "beta": 0.5}, True),
-    "hinge": ({"loss_type": "hinge", "beta": 2.0}, False),
 }
-METRICS = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-)
+METRICS = DPO_METRICS_FIELDS
 
 
 def _peft_policy(model_dir, adapter_dir=None):

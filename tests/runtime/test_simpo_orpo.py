@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
-from tests.runtime.test_dpo import dpo_args, our_tokens
+from tests.runtime.test_dpo import answer_logps, dpo_args, our_tokens
 from tests.runtime.train_helpers import check, read_log, run_runtime
 
 pytestmark = [pytest.mark.runtime]
@@ -29,24 +28,9 @@ VARIANTS = {
 
 def per_pair_logps(model_dir, tokens):
     """(chosen, rejected) answer log-probs averaged per token, and the chosen token-mean NLL."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    sums, counts = [], []
-    for pair in tokens:
-        for ids, mask in pair:
-            ids_t = torch.as_tensor(ids.astype(np.int64))[None]
-            with torch.no_grad():
-                lp = torch.log_softmax(hf(ids_t).logits[0, :-1].double(), -1)
-            picked = lp.gather(1, ids_t[0, 1:, None])[:, 0]
-            m = torch.as_tensor(mask[1:], dtype=torch.double)
-            sums.append(float((picked * m).sum()))
-            counts.append(float(m.sum()))
-    sums, counts = torch.tensor(sums).view(-1, 2), torch.tensor(counts).view(-1, 2)
+    sums, counts = answer_logps(model_dir, tokens)
     avg = sums / counts
-    nll = -sums[:, 0].sum() / counts[:, 0].sum()
-    return avg[:, 0], avg[:, 1], nll
+    return avg[:, 0], avg[:, 1], -sums[:, 0].sum() / counts[:, 0].sum()
 
 
 def trl_loss(variant: str, beta: float, flags: dict, chosen, rejected, nll) -> dict:
