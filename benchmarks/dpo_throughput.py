@@ -67,6 +67,13 @@ def parse_args(argv=None):
         default="2",
         help="pairs per micro-batch; a comma list (2,4,8) sweeps them, each in its own processes",
     )
+    p.add_argument(
+        "--pad-multiple",
+        type=int,
+        default=1,
+        help="runtime: pad each packed micro-batch to a multiple of this many tokens (GEMM "
+        "alignment experiment; the runtime's data path pads to TP under SP only)",
+    )
     p.add_argument("--lora", action="store_true", help="LoRA on every linear layer (all sides)")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
@@ -131,6 +138,7 @@ def result(args, impl, cfg, step_time, tokens, extra) -> dict:
         "pairs_per_step": args.global_batch,
         "pairs_per_micro_batch": args.micro_batch,
         "lora": tt.lora_summary(args),
+        "pad_multiple": args.pad_multiple,
         "tokens_per_step": tokens,
         "step_time_s": round(step_time, 4),
         "tokens_per_s": round(tokens / step_time, 1),
@@ -161,7 +169,9 @@ def runtime_micro_batches(args, pairs, device):
                 mask = np.zeros(len(ids), np.uint8)
                 mask[len(p["prompt"]) :] = 1
                 docs.append((ids, mask))
-        mb = collate_thd(docs, num_samples=len(docs) // 2, pad_token_id=0)
+        mb = collate_thd(
+            docs, num_samples=len(docs) // 2, pad_token_id=0, pad_to_multiple_of=args.pad_multiple
+        )
         mb.doc_ids = torch.arange(start * 2, start * 2 + len(docs))
         micro.append(mb)
     return micro
