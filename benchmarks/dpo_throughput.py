@@ -1,11 +1,14 @@
 """DPO throughput: megafleet's runtime vs TRL's DPOTrainer, same shape, same pairs, same GPU.
 
-    python benchmarks/dpo_throughput.py --shape qwen3-1.7b --json out.json
+    python benchmarks/dpo_throughput.py --shape qwen3-1.7b --micro-batch 2,4,8 --json out.json
+    python benchmarks/dpo_throughput.py --micro-batch 2,4,8 --lora --json out.json
 
 Pairs of random tokens: a prompt of 300-700 tokens and two answers of 300-600 tokens each, so a
 sequence (prompt + one answer) is about 1,000 tokens and a pair about 2,000. Both sides train a
 randomly initialised model of the named shape in bf16 with `--global-batch` pairs per optimizer
-step in micro-batches of `--micro-batch` pairs, with precomputed reference log-probs:
+step in micro-batches of `--micro-batch` pairs, with precomputed reference log-probs
+(`--micro-batch 2,4,8` sweeps the size: each size is a group of runs with its own ratios, and
+`best` compares the fastest run of each implementation):
 
 - runtime-dpo: the runtime's DPO step (train/dpo.py): both answers of each pair packed in THD
   micro-batches (no padding), per-document log-prob sums; megatron's mixed precision (fp32
@@ -18,9 +21,17 @@ step in micro-batches of `--micro-batch` pairs, with precomputed reference log-p
   bf16 model and fused AdamW, precomputed reference log-probs as TRL's precompute option feeds
   them. If TRL cannot be imported, `trl` is skipped and the error recorded.
 
+`--lora` trains LoRA adapters on every linear layer instead (r=16, alpha 32 by default) on all
+three: the runtime's reference pass then runs the policy with its adapters disabled (the base
+model, as `--train_type lora` DPO does), TRL gets a PEFT model (`peft_config`).
+
 Tokens/s counts real tokens (every prompt + answer), the same number on both sides. Each
-implementation runs in its own process (a second model in the same process would inherit the
-first one's allocations and peak memory).
+(implementation, micro-batch size) runs in its own process (a second model in the same process
+would inherit the first one's allocations and peak memory), so `peak_mem_gib` of runtime-sft and
+runtime-dpo are separate measurements of the same model and micro-batches
+(`dpo_over_sft_peak_mem`; DPO should need no more than SFT: its reference is one cached number
+per sequence). `static_mem_gib` is what is allocated once the model and optimizer are built,
+before any step; `reference_pass_peak_gib` the peak of the runtime's reference pass.
 """
 
 from __future__ import annotations
@@ -51,7 +62,22 @@ def parse_args(argv=None):
     p.add_argument("--num-layers", type=int, help="cut the model to this many layers")
     p.add_argument("--hidden", type=int, help="CPU smoke runs: a narrower model")
     p.add_argument("--global-batch", type=int, default=16, help="pairs per optimizer step")
-    p.add_argument("--micro-batch", type=int, default=2, help="pairs per micro-batch")
+    p.add_argument(
+        "--micro-batch",
+        default="2",
+        help="pairs per micro-batch; a comma list (2,4,8) sweeps them, each in its own processes",
+    )
+    p.add_argument(
+        "--pad-multiple",
+        type=int,
+        default=1,
+        help="runtime: pad each packed micro-batch to a multiple of this many tokens (GEMM "
+        "alignment experiment; the runtime's data path pads to TP under SP only)",
+    )
+    p.add_argument("--lora", action="store_true", help="LoRA on every linear layer (all sides)")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--prompt", default="300,700", help="prompt length range (tokens)")
     p.add_argument("--answer", default="300,600", help="answer length range (tokens)")
     p.add_argument("--warmup", type=int, default=2)
@@ -112,6 +138,8 @@ def result(args, impl, cfg, step_time, tokens, extra) -> dict:
         "model_config": cfg,
         "pairs_per_step": args.global_batch,
         "pairs_per_micro_batch": args.micro_batch,
+        "lora": tt.lora_summary(args),
+        "pad_multiple": args.pad_multiple,
         "tokens_per_step": tokens,
         "step_time_s": round(step_time, 4),
         "tokens_per_s": round(tokens / step_time, 1),
@@ -120,6 +148,11 @@ def result(args, impl, cfg, step_time, tokens, extra) -> dict:
         "peak_reserved_gib": round(reserved, 2),
         **extra,
     }
+
+
+def allocated_gib() -> float:
+    """GiB allocated on the GPU now (0 on CPU)."""
+    return round(torch.cuda.memory_allocated() / 2**30, 2) if torch.cuda.is_available() else 0.0
 
 
 # ---- the runtime ---------------------------------------------------------------------------
@@ -137,7 +170,9 @@ def runtime_micro_batches(args, pairs, device):
                 mask = np.zeros(len(ids), np.uint8)
                 mask[len(p["prompt"]) :] = 1
                 docs.append((ids, mask))
-        mb = collate_thd(docs, num_samples=len(docs) // 2, pad_token_id=0)
+        mb = collate_thd(
+            docs, num_samples=len(docs) // 2, pad_token_id=0, pad_to_multiple_of=args.pad_multiple
+        )
         mb.doc_ids = torch.arange(start * 2, start * 2 + len(docs))
         micro.append(mb)
     return micro
@@ -147,9 +182,11 @@ def run_runtime(args, cfg, pairs, objective_name: str) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from remote_runtime.model.builder import ModelOptions, build_model
+    from remote_runtime.model.lora import adapters_disabled, attach_lora
     from remote_runtime.platform import init_distributed
     from remote_runtime.spec.config import JobConfig
     from remote_runtime.spec.families import family_for_hf_config
+    from remote_runtime.spec.tuner import resolve_lora
     from remote_runtime.train.dpo import DpoSettings
     from remote_runtime.train.objective import PreferenceObjective, TokenObjective
     from remote_runtime.train.optim import build_optimizer, schedule_for, wrap_ddp
@@ -162,22 +199,26 @@ def run_runtime(args, cfg, pairs, objective_name: str) -> dict:
     job.optim.lr = 1e-6
     if args.device == "cpu":
         job.model.torch_dtype = "float32"
-    model = wrap_ddp(
-        build_model(
-            family_for_hf_config(cfg), cfg, ModelOptions.from_job(job, init_weights=True), dist
-        ),
-        job,
-    )
+    family = family_for_hf_config(cfg)
+    chunks = build_model(family, cfg, ModelOptions.from_job(job, init_weights=True), dist)
+    if args.lora:
+        job.tuner = tt.lora_tuner(args)
+        job.optim.lr = 1e-4
+        attach_lora(chunks, resolve_lora(job.tuner, family, cfg), cfg, dist)
+    model = wrap_ddp(chunks, job)
     optimizer, scheduler = build_optimizer(model, job, schedule_for(job, 10**6))
     fb = get_forward_backward_func()
     micro = runtime_micro_batches(args, pairs, dist.device)
-    extra = {}
+    extra = {"static_mem_gib": allocated_gib()}
     if objective_name == "dpo":
         tt.sync()
+        tt.reset_memory_stats()
         t0 = time.perf_counter()
-        ref = _compute(model, micro, 2 * len(pairs), dist, fb)
+        with adapters_disabled(model):  # LoRA: the reference is the base (no-op otherwise)
+            ref = _compute(model, micro, 2 * len(pairs), dist, fb)
         tt.sync()
         extra["reference_pass_s"] = round(time.perf_counter() - t0, 3)
+        extra["reference_pass_peak_gib"] = round(tt.memory_stats()[0], 2)
 
         class _Pairs:  # what nll_scale reads: answer tokens per document
             loss_counts = np.array(
@@ -202,7 +243,9 @@ def run_runtime(args, cfg, pairs, objective_name: str) -> dict:
         tt.profile_steps(step, args.profile, dist.rank)
     total = torch.stack(losses).sum(0)
     extra["mean_loss"] = round(float(total[0] / total[1]), 4)
-    extra["optimizer"] = "megatron distributed Adam, fp32 master weights/grads/states"
+    extra["optimizer"] = "megatron distributed Adam, fp32 master weights/grads/states" + (
+        " (adapters only; frozen bf16 base)" if args.lora else ""
+    )
     res = result(args, f"runtime-{objective_name}", cfg, step_time, pair_tokens(pairs), extra)
     return res
 
@@ -230,6 +273,17 @@ def run_trl(args, cfg, pairs, tmp: Path) -> dict:
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    peft_config = None
+    if args.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=args.lora_rank,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
     tok = build_tokenizer(tmp / "tok")
     dummy = Dataset.from_list([{"prompt": "Hi", "chosen": "Hello.", "rejected": "No."}])
     dpo_args = trl.DPOConfig(
@@ -242,8 +296,14 @@ def run_trl(args, cfg, pairs, tmp: Path) -> dict:
         max_length=None,
     )
     trainer = trl.DPOTrainer(
-        model=model, ref_model=None, args=dpo_args, train_dataset=dummy, processing_class=tok
+        model=model,
+        ref_model=None,
+        args=dpo_args,
+        train_dataset=dummy,
+        processing_class=tok,
+        peft_config=peft_config,
     )
+    model = trainer.model  # the PEFT model with --lora
     trainer.precompute_ref_logps = True  # reference log-probs come with the batch
     rng = np.random.default_rng(1)
     examples = [
@@ -264,7 +324,10 @@ def run_trl(args, cfg, pairs, tmp: Path) -> dict:
         for i in range(0, len(examples), args.micro_batch)
     ]
     padded = sum(int(b["input_ids"].numel()) for b in batches)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device == "cuda")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    lr = 1e-4 if args.lora else 1e-6
+    optimizer = torch.optim.AdamW(trainable, lr=lr, fused=device == "cuda")
+    static = allocated_gib()
     model.train()
 
     def step():
@@ -289,6 +352,8 @@ def run_trl(args, cfg, pairs, tmp: Path) -> dict:
             "padded_tokens_per_step": padded,
             "optimizer": "torch AdamW fused, bf16 params and states",
             "reference": "precomputed (batch ref_chosen_logps/ref_rejected_logps)",
+            "static_mem_gib": static,
+            "peft": tt._version("peft") if args.lora else None,
         },
     )
     return res
@@ -313,31 +378,27 @@ def run_here(args, cfg, pairs, impls: list[str]) -> tuple[list, dict]:
     return runs, errors
 
 
-def run_each_in_its_own_process(argv, impls: list[str]) -> tuple[list, dict]:
+def run_each_in_its_own_process(argv, impls: list[str], sizes: list[int]) -> tuple[list, dict]:
+    """Every (micro-batch size, implementation) in a fresh process of this script."""
     import subprocess
     import tempfile
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    base = strip_options(argv, ("--impl", "--json", "--micro-batch"))
     runs, errors = [], {}
-    for impl in impls:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "run.json"
-            cmd = [
-                sys.executable,
-                __file__,
-                *strip_options(argv, ("--impl", "--json")),
-                "--impl",
-                impl,
-                "--json",
-                str(out),
-            ]
-            proc = subprocess.run(cmd)
-            if proc.returncode or not out.exists():
-                errors[impl] = f"exit {proc.returncode}"
-                continue
-            doc = json.loads(out.read_text())[0]
-            runs += doc["runs"]
-            errors.update(doc["errors"])
+    for size in sizes:
+        for impl in impls:
+            name = f"{impl}@mb{size}"
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "run.json"
+                cmd = [sys.executable, __file__, *base, "--micro-batch", str(size)]
+                proc = subprocess.run(cmd + ["--impl", impl, "--json", str(out)])
+                if proc.returncode or not out.exists():
+                    errors[name] = f"exit {proc.returncode}"
+                    continue
+                doc = json.loads(out.read_text())[0]
+                runs += doc["runs"]
+                errors.update({f"{k}@mb{size}": v for k, v in doc["errors"].items()})
     return runs, errors
 
 
@@ -354,32 +415,58 @@ def strip_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
     return out
 
 
+def comparisons(runs: list[dict]) -> dict:
+    """Per micro-batch size and for the fastest run of each implementation: runtime-dpo over
+    TRL (tokens/s) and runtime-dpo over runtime-sft (peak memory)."""
+
+    def ratios(by: dict) -> dict:
+        out = {}
+        if "runtime-dpo" in by and "trl" in by:
+            out["ratio_tokens_per_s"] = round(
+                by["runtime-dpo"]["tokens_per_s"] / by["trl"]["tokens_per_s"], 3
+            )
+        if "runtime-dpo" in by and "runtime-sft" in by and by["runtime-sft"]["peak_mem_gib"]:
+            out["dpo_over_sft_peak_mem"] = round(
+                by["runtime-dpo"]["peak_mem_gib"] / by["runtime-sft"]["peak_mem_gib"], 3
+            )
+        return out
+
+    per_size: dict = {}
+    for r in runs:
+        per_size.setdefault(r["pairs_per_micro_batch"], {})[r["impl"]] = r
+    best: dict = {}
+    for r in runs:
+        if r["impl"] not in best or r["tokens_per_s"] > best[r["impl"]]["tokens_per_s"]:
+            best[r["impl"]] = r
+    out = {f"mb{size}": ratios(by) for size, by in sorted(per_size.items())}
+    out["best"] = {
+        **ratios(best),
+        "micro_batch": {impl: r["pairs_per_micro_batch"] for impl, r in best.items()},
+    }
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     cfg = model_config(args)
     pairs = make_pairs(args, cfg["vocab_size"])
     impls = args.impl.split(",")
-    if len(impls) > 1:
-        runs, errors = run_each_in_its_own_process(argv, impls)
+    sizes = [int(x) for x in str(args.micro_batch).split(",")]
+    if len(impls) * len(sizes) > 1:
+        runs, errors = run_each_in_its_own_process(argv, impls, sizes)
     else:
+        args.micro_batch = sizes[0]
         runs, errors = run_here(args, cfg, pairs, impls)
     doc = {**tt.environment(), "runs": runs, "errors": errors}
-    by = {r["impl"]: r for r in runs}
-    if "runtime-dpo" in by and "trl" in by:
-        doc["ratio_tokens_per_s"] = round(
-            by["runtime-dpo"]["tokens_per_s"] / by["trl"]["tokens_per_s"], 3
-        )
-    if "runtime-dpo" in by and "runtime-sft" in by and by["runtime-sft"]["peak_mem_gib"]:
-        doc["dpo_over_sft_peak_mem"] = round(
-            by["runtime-dpo"]["peak_mem_gib"] / by["runtime-sft"]["peak_mem_gib"], 3
-        )
+    doc["comparisons"] = comparisons(runs)
     for r in runs:
         print(
-            f"{r['impl']:12} {r['tokens_per_s']:10.0f} tok/s {r['pairs_per_s']:7.2f} pairs/s "
-            f"peak {r['peak_mem_gib']:6.2f} GiB"
+            f"{r['impl']:12} mb {r['pairs_per_micro_batch']:2} {r['tokens_per_s']:10.0f} tok/s "
+            f"{r['pairs_per_s']:7.2f} pairs/s peak {r['peak_mem_gib']:6.2f} GiB "
+            f"(static {r.get('static_mem_gib', 0):6.2f})"
         )
-    print(json.dumps({k: v for k, v in doc.items() if k.startswith(("ratio", "dpo_"))}))
+    print(json.dumps(doc["comparisons"]))
     if args.json:
         path = Path(args.json)
         existing = json.loads(path.read_text()) if path.exists() else []

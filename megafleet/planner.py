@@ -364,7 +364,7 @@ def plan(
                 )
         return result
     result.reason = refusal(shape, req, found)
-    if suggest and lora is None and task == "sft":
+    if suggest and lora is None and task in ("sft", "rlhf"):  # LoRA: SFT and DPO
         alt = plan(
             model_config,
             gpus,

@@ -57,7 +57,9 @@ SHOWN_ROWS = 8
     type=int,
     help="Tokens per training row (default: the job's max_length, else 4096).",
 )
-@click.option("--task", type=click.Choice(TASKS), help="sft or pt (default: the job's, else sft).")
+@click.option(
+    "--task", type=click.Choice(TASKS), help="sft, pt or rlhf (default: the job's, else sft)."
+)
 @click.option("--micro-batch", type=int, help="Fix the micro batch size (default: chosen).")
 @click.option(
     "--global-batch", type=int, help="Target rows per step (default: the job's, else 16)."
@@ -332,11 +334,17 @@ def show_plan(result: Plan, ref: str, current: dict | None = None, details: bool
     flags = result.flags()
     ui.hint(
         "megafleet plan ... -o job.yaml   (write a job with these settings)",
-        "megafleet render "
-        f"{'sft-lora' if result.request.lora else 'sft-moe' if s.is_moe else 'sft-full'} "
+        f"megafleet render {_template_for(result, s)} "
         "--set model=DIR --set dataset=FILE "
         + " ".join(f"--set {f[2:]}={v}" for f, v in zip(flags[::2], flags[1::2])),
     )
+
+
+def _template_for(result: Plan, shape) -> str:
+    """The template to render a planned job from (DPO's covers full fine-tuning and LoRA)."""
+    if result.request.task == "rlhf":
+        return "dpo"
+    return "sft-lora" if result.request.lora else "sft-moe" if shape.is_moe else "sft-full"
 
 
 def _refusal_hint(result: Plan) -> str:

@@ -37,6 +37,7 @@ only the replicated matrix's gradient, a partial sum over those ranks, is all-re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -421,6 +422,22 @@ def lora_settings(chunks) -> LoraSettings | None:
     from remote_runtime.bridge.mapping import unwrap
 
     return getattr(unwrap(chunks[0]), "megafleet_lora", None)
+
+
+@contextlib.contextmanager
+def adapters_disabled(chunks):
+    """The base model for the duration (PEFT's `disable_adapter()`): every adapter's scale is 0,
+    so its term adds exactly 0 (0 · finite). `modules_to_save` are trained in place and are not
+    restored by this; the DPO reference uses a separate base model when they were loaded."""
+    adapters = adapters_of(chunks)
+    scales = [a.scale for a in adapters]
+    for a in adapters:
+        a.scale = 0.0
+    try:
+        yield
+    finally:
+        for a, scale in zip(adapters, scales):
+            a.scale = scale
 
 
 def merge_lora(chunks) -> None:

@@ -32,7 +32,7 @@ from remote_runtime.spec.swift_compat import (
 )
 
 TASKS = ("sft", "pt", "rlhf")
-RLHF_TYPES = ("dpo",)
+RLHF_TYPES = ("dpo", "simpo", "orpo")  # simpo and orpo are reference-free
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
@@ -168,13 +168,28 @@ class EvalConfig:
 class RlhfConfig:
     """`rlhf` task (preference training). Megatron-SWIFT / TRL names and defaults."""
 
-    rlhf_type: str = "dpo"
+    rlhf_type: str = "dpo"  # dpo | simpo | orpo (TRL's CPOTrainer loss_type=simpo, ORPOTrainer)
     ref_model: Optional[str] = None  # HF directory of the reference; default: --model
-    beta: float = 0.1
+    beta: Optional[float] = None  # None: 2.0 for simpo, else 0.1 (ms-swift); orpo: lambda
     loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
     rpo_alpha: Optional[float] = None  # weight of the NLL loss on chosen answers (RPO)
     label_smoothing: float = 0.0  # conservative DPO (sigmoid only)
     reference_free: bool = False  # reference log-probs taken as 0
+    simpo_gamma: float = 1.0  # simpo: the target reward margin
+    cpo_alpha: float = 1.0  # simpo: weight of the NLL of the chosen answers (CPO-SimPO)
+
+
+def uses_reference(rl: RlhfConfig) -> bool:
+    """Whether the preference loss compares with a reference model (DPO; not simpo, orpo or
+    reference_free)."""
+    return rl.rlhf_type == "dpo" and not rl.reference_free
+
+
+def effective_beta(rl: RlhfConfig) -> float:
+    """`beta` as it applies: ms-swift's default (2.0 for simpo, 0.1 otherwise) when unset."""
+    if rl.beta is not None:
+        return rl.beta
+    return 2.0 if rl.rlhf_type == "simpo" else 0.1
 
 
 @dataclass
@@ -642,7 +657,7 @@ def _validate_eval_and_rlhf(job: JobConfig, problems: list) -> None:
         )
     if job.task != "rlhf":
         return
-    if rl.beta <= 0:
+    if rl.beta is not None and rl.beta <= 0:
         problems.append(("rlhf.beta", f"must be > 0, got {rl.beta}"))
     if not 0 <= rl.label_smoothing < 0.5:
         problems.append(("rlhf.label_smoothing", f"must be in [0, 0.5), got {rl.label_smoothing}"))
@@ -652,11 +667,28 @@ def _validate_eval_and_rlhf(job: JobConfig, problems: list) -> None:
         problems.append(("rlhf.rpo_alpha", f"must be >= 0, got {rl.rpo_alpha}"))
     if rl.reference_free and rl.ref_model:
         problems.append(("rlhf.ref_model", "reference_free=true uses no reference model"))
-    if job.tuner.train_type == "lora":
+    if rl.rlhf_type != "simpo":
+        default = RlhfConfig()
+        for leaf in ("simpo_gamma", "cpo_alpha"):
+            if getattr(rl, leaf) != getattr(default, leaf):
+                problems.append((f"rlhf.{leaf}", "applies to rlhf_type simpo only"))
+    if rl.rlhf_type != "dpo":
+        _validate_reference_free_type(rl, problems)
+
+
+def _validate_reference_free_type(rl: RlhfConfig, problems: list) -> None:
+    """simpo and orpo: no reference model; their own loss (TRL's CPO simpo loss, ORPO)."""
+    kind = rl.rlhf_type
+    if rl.ref_model:
+        problems.append(("rlhf.ref_model", f"{kind} is reference-free: it uses no reference model"))
+    if rl.loss_type != "sigmoid":
         problems.append(
-            (
-                "tuner.train_type",
-                "DPO with LoRA is not implemented yet; DPO trains the full model",
-                "use --train_type full for rlhf, or LoRA with sft",
-            )
+            ("rlhf.loss_type", f"applies to rlhf_type dpo only; {kind} has its own loss")
         )
+    if rl.rpo_alpha is not None:
+        hint = "use cpo_alpha for the NLL term" if kind == "simpo" else "orpo always adds the NLL"
+        problems.append(("rlhf.rpo_alpha", f"applies to rlhf_type dpo only ({hint})"))
+    if kind == "orpo" and rl.label_smoothing:
+        problems.append(("rlhf.label_smoothing", "applies to rlhf_type dpo and simpo only"))
+    if kind == "simpo" and rl.cpo_alpha < 0:
+        problems.append(("rlhf.cpo_alpha", f"must be >= 0, got {rl.cpo_alpha}"))

@@ -56,6 +56,9 @@ DPO_METRICS_FIELDS = (
     "logps/chosen",
     "logps/rejected",
 )
+# SimPO and ORPO records also have the chosen answers' token-mean NLL, ORPO its log odds ratio
+# (mean log-sigmoid) and log odds (TRL's CPOTrainer / ORPOTrainer names).
+PREFERENCE_EXTRA_FIELDS = ("nll_loss", "log_odds_ratio", "log_odds_chosen")
 # A step that evaluated the held-out set (every eval_steps and the last step) adds these, and for
 # rlhf the DPO metrics prefixed "eval_". `megafleet status` also gets `eval_step`: the step of
 # the latest evaluation, whose eval_* fields it carries.

@@ -1,5 +1,7 @@
 """Direct preference optimisation: per-sequence log-probabilities over packed documents, the
 DPO losses (TRL's formulas and metric names) and megatron's loss function for a micro-batch.
+The reference-free variants use the same path: SimPO (TRL's CPOTrainer, loss_type simpo, with
+cpo_alpha's NLL) and ORPO (TRL's ORPOTrainer), both on answer log-probs averaged per token.
 
 A micro-batch holds pairs as consecutive documents (chosen, rejected, chosen, rejected, ...),
 packed (THD) or padded. The model returns the per-token cross entropy against the shifted
@@ -9,7 +11,8 @@ tokens (the loss mask, as in SFT) it is the sequence log-probability log pi(y | 
 Loss normalisation: the loss function returns (sum of pair losses, number of pairs), so
 megatron's per-token normalisation (optim.py) averages over the pairs of the whole global batch.
 With `rpo_alpha` the NLL of the chosen answers is added as TRL's `sft` loss does it: the mean
-over the chosen answer tokens of the global batch, which the loss function gets as a scale.
+over the chosen answer tokens of the global batch, which the loss function gets as a scale
+(SimPO's `cpo_alpha` and ORPO's NLL term alike).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ REPORT_FIELDS = (
     "logps_rejected",
     "nll",
     "chosen_tokens",
+    "log_odds_ratio",
+    "log_odds_chosen",
 )
 
 
@@ -40,17 +45,30 @@ class DpoSettings:
     label_smoothing: float = 0.0
     rpo_alpha: float | None = None
     reference_free: bool = False
+    rlhf_type: str = "dpo"  # dpo | simpo | orpo
+    simpo_gamma: float = 1.0
+    cpo_alpha: float = 1.0
 
     @classmethod
     def from_job(cls, job) -> "DpoSettings":
+        from remote_runtime.spec.config import effective_beta
+
         r = job.rlhf
         return cls(
-            beta=r.beta,
+            beta=effective_beta(r),
             loss_type=r.loss_type,
             label_smoothing=r.label_smoothing,
             rpo_alpha=r.rpo_alpha,
-            reference_free=r.reference_free,
+            reference_free=r.reference_free or r.rlhf_type != "dpo",
+            rlhf_type=r.rlhf_type,
+            simpo_gamma=r.simpo_gamma,
+            cpo_alpha=r.cpo_alpha,
         )
+
+    @property
+    def nll_weight(self) -> float:
+        """Weight of the chosen answers' token-mean NLL in the loss."""
+        return {"simpo": self.cpo_alpha, "orpo": 1.0}.get(self.rlhf_type, self.rpo_alpha or 0.0)
 
 
 def pair_losses(
@@ -80,15 +98,47 @@ def pair_losses(
     raise ValueError(f"unknown DPO loss_type {s.loss_type!r}")
 
 
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable on both sides of -log 2 (as TRL's ORPO)."""
+    return torch.where(
+        x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x))
+    )
+
+
+def reference_free_losses(s: DpoSettings, chosen: torch.Tensor, rejected: torch.Tensor):
+    """SimPO (TRL's CPOTrainer.cpo_loss, loss_type simpo) or ORPO (ORPOTrainer.odds_ratio_loss,
+    sign included: the loss is minus its term) per pair, from per-token averaged log-probs;
+    with ORPO's log-odds and log(sigmoid(log-odds)) per pair for its metrics (else None)."""
+    if s.rlhf_type == "simpo":
+        logits = chosen - rejected - s.simpo_gamma / s.beta
+        ls = s.label_smoothing
+        return (
+            -F.logsigmoid(s.beta * logits) * (1 - ls) - F.logsigmoid(-s.beta * logits) * ls,
+            None,
+            None,
+        )
+    if s.rlhf_type == "orpo":
+        log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+        ratio = F.logsigmoid(log_odds)
+        return -s.beta * ratio, log_odds, ratio
+    raise ValueError(f"unknown reference-free rlhf_type {s.rlhf_type!r}")
+
+
 def document_sums(mb, values: torch.Tensor) -> torch.Tensor:
-    """Per real document of the micro-batch, the sum of `values` (shaped like mb.tokens)."""
+    """Per real document of the micro-batch, the sum of `values` (shaped like mb.tokens).
+
+    Runs without a host sync (a data-dependent shape, e.g. repeat_interleave over the segment
+    lengths, would stall the CPU until the forward pass finished, once per micro-batch)."""
     n_docs = len(mb.doc_lengths)
     if not mb.is_thd:
         return values.sum(dim=1)[:n_docs]
+    flat = values.reshape(-1)
     cu = mb.cu_seqlens.to(values.device).long()
-    segment = torch.repeat_interleave(torch.arange(len(cu) - 1, device=values.device), cu.diff())
+    # the segment of token t: the i with cu[i] <= t < cu[i + 1]
+    position = torch.arange(flat.numel(), device=values.device)
+    segment = torch.searchsorted(cu, position, right=True) - 1
     sums = torch.zeros(len(cu) - 1, dtype=values.dtype, device=values.device)
-    sums.index_add_(0, segment, values.reshape(-1))
+    sums.index_add_(0, segment, flat)
     return sums[:n_docs]
 
 
@@ -102,22 +152,31 @@ def dpo_loss_func(mb, s: DpoSettings, nll_scale: float, per_token_loss: torch.Te
     """megatron's loss function for a micro-batch of pairs: (sum of pair losses, pairs, reports).
 
     `nll_scale` (pairs / chosen answer tokens of the global batch) weighs the chosen NLL so that,
-    after megatron divides by the pairs, it is the token mean (rpo_alpha)."""
+    after megatron divides by the pairs, it is the token mean (rpo_alpha, cpo_alpha, ORPO)."""
     logps, tokens = sequence_logps(mb, per_token_loss)
-    chosen, rejected = logps[0::2], logps[1::2]
-    if s.reference_free:
+    nll = -logps[0::2].sum()
+    log_odds = ratio = None
+    if s.rlhf_type != "dpo":  # SimPO, ORPO: per-token means, no reference
+        logps = logps / tokens.clamp(min=1)
+        chosen, rejected = logps[0::2], logps[1::2]
+        losses, log_odds, ratio = reference_free_losses(s, chosen, rejected)
         ref = torch.zeros_like(logps)
     else:
-        ref = mb.ref_logps.to(logps.device, torch.float32)
-    losses = pair_losses(s, chosen, rejected, ref[0::2], ref[1::2], tokens[0::2], tokens[1::2])
-    nll = -chosen.sum()
+        chosen, rejected = logps[0::2], logps[1::2]
+        if s.reference_free:
+            ref = torch.zeros_like(logps)
+        else:
+            ref = mb.ref_logps.to(logps.device, torch.float32)
+        losses = pair_losses(s, chosen, rejected, ref[0::2], ref[1::2], tokens[0::2], tokens[1::2])
     loss = losses.sum()
-    if s.rpo_alpha:
-        loss = loss + s.rpo_alpha * nll_scale * nll
-    pairs = torch.tensor(len(chosen), dtype=torch.int, device=logps.device)
+    if s.nll_weight:
+        loss = loss + s.nll_weight * nll_scale * nll
+    # torch.full fills on the device; torch.tensor(n, device=cuda) copies from the host and syncs
+    pairs = torch.full((), len(chosen), dtype=torch.int, device=logps.device)
     with torch.no_grad():
         reward_c = s.beta * (chosen - ref[0::2])
         reward_r = s.beta * (rejected - ref[1::2])
+        zero = torch.zeros((), device=logps.device)
         report = torch.stack(
             [
                 pairs.float(),
@@ -129,16 +188,19 @@ def dpo_loss_func(mb, s: DpoSettings, nll_scale: float, per_token_loss: torch.Te
                 rejected.sum(),
                 nll,
                 tokens[0::2].sum(),
+                zero if ratio is None else ratio.sum(),
+                zero if log_odds is None else log_odds.sum(),
             ]
         )
     return loss, pairs, {"lm loss": torch.stack([loss.detach(), pairs.float()]), "dpo": report}
 
 
-def dpo_metrics(report: torch.Tensor) -> dict:
-    """TRL's metric names from summed `dpo` reports (means over pairs)."""
+def dpo_metrics(report: torch.Tensor, rlhf_type: str = "dpo") -> dict:
+    """TRL's metric names from summed `dpo` reports (means over pairs); SimPO and ORPO add
+    `nll_loss` (the chosen answers' token mean), ORPO `log_odds_ratio` and `log_odds_chosen`."""
     r = dict(zip(REPORT_FIELDS, report.tolist()))
     pairs = r["pairs"] or float("nan")
-    return {
+    out = {
         "rewards/chosen": r["rewards_chosen"] / pairs,
         "rewards/rejected": r["rewards_rejected"] / pairs,
         "rewards/accuracies": r["accurate"] / pairs,
@@ -146,6 +208,12 @@ def dpo_metrics(report: torch.Tensor) -> dict:
         "logps/chosen": r["logps_chosen"] / pairs,
         "logps/rejected": r["logps_rejected"] / pairs,
     }
+    if rlhf_type != "dpo":
+        out["nll_loss"] = r["nll"] / (r["chosen_tokens"] or float("nan"))
+    if rlhf_type == "orpo":
+        out["log_odds_ratio"] = r["log_odds_ratio"] / pairs
+        out["log_odds_chosen"] = r["log_odds_chosen"] / pairs
+    return out
 
 
 def nll_scale(dataset, doc_ids) -> float:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from remote_runtime.spec.config import ConfigError, JobConfig, normalize
+from remote_runtime.spec.config import ConfigError, JobConfig, normalize, uses_reference
 from remote_runtime.spec.layout import RUN_CONFIG
 
 log = logging.getLogger("remote_runtime.train")
@@ -67,6 +67,7 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
     from remote_runtime.spec.families import family_for_hf_config
     from remote_runtime.spec.resolve import read_hf_config, resolve_job
     from remote_runtime.spec.shape import ModelShape
+    from remote_runtime.spec.tuner import resolve_lora
     from remote_runtime.train import checkpoint as ckpt
     from remote_runtime.train.collectives import any_rank
     from remote_runtime.train.resume import find_resume_step
@@ -101,7 +102,8 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
     dataset, batches, train_iters = data.train, data.batches, data.train_iters
     resume_from = find_resume_step(job.checkpoint.resume, output_dir, dist)
     forward_backward = get_forward_backward_func()
-    ref_first = job.task == "rlhf" and _separate_reference(job, resume_from)
+    lora = resolve_lora(job.tuner, family, hf_config, job.model.transformer_impl)
+    ref_first = job.task == "rlhf" and _separate_reference(job, resume_from, lora)
     reference = _reference(job, dist, data, None, forward_backward, rank0) if ref_first else None
     model, optimizer, scheduler = _model(job, family, hf_config, dist, resume_from, train_iters)
     if job.task == "rlhf" and not ref_first:
@@ -312,21 +314,41 @@ def _data(job: JobConfig, dist, rank0: bool) -> _Data:
     return data
 
 
-def _separate_reference(job: JobConfig, resume_from) -> bool:
-    """Whether the reference needs its own model (built, used and freed before the policy)."""
-    return not job.rlhf.reference_free and (
-        job.rlhf.ref_model is not None or resume_from is not None
-    )
+def _separate_reference(job: JobConfig, resume_from, lora) -> bool:
+    """Whether the reference needs its own model (built, used and freed before the policy):
+    a `--ref_model`; a resumed full fine-tuning run (its weights are no longer the base); LoRA
+    whose fully trained `modules_to_save` come from an adapter or a resumed checkpoint (disabling
+    the adapters would not restore them). Otherwise the policy itself runs the pass before its
+    first step, with LoRA's adapters disabled: the reference is then the base model."""
+    rl = job.rlhf
+    if not uses_reference(rl):
+        return False
+    if rl.ref_model is not None:
+        return True
+    if lora is None:
+        return resume_from is not None
+    continued = resume_from is not None or lora.adapter_dir is not None
+    return continued and bool(lora.modules_to_save)
 
 
 def _reference(job: JobConfig, dist, data: _Data, model, forward_backward, rank0: bool) -> dict:
     """{"train": per-document reference log-probs, "val": ... or None}; see reference.py."""
+    import contextlib
+    from functools import partial
+
     from remote_runtime.data import default_cache_dir
+    from remote_runtime.model.lora import adapters_disabled, lora_settings
     from remote_runtime.train.reference import ReferenceSource, reference_logps
 
-    if job.rlhf.reference_free:
+    if not uses_reference(job.rlhf):
         return {}
-    source = ReferenceSource(job.rlhf.ref_model or job.model.model, chunks=model)
+    # LoRA: the policy with its adapters disabled is the base model (no second model)
+    disable = (
+        partial(adapters_disabled, model)
+        if model is not None and lora_settings(model) is not None
+        else contextlib.nullcontext
+    )
+    source = ReferenceSource(job.rlhf.ref_model or job.model.model, chunks=model, disable=disable)
     sets = {"train": data.train, **({"val": data.val} if data.val is not None else {})}
     values = reference_logps(
         list(sets.values()),

@@ -23,8 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from remote_runtime.spec.layout import DPO_METRICS_FIELDS as DPO_METRICS
-from remote_runtime.spec.layout import METRICS_FILE
+from remote_runtime.spec.layout import DPO_METRICS_FIELDS, METRICS_FILE, PREFERENCE_EXTRA_FIELDS
+
+DPO_METRICS = DPO_METRICS_FIELDS + PREFERENCE_EXTRA_FIELDS
 
 # Dense bf16 peak of the GPUs we know (TFLOP/s); unknown GPUs report MFU as null.
 PEAK_TFLOPS = {

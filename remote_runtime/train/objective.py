@@ -56,7 +56,7 @@ class PreferenceObjective:
     def metrics(self, totals: dict) -> dict:
         from remote_runtime.train.dpo import dpo_metrics
 
-        return dpo_metrics(totals["dpo"]) if "dpo" in totals else {}
+        return dpo_metrics(totals["dpo"], self.settings.rlhf_type) if "dpo" in totals else {}
 
 
 def all_reduced(totals: dict, sizes: dict, device) -> dict:

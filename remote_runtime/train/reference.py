@@ -9,8 +9,11 @@ Which model the pass runs on (`ReferenceSource`):
   - no `--ref_model`, a fresh run: the policy itself, before its first step (no second copy);
   - `--ref_model DIR`, or a resumed run whose cache is gone: that model (or `--model`) is built
     alone, used for the pass and freed before the policy is built;
-  - adapters (LoRA): the policy with its adapters disabled, which is the base model. Pass the
-    policy's chunks and a context manager that disables the adapters (`disable`).
+  - adapters (LoRA): the policy with its adapters disabled (`disable`, lora.adapters_disabled),
+    which is the base model, also when `--adapters` continues an adapter or a run resumes: the
+    reference is the base, as in ms-swift (TRL 1.16 instead freezes a copy of a continued
+    adapter as its reference). With `modules_to_save` loaded from an adapter or checkpoint the
+    base is built separately (disabling adapters does not restore fully trained modules).
 The cache key covers the documents (dataset fingerprint), the reference weights (path, file
 sizes and times) and the dtype, so a changed model or dataset never reuses stale numbers.
 """

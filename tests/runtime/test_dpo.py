@@ -16,11 +16,11 @@ import json
 import numpy as np
 import pytest
 
-from tests.runtime.train_helpers import base_args, check, make_assets, read_log, run_runtime
+from tests.runtime.conftest import DPO_PAIRS as PAIRS
+from tests.runtime.train_helpers import base_args, check, read_log, run_runtime
 
 pytestmark = [pytest.mark.runtime]
 
-PAIRS = 6
 LR, EPS = 1e3, 1e3
 # name -> (runtime flags, TRL loss_type, TRL loss_weights, whether a separate reference is used)
 VARIANTS = {
@@ -29,18 +29,6 @@ VARIANTS = {
     "hinge": ({"loss_type": "hinge", "beta": 2.0}, ["hinge"], None, True),
     "rpo": ({"rpo_alpha": 0.7}, ["sigmoid", "sft"], [1.0, 0.7], True),
 }
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from remote_runtime.data.demo_data import write_demo_preferences
-    from remote_runtime.tiny import build_model
-
-    root = tmp_path_factory.mktemp("dpo-assets")
-    model, _ = make_assets(root)
-    ref = build_model("qwen3", root / "ref-model", seed=7, tokenizer_dir=root / "tok")
-    pairs = write_demo_preferences(root / "pairs.jsonl", num_rows=PAIRS)
-    return model, ref, pairs
 
 
 def dpo_args(model, pairs, out, **kw):
@@ -95,13 +83,26 @@ def trl_batch(tokens, pad_id: int) -> dict:
 def trl_step(model_dir, ref_dir, tokens, loss_type, weights, beta, tmp_path) -> dict:
     """TRL's loss, metrics, per-sequence log-probs and gradients on one batch of all pairs."""
     import torch
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32)
+    return trl_trainer_step(
+        model_dir, policy, reference, tokens, loss_type, weights, beta, tmp_path
+    )
+
+
+def trl_trainer_step(
+    model_dir, policy, reference, tokens, loss_type, weights, beta, tmp_path, prepare=None
+) -> dict:
+    """trl_step with the models given (a PEFT policy: `reference` None means TRL's own
+    adapter-based reference; `prepare(trainer)` may adjust the trainer before the step)."""
+    import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    reference = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32)
     dummy = Dataset.from_list(
         [
             {
@@ -125,6 +126,8 @@ def trl_step(model_dir, ref_dir, tokens, loss_type, weights, beta, tmp_path) -> 
     trainer = DPOTrainer(
         model=policy, ref_model=reference, args=args, train_dataset=dummy, processing_class=tok
     )
+    if prepare is not None:
+        prepare(trainer)
     batch = trl_batch(tokens, tok.pad_token_id or 0)
     trainer.model.train()
     loss = trainer._compute_loss(trainer.model, batch, False)
@@ -135,16 +138,39 @@ def trl_step(model_dir, ref_dir, tokens, loss_type, weights, beta, tmp_path) -> 
         for n, p in trainer.model.named_parameters()
         if p.grad is not None
     }
+    per_doc = {}
     with torch.no_grad():
-        ref_c, ref_r = trainer.compute_ref_log_probs(trainer.ref_model, batch)
-        pol_c, pol_r = trainer.compute_ref_log_probs(trainer.model, batch)
+        # without a ref_model, TRL's compute_ref_log_probs runs a PEFT policy adapters-disabled
+        per_doc["ref"] = trainer.compute_ref_log_probs(trainer.ref_model or trainer.model, batch)
+        if reference is not None:
+            per_doc["policy"] = trainer.compute_ref_log_probs(trainer.model, batch)
     return {
         "loss": float(loss),
         "metrics": metrics,
         "grads": grads,
-        "ref": torch.stack([ref_c, ref_r], 1).reshape(-1).double().numpy(),
-        "policy": torch.stack([pol_c, pol_r], 1).reshape(-1).double().numpy(),
+        **{k: torch.stack(v, 1).reshape(-1).double().numpy() for k, v in per_doc.items()},
     }
+
+
+def answer_logps(model_dir, tokens):
+    """(sums, counts) [pairs, 2] (chosen, rejected) of answer-token log-probs by transformers
+    (float64 log-softmax)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    sums, counts = [], []
+    for pair in tokens:
+        for ids, mask in pair:
+            ids_t = torch.as_tensor(ids.astype(np.int64))[None]
+            with torch.no_grad():
+                lp = torch.log_softmax(hf(ids_t).logits[0, :-1].double(), -1)
+            picked = lp.gather(1, ids_t[0, 1:, None])[:, 0]
+            m = torch.as_tensor(mask[1:], dtype=torch.double)
+            sums.append(float((picked * m).sum()))
+            counts.append(float(m.sum()))
+    as_pairs = lambda v: torch.tensor(v, dtype=torch.double).reshape(-1, 2)  # noqa: E731
+    return as_pairs(sums), as_pairs(counts)
 
 
 def our_gradients(model_dir, checkpoint) -> dict:
@@ -171,8 +197,8 @@ def reference_cache(out) -> np.ndarray:
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_step_zero_matches_trl_dpo_trainer(assets, variant, tmp_path):
-    model, ref, pairs = assets
+def test_step_zero_matches_trl_dpo_trainer(dpo_assets, variant, tmp_path):
+    model, ref, pairs = dpo_assets
     flags, loss_type, weights, separate_ref = VARIANTS[variant]
     beta = flags.get("beta", 0.1)
     out = tmp_path / "out"
@@ -216,8 +242,8 @@ def test_step_zero_matches_trl_dpo_trainer(assets, variant, tmp_path):
     assert compared == len(theirs["grads"]) and compared > 10
 
 
-def test_tp2_pp2_and_dp2_give_the_loss_of_one_process(assets, tmp_path):
-    model, ref, pairs = assets
+def test_tp2_pp2_and_dp2_give_the_loss_of_one_process(dpo_assets, tmp_path):
+    model, ref, pairs = dpo_assets
     losses = {}
     for label, nproc, extra in [
         ("tp1", 1, {}),
@@ -246,14 +272,12 @@ def test_tp2_pp2_and_dp2_give_the_loss_of_one_process(assets, tmp_path):
     assert len(losses["tp1"]) == 2 and losses["tp1"][1][0] != losses["tp1"][0][0]
 
 
-def test_eval_loss_is_the_dpo_loss_of_the_held_out_pairs(assets, tmp_path):
+def test_eval_loss_is_the_dpo_loss_of_the_held_out_pairs(dpo_assets, tmp_path):
     """The end-of-training eval on a val_dataset equals the DPO loss computed by hand with
     transformers: the trained checkpoint against the reference model, pair by pair."""
-    import torch
     import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM
 
-    model, ref, pairs = assets
+    model, ref, pairs = dpo_assets
     out = tmp_path / "out"
     check(
         run_runtime(
@@ -272,20 +296,7 @@ def test_eval_loss_is_the_dpo_loss_of_the_held_out_pairs(assets, tmp_path):
     )
     record = read_log(out)[-1]
     tokens = our_tokens(model, pairs)
-
-    def logps(model_dir):
-        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        out = []
-        for pair in tokens:
-            for ids, mask in pair:
-                ids_t = torch.as_tensor(ids.astype(np.int64))[None]
-                with torch.no_grad():
-                    lp = torch.log_softmax(hf(ids_t).logits[0, :-1].double(), -1)
-                picked = lp.gather(1, ids_t[0, 1:, None])[:, 0]
-                out.append(float((picked * torch.as_tensor(mask[1:], dtype=torch.double)).sum()))
-        return torch.tensor(out, dtype=torch.double).reshape(-1, 2)
-
-    policy, reference = logps(out / "checkpoint-1"), logps(ref)
+    policy, reference = answer_logps(out / "checkpoint-1", tokens)[0], answer_logps(ref, tokens)[0]
     delta = (policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1])
     expected = float(-F.logsigmoid(0.2 * delta).mean())
     assert record["eval_loss"] == pytest.approx(expected, rel=1e-5)
@@ -295,7 +306,7 @@ def test_eval_loss_is_the_dpo_loss_of_the_held_out_pairs(assets, tmp_path):
 
 
 def test_the_dpo_template_launches_locally_and_status_shows_rewards_and_eval(
-    assets, megafleet_home, tmp_path
+    dpo_assets, megafleet_home, tmp_path
 ):
     """`megafleet render dpo` -> `launch --local` (the real runtime through torchrun) -> `status`
     shows the DPO reward accuracy and the latest eval loss."""
@@ -304,7 +315,7 @@ def test_the_dpo_template_launches_locally_and_status_shows_rewards_and_eval(
     from tests.conftest import run_cli, run_cli_json
     from tests.runtime.train_helpers import free_port
 
-    model, _, _ = assets
+    model, _, _ = dpo_assets
     from remote_runtime.data.demo_data import write_demo_preferences
 
     pairs = write_demo_preferences(tmp_path / "pairs.jsonl", num_rows=12)
@@ -326,7 +337,7 @@ def test_the_dpo_template_launches_locally_and_status_shows_rewards_and_eval(
         "lr=1e-4",
     ]
     job = templates.job_from_template(templates.get_template("dpo"), sets)
-    assert (job.task, job.rlhf.rlhf_type, job.rlhf.beta) == ("rlhf", "dpo", 0.1)
+    assert (job.task, job.rlhf.rlhf_type, job.rlhf.beta) == ("rlhf", "dpo", None)  # 0.1
     run = launch_job(job, LaunchOptions(local=True))
     env = {"MEGAFLEET_HOME": str(megafleet_home)}
     proc = run_cli("logs", run.run_id, "-f", env=env, timeout=300)
@@ -339,12 +350,12 @@ def test_the_dpo_template_launches_locally_and_status_shows_rewards_and_eval(
     assert progress["eval_rewards/accuracies"] is not None
 
 
-def test_resume_takes_the_reference_from_the_base_model_not_the_checkpoint(assets, tmp_path):
+def test_resume_takes_the_reference_from_the_base_model_not_the_checkpoint(dpo_assets, tmp_path):
     """Stopped after step 2 and resumed with the reference cache deleted: the reference is
     recomputed from --model (not the resumed weights) and steps 3-4 repeat an uninterrupted run."""
     import shutil
 
-    model, _, pairs = assets
+    model, _, pairs = dpo_assets
     opts = dict(
         train_iters=4,
         lr=1e-4,

@@ -52,7 +52,13 @@ def test_eval_and_dpo_options_parse_with_megatron_swift_names():
             "rlhf.loss_type",
             "'robust' is not one of: sigmoid, ipo, hinge",
         ),
-        (["--rlhf_type", "kto"], "rlhf.rlhf_type", "'kto' is not one of: dpo"),
+        (["--rlhf_type", "kto"], "rlhf.rlhf_type", "'kto' is not one of: dpo, simpo, orpo"),
+        (["--rlhf_type", "simpo", "--ref_model", "/r"], "rlhf.ref_model", "reference-free"),
+        (["--rlhf_type", "orpo", "--loss_type", "ipo"], "rlhf.loss_type", "dpo only"),
+        (["--rlhf_type", "simpo", "--rpo_alpha", "1"], "rlhf.rpo_alpha", "cpo_alpha"),
+        (["--rlhf_type", "orpo", "--label_smoothing", "0.1"], "rlhf.label_smoothing", "simpo"),
+        (["--simpo_gamma", "0.5"], "rlhf.simpo_gamma", "simpo only"),
+        (["--rlhf_type", "orpo", "--cpo_alpha", "0"], "rlhf.cpo_alpha", "simpo only"),
         (["--beta", "0"], "rlhf.beta", "must be > 0"),
         (
             ["--label_smoothing", "0.1", "--loss_type", "hinge"],
@@ -87,14 +93,16 @@ def test_status_metrics_carry_the_last_evaluation(tmp_path):
     assert "eval_loss" not in last_metrics(path)[0]
 
 
-def test_dpo_with_lora_is_a_named_refusal():
-    from remote_runtime.spec.config import ConfigError, JobConfig, validate
+def test_simpo_orpo_and_dpo_with_lora_are_accepted():
+    from remote_runtime.spec.config import JobConfig, effective_beta, uses_reference
 
-    job = JobConfig(task="rlhf")
-    job.model.model, job.data.dataset = "/m", ["pairs.jsonl"]
-    job.tuner.train_type = "lora"
-    with pytest.raises(ConfigError) as e:
-        validate(job)
-    assert any(
-        p.field == "tuner.train_type" and "DPO with LoRA" in p.message for p in e.value.problems
-    )
+    for kind, beta in (("dpo", 0.1), ("simpo", 2.0), ("orpo", 0.1)):  # ms-swift's defaults
+        job = job_from_argv([*BASE, "--rlhf_type", kind], task="rlhf")
+        assert validate(job) == [] and effective_beta(job.rlhf) == beta
+        assert uses_reference(job.rlhf) is (kind == "dpo")
+    job = job_from_argv([*BASE, "--rlhf_type", "simpo", "--beta", "2.5"], task="rlhf")
+    assert effective_beta(job.rlhf) == 2.5
+    for spelling in ("--train_type", "--tuner_type"):
+        job = job_from_argv([*BASE, spelling, "lora", "--merge_lora", "true"], task="rlhf")
+        assert (job.task, job.tuner.train_type, job.tuner.merge_lora) == ("rlhf", "lora", True)
+        assert validate(job) == []

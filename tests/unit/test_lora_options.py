@@ -217,6 +217,10 @@ def test_plan_proposes_lora_when_full_fine_tuning_does_not_fit():
     assert lora.feasible and lora.chosen.memory.total_gib <= 40 * 0.95
     roomy = plan(NAMED_CONFIGS["qwen3-1.7b"], 1, 80, seq_len=4096)
     assert roomy.feasible and roomy.lora_alternative is None
+    # DPO (both answers of a pair per micro-batch, cached reference): LoRA is offered too
+    dpo = plan(NAMED_CONFIGS["qwen3-8b"], 1, 40, seq_len=2048, task="rlhf")
+    assert not dpo.feasible and dpo.lora_alternative.feasible and "LoRA" in dpo.reason
+    assert dpo.lora_alternative.request.task == "rlhf"
 
 
 def test_job_lora_reads_the_tuner_group():

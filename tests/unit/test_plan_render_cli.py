@@ -36,6 +36,14 @@ def test_plan_refusal_exits_1_with_the_reason():
     assert human.returncode == 1 and "does not fit" in human.stderr and "fix:" in human.stderr
 
 
+def test_plan_for_lora_dpo_points_at_the_dpo_template():
+    args = ["plan", "--model", "qwen3-8b", "--gpus", "1", "--gpu-mem", "40", "--task", "rlhf"]
+    proc = run_cli(*args, "--seq-len", "2048", "--lora")
+    assert proc.returncode == 0, proc.stderr
+    hint = " ".join(proc.stdout.split())
+    assert "megafleet render dpo " in hint and "--set train_type=lora" in hint
+
+
 def test_plan_refines_a_job_file(tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text(

@@ -52,6 +52,14 @@ def test_template_defaults_are_valid_once_model_and_data_are_set(name):
     assert set(missing) == {"model.model", "data.dataset"}
 
 
+def test_the_dpo_template_offers_lora(tmp_path):
+    sets = ["model=/m", "dataset=p.jsonl", "train_type=lora", "lora_rank=16", "merge_lora=true"]
+    job, loaded, text = round_trip(tmp_path, "dpo", sets)
+    assert loaded == job and (job.task, job.tuner.train_type) == ("rlhf", "lora")
+    assert "\n  train_type: lora  #" in text and "\n  lora_rank: 16  #" in text
+    assert templates.check_job(job) == ([], [])
+
+
 def test_values_outside_the_template_are_appended_as_flat_keys(tmp_path):
     job, loaded, text = round_trip(tmp_path, "sft-full", ["model=/m", "adam_beta2=0.98"])
     assert "\nadam_beta2: 0.98\n" in text and loaded.optim.adam_beta2 == 0.98
