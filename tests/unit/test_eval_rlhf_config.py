@@ -94,7 +94,7 @@ def test_status_metrics_carry_the_last_evaluation(tmp_path):
 
 
 def test_simpo_orpo_and_dpo_with_lora_are_accepted():
-    from remote_runtime.spec.config import JobConfig, effective_beta, uses_reference
+    from remote_runtime.spec.config import effective_beta, uses_reference
 
     for kind, beta in (("dpo", 0.1), ("simpo", 2.0), ("orpo", 0.1)):  # ms-swift's defaults
         job = job_from_argv([*BASE, "--rlhf_type", kind], task="rlhf")
