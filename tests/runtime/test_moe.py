@@ -10,8 +10,8 @@ within 1e-4; the loss (LM + coef * aux) equal to transformers'; the aux loss equ
 equal to transformers' (at PP2 the aux gradient needs the router counts of the other stage). The
 `_mixed` layouts run a 4-layer model whose layer 0 has a dense MLP (mlp_only_layers=[0]) at EP1,
 EP2 and PP2 (stage 0: dense + MoE layer). The logged MoE stats reduced over EP / PP ranks equal
-transformers' over the whole batch and all layers. And the real training loop (torchrun, CPU): the loss curve at EP2
-follows EP1's, with aux_loss and expert_load_imbalance in logging.jsonl.
+transformers' over the whole batch and all layers. And the real training loop (torchrun, CPU):
+the loss curve at EP2 follows EP1's, with aux_loss and expert_load_imbalance in logging.jsonl.
 """
 
 from __future__ import annotations

@@ -110,6 +110,13 @@ def test_dense_layers_between_moe_layers_follow_transformers_rule(overrides, pat
     extra = 12 * h * h * 1000 * (layers - sum(flags)) * (1.5 * (ffn - routed) / h - 128 / (2 * h))
     want = all_moe.training_flops(1000, 1000**2) + extra
     assert shape.training_flops(1000, 1000**2) == pytest.approx(want, rel=1e-12)
+    # the dry run resolves it and reports the same counts
+    r = resolve(hf, world=8, expert_model_parallel_size=8)
+    assert r["transformer_config"]["moe_layer_freq"] == pattern
+    assert (r["model"]["params"], r["model"]["active_params"]) == (
+        shape.total_params(),
+        shape.active_params(),
+    )
     # the name table: dense MLP tensors at the dense layers, experts and router at the MoE ones
     keys = family_for_hf_config(hf).expected_hf_keys(layers, False, 2, flags)
     for i, is_moe in enumerate(flags):
