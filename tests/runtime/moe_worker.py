@@ -10,11 +10,11 @@ transformers, and writes them to `<out>/<layout>-rank<r>.json`.
 Layouts: ep1 (one process); ep2 (EP=2: each rank one sample, tokens exchanged by megatron's
 all-to-all dispatcher over gloo); tp2sp (TP=2 + sequence parallel, expert TP=2: megatron's
 dispatcher with expert tensor parallelism); tp2sp_etp1 (TP=2 + SP, expert TP=1: local path);
-pp2 (two pipeline stages: logits, and one training step through megatron's 1F1B schedule with
-the training loop's forward step, whose aux loss and gradients must equal transformers' over all
-layers). `_mixed`: the same layout for a 4-layer model with a dense MLP layer (mlp_only_layers=[0];
-at PP2 stage 0 holds the dense and one MoE layer). Every layout also reports the logged MoE stats
-reduced over the ranks (`pop_step_stats(reduce=True)`).
+pp2 (two pipeline stages: logits, and one training step of two one-sample micro-batches through
+megatron's 1F1B schedule with the training loop's forward step, whose aux loss and gradients must
+equal transformers' over all layers). `_mixed`: the same layout for a 4-layer model with a dense
+MLP layer (mlp_only_layers=[0]; at PP2 stage 0 holds the dense and one MoE layer). Every layout
+also reports the logged MoE stats reduced over the ranks (`pop_step_stats(reduce=True)`).
 """
 
 from __future__ import annotations
@@ -146,11 +146,12 @@ def hf_reference(model, tokens: torch.Tensor) -> dict:
         "imbalance": [imbalance(logits) for logits in out.router_logits],
     }
     model.zero_grad()
-    ref["aux_each"] = []
+    ref["aux_each"], ref["loss_each"] = [], []
     for i in range(tokens.shape[0]):
         o = model(tokens[i : i + 1], labels=tokens[i : i + 1])
         o.loss.backward()
         ref["aux_each"].append(o.aux_loss.detach())
+        ref["loss_each"].append(o.loss.detach())
     ref["grads_each"] = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     return ref
@@ -173,35 +174,40 @@ def pipeline_loss_backward(chunks, tokens: torch.Tensor):
 
     from remote_runtime.train.step import make_forward_step
 
-    mask = torch.ones_like(tokens, dtype=torch.float32)
-    mask[:, -1] = 0
-    batch = padded_batch(tokens)
-    mb = SimpleNamespace(
-        tokens=batch["tokens"],
-        position_ids=batch["position_ids"],
-        labels=torch.roll(tokens, -1, 1),
-        loss_mask=mask,
-        is_thd=False,
-    )
+    micro_batches = []
+    for i in range(tokens.shape[0]):  # one sample per micro-batch: 1F1B's warm-up and steady
+        sample = tokens[i : i + 1]
+        mask = torch.ones_like(sample, dtype=torch.float32)
+        mask[:, -1] = 0
+        batch = padded_batch(sample)
+        micro_batches.append(
+            SimpleNamespace(
+                tokens=batch["tokens"],
+                position_ids=batch["position_ids"],
+                labels=torch.roll(sample, -1, 1),
+                loss_mask=mask,
+                is_thd=False,
+            )
+        )
     chunks[0].config.calculate_per_token_loss = True  # as remote_runtime.train.optim sets it
     chunks[0].train()
     losses = get_forward_backward_func()(
         forward_step_func=make_forward_step(),
-        data_iterator=iter([mb]),
+        data_iterator=iter(micro_batches),
         model=chunks,
-        num_microbatches=1,
+        num_microbatches=len(micro_batches),
         seq_length=tokens.shape[1],
-        micro_batch_size=tokens.shape[0],
+        micro_batch_size=1,
         forward_only=False,
     )
-    n = mask.sum()
+    n = sum(mb.loss_mask.sum() for mb in micro_batches)
     with torch.no_grad():
         for p in chunks[0].parameters():
             if p.grad is not None:
                 p.grad /= n
     if not losses:
         return None
-    loss_sum, count = losses[0]["lm loss"]
+    loss_sum, count = torch.stack([x["lm loss"] for x in losses]).sum(0)
     return loss_sum / count
 
 
@@ -277,12 +283,17 @@ def run(layout: str, out: Path) -> None:
         result["aux_ref"] = ref["aux_each"][dist.ep_rank].item()
         result["aux_mean_ref"] = sum(a.item() for a in ref["aux_each"]) / ep
         grads = ref["grads_each"]
+    elif pp > 1:  # two micro-batches of one sample: the mean of the per-sample losses
+        samples = len(ref["aux_each"])
+        result["aux_ref"] = sum(a.item() for a in ref["aux_each"]) / samples
+        if loss is not None:  # the last pipeline stage
+            want = sum(ref["loss_each"]) / samples
+            result["loss_diff"] = abs(loss + COEF * reduced["aux_loss"] - want).item()
+        grads = {k: g / samples for k, g in ref["grads_each"].items()}
     else:
         result["aux_ref"] = ref["aux"].item()
         result["aux_fn_ref"] = ref["aux_fn"].item()
-        if loss is not None:  # the last pipeline stage
-            aux = reduced["aux_loss"] if pp > 1 else stats["aux_loss"]
-            result["loss_diff"] = abs((loss + COEF * torch.tensor(aux)) - ref["loss"]).item()
+        result["loss_diff"] = abs((loss + COEF * stats["aux_loss"]) - ref["loss"]).item()
         grads = ref["grads"]
     result.update(grad_diffs(m, grads, dist, ep))
     out.mkdir(parents=True, exist_ok=True)

@@ -79,7 +79,8 @@ def test_loss_and_aux_loss_match_transformers(results, layout):
     for r in ranks:
         assert r.get("loss_diff", 0.0) < TOL, r
         assert abs(r["aux_reduced"] - r["aux_ref"]) < TOL, r  # at PP2: all stages' layers
-        assert r["aux_ref"] == pytest.approx(r["aux_fn_ref"], abs=1e-6)  # HF: one function
+        if "aux_fn_ref" in r:  # HF: one function (PP2: two micro-batches, the mean of two)
+            assert r["aux_ref"] == pytest.approx(r["aux_fn_ref"], abs=1e-6)
         assert r["aux_reduced"] > 1.0  # top-k (2) when perfectly balanced, more when not
 
 
