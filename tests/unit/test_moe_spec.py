@@ -296,3 +296,15 @@ def test_expert_names_expand_per_expert_and_conversion_stays_total():
         )
     with pytest.raises(ConversionError, match="missing"):
         check_checkpoint_keys(family, names[1:], 2, False, "ckpt", num_experts=3)
+
+
+def test_lora_targets_of_a_moe_family_know_their_layer_kind():
+    """The dense MLP rows of a MoE family apply to its dense layers only (attach_lora skips
+    them on MoE layers, and the shared expert's on dense layers)."""
+    from remote_runtime.spec.tuner import adaptable_linears
+
+    family = family_for_hf_config(QWEN15_MOE)
+    kinds = {t.megatron.split(".{layer}.")[1]: t.layers for t in adaptable_linears(family)}
+    assert kinds["self_attention.linear_qkv"] is None
+    assert kinds["mlp.linear_fc1"] == kinds["mlp.linear_fc2"] == "dense"
+    assert kinds["mlp.shared_experts.linear_fc1"] == "moe"
