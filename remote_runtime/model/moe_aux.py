@@ -29,12 +29,18 @@ waits for them in its first aux backward, which 1F1B runs after the last stage's
 tensor/sequence parallelism the counts and sums are all-reduced over the TP group, so N is the
 whole sequence, as in HF.
 
+Activation recompute runs a layer's router again in the backward of its micro-batch, when 1F1B
+may already have started later micro-batches' forwards: the training step marks each micro-batch's
+output (`after_forward`), whose backward makes its record the one the routers add to.
+
 Logging (`pop_step_stats(reduce=True)`): each micro-batch's aux loss from the (C, P, L N) of all
 stages, averaged over the micro-batches and the data-parallel ranks; the per-layer load from the
 counts of all ranks, for every MoE layer of the model.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -117,8 +123,9 @@ _step: list[Record] = []
 
 def start_micro_batch(loss_mask: torch.Tensor | None = None) -> Record:
     """A fresh record for the next forward (the training step calls this per micro-batch)."""
-    global _current
+    global _current, _backward_record
     _current = Record(None if loss_mask is None else loss_mask.sum().float())
+    _backward_record = None
     if len(_step) >= MAX_RECORDS:  # nobody reads them (benchmarks, evaluation): keep the last
         for r in _step[:-1]:
             r.finish()
@@ -276,12 +283,35 @@ def setup_pipeline(config, device) -> None:
     )
 
 
-def after_forward() -> None:
-    """After a micro-batch's forward on this stage (the training step): with pipeline
-    parallelism, exchange the router counts for the aux gradient. Nothing without gradients
-    (evaluation) or without a pipeline."""
-    if _channel is not None and torch.is_grad_enabled():
-        _channel.exchange(current())
+def after_forward(output: torch.Tensor | None = None) -> None:
+    """After a micro-batch's forward on this stage (the training step), with gradients: with
+    pipeline parallelism, exchange the router counts for the aux gradient; and mark `output` so
+    that its backward finds this micro-batch's record (activation recompute runs the routers
+    again in the backward, when 1F1B may have started later micro-batches' forwards)."""
+    if not torch.is_grad_enabled():
+        return
+    record = current()
+    if _channel is not None:
+        _channel.exchange(record)
+    if record.layers and output is not None and output.requires_grad:
+        output.register_hook(functools.partial(_backward_of, record))
+
+
+_backward_record: Record | None = None
+
+
+def _backward_of(record: Record, grad):
+    """Tensor hook on a micro-batch's output: its backward starts here."""
+    global _backward_record
+    _backward_record = record  # the gradient passes unchanged
+
+
+def router_record() -> Record:
+    """The record a router adds to: the current forward's, or in a backward (recompute) the
+    record of the micro-batch being backpropagated."""
+    if _backward_record is not None and torch._C._current_graph_task_id() != -1:
+        return _backward_record
+    return current()
 
 
 class AuxLossGrad(torch.autograd.Function):
@@ -319,7 +349,7 @@ def attach(
     group,
 ) -> torch.Tensor:
     """Record this layer's statistics; return the weights with the aux gradient attached."""
-    record = current()
+    record = router_record()
     prob_sum = probs.float().sum(0)
     record.add(layer, counts, prob_sum, probs.shape[0], group)
     if coeff and torch.is_grad_enabled() and probs.requires_grad:

@@ -15,6 +15,8 @@ megatron's 1F1B schedule with the training loop's forward step, whose aux loss a
 equal transformers' over all layers). `_mixed`: the same layout for a 4-layer model with a dense
 MLP layer (mlp_only_layers=[0]; at PP2 stage 0 holds the dense and one MoE layer). Every layout
 also reports the logged MoE stats reduced over the ranks (`pop_step_stats(reduce=True)`).
+pp2_recompute: pp2 with full activation recompute (each layer's router runs again during the
+backward of its micro-batch, while the next micro-batch's forward has already started).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ LAYOUTS = {
     "ep1_mixed": (1, 1, 1, 1, False),
     "ep2_mixed": (1, 1, 2, 1, False),
     "pp2_mixed": (1, 2, 1, 1, False),
+    "pp2_recompute": (1, 2, 1, 1, False),
 }
 SEQ = 16
 COEF = 0.02
@@ -254,9 +257,13 @@ def run(layout: str, out: Path) -> None:
     hf_config = model.config.to_dict()
     hf_config["architectures"] = ["Qwen3MoeForCausalLM"]
     family = family_for_hf_config(hf_config)
-    chunks = build_model(
-        family, hf_config, ModelOptions(dtype="float32", sequence_parallel=sp), dist
-    )
+    recompute = {}
+    if layout.endswith("_recompute"):  # the routers run again in the backward
+        recompute = dict(
+            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+        )
+    options = ModelOptions(dtype="float32", sequence_parallel=sp, **recompute)
+    chunks = build_model(family, hf_config, options, dist)
     copy_weights(chunks, family, hf_config, model, dist)
     tokens = inputs(hf_config["vocab_size"])
     ref = hf_reference(model, tokens)

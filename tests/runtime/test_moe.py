@@ -7,11 +7,12 @@ uneven splits), TP2 + sequence parallel with expert TP 2 (megatron's dispatcher)
 TP 1 (the local dispatch), and PP2 (a training step through megatron's 1F1B schedule): logits
 within 1e-4; the loss (LM + coef * aux) equal to transformers'; the aux loss equal to
 `load_balancing_loss_func` (at PP2 over the layers of both stages); router and expert gradients
-equal to transformers' (at PP2 the aux gradient needs the router counts of the other stage). The
-`_mixed` layouts run a 4-layer model whose layer 0 has a dense MLP (mlp_only_layers=[0]) at EP1,
-EP2 and PP2 (stage 0: dense + MoE layer). The logged MoE stats reduced over EP / PP ranks equal
-transformers' over the whole batch and all layers. And the real training loop (torchrun, CPU):
-the loss curve at EP2 follows EP1's, with aux_loss and expert_load_imbalance in logging.jsonl.
+equal to transformers' (at PP2 the aux gradient needs the router counts of the other stage).
+The `_mixed` layouts run a 4-layer model whose layer 0 has a dense MLP (mlp_only_layers=[0]) at
+EP1, EP2 and PP2 (stage 0: dense + MoE layer); `pp2_recompute` is PP2 with full activation
+recompute. The logged MoE stats reduced over EP / PP ranks equal transformers' over the whole
+batch and all layers. And the real training loop (torchrun, CPU): the loss curves at EP2 and PP2
+follow EP1's, with aux_loss and expert_load_imbalance over all layers in logging.jsonl.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.runtime
 WORKER = Path(__file__).with_name("moe_worker.py")
 TOL = 1e-4
 SINGLE = ("ep1", "ep1_mixed")
-PARALLEL = ("ep2", "tp2sp", "tp2sp_etp1", "pp2", "ep2_mixed", "pp2_mixed")
+PARALLEL = ("ep2", "tp2sp", "tp2sp_etp1", "pp2", "ep2_mixed", "pp2_mixed", "pp2_recompute")
 
 
 def _run(layouts: tuple[str, ...], nproc: int, out: Path) -> dict:
@@ -72,7 +73,9 @@ def test_logits_match_transformers(results, layout):
         assert r["logit_scale"] > 1  # not a degenerate all-zero model
 
 
-@pytest.mark.parametrize("layout", ("ep1", "tp2sp", "tp2sp_etp1", "ep1_mixed", "pp2", "pp2_mixed"))
+@pytest.mark.parametrize(
+    "layout", ("ep1", "tp2sp", "tp2sp_etp1", "ep1_mixed", "pp2", "pp2_mixed", "pp2_recompute")
+)
 def test_loss_and_aux_loss_match_transformers(results, layout):
     ranks = _ranks(results, layout)
     assert any("loss_diff" in r for r in ranks)  # the last pipeline stage
@@ -100,7 +103,9 @@ def test_aux_loss_per_ep_rank_is_transformers_on_that_rank_s_samples(results, la
 
 
 @pytest.mark.parametrize(
-    "layout", ("ep1", "ep2", "tp2sp", "tp2sp_etp1", "pp2", "ep1_mixed", "ep2_mixed", "pp2_mixed")
+    "layout",
+    ("ep1", "ep2", "tp2sp", "tp2sp_etp1", "pp2", "ep1_mixed", "ep2_mixed", "pp2_mixed")
+    + ("pp2_recompute",),  # routers run again in the backward, after the next forward began
 )
 def test_router_and_expert_gradients_match_transformers(results, layout):
     ranks = _ranks(results, layout)
