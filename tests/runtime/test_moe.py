@@ -138,10 +138,11 @@ def test_logged_moe_stats_cover_every_rank_and_stage(results, layout):
 
 
 def test_training_loss_at_ep2_and_pp2_follows_ep1(tmp_path):
-    """The real loop: DP2 (EP1), DP2 with EP2, and PP2 (the aux gradient's counts exchanged
-    between the stages, the logged stats reduced over them) train the same curve, and log the
-    same aux loss and per-layer load over all MoE layers."""
-    model, data = make_assets(tmp_path, "qwen3_moe")
+    """The real loop on a model with a dense MLP layer (layers MoE, dense, MoE, MoE): DP2
+    (EP1), DP2 with EP2, and PP2 (the aux gradient's counts exchanged between the stages, the
+    logged stats reduced over them) train the same curve, and log the same aux loss and
+    per-layer load over all three MoE layers."""
+    model, data = make_assets(tmp_path, "qwen3_moe", num_hidden_layers=4, mlp_only_layers=[1])
     logs = {}
     layouts = (
         ("ep1", {}),
@@ -160,7 +161,7 @@ def test_training_loss_at_ep2_and_pp2_follows_ep1(tmp_path):
             assert b["expert_load_imbalance"] == pytest.approx(
                 a["expert_load_imbalance"], abs=1e-3
             ), tag
-            assert a["aux_loss"] > 1.0 and len(a["expert_load_imbalance"]) == 2
+            assert a["aux_loss"] > 1.0 and len(a["expert_load_imbalance"]) == 3
     assert logs["ep1"][-1]["loss"] < logs["ep1"][0]["loss"]
 
 
