@@ -146,6 +146,7 @@ def test_dense_mlp_stages_count_their_own_layers():
     [
         ("decoder_sparse_step", 0, "decoder_sparse_step=0 is not a positive integer"),
         ("mlp_only_layers", [0, 48], "mlp_only_layers=[0, 48] must list layer indices 0-47"),
+        ("mlp_only_layers", 3, "mlp_only_layers=3 must list layer indices 0-47"),
         ("mlp_only_layers", list(range(48)), "leave no MoE layer"),
     ],
 )

@@ -74,8 +74,8 @@ def moe_layer_freq(hf: dict) -> int | list[int]:
         problems.append(
             ("model.model", f"config.json decoder_sparse_step={step!r} is not a positive integer")
         )
-    bad = [i for i in dense if not isinstance(i, int) or not 0 <= i < layers]
-    if not isinstance(dense, list) or bad:
+    listed = isinstance(dense, list)
+    if not listed or any(not isinstance(i, int) or not 0 <= i < layers for i in dense):
         problems.append(
             (
                 "model.model",
