@@ -58,6 +58,7 @@ class Record:
         self.pipeline_totals: tuple[torch.Tensor, float] | None = None
         self.pending = None  # (work, buffer) of the totals' receive
         self.sends: list = []  # in-flight sends (work, tensor)
+        self.training = torch.is_grad_enabled()  # False: an evaluation forward, not logged
 
     def add(self, layer: int, counts: torch.Tensor, prob_sum: torch.Tensor, tokens: int, group):
         self.layers[layer] = (counts.float(), prob_sum.detach().float(), tokens)
@@ -139,8 +140,8 @@ def current() -> Record:
 
 
 def pop_step_stats(reduce: bool = False) -> dict:
-    """{'aux_loss': mean over this step's micro-batches, 'expert_load_imbalance': [per MoE
-    layer, max/mean tokens per expert, summed over micro-batches]} and reset. Host syncs: call
+    """{'aux_loss': mean over this step's training micro-batches, 'expert_load_imbalance': [per
+    MoE layer, max/mean tokens per expert, summed over micro-batches]} and reset. Host syncs: call
     once per logged step, outside the hot path. Empty dict when no router ran.
 
     reduce=False: this rank's layers and samples. reduce=True (collective, every rank calls
@@ -152,6 +153,7 @@ def pop_step_stats(reduce: bool = False) -> dict:
     _current = None
     for r in step:
         r.finish()
+    step = [r for r in step if r.training] or step  # evaluation forwards in between: not these
     if reduce and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         return _reduced_stats(step)
     records = [r for r in step if r.layers]

@@ -167,23 +167,17 @@ def imbalance(router_logits: torch.Tensor) -> float:
     return round(float(counts.max() / counts.mean()), 4)
 
 
-def pipeline_loss_backward(chunks, tokens: torch.Tensor):
-    """One training step's forward/backward through megatron's schedule with the training
-    loop's forward step (remote_runtime.train.step): the loss per token as HF computes it,
-    gradients divided by the loss tokens (what finalize_model_grads does in training)."""
+def micro_batches_of(tokens: torch.Tensor) -> list:
+    """One training-loop micro-batch per sample (labels shifted, last position masked)."""
     from types import SimpleNamespace
 
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from remote_runtime.train.step import make_forward_step
-
-    micro_batches = []
-    for i in range(tokens.shape[0]):  # one sample per micro-batch: 1F1B's warm-up and steady
+    out = []
+    for i in range(tokens.shape[0]):
         sample = tokens[i : i + 1]
         mask = torch.ones_like(sample, dtype=torch.float32)
         mask[:, -1] = 0
         batch = padded_batch(sample)
-        micro_batches.append(
+        out.append(
             SimpleNamespace(
                 tokens=batch["tokens"],
                 position_ids=batch["position_ids"],
@@ -192,6 +186,30 @@ def pipeline_loss_backward(chunks, tokens: torch.Tensor):
                 is_thd=False,
             )
         )
+    return out
+
+
+def evaluate_other_tokens(chunks, vocab: int, ep: int) -> None:
+    """An evaluation pass (the training loop's forward_only_step) on other tokens: its router
+    statistics must stay out of the step's logged ones."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from remote_runtime.train.step import forward_only_step
+
+    other = torch.randint(0, vocab, (2, SEQ), generator=torch.Generator().manual_seed(7))
+    other = other[:1] if ep > 1 else other
+    forward_only_step(chunks, micro_batches_of(other), get_forward_backward_func())
+
+
+def pipeline_loss_backward(chunks, tokens: torch.Tensor):
+    """One training step's forward/backward through megatron's schedule with the training
+    loop's forward step (remote_runtime.train.step): the loss per token as HF computes it,
+    gradients divided by the loss tokens (what finalize_model_grads does in training)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from remote_runtime.train.step import make_forward_step
+
+    micro_batches = micro_batches_of(tokens)  # one sample each: 1F1B's warm-up and steady
     chunks[0].config.calculate_per_token_loss = True  # as remote_runtime.train.optim sets it
     chunks[0].train()
     losses = get_forward_backward_func()(
@@ -281,6 +299,7 @@ def run(layout: str, out: Path) -> None:
         loss = our_loss_backward(m, mine)
     else:
         loss = pipeline_loss_backward(chunks, mine)
+    evaluate_other_tokens(chunks, hf_config["vocab_size"], ep)
     stats, reduced = popped_stats()
     result["aux"] = stats["aux_loss"] if stats else None
     result["imbalance"] = stats.get("expert_load_imbalance")
