@@ -258,6 +258,9 @@ def _layer_sizes(s: ModelShape, par: Parallel, asm: Assumptions) -> _Sizes:
     mlp = (2 * e * f if asm.swiglu_impl == "fused" else 4 * e * f) + e * f  # + fc2 input
     if s.is_moe:
         mlp += _routed_bytes_per_token(s, par, asm)
+    if s.has_dense_layers:  # dense-MLP layers among the MoE layers: count the larger kind
+        f = s.ffn_hidden_size / t
+        mlp = max(mlp, (2 * e * f if asm.swiglu_impl == "fused" else 4 * e * f) + e * f)
     norms_and_inputs = 2 * norm * hs + 2 * e * hs  # two norms, QKV and fc1 inputs
     rope = 4 * e * s.kv_channels  # cos and sin, made per call for q and for k, [s, 1, 1, d] each
     base = norms_and_inputs + qk_norm + mlp + rope
@@ -304,10 +307,10 @@ def _stage_params(s: ModelShape, par: Parallel, stage: int) -> int:
 def _stage_param_split(s: ModelShape, par: Parallel, stage: int) -> tuple[int, int]:
     """(parameters outside the routed experts, routed expert parameters) on one rank: the
     experts split by EP and expert-TP, the rest as ModelShape.layer_param_groups says."""
-    groups = s.layer_param_groups()
-    layer = groups["tp_split"] // par.tp + groups["replicated"]
-    params = (s.num_layers // par.pp) * layer
-    experts = (s.num_layers // par.pp) * groups["experts"] // (par.ep * par.etp)
+    count = s.num_layers // par.pp
+    groups = s.layers_param_groups(stage * count, count)  # each layer by its kind (MoE / dense)
+    params = groups["tp_split"] // par.tp + groups["replicated"]
+    experts = groups["experts"] // (par.ep * par.etp)
     h = s.hidden_size
     vocab_shard = padded_vocab_size(s.vocab_size, par.tp) * h // par.tp
     if stage == 0:

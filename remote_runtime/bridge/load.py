@@ -23,7 +23,7 @@ from remote_runtime.bridge.checkpoint import FLOAT_DTYPES, HFCheckpoint
 from remote_runtime.bridge.mapping import ConversionError, check_checkpoint_keys, local_params
 from remote_runtime.bridge.transforms import Layout, ShapeError, shard
 from remote_runtime.spec.families import family_for_hf_config
-from remote_runtime.spec.families.base import expert_keys
+from remote_runtime.spec.families.base import expert_keys, moe_layer_flags
 from remote_runtime.spec.resolve import padded_vocab_size, read_hf_config
 
 
@@ -79,7 +79,9 @@ def load_hf_checkpoint(chunks, model_dir: str | Path, dist) -> LoadReport:
     ckpt = HFCheckpoint(model_dir)
     where = str(ckpt.dir)
     experts = tc.get("num_moe_experts") or 0
-    check_checkpoint_keys(family, ckpt.keys(), tc["num_layers"], tied, where, experts)
+    check_checkpoint_keys(
+        family, ckpt.keys(), tc["num_layers"], tied, where, experts, moe_layer_flags(tc)
+    )
     lay = layout_for(hf_config, family, dist)
     read_keys: set[str] = set()
     nbytes, dtypes = 0, set()
@@ -129,7 +131,11 @@ def load_hf_checkpoint(chunks, model_dir: str | Path, dist) -> LoadReport:
 
 
 def _check_everything_loaded(family, tc, tied, read_keys: set[str], where: str) -> None:
-    expected = set(family.expected_hf_keys(tc["num_layers"], tied, tc.get("num_moe_experts") or 0))
+    expected = set(
+        family.expected_hf_keys(
+            tc["num_layers"], tied, tc.get("num_moe_experts") or 0, moe_layer_flags(tc)
+        )
+    )
     everyone = [read_keys]
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         everyone = [None] * torch.distributed.get_world_size()

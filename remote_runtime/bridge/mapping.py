@@ -122,9 +122,10 @@ def check_checkpoint_keys(
     tied: bool,
     where: str,
     num_experts: int = 0,
+    moe_layers=None,
 ) -> dict:
     """The expected HF keys ({key: (row, layer)}); raises listing missing and unclaimed keys."""
-    expected = family.expected_hf_keys(num_layers, tied, num_experts)
+    expected = family.expected_hf_keys(num_layers, tied, num_experts, moe_layers)
     present = set(keys)
     missing = sorted(set(expected) - present)
     extra = sorted(k for k in present - set(expected) if family.ignored_hf_key(k, tied) is None)

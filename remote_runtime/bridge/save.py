@@ -33,6 +33,7 @@ from remote_runtime.bridge.mapping import ConversionError, local_params
 from remote_runtime.bridge.safetensors_stream import TORCH_DTYPES, StreamingWriter, nbytes
 from remote_runtime.bridge.transforms import unshard
 from remote_runtime.spec.families import family_for_hf_config
+from remote_runtime.spec.families.base import moe_layer_flags
 from remote_runtime.spec.resolve import read_hf_config
 
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf)$|.*\.index\.json$")
@@ -168,7 +169,9 @@ def save_hf_checkpoint(
     units = _plan_units(family, infos)
     lay = layout_for(hf_config, family, dist)
     entries = _plan_entries(family, units, lay, source_dir, dtype)
-    expected = set(family.expected_hf_keys(tc["num_layers"], tied, lay.num_experts))
+    expected = set(
+        family.expected_hf_keys(tc["num_layers"], tied, lay.num_experts, moe_layer_flags(tc))
+    )
     if {e[0] for e in entries} != expected:
         raise ConversionError(
             [("HF tensors no rank can write", sorted(expected - {e[0] for e in entries}))]

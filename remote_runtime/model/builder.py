@@ -342,6 +342,9 @@ def build_model(
     kernels = resolve_kernels(options.kernels, dist)
     config = transformer_config(tc, options, dist, kernels)
     impl = resolve_impl(options.transformer_impl)
+    from remote_runtime.model import moe_aux
+
+    moe_aux.setup_pipeline(config, dist.device)  # MoE with PP > 1: collective; else a reset
     if dist.cp > 1 and impl != "transformer_engine":
         raise ConfigError(
             [

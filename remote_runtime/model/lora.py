@@ -326,6 +326,10 @@ def attach_lora(chunks, settings: LoraSettings, hf_config: dict, dist, seed: int
         for layer_module in model.decoder.layers:
             layer = layer_module.layer_number - 1
             for target in settings.targets:
+                # MoE models with dense MLP layers: a row of one layer kind only
+                moe_layer = hasattr(layer_module.mlp, "router")
+                if target.layers is not None and (target.layers == "moe") != moe_layer:
+                    continue
                 local = target.megatron.replace("decoder.layers.{layer}.", "")
                 linear = layer_module.get_submodule(local)
                 adapter = LoraAdapter(

@@ -5,7 +5,8 @@ the runtime builds the model from (and refuses the same checkpoints). Parameter 
 Hugging Face checkpoint's; FLOPs follow Megatron-LM's formula for a GPT (forward + backward =
 3 × forward, a multiply-add = 2 FLOPs) with causal attention counted as half the score matrix,
 as the reference speeds in DESIGN.md do. A mixture-of-experts layer counts the routed top-k
-experts (and a shared expert) in FLOPs, every expert in parameters.
+experts (and a shared expert) in FLOPs, every expert in parameters; a MoE model's dense-MLP
+layers (`moe_layers`: Qwen's mlp_only_layers / decoder_sparse_step) count their dense MLP.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class ModelShape:
     moe_router_topk: int = 0
     moe_ffn_hidden_size: int = 0  # one expert's FFN
     shared_expert_ffn_hidden_size: int = 0  # Qwen2-MoE's shared expert (0: none)
+    # per layer 1 = MoE, 0 = dense MLP of ffn_hidden_size; empty: every layer of a MoE model
+    moe_layers: tuple[int, ...] = ()
 
     @classmethod
     def from_transformer_config(cls, tc: dict, family: str = "") -> "ModelShape":
@@ -53,6 +56,7 @@ class ModelShape:
             moe_router_topk=int(tc.get("moe_router_topk") or 0),
             moe_ffn_hidden_size=int(tc.get("moe_ffn_hidden_size") or 0),
             shared_expert_ffn_hidden_size=int(tc.get("moe_shared_expert_intermediate_size") or 0),
+            moe_layers=_moe_layers(tc),
         )
 
     @classmethod
@@ -67,20 +71,38 @@ class ModelShape:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
+    def moe_layer_flags(self) -> list[bool]:
+        """Per layer: is it a MoE layer (False for every layer of a dense model)."""
+        if not self.is_moe:
+            return [False] * self.num_layers
+        if not self.moe_layers:
+            return [True] * self.num_layers
+        return [bool(f) for f in self.moe_layers]
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.moe_layer_flags())
+
+    @property
+    def has_dense_layers(self) -> bool:
+        """A MoE model with dense-MLP layers between its MoE layers."""
+        return self.is_moe and self.num_moe_layers < self.num_layers
+
     # ---- parameters ------------------------------------------------------------------------
     def _mlp_matrices(self) -> int:
         return 3 if self.gated_linear_unit else 2  # SwiGLU: gate, up, down
 
-    def layer_param_groups(self) -> dict[str, int]:
+    def layer_param_groups(self, moe: bool | None = None) -> dict[str, int]:
         """One layer's parameters by how tensor/expert parallelism splits them:
         `tp_split` (attention, dense MLP, shared expert), `experts` (all routed experts), and
-        `replicated` (norms, router, shared-expert gate)."""
+        `replicated` (norms, router, shared-expert gate). `moe`: a MoE layer or a dense-MLP
+        layer (default: a MoE layer of a MoE model)."""
         h, d = self.hidden_size, self.kv_channels
         qkv_out = (self.num_attention_heads + 2 * self.num_query_groups) * d
         split = h * qkv_out + self.num_attention_heads * d * h + (qkv_out if self.qkv_bias else 0)
         replicated = 2 * h + (2 * d if self.qk_layernorm else 0)
         experts = 0
-        if self.is_moe:
+        if self.is_moe if moe is None else (moe and self.is_moe):
             experts = self.num_experts * self._mlp_matrices() * h * self.moe_ffn_hidden_size
             replicated += self.num_experts * h  # router
             if self.shared_expert_ffn_hidden_size:
@@ -90,8 +112,17 @@ class ModelShape:
             split += self._mlp_matrices() * h * self.ffn_hidden_size
         return {"tp_split": split, "experts": experts, "replicated": replicated}
 
-    def layer_params(self) -> int:
-        return sum(self.layer_param_groups().values())
+    def layer_params(self, moe: bool | None = None) -> int:
+        return sum(self.layer_param_groups(moe).values())
+
+    def layers_param_groups(self, first: int, count: int) -> dict[str, int]:
+        """`layer_param_groups` summed over layers first .. first + count - 1 (a pipeline
+        stage), each by its kind."""
+        out = {"tp_split": 0, "experts": 0, "replicated": 0}
+        for moe in self.moe_layer_flags()[first : first + count]:
+            for k, v in self.layer_param_groups(moe).items():
+                out[k] += v
+        return out
 
     def embedding_params(self) -> int:
         """Input embedding plus the output layer (unless tied); unpadded vocabulary."""
@@ -100,7 +131,8 @@ class ModelShape:
 
     def total_params(self) -> int:
         """Parameters of the Hugging Face checkpoint (unpadded vocabulary)."""
-        return self.num_layers * self.layer_params() + self.embedding_params() + self.hidden_size
+        layers = sum(self.layer_params(moe) for moe in self.moe_layer_flags())
+        return layers + self.embedding_params() + self.hidden_size
 
     def active_params(self) -> int:
         """Parameters one token passes through: the routed top-k experts instead of all."""
@@ -109,7 +141,7 @@ class ModelShape:
         inactive = (self.num_experts - self.moe_router_topk) * (
             self._mlp_matrices() * self.hidden_size * self.moe_ffn_hidden_size
         )
-        return self.total_params() - self.num_layers * inactive
+        return self.total_params() - self.num_moe_layers * inactive
 
     # ---- FLOPs -----------------------------------------------------------------------------
     def training_flops(self, num_tokens: int, sum_sq_doc_lengths: int) -> float:
@@ -118,17 +150,20 @@ class ModelShape:
         Megatron-LM: 12·L·h²·tokens·[(1 + g/n)·q + (ffn/h)·glu + V/(2·L·h)] for the linear layers
         and 12·L·h²·q·(s/h)·½ per token for causal attention, where q = n·d/h. With documents of
         lengths sᵢ the attention term becomes 6·L·n·d·Σ sᵢ². An MoE layer's ffn is the top-k
-        experts' plus the shared expert's, and the router adds E/(2h).
+        experts' plus the shared expert's, and the router adds E/(2h); with dense-MLP layers
+        among the MoE layers, ffn and the router term are the averages over the layers.
         """
         L, h = self.num_layers, self.hidden_size
         q_ratio = self.num_attention_heads * self.kv_channels / h
         glu = 1.5 if self.gated_linear_unit else 1.0
         ffn, router = self.ffn_hidden_size, 0.0
         if self.is_moe:
-            ffn = (
+            moe, dense = self.num_moe_layers, L - self.num_moe_layers
+            routed = (
                 self.moe_router_topk * self.moe_ffn_hidden_size + self.shared_expert_ffn_hidden_size
             )
-            router = self.num_experts / (2 * h)  # one h×E matmul: 6·h·E per token
+            ffn = (moe * routed + dense * self.ffn_hidden_size) / L
+            router = moe * self.num_experts / (2 * h) / L  # one h×E matmul: 6·h·E per token
         linear = (
             12
             * L
@@ -147,6 +182,18 @@ class ModelShape:
 
     def to_dict(self) -> dict:
         out = {**asdict(self), "params": self.total_params()}
+        out["moe_layers"] = list(self.moe_layers)
         if self.is_moe:
             out["active_params"] = self.active_params()
         return out
+
+
+def _moe_layers(tc: dict) -> tuple[int, ...]:
+    """megatron's moe_layer_freq as a per-layer 0/1 tuple; () when every layer is MoE (or the
+    model is dense)."""
+    from remote_runtime.spec.families.base import moe_layer_flags
+
+    flags = moe_layer_flags(tc)
+    if flags is None or all(flags):
+        return ()
+    return tuple(int(f) for f in flags)

@@ -62,6 +62,7 @@ class LoraTarget:
     transform: str  # the weight's family transform: qkv | gate_up | column | row
     hf: tuple[str, ...]  # HF module patterns, in the fused weight's order
     active: tuple[bool, ...]  # which of them carry an adapter (q_proj v_proj: k_proj does not)
+    layers: str | None = None  # the row's layer kind (Param.layers): "moe" / "dense" layers only
 
     @property
     def parallel(self) -> str:
@@ -169,7 +170,7 @@ def adaptable_linears(family) -> list[LoraTarget]:
             and module.rsplit(".", 1)[-1] in MEGATRON_LINEARS
         ):
             hf = tuple(h.rsplit(".", 1)[0] for h in p.hf)
-            out.append(LoraTarget(module, p.transform, hf, (True,) * len(hf)))
+            out.append(LoraTarget(module, p.transform, hf, (True,) * len(hf), p.layers))
     return out
 
 
@@ -188,7 +189,7 @@ def select_targets(family, names: list[str]) -> list[LoraTarget]:
         active = tuple(whole or s in wanted for s in short)
         seen.update([megatron_name, *short])
         if any(active):
-            out.append(LoraTarget(t.megatron, t.transform, t.hf, active))
+            out.append(LoraTarget(t.megatron, t.transform, t.hf, active, t.layers))
     unknown = sorted(wanted - seen)
     if unknown:
         raise ConfigError(

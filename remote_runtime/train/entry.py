@@ -204,12 +204,13 @@ def _train(job: JobConfig, stop: _StopRequest) -> int:
 
 
 def moe_stats() -> dict:
-    """MoE: `aux_loss` (transformers' load-balancing loss, mean over the logged steps'
-    micro-batches of the last one) and `expert_load_imbalance` (per MoE layer of this stage,
-    max / mean tokens per expert); empty for dense models."""
+    """MoE: `aux_loss` (transformers' load-balancing loss over all layers of all pipeline
+    stages, mean over the micro-batches since the last log and the data-parallel ranks) and
+    `expert_load_imbalance` (per MoE layer of the model, max / mean tokens per expert counted
+    over all ranks); empty for dense models. Collective: every rank calls it."""
     from remote_runtime.model import moe_aux
 
-    return moe_aux.pop_step_stats()
+    return moe_aux.pop_step_stats(reduce=True)
 
 
 def _check_checkpoint_dependencies() -> None:

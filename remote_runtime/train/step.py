@@ -56,6 +56,7 @@ def make_forward_step(loss_for=token_loss_for):
             labels=labels,
             packed_seq_params=_packed_seq_params(mb) if mb.is_thd else None,
         )
+        moe_aux.after_forward(output)  # MoE: router counts across stages, recompute's record
         return output, loss_for(mb)
 
     return forward_step

@@ -40,6 +40,10 @@ def checkpoint_params(model_dir) -> int:
         ("qwen2", {"tie_word_embeddings": True}),
         ("llama", {}),
         ("llama", {"tie_word_embeddings": False}),
+        # MoE with dense MLP layers among the MoE layers
+        ("qwen3_moe", {"num_hidden_layers": 4, "mlp_only_layers": [2]}),
+        ("qwen2_moe", {"num_hidden_layers": 4, "decoder_sparse_step": 2}),
+        ("qwen2_moe", {}),
     ],
 )
 def test_parameter_count_matches_the_checkpoint(tmp_path, tokenizer_dir, family, overrides):

@@ -1,7 +1,10 @@
 """MoE checkpoints: Hugging Face per-expert tensors <-> the runtime's stacked experts.
 
 Tiny random Qwen3-MoE and Qwen2-MoE (8 experts, top 2; Qwen2-MoE with a gated shared expert),
-saved by transformers in the hub layout (per-expert names, sharded safetensors with an index):
+saved by transformers in the hub layout (per-expert names, sharded safetensors with an index),
+both with dense MLP layers among the MoE layers (`DENSE_LAYERS`: Qwen3-MoE 4 layers with
+mlp_only_layers=[2], so PP2's second stage mixes a dense and a MoE layer; Qwen2-MoE 2 layers with
+decoder_sparse_step=2, so PP2's first stage has no MoE layer):
 
 * the transforms alone, at EP2 × expert-TP2 (all four ranks, no megatron): each rank's piece is
   its two experts' slices, and the pieces of the expert-TP ranks give back the HF tensors exactly;
@@ -30,6 +33,10 @@ pytestmark = pytest.mark.runtime
 
 WORKER = Path(__file__).with_name("moe_bridge_worker.py")
 FAMILIES = ("qwen3_moe", "qwen2_moe")
+DENSE_LAYERS = {
+    "qwen3_moe": {"num_hidden_layers": 4, "mlp_only_layers": [2]},  # MoE, MoE, dense, MoE
+    "qwen2_moe": {"decoder_sparse_step": 2},  # dense, MoE
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +52,7 @@ def moe_models(tmp_path_factory) -> Path:
             tokenizer_dir=root / "tokenizer",
             seed=seed,
             max_shard_size="200KB",
+            **DENSE_LAYERS[family],
         )
     return root
 
@@ -87,8 +95,15 @@ def test_hub_checkpoint_has_per_expert_names_in_shards(moe_models):
     index = json.loads((moe_models / "qwen2_moe" / "model.safetensors.index.json").read_text())
     names = set(index["weight_map"])
     assert "model.layers.1.mlp.experts.7.down_proj.weight" in names
-    assert "model.layers.0.mlp.shared_expert_gate.weight" in names
+    assert "model.layers.1.mlp.shared_expert_gate.weight" in names
     assert len(set(index["weight_map"].values())) > 1
+    # the dense layers: a plain MLP, no router or experts
+    for family, layer in (("qwen2_moe", 0), ("qwen3_moe", 2)):
+        index = json.loads((moe_models / family / "model.safetensors.index.json").read_text())
+        names = set(index["weight_map"])
+        assert f"model.layers.{layer}.mlp.down_proj.weight" in names
+        assert not any(n.startswith(f"model.layers.{layer}.mlp.experts.") for n in names)
+        assert f"model.layers.{layer}.mlp.gate.weight" not in names
 
 
 @pytest.mark.parametrize("transform,per", [("expert_gate_up", 2), ("expert_row", 1)])

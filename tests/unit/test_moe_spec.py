@@ -2,6 +2,8 @@
 Qwen2-MoE configs resolve to megatron's MoE settings, the expert name table expands per expert,
 and every option or layout the runtime cannot run is refused by name."""
 
+import re
+
 import pytest
 
 from megafleet.model_shape import NAMED_CONFIGS, shape_from_hf_config
@@ -77,10 +79,80 @@ def test_transformers5_spelling_of_the_expert_count_is_read():
         family_for_hf_config(hf).transformer_config_kwargs(hf)
 
 
-@pytest.mark.parametrize("key,value", [("decoder_sparse_step", 2), ("mlp_only_layers", [0, 5])])
-def test_dense_layers_between_moe_layers_are_refused_by_name(key, value):
+@pytest.mark.parametrize(
+    "overrides,pattern",
+    [
+        ({}, 1),
+        ({"decoder_sparse_step": 2}, [0, 1, 0, 1]),
+        ({"mlp_only_layers": [0]}, [0, 1, 1, 1]),
+        ({"decoder_sparse_step": 2, "mlp_only_layers": [1]}, [0, 0, 0, 1]),
+        ({"mlp_only_layers": [0, 1, 2, 3], "num_hidden_layers": 5}, [0, 0, 0, 0, 1]),
+    ],
+)
+def test_dense_layers_between_moe_layers_follow_transformers_rule(overrides, pattern):
+    """transformers: layer i is MoE iff i not in mlp_only_layers and (i + 1) % step == 0."""
+    hf = {**QWEN3_30B, "num_hidden_layers": 4, **overrides}
+    tc = family_for_hf_config(hf).transformer_config_kwargs(hf)
+    assert tc["moe_layer_freq"] == pattern
+    layers = tc["num_layers"]
+    flags = [True] * layers if pattern == 1 else [bool(f) for f in pattern]
+    shape = shape_from_hf_config(hf)
+    assert shape.moe_layer_flags() == flags and shape.num_moe_layers == sum(flags)
+    moe, dense = shape.layer_params(True), shape.layer_params(False)
+    assert moe != dense
+    rest = shape.embedding_params() + shape.hidden_size
+    assert shape.total_params() == sum(flags) * moe + (layers - sum(flags)) * dense + rest
+    inactive = (128 - 8) * 3 * shape.hidden_size * shape.moe_ffn_hidden_size
+    assert shape.active_params() == shape.total_params() - sum(flags) * inactive
+    # FLOPs: a dense layer's MLP instead of the top-k experts'
+    all_moe = shape_from_hf_config({**QWEN3_30B, "num_hidden_layers": layers})
+    routed, ffn, h = 8 * 768, shape.ffn_hidden_size, shape.hidden_size
+    extra = 12 * h * h * 1000 * (layers - sum(flags)) * (1.5 * (ffn - routed) / h - 128 / (2 * h))
+    want = all_moe.training_flops(1000, 1000**2) + extra
+    assert shape.training_flops(1000, 1000**2) == pytest.approx(want, rel=1e-12)
+    # the dry run resolves it and reports the same counts
+    r = resolve(hf, world=8, expert_model_parallel_size=8)
+    assert r["transformer_config"]["moe_layer_freq"] == pattern
+    assert (r["model"]["params"], r["model"]["active_params"]) == (
+        shape.total_params(),
+        shape.active_params(),
+    )
+    # the name table: dense MLP tensors at the dense layers, experts and router at the MoE ones
+    keys = family_for_hf_config(hf).expected_hf_keys(layers, False, 2, flags)
+    for i, is_moe in enumerate(flags):
+        assert (f"model.layers.{i}.mlp.gate.weight" in keys) == is_moe
+        assert (f"model.layers.{i}.mlp.experts.1.down_proj.weight" in keys) == is_moe
+        assert (f"model.layers.{i}.mlp.gate_proj.weight" in keys) != is_moe
+        assert (f"model.layers.{i}.mlp.down_proj.weight" in keys) != is_moe
+
+
+def test_dense_mlp_stages_count_their_own_layers():
+    """PP2 over MoE, MoE | dense, dense: the planner's per-stage parameters follow the kinds."""
+    from megafleet.memory import Parallel, _stage_param_split
+
+    hf = {**QWEN3_30B, "num_hidden_layers": 4, "mlp_only_layers": [2, 3]}
+    shape = shape_from_hf_config(hf)
+    par = Parallel(tp=1, pp=2, dp=1, ep=1, etp=1)
+    first, last = _stage_param_split(shape, par, 0), _stage_param_split(shape, par, 1)
+    assert first[1] == 2 * shape.layer_param_groups(True)["experts"] and last[1] == 0
+    emb = shape.vocab_size * shape.hidden_size  # 151936 is a multiple of 128: no padding
+    assert first[0] - emb == 2 * (shape.layer_params(True) - first[1] // 2)
+    assert last[0] - emb - shape.hidden_size == 2 * shape.layer_params(False)
+    assert sum(first) + sum(last) == shape.total_params()
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("decoder_sparse_step", 0, "decoder_sparse_step=0 is not a positive integer"),
+        ("mlp_only_layers", [0, 48], "mlp_only_layers=[0, 48] must list layer indices 0-47"),
+        ("mlp_only_layers", 3, "mlp_only_layers=3 must list layer indices 0-47"),
+        ("mlp_only_layers", list(range(48)), "leave no MoE layer"),
+    ],
+)
+def test_impossible_dense_layer_settings_are_refused_by_name(key, value, message):
     hf = {**QWEN3_30B, key: value}
-    with pytest.raises(ConfigError, match=key):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         family_for_hf_config(hf).transformer_config_kwargs(hf)
 
 
@@ -225,3 +297,15 @@ def test_expert_names_expand_per_expert_and_conversion_stays_total():
         )
     with pytest.raises(ConversionError, match="missing"):
         check_checkpoint_keys(family, names[1:], 2, False, "ckpt", num_experts=3)
+
+
+def test_lora_targets_of_a_moe_family_know_their_layer_kind():
+    """The dense MLP rows of a MoE family apply to its dense layers only (attach_lora skips
+    them on MoE layers, and the shared expert's on dense layers)."""
+    from remote_runtime.spec.tuner import adaptable_linears
+
+    family = family_for_hf_config(QWEN15_MOE)
+    kinds = {t.megatron.split(".{layer}.")[1]: t.layers for t in adaptable_linears(family)}
+    assert kinds["self_attention.linear_qkv"] is None
+    assert kinds["mlp.linear_fc1"] == kinds["mlp.linear_fc2"] == "dense"
+    assert kinds["mlp.shared_experts.linear_fc1"] == "moe"

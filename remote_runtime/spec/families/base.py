@@ -45,6 +45,7 @@ TRANSFORMS = (
 )
 EXPERT_TRANSFORMS = ("expert_gate_up", "expert_row")
 CONDITIONS = (None, "tied", "untied")
+LAYER_KINDS = (None, "moe", "dense")
 
 # Keys of `transformer_config_kwargs` that are not TransformerConfig fields: the model builder
 # passes them to GPTModel / the rotary embedding instead.
@@ -69,6 +70,9 @@ class ConfigField:
     hf: str
     default: Any = _REQUIRED  # a value, or a callable(hf_config) -> value
     convert: Callable[[Any], Any] = lambda v: v
+    # computed from the whole config.json (several keys): derive(hf_config) -> value; `hf`
+    # then only names the keys for messages
+    derive: Callable[[dict], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -90,10 +94,14 @@ class Param:
     transform: str
     when: str | None = None  # "tied" / "untied": only for checkpoints with/without tied embeddings
     save: bool = True  # False: a copy of another parameter, not written back (tied output layer)
+    # "moe" / "dense": a `{layer}` row of the MoE layers only, or of the dense-MLP layers only
+    # (models that mix them: megatron's moe_layer_freq); None: every layer
+    layers: str | None = None
 
     def __post_init__(self):
         assert self.transform in TRANSFORMS, self.transform
         assert self.when in CONDITIONS, self.when
+        assert self.layers in LAYER_KINDS, self.layers
         assert len(self.hf) == {"qkv": 3, "gate_up": 2, "expert_gate_up": 2}.get(
             self.transform, 1
         ), self
@@ -136,7 +144,12 @@ class ModelFamily:
         problems = [("model.model", msg) for msg in self.unsupported(hf)]
         out: dict[str, Any] = {}
         for f in self.config:
-            if f.hf in hf and hf[f.hf] is not None:
+            if f.derive is not None:
+                try:
+                    out[f.megatron] = f.derive(hf)
+                except ConfigError as exc:
+                    problems.extend(exc.problems)
+            elif f.hf in hf and hf[f.hf] is not None:
                 out[f.megatron] = f.convert(hf[f.hf])
             elif f.default is _REQUIRED:
                 problems.append(
@@ -180,13 +193,17 @@ class ModelFamily:
         return None
 
     def expected_hf_keys(
-        self, num_layers: int, tied: bool, num_experts: int = 0
+        self, num_layers: int, tied: bool, num_experts: int = 0, moe_layers=None
     ) -> dict[str, tuple[Param, int | None]]:
         """Every HF key the table loads, mapped to (row, layer); `{expert}` names once per
-        expert (num_experts: the model's `num_moe_experts`)."""
+        expert (num_experts: the model's `num_moe_experts`). `moe_layers`: which layers are MoE
+        layers (`moe_layer_flags`; None: all of them), for the rows of one layer kind."""
+        flags = [True] * num_layers if moe_layers is None else list(moe_layers)
         out: dict[str, tuple[Param, int | None]] = {}
         for p in self.active_params(tied):
             layers = range(num_layers) if "{layer}" in p.megatron else [None]
+            if p.layers is not None:
+                layers = [i for i in layers if flags[i] == (p.layers == "moe")]
             for layer in layers:
                 for key in p.hf:
                     for name in expert_keys(key, layer, range(num_experts)):
@@ -198,6 +215,19 @@ class ModelFamily:
             if _match(ig.hf, key, self._compiled) is not False:
                 return ig
         return None
+
+
+def moe_layer_flags(tc: dict) -> list[bool] | None:
+    """Which layers are MoE layers, from `transformer_config_kwargs` (megatron's
+    moe_layer_freq: every k-th layer from 0, or a 0/1 list per layer); None for a dense model."""
+    if not tc.get("num_moe_experts"):
+        return None
+    freq, n = tc.get("moe_layer_freq", 1), tc["num_layers"]
+    if isinstance(freq, int):
+        return [i % freq == 0 for i in range(n)]
+    if len(freq) != n:
+        raise ValueError(f"moe_layer_freq has {len(freq)} entries for {n} layers")
+    return [bool(f) for f in freq]
 
 
 def fill(pattern: str, layer: int | None) -> str:

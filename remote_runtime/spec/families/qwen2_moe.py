@@ -1,8 +1,8 @@
 """Qwen2-MoE (Qwen2MoeForCausalLM: Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B): Qwen2's attention (q, k
 and v biases) with every MLP a mixture of experts plus one shared expert, a dense SwiGLU MLP of
 `shared_expert_intermediate_size` whose output is scaled by sigmoid(`shared_expert_gate` · x)
-(megatron's SharedExpertMLP with `moe_shared_expert_gate`). The expert rows and router settings
-are in `moe.py`.
+(megatron's SharedExpertMLP with `moe_shared_expert_gate`). The expert rows, router settings and
+dense MLP layers (`mlp_only_layers`, `decoder_sparse_step`) are in `moe.py`.
 """
 
 from remote_runtime.spec.families.base import H, L, Param, Require

@@ -2,7 +2,8 @@
 explicit head_dim) with every MLP a mixture of experts: a softmax router over `num_experts`
 (128), the top `num_experts_per_tok` (8) experts per token, each a SwiGLU MLP of
 `moe_intermediate_size` (768), renormalised when `norm_topk_prob`. No shared expert.
-The expert rows and router settings are in `moe.py`.
+The expert rows, router settings and dense MLP layers (`mlp_only_layers`,
+`decoder_sparse_step`) are in `moe.py`.
 """
 
 from remote_runtime.spec.families.base import H, L, Param, Require
