@@ -575,7 +575,10 @@ def remove_recorded(rec: dict) -> None:
         if sh("ip", "link", "show", link, check=False).returncode == 0:
             sh("ip", "link", "delete", link, check=False)
     for user in rec.get("users", []):
-        sh("userdel", "--remove", user, check=False)
+        # not `userdel --remove`: its home may hold venvs with torch (the setup test), and
+        # deleting those under sh()'s 30 s timeout failed the session's teardown on a loaded
+        # machine; rmtree below removes the home without a limit
+        sh("userdel", user, check=False)
         shutil.rmtree(Path("/home") / user, ignore_errors=True)
         shutil.rmtree(Path("/tmp") / f"torchinductor_{user}", ignore_errors=True)  # torch's cache
     if rec.get("workdir", "").startswith("/tmp/mft"):

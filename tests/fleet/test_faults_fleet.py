@@ -67,7 +67,9 @@ def test_real_two_node_stop_then_resume_continues_the_loss_curve(
 ):
     """Stop a 2-node run mid-way, `megafleet resume` it: same run directories, each node's own
     shards, the step counter, data order and RNG continue (constant LR: the losses after the
-    resume equal an uninterrupted run's); save_total_limit holds on node 1 too."""
+    resume equal an uninterrupted run's); save_total_limit holds on node 1 too. Also the real
+    runtime's 2-node lifecycle end to end (it was a separate run before): both nodes' logs
+    stream, the run succeeds, and the fetched checkpoint loads in transformers."""
     data = tmp_path / "demo.jsonl"
     proc = run_cli(
         "launch",
@@ -119,8 +121,19 @@ def test_real_two_node_stop_then_resume_continues_the_loss_curve(
     assert re.search(rf"resumed from \S+/checkpoint-{step} at step {step}", logs.stdout), (
         logs.stdout[-3000:]
     )
+    assert re.search(r"^n0 r0 ", logs.stdout, re.M) and re.search(r"^n1 ", logs.stdout, re.M)
     later = [s for s in range(step + 1, step + 4) if s % 2 == 0 or s == step + 3]
     assert checkpoints(nodes[1], run, 1) == sorted(saved + later)[-2:]
+    status = run_cli_json("status", run.run_id, "--json", env=env(fleet_home))[1]
+    assert status["state"] == "succeeded" and status["progress"]["step"] == step + 3
+    # the trained model comes back and loads in transformers
+    proc, fetched = run_cli_json(
+        "fetch", run.run_id, "--json", "--to", str(tmp_path / "ckpt"), env=env(fleet_home)
+    )
+    assert proc.returncode == 0 and fetched["step"] == step + 3, proc.stdout + proc.stderr
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").config.model_type == "qwen3"
     rows = [json.loads(x) for x in node_file(nodes[0], run, 0, "output/logging.jsonl").splitlines()]
     resumed = {r["step"]: r["loss"] for r in rows if r["step"] > step}
     assert sorted(resumed) == [step + 1, step + 2, step + 3]

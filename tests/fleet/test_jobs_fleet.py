@@ -3,7 +3,8 @@
 Most jobs here run the STAND-IN workload (tests/standin_workload.py: torchrun + gloo, logging.jsonl,
 checkpoints, SIGTERM) through `launch_job(..., entry_module="tests.standin_workload")`; everything
 after the launch goes through the `megafleet` command as a user runs it. The real 2-node SFT run
-(`python -m remote_runtime sft`) is the last test; it skips until the runtime's train loop lands.
+(`python -m remote_runtime sft`: launch, logs, status, fetch, then transformers loads the model)
+is in tests/fleet/test_faults_fleet.py, where it is also stopped and resumed.
 
 Each node's venv is `~/megafleet/venv` (the default launch.venv): a symlink to fleet.host_python()'s
 venv, which sees torch and this checkout.
@@ -11,7 +12,6 @@ venv, which sees torch and this checkout.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -576,61 +576,3 @@ def test_the_master_address_is_the_one_node0_reaches_a_worker_behind_it_from(
     assert plan["run"]["master_addr"] == bridge != nodes[0].address
     assert plan["ports"] == {"inner0": {"29770": "ok", "29771": "ok"}}
     assert [n["ifname"] for n in plan["run"]["nodes"]] == ["eth1", "eth0"]
-
-
-ENTRY = REPO_ROOT / "remote_runtime" / "train" / "entry.py"
-
-
-@pytest.mark.skipif(
-    not ENTRY.exists(),
-    reason="the real training entry (remote_runtime/train/entry.py, "
-    "issue 4) is not on this branch yet; the stand-in tests above cover the lifecycle",
-)
-def test_real_two_node_sft_on_cpu(nodes, fleet_home, tiny_model, tmp_path):
-    """The issue's test with the real runtime: tiny Qwen3, demo data, CPU/gloo, 2 nodes."""
-    proc = run_cli(
-        "launch",
-        "--yes",
-        "--json",
-        "--",
-        "--model",
-        str(tiny_model),
-        "--dataset",
-        str(tmp_path / "demo.jsonl"),
-        "--train_iters",
-        "4",
-        "--device",
-        "cpu",
-        "--torch_dtype",
-        "float32",
-        "--global_batch_size",
-        "2",
-        "--micro_batch_size",
-        "1",
-        "--max_length",
-        "128",
-        "--logging_steps",
-        "1",
-        "--save_steps",
-        "4",
-        "--lr",
-        "1e-3",
-        "--master_port",
-        "29760",
-        env=env(fleet_home),
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    run_id = json.loads(proc.stdout)["run"]["run_id"]
-    logs = run_cli("logs", run_id, "-f", env=env(fleet_home), timeout=600)
-    assert logs.returncode == 0, logs.stdout[-4000:] + logs.stderr
-    assert re.search(r"^n0 r0 ", logs.stdout, re.M) and re.search(r"^n1 ", logs.stdout, re.M)
-    status = run_cli_json("status", run_id, "--json", env=env(fleet_home))[1]
-    assert status["state"] == "succeeded" and status["progress"]["step"] == 4
-    proc, fetched = run_cli_json(
-        "fetch", run_id, "--json", "--to", str(tmp_path / "ckpt"), env=env(fleet_home)
-    )
-    assert proc.returncode == 0, proc.stderr
-    from transformers import AutoModelForCausalLM
-
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").config.model_type == "qwen3"

@@ -244,7 +244,7 @@ def test_tokenizing_needs_neither_torch_nor_megatron(tmp_path):
     import subprocess
     import sys
 
-    from conftest import cli_env
+    from tests.conftest import cli_env
 
     code = (
         "import sys; from remote_runtime.tiny import build_tokenizer; "

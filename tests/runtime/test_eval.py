@@ -7,30 +7,35 @@ import json
 import numpy as np
 import pytest
 
-from tests.runtime.train_helpers import base_args, check, losses, make_assets, read_log, run_runtime
+from tests.runtime.train_helpers import base_args, check, losses, read_log, run_runtime
 
 pytestmark = [pytest.mark.runtime]
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, train_assets):
+    """The session's tiny Qwen3; 32 training rows, 10 validation rows, 32 pretraining texts."""
     from remote_runtime.data.demo_data import write_demo_dataset, write_demo_pretrain
 
     root = tmp_path_factory.mktemp("eval-assets")
-    model, data = make_assets(root, rows=32)
+    model = train_assets[0]
+    data = write_demo_dataset(root / "data.jsonl", num_rows=32)
     val = write_demo_dataset(root / "val.jsonl", num_rows=10, seed=5)
     text = write_demo_pretrain(root / "text.jsonl", num_rows=32)
     return model, data, val, text
 
 
 @pytest.mark.parametrize("task", ["sft", "pt"])
-def test_evaluation_does_not_change_the_training_trajectory(assets, task, tmp_path):
+def test_evaluation_does_not_change_the_training_trajectory(
+    assets, train_assets, shared_runs, task, tmp_path
+):
     """The same job with and without a val_dataset evaluated every 2 steps: identical training
-    losses and gradient norms, and eval records at steps 2, 4 and the end (5)."""
-    model, data, val, text = assets
-    train = data if task == "sft" else text
-    plain, evaluated = tmp_path / "plain", tmp_path / "eval"
-    check(run_runtime(base_args(model, train, plain), task=task))
+    losses and gradient norms, and eval records at steps 2, 4 and the end (5). SFT trains on the
+    session's shared model and data: its run without evaluation is test_train's one-process
+    reference run."""
+    model, _, val, text = assets
+    train = train_assets[1] if task == "sft" else text
+    plain, evaluated = shared_runs.get(model, train, task=task), tmp_path / "eval"
     check(
         run_runtime(
             base_args(

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from tests.runtime.train_helpers import base_args, check, losses, make_assets, run_runtime
+from tests.runtime.train_helpers import base_args, check, losses, run_runtime
 
 pytestmark = [pytest.mark.runtime]
 
@@ -26,10 +26,9 @@ LORA = {
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora-train")
-    model, data = make_assets(root)
-    out = root / "out"
+def lora_run(tmp_path_factory, train_assets):
+    model, data = train_assets
+    out = tmp_path_factory.mktemp("lora-train") / "out"
     proc = run_runtime(base_args(model, data, out, merge_lora="true", **LORA))
     check(proc)
     return model, data, out, proc.stdout

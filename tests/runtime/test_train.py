@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,6 @@ from tests.runtime.train_helpers import (
     base_args,
     check,
     losses,
-    make_assets,
     read_log,
     run_runtime,
 )
@@ -25,8 +25,8 @@ pytestmark = [pytest.mark.runtime]
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_assets(tmp_path_factory.mktemp("train-assets"))
+def assets(train_assets):
+    return train_assets
 
 
 def test_thirty_steps_halve_the_loss_and_write_a_loadable_checkpoint(assets, tmp_path):
@@ -88,14 +88,13 @@ def test_thirty_steps_halve_the_loss_and_write_a_loadable_checkpoint(assets, tmp
     assert not torch.equal(hf.state_dict()[name], start.state_dict()[name])
 
 
-def test_tp2_pp2_dp2_give_the_same_loss_curve_as_one_process(assets, tmp_path):
+def test_tp2_pp2_dp2_give_the_same_loss_curve_as_one_process(assets, shared_runs, tmp_path):
     """Same data, same start weights: the loss curves agree. Step 1 agrees to fp32 rounding;
     after that Adam's normalised updates amplify reduction-order differences (a parameter whose
     gradient is near zero can step either way), so later steps agree to ~1e-4 relative."""
     model, data = assets
-    curves = {}
+    curves = {"tp1": losses(shared_runs.get(model, data))}  # also test_eval's run without eval
     for label, nproc, extra in [
-        ("tp1", 1, {}),
         ("tp2", 2, {"tensor_model_parallel_size": 2}),
         ("pp2", 2, {"pipeline_model_parallel_size": 2}),
         ("dp2", 2, {}),
@@ -113,17 +112,21 @@ def test_tp2_pp2_dp2_give_the_same_loss_curve_as_one_process(assets, tmp_path):
 
 
 def test_resume_after_step_3_repeats_steps_4_to_6(assets, tmp_path):
-    """A run stopped after step 3 and resumed gives the losses of an uninterrupted run (constant
-    LR, so ending the first part at step 3 does not change the schedule)."""
+    """A run resumed from its step-3 checkpoint gives the losses of the uninterrupted run (as in
+    test_lora_train: the checkpoint is copied into a fresh output directory, so one run is both
+    the reference and the source of the checkpoint). Resuming with a changed train_iters is
+    covered by tests/fleet/test_faults_fleet.py (real runtime, two nodes)."""
     model, data = assets
-    opts = dict(lr_decay_style="constant", min_lr=0)
+    opts = dict(lr_decay_style="constant", min_lr=0, train_iters=6, save_steps=3)
     full = tmp_path / "full"
-    check(run_runtime(base_args(model, data, full, train_iters=6, **opts)))
+    check(run_runtime(base_args(model, data, full, **opts)))
+    assert sorted(losses(full)) == [1, 2, 3, 4, 5, 6]
     part = tmp_path / "part"
-    check(run_runtime(base_args(model, data, part, train_iters=3, **opts)))
-    assert sorted(losses(part)) == [1, 2, 3]
-    check(run_runtime(base_args(model, data, part, train_iters=6, resume="auto", **opts)))
+    part.mkdir()
+    shutil.copytree(full / "checkpoint-3", part / "checkpoint-3")
+    check(run_runtime(base_args(model, data, part, resume="auto", **opts)))
     resumed, reference = losses(part), losses(full)
+    assert sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5), (resumed, reference)
 

@@ -97,3 +97,22 @@ def check(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, (
         f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     )
+
+
+class SharedRuns:
+    """Runs that several tests only read (losses, logs, checkpoints), started once per session:
+    `get(model, data, nproc=..., task=..., **base_args overrides)` returns the output directory
+    of the first run with exactly these arguments. Tests must not write into it."""
+
+    def __init__(self, root: Path):
+        self.root, self.done = root, {}
+
+    def get(self, model: Path, data: Path, nproc: int = 1, task: str = "sft", **kw) -> Path:
+        key = json.dumps(
+            [str(model), str(data), nproc, task, sorted((k, str(v)) for k, v in kw.items())]
+        )
+        if key not in self.done:
+            out = self.root / f"run{len(self.done)}"
+            check(run_runtime(base_args(model, data, out, **kw), nproc=nproc, task=task))
+            self.done[key] = out
+        return self.done[key]
