@@ -128,19 +128,23 @@ def test_targets_come_from_the_family_table():
 
 def test_moe_targets_are_attention_experts_and_shared_expert_never_the_router():
     qwen3 = select_targets(get_family("qwen3_moe"), ["all-linear"])
-    assert [(t.megatron.split("{layer}.")[1], t.per_expert) for t in qwen3] == [
-        ("self_attention.linear_qkv", False),
-        ("self_attention.linear_proj", False),
-        ("mlp.experts.linear_fc1", True),
-        ("mlp.experts.linear_fc2", True),
+    # the dense-MLP rows adapt the layers listed in mlp_only_layers (layer kind "dense")
+    assert [(t.megatron.split("{layer}.")[1], t.per_expert, t.layers) for t in qwen3] == [
+        ("self_attention.linear_qkv", False, None),
+        ("self_attention.linear_proj", False, None),
+        ("mlp.linear_fc1", False, "dense"),
+        ("mlp.linear_fc2", False, "dense"),
+        ("mlp.experts.linear_fc1", True, "moe"),
+        ("mlp.experts.linear_fc2", True, "moe"),
     ]
-    assert qwen3[2].short_names() == ["gate_proj", "up_proj"]
-    assert [t.parallel for t in qwen3[2:]] == ["column", "row"]
+    assert qwen3[4].short_names() == ["gate_proj", "up_proj"]
+    assert [t.parallel for t in qwen3[2:]] == ["column", "row", "column", "row"]
     # an HF name selects the shared expert's module and the routed experts' alike (as PEFT)
     gate = select_targets(get_family("qwen2_moe"), ["gate_proj"])
-    assert [(t.megatron.split("{layer}.")[1], t.active) for t in gate] == [
-        ("mlp.experts.linear_fc1", (True, False)),
-        ("mlp.shared_experts.linear_fc1", (True, False)),
+    assert [(t.megatron.split("{layer}.")[1], t.active, t.layers) for t in gate] == [
+        ("mlp.linear_fc1", (True, False), "dense"),
+        ("mlp.experts.linear_fc1", (True, False), "moe"),
+        ("mlp.shared_experts.linear_fc1", (True, False), "moe"),
     ]
     with pytest.raises(ConfigError) as e:
         select_targets(get_family("qwen3_moe"), ["gate"])  # the router is not adaptable
