@@ -2,7 +2,7 @@
 
 Plugged in through the layer spec (`moe_spec`, used by builder.layer_spec):
 
-- `GroupedExperts`: all local experts' weights stacked (parameter contract in MOE_CONTRACT.md:
+- `GroupedExperts`: all local experts' weights stacked (parameter contract in model/MOE_CONTRACT.md:
   `linear_fc1.weight` [E_loc, 2F, H] with rows [gate; up] per expert, `linear_fc2.weight`
   [E_loc, H, F]); forward on tokens grouped by expert: fc1 for every expert in one
   `torch._grouped_mm` (offsets from tokens_per_expert, no host sync), SwiGLU (the runtime's

@@ -49,8 +49,8 @@ def tensors(model_dir: Path) -> dict:
 
 
 def expected_expert_slice(name: str, layer: int, hf: dict, dist, local: int) -> torch.Tensor:
-    """The contract (MOE_CONTRACT.md), written out: local expert e is global ep_rank*local + e;
-    fc1 rows [gate_r; up_r] and fc2 columns of expert-TP rank r."""
+    """The contract (remote_runtime/model/MOE_CONTRACT.md), written out: local expert e is
+    global ep_rank*local + e; fc1 rows [gate_r; up_r] and fc2 columns of expert-TP rank r."""
     r, etp = dist.etp_rank, dist.etp
     out = []
     for g in range(dist.ep_rank * local, (dist.ep_rank + 1) * local):

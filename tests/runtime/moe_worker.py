@@ -101,7 +101,7 @@ class _Slice:
 
 def copy_weights(chunks, family, hf_config: dict, model, dist) -> None:
     """HF weights into this rank's parameters: the dense ones through the bridge's transforms,
-    the stacked experts by the contract in MOE_CONTRACT.md."""
+    the stacked experts by the contract in remote_runtime/model/MOE_CONTRACT.md."""
     state = model.state_dict()
     lay = layout_for(hf_config, family, dist)
     for lp in local_params(chunks, family, False):
