@@ -393,6 +393,10 @@ def build_model(
         rotary_percent=1.0,
         rotary_base=tc["rotary_base"],
     )
+    if dist.device.type != "cpu":
+        # megatron's Router builds its weight on the CPU (0.16); DDP moves only trainable
+        # parameters into its GPU buffers, so a frozen router (LoRA, a DPO reference) stayed there
+        model.to(dist.device)
     _apply_rope_scaling(model, tc["rope_scaling"])
     model.megafleet_family = family.name  # what the bridge and checks report
     model.megafleet_transformer_impl = impl
