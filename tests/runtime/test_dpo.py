@@ -365,10 +365,10 @@ def test_resume_takes_the_reference_from_the_base_model_not_the_checkpoint(dpo_a
         lr_decay_style="constant",
     )
     full = tmp_path / "full"
-    check(run_runtime(dpo_args(model, pairs, full, **opts), task="rlhf"))
-    part = tmp_path / "part"
-    check(run_runtime(dpo_args(model, pairs, part, **{**opts, "train_iters": 2}), task="rlhf"))
-    shutil.rmtree(part / ".data_cache")
+    check(run_runtime(dpo_args(model, pairs, full, save_steps=2, **opts), task="rlhf"))
+    part = tmp_path / "part"  # a run stopped after step 2: its checkpoint, no reference cache
+    part.mkdir()
+    shutil.copytree(full / "checkpoint-2", part / "checkpoint-2")
     proc = run_runtime(dpo_args(model, pairs, part, resume="auto", **opts), task="rlhf")
     check(proc)
     assert f"reference log-probs: computed with {model}" in proc.stdout

@@ -141,7 +141,9 @@ def test_training_loss_at_ep2_and_pp2_follows_ep1(tmp_path):
     """The real loop on a model with a dense MLP layer (layers MoE, dense, MoE, MoE): DP2
     (EP1), DP2 with EP2, and PP2 (the aux gradient's counts exchanged between the stages, the
     logged stats reduced over them) train the same curve, and log the same aux loss and
-    per-layer load over all three MoE layers."""
+    per-layer load over all three MoE layers. The EP2 run's checkpoint is a hub checkpoint
+    (per-expert names, loaded by transformers) and a resume with another expert layout is
+    refused by name."""
     model, data = make_assets(tmp_path, "qwen3_moe", num_hidden_layers=4, mlp_only_layers=[1])
     logs = {}
     layouts = (
@@ -163,6 +165,28 @@ def test_training_loss_at_ep2_and_pp2_follows_ep1(tmp_path):
             ), tag
             assert a["aux_loss"] > 1.0 and len(a["expert_load_imbalance"]) == 3
     assert logs["ep1"][-1]["loss"] < logs["ep1"][0]["loss"]
+    _assert_trained_hub_checkpoint(model, tmp_path / "ep2" / "checkpoint-4")
+    proc = run_runtime(base_args(model, data, tmp_path / "ep2", train_iters=5, resume="auto"), 2)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "layout" in text and "'ep': 2" in text, text[-3000:]
+
+
+def _assert_trained_hub_checkpoint(source_dir: Path, saved: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    index = json.loads((saved / "model.safetensors.index.json").read_text())
+    assert "model.layers.2.mlp.experts.7.down_proj.weight" in index["weight_map"]
+    assert "model.layers.1.mlp.down_proj.weight" in index["weight_map"]  # the dense layer
+    trained = AutoModelForCausalLM.from_pretrained(str(saved), dtype=torch.float32)
+    source = dict(
+        AutoModelForCausalLM.from_pretrained(
+            str(source_dir), dtype=torch.float32
+        ).named_parameters()
+    )
+    moved = {n for n, p in trained.named_parameters() if not torch.equal(p, source[n])}
+    assert any(".mlp.experts." in n for n in moved)  # the experts were trained and written
 
 
 def test_triton_expert_wgrad_accumulates_into_main_grad():
