@@ -31,6 +31,28 @@ def schedule_for(job: JobConfig, train_iters: int) -> Schedule:
     return Schedule(train_iters=train_iters, warmup_iters=warmup, decay_iters=train_iters)
 
 
+def check_one_device(chunks: list) -> None:
+    """All parameters on one device, or a RuntimeError naming those elsewhere (DDP's
+    broadcast would otherwise fail with "No backend type associated with device type cpu"
+    and no parameter name: a module that builds a weight on the CPU, megatron's Router for one,
+    and is frozen so that DDP does not move it)."""
+    where: dict[str, list[str]] = {}
+    for i, chunk in enumerate(chunks):
+        for name, param in chunk.named_parameters():
+            where.setdefault(str(param.device), []).append(f"chunk {i}: {name}")
+    if len(where) > 1:
+        main = max(where, key=lambda d: len(where[d]))
+        others = "; ".join(
+            f"{device}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+            for device, names in where.items()
+            if device != main
+        )
+        raise RuntimeError(
+            f"model parameters are not all on {main} ({others}): the module that builds them "
+            "must be moved to the training device (remote_runtime/model/builder.py build_model)"
+        )
+
+
 def wrap_ddp(chunks: list, job: JobConfig) -> list:
     """Wrap each model chunk in megatron's DDP (gradients reduced in fp32 buckets)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -44,6 +66,7 @@ def wrap_ddp(chunks: list, job: JobConfig) -> list:
         check_for_nan_in_grad=False,
         average_in_collective=False,
     )
+    check_one_device(chunks)
     wrapped = []
     for i, chunk in enumerate(chunks):
         chunk.config.calculate_per_token_loss = True

@@ -312,3 +312,18 @@ def test_context_parallel_without_transformer_engine_is_a_config_error(assets, t
     proc = run_runtime(base_args(model, data, tmp_path / "out", context_parallel_size=2), nproc=2)
     assert proc.returncode != 0
     assert "parallel.context_parallel_size: 2 needs transformer-engine" in proc.stdout + proc.stderr
+
+
+def test_parameters_off_the_training_device_are_named_before_ddp():
+    """A frozen weight left on another device (megatron's Router builds its weight on the CPU)
+    is named, instead of DDP's broadcast failing without a name."""
+    import torch
+
+    from remote_runtime.train.optim import check_one_device
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    check_one_device([model])
+    model[2].to("meta")
+    with pytest.raises(RuntimeError) as e:
+        check_one_device([model])
+    assert "not all on cpu (meta: chunk 0: 2.weight, chunk 0: 2.bias)" in str(e.value)
