@@ -15,6 +15,8 @@ from __future__ import annotations
 import atexit
 import errno
 import logging
+import math
+import os
 import socket
 import threading
 import time
@@ -40,6 +42,30 @@ from megafleet.ssh.known_hosts import KnownHosts, PinOnFirstUse, describe_key
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
+CONNECT_TIMEOUT_ENV = "MEGAFLEET_CONNECT_TIMEOUT"  # seconds; the job commands' SSH connect timeout
+
+
+def default_connect_timeout() -> float:
+    """MEGAFLEET_CONNECT_TIMEOUT (seconds) when set, else 10: how long `status`, `logs`, `stop`
+    and the other job commands wait for a node that does not answer."""
+    from megafleet.errors import UsageError
+
+    raw = os.environ.get(CONNECT_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_CONNECT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not (value > 0 and math.isfinite(value)):
+        raise UsageError(
+            f"{CONNECT_TIMEOUT_ENV}={raw!r} is not a number of seconds above 0",
+            hint=f"unset it (default {DEFAULT_CONNECT_TIMEOUT:g} s) or set e.g. "
+            f"{CONNECT_TIMEOUT_ENV}=20",
+        )
+    return value
+
+
 DEFAULT_KEEPALIVE = 15  # seconds between keepalive packets on idle connections
 
 
@@ -286,12 +312,14 @@ class ConnectionPool:
         self,
         jump_for: Callable[[Host], Host | None] | None = None,
         known_hosts: KnownHosts | None = None,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        connect_timeout: float | None = None,
         keepalive: int = DEFAULT_KEEPALIVE,
     ):
         self.jump_for = jump_for or _jump_from_spec
         self.known_hosts = known_hosts
-        self.connect_timeout = connect_timeout
+        self.connect_timeout = (
+            default_connect_timeout() if connect_timeout is None else connect_timeout
+        )
         self.keepalive = keepalive
         self._conns: dict[tuple, Connection] = {}
         self._locks: dict[tuple, threading.Lock] = {}

@@ -231,14 +231,15 @@ def test_stop_during_a_network_cut_keeps_the_run_stopping_until_the_node_answers
         run_cli_json("status", run.run_id, "--json", env=env(fleet_home))[1]["state"] == "running"
     )
     nodes[1].link_down()
-    proc, report = run_cli_json("stop", run.run_id, "--yes", "--json", env=env(fleet_home))
+    cut = env(fleet_home, MEGAFLEET_CONNECT_TIMEOUT="3")  # each command waits 3 s, not 10
+    proc, report = run_cli_json("stop", run.run_id, "--yes", "--json", env=cut)
     assert proc.returncode == 4 and report["state"] == "stopping", report
     assert any(p.startswith("node1: not reachable") for p in report["problems"]), report
-    status = run_cli_json("status", run.run_id, "--json", env=env(fleet_home))[1]
+    status = run_cli_json("status", run.run_id, "--json", env=cut)[1]
     assert status["state"] == "stopping"
     node1 = status["nodes"][1]
     assert node1["state"] == "unreachable" and node1["last_contact"] > run.created
-    human = " ".join(run_cli("status", run.run_id, env=env(fleet_home)).stdout.split())
+    human = " ".join(run_cli("status", run.run_id, env=cut).stdout.split())
     assert "unreachable (last contact" in human and "megafleet stop" in human
 
     nodes[1].link_up()
