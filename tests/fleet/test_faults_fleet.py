@@ -303,7 +303,10 @@ def test_one_ctrl_c_stops_an_upload_and_a_killed_launch_leaves_a_record(
     proc.send_signal(signal.SIGINT)
     sent = time.monotonic()
     proc.communicate(timeout=30)
-    assert proc.returncode == 130 and time.monotonic() - sent < 3, time.monotonic() - sent
+    # Stopping waits for each copy's current 1 MiB chunk and the run record: well under a
+    # second here, 3.6 s once on a loaded 2-core CI machine. What proves the stop is below: the
+    # part stays short of the file's size, so the upload did not run to its end.
+    assert proc.returncode == 130 and time.monotonic() - sent < 10, time.monotonic() - sent
     stopped_at = part_size()
     time.sleep(1)
     assert 0 < stopped_at == part_size() < size  # nothing is sent after the Ctrl-C
