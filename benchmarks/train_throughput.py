@@ -56,6 +56,12 @@ def parse_args(argv=None):
     p.add_argument("--sp", action="store_true", help="sequence parallel (TP > 1)")
     p.add_argument("--no-distributed-optimizer", action="store_true")
     p.add_argument("--overlap", action="store_true", help="overlap grad reduce / param gather")
+    p.add_argument(
+        "--megatron-optimizer-step",
+        action="store_true",
+        help="megatron-core's own optimizer step (gradient scaling and clipping as separate "
+        "passes) instead of the runtime's (folded into Adam): the ablation",
+    )
     p.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     p.add_argument("--recompute-layers", type=int, default=1)
     p.add_argument("--attention-backend", default="auto")
@@ -252,7 +258,9 @@ def run_runtime(args, cfg: dict) -> dict:
         job.tuner = lora_tuner(args)
         attach_lora(chunks, resolve_lora(job.tuner, family, cfg), cfg, dist)
     model = wrap_ddp(chunks, job)
-    optimizer, scheduler = build_optimizer(model, job, schedule_for(job, 10**6))
+    optimizer, scheduler = build_optimizer(
+        model, job, schedule_for(job, 10**6), fold_grad_scaling=not args.megatron_optimizer_step
+    )
     micro = runtime_batches(args, dist, cfg["vocab_size"])
     fb = get_forward_backward_func()
     losses = []
@@ -271,6 +279,7 @@ def run_runtime(args, cfg: dict) -> dict:
     from remote_runtime.model.builder import memory_assumptions
 
     extra = {
+        "optimizer_step": "megatron" if args.megatron_optimizer_step else "folded",
         "tp": dist.tp,
         "pp": dist.pp,
         "dp": dist.dp,

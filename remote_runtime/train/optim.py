@@ -80,8 +80,12 @@ def wrap_ddp(chunks: list, job: JobConfig) -> list:
     return wrapped
 
 
-def build_optimizer(model: list, job: JobConfig, schedule: Schedule):
-    """(optimizer, scheduler) for the wrapped chunks; installs megatron's grad hooks."""
+def build_optimizer(model: list, job: JobConfig, schedule: Schedule, fold_grad_scaling=True):
+    """(optimizer, scheduler) for the wrapped chunks; installs megatron's grad hooks.
+
+    With `fold_grad_scaling` (the default) the token average and the clipping are applied by
+    the optimizer kernel (train/optimizer_step.py; `train_step` uses it); False keeps
+    megatron-core's own step (the benchmarks' ablation)."""
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -129,6 +133,11 @@ def build_optimizer(model: list, job: JobConfig, schedule: Schedule):
     # Hooks megatron's schedules call: loss scaling, grad sync batching and the final reduction.
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
+    if fold_grad_scaling:
+        from remote_runtime.train.optimizer_step import GradScaling
+
+        optimizer.megafleet_scaling = GradScaling(o.clip_grad)
+        config.finalize_model_grads_func = optimizer.megafleet_scaling.finalize
     config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
     if par.overlap_grad_reduce:
         config.grad_sync_func = (

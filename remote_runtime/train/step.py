@@ -89,6 +89,17 @@ def sum_reports(items: list, device) -> dict[str, torch.Tensor]:
     return totals
 
 
+def step_optimizer(optimizer):
+    """One optimizer step: ours when build_optimizer set it up (the gradient's scaling folded
+    into Adam, train/optimizer_step.py), else megatron-core's."""
+    scaling = getattr(optimizer, "megafleet_scaling", None)
+    if scaling is None:
+        return optimizer.step()
+    from remote_runtime.train.optimizer_step import optimizer_step
+
+    return optimizer_step(optimizer, scaling)
+
+
 def train_step(
     model: list,
     optimizer,
@@ -108,7 +119,7 @@ def train_step(
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     losses = _run_schedule(model, micro_batches, forward_backward, loss_for, forward_only=False)
-    update_successful, grad_norm, _ = optimizer.step()
+    update_successful, grad_norm, _ = step_optimizer(optimizer)
     if update_successful:
         scheduler.step(increment=1)
     device = micro_batches[0].tokens.device
