@@ -113,6 +113,6 @@ def _grad_device(subs) -> torch.device:
     for opt in subs:
         for grad in opt.get_main_grads_for_grad_norm():
             return grad.device
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else (
-        torch.device("cpu")
-    )
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -165,9 +165,7 @@ def run(layout: str, results: dict) -> None:
                 {
                     "norm_megatron": norms[0],
                     "norm_ours": norms[1],
-                    "adam_state_diff": relative_diff(
-                        adam_states(theirs[1]), adam_states(ours[1])
-                    ),
+                    "adam_state_diff": relative_diff(adam_states(theirs[1]), adam_states(ours[1])),
                     "param_diff": relative_diff(
                         [a - s for a, s in zip(params[0], start)],
                         [b - s for b, s in zip(params[1], start)],
