@@ -78,6 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.set_defaults(lora_targets=None)  # train_throughput's LoRA helpers: every linear layer
     p.add_argument("--prompt", default="300,700", help="prompt length range (tokens)")
     p.add_argument("--answer", default="300,600", help="answer length range (tokens)")
     p.add_argument("--warmup", type=int, default=2)

@@ -41,8 +41,10 @@ def run_runtime(
     env: dict | None = None,
     cwd: Path | None = None,
 ) -> subprocess.CompletedProcess:
+    # the caller's PYTHONPATH stays after the checkout (GPU machines carry packages on it)
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     full_env = dict(
-        os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {})
+        os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {})
     )
     cmd = [
         sys.executable,
