@@ -122,7 +122,10 @@ def check_family(models: Path, out: Path, dist, tag: str, sp: bool, name: str) -
         micro_batch_size=tokens.shape[0],
         forward_only=False,
     )
-    grads = adapter_tensors(model, dist, vocab, of=lambda p: p.main_grad)
+    # the optimizer step applies the 1/tokens average (train/optimizer_step.py): main_grad holds
+    # the summed gradient, so scale it here to compare with PEFT's mean-loss gradient
+    scale = optimizer.megafleet_scaling.token_scale
+    grads = adapter_tensors(model, dist, vocab, of=lambda p: p.main_grad * scale)
     for _ in range(TRAIN_STEPS):
         train_step(model, optimizer, scheduler, [mb], get_forward_backward_func())
     trained = forward_logits(model, [padded_batch(tokens)], vocab)
