@@ -276,6 +276,7 @@ def run_runtime(args, cfg: dict) -> dict:
     total = torch.stack(losses).sum(0)
     torch.distributed.all_reduce(total)
     from remote_runtime.model.attention import PACKED_PATH
+    from remote_runtime.model.expert_wgrad import deferrals
     from remote_runtime.model.builder import memory_assumptions
 
     extra = {
@@ -290,6 +291,8 @@ def run_runtime(args, cfg: dict) -> dict:
         "recompute_num_layers": job.recompute.recompute_num_layers,
         "attention": dict(PACKED_PATH),
         "options": overrides,
+        # MoE: micro-batches per expert weight-gradient pass (model/expert_wgrad.py)
+        "moe_wgrad_defer": [d.depth for d in deferrals(model)],
         "gradient_accumulation_fusion": bool(model[0].module.config.gradient_accumulation_fusion),
         "transformer_impl": getattr(model[0].module, "megafleet_transformer_impl", None),
         "assumptions": memory_assumptions(model[0].module),

@@ -68,6 +68,9 @@ class ModelOptions:
     # MoE experts' weight gradients accumulated into the fp32 main_grad by a Triton grouped GEMM
     # (with kernels=triton) instead of a bf16 gradient that DDP's hook adds
     moe_wgrad_fusion: bool = True
+    # ... and added once per this many micro-batches (model/expert_wgrad.py): an int, or auto
+    # (measured in the first step: as many as half the memory it left unused holds)
+    moe_wgrad_defer: int | str = "auto"
 
     @classmethod
     def from_job(cls, job, **overrides) -> "ModelOptions":
@@ -305,6 +308,7 @@ def layer_specs(config, spec, offset: int, count: int, options: ModelOptions, no
     `norm` where the dense spec fuses it into fc1 (transformer-engine)."""
     if not config.num_moe_experts:
         return [spec] * count
+    from remote_runtime.model.expert_wgrad import WgradDeferral
     from remote_runtime.model.moe import moe_layer_pattern, moe_spec
 
     swiglu = spec.submodules.mlp.submodules.activation_func
@@ -316,6 +320,7 @@ def layer_specs(config, spec, offset: int, count: int, options: ModelOptions, no
         shared_activation=swiglu,
         grouped=options.moe is None or options.moe.moe_grouped_gemm,
         fuse_wgrad=options.moe_wgrad_fusion,
+        wgrad_deferral=WgradDeferral(options.moe_wgrad_defer),
     )
     from megatron.core.transformer.identity_op import IdentityOp
 

@@ -126,37 +126,35 @@ def grouped_linear(
     weight: torch.Tensor,
     tokens_per_expert: torch.Tensor,
     offsets: torch.Tensor | None = None,
-    fuse_wgrad: bool = False,
+    fuse_wgrad=False,
 ) -> torch.Tensor:
     """y[rows of expert e] = x[rows of e] @ weight[e].T for x grouped by expert.
 
     With `offsets` (the cumulative row counts, on the device): one torch._grouped_mm (GPU).
+    `fuse_wgrad`: True or an `expert_wgrad.ExpertWgrad` (which may defer over micro-batches)
+    adds the weight gradient straight into megatron DDP's fp32 main_grad (GPU, grouped path).
     Without: a loop over experts (one host sync for the counts). The CPU tests take the loop:
     `_grouped_mm`'s CPU backward fails on expanded gradients in torch 2.13, and the reference
     comparisons need fp32."""
     if offsets is not None:
-        return _GroupedLinear.apply(x, weight, offsets, fuse_wgrad)
+        if fuse_wgrad is True:
+            from remote_runtime.model.expert_wgrad import ExpertWgrad
+
+            fuse_wgrad = ExpertWgrad()
+        return _GroupedLinear.apply(x, weight, offsets, fuse_wgrad or None)
     counts = tokens_per_expert.tolist()
     parts = [p @ w.t() for p, w in zip(torch.split(x, counts), weight)]
     # every expert takes part in the graph, so each gets a (possibly zero) gradient
     return torch.cat(parts) if parts else x.new_empty(0, weight.shape[1])
 
 
-WGRAD_BLOCKS = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
-
-
 def accumulate_expert_wgrad(
     main_grad: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor
 ) -> None:
     """main_grad[e] (fp32 [E, N, K]) += dy[rows of e]^T @ x[rows of e]: one Triton launch."""
-    from remote_runtime.model import triton_kernels
-    from remote_runtime.model.ops import triton_cdiv
+    from remote_runtime.model.expert_wgrad import accumulate_segments
 
-    e, n, k = main_grad.shape
-    b = WGRAD_BLOCKS
-    triton_kernels.expert_wgrad_accum[
-        (triton_cdiv(n, b["BLOCK_N"]), triton_cdiv(k, b["BLOCK_K"]), e)
-    ](dy, x, offsets, main_grad, n, k, dy.stride(0), x.stride(0), **b)
+    accumulate_segments(main_grad, [(dy, x, offsets)])
 
 
 def _accumulates_into_main_grad(weight: torch.Tensor) -> bool:
@@ -172,12 +170,13 @@ class _GroupedLinear(torch.autograd.Function):
     """y = x @ weight[e].T per expert group (torch._grouped_mm). The weight gradient comes out
     in the parameter's own [E, out, in] layout (autograd's would be the transposed view, which
     the gradient accumulation copies), or with `fuse_wgrad` straight into megatron DDP's fp32
-    main_grad by a Triton grouped GEMM that accumulates in place."""
+    main_grad by a Triton grouped GEMM that accumulates in place (`wgrad`: an
+    expert_wgrad.ExpertWgrad, which may keep the rows for a later micro-batch's launch)."""
 
     @staticmethod
-    def forward(ctx, x, weight, offsets, fuse_wgrad):
+    def forward(ctx, x, weight, offsets, wgrad):
         ctx.save_for_backward(x, weight, offsets)
-        ctx.fuse_wgrad = fuse_wgrad
+        ctx.wgrad = wgrad
         return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
 
     @staticmethod
@@ -187,8 +186,8 @@ class _GroupedLinear(torch.autograd.Function):
         dx = torch._grouped_mm(dy, weight, offs=offsets) if ctx.needs_input_grad[0] else None
         if not ctx.needs_input_grad[1]:  # a frozen weight (LoRA): no weight-gradient GEMM
             dw = None
-        elif ctx.fuse_wgrad and _accumulates_into_main_grad(weight):
-            accumulate_expert_wgrad(weight.main_grad, dy, x, offsets)
+        elif ctx.wgrad is not None and _accumulates_into_main_grad(weight):
+            ctx.wgrad.add(weight.main_grad, dy, x, offsets)
             weight.grad_added_to_main_grad = True
             dw = torch.empty_like(weight)  # a placeholder: DDP's hook skips its add
         else:
@@ -208,6 +207,7 @@ class GroupedExperts(torch.nn.Module):
         activation="eager",
         grouped: bool = True,
         fuse_wgrad: bool = True,
+        wgrad_deferral=None,
         **_unused,
     ):
         super().__init__()
@@ -232,6 +232,14 @@ class GroupedExperts(torch.nn.Module):
         self.grouped = grouped  # moe_grouped_gemm: one grouped GEMM, else a loop over experts
         # weight gradients accumulated into DDP's fp32 main_grad by a Triton kernel (GPU)
         self.fuse_wgrad = fuse_wgrad and activation == "triton"
+        # expert_wgrad.WgradDeferral shared by the model's MoE layers (None: add every
+        # micro-batch's gradient at once)
+        self.wgrad_deferral = wgrad_deferral
+        self._wgrad = None
+        if self.fuse_wgrad:
+            from remote_runtime.model.expert_wgrad import ExpertWgrad
+
+            self._wgrad = (ExpertWgrad(wgrad_deferral), ExpertWgrad(wgrad_deferral))
 
     def _swiglu(self, y: torch.Tensor) -> torch.Tensor:
         if self.activation == "triton" and y.is_cuda:
@@ -245,12 +253,13 @@ class GroupedExperts(torch.nn.Module):
         grouped = self.grouped and grouped_mm_usable(x)
         offsets = _offsets(tokens_per_expert, x.device) if grouped else None
         fc1, fc2 = self.linear_fc1, self.linear_fc2
-        h = grouped_linear(x, fc1.weight, tokens_per_expert, offsets, self.fuse_wgrad)
+        wgrad1, wgrad2 = self._wgrad or (False, False)
+        h = grouped_linear(x, fc1.weight, tokens_per_expert, offsets, wgrad1)
         if hasattr(fc1, "lora"):  # LoRA adapters per expert (remote_runtime/model/lora.py)
             h = fc1.lora.add_grouped(x, h, tokens_per_expert, offsets)
         # router weights in the activations' dtype, as transformers multiplies them
         a = self._swiglu(h) * probs.unsqueeze(-1).to(h.dtype)
-        y = grouped_linear(a, fc2.weight, tokens_per_expert, offsets, self.fuse_wgrad)
+        y = grouped_linear(a, fc2.weight, tokens_per_expert, offsets, wgrad2)
         if hasattr(fc2, "lora"):
             y = fc2.lora.add_grouped(a, y, tokens_per_expert, offsets)
         return y, None
@@ -390,7 +399,12 @@ class _KnownMoELayer(logging.Filter):
 
 
 def moe_spec(
-    config, activation: str, shared_activation=None, grouped: bool = True, fuse_wgrad: bool = True
+    config,
+    activation: str,
+    shared_activation=None,
+    grouped: bool = True,
+    fuse_wgrad: bool = True,
+    wgrad_deferral=None,
 ):
     """The MoE `mlp` ModuleSpec: our layer, router and experts; megatron's SharedExpertMLP
     (Qwen2-MoE) on the local linear layers with the dense MLP's activation module."""
@@ -413,7 +427,12 @@ def moe_spec(
     )
     experts = ModuleSpec(
         module=GroupedExperts,
-        params={"activation": activation, "grouped": grouped, "fuse_wgrad": fuse_wgrad},
+        params={
+            "activation": activation,
+            "grouped": grouped,
+            "fuse_wgrad": fuse_wgrad,
+            "wgrad_deferral": wgrad_deferral,
+        },
     )
     return ModuleSpec(
         module=_layer_class(),

@@ -431,45 +431,109 @@ def cross_entropy_bwd(LOGITS, LABELS, LSE, DLOSS, V, VALID, stride, BLOCK: tl.co
 
 
 @triton.jit
+def _wgrad_segment(
+    acc, DY, X, OFFS, s, e, E, rn, rk, nmask, kmask, stride_dy, stride_x, BLOCK_M: tl.constexpr
+):
+    """acc += DY[rows of expert e in segment s]^T @ X[same rows] (OFFS: [segments, E]
+    cumulative row counts)."""
+    end = tl.load(OFFS + s * E + e)
+    start = tl.load(OFFS + s * E + tl.maximum(e - 1, 0))
+    start = tl.where(e > 0, start, 0)
+    for m in range(start, end, BLOCK_M):
+        rm = m + tl.arange(0, BLOCK_M)
+        mmask = rm < end
+        r64 = rm.to(tl.int64)
+        dy = tl.load(
+            DY + r64[:, None] * stride_dy + rn[None, :],
+            mask=mmask[:, None] & nmask[None, :],
+            other=0.0,
+        )
+        x = tl.load(
+            X + r64[:, None] * stride_x + rk[None, :],
+            mask=mmask[:, None] & kmask[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(tl.trans(dy), x, acc)
+    return acc
+
+
+@triton.jit
 def expert_wgrad_accum(
-    DY,
-    X,
+    DY0,
+    DY1,
+    DY2,
+    DY3,
+    DY4,
+    DY5,
+    DY6,
+    DY7,
+    X0,
+    X1,
+    X2,
+    X3,
+    X4,
+    X5,
+    X6,
+    X7,
     OFFS,
     G,
     N,
     K,
+    E,
     stride_dy,
     stride_x,
+    SEGMENTS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """G[e] += DY[rows of e]^T @ X[rows of e] for rows grouped by expert (OFFS: cumulative row
-    counts), accumulated in place in fp32 (megatron's main_grad, layout [E, N, K])."""
+    """G[e] += sum over segments s < SEGMENTS of DYs[rows of e]^T @ Xs[rows of e], rows grouped
+    by expert in each segment (OFFS [SEGMENTS, E]: cumulative row counts), accumulated in place
+    in fp32 (megatron's main_grad, layout [E, N, K]). A segment is one micro-batch's rows: the
+    deferred expert weight gradient (model/expert_wgrad.py) reads and writes G once for up to
+    eight micro-batches. Slots past SEGMENTS are ignored."""
     pid_n, pid_k, e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    end = tl.load(OFFS + e)
-    start = tl.load(OFFS + tl.maximum(e - 1, 0))
-    start = tl.where(e > 0, start, 0)
-    if end > start:
+    rows = tl.load(OFFS + e) - tl.where(e > 0, tl.load(OFFS + tl.maximum(e - 1, 0)), 0)
+    for s in tl.static_range(1, SEGMENTS):
+        rows += tl.load(OFFS + s * E + e)
+        rows -= tl.where(e > 0, tl.load(OFFS + s * E + tl.maximum(e - 1, 0)), 0)
+    if rows > 0:
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         nmask, kmask = rn < N, rk < K
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for m in range(start, end, BLOCK_M):
-            rm = m + tl.arange(0, BLOCK_M)
-            mmask = rm < end
-            r64 = rm.to(tl.int64)
-            dy = tl.load(
-                DY + r64[:, None] * stride_dy + rn[None, :],
-                mask=mmask[:, None] & nmask[None, :],
-                other=0.0,
-            )
-            x = tl.load(
-                X + r64[:, None] * stride_x + rk[None, :],
-                mask=mmask[:, None] & kmask[None, :],
-                other=0.0,
-            )
-            acc += tl.dot(tl.trans(dy), x)
         ptr = G + e.to(tl.int64) * N * K + rn[:, None] * K + rk[None, :]
         mask = nmask[:, None] & kmask[None, :]
-        tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + acc, mask=mask)
+        # start from the old value: its load overlaps the first tiles' loads
+        acc = tl.load(ptr, mask=mask, other=0.0)
+        acc = _wgrad_segment(
+            acc, DY0, X0, OFFS, 0, e, E, rn, rk, nmask, kmask, stride_dy, stride_x, BLOCK_M
+        )
+        if SEGMENTS > 1:
+            acc = _wgrad_segment(
+                acc, DY1, X1, OFFS, 1, e, E, rn, rk, nmask, kmask, stride_dy, stride_x, BLOCK_M
+            )
+        if SEGMENTS > 2:
+            acc = _wgrad_segment(
+                acc, DY2, X2, OFFS, 2, e, E, rn, rk, nmask, kmask, stride_dy, stride_x, BLOCK_M
+            )
+        if SEGMENTS > 3:
+            acc = _wgrad_segment(
+                acc, DY3, X3, OFFS, 3, e, E, rn, rk, nmask, kmask, stride_dy, stride_x, BLOCK_M
+            )
+        if SEGMENTS > 4:
+            acc = _wgrad_segment(
+                acc, DY4, X4, OFFS, 4, e, E, rn, rk, nmask, kmask, stride_dy, stride_x, BLOCK_M
+            )
+        if SEGMENTS > 5:
+            acc = _wgrad_segment(
+                acc, DY5, X5, OFFS, 5, e, E, rn, rk, nmask, kmask, stride_dy, stride_x, BLOCK_M
+            )
+        if SEGMENTS > 6:
+            acc = _wgrad_segment(
+                acc, DY6, X6, OFFS, 6, e, E, rn, rk, nmask, kmask, stride_dy, stride_x, BLOCK_M
+            )
+        if SEGMENTS > 7:
+            acc = _wgrad_segment(
+                acc, DY7, X7, OFFS, 7, e, E, rn, rk, nmask, kmask, stride_dy, stride_x, BLOCK_M
+            )
+        tl.store(ptr, acc, mask=mask)

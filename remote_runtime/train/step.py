@@ -12,7 +12,7 @@ from functools import partial
 
 import torch
 
-from remote_runtime.model import moe_aux
+from remote_runtime.model import expert_wgrad, moe_aux
 
 IGNORE_INDEX = -100
 
@@ -118,7 +118,12 @@ def train_step(
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    deferred = expert_wgrad.deferrals(model)  # MoE expert gradients kept over micro-batches
+    for d in deferred:
+        d.begin_step(len(micro_batches))
     losses = _run_schedule(model, micro_batches, forward_backward, loss_for, forward_only=False)
+    for d in deferred:
+        d.end_step(micro_batches[0].tokens.device)
     update_successful, grad_norm, _ = step_optimizer(optimizer)
     if update_successful:
         scheduler.step(increment=1)

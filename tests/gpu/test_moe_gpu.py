@@ -138,3 +138,53 @@ def test_expert_lora_grouped_path_matches_the_loop_on_gpu():
         scale = loop.abs().max()
         assert scale > 0
         assert (grouped.float() - loop.float()).abs().max() <= 2e-2 * scale
+
+
+def test_deferred_weight_gradients_equal_the_immediate_ones():
+    """Qwen3-30B-A3B's expert shapes, 5 micro-batches at depth 4: main_grad is untouched
+    after the first 3, and after the step's last equals the undeferred path's (fp32, up to the
+    rounding order of the sums)."""
+    from remote_runtime.model.expert_wgrad import WgradDeferral
+    from remote_runtime.model.moe import GroupedExperts, LocalDispatch
+
+    torch.manual_seed(0)
+    deferral = WgradDeferral(4)
+    immediate = _experts(True, "triton")
+    config = immediate.config
+    with torch.device("cuda"):
+        deferred = GroupedExperts(16, config, activation="triton", wgrad_deferral=deferral).cuda()
+    with torch.no_grad():
+        for w in (immediate.linear_fc1.weight, immediate.linear_fc2.weight):
+            w.copy_(torch.randn_like(w) * 0.02)
+        deferred.load_state_dict(immediate.state_dict())
+    for m in (immediate, deferred):
+        for w in (m.linear_fc1.weight, m.linear_fc2.weight):
+            w.main_grad = torch.zeros(w.shape, device="cuda")
+            w.grad_added_to_main_grad = False
+    batches = []
+    for _ in range(5):
+        n = 1500
+        batches.append(
+            (
+                torch.randn(n, 2048, device="cuda", dtype=torch.bfloat16),
+                torch.randint(0, 16, (n, 8), device="cuda"),
+                torch.rand(n, 8, device="cuda"),
+            )
+        )
+    deferral.begin_step(len(batches))
+    for i, (x, idx, probs) in enumerate(batches):
+        for m in (immediate, deferred):
+            d = LocalDispatch(idx, 16)
+            rows, row_probs = d.permute(x, probs)
+            y, _ = m(rows, d.tokens_per_expert, row_probs)
+            d.unpermute(y).float().square().sum().backward()
+        if i < 3:
+            assert deferred.linear_fc1.weight.main_grad.abs().max() == 0
+    deferral.end_step()
+    for a, b in (
+        (immediate.linear_fc1.weight, deferred.linear_fc1.weight),
+        (immediate.linear_fc2.weight, deferred.linear_fc2.weight),
+    ):
+        scale = a.main_grad.abs().max()
+        assert scale > 0
+        assert (a.main_grad - b.main_grad).abs().max() <= 1e-5 * scale
