@@ -276,8 +276,8 @@ def run_runtime(args, cfg: dict) -> dict:
     total = torch.stack(losses).sum(0)
     torch.distributed.all_reduce(total)
     from remote_runtime.model.attention import PACKED_PATH
-    from remote_runtime.model.expert_wgrad import deferrals
     from remote_runtime.model.builder import memory_assumptions
+    from remote_runtime.model.expert_wgrad import deferrals
 
     extra = {
         "optimizer_step": "megatron" if args.megatron_optimizer_step else "folded",
