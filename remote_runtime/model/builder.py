@@ -85,6 +85,7 @@ class ModelOptions:
             recompute_num_layers=job.recompute.recompute_num_layers,
             cross_entropy_loss_fusion=job.train.cross_entropy_loss_fusion,
             moe=job.moe,
+            moe_wgrad_defer=job.moe.moe_wgrad_defer,
         )
         values.update(overrides)
         return cls(**values)

@@ -88,6 +88,10 @@ class MoEConfig:
     moe_token_dispatcher_type: str = "alltoall"  # alltoall | allgather
     moe_expert_capacity_factor: Optional[float] = None  # None: dropless; else tokens dropped
     moe_shared_expert_overlap: bool = False  # overlap the shared expert with the dispatch
+    # megafleet's own: expert weight gradients added to the fp32 gradient buffer once per this
+    # many micro-batches (1-8), keeping their rows meanwhile; auto: as far as half the memory the
+    # first step leaves unused allows (remote_runtime/model/expert_wgrad.py)
+    moe_wgrad_defer: str = "auto"
 
 
 @dataclass
@@ -523,6 +527,16 @@ def validate(job: JobConfig) -> list[str]:
         "moe_aux_loss_coeff",
     ):
         positive(leaf, allow_zero=True)
+
+    defer = str(job.moe.moe_wgrad_defer)
+    if defer != "auto" and not (defer.isdigit() and 1 <= int(defer) <= 8):
+        problems.append(
+            (
+                "moe.moe_wgrad_defer",
+                f"{defer!r} is neither auto nor a micro-batch count from 1 to 8",
+                "use auto, or 1 to add every micro-batch's expert gradients at once (least memory)",
+            )
+        )
 
     for leaf in ("master_port", "watcher_port"):
         port = job.get(LEAVES[leaf][0])

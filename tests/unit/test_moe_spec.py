@@ -309,3 +309,19 @@ def test_lora_targets_of_a_moe_family_know_their_layer_kind():
     assert kinds["self_attention.linear_qkv"] is None
     assert kinds["mlp.linear_fc1"] == kinds["mlp.linear_fc2"] == "dense"
     assert kinds["mlp.shared_experts.linear_fc1"] == "moe"
+
+
+def test_expert_gradient_deferral_option():
+    """moe_wgrad_defer: auto (default) or 1-8 micro-batches; anything else is named; from the
+    command line as from YAML; refused on a dense model like every MoE option."""
+    assert resolve(QWEN3_30B)["job"]["moe"]["moe_wgrad_defer"] == "auto"
+    assert resolve(QWEN3_30B, moe_wgrad_defer=1)["job"]["moe"]["moe_wgrad_defer"] == "1"
+    job = job_from_argv(
+        ["--model", "m", "--dataset", "d.jsonl", "--train_iters", "1", "--moe_wgrad_defer", "4"]
+    )
+    assert job.moe.moe_wgrad_defer == "4"
+    for bad in ("0", "9", "sometimes"):
+        found = problems(QWEN3_30B, moe_wgrad_defer=bad)
+        assert "neither auto nor a micro-batch count from 1 to 8" in found["moe.moe_wgrad_defer"]
+    dense = problems(NAMED_CONFIGS["qwen3-8b"], moe_wgrad_defer="2")
+    assert "dense model" in dense["moe.moe_wgrad_defer"]
