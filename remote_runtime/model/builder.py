@@ -59,6 +59,8 @@ class ModelOptions:
     # Weight gradients accumulated in the fp32 DDP buffers by the GEMM itself (GPU; needs the
     # model wrapped in megatron DDP before any backward, as training does).
     gradient_accumulation_fusion: bool = True
+    # ... and the word embedding's gradient added row by row into it (model/embedding.py; TP 1)
+    fused_embedding_grad: bool = True
     init_weights: bool = False  # random init; off when a checkpoint is loaded right after
     variable_seq_lengths: bool = True  # pipeline stages exchange shapes (packed batches vary)
     extra_config: dict = field(default_factory=dict)  # further TransformerConfig fields
@@ -404,6 +406,10 @@ def build_model(
         # parameters into its GPU buffers, so a frozen router (LoRA, a DPO reference) stayed there
         model.to(dist.device)
     _apply_rope_scaling(model, tc["rope_scaling"])
+    if config.gradient_accumulation_fusion and options.fused_embedding_grad and model.pre_process:
+        from remote_runtime.model import embedding
+
+        embedding.install(model)
     model.megafleet_family = family.name  # what the bridge and checks report
     model.megafleet_transformer_impl = impl
     model.megafleet_packed_sequences = packed_sequences_supported(options)
