@@ -49,9 +49,44 @@ def timed(fn, repeat: int = 5) -> float:
     return (time.perf_counter() - t0) / repeat
 
 
+def sweep(data, grads, flops) -> list:
+    """ms per micro-batch (fc1 + fc2) of tile configurations at depth 1 and 8."""
+    import itertools
+
+    from remote_runtime.model.expert_wgrad import accumulate_segments
+
+    out = []
+    for bm, bn, bk, warps, stages in itertools.product(
+        (32, 64, 128), (64, 128, 256), (64, 128, 256), (4, 8), (2, 3, 4)
+    ):
+        smem = stages * (bm * bn + bm * bk) * 2
+        if smem > 200 * 1024 or bn * bk > 128 * 256 or (bn * bk >= 128 * 256 and warps < 8):
+            continue
+        blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        row = dict(blocks)
+        for depth in (1, 8):
+
+            def run(depth=depth, blocks=blocks):
+                for name, mbs in data.items():
+                    for i in range(0, MICRO, depth):
+                        accumulate_segments(grads[name], mbs[i : i + depth], blocks)
+
+            try:
+                per_mb = timed(run, repeat=3) / MICRO
+                row[f"depth_{depth}_ms"] = round(per_mb * 1e3, 3)
+                row[f"depth_{depth}_tflops"] = round(flops / per_mb / 1e12, 1)
+            except Exception as exc:  # out of resources: skip the configuration
+                row["error"] = str(exc)[:80]
+                break
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--json")
+    p.add_argument("--sweep", action="store_true", help="time kernel tile configurations")
     args = p.parse_args(argv)
     from remote_runtime.model.expert_wgrad import accumulate_segments
 
@@ -93,6 +128,8 @@ def main(argv=None) -> None:
             accumulate_segments(a, [seg])
         accumulate_segments(b, mbs)
         results[f"{name}_depth8_vs_depth1_max_rel"] = float((a - b).abs().max() / a.abs().max())
+    if args.sweep:
+        results["sweep"] = sweep(data, grads, flops)
     print(json.dumps(results, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -32,7 +32,9 @@ AUTO_MEMORY_SHARE = 0.5  # of the memory the first step left unused
 WGRAD_BLOCKS = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
 
 
-def accumulate_segments(main_grad: torch.Tensor, segments: list) -> None:
+def accumulate_segments(
+    main_grad: torch.Tensor, segments: list, blocks: dict | None = None
+) -> None:
     """main_grad[e] (fp32 [E, N, K]) += sum over (dy, x, offsets) segments of
     dy[rows of e]^T @ x[rows of e] (rows grouped by expert, offsets the cumulative row counts
     [E] int32 on the device): one Triton launch, main_grad read and written once."""
@@ -49,7 +51,7 @@ def accumulate_segments(main_grad: torch.Tensor, segments: list) -> None:
             raise ValueError("deferred expert gradient segments must share their row strides")
     offsets = torch.stack([o for _, _, o in segments]) if len(segments) > 1 else segments[0][2]
     pad = MAX_DEPTH - len(segments)
-    b = WGRAD_BLOCKS
+    b = blocks or WGRAD_BLOCKS
     triton_kernels.expert_wgrad_accum[
         (triton_cdiv(n, b["BLOCK_N"]), triton_cdiv(k, b["BLOCK_K"]), e)
     ](
