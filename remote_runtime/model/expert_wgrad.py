@@ -29,7 +29,12 @@ MAX_DEPTH = 8  # the kernel's segment slots
 AUTO_MEMORY_SHARE = 0.5  # of the memory the first step left unused
 
 
-WGRAD_BLOCKS = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
+# Tiles from `benchmarks/expert_wgrad.py --sweep` (H100, Qwen3-30B-A3B's expert shapes, 112
+# configurations; benchmarks/results/2026-12-05-h100-session10-expert-wgrad-sweep.json): one
+# micro-batch's rows 2.10 ms per layer (fc1 + fc2) against 2.94 for session 9's tiles; eight
+# micro-batches' 0.86 ms per micro-batch against 1.19.
+WGRAD_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
+WGRAD_BLOCKS_DEFERRED = dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)
 
 
 def accumulate_segments(
@@ -51,7 +56,7 @@ def accumulate_segments(
             raise ValueError("deferred expert gradient segments must share their row strides")
     offsets = torch.stack([o for _, _, o in segments]) if len(segments) > 1 else segments[0][2]
     pad = MAX_DEPTH - len(segments)
-    b = blocks or WGRAD_BLOCKS
+    b = blocks or (WGRAD_BLOCKS if len(segments) == 1 else WGRAD_BLOCKS_DEFERRED)
     triton_kernels.expert_wgrad_accum[
         (triton_cdiv(n, b["BLOCK_N"]), triton_cdiv(k, b["BLOCK_K"]), e)
     ](
