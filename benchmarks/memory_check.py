@@ -21,7 +21,10 @@ What a run must say (either spelling is accepted; groups may also be nested as "
                 "reserved" (max_memory_reserved) or "device" (nvidia-smi)
   optional      "assumptions": {field: value} overriding megafleet.memory.Assumptions (say
                 what the runtime did, e.g. {"optimizer_impl": "foreach"});
-                "framework"/"impl": runs named hf/transformers are skipped
+                "framework"/"impl": runs named hf/transformers are skipped;
+                "moe_wgrad_kept_gib": what the runtime chose to keep from unused memory to
+                defer MoE expert weight gradients (remote_runtime/model/expert_wgrad.py),
+                added to the estimate
 """
 
 from __future__ import annotations
@@ -133,11 +136,12 @@ def measured_gib(run: dict) -> float:
 
 def compared_estimate(run: dict, est) -> float:
     kind = run.get("peak_mem_kind", "allocated")
+    kept = float(run.get("moe_wgrad_kept_gib") or 0.0)
     if kind == "reserved":
-        return est.allocated_gib + est.overhead["fragmentation"]
+        return est.allocated_gib + est.overhead["fragmentation"] + kept
     if kind == "device":
-        return est.total_gib
-    return est.allocated_gib
+        return est.total_gib + kept
+    return est.allocated_gib + kept
 
 
 def check_file(path: Path, tolerance: float) -> list[dict]:

@@ -293,6 +293,10 @@ def run_runtime(args, cfg: dict) -> dict:
         "options": overrides,
         # MoE: micro-batches per expert weight-gradient pass (model/expert_wgrad.py)
         "moe_wgrad_defer": [d.depth for d in deferrals(model)],
+        # ... and what that keeps beyond an undeferred step (memory_check adds it)
+        "moe_wgrad_kept_gib": round(
+            sum(d.held_bytes(len(micro)) for d in deferrals(model)) / 2**30, 2
+        ),
         "gradient_accumulation_fusion": bool(model[0].module.config.gradient_accumulation_fusion),
         "transformer_impl": getattr(model[0].module, "megafleet_transformer_impl", None),
         "assumptions": memory_assumptions(model[0].module),

@@ -93,7 +93,8 @@ class WgradDeferral:
         self.micro_batches: int | None = None  # None outside a training step: no deferral
         self.step = 0
         self.decided = requested != "auto"
-        self.kept_bytes = 0  # bytes of (dy, x) rows seen in the measured step
+        self.kept_bytes = 0  # bytes of (dy, x) rows seen in the first step
+        self.bytes_per_micro_batch: float | None = None  # measured in the first step
         self._weights: weakref.WeakSet = weakref.WeakSet()
 
     def register(self, wgrad: "ExpertWgrad") -> None:
@@ -114,9 +115,17 @@ class WgradDeferral:
                 f"{pending} deferred expert weight gradients were not added to main_grad by the "
                 "step's last micro-batch; run with moe_wgrad_defer=1 and report this"
             )
-        if not self.decided and self.kept_bytes and micro_batches:
-            self.decided = True
-            self.depth = auto_depth(self.kept_bytes / micro_batches, device)
+        if self.bytes_per_micro_batch is None and self.kept_bytes and micro_batches:
+            self.bytes_per_micro_batch = self.kept_bytes / micro_batches
+            if not self.decided:
+                self.decided = True
+                self.depth = auto_depth(self.bytes_per_micro_batch, device)
+
+    def held_bytes(self, micro_batches: int) -> float:
+        """What deferring keeps at most beyond an undeferred step (measured rows x the extra
+        micro-batches held), for the memory check of benchmarks."""
+        extra = min(self.depth, micro_batches) - 1
+        return extra * (self.bytes_per_micro_batch or 0.0)
 
     def depth_now(self) -> int:
         return self.depth if self.micro_batches else 1
@@ -169,7 +178,7 @@ class ExpertWgrad:
             self.step, self.calls = d.step, 0
         self.calls += 1
         self.pending.append((dy, x, offsets))
-        if not d.decided:
+        if d.bytes_per_micro_batch is None:
             d.kept_bytes += dy.numel() * dy.element_size() + x.numel() * x.element_size()
         if len(self.pending) >= d.depth_now() or self.calls >= d.micro_batches:
             segments, self.pending = self.pending, []

@@ -143,6 +143,11 @@ def test_auto_measures_the_first_step_and_stays_at_one_without_cuda():
         assert not wgrad.pending  # depth 1 while measuring
     assert deferral.kept_bytes == 2 * 12 * (N + K) * 4
     deferral.end_step()
+    assert deferral.bytes_per_micro_batch == 12 * (N + K) * 4
+    deferral.depth = 3  # what a GPU with room might choose: two micro-batches' rows held
+    assert deferral.held_bytes(8) == 2 * 12 * (N + K) * 4
+    assert deferral.held_bytes(2) == 12 * (N + K) * 4  # never more than the step holds
+    deferral.depth = 1
     assert deferral.decided
     if not torch.cuda.is_available():
         assert deferral.depth == 1
