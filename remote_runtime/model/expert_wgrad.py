@@ -142,7 +142,8 @@ def auto_depth(bytes_per_micro_batch: float, device=None) -> int:
     depth = depth_for(spare, bytes_per_micro_batch)
     log.info(
         "MoE expert weight gradients: added to main_grad every %d micro-batch(es) "
-        "(%.1f GiB kept per micro-batch, %.1f GiB unused after the first step)",
+        "(%.1f GiB kept per micro-batch, %.1f GiB unused after the first step; "
+        "moe_wgrad_defer: 1 keeps none)",
         depth,
         bytes_per_micro_batch / 2**30,
         spare / 2**30,
