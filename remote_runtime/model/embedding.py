@@ -9,7 +9,10 @@ weight-gradient paths do (`grad_added_to_main_grad`) and hands autograd an unfil
 
 Installed by the model builder at tensor-parallel size 1 (where the embedding is a plain lookup)
 on GPU with gradient-accumulation fusion; elsewhere megatron's embedding runs unchanged. Without
-a main_grad (no DDP, or a frozen weight) the backward is the ordinary dense gradient.
+a main_grad (no DDP, or a frozen weight) the backward is the ordinary dense gradient. Tied input
+and output embeddings (`zero_out_wgrad`, see the backward) are handled: a GPU run before that
+case was handled gave NaN losses on Qwen3-1.7B (tied); tests/runtime/test_embedding_grad.py
+covers it.
 """
 
 from __future__ import annotations
@@ -44,6 +47,13 @@ class _EmbeddingIntoMainGrad(torch.autograd.Function):
             )
         main_grad.index_add_(0, flat_ids, flat_grad.float())
         weight.grad_added_to_main_grad = True
+        if getattr(weight, "zero_out_wgrad", False):
+            # Tied with the output layer (megatron sets zero_out_wgrad on the shared weight): the
+            # output layer hands autograd a zero placeholder, which DDP's hook adds to main_grad
+            # (it adds whenever zero_out_wgrad is set). An unfilled placeholder from here would
+            # be summed into it and added: garbage (NaN in a GPU run). No gradient from here
+            # keeps the sum the output layer's zeros.
+            return None, None
         return None, torch.empty_like(weight)  # a placeholder: DDP's hook skips its add
 
 

@@ -52,3 +52,61 @@ def test_frozen_weight_gets_no_gradient():
     x = torch.zeros(1, requires_grad=True)
     (embedding_into_main_grad(ids, weight) * x).sum().backward()
     assert weight.grad is None and x.grad is not None
+
+
+def test_tied_output_layer_gets_the_exact_gradient(monkeypatch):
+    """Tied input/output embeddings at PP 1 (Qwen3-1.7B): megatron sets `zero_out_wgrad` on the
+    shared weight; its output layer (megatron's own autograd function, gradient-accumulation
+    fusion on) adds its weight gradient into main_grad and hands autograd a zero placeholder that
+    DDP's hook adds (megatron-core 0.16 distributed_data_parallel.py: the hook adds param.grad when
+    `not grad_added_to_main_grad or zero_out_wgrad`). The embedding must then contribute no
+    placeholder of its own: an unfilled one was summed and added (NaN losses on an H100)."""
+    import types
+
+    from megatron.core.tensor_parallel import layers
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")  # its placeholders' device
+    monkeypatch.setattr(
+        layers,
+        "fused_weight_gradient_mlp_cuda",
+        types.SimpleNamespace(wgrad_gemm_accum_fp32=lambda x, g, mg: mg.addmm_(g.t(), x)),
+        raising=False,
+    )
+    monkeypatch.setattr(layers, "_grad_accum_fusion_available", True)
+
+    class OneRank:
+        def size(self):
+            return 1
+
+        def rank(self):
+            return 0
+
+    ids, weight, _ = _batch()
+    weight.main_grad = torch.zeros(weight.shape)
+    weight.grad_added_to_main_grad = False
+    weight.zero_out_wgrad = True
+
+    def ddp_hook(param):
+        if param.grad is not None and (
+            not param.grad_added_to_main_grad or getattr(param, "zero_out_wgrad", False)
+        ):
+            param.main_grad.add_(param.grad.data)
+        param.grad = None
+
+    weight.register_post_accumulate_grad_hook(ddp_hook)
+    hidden = embedding_into_main_grad(ids, weight)
+    logits = layers.linear_with_grad_accumulation_and_async_allreduce(
+        hidden, weight, None, True, False, False, tp_group=OneRank()
+    )
+    logits.logsumexp(-1).sum().backward()
+    ref = weight.detach().clone().requires_grad_()
+    F.linear(F.embedding(ids, ref), ref).logsumexp(-1).sum().backward()
+    torch.testing.assert_close(weight.main_grad, ref.grad, atol=1e-5, rtol=1e-5)
+
+    # the embedding alone hands autograd nothing for a zero_out_wgrad weight
+    lone = torch.randn(50, 8, requires_grad=True)
+    lone.main_grad = torch.zeros(50, 8)
+    lone.grad_added_to_main_grad = False
+    lone.zero_out_wgrad = True
+    embedding_into_main_grad(ids, lone).sum().backward()
+    assert lone.grad is None and lone.main_grad.abs().sum() > 0
