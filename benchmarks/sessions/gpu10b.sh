@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Not run in session 10 (no H200 came); the script to run first next session.
 # GPU session 10, call b (nvidia-h200, 2026-12-05): the tuned expert weight-gradient tiles (from
 # the H100 sweep). Qwen3-30B-A3B cut to 8 layers (full FT, mb1) at the defaults beside HF, a
 # profile of the defaults, ablations (depth 1; the dense embedding gradient), the kernel by depth,
