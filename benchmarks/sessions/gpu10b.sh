@@ -14,6 +14,6 @@ step moe-full-auto-profile 100 $MOE --impl runtime --label s10-auto-profiled --p
 step moe-full-defer1 80 $MOE --impl runtime --option moe_wgrad_defer=1 --label s10-defer1 --json $OUT/moe-full.json
 step moe-full-dense-embedding-grad 80 $MOE --impl runtime --option fused_embedding_grad=false --label s10-dense-embedding-grad --json $OUT/moe-full.json
 step kernel 40 python3 benchmarks/expert_wgrad.py --json $OUT/expert-wgrad.json
-step gpu-tests-moe 90 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_gpu.py
+step gpu-tests-moe-embedding 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_gpu.py tests/gpu/test_embedding_grad_gpu.py
 step dense-1.7b 60 $DENSE --label s10-1.7b --json $OUT/dense.json
 step dense-1.7b-dense-embedding-grad 60 $DENSE --option fused_embedding_grad=false --label s10-1.7b-dense-embedding-grad --json $OUT/dense.json
