@@ -23,9 +23,10 @@ import weakref
 
 import torch
 
+from remote_runtime.spec.config import MOE_WGRAD_MAX_DEPTH as MAX_DEPTH  # the kernel's slots
+
 log = logging.getLogger(__name__)
 
-MAX_DEPTH = 8  # the kernel's segment slots
 AUTO_MEMORY_SHARE = 0.5  # of the memory the first step left unused
 
 
@@ -88,7 +89,6 @@ class WgradDeferral:
             raise ValueError(
                 f"moe_wgrad_defer must be 'auto' or a micro-batch count >= 1, got {requested!r}"
             )
-        self.requested = requested
         self.depth = 1 if requested == "auto" else min(int(requested), MAX_DEPTH)
         self.micro_batches: int | None = None  # None outside a training step: no deferral
         self.step = 0
@@ -126,9 +126,6 @@ class WgradDeferral:
         micro-batches held), for the memory check of benchmarks."""
         extra = min(self.depth, micro_batches) - 1
         return extra * (self.bytes_per_micro_batch or 0.0)
-
-    def depth_now(self) -> int:
-        return self.depth if self.micro_batches else 1
 
 
 def auto_depth(bytes_per_micro_batch: float, device=None) -> int:
@@ -172,8 +169,8 @@ class ExpertWgrad:
 
     def add(self, main_grad: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, offsets) -> None:
         d = self.deferral
-        if d is None or not d.micro_batches:
-            self._flush(main_grad, [(dy, x, offsets)])
+        if d is None or not d.micro_batches:  # outside a training step: no deferral
+            accumulate_segments(main_grad, [(dy, x, offsets)])
             return
         if self.step != d.step:
             self.step, self.calls = d.step, 0
@@ -181,13 +178,9 @@ class ExpertWgrad:
         self.pending.append((dy, x, offsets))
         if d.bytes_per_micro_batch is None:
             d.kept_bytes += dy.numel() * dy.element_size() + x.numel() * x.element_size()
-        if len(self.pending) >= d.depth_now() or self.calls >= d.micro_batches:
+        if len(self.pending) >= d.depth or self.calls >= d.micro_batches:
             segments, self.pending = self.pending, []
-            self._flush(main_grad, segments)
-
-    @staticmethod
-    def _flush(main_grad, segments) -> None:
-        accumulate_segments(main_grad, segments)
+            accumulate_segments(main_grad, segments)
 
 
 def deferrals(model_chunks) -> list[WgradDeferral]:
@@ -203,9 +196,5 @@ def deferrals(model_chunks) -> list[WgradDeferral]:
                 d = getattr(module, "wgrad_deferral", None)
                 if isinstance(d, WgradDeferral):
                     seen[id(d)] = d
-        found = list(seen.values())
-        try:
-            first._megafleet_wgrad_deferrals = found
-        except AttributeError:  # not a module we can tag: look again next time
-            pass
+        found = first._megafleet_wgrad_deferrals = list(seen.values())
     return found

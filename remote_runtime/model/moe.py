@@ -148,15 +148,6 @@ def grouped_linear(
     return torch.cat(parts) if parts else x.new_empty(0, weight.shape[1])
 
 
-def accumulate_expert_wgrad(
-    main_grad: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor
-) -> None:
-    """main_grad[e] (fp32 [E, N, K]) += dy[rows of e]^T @ x[rows of e]: one Triton launch."""
-    from remote_runtime.model.expert_wgrad import accumulate_segments
-
-    accumulate_segments(main_grad, [(dy, x, offsets)])
-
-
 def _accumulates_into_main_grad(weight: torch.Tensor) -> bool:
     main_grad = getattr(weight, "main_grad", None)
     return (

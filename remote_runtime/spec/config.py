@@ -75,6 +75,11 @@ class ParallelConfig:
     overlap_param_gather: bool = False
 
 
+# deferred MoE expert weight gradients: micro-batches one kernel launch takes at most
+# (remote_runtime/model/expert_wgrad.py)
+MOE_WGRAD_MAX_DEPTH = 8
+
+
 @dataclass
 class MoEConfig:
     """Mixture-of-experts settings (ignored, and refused when set, for dense models)."""
@@ -529,11 +534,12 @@ def validate(job: JobConfig) -> list[str]:
         positive(leaf, allow_zero=True)
 
     defer = str(job.moe.moe_wgrad_defer)
-    if defer != "auto" and not (defer.isdigit() and 1 <= int(defer) <= 8):
+    if defer != "auto" and not (defer.isdigit() and 1 <= int(defer) <= MOE_WGRAD_MAX_DEPTH):
         problems.append(
             (
                 "moe.moe_wgrad_defer",
-                f"{defer!r} is neither auto nor a micro-batch count from 1 to 8",
+                f"{defer!r} is neither auto nor a micro-batch count from 1 to "
+                f"{MOE_WGRAD_MAX_DEPTH}",
                 "use auto, or 1 to add every micro-batch's expert gradients at once (least memory)",
             )
         )

@@ -196,7 +196,7 @@ def test_triton_expert_wgrad_accumulates_into_main_grad():
     import torch
 
     from remote_runtime.model import ops
-    from remote_runtime.model.moe import accumulate_expert_wgrad
+    from remote_runtime.model.expert_wgrad import accumulate_segments
 
     if not ops.interpreted():
         pytest.skip("CPU tensors need TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)")
@@ -209,5 +209,5 @@ def test_triton_expert_wgrad_accumulates_into_main_grad():
         zip(torch.split(x, counts.tolist()), torch.split(dy, counts.tolist()))
     ):
         expected[e] += gs.t() @ xs
-    accumulate_expert_wgrad(main_grad, dy, x, torch.cumsum(counts, 0).to(torch.int32))
+    accumulate_segments(main_grad, [(dy, x, torch.cumsum(counts, 0).to(torch.int32))])
     torch.testing.assert_close(main_grad, expected, atol=1e-4, rtol=1e-4)
