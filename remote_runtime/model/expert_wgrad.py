@@ -23,7 +23,7 @@ import weakref
 
 import torch
 
-from remote_runtime.spec.config import MOE_WGRAD_MAX_DEPTH as MAX_DEPTH  # the kernel's slots
+from remote_runtime.spec.config import MOE_WGRAD_MAX_DEPTH as MAX_DEPTH
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +56,12 @@ def accumulate_segments(
         if dy.stride() != dys[0].stride() or x.stride() != xs[0].stride():
             raise ValueError("deferred expert gradient segments must share their row strides")
     offsets = torch.stack([o for _, _, o in segments]) if len(segments) > 1 else segments[0][2]
-    pad = MAX_DEPTH - len(segments)
     b = blocks or (WGRAD_BLOCKS if len(segments) == 1 else WGRAD_BLOCKS_DEFERRED)
     triton_kernels.expert_wgrad_accum[
         (triton_cdiv(n, b["BLOCK_N"]), triton_cdiv(k, b["BLOCK_K"]), e)
     ](
-        *dys,
-        *[dys[0]] * pad,
-        *xs,
-        *[xs[0]] * pad,
+        tuple(dys),
+        tuple(xs),
         offsets,
         main_grad,
         n,

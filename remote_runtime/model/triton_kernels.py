@@ -431,14 +431,18 @@ def cross_entropy_bwd(LOGITS, LABELS, LSE, DLOSS, V, VALID, stride, BLOCK: tl.co
 
 
 @triton.jit
-def _wgrad_segment(
-    acc, DY, X, OFFS, s, e, E, rn, rk, nmask, kmask, stride_dy, stride_x, BLOCK_M: tl.constexpr
-):
-    """acc += DY[rows of expert e in segment s]^T @ X[same rows] (OFFS: [segments, E]
-    cumulative row counts)."""
+def _segment_rows(OFFS, s, e, E):
+    """(start, end) of expert e's rows in segment s (OFFS: [segments, E] cumulative counts)."""
     end = tl.load(OFFS + s * E + e)
-    start = tl.load(OFFS + s * E + tl.maximum(e - 1, 0))
-    start = tl.where(e > 0, start, 0)
+    start = tl.where(e > 0, tl.load(OFFS + s * E + tl.maximum(e - 1, 0)), 0)
+    return start, end
+
+
+@triton.jit
+def _wgrad_segment(
+    acc, DY, X, start, end, rn, rk, nmask, kmask, stride_dy, stride_x, BLOCK_M: tl.constexpr
+):
+    """acc += DY[start:end]^T @ X[start:end]."""
     for m in range(start, end, BLOCK_M):
         rm = m + tl.arange(0, BLOCK_M)
         mmask = rm < end
@@ -459,22 +463,8 @@ def _wgrad_segment(
 
 @triton.jit
 def expert_wgrad_accum(
-    DY0,
-    DY1,
-    DY2,
-    DY3,
-    DY4,
-    DY5,
-    DY6,
-    DY7,
-    X0,
-    X1,
-    X2,
-    X3,
-    X4,
-    X5,
-    X6,
-    X7,
+    DYS,
+    XS,
     OFFS,
     G,
     N,
@@ -487,16 +477,16 @@ def expert_wgrad_accum(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """G[e] += sum over segments s < SEGMENTS of DYs[rows of e]^T @ Xs[rows of e], rows grouped
-    by expert in each segment (OFFS [SEGMENTS, E]: cumulative row counts), accumulated in place
-    in fp32 (megatron's main_grad, layout [E, N, K]). A segment is one micro-batch's rows: the
-    deferred expert weight gradient (model/expert_wgrad.py) reads and writes G once for up to
-    eight micro-batches. Slots past SEGMENTS are ignored."""
+    """G[e] += sum over segments s of DYS[s][rows of e]^T @ XS[s][rows of e] (DYS, XS: tuples of
+    SEGMENTS tensors, rows grouped by expert in each; OFFS [SEGMENTS, E]: cumulative row counts),
+    accumulated in place in fp32 (megatron's main_grad, layout [E, N, K]). A segment is one
+    micro-batch's rows: the deferred expert weight gradient (model/expert_wgrad.py) reads and
+    writes G once for several micro-batches."""
     pid_n, pid_k, e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = tl.load(OFFS + e) - tl.where(e > 0, tl.load(OFFS + tl.maximum(e - 1, 0)), 0)
-    for s in tl.static_range(1, SEGMENTS):
-        rows += tl.load(OFFS + s * E + e)
-        rows -= tl.where(e > 0, tl.load(OFFS + s * E + tl.maximum(e - 1, 0)), 0)
+    rows = 0
+    for s in tl.static_range(SEGMENTS):
+        start, end = _segment_rows(OFFS, s, e, E)
+        rows += end - start
     if rows > 0:
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -505,35 +495,9 @@ def expert_wgrad_accum(
         mask = nmask[:, None] & kmask[None, :]
         # start from the old value: its load overlaps the first tiles' loads
         acc = tl.load(ptr, mask=mask, other=0.0)
-        acc = _wgrad_segment(
-            acc, DY0, X0, OFFS, 0, e, E, rn, rk, nmask, kmask, stride_dy, stride_x, BLOCK_M
-        )
-        if SEGMENTS > 1:
+        for s in tl.static_range(SEGMENTS):
+            start, end = _segment_rows(OFFS, s, e, E)
             acc = _wgrad_segment(
-                acc, DY1, X1, OFFS, 1, e, E, rn, rk, nmask, kmask, stride_dy, stride_x, BLOCK_M
-            )
-        if SEGMENTS > 2:
-            acc = _wgrad_segment(
-                acc, DY2, X2, OFFS, 2, e, E, rn, rk, nmask, kmask, stride_dy, stride_x, BLOCK_M
-            )
-        if SEGMENTS > 3:
-            acc = _wgrad_segment(
-                acc, DY3, X3, OFFS, 3, e, E, rn, rk, nmask, kmask, stride_dy, stride_x, BLOCK_M
-            )
-        if SEGMENTS > 4:
-            acc = _wgrad_segment(
-                acc, DY4, X4, OFFS, 4, e, E, rn, rk, nmask, kmask, stride_dy, stride_x, BLOCK_M
-            )
-        if SEGMENTS > 5:
-            acc = _wgrad_segment(
-                acc, DY5, X5, OFFS, 5, e, E, rn, rk, nmask, kmask, stride_dy, stride_x, BLOCK_M
-            )
-        if SEGMENTS > 6:
-            acc = _wgrad_segment(
-                acc, DY6, X6, OFFS, 6, e, E, rn, rk, nmask, kmask, stride_dy, stride_x, BLOCK_M
-            )
-        if SEGMENTS > 7:
-            acc = _wgrad_segment(
-                acc, DY7, X7, OFFS, 7, e, E, rn, rk, nmask, kmask, stride_dy, stride_x, BLOCK_M
+                acc, DYS[s], XS[s], start, end, rn, rk, nmask, kmask, stride_dy, stride_x, BLOCK_M
             )
         tl.store(ptr, acc, mask=mask)

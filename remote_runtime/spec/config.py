@@ -76,7 +76,8 @@ class ParallelConfig:
 
 
 # deferred MoE expert weight gradients: micro-batches one kernel launch takes at most
-# (remote_runtime/model/expert_wgrad.py)
+# (remote_runtime/model/expert_wgrad.py; each count compiles its own kernel variant; the
+# gain flattens: H100 kernel benchmark 2.11 / 1.47 / 1.04 / 0.86 ms per micro-batch at 1/2/4/8)
 MOE_WGRAD_MAX_DEPTH = 8
 
 
