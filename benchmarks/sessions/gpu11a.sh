@@ -2,7 +2,7 @@
 # GPU session 11, call a (nvidia-h200, 2026-12-05): the issue 16 target. Qwen3-30B-A3B cut to 8
 # layers (full FT, mb1, 4096 x 8) at the defaults beside HF grouped_mm, a profile of the defaults,
 # ablations (deferral depth 1; the dense embedding gradient) and the wgrad kernel by depth.
-# (session 10 wrote these steps as gpu10b.sh; no H200 came, so they never ran there.)
+# (session 10 wrote these steps as gpu10b.sh; no H200 came, so they never ran.)
 source benchmarks/sessions/prelude.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 MOE="python3 benchmarks/train_throughput.py --shape qwen3-30b-a3b --num-layers 8 --seq-len 4096 --global-batch 8 --warmup 2 --steps 5"
