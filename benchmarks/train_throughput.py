@@ -62,6 +62,20 @@ def parse_args(argv=None):
         help="megatron-core's own optimizer step (gradient scaling and clipping as separate "
         "passes) instead of the runtime's (folded into Adam): the ablation",
     )
+    p.add_argument(
+        "--adam",
+        default="megafleet",
+        choices=["megafleet", "torch"],
+        help="megafleet's AdamW (one Triton pass, writes the bf16 weights) or torch's fused "
+        "AdamW followed by megatron's copy (the ablation)",
+    )
+    p.add_argument(
+        "--moments",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="Adam moment dtype (bf16: the precision-aware optimizer, megafleet's AdamW)",
+    )
+    p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     p.add_argument("--recompute-layers", type=int, default=1)
     p.add_argument("--attention-backend", default="auto")
@@ -241,7 +255,10 @@ def run_runtime(args, cfg: dict) -> dict:
         args.attention_backend,
         args.transformer_impl,
     )
-    job.optim.lr = 1e-5
+    job.optim.lr = args.lr
+    if args.moments != "fp32":
+        job.optim.use_precision_aware_optimizer = True
+        job.optim.exp_avg_dtype = job.optim.exp_avg_sq_dtype = args.moments
     if args.device == "cpu":
         job.model.torch_dtype = "float32"
     overrides = {}
@@ -259,7 +276,11 @@ def run_runtime(args, cfg: dict) -> dict:
         attach_lora(chunks, resolve_lora(job.tuner, family, cfg), cfg, dist)
     model = wrap_ddp(chunks, job)
     optimizer, scheduler = build_optimizer(
-        model, job, schedule_for(job, 10**6), fold_grad_scaling=not args.megatron_optimizer_step
+        model,
+        job,
+        schedule_for(job, 10**6),
+        fold_grad_scaling=not args.megatron_optimizer_step,
+        adam=args.adam,
     )
     micro = runtime_batches(args, dist, cfg["vocab_size"])
     fb = get_forward_backward_func()
@@ -281,6 +302,9 @@ def run_runtime(args, cfg: dict) -> dict:
 
     extra = {
         "optimizer_step": "megatron" if args.megatron_optimizer_step else "folded",
+        "adam": args.adam,
+        "adam_moments": args.moments,
+        "lr": args.lr,
         "tp": dist.tp,
         "pp": dist.pp,
         "dp": dist.dp,

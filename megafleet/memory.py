@@ -3,8 +3,8 @@
 A bottom-up count of what megatron-core and our runtime keep on the GPU, per pipeline stage:
 
 * static: bf16 weights, the DDP gradient buffer (fp32 with grad_reduce_in_fp32), fp32 master
-  weights and Adam moments (12 bytes per parameter, sharded over data parallel ranks by the
-  distributed optimizer), sequence-parallel all-gather buffer;
+  weights and Adam moments (12 bytes per parameter, 8 with bf16 moments; sharded over data
+  parallel ranks by the distributed optimizer), sequence-parallel all-gather buffer;
 * backward peak: the activations autograd saves for every microbatch in flight (1F1B: up to
   PP - stage on a stage), plus the largest transient: the logits and cross-entropy buffers on
   the last stage (the logits: vocab × tokens × 2 bytes with the runtime's Triton loss, 10 with
@@ -157,6 +157,10 @@ class Assumptions:
     # torch's default AdamW, which megatron-core 0.16 builds when TE and apex are missing: one
     # fp32 temporary per parameter of the shard (sqrt of the second moment) during the step.
     optimizer_impl: str = "fused"
+    # Adam's moments, bytes per element each: 4 (fp32, the default) or 2 (bf16: megatron's
+    # use_precision_aware_optimizer with exp_avg_dtype / exp_avg_sq_dtype bf16).
+    exp_avg_bytes: int = 4
+    exp_avg_sq_bytes: int = 4
     # "fused" (GPU: the runtime's Triton or compiled RMSNorm): saves only its input (2
     # bytes/element); "eager" (CPU): an fp32 copy of the input plus the bf16 normalised value (6).
     norm_impl: str = "fused"
@@ -191,6 +195,8 @@ class Assumptions:
 _CHOICES = {
     "params_dtype_bytes": (2, 4),
     "optimizer_impl": ("fused", "foreach"),
+    "exp_avg_bytes": (2, 4),
+    "exp_avg_sq_bytes": (2, 4),
     "norm_impl": ("eager", "fused"),
     "swiglu_impl": ("fused", "eager"),
     "attention_layout": ("packed", "padded"),
@@ -375,7 +381,7 @@ def _stage_bytes(
     static = {
         "weights": e * (params + (trained if lora is not None else 0)),
         "gradients": grad_bytes * trained,
-        "optimizer_states": (master + 8) * sharded,
+        "optimizer_states": (master + asm.exp_avg_bytes + asm.exp_avg_sq_bytes) * sharded,
         "comm_buffers": e * tokens * s.hidden_size if (par.sequence_parallel and t > 1) else 0.0,
     }
     per_token, replay = _saved_per_token(s, sz, rc, stage, pp, e)

@@ -533,6 +533,20 @@ def job_parallel(job: JobConfig, world_size: int) -> tuple[Parallel, Recompute, 
     return layout, recompute, microbatches
 
 
+def job_assumptions(job: JobConfig | None) -> Assumptions:
+    """The memory model's defaults with what the job decides: the parameter dtype and, with the
+    precision-aware optimizer, the bytes of each Adam moment."""
+    if job is None:
+        return Assumptions()
+    moment = {"fp32": 4, "bf16": 2}
+    aware = job.optim.use_precision_aware_optimizer
+    return Assumptions(
+        params_dtype_bytes=4 if job.model.torch_dtype == "float32" else 2,
+        exp_avg_bytes=moment[job.optim.exp_avg_dtype] if aware else 4,
+        exp_avg_sq_bytes=moment[job.optim.exp_avg_sq_dtype] if aware else 4,
+    )
+
+
 def estimate_job(
     job: JobConfig,
     world_size: int,
@@ -541,9 +555,7 @@ def estimate_job(
 ) -> MemoryEstimate:
     """Peak memory per GPU of a job as written (for launch checks and the wizard)."""
     layout, recompute, microbatches = job_parallel(job, world_size)
-    asm = assumptions or Assumptions(
-        params_dtype_bytes=4 if job.model.torch_dtype == "float32" else 2
-    )
+    asm = assumptions or job_assumptions(job)
     seq = job.data.max_length * sequences_per_sample(job.task)
     return estimate_memory(
         model_config,

@@ -20,6 +20,7 @@ from megafleet.planner import (
     Plan,
     apply_plan,
     estimate_job,
+    job_assumptions,
     job_lora,
     layouts,
     plan,
@@ -194,7 +195,7 @@ def _gpus_per_node(gpus: int, nodes: int | None, per_node: int | None) -> int | 
 
 
 def _assumptions(items: tuple[str, ...], job: JobConfig | None) -> Assumptions:
-    base = Assumptions(params_dtype_bytes=4 if job and job.model.torch_dtype == "float32" else 2)
+    base = job_assumptions(job)
     hints = typing.get_type_hints(Assumptions)
     changes = {}
     for item in items:

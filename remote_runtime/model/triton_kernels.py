@@ -501,3 +501,48 @@ def expert_wgrad_accum(
                 acc, DYS[s], XS[s], start, end, rn, rk, nmask, kmask, stride_dy, stride_x, BLOCK_M
             )
         tl.store(ptr, acc, mask=mask)
+
+
+# --- AdamW over flat fp32 parameters (remote_runtime/train/adamw.py) ------------------------------
+
+
+@triton.jit
+def adamw_step(
+    P,
+    G,
+    M,
+    V,
+    OUT,
+    SCALARS,
+    n,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    decay,
+    HAS_OUT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One AdamW update of n contiguous fp32 parameters P, in the order of torch's fused AdamW:
+    P -= lr * decay * P; M, V the moments (fp32 or bf16, updated in fp32 and stored in their
+    own dtype); P -= step_size * M / (sqrt(V) / sqrt(bias_correction2) + eps). SCALARS (fp32,
+    on the device): [gradient factor, lr / bias_correction1, sqrt(bias_correction2)]. With
+    HAS_OUT the updated P is also stored, rounded, into OUT (the bf16 model parameter)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    factor = tl.load(SCALARS)
+    step_size = tl.load(SCALARS + 1)
+    bc2_sqrt = tl.load(SCALARS + 2)
+    p = tl.load(P + offs, mask=mask, other=0.0)
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32) * factor
+    m = tl.load(M + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)
+    p = p - lr * decay * p
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * g * g
+    p = p - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
+    tl.store(P + offs, p, mask=mask)
+    tl.store(M + offs, m.to(M.dtype.element_ty), mask=mask)
+    tl.store(V + offs, v.to(V.dtype.element_ty), mask=mask)
+    if HAS_OUT:
+        tl.store(OUT + offs, p.to(OUT.dtype.element_ty), mask=mask)

@@ -80,12 +80,16 @@ def wrap_ddp(chunks: list, job: JobConfig) -> list:
     return wrapped
 
 
-def build_optimizer(model: list, job: JobConfig, schedule: Schedule, fold_grad_scaling=True):
+def build_optimizer(
+    model: list, job: JobConfig, schedule: Schedule, fold_grad_scaling=True, adam="megafleet"
+):
     """(optimizer, scheduler) for the wrapped chunks; installs megatron's grad hooks.
 
     With `fold_grad_scaling` (the default) the token average and the clipping are applied by
     the optimizer kernel (train/optimizer_step.py; `train_step` uses it); False keeps
-    megatron-core's own step (the benchmarks' ablation)."""
+    megatron-core's own step (the benchmarks' ablation). `adam`: "megafleet" (train/adamw.py:
+    one Triton pass that also writes the bf16 weights, moments in the job's dtypes) or "torch"
+    (torch's fused AdamW on GPU, megatron's copy of the weights after it: the ablation)."""
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -114,7 +118,23 @@ def build_optimizer(model: list, job: JobConfig, schedule: Schedule, fold_grad_s
     optimizer = get_megatron_optimizer(
         opt_config, model, use_gloo_process_groups=torch.distributed.get_backend() != "gloo"
     )
-    _use_fused_adam(optimizer)
+    if adam == "megafleet":
+        from remote_runtime.train import adamw
+
+        aware = o.use_precision_aware_optimizer
+        dtypes = [
+            adamw.MOMENT_DTYPES[d if aware else "fp32"]
+            for d in (o.exp_avg_dtype, o.exp_avg_sq_dtype)
+        ]
+        on_gpu = any(p.is_cuda for m in model for p in m.parameters())
+        if on_gpu or dtypes != [torch.float32] * 2:  # CPU, fp32 moments: torch's AdamW as built
+            adamw.install(optimizer, *dtypes)
+    elif adam == "torch":
+        if o.use_precision_aware_optimizer and "bf16" in (o.exp_avg_dtype, o.exp_avg_sq_dtype):
+            raise ValueError("bf16 Adam moments need megafleet's AdamW (adam='megafleet')")
+        _use_fused_adam(optimizer)
+    else:
+        raise ValueError(f"adam={adam!r}: megafleet or torch")
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if schedule.warmup_iters else o.lr,

@@ -8,9 +8,10 @@ again through a temporary (`dst.copy_(src * scale)`, 16 bytes per parameter). On
 cut to 8 layers (5.6B parameters) that is about 40 ms of a 580 ms step.
 
 Here the two multiplications become one factor, computed on the device (no host sync), that
-the optimizer applies as it reads each gradient: torch's fused AdamW divides by its
-`grad_scale` in the same kernel (GPU); the foreach AdamW (CPU) gets one `_foreach_mul_`
-first. The norm is one `_foreach_norm` per sub-optimizer. The result equals megatron's step
+the optimizer applies as it reads each gradient: megafleet's AdamW (train/adamw.py, GPU)
+multiplies by it in its kernel, torch's fused AdamW divides by its `grad_scale` in the same
+kernel; the foreach AdamW (CPU) gets one `_foreach_mul_` first. The norm is one
+`_foreach_norm` per sub-optimizer. The result equals megatron's step
 (tests/runtime/test_optimizer_step.py): same gradient norm (of the token-averaged gradients,
 before clipping), same clipping rule, same update up to fp32 rounding.
 """
@@ -18,6 +19,8 @@ before clipping), same clipping rule, same update up to fp32 rounding.
 from __future__ import annotations
 
 import torch
+
+from remote_runtime.train.adamw import AdamW, writes_model_weights
 
 
 class GradScaling:
@@ -97,15 +100,18 @@ def optimizer_step(optimizer, scaling: GradScaling):
     norm = norm * factor
     if scaling.clip_grad > 0.0:
         factor = factor * (scaling.clip_grad / (norm + 1.0e-6)).clamp(max=1.0)
-    for opt in subs:
-        _apply_factor(opt, factor)
-    try:
-        success = optimizer.step_with_ready_grads()
-    finally:
+    # megafleet's AdamW (train/adamw.py) takes the factor itself and writes the model weights
+    with writes_model_weights(optimizer, factor):
         for opt in subs:
-            inner = getattr(opt, "optimizer", None)
-            if inner is not None and hasattr(inner, "grad_scale"):
-                del inner.grad_scale
+            if not isinstance(getattr(opt, "optimizer", None), AdamW):
+                _apply_factor(opt, factor)
+        try:
+            success = optimizer.step_with_ready_grads()
+        finally:
+            for opt in subs:
+                inner = getattr(opt, "optimizer", None)
+                if inner is not None and hasattr(inner, "grad_scale"):
+                    del inner.grad_scale
     return success, float(norm), None
 
 
