@@ -8,10 +8,13 @@ therefore weighs the same, however documents are packed or split across ranks.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 from remote_runtime.spec.config import JobConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,9 @@ def build_optimizer(
         ]
         on_gpu = any(p.is_cuda for m in model for p in m.parameters())
         if on_gpu or dtypes != [torch.float32] * 2:  # CPU, fp32 moments: torch's AdamW as built
-            adamw.install(optimizer, *dtypes)
+            if adamw.install(optimizer, *dtypes):
+                names = [d if aware else "fp32" for d in (o.exp_avg_dtype, o.exp_avg_sq_dtype)]
+                log.info("optimizer: megafleet AdamW, moments exp_avg %s, exp_avg_sq %s", *names)
     elif adam == "torch":
         if o.use_precision_aware_optimizer and "bf16" in (o.exp_avg_dtype, o.exp_avg_sq_dtype):
             raise ValueError("bf16 Adam moments need megafleet's AdamW (adam='megafleet')")

@@ -5,8 +5,9 @@ builds the same tiny model twice, wraps each in megatron DDP with the distribute
 and trains both for 3 steps on the same micro-batches (a different number of loss tokens on
 each rank and micro-batch): one with `build_optimizer(..., fold_grad_scaling=False)`
 (megatron's finalize_model_grads scaling, norm and clipping), one with the runtime's step.
-Variants: clipping active (clip_grad 0.05) with torch's fused AdamW (the GPU path, which reads
-the factor as `grad_scale`) and with the foreach AdamW (the CPU path), and clipping inactive.
+Variants: clipping active (clip_grad 0.05) with torch's fused AdamW (which reads the factor as
+`grad_scale`) and with the foreach AdamW (the CPU path), clipping inactive, and megafleet's AdamW
+(the GPU path; here its torch update) on a bf16 model, where it writes the bf16 weights itself.
 Rank 0 writes {layout/variant: per step {norm_megatron, norm_ours, adam_state_diff, param_diff}}
 (the last two relative: max |difference| / max |megatron's|; Adam's moments carry the scaled
 gradients, which its update alone would hide: Adam is invariant to a gradient's scale).
@@ -27,6 +28,7 @@ from remote_runtime.model.builder import ModelOptions, build_model
 from remote_runtime.model.forward import padded_batch
 from remote_runtime.spec.config import JobConfig
 from remote_runtime.spec.families import family_for_hf_config
+from remote_runtime.train import adamw
 from remote_runtime.train.optim import build_optimizer, inner_optimizers, schedule_for, wrap_ddp
 from remote_runtime.train.step import train_step
 
@@ -36,7 +38,15 @@ LAYOUTS = {
     "tp2": (2, 1, 1, False),  # norm weights duplicated over TP: counted once in the norm
     "pp2": (1, 2, 1, False),  # loss tokens only on the last stage: broadcast to the first
 }
-VARIANTS = {"clip_fused": (0.05, True), "clip_foreach": (0.05, False), "noclip": (1e4, False)}
+# variant -> (clip_grad, AdamW: torch's fused / foreach or megafleet's, model dtype)
+VARIANTS = {
+    "clip_fused": (0.05, "fused", "float32"),
+    "clip_foreach": (0.05, "foreach", "float32"),
+    "noclip": (1e4, "foreach", "float32"),
+    # megafleet's AdamW on a bf16 model: writes the bf16 weights itself (megatron's copy
+    # skipped); against megatron's step with torch's AdamW on the same bf16 model
+    "megafleet_bf16": (0.05, "megafleet", "bfloat16"),
+}
 SEQ, STEPS, MICRO = 16, 3, 2
 
 
@@ -101,11 +111,11 @@ def use_fused_adam(optimizer) -> None:
 
 def build(layout: str, variant: str, dist, config: dict, start, fold: bool):
     tp, pp, _, _ = LAYOUTS[layout]
-    clip, fused = VARIANTS[variant]
+    clip, adam, dtype = VARIANTS[variant]
     job = JobConfig()
     job.parallel.tensor_model_parallel_size, job.parallel.pipeline_model_parallel_size = tp, pp
     job.optim.lr, job.optim.clip_grad, job.optim.weight_decay = 1e-2, clip, 0.1
-    chunks = build_model(family_for_hf_config(config), config, ModelOptions(dtype="float32"), dist)
+    chunks = build_model(family_for_hf_config(config), config, ModelOptions(dtype=dtype), dist)
     with torch.no_grad():
         for p, want in zip(chunks[0].parameters(), start):
             p.copy_(want)
@@ -113,9 +123,34 @@ def build(layout: str, variant: str, dist, config: dict, start, fold: bool):
     optimizer, scheduler = build_optimizer(
         model, job, schedule_for(job, 100), fold_grad_scaling=fold
     )
-    if fused:
+    if adam == "fused":
         use_fused_adam(optimizer)
+    elif adam == "megafleet" and fold:  # megatron's side keeps torch's AdamW
+        assert adamw.install(optimizer)
     return model, optimizer, scheduler
+
+
+def main_params(optimizer) -> list:
+    return [
+        p for inner in inner_optimizers(optimizer) for g in inner.param_groups for p in g["params"]
+    ]
+
+
+def weights_written(optimizer) -> dict:
+    """megafleet's AdamW: how many model weights it maps, and the largest difference between one
+    and its fp32 main parameter rounded to bf16 (0: written, as megatron's copy would)."""
+    worst, mapped = 0.0, 0
+    for inner in inner_optimizers(optimizer):
+        for main, weight in (getattr(inner, "model_weights", None) or {}).items():
+            mapped += 1
+            worst = max(
+                worst, (weight.float() - main.detach().to(weight.dtype).float()).abs().max().item()
+            )
+    leftover = any(
+        "_copy_main_params_to_model_params" in vars(o)
+        for o in getattr(optimizer, "chained_optimizers", [optimizer])
+    )
+    return {"mapped": mapped, "weight_vs_main": worst, "copy_override_left": leftover}
 
 
 def adam_states(optimizer) -> list:
@@ -151,6 +186,7 @@ def run(layout: str, results: dict) -> None:
     for variant in VARIANTS:
         theirs = build(layout, variant, dist, config, start, fold=False)
         ours = build(layout, variant, dist, config, start, fold=True)
+        begin = [p.detach().clone() for p in main_params(ours[1])]
         steps = []
         for step in range(STEPS):  # both in lockstep on the same micro-batches
             batches = micro_batches(step, dist.dp_rank, config["vocab_size"])
@@ -161,14 +197,18 @@ def run(layout: str, results: dict) -> None:
                 assert ok
                 norms.append(norm)
             params = [list(m[0].module.parameters()) for m, _, _ in (theirs, ours)]
+            origin = start
+            if VARIANTS[variant][2] != "float32":  # the fp32 main parameters carry the update
+                params, origin = [main_params(o) for _, o, _ in (theirs, ours)], begin
             steps.append(
                 {
+                    **weights_written(ours[1]),
                     "norm_megatron": norms[0],
                     "norm_ours": norms[1],
                     "adam_state_diff": relative_diff(adam_states(theirs[1]), adam_states(ours[1])),
                     "param_diff": relative_diff(
-                        [a - s for a, s in zip(params[0], start)],
-                        [b - s for b, s in zip(params[1], start)],
+                        [a - s for a, s in zip(params[0], origin)],
+                        [b - s for b, s in zip(params[1], origin)],
                     ),
                 }
             )

@@ -111,15 +111,23 @@ def test_tp2_pp2_dp2_give_the_same_loss_curve_as_one_process(assets, shared_runs
     assert ref[5] < ref[1]  # it trains
 
 
-def test_resume_after_step_3_repeats_steps_4_to_6(assets, tmp_path):
+BF16_MOMENTS = dict(use_precision_aware_optimizer="true", exp_avg_dtype="bf16")
+
+
+@pytest.mark.parametrize("moments", [{}, BF16_MOMENTS], ids=["fp32-moments", "bf16-moments"])
+def test_resume_after_step_3_repeats_steps_4_to_6(assets, tmp_path, moments):
     """A run resumed from its step-3 checkpoint gives the losses of the uninterrupted run (as in
     test_lora_train: the checkpoint is copied into a fresh output directory, so one run is both
-    the reference and the source of the checkpoint). Resuming with a changed train_iters is
-    covered by tests/fleet/test_faults_fleet.py (real runtime, two nodes)."""
+    the reference and the source of the checkpoint). Also with a bf16 first moment (megafleet's
+    AdamW; megatron's checkpoint stores it in fp32 and casts it back). Resuming with a changed
+    train_iters is covered by tests/fleet/test_faults_fleet.py (real runtime, two nodes)."""
     model, data = assets
-    opts = dict(lr_decay_style="constant", min_lr=0, train_iters=6, save_steps=3)
+    opts = dict(lr_decay_style="constant", min_lr=0, train_iters=6, save_steps=3, **moments)
     full = tmp_path / "full"
-    check(run_runtime(base_args(model, data, full, **opts)))
+    proc = run_runtime(base_args(model, data, full, **opts))
+    check(proc)
+    if moments:
+        assert "moments exp_avg bf16, exp_avg_sq fp32" in proc.stdout + proc.stderr
     assert sorted(losses(full)) == [1, 2, 3, 4, 5, 6]
     part = tmp_path / "part"
     part.mkdir()
