@@ -103,6 +103,29 @@ def test_validate_rejects_with_field_and_reason(flags, field, needle):
     assert needle in problems(e.value)[field]
 
 
+def test_bf16_adam_moments_need_the_precision_aware_optimizer():
+    """Megatron-SWIFT's spelling: --use_precision_aware_optimizer true --exp_avg_dtype bf16
+    --exp_avg_sq_dtype bf16. Without the switch a bf16 moment is named with the fix; fp16 and
+    fp8 moments are not offered."""
+    job = job_from_argv(
+        BASE
+        + ["--use_precision_aware_optimizer", "true", "--exp_avg_dtype", "bf16"]
+        + ["--exp_avg_sq_dtype", "bf16"]
+    )
+    validate(job)
+    assert (job.optim.exp_avg_dtype, job.optim.exp_avg_sq_dtype) == ("bf16", "bf16")
+    with pytest.raises(ConfigError) as e:
+        validate(job_from_argv(BASE + ["--exp_avg_sq_dtype", "bf16"]))
+    assert "--use_precision_aware_optimizer true" in problems(e.value)["optim.exp_avg_sq_dtype"]
+    with pytest.raises(ConfigError) as e:
+        validate(
+            job_from_argv(
+                BASE + ["--use_precision_aware_optimizer", "true", "--exp_avg_dtype", "fp8"]
+            )
+        )
+    assert "bf16" in problems(e.value)["optim.exp_avg_dtype"]
+
+
 def test_validate_requires_model_dataset_and_a_length_but_epochs_default_to_one():
     with pytest.raises(ConfigError) as e:
         validate(JobConfig())

@@ -63,6 +63,21 @@ def test_static_memory_is_18_bytes_per_parameter_on_one_gpu():
     )
 
 
+def test_bf16_adam_moments_take_4_bytes_per_parameter_less():
+    """The precision-aware optimizer's bf16 moments (megafleet's AdamW): master 4 + m, v 2 + 2;
+    the planner takes them from the job."""
+    from megafleet.planner import job_assumptions
+    from remote_runtime.spec.flags import job_from_argv
+
+    base = est().components["optimizer_states"]
+    bf16 = est(assumptions=Assumptions(exp_avg_bytes=2, exp_avg_sq_bytes=2))
+    assert bf16.components["optimizer_states"] == pytest.approx(base * 8 / 12, rel=1e-6)
+    flags = ["--model", "m", "--dataset", "d.jsonl", "--use_precision_aware_optimizer", "true"]
+    job = job_from_argv(flags + ["--exp_avg_dtype", "bf16", "--exp_avg_sq_dtype", "bf16"])
+    assert (job_assumptions(job).exp_avg_bytes, job_assumptions(job).exp_avg_sq_bytes) == (2, 2)
+    assert job_assumptions(job_from_argv(flags[:4])).exp_avg_bytes == 4
+
+
 def test_components_sum_to_allocated_and_overheads_to_total():
     for par, rc in [
         (Parallel(), Recompute()),
