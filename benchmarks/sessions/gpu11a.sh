@@ -4,10 +4,10 @@
 # and bf16 Adam moments.
 # (session 10 wrote most of these steps as gpu10b.sh; no H200 came, so they never ran.)
 # New defaults since session 10: the wgrad kernel with tuple arguments, megafleet's AdamW
-# (train/adamw.py). Trimmed to what fits the device time left: the target, a profile, depth 1.
+# (train/adamw.py), both checked on an H100 first (gpu11-h100a.sh). Trimmed to the device time left.
 source benchmarks/sessions/prelude.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-ADAM=megafleet  # its kernel and GPU tests passed on an H100 (gpu11-h100a.sh)
+ADAM=megafleet
 MOE="python3 benchmarks/train_throughput.py --shape qwen3-30b-a3b --num-layers 8 --seq-len 4096 --global-batch 8 --warmup 2 --steps 5 --adam $ADAM"
 step moe-full-auto 150 $MOE --impl runtime,hf --label s11-auto --json $OUT/moe-full.json
 step moe-full-auto-profile 100 $MOE --impl runtime --label s11-auto-profiled --profile $OUT/profile-moe-auto.txt --json $OUT/moe-full.json
