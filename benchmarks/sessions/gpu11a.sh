@@ -10,5 +10,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 ADAM=megafleet
 MOE="python3 benchmarks/train_throughput.py --shape qwen3-30b-a3b --num-layers 8 --seq-len 4096 --global-batch 8 --warmup 2 --steps 5 --adam $ADAM"
 step moe-full-auto 150 $MOE --impl runtime,hf --label s11-auto --json $OUT/moe-full.json
-step moe-full-auto-profile 100 $MOE --impl runtime --label s11-auto-profiled --profile $OUT/profile-moe-auto.txt --json $OUT/moe-full.json
 step moe-full-bf16-moments 80 $MOE --impl runtime --moments bf16 --label s11-bf16-moments --json $OUT/moe-full.json
+step moe-full-auto-profile 100 $MOE --impl runtime --label s11-auto-profiled --profile $OUT/profile-moe-auto.txt --json $OUT/moe-full.json
