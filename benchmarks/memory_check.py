@@ -112,6 +112,8 @@ def estimate_run(run: dict):
         granularity, _field(run, "recompute_method"), _field(run, "recompute_num_layers")
     )
     asm = dataclasses.replace(Assumptions(), **(run.get("assumptions") or {}))
+    if _field(run, "adam_moments") == "bf16":  # train_throughput.py --moments bf16
+        asm = dataclasses.replace(asm, exp_avg_bytes=2, exp_avg_sq_bytes=2)
     seq = int(_field(run, "seq_len", "max_length", "seq_length"))
     shape = shape_from_hf_config(model_config_of(run))
     lora = _lora(run.get("lora"))
