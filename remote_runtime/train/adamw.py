@@ -33,6 +33,8 @@ import contextlib
 
 import torch
 
+from remote_runtime.train.optim import sub_optimizers
+
 MOMENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BLOCK = 2048  # elements per Triton program
 NUM_WARPS = 8
@@ -153,10 +155,6 @@ def _interpreted(param: torch.Tensor) -> bool:
     )
 
 
-def _sub_optimizers(optimizer) -> list:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
 def install(
     optimizer,
     exp_avg_dtype: torch.dtype = torch.float32,
@@ -165,7 +163,7 @@ def install(
     """Make the torch AdamW inside each of megatron's (chained) optimizers this class, before its
     first step (the state is created in the chosen dtypes). Returns the AdamW instances."""
     installed = []
-    for opt in _sub_optimizers(optimizer):
+    for opt in sub_optimizers(optimizer):
         inner = getattr(opt, "optimizer", None)
         if not isinstance(inner, torch.optim.Adam):  # AdamW is a subclass
             continue
@@ -222,7 +220,7 @@ def writes_model_weights(optimizer, factor: torch.Tensor | None):
     main parameters into the model weights is skipped for that sub-optimizer."""
     touched = []
     try:
-        for opt in _sub_optimizers(optimizer):
+        for opt in sub_optimizers(optimizer):
             inner = getattr(opt, "optimizer", None)
             if not isinstance(inner, AdamW):
                 continue

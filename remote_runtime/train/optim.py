@@ -125,14 +125,10 @@ def build_optimizer(
         from remote_runtime.train import adamw
 
         aware = o.use_precision_aware_optimizer
-        dtypes = [
-            adamw.MOMENT_DTYPES[d if aware else "fp32"]
-            for d in (o.exp_avg_dtype, o.exp_avg_sq_dtype)
-        ]
+        names = [d if aware else "fp32" for d in (o.exp_avg_dtype, o.exp_avg_sq_dtype)]
         on_gpu = any(p.is_cuda for m in model for p in m.parameters())
-        if on_gpu or dtypes != [torch.float32] * 2:  # CPU, fp32 moments: torch's AdamW as built
-            if adamw.install(optimizer, *dtypes):
-                names = [d if aware else "fp32" for d in (o.exp_avg_dtype, o.exp_avg_sq_dtype)]
+        if on_gpu or names != ["fp32", "fp32"]:  # CPU, fp32 moments: torch's AdamW as built
+            if adamw.install(optimizer, *(adamw.MOMENT_DTYPES[n] for n in names)):
                 log.info("optimizer: megafleet AdamW, moments exp_avg %s, exp_avg_sq %s", *names)
     elif adam == "torch":
         if o.use_precision_aware_optimizer and "bf16" in (o.exp_avg_dtype, o.exp_avg_sq_dtype):
@@ -175,11 +171,16 @@ def build_optimizer(
     return optimizer, scheduler
 
 
+def sub_optimizers(optimizer) -> list:
+    """megatron's optimizers inside its (chained) optimizer, or [optimizer]."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def inner_optimizers(optimizer) -> list:
     """The torch optimizers inside megatron's (chained) optimizer."""
     return [
         opt.optimizer
-        for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+        for opt in sub_optimizers(optimizer)
         if getattr(opt, "optimizer", None) is not None
     ]
 

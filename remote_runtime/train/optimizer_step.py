@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from remote_runtime.train.adamw import AdamW, writes_model_weights
+from remote_runtime.train.optim import sub_optimizers
 
 
 class GradScaling:
@@ -57,10 +58,6 @@ class GradScaling:
         self.token_scale = torch.where(count > 0, 1.0 / count.clamp(min=1.0), 1.0)
 
 
-def _sub_optimizers(optimizer) -> list:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
 def _squared_norm(opt, device) -> torch.Tensor:
     """Sum of squares of the gradients this sub-optimizer counts in the norm (no shared or
     tensor-parallel duplicate), summed over its gradient-statistics group."""
@@ -90,7 +87,7 @@ def _apply_factor(opt, factor: torch.Tensor) -> None:
 def optimizer_step(optimizer, scaling: GradScaling):
     """megatron's `optimizer.step()` (bf16, no loss scaler) with the token average and the
     clipping applied by the optimizer kernel. Returns (update_successful, grad_norm, None)."""
-    subs = _sub_optimizers(optimizer)
+    subs = sub_optimizers(optimizer)
     if optimizer.prepare_grads():  # True only with a loss scaler (fp16), which is not used
         return False, None, None
     scale = scaling.token_scale
