@@ -23,8 +23,9 @@ are split over expert parallelism (EP ranks hold num_experts / EP experts each, 
 each expert's FFN) and their optimizer states over the expert-data-parallel ranks
 (world / (EP × expert-TP × PP)), the rest (attention, router, shared expert, embeddings) as for a
 dense model. Activations: every token goes to top-k experts, so a rank keeps, per token, k × the
-expert-TP / TP share of (the permuted input, the fc1 output its SwiGLU saves, the fc2 input and
-the expert output kept for the routing-weight gradient), the router's fp32 logits and
+expert-TP / TP share of (the permuted input, the fc1 output its SwiGLU saves and the fc2 input;
+the eager SwiGLU also keeps its output for the routing-weight gradient, which the fused kernel
+recomputes), the router's fp32 logits and
 probabilities, and the shared expert's activations like a dense MLP's; the all-to-all dispatch
 and combine buffers (k copies of the layer's tokens, sent and received) join the transient peak.
 
@@ -283,8 +284,10 @@ def _routed_bytes_per_token(s: ModelShape, par: Parallel, asm: Assumptions) -> f
     """What a MoE layer's router and routed experts keep per token of the microbatch."""
     e, fm = asm.params_dtype_bytes, s.moe_ffn_hidden_size / par.etp
     copies = s.moe_router_topk * par.etp / par.tp  # token copies this rank's experts process
-    swiglu = 2 * e * fm if asm.swiglu_impl == "fused" else 4 * e * fm
-    per_copy = e * s.hidden_size + swiglu + e * fm + e * s.hidden_size  # in, fc1 out, fc2 in, out
+    # fused: the Triton SwiGLU x router weight keeps only the fc1 output; eager: the SwiGLU's
+    # own tensors and its output again (the router weight's gradient needs it)
+    swiglu = 2 * e * fm if asm.swiglu_impl == "fused" else 5 * e * fm
+    per_copy = e * s.hidden_size + swiglu + e * fm  # permuted input, SwiGLU, fc2 input
     router = 8 * s.num_experts / par.tp  # fp32 logits and probabilities
     return copies * per_copy + router
 

@@ -232,13 +232,15 @@ class GroupedExperts(torch.nn.Module):
 
             self._wgrad = (ExpertWgrad(wgrad_deferral), ExpertWgrad(wgrad_deferral))
 
-    def _swiglu(self, y: torch.Tensor) -> torch.Tensor:
+    def _weighted_swiglu(self, y: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """SwiGLU times each row's router weight, the weight in the activations' dtype as
+        transformers multiplies it (the Triton kernel does both in one pass)."""
         if self.activation == "triton" and y.is_cuda:
             from remote_runtime.model.ops import swiglu
 
-            return swiglu(y)
+            return swiglu(y, probs)
         gate, up = y.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return F.silu(gate) * up * probs.unsqueeze(-1).to(y.dtype)
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, probs: torch.Tensor):
         grouped = self.grouped and grouped_mm_usable(x)
@@ -248,8 +250,7 @@ class GroupedExperts(torch.nn.Module):
         h = grouped_linear(x, fc1.weight, tokens_per_expert, offsets, wgrad1)
         if hasattr(fc1, "lora"):  # LoRA adapters per expert (remote_runtime/model/lora.py)
             h = fc1.lora.add_grouped(x, h, tokens_per_expert, offsets)
-        # router weights in the activations' dtype, as transformers multiplies them
-        a = self._swiglu(h) * probs.unsqueeze(-1).to(h.dtype)
+        a = self._weighted_swiglu(h, probs)
         y = grouped_linear(a, fc2.weight, tokens_per_expert, offsets, wgrad2)
         if hasattr(fc2, "lora"):
             y = fc2.lora.add_grouped(a, y, tokens_per_expert, offsets)

@@ -424,11 +424,52 @@ class _SwiGLU(torch.autograd.Function):
         return dy.view(ctx.shape)
 
 
-def swiglu(y: torch.Tensor) -> torch.Tensor:
-    """silu(y[..., :F]) * y[..., F:] for y [..., 2F] (megatron's fc1 output layout)."""
+class _WeightedSwiGLU(torch.autograd.Function):
+    """SwiGLU times a per-row weight (a MoE expert's router weight) in one pass: the product's
+    input is not kept for backward, which recomputes it from the fc1 output it keeps anyway."""
+
+    @staticmethod
+    def forward(ctx, y, weights):
+        f = y.shape[-1] // 2
+        y2 = _rows(y, 2 * f)
+        m = y2.shape[0]
+        p = weights.reshape(-1).contiguous()
+        if p.numel() != m:
+            raise ValueError(f"SwiGLU weights: {p.numel()} for {m} rows")
+        out = torch.empty((m, f), dtype=y.dtype, device=y.device)
+        if m:
+            _kernels().swiglu_weighted_fwd[(m, triton_cdiv(f, SWIGLU_BLOCK))](
+                y2, p, out, f, y2.stride(0), out.stride(0), BLOCK=SWIGLU_BLOCK, num_warps=4
+            )
+        ctx.save_for_backward(y2, p)
+        ctx.shapes = (y.shape, weights.shape)
+        return out.view(*y.shape[:-1], f)
+
+    @staticmethod
+    def backward(ctx, g):
+        y2, p = ctx.saved_tensors
+        m, f = y2.shape[0], y2.shape[1] // 2
+        g2 = _rows(g, f)
+        dy = torch.empty_like(y2)
+        dp = torch.empty(m, dtype=torch.float32, device=y2.device)
+        if m:
+            _kernels().swiglu_weighted_bwd[(m,)](
+                g2, y2, p, dy, dp, f, g2.stride(0), y2.stride(0), dy.stride(0),
+                BLOCK=min(SWIGLU_BLOCK, _pow2(f)), num_warps=4,
+            )  # fmt: skip
+        y_shape, w_shape = ctx.shapes
+        return dy.view(y_shape), dp.to(p.dtype).view(w_shape)
+
+
+def swiglu(y: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(y[..., :F]) * y[..., F:] for y [..., 2F] (megatron's fc1 output layout); with
+    `weights` (one per row of y, e.g. router weights), each row times its weight, rounded like
+    `swiglu(y) * weights.unsqueeze(-1).to(y.dtype)`."""
     if y.shape[-1] % 2:
         raise ValueError(f"SwiGLU input's last dimension ({y.shape[-1]}) must be even")
-    return _SwiGLU.apply(y)
+    if weights is None:
+        return _SwiGLU.apply(y)
+    return _WeightedSwiGLU.apply(y, weights)
 
 
 class SwiGLU(torch.nn.Module):

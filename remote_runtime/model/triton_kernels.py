@@ -160,6 +160,43 @@ def swiglu_bwd(G, Y, DY, F, stride_g, stride_y, stride_dy, BLOCK: tl.constexpr):
     tl.store(DY + row * stride_dy + F + c, (g * a * s).to(DY.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def swiglu_weighted_fwd(Y, P, Out, F, stride_y, stride_o, BLOCK: tl.constexpr):
+    """Out = SwiGLU(Y) * P[row], rounded as the eager chain rounds: the SwiGLU output and the
+    router weight to the activations' dtype, then their product."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = c < F
+    dt = Out.dtype.element_ty
+    a = tl.load(Y + row * stride_y + c, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(Y + row * stride_y + F + c, mask=m, other=0.0).to(tl.float32)
+    p = tl.load(P + row).to(dt).to(tl.float32)
+    s = (a * tl.sigmoid(a) * b).to(dt).to(tl.float32)
+    tl.store(Out + row * stride_o + c, (s * p).to(dt), mask=m)
+
+
+@triton.jit
+def swiglu_weighted_bwd(G, Y, P, DY, DP, F, stride_g, stride_y, stride_dy, BLOCK: tl.constexpr):
+    """One program per row: DY = SwiGLU'(Y) applied to G * P[row], and DP[row] = sum(G * s) over
+    the row in fp32 (s: the SwiGLU output recomputed and rounded as the forward stored it)."""
+    row = tl.program_id(0).to(tl.int64)
+    dt = DY.dtype.element_ty
+    p = tl.load(P + row).to(dt).to(tl.float32)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, F, BLOCK):
+        c = start + tl.arange(0, BLOCK)
+        m = c < F
+        g = tl.load(G + row * stride_g + c, mask=m, other=0.0).to(tl.float32)
+        a = tl.load(Y + row * stride_y + c, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(Y + row * stride_y + F + c, mask=m, other=0.0).to(tl.float32)
+        sg = tl.sigmoid(a)
+        acc += g * (a * sg * b).to(dt).to(tl.float32)
+        gp = (g * p).to(dt).to(tl.float32)  # the eager chain's gradient of the SwiGLU output
+        tl.store(DY + row * stride_dy + c, (gp * b * sg * (1.0 + a * (1.0 - sg))).to(dt), mask=m)
+        tl.store(DY + row * stride_dy + F + c, (gp * a * sg).to(dt), mask=m)
+    tl.store(DP + row, tl.sum(acc, axis=0))
+
+
 # --- q/k RMSNorm + rotary embedding + q/k/v split, straight from the fused QKV projection ------
 
 

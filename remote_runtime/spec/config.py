@@ -602,8 +602,7 @@ def validate(job: JobConfig) -> list[str]:
             problems.append(
                 (
                     f"optim.{leaf}",
-                    f"{getattr(job.optim, leaf)} moments need the precision-aware optimizer: "
-                    "add --use_precision_aware_optimizer true",
+                    f"{getattr(job.optim, leaf)} moments need the precision-aware optimizer",
                     "add --use_precision_aware_optimizer true",
                 )
             )

@@ -49,12 +49,13 @@ def test_grouped_experts_match_the_per_expert_loop(activation):
     outs, grads = [], []
     for m in (fast, ref.float()):
         d = LocalDispatch(idx, 16)
-        rows, probs = d.permute(x if m is fast else x.float(), w)
+        wm = w.clone().requires_grad_(True)  # the router weights get a gradient too
+        rows, probs = d.permute(x if m is fast else x.float(), wm)
         y, _ = m(rows, d.tokens_per_expert, probs)
         out = d.unpermute(y)
         out.float().square().sum().backward()
         outs.append(out.float())
-        grads.append([m.linear_fc1.weight.grad.float(), m.linear_fc2.weight.grad.float()])
+        grads.append([m.linear_fc1.weight.grad.float(), m.linear_fc2.weight.grad.float(), wm.grad])
     scale = outs[1].abs().max()
     assert (outs[0] - outs[1]).abs().max() < 2e-2 * scale
     for g, r in zip(grads[0], grads[1]):

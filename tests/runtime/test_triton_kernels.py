@@ -111,6 +111,26 @@ def test_swiglu_forward_and_backward_match_eager(kernels, f):
     )
 
 
+@pytest.mark.parametrize("f", [48, 1500])  # one column block; a row looped over two
+def test_weighted_swiglu_matches_eager_swiglu_times_the_row_weights(kernels, f):
+    """The MoE experts' SwiGLU x router weight: values, the fc1-output gradient and the
+    router-weight gradient (a sum over the row: 1e-4) equal the eager product's."""
+    torch.manual_seed(0)
+    y_ref = torch.randn(7, 2 * f, requires_grad=True)
+    p_ref = torch.rand(7, requires_grad=True)
+    y_tri, p_tri = (t.detach().clone().requires_grad_(True) for t in (y_ref, p_ref))
+    gate, up = torch.chunk(y_ref, 2, dim=-1)
+    assert_same_values_and_gradients(
+        kernels.swiglu(y_tri, p_tri),
+        torch.nn.functional.silu(gate) * up * p_ref.unsqueeze(-1),
+        inputs=[(y_tri, y_ref)],
+        weights=[(p_tri, p_ref)],
+    )
+    with pytest.raises(ValueError, match="6 for 7 rows"):
+        kernels.swiglu(y_tri, p_tri[:6])
+    assert kernels.swiglu(y_tri[:0], p_tri[:0]).shape == (0, f)  # an expert rank given no token
+
+
 def test_swiglu_rejects_an_odd_width(kernels):
     with pytest.raises(ValueError, match="must be even"):
         kernels.swiglu(torch.randn(2, 7))

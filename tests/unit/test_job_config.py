@@ -116,7 +116,9 @@ def test_bf16_adam_moments_need_the_precision_aware_optimizer():
     assert (job.optim.exp_avg_dtype, job.optim.exp_avg_sq_dtype) == ("bf16", "bf16")
     with pytest.raises(ConfigError) as e:
         validate(job_from_argv(BASE + ["--exp_avg_sq_dtype", "bf16"]))
-    assert "--use_precision_aware_optimizer true" in problems(e.value)["optim.exp_avg_sq_dtype"]
+    (p,) = [p for p in e.value.problems if p.field == "optim.exp_avg_sq_dtype"]
+    assert "precision-aware optimizer" in p.message
+    assert p.hint == "add --use_precision_aware_optimizer true"
     with pytest.raises(ConfigError) as e:
         validate(
             job_from_argv(
