@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU session 12, call a (nvidia-h200, 2026-12-06): the issue 16 target. First the new fused
-# SwiGLU x router-weight kernel's GPU tests, then Qwen3-30B-A3B cut to 8 layers (full FT, mb1,
+# GPU session 12, call a (nvidia-h200, 2026-12-06): the issue 16 target. First the new Triton
+# SwiGLU x router weight and slot-sum kernels' GPU tests, then Qwen3-30B-A3B cut to 8 layers (full FT, mb1,
 # 4096 x 8) at the defaults beside HF grouped_mm, a profile, and bf16 Adam moments.
 # (gpu11a.sh with the kernel tests in front; the LoRA/DPO GPU tests moved to gpu12b.sh.)
 source benchmarks/sessions/prelude.sh

@@ -12,8 +12,9 @@ Plugged in through the layer spec (`moe_spec`, used by builder.layer_spec):
   `moe_router_dtype=fp32`), top-k, renormalised over the k when `moe_router_pre_softmax` is off
   (= HF `norm_topk_prob`). Records the load-balancing statistics (moe_aux.py).
 - `GroupedMoELayer`: megatron's MoELayer; where no token leaves the rank (expert parallelism 1,
-  expert TP 1, no capacity factor) routing, permutation and un-permutation run here as index
-  ops without a host sync (`LocalDispatch`); otherwise megatron's token dispatcher
+  expert TP 1, no capacity factor) routing, permutation and un-permutation run here without a
+  host sync (`LocalDispatch`: index ops, and a Triton kernel that sums each token's k expert
+  rows without a gathered copy); otherwise megatron's token dispatcher
   (all-to-all / all-gather) moves the tokens and our experts compute them.
 """
 
@@ -30,22 +31,32 @@ from remote_runtime.model import moe_aux
 # --- permutation without a host sync -----------------------------------------------------------
 
 
+def _sum_slots(y: torch.Tensor, inverse: torch.Tensor, k: int, fused: bool) -> torch.Tensor:
+    """Each token's k rows of y (found through `inverse`, in token order) summed: one Triton
+    pass on the GPU when `fused`, else gather then sum (the same fp32 sum, rounded once)."""
+    if fused and y.is_cuda:
+        from remote_runtime.model.ops import gather_sum_rows
+
+        return gather_sum_rows(y, inverse, k)
+    g = y.index_select(0, inverse)
+    return g.view(-1, k, g.shape[-1]).sum(1)
+
+
 class _GatherRows(torch.autograd.Function):
     """y = x[src] where every row of x appears `k` times in src (a token's k expert slots).
     Backward sums each token's k slot gradients by gathering them through the inverse
     permutation: deterministic, no atomics."""
 
     @staticmethod
-    def forward(ctx, x, src, inverse, k):
+    def forward(ctx, x, src, inverse, k, fused):
         ctx.save_for_backward(inverse)
-        ctx.k = k
+        ctx.k, ctx.fused = k, fused
         return x.index_select(0, src)
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        g = grad.index_select(0, inverse)
-        return g.view(-1, ctx.k, g.shape[-1]).sum(1), None, None, None
+        return _sum_slots(grad, inverse, ctx.k, ctx.fused), None, None, None, None
 
 
 class _SumSlots(torch.autograd.Function):
@@ -53,22 +64,23 @@ class _SumSlots(torch.autograd.Function):
     in token order). Backward: each row gets its token's gradient (gather by src)."""
 
     @staticmethod
-    def forward(ctx, y, src, inverse, k):
+    def forward(ctx, y, src, inverse, k, fused):
         ctx.save_for_backward(src)
-        g = y.index_select(0, inverse)
-        return g.view(-1, k, g.shape[-1]).sum(1)
+        return _sum_slots(y, inverse, k, fused)
 
     @staticmethod
     def backward(ctx, grad):
         (src,) = ctx.saved_tensors
-        return grad.index_select(0, src), None, None, None
+        return grad.index_select(0, src), None, None, None, None
 
 
 class LocalDispatch:
-    """Group the N*k (token, expert) slots by expert with a stable sort on the GPU."""
+    """Group the N*k (token, expert) slots by expert with a stable sort on the GPU. `fused`: sum
+    each token's k slots with the Triton kernel (un-permutation forward, permutation backward)."""
 
-    def __init__(self, indices: torch.Tensor, num_experts: int):
+    def __init__(self, indices: torch.Tensor, num_experts: int, fused: bool = False):
         n, self.k = indices.shape
+        self.fused = fused
         flat = indices.reshape(-1)
         order = torch.argsort(flat, stable=True)
         self.src = order // self.k  # token of each grouped row
@@ -79,11 +91,11 @@ class LocalDispatch:
         self.tokens_per_expert.scatter_add_(0, flat, torch.ones_like(flat))
 
     def permute(self, x: torch.Tensor, weights: torch.Tensor):
-        rows = _GatherRows.apply(x, self.src, self.inverse, self.k)
+        rows = _GatherRows.apply(x, self.src, self.inverse, self.k, self.fused)
         return rows, weights.reshape(-1).index_select(0, self.order)
 
     def unpermute(self, y: torch.Tensor) -> torch.Tensor:
-        return _SumSlots.apply(y, self.src, self.inverse, self.k)
+        return _SumSlots.apply(y, self.src, self.inverse, self.k, self.fused)
 
 
 # --- experts -----------------------------------------------------------------------------------
@@ -367,7 +379,8 @@ def _layer_class():
             shape = hidden_states.shape
             shared = self.shared_experts_compute(hidden_states)
             weights, indices = self.router.route(hidden_states)
-            dispatch = LocalDispatch(indices, self.config.num_moe_experts)
+            fused = getattr(self.experts, "activation", None) == "triton"  # the runtime's kernels
+            dispatch = LocalDispatch(indices, self.config.num_moe_experts, fused)
             rows, row_probs = dispatch.permute(hidden_states.reshape(-1, shape[-1]), weights)
             out, _ = self.experts(rows, dispatch.tokens_per_expert, row_probs)
             out = dispatch.unpermute(out).view(shape)

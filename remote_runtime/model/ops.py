@@ -488,6 +488,29 @@ class SwiGLU(torch.nn.Module):
         return swiglu(y)
 
 
+# --- MoE un-permutation ------------------------------------------------------------------------
+
+GATHER_SUM_BLOCK = 1024
+
+
+def gather_sum_rows(y: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    """out[t] = y[index[t*k]] + ... + y[index[t*k + k-1]] for y [R, H]: a token's k expert
+    rows summed without materialising the gathered [N*k, H] copy (`y.index_select(0, index)
+    .view(-1, k, H).sum(1)` in one pass). Not differentiable itself (the MoE dispatch's autograd
+    functions call it in both directions)."""
+    y2 = _rows(y, y.shape[-1])
+    if index.numel() % k:
+        raise ValueError(f"gather_sum_rows: {index.numel()} indices are not a multiple of k={k}")
+    n, h = index.numel() // k, y2.shape[1]
+    out = torch.empty((n, h), dtype=y.dtype, device=y.device)
+    if n:
+        _kernels().gather_sum_rows[(n, triton_cdiv(h, GATHER_SUM_BLOCK))](
+            y2, index.contiguous(), out, h, y2.stride(0), out.stride(0),
+            K=k, BLOCK=GATHER_SUM_BLOCK, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
 # --- cross entropy -----------------------------------------------------------------------------
 
 CE_BLOCK = 4096

@@ -197,6 +197,19 @@ def swiglu_weighted_bwd(G, Y, P, DY, DP, F, stride_g, stride_y, stride_dy, BLOCK
     tl.store(DP + row, tl.sum(acc, axis=0))
 
 
+@triton.jit
+def gather_sum_rows(Y, IDX, Out, H, stride_y, stride_o, K: tl.constexpr, BLOCK: tl.constexpr):
+    """Out[t] = sum over j < K of Y[IDX[t * K + j]], in fp32, rounded once."""
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = c < H
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(K):
+        r = tl.load(IDX + t * K + j).to(tl.int64)
+        acc += tl.load(Y + r * stride_y + c, mask=m, other=0.0).to(tl.float32)
+    tl.store(Out + t * stride_o + c, acc.to(Out.dtype.element_ty), mask=m)
+
+
 # --- q/k RMSNorm + rotary embedding + q/k/v split, straight from the fused QKV projection ------
 
 

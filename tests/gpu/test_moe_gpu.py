@@ -43,19 +43,24 @@ def test_grouped_experts_match_the_per_expert_loop(activation):
             m.linear_fc2.weight.copy_(torch.randn_like(m.linear_fc2.weight) * 0.02)
         ref.load_state_dict(fast.state_dict())
     n, k = 1000, 4
-    x = torch.randn(n, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(n, 2048, device="cuda", dtype=torch.bfloat16)
     idx = torch.randint(0, 12, (n, k), device="cuda")  # experts 12-15 get no token
     w = torch.rand(n, k, device="cuda")
     outs, grads = [], []
     for m in (fast, ref.float()):
-        d = LocalDispatch(idx, 16)
-        wm = w.clone().requires_grad_(True)  # the router weights get a gradient too
-        rows, probs = d.permute(x if m is fast else x.float(), wm)
+        # the Triton slot sums (un-permutation, and the permutation's backward) with the Triton
+        # SwiGLU; the reference gathers and sums with index ops
+        d = LocalDispatch(idx, 16, fused=m is fast and activation == "triton")
+        # the tokens and the router weights get gradients too
+        xm = (x if m is fast else x.float()).clone().requires_grad_(True)
+        wm = w.clone().requires_grad_(True)
+        rows, probs = d.permute(xm, wm)
         y, _ = m(rows, d.tokens_per_expert, probs)
         out = d.unpermute(y)
         out.float().square().sum().backward()
         outs.append(out.float())
-        grads.append([m.linear_fc1.weight.grad.float(), m.linear_fc2.weight.grad.float(), wm.grad])
+        weights = [m.linear_fc1.weight.grad.float(), m.linear_fc2.weight.grad.float()]
+        grads.append([*weights, wm.grad, xm.grad.float()])
     scale = outs[1].abs().max()
     assert (outs[0] - outs[1]).abs().max() < 2e-2 * scale
     for g, r in zip(grads[0], grads[1]):

@@ -131,6 +131,20 @@ def test_weighted_swiglu_matches_eager_swiglu_times_the_row_weights(kernels, f):
     assert kernels.swiglu(y_tri[:0], p_tri[:0]).shape == (0, f)  # an expert rank given no token
 
 
+@pytest.mark.parametrize("h", [40, 2500])  # one partial column block; three blocks
+def test_gather_sum_rows_sums_each_tokens_k_rows(kernels, h):
+    """The MoE un-permutation: each token's k expert rows (found through the inverse index)
+    summed, as `index_select` then `sum` computes it; a token may list the same row twice."""
+    torch.manual_seed(0)
+    y = torch.randn(12, h)
+    index = torch.randint(0, 12, (15,))
+    want = y.index_select(0, index).view(5, 3, h).sum(1)
+    torch.testing.assert_close(kernels.gather_sum_rows(y, index, 3), want, atol=1e-5, rtol=1e-5)
+    assert kernels.gather_sum_rows(y, index[:0], 3).shape == (0, h)
+    with pytest.raises(ValueError, match="not a multiple of k=4"):
+        kernels.gather_sum_rows(y, index, 4)
+
+
 def test_swiglu_rejects_an_odd_width(kernels):
     with pytest.raises(ValueError, match="must be even"):
         kernels.swiglu(torch.randn(2, 7))
