@@ -144,6 +144,13 @@ def swiglu_fwd(Y, Out, F, stride_y, stride_o, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _swiglu_grads(g, a, b):
+    """(gradient of the gate, of the up projection) of silu(a) * b under upstream g, fp32."""
+    s = tl.sigmoid(a)
+    return g * b * s * (1.0 + a * (1.0 - s)), g * a * s
+
+
+@triton.jit
 def swiglu_bwd(G, Y, DY, F, stride_g, stride_y, stride_dy, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -151,13 +158,9 @@ def swiglu_bwd(G, Y, DY, F, stride_g, stride_y, stride_dy, BLOCK: tl.constexpr):
     g = tl.load(G + row * stride_g + c, mask=m, other=0.0).to(tl.float32)
     a = tl.load(Y + row * stride_y + c, mask=m, other=0.0).to(tl.float32)
     b = tl.load(Y + row * stride_y + F + c, mask=m, other=0.0).to(tl.float32)
-    s = tl.sigmoid(a)
-    tl.store(
-        DY + row * stride_dy + c,
-        (g * b * s * (1.0 + a * (1.0 - s))).to(DY.dtype.element_ty),
-        mask=m,
-    )
-    tl.store(DY + row * stride_dy + F + c, (g * a * s).to(DY.dtype.element_ty), mask=m)
+    d_gate, d_up = _swiglu_grads(g, a, b)
+    tl.store(DY + row * stride_dy + c, d_gate.to(DY.dtype.element_ty), mask=m)
+    tl.store(DY + row * stride_dy + F + c, d_up.to(DY.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -189,11 +192,11 @@ def swiglu_weighted_bwd(G, Y, P, DY, DP, F, stride_g, stride_y, stride_dy, BLOCK
         g = tl.load(G + row * stride_g + c, mask=m, other=0.0).to(tl.float32)
         a = tl.load(Y + row * stride_y + c, mask=m, other=0.0).to(tl.float32)
         b = tl.load(Y + row * stride_y + F + c, mask=m, other=0.0).to(tl.float32)
-        sg = tl.sigmoid(a)
-        acc += g * (a * sg * b).to(dt).to(tl.float32)
+        acc += g * (a * tl.sigmoid(a) * b).to(dt).to(tl.float32)
         gp = (g * p).to(dt).to(tl.float32)  # the eager chain's gradient of the SwiGLU output
-        tl.store(DY + row * stride_dy + c, (gp * b * sg * (1.0 + a * (1.0 - sg))).to(dt), mask=m)
-        tl.store(DY + row * stride_dy + F + c, (gp * a * sg).to(dt), mask=m)
+        d_gate, d_up = _swiglu_grads(gp, a, b)
+        tl.store(DY + row * stride_dy + c, d_gate.to(dt), mask=m)
+        tl.store(DY + row * stride_dy + F + c, d_up.to(dt), mask=m)
     tl.store(DP + row, tl.sum(acc, axis=0))
 
 
